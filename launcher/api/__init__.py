@@ -1,0 +1,1 @@
+"""The REST control API. It reaches processes only through the Manager."""

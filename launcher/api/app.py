@@ -1,0 +1,112 @@
+"""FastAPI application: health, instances, start/stop/restart, logs."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+import launcher
+from launcher.errors import LauncherError
+from launcher.supervise import logs
+from launcher.supervise.instance import InstanceStatus
+from launcher.supervise.manager import Manager
+
+
+def create_app(
+    manager: Manager,
+    *,
+    token: str | None = None,
+    autostart: bool = True,
+    on_started: Callable[[], None] = lambda: None,
+    on_stopping: Callable[[], None] = lambda: None,
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if autostart:
+            await manager.autostart()
+        on_started()
+        try:
+            yield
+        finally:
+            on_stopping()
+            await manager.shutdown()
+
+    app = FastAPI(title="launcher", version=launcher.__version__, lifespan=lifespan)
+
+    @app.exception_handler(LauncherError)
+    async def launcher_error(_request: Request, exc: LauncherError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message, "hint": exc.hint}, status_code=exc.http_status)
+
+    async def authorised(authorization: Annotated[str | None, Header()] = None) -> None:
+        if token is None:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.encode()):
+            raise _Unauthorised()
+
+    @app.exception_handler(_Unauthorised)
+    async def unauthorised(_request: Request, _exc: _Unauthorised) -> JSONResponse:
+        return JSONResponse(
+            {"detail": "this action needs Authorization: Bearer <token>", "hint": "see daemon.token_file"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        names = manager.autostart_names()
+        ok = manager.all_ready(names)
+        body = {
+            "status": "ok" if ok else "degraded",
+            "instances": {name: i.state.value for name, i in manager.instances.items()},
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/instances")
+    async def list_instances() -> list[InstanceStatus]:
+        return manager.statuses()
+
+    @app.get("/instances/{name}")
+    async def get_instance(name: str) -> InstanceStatus:
+        return manager.get(name).status(events=50)
+
+    def action(act: Callable[[str], Awaitable[InstanceStatus]]) -> Callable[[str], Awaitable[InstanceStatus]]:
+        async def endpoint(name: str) -> InstanceStatus:
+            return await act(name)
+
+        return endpoint
+
+    for verb, act in (("start", manager.start), ("stop", manager.stop), ("restart", manager.restart)):
+        app.post(
+            f"/instances/{{name}}/{verb}",
+            status_code=202,
+            dependencies=[Depends(authorised)],
+            summary=f"{verb.capitalize()} an instance",
+        )(action(act))
+
+    @app.get("/instances/{name}/logs")
+    async def instance_logs(
+        name: str, tail: Annotated[int, Query(ge=0, le=100_000)] = 100, follow: bool = False
+    ) -> Response:
+        path = manager.get(name).log_path
+        head = "".join(f"{line}\n" for line in logs.tail(path, tail))
+        if not follow:
+            return PlainTextResponse(head)
+
+        async def stream() -> AsyncIterator[str]:
+            yield head
+            async for line in logs.follow(path):
+                yield f"{line}\n"
+
+        return StreamingResponse(stream(), media_type="text/plain")
+
+    return app
+
+
+class _Unauthorised(Exception):
+    pass

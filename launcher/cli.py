@@ -1,0 +1,299 @@
+"""The `launcher` command line. Errors are one sentence and a hint, never a traceback.
+
+Exit codes: 0 done, 1 the thing asked for failed, 2 bad usage or bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from launcher.client import DaemonClient
+from launcher.config import Settings, load_settings, read_token
+from launcher.errors import ConflictError, LauncherError
+from launcher.progress import ProgressPrinter, format_duration, format_table
+from launcher.supervise import logs
+from launcher.supervise.instance import Event, State
+
+_POLL_S = 0.1
+_DAEMON_START_TIMEOUT_S = 20.0
+
+Statuses = list[dict[str, Any]]
+
+
+class Context:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._settings: Settings | None = None
+
+    @property
+    def json(self) -> bool:
+        return bool(getattr(self.args, "json", False))
+
+    def settings(self, required: bool = True) -> Settings:
+        if self._settings is None or (required and self._settings.source is None):
+            self._settings = load_settings(self.args.config, required=required)
+        return self._settings
+
+    def client(self) -> DaemonClient:
+        settings = self.settings(required=False)
+        url = self.args.url or f"http://{settings.daemon.host}:{settings.daemon.port}"
+        token_file = settings.daemon.token_file
+        token = read_token(token_file) if token_file is not None and token_file.is_file() else None
+        return DaemonClient(url, token)
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+
+
+def cmd_serve(ctx: Context) -> int:
+    from launcher import daemon  # FastAPI and uvicorn: imported only by the command that serves
+
+    daemon.serve(ctx.settings(), autostart=not ctx.args.no_autostart)
+    return 0
+
+
+def cmd_up(ctx: Context) -> int:
+    names: list[str] = ctx.args.names
+    client = ctx.client()
+    if not client.reachable():
+        settings = ctx.settings()
+        for name in names:
+            settings.model(name)  # unknown names are bad usage, before anything starts
+        if not ctx.args.detach:
+            return asyncio.run(_foreground(ctx, settings, names))
+        _start_background_daemon(settings, client)
+    for name in names:
+        with contextlib.suppress(ConflictError):  # already running: wait for it like any other
+            client.act(name, "start")
+    statuses = asyncio.run(_wait_ready(lambda: asyncio.to_thread(_fetch, client, names), ctx))
+    _report_ready(ctx, statuses, through=client.url)
+    return 0
+
+
+def cmd_down(ctx: Context) -> int:
+    client = ctx.client()
+    statuses = [client.act(name, "stop") for name in ctx.args.names]
+    _print_statuses(ctx, statuses)
+    return 0
+
+
+def cmd_restart(ctx: Context) -> int:
+    client = ctx.client()
+    names = [ctx.args.name]
+    client.act(ctx.args.name, "restart")
+    statuses = asyncio.run(_wait_ready(lambda: asyncio.to_thread(_fetch, client, names), ctx))
+    _report_ready(ctx, statuses, through=client.url)
+    return 0
+
+
+def cmd_status(ctx: Context) -> int:
+    _print_statuses(ctx, ctx.client().instances())
+    return 0
+
+
+def cmd_logs(ctx: Context) -> int:
+    client = ctx.client()
+    if client.reachable():
+        for line in client.log_lines(ctx.args.name, ctx.args.lines, ctx.args.follow):
+            print(line, flush=True)
+        return 0
+    # No daemon: the log files are on this machine's disk.
+    settings = ctx.settings()
+    settings.model(ctx.args.name)
+    path = settings.daemon.state_dir / "logs" / f"{ctx.args.name}.log"
+    for line in logs.tail(path, ctx.args.lines):
+        print(line)
+    if ctx.args.follow:
+        asyncio.run(_follow_file(path))
+    return 0
+
+
+async def _follow_file(path: Path) -> None:
+    async for line in logs.follow(path):
+        print(line, flush=True)
+
+
+# ---- up: waiting, foreground supervision, background daemon ---------------------------------------
+
+
+def _fetch(client: DaemonClient, names: list[str]) -> Statuses:
+    return [client.instance(name) for name in names]
+
+
+async def _wait_ready(fetch: Callable[[], Awaitable[Statuses]], ctx: Context) -> Statuses:
+    """Show progress until every instance is ready; raise when one fails or stops."""
+    printer = ProgressPrinter(sys.stderr, quiet=ctx.json)
+    while True:
+        statuses = await fetch()
+        printer.update(statuses)
+        for status in statuses:
+            if status["state"] in (State.FAILED, State.STOPPED):
+                printer.finish()
+                reason = status["last_error"] or status["last_exit"] or status["state"]
+                last = f"; last log line: {status['log_line']}" if status["log_line"] else ""
+                raise LauncherError(
+                    f"{status['name']} did not become ready: {reason}{last}",
+                    hint=f"`launcher logs {status['name']}` shows the server's output",
+                )
+        if all(status["state"] == State.READY for status in statuses):
+            printer.finish()
+            return statuses
+        await asyncio.sleep(_POLL_S)
+
+
+def _report_ready(ctx: Context, statuses: Statuses, through: str | None) -> None:
+    if ctx.json:
+        print(json.dumps(statuses, indent=2))
+        return
+    for s in statuses:
+        print(f"{s['name']} is ready at http://127.0.0.1:{s['port']} (pid {s['pid']})")
+    if through:
+        print(f"supervised by the daemon at {through}")
+    first = statuses[0]
+    print(f'try: curl -s http://127.0.0.1:{first["port"]}/completion -d \'{{"prompt": "Hello", "n_predict": 16}}\'')
+
+
+async def _foreground(ctx: Context, settings: Settings, names: list[str]) -> int:
+    """Supervise ``names`` in this process until Ctrl-C or SIGTERM, then stop them all."""
+    from launcher.supervise.manager import Manager  # only this path supervises in the CLI's process
+
+    printing_events = False
+
+    def on_event(event: Event) -> None:
+        # Before ready the progress display speaks; after it, every crash and restart is told.
+        if printing_events:
+            print(f"{event.time} {event.instance}: {event.message}", file=sys.stderr, flush=True)
+
+    manager = Manager(settings, on_event=on_event)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for name in names:
+            await manager.start(name)
+
+        async def fetch() -> Statuses:
+            return [manager.get(n).status().model_dump(mode="json") for n in names]
+
+        waiting = asyncio.ensure_future(_wait_ready(fetch, ctx))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            waiting.cancel()
+            print("interrupted; stopping", file=sys.stderr)
+            return 130
+        stopping.cancel()
+        _report_ready(ctx, waiting.result(), through=None)
+        print("supervising in the foreground; Ctrl-C stops", file=sys.stderr, flush=True)
+        printing_events = True
+        await stop.wait()
+        print("stopping", file=sys.stderr)
+        return 0
+    finally:
+        await manager.shutdown()
+
+
+def _start_background_daemon(settings: Settings, client: DaemonClient) -> None:
+    assert settings.source is not None
+    log_path = settings.daemon.state_dir / "daemon.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "launcher", "--config", str(settings.source), "serve", "--no-autostart"]
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + _DAEMON_START_TIMEOUT_S
+    while not client.reachable():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            last = logs.last_line(log_path) or "no output"
+            raise LauncherError(f"the background daemon did not start: {last}", hint=f"see {log_path}")
+        time.sleep(0.1)
+    print(f"started a background daemon (pid {proc.pid}) at {client.url}", file=sys.stderr)
+
+
+# ---- output -------------------------------------------------------------------------------------------
+
+
+def _print_statuses(ctx: Context, statuses: Statuses) -> None:
+    if ctx.json:
+        print(json.dumps(statuses, indent=2))
+        return
+    rows = [
+        [
+            s["name"],
+            s["state"],
+            s["pid"] or "-",
+            s["port"] or "-",
+            ",".join(str(g) for g in s["gpus"]) or "cpu",
+            "-",
+            format_duration(s["uptime_s"]),
+            s["restarts"],
+            s["last_exit"] or "-",
+        ]
+        for s in statuses
+    ]
+    print(format_table(["NAME", "STATE", "PID", "PORT", "GPUS", "VRAM", "UPTIME", "RESTARTS", "LAST EXIT"], rows))
+
+
+# ---- parser -------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Global options may stand before or after the command: SUPPRESS keeps a later default from
+    # overwriting an earlier value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="configuration file")
+    common.add_argument("--url", default=argparse.SUPPRESS, help="the daemon's URL")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+
+    parser = argparse.ArgumentParser(
+        prog="launcher", parents=[common], description="Plan, start and supervise llama-server and Ollama."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[[Context], int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.set_defaults(func=func)
+        return sub
+
+    serve = command("serve", cmd_serve, "run the daemon: API and supervision; starts autostart models")
+    serve.add_argument("--no-autostart", action="store_true", help="start no model until asked")
+    up = command("up", cmd_up, "start models and wait until each is ready")
+    up.add_argument("names", nargs="+", metavar="NAME")
+    up.add_argument("--detach", action="store_true", help="return once ready (starts a daemon if none runs)")
+    down = command("down", cmd_down, "stop models")
+    down.add_argument("names", nargs="+", metavar="NAME")
+    restart = command("restart", cmd_restart, "restart a model and wait until it is ready")
+    restart.add_argument("name", metavar="NAME")
+    command("status", cmd_status, "table of instances")
+    logs_cmd = command("logs", cmd_logs, "a model's server log")
+    logs_cmd.add_argument("name", metavar="NAME")
+    logs_cmd.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs_cmd.add_argument("-n", "--lines", type=int, default=100, help="lines from the end (default 100)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    args = build_parser().parse_args(argv)
+    for name, default in (("config", None), ("url", None), ("json", False)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    try:
+        code = args.func(Context(args))
+    except LauncherError as exc:
+        print(f"launcher: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

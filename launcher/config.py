@@ -1,0 +1,300 @@
+"""Configuration: YAML file + environment -> typed, validated settings, resolved in one place.
+
+Search order for the file: --config, $LAUNCHER_CONFIG, ./launcher.yaml, ~/.config/launcher/launcher.yaml,
+/etc/launcher/launcher.yaml. Daemon settings can be overridden from the environment
+(LAUNCHER_DAEMON__PORT=9000); the environment wins over the file. Relative paths in the file are
+relative to the file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from launcher.errors import ConfigError
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+NonNegative = Annotated[float, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/launcher")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "launcher"
+
+
+class DaemonSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: Port = 8400
+    state_dir: Path = Field(default_factory=default_state_dir)
+    token_file: Path | None = None
+    # `port: auto` instances get the first free port of this range.
+    instance_ports: tuple[Port, Port] = (8410, 8499)
+
+    @field_validator("instance_ports")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] > value[1]:
+            raise ValueError("the first port of the range must not be above the last")
+        return value
+
+
+class SimGpu(_Strict):
+    name: str
+    memory_mib: Annotated[int, Field(gt=0)]
+    uuid: str | None = None
+    pci_bus_id: str | None = None
+    used_mib: Annotated[int, Field(ge=0)] = 0
+    temperature_c: float = 40.0
+    link_group: str | None = None
+
+
+class GpuSettings(_Strict):
+    backend: Literal["auto", "nvml", "amdsmi", "sysfs", "sim", "none"] = "auto"
+    poll_interval: Positive = 1.0
+    margin_mib: Annotated[int, Field(ge=0)] = 1024
+    reserve_mib: dict[int, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    thermal_limit_c: Positive = 90.0
+    sim: list[SimGpu] = Field(default_factory=list)
+
+
+class RestartSettings(_Strict):
+    policy: Literal["always", "on-failure", "never"] = "on-failure"
+    backoff_initial: NonNegative = 1.0
+    backoff_max: NonNegative = 60.0
+    # More than `burst` restarts within `interval` seconds -> failed.
+    burst: Annotated[int, Field(ge=0)] = 5
+    interval: Positive = 300.0
+    # Ready for this long, the instance counts as healthy again and backoff starts over.
+    reset_after: NonNegative = 60.0
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> RestartSettings:
+        if self.backoff_initial > self.backoff_max:
+            raise ValueError("backoff_initial must not exceed backoff_max")
+        return self
+
+
+class HealthSettings(_Strict):
+    interval: Positive = 5.0
+    timeout: Positive = 5.0
+    # Consecutive failed probes of a ready instance before it is declared unhealthy and replaced.
+    failures: Annotated[int, Field(ge=1)] = 3
+    # Loading a 70B model from disk takes minutes; past this the start counts as failed.
+    load_timeout: Positive = 900.0
+
+
+class ModelSettings(_Strict):
+    backend: Literal["llama-server", "ollama"] = "llama-server"
+    model: Path
+    binary: Path | None = None
+    ctx: Annotated[int, Field(gt=0)] | None = None
+    gpus: Literal["auto"] | list[int | str] = "auto"
+    tensor_split: Literal["auto"] | list[Annotated[float, Field(ge=0)]] = "auto"
+    port: Literal["auto"] | Port = "auto"
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    autostart: bool = False
+    stop_timeout: Positive = 10.0
+    restart: RestartSettings = Field(default_factory=RestartSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+
+    @field_validator("tensor_split")
+    @classmethod
+    def _split_not_all_zero(cls, value: Literal["auto"] | list[float]) -> Literal["auto"] | list[float]:
+        if value != "auto" and (not value or sum(value) <= 0):
+            raise ValueError("a tensor split needs at least one positive proportion")
+        return value
+
+    @model_validator(mode="after")
+    def _split_fits_gpus(self) -> ModelSettings:
+        split, gpus = self.tensor_split, self.gpus
+        if isinstance(split, list) and isinstance(gpus, list) and len(split) > len(gpus):
+            raise ValueError(f"tensor_split has {len(split)} entries but gpus lists {len(gpus)}")
+        return self
+
+
+class Settings(BaseSettings):
+    """Everything the launcher is configured with. Build it with `load_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="LAUNCHER_", env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    gpus: GpuSettings = Field(default_factory=GpuSettings)
+    models: dict[str, ModelSettings] = Field(default_factory=dict)
+    source: Path | None = Field(default=None, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init arguments; the environment must override them.
+        return (env_settings, init_settings)
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, value: dict[str, ModelSettings]) -> dict[str, ModelSettings]:
+        for name in value:
+            if not name or not all(c.isalnum() or c in "-_." for c in name):
+                raise ValueError(f"model name {name!r} may hold only letters, digits, '-', '_' and '.'")
+        return value
+
+    def model(self, name: str) -> ModelSettings:
+        from launcher.errors import UnknownInstanceError
+
+        try:
+            return self.models[name]
+        except KeyError:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise UnknownInstanceError(
+                f"no model named {name!r} in the configuration", hint=f"configured models: {known}"
+            ) from None
+
+
+def read_token(path: Path | None) -> str | None:
+    """The API token from daemon.token_file (None when none is configured)."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read daemon.token_file {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"daemon.token_file {path} is empty")
+    return token
+
+
+def search_path(explicit: Path | None) -> list[Path]:
+    """The files looked at, in order; the first that exists is used."""
+    if explicit is not None:
+        return [explicit]
+    candidates = [Path("launcher.yaml"), Path.home() / ".config/launcher/launcher.yaml"]
+    candidates.append(Path("/etc/launcher/launcher.yaml"))
+    from_env = os.environ.get("LAUNCHER_CONFIG")
+    return [Path(from_env), *candidates] if from_env else candidates
+
+
+def find_config(explicit: Path | None) -> Path | None:
+    paths = search_path(explicit)
+    if explicit is not None or os.environ.get("LAUNCHER_CONFIG"):
+        # A file that was named must exist; falling back silently would run the wrong setup.
+        if not paths[0].is_file():
+            raise ConfigError(f"configuration file {paths[0]} does not exist")
+        return paths[0]
+    return next((p for p in paths if p.is_file()), None)
+
+
+def load_settings(explicit: Path | None = None, *, required: bool = True) -> Settings:
+    """Find, read and validate the configuration. Raises ConfigError with file, key and expectation."""
+    path = find_config(explicit)
+    if path is None:
+        if required:
+            looked = ", ".join(str(p) for p in search_path(None))
+            raise ConfigError(
+                f"no configuration file found (looked at {looked})",
+                hint="pass --config FILE or start from configs/demo.yaml",
+            )
+        return _validate({}, None)
+    return _validate(_read_yaml(path), path)
+
+
+def parse_settings(text: str, path: Path) -> Settings:
+    """Validate configuration text as if it were read from ``path`` (used by tests and doctor)."""
+    return _validate(_parse_yaml(text, path), path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    return _parse_yaml(text, path)
+
+
+def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}{line}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with daemon, gpus and models at the top")
+    return data
+
+
+def _validate(data: dict[str, Any], path: Path | None) -> Settings:
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    return _resolve_paths(settings, path)
+
+
+# Pydantic names the member of a union that failed (`literal['auto']`, `constrained-int`) in the
+# error location; users know keys, not union members.
+_UNION_MEMBER = re.compile(r"^(literal\[.*\]|constrained-\w+|list\[.*\]|dict\[.*\]|int|str|float|bool)$")
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = str(path) if path is not None else "configuration"
+    by_key: dict[str, str] = {}
+    auto_keys: set[str] = set()  # keys that also accept 'auto'
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"] if not _UNION_MEMBER.match(str(p))) or "(top level)"
+        if error["type"] == "literal_error" and error.get("ctx", {}).get("expected") == "'auto'":
+            auto_keys.add(key)
+            continue
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        else:
+            message = error["msg"].removeprefix("Value error, ").replace("Input should be", "should be")
+            if not isinstance(error.get("input"), dict) and error["type"] != "missing":
+                message = f"{message} (got {error['input']!r})"
+        by_key.setdefault(key, message)
+    for key in auto_keys:
+        if key in by_key:
+            by_key[key] = by_key[key].replace("should be", "should be 'auto' or", 1)
+        elif not any(k.startswith(key + ".") for k in by_key):
+            by_key[key] = "should be 'auto'"
+    return "\n".join(f"{where}: {key}: {message}" for key, message in by_key.items())
+
+
+def _resolve_paths(settings: Settings, path: Path | None) -> Settings:
+    base = path.parent.resolve() if path is not None else Path.cwd()
+
+    def absolute(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else base / p
+
+    daemon = settings.daemon.model_copy(
+        update={
+            "state_dir": absolute(settings.daemon.state_dir),
+            "token_file": absolute(settings.daemon.token_file) if settings.daemon.token_file else None,
+        }
+    )
+    models = {
+        name: m.model_copy(update={"model": absolute(m.model), "binary": absolute(m.binary) if m.binary else None})
+        for name, m in settings.models.items()
+    }
+    return settings.model_copy(update={"daemon": daemon, "models": models, "source": path})

@@ -1,0 +1,329 @@
+"""One configured model's lifecycle: spawn, wait for ready, watch, restart by policy, stop.
+
+Every state change happens in this one supervision task per instance; start/stop/restart requests are
+serialised by a lock, and concurrent restart requests join the one already under way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel
+
+from launcher.backends import LaunchSpec, Placement, ServerBackend
+from launcher.config import ModelSettings
+from launcher.errors import ConfigError, ConflictError, LauncherError
+from launcher.supervise import logs
+from launcher.supervise.policy import RestartPolicy
+from launcher.supervise.ports import ensure_port_free
+from launcher.supervise.process import ExitStatus, ServerProcess
+
+_FIRST_LOAD_PROBE_S = 0.05
+_MAX_LOAD_PROBE_S = 0.5
+_EVENTS_KEPT = 50
+
+
+class State(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"  # process being spawned
+    LOADING = "loading"  # process up, health not yet 200
+    READY = "ready"
+    UNHEALTHY = "unhealthy"  # health probes failing
+    BACKOFF = "backoff"  # waiting to restart
+    FAILED = "failed"  # gave up; needs a start or restart
+    STOPPING = "stopping"
+
+
+class Event(BaseModel):
+    time: str
+    instance: str
+    kind: str  # state | exit | error
+    message: str
+    state: State
+
+
+class InstanceStatus(BaseModel):
+    name: str
+    model: str
+    backend: str
+    state: State
+    pid: int | None
+    port: int | None
+    gpus: list[int]
+    tensor_split: list[float]
+    restarts: int
+    last_exit: str | None
+    last_exit_code: int | None
+    last_exit_signal: int | None
+    last_error: str | None
+    autostart: bool
+    state_age_s: float
+    uptime_s: float | None  # time ready, None unless ready or unhealthy
+    log_path: str
+    log_line: str | None
+    events: list[Event]
+
+
+class Instance:
+    def __init__(
+        self,
+        name: str,
+        settings: ModelSettings,
+        *,
+        backend: ServerBackend,
+        log_dir: Path,
+        http: httpx.AsyncClient,
+        on_event: Callable[[Event], None] = lambda _event: None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.backend = backend
+        self.log_path = log_dir / f"{name}.log"
+        self.port: int | None = settings.port if isinstance(settings.port, int) else None
+        self.placement = Placement()
+        self._http = http
+        self._on_event = on_event
+        self._policy = RestartPolicy(settings.restart)
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._restarting: asyncio.Future[None] | None = None
+        self._changed = asyncio.Event()
+        self._proc: ServerProcess | None = None
+        self.state = State.STOPPED
+        self._state_since = time.monotonic()
+        self._ready_since: float | None = None
+        self.restarts = 0
+        self.last_exit: ExitStatus | None = None
+        self.last_error: str | None = None
+        self.events: deque[Event] = deque(maxlen=_EVENTS_KEPT)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """A supervision task runs (from starting to backoff)."""
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        async with self._lock:
+            if self.active:
+                raise ConflictError(f"{self.name} is already {self.state}")
+            self._begin()
+
+    async def stop(self) -> None:
+        async with self._lock:
+            if not self.active and self.state == State.STOPPED:
+                raise ConflictError(f"{self.name} is not running")
+            await self._halt()
+
+    async def restart(self) -> None:
+        if self._restarting is None:
+            self._restarting = asyncio.ensure_future(self._restart_once())
+        await asyncio.shield(self._restarting)
+
+    async def _restart_once(self) -> None:
+        try:
+            async with self._lock:
+                # Refuse before stopping a running server that could not come back (its port is its own).
+                self.preflight(check_port=not self.active)
+                if self.active:
+                    await self._halt()
+                self._begin()
+        finally:
+            self._restarting = None
+
+    async def wait_until(self, predicate: Callable[[Instance], bool], timeout_s: float | None = None) -> None:
+        """Return once ``predicate(self)`` holds after some state change (or already holds)."""
+        async with asyncio.timeout(timeout_s):
+            while not predicate(self):
+                self._changed.clear()
+                await self._changed.wait()
+
+    def preflight(self, *, check_port: bool = True) -> LaunchSpec:
+        """Everything that can be checked before spawning; raises with the reason."""
+        if not self.settings.model.is_file():
+            raise ConfigError(
+                f"model file {self.settings.model} for {self.name!r} does not exist",
+                hint=f"check models.{self.name}.model in the configuration",
+            )
+        if self.port is None:
+            raise ConflictError(f"{self.name} has no port assigned")
+        spec = self.backend.launch_spec(self.settings, self.port, self.placement)
+        if check_port:
+            ensure_port_free(self.port)
+        return spec
+
+    def refuse(self, exc: LauncherError) -> None:
+        """Record a start that was refused before anything ran (autostart has no caller to tell)."""
+        self._record_error(exc.message)
+        self._set_state(State.FAILED)
+
+    def _begin(self) -> None:
+        self.preflight()
+        self._policy.reset()
+        self.last_error = None
+        self._set_state(State.STARTING)  # the answer to a start request already says so
+        self._task = asyncio.create_task(self._supervise(), name=f"supervise:{self.name}")
+
+    async def _halt(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            self._set_state(State.STOPPING)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._set_state(State.STOPPED)
+
+    # ---- supervision ----------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        try:
+            while True:
+                delay = await self._run_once()
+                if delay is None:
+                    return
+                self._set_state(State.BACKOFF, f"restarting in {delay:.2f}s")
+                await asyncio.sleep(delay)
+                self.restarts += 1
+        finally:
+            if self._proc is not None:  # cancelled: a stop or restart was asked for
+                await self._end(self._proc, " (stopped on request)")
+
+    async def _end(self, proc: ServerProcess, why: str) -> ExitStatus:
+        """Stop the server if it still runs, and record how it ended."""
+        status = await proc.stop(self.settings.stop_timeout)
+        self._proc = None
+        self.last_exit = status
+        logs.write_marker(self.log_path, f"{self.name} {status.describe()}{why}")
+        self._emit("exit", f"server {status.describe()}{why}")
+        return status
+
+    async def _run_once(self) -> float | None:
+        """Run the server once, until it ends; return the delay before the next start or None."""
+        if self.state != State.STARTING:
+            self._set_state(State.STARTING)
+        try:
+            spec = self.preflight()
+        except LauncherError as exc:
+            self._record_error(exc.message)
+            return self._decide(failure=True, ready_for_s=None)
+        logs.write_marker(self.log_path, f"starting {self.name} (restart {self.restarts}): {' '.join(spec.argv)}")
+        proc = self._proc = await ServerProcess.spawn(spec, self.log_path)
+        self._set_state(State.LOADING, f"pid {proc.pid} on port {self.port}")
+        unhealthy = False
+        ready_for_s: float | None = None
+        if await self._await_ready(proc):
+            self._ready_since = time.monotonic()
+            self._set_state(State.READY)
+            unhealthy = await self._watch(proc)
+            ready_for_s = time.monotonic() - self._ready_since
+            self._ready_since = None
+        elif proc.running:
+            self._record_error(f"not ready within load_timeout ({self.settings.health.load_timeout:g}s)")
+        status = await self._end(proc, "")
+        failure = unhealthy or not status.success or ready_for_s is None
+        return self._decide(failure=failure, ready_for_s=ready_for_s)
+
+    def _decide(self, *, failure: bool, ready_for_s: float | None) -> float | None:
+        delay = self._policy.next_delay(failure=failure, ready_for_s=ready_for_s, now=time.monotonic())
+        if delay is None:
+            if failure and self.settings.restart.policy != "never":
+                self._record_error(
+                    f"gave up after more than {self.settings.restart.burst} restarts "
+                    f"in {self.settings.restart.interval:g}s"
+                )
+            self._set_state(State.FAILED if failure else State.STOPPED)
+        return delay
+
+    async def _await_ready(self, proc: ServerProcess) -> bool:
+        """Probe until ready; False when the process ended or the load timed out."""
+        deadline = time.monotonic() + self.settings.health.load_timeout
+        interval = _FIRST_LOAD_PROBE_S
+        assert self.port is not None
+        while proc.running:
+            if await self.backend.is_ready(self._http, self.port, self.settings.health.timeout):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await asyncio.wait([proc.exited], timeout=min(interval, remaining))
+            interval = min(interval * 1.5, _MAX_LOAD_PROBE_S)
+        return False
+
+    async def _watch(self, proc: ServerProcess) -> bool:
+        """Watch a ready server until it ends; True when it was ended for failing its health checks."""
+        health = self.settings.health
+        failures = 0
+        assert self.port is not None
+        while True:
+            done, _ = await asyncio.wait([proc.exited], timeout=health.interval)
+            if done:
+                return False
+            if await self.backend.is_ready(self._http, self.port, health.timeout):
+                failures = 0
+                if self.state == State.UNHEALTHY:
+                    self._set_state(State.READY, "health checks pass again")
+                continue
+            if not proc.running:
+                return False
+            failures += 1
+            self._set_state(State.UNHEALTHY, f"health check failed {failures}/{health.failures}")
+            if failures >= health.failures:
+                self._record_error(f"killed after {failures} failed health checks")
+                return True
+
+    # ---- reporting ------------------------------------------------------------------------------
+
+    def _set_state(self, state: State, message: str = "") -> None:
+        if state != self.state:
+            self.state = state
+            self._state_since = time.monotonic()
+        self._emit("state", message or state.value)
+
+    def _record_error(self, message: str) -> None:
+        self.last_error = message
+        self._emit("error", message)
+
+    def _emit(self, kind: str, message: str) -> None:
+        event = Event(
+            time=datetime.now().astimezone().isoformat(timespec="milliseconds"),
+            instance=self.name,
+            kind=kind,
+            message=message,
+            state=self.state,
+        )
+        self.events.append(event)
+        self._changed.set()
+        self._on_event(event)
+
+    def status(self, events: int = 10) -> InstanceStatus:
+        now = time.monotonic()
+        return InstanceStatus(
+            name=self.name,
+            model=str(self.settings.model),
+            backend=self.settings.backend,
+            state=self.state,
+            pid=self._proc.pid if self._proc is not None else None,
+            port=self.port,
+            gpus=[],
+            tensor_split=list(self.placement.tensor_split),
+            restarts=self.restarts,
+            last_exit=self.last_exit.describe() if self.last_exit else None,
+            last_exit_code=self.last_exit.code if self.last_exit else None,
+            last_exit_signal=self.last_exit.signal if self.last_exit else None,
+            last_error=self.last_error,
+            autostart=self.settings.autostart,
+            state_age_s=round(now - self._state_since, 3),
+            uptime_s=round(now - self._ready_since, 3) if self._ready_since is not None else None,
+            log_path=str(self.log_path),
+            log_line=logs.last_line(self.log_path),
+            events=list(self.events)[-events:] if events > 0 else [],
+        )

@@ -1,0 +1,65 @@
+"""Per-instance log files: the server's output, appended across restarts with a marker at each start."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+
+_TAIL_CHUNK = 64 * 1024
+
+
+def write_marker(path: Path, text: str) -> None:
+    """Append a line that says what the launcher did, so the log reads as one story across restarts."""
+    stamp = datetime.now().astimezone().isoformat(timespec="seconds")
+    with path.open("a") as log:
+        log.write(f"=== launcher {stamp}: {text} ===\n")
+
+
+def tail(path: Path, lines: int) -> list[str]:
+    """The last ``lines`` lines of the file (fewer if it is short or missing)."""
+    if lines <= 0:
+        return []
+    try:
+        with path.open("rb") as log:
+            size = log.seek(0, os.SEEK_END)
+            chunk = _TAIL_CHUNK
+            while True:
+                log.seek(max(0, size - chunk))
+                data = log.read()
+                found = data.splitlines()
+                if len(found) > lines or chunk >= size:
+                    break
+                chunk *= 4
+    except FileNotFoundError:
+        return []
+    return [line.decode(errors="replace") for line in found[-lines:]]
+
+
+def last_line(path: Path) -> str | None:
+    found = tail(path, 1)
+    return found[0] if found else None
+
+
+async def follow(path: Path, poll_s: float = 0.25) -> AsyncIterator[str]:
+    """Yield lines appended to the file from now on, forever (the caller stops iterating)."""
+    offset = path.stat().st_size if path.exists() else 0
+    pending = b""
+    while True:
+        try:
+            with path.open("rb") as log:
+                if log.seek(0, os.SEEK_END) < offset:  # truncated or replaced: start over
+                    offset = 0
+                log.seek(offset)
+                data = log.read()
+        except FileNotFoundError:
+            data = b""
+        if data:
+            offset += len(data)
+            *complete, pending = (pending + data).split(b"\n")
+            for line in complete:
+                yield line.decode(errors="replace")
+        else:
+            await asyncio.sleep(poll_s)

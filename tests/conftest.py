@@ -1,0 +1,119 @@
+"""Shared fixtures: a real llama-server, generated models, configurations, and the leftover-process check.
+
+Every process a test starts (daemon, servers, their children) carries LAUNCHER_TEST_MARK=<the test's
+tmp_path> in its environment; after each test, no process with that mark may be alive.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from launcher.backends.llama_server import find_llama_server
+from launcher.tinymodel import write_tiny_llama
+
+MARK = "LAUNCHER_TEST_MARK"
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Path:
+    return find_llama_server(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def marked_processes(mark: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(MARK) == mark and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_process(tmp_path: Path) -> Iterator[str]:
+    """Fail a test that leaves any process it started; clean them up so later tests are not disturbed."""
+    mark = str(tmp_path)
+    yield mark
+    left = marked_processes(mark)
+    _, alive = psutil.wait_procs(left, timeout=2.0)  # a just-signalled process may still be exiting
+    for proc in alive:
+        proc.kill()
+    assert not alive, f"processes left behind: {[(p.pid, p.info if hasattr(p, 'info') else p.name()) for p in alive]}"
+
+
+@pytest.fixture
+def marked_env(leaves_no_process: str) -> dict[str, str]:
+    """The environment for a daemon or CLI subprocess of this test."""
+    env = dict(os.environ)
+    env[MARK] = leaves_no_process
+    env.pop("LAUNCHER_CONFIG", None)
+    return env
+
+
+ConfigWriter = Callable[..., Path]
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, tiny_model: Path, leaves_no_process: str) -> ConfigWriter:
+    """Write a launcher.yaml into tmp_path. ``models`` maps names to overrides of a default model entry."""
+
+    def write(models: dict[str, dict[str, Any]] | None = None, **top: Any) -> Path:
+        entries = {}
+        for name, overrides in (models or {"tiny": {}}).items():
+            entry: dict[str, Any] = {
+                "model": str(tiny_model),
+                "ctx": 256,
+                "port": "auto",
+                "env": {MARK: leaves_no_process},
+                "stop_timeout": 5,
+            }
+            entry.update(overrides)
+            entries[name] = entry
+        daemon = {"port": free_port(), "state_dir": str(tmp_path / "state"), "instance_ports": [20000, 29999]}
+        daemon.update(top.pop("daemon", {}))
+        path = tmp_path / "launcher.yaml"
+        path.write_text(yaml.safe_dump({"daemon": daemon, "models": entries, **top}))
+        return path
+
+    return write
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def stop_process(proc: subprocess.Popen[str], sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    return proc.wait(timeout)

@@ -1,0 +1,87 @@
+"""Configuration: the shipped examples load; bad files are rejected with file, key and expectation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher.config import load_settings, parse_settings
+from launcher.errors import ConfigError, UnknownInstanceError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_there_are_examples() -> None:
+    names = {p.stem for p in CONFIGS}
+    assert {"demo", "qwen72b-2x7900xtx", "llama3-70b-2x3090", "mixed-24-16", "two-models-two-gpus"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_examples_load(path: Path) -> None:
+    settings = load_settings(path)
+    assert settings.models
+    for model in settings.models.values():
+        assert model.model.is_absolute()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("models: {m: {model: a.gguf, colour: red}}", "models.m.colour: unknown key"),
+        ("daemon: {port: 0}", "daemon.port: should be greater than or equal to 1 (got 0)"),
+        ("models: {m: {model: a.gguf, port: 99999}}", "models.m.port: should be 'auto' or less than or equal"),
+        ("models: {m: {model: a.gguf, tensor_split: [1, -1]}}", "models.m.tensor_split.1: should be greater"),
+        ("models: {m: {model: a.gguf, tensor_split: [0, 0]}}", "needs at least one positive proportion"),
+        ("models: {m: {model: a.gguf, gpus: [0], tensor_split: [1, 1]}}", "tensor_split has 2 entries but gpus"),
+        ("models: {m: {model: a.gguf, ctx: lots}}", "models.m.ctx: should be a valid integer"),
+        ("models: {m: {ctx: 10}}", "models.m.model: Field required"),
+        ("models: {m: {model: a.gguf, restart: {policy: sometimes}}}", "models.m.restart.policy: should be"),
+        ("models: {'bad name': {model: a.gguf}}", "may hold only letters"),
+        ("gpus: {backend: cuda}", "gpus.backend: should be 'auto', 'nvml'"),
+        ("- a list", "expected a mapping"),
+    ],
+)
+def test_rejections_name_file_and_key(text: str, expected: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(text, path)
+    assert str(path) in str(caught.value)
+    assert expected in str(caught.value)
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "launcher.yaml"
+    path.write_text("daemon: {port: 9000, host: 127.0.0.2}\n")
+    monkeypatch.setenv("LAUNCHER_DAEMON__PORT", "9100")
+    settings = load_settings(path)
+    assert (settings.daemon.host, settings.daemon.port) == ("127.0.0.2", 9100)
+
+
+def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    settings = parse_settings("daemon: {state_dir: st}\nmodels: {m: {model: ../m.gguf}}", tmp_path / "c" / "l.yaml")
+    assert settings.models["m"].model == tmp_path / "c" / ".." / "m.gguf"
+    assert settings.daemon.state_dir == tmp_path / "c" / "st"
+
+
+def test_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LAUNCHER_CONFIG", raising=False)
+    home = tmp_path / "home/.config/launcher/launcher.yaml"
+    home.parent.mkdir(parents=True)
+    home.write_text("daemon: {port: 1001}\n")
+    assert load_settings().daemon.port == 1001
+    (tmp_path / "launcher.yaml").write_text("daemon: {port: 1002}\n")
+    assert load_settings().daemon.port == 1002
+    (tmp_path / "env.yaml").write_text("daemon: {port: 1003}\n")
+    monkeypatch.setenv("LAUNCHER_CONFIG", str(tmp_path / "env.yaml"))
+    assert load_settings().daemon.port == 1003
+    (tmp_path / "flag.yaml").write_text("daemon: {port: 1004}\n")
+    assert load_settings(tmp_path / "flag.yaml").daemon.port == 1004
+
+
+def test_unknown_model_lists_the_known_ones(tmp_path: Path) -> None:
+    settings = parse_settings("models: {a: {model: a.gguf}, b: {model: b.gguf}}", tmp_path / "l.yaml")
+    with pytest.raises(UnknownInstanceError, match="configured models: a, b"):
+        settings.model("c")

@@ -1,0 +1,142 @@
+"""The supervision core with a real llama-server, in process: ready, completion, restart, crash, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from launcher.config import load_settings
+from launcher.errors import ConfigError, ConflictError, StartError
+from launcher.supervise.instance import State
+from launcher.supervise.manager import Manager
+from tests.conftest import ConfigWriter, free_port
+
+READY_TIMEOUT_S = 60
+
+
+@pytest.fixture
+async def manager(write_config: ConfigWriter) -> AsyncIterator[Manager]:
+    m = Manager(load_settings(write_config()))
+    yield m
+    await m.shutdown()
+
+
+def is_ready(instance: object) -> bool:
+    return getattr(instance, "state", None) == State.READY
+
+
+async def test_start_ready_complete_restart_stop(manager: Manager) -> None:
+    instance = manager.get("tiny")
+    await manager.start("tiny")
+    await instance.wait_until(is_ready, READY_TIMEOUT_S)
+    first = instance.status()
+    assert first.pid is not None
+    assert first.port is not None
+
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"http://127.0.0.1:{first.port}/completion", json={"prompt": "Hello", "n_predict": 4}, timeout=30
+        )
+    assert response.status_code == 200
+    assert response.json()["tokens_predicted"] > 0
+
+    await manager.restart("tiny")
+    await instance.wait_until(is_ready, READY_TIMEOUT_S)
+    second = instance.status()
+    assert second.pid not in (None, first.pid)
+    assert not psutil.pid_exists(first.pid)
+
+    await manager.stop("tiny")
+    assert instance.state == State.STOPPED
+    assert second.pid is not None
+    assert not psutil.pid_exists(second.pid)
+
+
+async def test_kill_9_is_noticed_and_restarted(manager: Manager) -> None:
+    instance = manager.get("tiny")
+    await manager.start("tiny")
+    await instance.wait_until(is_ready, READY_TIMEOUT_S)
+    old_pid = instance.status().pid
+    assert old_pid is not None
+
+    os.kill(old_pid, signal.SIGKILL)
+    await instance.wait_until(lambda i: i.restarts == 1 and is_ready(i), READY_TIMEOUT_S)
+
+    status = instance.status()
+    assert status.pid not in (None, old_pid)
+    assert status.last_exit == "killed by SIGKILL"
+    assert status.last_exit_signal == signal.SIGKILL
+    kinds = [e.kind for e in status.events]
+    assert "exit" in kinds
+
+
+async def test_log_has_markers_and_server_output(manager: Manager) -> None:
+    instance = manager.get("tiny")
+    await manager.start("tiny")
+    await instance.wait_until(is_ready, READY_TIMEOUT_S)
+    await manager.stop("tiny")
+    text = instance.log_path.read_text()
+    assert "=== launcher" in text
+    assert "starting tiny" in text
+    assert "server: listening on http://127.0.0.1:" in text  # llama-server's own output is captured
+    assert "tiny exited with code 0 (stopped on request)" in text
+
+
+async def test_conflicts(manager: Manager) -> None:
+    with pytest.raises(ConflictError, match="not running"):
+        await manager.stop("tiny")
+    await manager.start("tiny")
+    with pytest.raises(ConflictError, match="already"):
+        await manager.start("tiny")
+
+
+async def test_missing_model_file_is_refused_before_spawning(write_config: ConfigWriter, tmp_path: Path) -> None:
+    manager = Manager(load_settings(write_config({"tiny": {"model": str(tmp_path / "absent.gguf")}})))
+    try:
+        with pytest.raises(ConfigError, match=r"absent\.gguf .* does not exist"):
+            await manager.start("tiny")
+        assert manager.get("tiny").state == State.STOPPED
+    finally:
+        await manager.shutdown()
+
+
+async def test_port_in_use_names_the_holder(write_config: ConfigWriter) -> None:
+    import socket
+
+    port = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        manager = Manager(load_settings(write_config({"tiny": {"port": port}})))
+        try:
+            with pytest.raises(StartError, match=f"port {port} is already in use by .*pid {os.getpid()}"):
+                await manager.start("tiny")
+        finally:
+            await manager.shutdown()
+
+
+async def test_crash_at_load_backs_off_then_fails(write_config: ConfigWriter, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)  # llama-server refuses it and exits
+    restart = {"policy": "on-failure", "backoff_initial": 0.05, "backoff_max": 0.2, "burst": 2, "interval": 60}
+    manager = Manager(load_settings(write_config({"tiny": {"model": str(broken), "restart": restart}})))
+    instance = manager.get("tiny")
+    try:
+        await manager.start("tiny")
+        await instance.wait_until(lambda i: i.state == State.FAILED, READY_TIMEOUT_S)
+        status = instance.status()
+        assert status.restarts == 2
+        assert status.last_exit is not None
+        assert status.last_exit != "killed by SIGTERM"
+        assert status.last_error is not None
+        assert "gave up" in status.last_error
+        backoffs = [e.message for e in status.events if e.state == State.BACKOFF and e.kind == "state"]
+        assert backoffs == ["restarting in 0.05s", "restarting in 0.10s"]
+    finally:
+        await manager.shutdown()
