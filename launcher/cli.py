@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -164,22 +163,26 @@ def _report_ready(ctx: Context, statuses: Statuses, through: str | None) -> None
 
 
 async def _foreground(ctx: Context, settings: Settings, names: list[str]) -> int:
-    """Supervise ``names`` in this process until Ctrl-C or SIGTERM, then stop them all."""
-    from launcher.supervise.manager import Manager  # only this path supervises in the CLI's process
+    """Run the daemon in this process with ``names`` started, until Ctrl-C or SIGTERM stops it all."""
+    # Imported here: FastAPI and uvicorn are needed only by the commands that serve.
+    from launcher.daemon import Daemon, listen
+    from launcher.supervise.manager import Manager
 
+    sock, token = listen(settings)
     printing_events = False
 
     def on_event(event: Event) -> None:
         # Before ready the progress display speaks; after it, every crash and restart is told.
         if printing_events:
-            print(f"{event.time} {event.instance}: {event.message}", file=sys.stderr, flush=True)
+            print(f"{event.time} {event.describe()}", file=sys.stderr, flush=True)
 
     manager = Manager(settings, on_event=on_event)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    api_up = asyncio.Event()
+    daemon = Daemon(manager, sock, token, autostart=False, on_started=api_up.set)
+    serving = asyncio.ensure_future(daemon.run())
     try:
+        if not await _unless_stopped(asyncio.ensure_future(api_up.wait()), serving):
+            return 130
         for name in names:
             await manager.start(name)
 
@@ -187,21 +190,29 @@ async def _foreground(ctx: Context, settings: Settings, names: list[str]) -> int
             return [manager.get(n).status().model_dump(mode="json") for n in names]
 
         waiting = asyncio.ensure_future(_wait_ready(fetch, ctx))
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
-        if not waiting.done():
-            waiting.cancel()
-            print("interrupted; stopping", file=sys.stderr)
+        if not await _unless_stopped(waiting, serving):
+            print("interrupted; stopped", file=sys.stderr)
             return 130
-        stopping.cancel()
         _report_ready(ctx, waiting.result(), through=None)
-        print("supervising in the foreground; Ctrl-C stops", file=sys.stderr, flush=True)
+        url = f"http://{settings.daemon.host}:{settings.daemon.port}"
+        print(f"supervising in the foreground (API at {url}); Ctrl-C stops", file=sys.stderr, flush=True)
         printing_events = True
-        await stop.wait()
-        print("stopping", file=sys.stderr)
+        await serving
         return 0
     finally:
-        await manager.shutdown()
+        daemon.request_stop()
+        await serving
+
+
+async def _unless_stopped(work: asyncio.Future[Any], serving: asyncio.Future[None]) -> bool:
+    """Wait for ``work`` unless serving ends first (a signal); True when the work finished."""
+    await asyncio.wait([work, serving], return_when=asyncio.FIRST_COMPLETED)
+    if work.done():
+        work.result()  # its error, if any, is the command's
+        return True
+    work.cancel()
+    serving.result()
+    return False
 
 
 def _start_background_daemon(settings: Settings, client: DaemonClient) -> None:

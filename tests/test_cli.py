@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -101,6 +102,11 @@ def test_foreground_up_supervises_until_signalled(
     servers = [p for p in marked_processes(leaves_no_process) if p.pid != proc.pid]
     assert len(servers) == 2
     assert all("llama-server" in p.name() for p in servers)
+    status = run_cli("--config", str(config), "status", "--json", env=marked_env)  # the API answers meanwhile
+    assert sorted((row["name"], row["state"]) for row in json.loads(status.stdout)) == [
+        ("other", "ready"),
+        ("tiny", "ready"),
+    ]
     assert stop_process(proc, sig) == 0
     proc.stdout.close()
     proc.stderr.close()

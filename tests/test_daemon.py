@@ -161,7 +161,7 @@ def test_daemon_signal_stops_every_server(
     daemon = start_daemon(write_config({"one": {"autostart": True}, "two": {"autostart": True}}))
     pids = [daemon.wait_for(name, ready)["pid"] for name in ("one", "two")]
     assert all(psutil.pid_exists(pid) for pid in pids)
-    daemon.stop(sig)
+    assert daemon.stop(sig) == 0
     assert not [p for p in pids if psutil.pid_exists(p)]
     assert marked_processes(leaves_no_process) == []
 

@@ -49,6 +49,13 @@ class Event(BaseModel):
     message: str
     state: State
 
+    def describe(self) -> str:
+        """'NAME: STATE (detail)' for a state change, 'NAME: KIND: message' otherwise."""
+        if self.kind == "state":
+            detail = "" if self.message == self.state.value else f" ({self.message})"
+            return f"{self.instance}: {self.state.value}{detail}"
+        return f"{self.instance}: {self.kind}: {self.message}"
+
 
 class InstanceStatus(BaseModel):
     name: str
