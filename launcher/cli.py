@@ -81,8 +81,10 @@ def cmd_up(ctx: Context) -> int:
 
 def cmd_down(ctx: Context) -> int:
     client = ctx.client()
-    statuses = [client.act(name, "stop") for name in ctx.args.names]
-    _print_statuses(ctx, statuses)
+    for name in ctx.args.names:
+        with contextlib.suppress(ConflictError):  # already stopped: nothing to do, as systemctl stop
+            client.act(name, "stop")
+    _print_statuses(ctx, _fetch(client, ctx.args.names))
     return 0
 
 

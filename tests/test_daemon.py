@@ -248,3 +248,33 @@ def test_logs_command(write_config: ConfigWriter, start_daemon: Callable[[Path],
     assert result.returncode == 0
     assert "=== launcher" in result.stdout
     assert "starting tiny" in result.stdout
+
+
+def test_logs_follow_across_a_restart(
+    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon], marked_env: dict[str, str]
+) -> None:
+    daemon = start_daemon(write_config({"tiny": {"autostart": True}}))
+    daemon.wait_for("tiny", ready)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "--config", str(daemon.config), "logs", "tiny", "-f", "-n", "1"],
+        env=marked_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline()  # the last line so far: the follower is connected
+        daemon.http.post("/instances/tiny/restart")
+        seen = []
+        for line in follower.stdout:
+            seen.append(line)
+            if "server: listening on" in line:  # the new server's output, after the markers
+                break
+        text = "".join(seen)
+        assert "tiny exited with code 0 (stopped on request)" in text
+        assert "starting tiny" in text
+    finally:
+        stop_process(follower)
+        assert follower.stdout is not None
+        follower.stdout.close()

@@ -26,7 +26,7 @@ from launcher.supervise.policy import RestartPolicy
 from launcher.supervise.ports import ensure_port_free
 from launcher.supervise.process import ExitStatus, ServerProcess
 
-_FIRST_LOAD_PROBE_S = 0.05
+_FIRST_LOAD_PROBE_S = 0.01  # a tiny model is ready in 50 ms; big ones back off to _MAX
 _MAX_LOAD_PROBE_S = 0.5
 _EVENTS_KEPT = 50
 
