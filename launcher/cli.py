@@ -167,8 +167,7 @@ def _report_ready(ctx: Context, statuses: Statuses, through: str | None) -> None
 async def _foreground(ctx: Context, settings: Settings, names: list[str]) -> int:
     """Run the daemon in this process with ``names`` started, until Ctrl-C or SIGTERM stops it all."""
     # Imported here: FastAPI and uvicorn are needed only by the commands that serve.
-    from launcher.daemon import Daemon, listen
-    from launcher.supervise.manager import Manager
+    from launcher.daemon import Daemon, listen, open_manager
 
     sock, token = listen(settings)
     printing_events = False
@@ -178,7 +177,7 @@ async def _foreground(ctx: Context, settings: Settings, names: list[str]) -> int
         if printing_events:
             print(f"{event.time} {event.describe()}", file=sys.stderr, flush=True)
 
-    manager = Manager(settings, on_event=on_event)
+    manager, _gpus = open_manager(settings, on_event)
     api_up = asyncio.Event()
     daemon = Daemon(manager, sock, token, autostart=False, on_started=api_up.set)
     serving = asyncio.ensure_future(daemon.run())

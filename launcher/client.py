@@ -8,10 +8,10 @@ from typing import Any
 
 import httpx
 
-from launcher.errors import ConfigError, ConflictError, LauncherError, UnknownInstanceError
+from launcher.errors import ConfigError, ConflictError, LauncherError, NotFoundError
 
 _ERRORS_BY_STATUS: dict[int, type[LauncherError]] = {
-    404: UnknownInstanceError,
+    404: NotFoundError,
     409: ConflictError,
     422: ConfigError,
 }

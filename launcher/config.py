@@ -52,13 +52,30 @@ class DaemonSettings(_Strict):
 
 
 class SimGpu(_Strict):
+    """A simulated GPU: for machines without one (tests, CI, the demo)."""
+
     name: str
     memory_mib: Annotated[int, Field(gt=0)]
+    vendor: Literal["nvidia", "amd"] = "nvidia"
     uuid: str | None = None
     pci_bus_id: str | None = None
-    used_mib: Annotated[int, Field(ge=0)] = 0
-    temperature_c: float = 40.0
-    link_group: str | None = None
+    used_mib: Annotated[int, Field(ge=0)] = 0  # foreign usage: a display, another program
+    # A list is a script: one value per reading, the last one kept.
+    temperature_c: float | Annotated[list[float], Field(min_length=1)] = 40.0
+    utilization_pct: Annotated[float, Field(ge=0, le=100)] = 0.0
+    power_w: Annotated[float, Field(ge=0)] = 30.0
+    power_limit_w: Annotated[float, Field(gt=0)] = 350.0
+    pcie_gen: Annotated[int, Field(ge=1)] = 4
+    pcie_gen_max: Annotated[int, Field(ge=1)] = 4
+    pcie_width: Annotated[int, Field(ge=1)] = 16
+    pcie_width_max: Annotated[int, Field(ge=1)] = 16
+    link_group: str | None = None  # GPUs of one group are directly linked (NVLink); others via the CPU
+
+    @model_validator(mode="after")
+    def _fits(self) -> SimGpu:
+        if self.used_mib > self.memory_mib:
+            raise ValueError(f"used_mib {self.used_mib} exceeds memory_mib {self.memory_mib}")
+        return self
 
 
 class GpuSettings(_Strict):
@@ -67,6 +84,9 @@ class GpuSettings(_Strict):
     margin_mib: Annotated[int, Field(ge=0)] = 1024
     reserve_mib: dict[int, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     thermal_limit_c: Positive = 90.0
+    thermal_action: Literal["warn", "stop"] = "warn"  # stop: the instances on a hot GPU are stopped
+    history: Annotated[int, Field(ge=1)] = 600  # readings kept per GPU (10 minutes at 1 Hz)
+    process_every: Annotated[int, Field(ge=1)] = 5  # per-process memory is costly: every Nth poll
     sim: list[SimGpu] = Field(default_factory=list)
 
 
@@ -157,13 +177,13 @@ class Settings(BaseSettings):
         return value
 
     def model(self, name: str) -> ModelSettings:
-        from launcher.errors import UnknownInstanceError
+        from launcher.errors import NotFoundError
 
         try:
             return self.models[name]
         except KeyError:
             known = ", ".join(sorted(self.models)) or "none"
-            raise UnknownInstanceError(
+            raise NotFoundError(
                 f"no model named {name!r} in the configuration", hint=f"configured models: {known}"
             ) from None
 

@@ -21,6 +21,8 @@ from launcher import systemd
 from launcher.api.app import create_app
 from launcher.config import Settings, read_token
 from launcher.errors import ConfigError, StartError
+from launcher.gpu import open_backend
+from launcher.gpu.sampler import Sampler
 from launcher.supervise.instance import Event
 from launcher.supervise.manager import Manager
 from launcher.supervise.ports import port_holder
@@ -114,6 +116,16 @@ class Daemon:
                 loop.remove_signal_handler(sig)
 
 
+def open_manager(settings: Settings, on_event: Callable[[Event], None]) -> tuple[Manager, str]:
+    """The manager with the GPU sampler the configuration asks for, and which GPU backend and why."""
+    backend, reason = open_backend(settings.gpus)
+    gpus = settings.gpus
+    sampler = Sampler(
+        backend, poll_interval_s=gpus.poll_interval, history=gpus.history, process_every=gpus.process_every
+    )
+    return Manager(settings, sampler=sampler, on_event=on_event), reason
+
+
 def serve(settings: Settings, *, autostart: bool = True) -> None:
     """`launcher serve`: run the daemon until SIGTERM or SIGINT."""
     sock, token = listen(settings)
@@ -128,7 +140,8 @@ def serve(settings: Settings, *, autostart: bool = True) -> None:
         log.info("listening on http://%s:%d (config %s)", host, port, settings.source)
 
     async def main() -> None:
-        manager = Manager(settings, on_event=log_event)
+        manager, gpus = open_manager(settings, log_event)
+        log.info("GPUs: %s", gpus)
         await Daemon(manager, sock, token, autostart=autostart, on_started=started).run()
 
     asyncio.run(main())

@@ -25,8 +25,8 @@ class ConfigError(LauncherError):
     http_status = 422
 
 
-class UnknownInstanceError(LauncherError):
-    """A name that the configuration does not define (exit 2, HTTP 404)."""
+class NotFoundError(LauncherError):
+    """A model name or GPU index that does not exist (exit 2, HTTP 404)."""
 
     exit_code = 2
     http_status = 404

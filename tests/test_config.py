@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from launcher.config import load_settings, parse_settings
-from launcher.errors import ConfigError, UnknownInstanceError
+from launcher.errors import ConfigError, NotFoundError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -83,5 +83,5 @@ def test_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unknown_model_lists_the_known_ones(tmp_path: Path) -> None:
     settings = parse_settings("models: {a: {model: a.gguf}, b: {model: b.gguf}}", tmp_path / "l.yaml")
-    with pytest.raises(UnknownInstanceError, match="configured models: a, b"):
+    with pytest.raises(NotFoundError, match="configured models: a, b"):
         settings.model("c")

@@ -11,9 +11,10 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 import launcher
-from launcher.errors import LauncherError
+from launcher.errors import LauncherError, NotFoundError
+from launcher.gpu.types import GpuSample
 from launcher.supervise import logs
-from launcher.supervise.instance import InstanceStatus
+from launcher.supervise.instance import Event, InstanceStatus
 from launcher.supervise.manager import Manager
 
 
@@ -27,6 +28,7 @@ def create_app(
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await manager.open()
         if autostart:
             await manager.autostart()
         on_started()
@@ -89,6 +91,33 @@ def create_app(
             summary=f"{verb.capitalize()} an instance",
         )(action(act))
 
+    @app.get("/gpus")
+    async def gpus() -> list[GpuSample]:
+        return manager.gpu_samples()
+
+    @app.get("/gpus/{index}/history")
+    async def gpu_history(index: int, limit: Annotated[int, Query(ge=1, le=100_000)] = 600) -> list[GpuSample]:
+        if not 0 <= index < len(manager.sampler.identities):
+            raise NotFoundError(f"no GPU {index}", hint=f"{len(manager.sampler.identities)} GPUs are seen")
+        return manager.sampler.history(index)[-limit:]
+
+    @app.get("/events")
+    async def events(recent: Annotated[int, Query(ge=0, le=500)] = 0) -> StreamingResponse:
+        """Server-sent events: state changes, exits, errors, thermal warnings (``recent`` past ones first)."""
+        queue = manager.subscribe()
+        past = list(manager.events)[-recent:] if recent else []
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                for event in past:
+                    yield _sse(event)
+                while True:
+                    yield _sse(await queue.get())
+            finally:
+                manager.unsubscribe(queue)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
     @app.get("/instances/{name}/logs")
     async def instance_logs(
         name: str, tail: Annotated[int, Query(ge=0, le=100_000)] = 100, follow: bool = False
@@ -110,3 +139,7 @@ def create_app(
 
 class _Unauthorised(Exception):
     pass
+
+
+def _sse(event: Event) -> str:
+    return f"event: {event.kind}\ndata: {event.model_dump_json()}\n\n"

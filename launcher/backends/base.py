@@ -30,6 +30,8 @@ class Placement:
 
     gpu_layers: int = 0
     tensor_split: tuple[float, ...] = ()
+    gpus: tuple[int, ...] = ()  # indices of the GPUs used, in the order the child sees them
+    claims_mib: Mapping[int, int] = field(default_factory=dict)  # planned MiB per GPU index
     env: Mapping[str, str] = field(default_factory=dict)  # device visibility for the child
 
 

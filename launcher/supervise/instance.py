@@ -44,17 +44,24 @@ class State(StrEnum):
 
 class Event(BaseModel):
     time: str
-    instance: str
-    kind: str  # state | exit | error
+    kind: str  # state | exit | error | thermal
     message: str
-    state: State
+    instance: str | None = None
+    state: State | None = None  # the instance's state after the event
+    gpu: int | None = None
+
+    @classmethod
+    def now(cls, kind: str, message: str, **about: object) -> Event:
+        stamp = datetime.now().astimezone().isoformat(timespec="milliseconds")
+        return cls.model_validate({"time": stamp, "kind": kind, "message": message, **about})
 
     def describe(self) -> str:
-        """'NAME: STATE (detail)' for a state change, 'NAME: KIND: message' otherwise."""
-        if self.kind == "state":
+        """'NAME: STATE (detail)' for a state change, 'WHO: KIND: message' otherwise."""
+        who = self.instance if self.instance is not None else f"GPU {self.gpu}"
+        if self.kind == "state" and self.state is not None:
             detail = "" if self.message == self.state.value else f" ({self.message})"
-            return f"{self.instance}: {self.state.value}{detail}"
-        return f"{self.instance}: {self.kind}: {self.message}"
+            return f"{who}: {self.state.value}{detail}"
+        return f"{who}: {self.kind}: {self.message}"
 
 
 class InstanceStatus(BaseModel):
@@ -119,10 +126,12 @@ class Instance:
         """A supervision task runs (from starting to backoff)."""
         return self._task is not None and not self._task.done()
 
-    async def start(self) -> None:
+    async def start(self, prepare: Callable[[], None] = lambda: None) -> None:
+        """Start supervising; ``prepare`` (placement) runs first, under the instance's lock."""
         async with self._lock:
             if self.active:
                 raise ConflictError(f"{self.name} is already {self.state}")
+            prepare()
             self._begin()
 
     async def stop(self) -> None:
@@ -131,18 +140,20 @@ class Instance:
                 raise ConflictError(f"{self.name} is not running")
             await self._halt()
 
-    async def restart(self) -> None:
+    async def restart(self, prepare: Callable[[], None] = lambda: None) -> None:
+        """Stop (if running) and start again; concurrent requests join the restart under way."""
         if self._restarting is None:
-            self._restarting = asyncio.ensure_future(self._restart_once())
+            self._restarting = asyncio.ensure_future(self._restart_once(prepare))
         await asyncio.shield(self._restarting)
 
-    async def _restart_once(self) -> None:
+    async def _restart_once(self, prepare: Callable[[], None]) -> None:
         try:
             async with self._lock:
                 # Refuse before stopping a running server that could not come back (its port is its own).
                 self.preflight(check_port=not self.active)
                 if self.active:
                     await self._halt()
+                prepare()
                 self._begin()
         finally:
             self._restarting = None
@@ -299,14 +310,12 @@ class Instance:
         self.last_error = message
         self._emit("error", message)
 
+    def note(self, kind: str, message: str) -> None:
+        """Record something that happened to the instance from outside (a hot GPU)."""
+        self._emit(kind, message)
+
     def _emit(self, kind: str, message: str) -> None:
-        event = Event(
-            time=datetime.now().astimezone().isoformat(timespec="milliseconds"),
-            instance=self.name,
-            kind=kind,
-            message=message,
-            state=self.state,
-        )
+        event = Event.now(kind, message, instance=self.name, state=self.state)
         self.events.append(event)
         self._changed.set()
         self._on_event(event)
@@ -320,7 +329,7 @@ class Instance:
             state=self.state,
             pid=self._proc.pid if self._proc is not None else None,
             port=self.port,
-            gpus=[],
+            gpus=list(self.placement.gpus) if self.active else [],
             tensor_split=list(self.placement.tensor_split),
             restarts=self.restarts,
             last_exit=self.last_exit.describe() if self.last_exit else None,

@@ -1,0 +1,94 @@
+"""The sampler: every GPU read at `poll_interval` in its own worker thread, never on the event loop.
+
+Readings are kept as immutable snapshots with a bounded history per GPU. A GPU whose read fails is
+recorded with the error and read again next time; one whose read hangs only stalls itself, and its last
+sample is marked stale, so the API and the other GPUs carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+from launcher.gpu.base import GpuBackend
+from launcher.gpu.types import GpuIdentity, GpuSample, Link
+
+Listener = Callable[[GpuSample], None]
+_STALE_AFTER_POLLS = 3
+
+
+class Sampler:
+    def __init__(
+        self, backend: GpuBackend, *, poll_interval_s: float, history: int = 600, process_every: int = 5
+    ) -> None:
+        self.backend = backend
+        self.identities: list[GpuIdentity] = backend.identities()
+        self.links: dict[tuple[int, int], Link] = backend.links()
+        self._interval = poll_interval_s
+        self._process_every = process_every
+        self._history = {g.index: deque[GpuSample](maxlen=history) for g in self.identities}
+        self._listeners: list[Listener] = []
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.identities)), thread_name_prefix="gpu")
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener`` with every new sample, on the event loop."""
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        """Take one reading of every GPU now, then keep reading in the background."""
+        await asyncio.gather(*(self._poll(g, 0) for g in self.identities))
+        self._tasks = [asyncio.create_task(self._watch(g), name=f"gpu{g.index}") for g in self.identities]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()
+
+    async def _watch(self, gpu: GpuIdentity) -> None:
+        loop = asyncio.get_running_loop()
+        polls, began = 1, loop.time()  # the first poll was start()'s
+        while True:
+            await asyncio.sleep(max(0.0, self._interval - (loop.time() - began)))
+            began = loop.time()
+            await self._poll(gpu, polls)
+            polls += 1
+
+    async def _poll(self, gpu: GpuIdentity, count: int) -> None:
+        read = partial(self.backend.read, gpu.index, processes=count % self._process_every == 0)
+        try:
+            reading = await asyncio.get_running_loop().run_in_executor(self._pool, read)
+            sample = GpuSample.of(gpu, reading, time.time())
+        except Exception as exc:  # a GPU's failure is data, never the daemon's death
+            sample = GpuSample.of(gpu, None, time.time(), error=f"{type(exc).__name__}: {exc}")
+        self._history[gpu.index].append(sample)
+        for listener in self._listeners:
+            listener(sample)
+
+    def latest(self) -> list[GpuSample]:
+        """The newest sample of every GPU; one not read for a while says so in its error."""
+        now = time.time()
+        result = []
+        for gpu in self.identities:
+            history = self._history[gpu.index]
+            if not history:
+                result.append(GpuSample.of(gpu, None, now, error="not read yet"))
+                continue
+            sample = history[-1]
+            age = now - sample.time
+            if age > _STALE_AFTER_POLLS * self._interval and sample.error is None:
+                sample = sample.model_copy(update={"error": f"no reading for {age:.0f}s: the driver is not answering"})
+            result.append(sample)
+        return result
+
+    def history(self, index: int) -> list[GpuSample]:
+        return list(self._history[index])
