@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from launcher.client import DaemonClient
-from launcher.config import Settings, load_settings, read_token
-from launcher.errors import ConflictError, LauncherError
+from launcher.config import Settings, default_settings, load_settings, read_token
+from launcher.errors import ConfigError, ConflictError, LauncherError
+from launcher.gpu.base import NoGpus
+from launcher.gpu.sampler import Sampler, open_sampler
+from launcher.gpu.types import GpuSample
 from launcher.progress import ProgressPrinter, format_duration, format_table
 from launcher.supervise import logs
 from launcher.supervise.instance import Event, State
@@ -43,8 +46,8 @@ class Context:
             self._settings = load_settings(self.args.config, required=required)
         return self._settings
 
-    def client(self) -> DaemonClient:
-        settings = self.settings(required=False)
+    def client(self, settings: Settings | None = None) -> DaemonClient:
+        settings = settings or self.settings(required=False)
         url = self.args.url or f"http://{settings.daemon.host}:{settings.daemon.port}"
         token_file = settings.daemon.token_file
         token = read_token(token_file) if token_file is not None and token_file.is_file() else None
@@ -100,6 +103,73 @@ def cmd_restart(ctx: Context) -> int:
 def cmd_status(ctx: Context) -> int:
     _print_statuses(ctx, ctx.client().instances())
     return 0
+
+
+def cmd_gpus(ctx: Context) -> int:
+    client = ctx.client()
+    interval = ctx.settings(required=False).gpus.poll_interval
+    if client.reachable():
+        while True:
+            _print_gpus(ctx, client.gpus())
+            if not ctx.args.watch:
+                return 0
+            time.sleep(interval)
+    # No daemon: read the GPUs from this process (no instance runs on them through us).
+    return asyncio.run(_gpus_here(ctx, interval))
+
+
+async def _gpus_here(ctx: Context, interval: float) -> int:
+    sampler, _reason = open_sampler(ctx.settings(required=False))
+    await sampler.start()
+    try:
+        while True:
+            _print_gpus(ctx, [s.model_dump(mode="json") for s in sampler.latest()])
+            if not ctx.args.watch:
+                return 0
+            await asyncio.sleep(interval)
+    finally:
+        await sampler.stop()
+
+
+def cmd_doctor(ctx: Context) -> int:
+    from launcher.doctor import Finding, Machine, examine
+
+    findings: list[Finding] = []
+    try:
+        settings = ctx.settings()
+    except ConfigError as exc:
+        findings.append(Finding("fail", "config", exc.message, exc.hint or "fix the configuration"))
+        settings = default_settings()  # the machine is still worth checking
+    else:
+        findings.append(Finding("ok", "config", f"{settings.source}: {len(settings.models)} models"))
+    client = ctx.client(settings)
+    daemon_ports: set[int] = set()
+    if client.reachable():
+        daemon_ports = {settings.daemon.port} | {i["port"] for i in client.instances() if i["port"]}
+    try:
+        sampler, reason = open_sampler(settings)
+    except LauncherError as exc:
+        findings.append(Finding("fail", "gpus", exc.message, exc.hint))
+        sampler, reason = Sampler(NoGpus(), poll_interval_s=1), "none (the configured one cannot open)"
+    samples = asyncio.run(_read_once(sampler))
+    machine = Machine(gpus=samples, links=sampler.links, backend=reason, simulated=settings.gpus.backend == "sim")
+    findings += examine(settings, machine, daemon_ports)
+    if ctx.json:
+        print(json.dumps([vars(f) for f in findings], indent=2))
+    else:
+        for f in findings:
+            print(f"{f.level.upper():4}  {f.check:12}  {f.message}")
+            if f.fix and f.level != "ok":
+                print(f"{'':4}  {'':12}  fix: {f.fix}")
+    return 1 if any(f.level == "fail" for f in findings) else 0
+
+
+async def _read_once(sampler: Sampler) -> list[GpuSample]:
+    await sampler.start()
+    try:
+        return sampler.latest()
+    finally:
+        await sampler.stop()
 
 
 def cmd_logs(ctx: Context) -> int:
@@ -258,6 +328,43 @@ def _print_statuses(ctx: Context, statuses: Statuses) -> None:
     print(format_table(["NAME", "STATE", "PID", "PORT", "GPUS", "VRAM", "UPTIME", "RESTARTS", "LAST EXIT"], rows))
 
 
+def _print_gpus(ctx: Context, gpus: list[dict[str, Any]]) -> None:
+    if ctx.json:
+        print(json.dumps(gpus, indent=2), flush=True)
+        return
+
+    def value(v: Any, unit: str, digits: int = 0) -> str:
+        return "-" if v is None else f"{v:.{digits}f}{unit}"
+
+    def pcie(g: dict[str, Any]) -> str:
+        if g["pcie_gen"] is None or g["pcie_width"] is None:
+            return "-"
+        now = f"gen{g['pcie_gen']} x{g['pcie_width']}"
+        full = f"gen{g['pcie_gen_max']} x{g['pcie_width_max']}"
+        return now if now == full or g["pcie_gen_max"] is None else f"{now} (max {full})"
+
+    rows = [
+        [
+            g["index"],
+            g["name"],
+            f"{value(g['memory_used_mib'], '')}/{value(g['memory_total_mib'], ' MiB')}",
+            value(g["memory_free_mib"], " MiB"),
+            value(g["temperature_c"], " C"),
+            value(g["utilization_pct"], "%"),
+            value(g["power_w"], " W"),
+            pcie(g),
+            ",".join(g["instances"]) or "-",
+            g["error"] or "",
+        ]
+        for g in gpus
+    ]
+    headers = ["GPU", "NAME", "MEMORY USED/TOTAL", "FREE", "TEMP", "UTIL", "POWER", "PCIE", "INSTANCES", "ERROR"]
+    table = format_table(headers, rows) if gpus else "no GPU: servers run on the CPU"
+    if ctx.args.watch:
+        print("\x1b[H\x1b[2J", end="")  # redraw in place
+    print(table, flush=True)
+
+
 # ---- parser -------------------------------------------------------------------------------------------
 
 
@@ -289,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     restart = command("restart", cmd_restart, "restart a model and wait until it is ready")
     restart.add_argument("name", metavar="NAME")
     command("status", cmd_status, "table of instances")
+    gpus = command("gpus", cmd_gpus, "table of GPUs: memory, temperature, utilisation, power, PCIe, instances")
+    gpus.add_argument("--watch", action="store_true", help="redraw at every poll until Ctrl-C")
+    command("doctor", cmd_doctor, "check the machine and the configuration; say how to fix each problem")
     logs_cmd = command("logs", cmd_logs, "a model's server log")
     logs_cmd.add_argument("name", metavar="NAME")
     logs_cmd.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")

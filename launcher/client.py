@@ -66,6 +66,10 @@ class DaemonClient:
         result: dict[str, Any] = self._request("POST", f"/instances/{name}/{verb}")
         return result
 
+    def gpus(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._request("GET", "/gpus")
+        return result
+
     def log_lines(self, name: str, tail: int, follow: bool) -> Iterator[str]:
         params: dict[str, str | int] = {"tail": tail, "follow": str(follow).lower()}
         try:

@@ -231,8 +231,13 @@ def load_settings(explicit: Path | None = None, *, required: bool = True) -> Set
                 f"no configuration file found (looked at {looked})",
                 hint="pass --config FILE or start from configs/demo.yaml",
             )
-        return _validate({}, None)
+        return default_settings()
     return _validate(_read_yaml(path), path)
+
+
+def default_settings() -> Settings:
+    """Every default, no model: what the CLI uses to reach a daemon when no file is found."""
+    return _validate({}, None)
 
 
 def parse_settings(text: str, path: Path) -> Settings:

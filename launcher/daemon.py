@@ -21,8 +21,7 @@ from launcher import systemd
 from launcher.api.app import create_app
 from launcher.config import Settings, read_token
 from launcher.errors import ConfigError, StartError
-from launcher.gpu import open_backend
-from launcher.gpu.sampler import Sampler
+from launcher.gpu.sampler import open_sampler
 from launcher.supervise.instance import Event
 from launcher.supervise.manager import Manager
 from launcher.supervise.ports import port_holder
@@ -118,11 +117,7 @@ class Daemon:
 
 def open_manager(settings: Settings, on_event: Callable[[Event], None]) -> tuple[Manager, str]:
     """The manager with the GPU sampler the configuration asks for, and which GPU backend and why."""
-    backend, reason = open_backend(settings.gpus)
-    gpus = settings.gpus
-    sampler = Sampler(
-        backend, poll_interval_s=gpus.poll_interval, history=gpus.history, process_every=gpus.process_every
-    )
+    sampler, reason = open_sampler(settings)
     return Manager(settings, sampler=sampler, on_event=on_event), reason
 
 

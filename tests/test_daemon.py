@@ -8,8 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,73 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import ConfigWriter, marked_processes, run_cli, stop_process
-
-READY_TIMEOUT_S = 60
-
-
-class Daemon:
-    def __init__(self, config: Path, env: dict[str, str]) -> None:
-        self.config = config
-        self.env = env
-        import yaml
-
-        daemon = yaml.safe_load(config.read_text())["daemon"]
-        self.url = f"http://127.0.0.1:{daemon['port']}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "launcher", "--config", str(config), "serve"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.http = httpx.Client(base_url=self.url, timeout=30)
-        self._wait_answering()
-
-    def _wait_answering(self) -> None:
-        # The daemon logs "listening on ..." once its API answers: wait for that line.
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if "listening on" in line:
-                return
-        raise AssertionError(f"daemon exited with {self.proc.wait()} before listening")
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli("--config", str(self.config), *args, env=self.env)
-
-    def instance(self, name: str) -> dict[str, Any]:
-        body: dict[str, Any] = self.http.get(f"/instances/{name}").json()
-        return body
-
-    def wait_for(self, name: str, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            status = self.instance(name)
-            if predicate(status):
-                return status
-            time.sleep(0.05)
-        raise AssertionError(f"{name} never matched; last status {status}")
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
-        self.http.close()
-        code = stop_process(self.proc, sig)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        return code
-
-
-@pytest.fixture
-def start_daemon(marked_env: dict[str, str]) -> Iterator[Callable[[Path], Daemon]]:
-    daemons: list[Daemon] = []
-
-    def start(config: Path) -> Daemon:
-        daemons.append(Daemon(config, marked_env))
-        return daemons[-1]
-
-    yield start
-    for d in daemons:
-        d.stop()
+from tests.conftest import ConfigWriter, Daemon, marked_processes, run_cli, stop_process
 
 
 def ready(status: dict[str, Any]) -> bool:

@@ -36,7 +36,7 @@ def _number(value: Any) -> float | None:
 class AmdSmiBackend:
     name = "amdsmi"
 
-    def __init__(self, lib: ModuleType | None = None, pci_root: Path = Path("/sys/bus/pci/devices")) -> None:
+    def __init__(self, lib: Any = None, pci_root: Path = Path("/sys/bus/pci/devices")) -> None:
         self._amd = lib if lib is not None else _import_amdsmi()
         self._amd.amdsmi_init()
         self._handles = list(self._amd.amdsmi_get_processor_handles())

@@ -37,7 +37,7 @@ def _load() -> ModuleType:
 class NvmlBackend:
     name = "nvml"
 
-    def __init__(self, lib: ModuleType | None = None) -> None:
+    def __init__(self, lib: Any = None) -> None:
         """Initialise NVML; raises (the library's error) when there is no driver or no library."""
         self._nv = lib if lib is not None else _load()
         self._nv.nvmlInit()

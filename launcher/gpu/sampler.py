@@ -15,6 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
+from launcher.config import Settings
+from launcher.gpu import open_backend
 from launcher.gpu.base import GpuBackend
 from launcher.gpu.types import GpuIdentity, GpuSample, Link
 
@@ -92,3 +94,13 @@ class Sampler:
 
     def history(self, index: int) -> list[GpuSample]:
         return list(self._history[index])
+
+
+def open_sampler(settings: Settings) -> tuple[Sampler, str]:
+    """A sampler over the GPU backend the configuration asks for, and which backend and why."""
+    backend, reason = open_backend(settings.gpus)
+    gpus = settings.gpus
+    sampler = Sampler(
+        backend, poll_interval_s=gpus.poll_interval, history=gpus.history, process_every=gpus.process_every
+    )
+    return sampler, reason

@@ -1,0 +1,225 @@
+"""`launcher doctor`: checks the machine and the configuration, and says how to fix each problem.
+
+What it replaces are the troubleshooting sections of the guides users follow: GPUs the driver has but
+the library does not see, PCIe links running below their width or generation, GPUs joined only
+through the CPU, a llama-server built without GPU support, too few GPU layers, impossible splits.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from launcher.backends.llama_server import find_llama_server
+from launcher.config import ModelSettings, Settings
+from launcher.errors import LauncherError
+from launcher.gpu.sysfs import amd_cards
+from launcher.gpu.types import GpuSample, Link
+from launcher.supervise.ports import port_holder, port_is_free
+
+Level = Literal["ok", "warn", "fail"]
+_DEVICE_LINE = re.compile(r"^\s*(CUDA|ROCm|HIP|Vulkan|Metal|SYCL|MUSA|CANN)\d+:", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: Level
+    check: str
+    message: str
+    fix: str | None = None
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What doctor looks at: the GPUs as read now, and where the driver's device files live."""
+
+    gpus: list[GpuSample]
+    links: dict[tuple[int, int], Link]
+    backend: str  # which GPU backend and why
+    simulated: bool
+    dev_root: Path = Path("/dev")
+    drm_root: Path = Path("/sys/class/drm")
+
+
+def examine(settings: Settings, machine: Machine, daemon_ports: set[int]) -> list[Finding]:
+    """Every finding, in the order a user would fix them."""
+    return [
+        *_gpus(machine),
+        *_links(machine),
+        *_binaries(settings, machine),
+        *_ports(settings, daemon_ports),
+        *(f for name, model in settings.models.items() for f in _model(name, model, machine.gpus)),
+    ]
+
+
+def _gpus(machine: Machine) -> Iterator[Finding]:
+    yield Finding("ok", "gpus", f"GPU backend {machine.backend}")
+    if not machine.simulated:
+        nvidia = len([p for p in machine.dev_root.glob("nvidia[0-9]*") if p.name[6:].isdigit()])
+        amd = len(amd_cards(machine.drm_root))
+        for vendor, present in (("nvidia", nvidia), ("amd", amd)):
+            seen = len([g for g in machine.gpus if g.vendor == vendor])
+            if present > seen:
+                library = "NVML (nvidia-ml-py)" if vendor == "nvidia" else "amdsmi (or sysfs)"
+                yield Finding(
+                    "fail",
+                    "gpus",
+                    f"the driver has {present} {vendor} GPU device(s) but {library} sees {seen}",
+                    "reboot after a driver update (library/driver version mismatch), check `nvidia-smi` or "
+                    "`rocm-smi`, and install the launcher's nvidia or amd extra",
+                )
+    for gpu in machine.gpus:
+        label = f"GPU {gpu.index} ({gpu.name})"
+        if gpu.error is not None:
+            yield Finding("fail", "gpus", f"{label} cannot be read: {gpu.error}", "check the card and driver")
+            continue
+        yield Finding("ok", "gpus", f"{label}: {gpu.memory_used_mib} of {gpu.memory_total_mib} MiB used")
+        slow = []
+        if gpu.pcie_width is not None and gpu.pcie_width_max is not None and gpu.pcie_width < gpu.pcie_width_max:
+            slow.append(f"x{gpu.pcie_width} of x{gpu.pcie_width_max}")
+        if gpu.pcie_gen is not None and gpu.pcie_gen_max is not None and gpu.pcie_gen < gpu.pcie_gen_max:
+            slow.append(f"gen {gpu.pcie_gen} of {gpu.pcie_gen_max}")
+        if slow:
+            yield Finding(
+                "warn",
+                "pcie",
+                f"{label} PCIe link runs at {' and '.join(slow)}",
+                "idle cards lower their generation to save power: check again under load; a narrow width "
+                "means a riser, a shared slot or a BIOS setting (reseat the card, check the slot's lanes)",
+            )
+
+
+def _links(machine: Machine) -> Iterator[Finding]:
+    for (i, j), link in sorted(machine.links.items()):
+        if not link.direct:
+            yield Finding(
+                "warn",
+                "topology",
+                f"GPUs {i} and {j} are joined only through the CPU ({link.value})",
+                "a tensor split across them sends every token's activations through system memory: prefer "
+                "one GPU per model, or GPUs on one switch or NVLink",
+            )
+
+
+def _binaries(settings: Settings, machine: Machine) -> Iterator[Finding]:
+    llama_models = {n: m for n, m in settings.models.items() if m.backend == "llama-server"}
+    binaries: dict[Path, list[str]] = {}
+    candidates: dict[str, ModelSettings | None] = dict(llama_models) or {"(default)": None}
+    for name, model in candidates.items():
+        try:
+            binary = find_llama_server(model.binary if model is not None else None)
+        except LauncherError as exc:
+            yield Finding("fail" if llama_models else "warn", "llama-server", exc.message, exc.hint)
+            continue
+        binaries.setdefault(binary, []).append(name)
+    for binary, users in binaries.items():
+        yield from _llama_server_devices(binary, users, machine)
+    ollama_models = [n for n, m in settings.models.items() if m.backend == "ollama"]
+    ollama = shutil.which("ollama")
+    if ollama is None:
+        level: Level = "fail" if ollama_models else "warn"
+        needed = f" (needed by {', '.join(ollama_models)})" if ollama_models else ""
+        yield Finding(level, "ollama", f"no ollama binary on PATH{needed}", "install Ollama, or set `binary:`")
+    else:
+        yield Finding("ok", "ollama", f"ollama at {ollama}")
+
+
+def _llama_server_devices(binary: Path, users: list[str], machine: Machine) -> Iterator[Finding]:
+    try:
+        listed = subprocess.run(
+            [str(binary), "--list-devices"], capture_output=True, text=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        yield Finding("fail", "llama-server", f"{binary} does not run: {exc}", "rebuild it or set `binary:`")
+        return
+    devices = _DEVICE_LINE.findall(listed.stdout + listed.stderr)
+    used_by = ", ".join(users)
+    if devices:
+        yield Finding("ok", "llama-server", f"{binary} ({used_by}) sees {len(devices)} GPU device(s)")
+    elif machine.gpus and not machine.simulated:
+        yield Finding(
+            "fail",
+            "llama-server",
+            f"{binary} ({used_by}) was built without GPU support: it lists no GPU device",
+            "build llama.cpp with -DGGML_CUDA=ON (NVIDIA) or -DGGML_HIP=ON (AMD) and set `binary:`",
+        )
+    else:
+        yield Finding("ok", "llama-server", f"{binary} ({used_by}) is a CPU build; no real GPU here to use")
+
+
+def _ports(settings: Settings, daemon_ports: set[int]) -> Iterator[Finding]:
+    wanted = {settings.daemon.port: "the daemon (daemon.port)"}
+    wanted |= {m.port: f"models.{n}.port" for n, m in settings.models.items() if isinstance(m.port, int)}
+    for port, user in sorted(wanted.items()):
+        if port in daemon_ports or port_is_free(port):
+            continue
+        holder = port_holder(port)
+        yield Finding(
+            "warn",
+            "ports",
+            f"port {port} for {user} is in use" + (f" by {holder}" if holder else ""),
+            "stop that program or choose another port (port: auto picks a free one)",
+        )
+
+
+def _explicit(args: list[str], *flags: str) -> str | None:
+    """The value of the last of ``flags`` in ``args`` (llama.cpp takes the last), '--flag=value' too."""
+    value = None
+    for i, arg in enumerate(args):
+        name, eq, inline = arg.partition("=")
+        if name in flags:
+            value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return value
+
+
+def _model(name: str, model: ModelSettings, gpus: list[GpuSample]) -> Iterator[Finding]:
+    where = f"models.{name}"
+    if not model.model.is_file():
+        yield Finding("fail", "models", f"{where}.model {model.model} does not exist", "fix the path")
+        return
+    split = model.tensor_split if isinstance(model.tensor_split, list) else None
+    split_arg = _explicit(model.args, "-ts", "--tensor-split")
+    if split_arg is not None:
+        try:
+            split = [float(p) for p in split_arg.replace("/", ",").split(",")]
+        except ValueError:
+            yield Finding("fail", "split", f"{where}.args: --tensor-split {split_arg!r} is not a list of numbers")
+            split = None
+    if split is not None:
+        count = len(model.gpus) if isinstance(model.gpus, list) else len(gpus)
+        if not any(p > 0 for p in split):
+            yield Finding("fail", "split", f"{where}: the tensor split {split} is all zeros", "give each GPU a share")
+        elif len(split) > count:
+            yield Finding(
+                "fail",
+                "split",
+                f"{where}: the tensor split has {len(split)} entries for {count} GPU(s)",
+                "one proportion per GPU; they need not sum to 1 (llama.cpp normalises them)",
+            )
+    layers_arg = _explicit(model.args, "-ngl", "--n-gpu-layers", "--gpu-layers")
+    if layers_arg is not None and layers_arg not in ("auto", "all") and gpus:
+        layers = _block_count(model.model)
+        try:
+            asked = int(layers_arg)
+        except ValueError:
+            yield Finding("fail", "layers", f"{where}.args: -ngl {layers_arg!r} is not a number")
+            return
+        if layers is not None and asked < layers + 1:
+            yield Finding(
+                "warn",
+                "layers",
+                f"{where}.args: -ngl {asked} puts {min(asked, layers)} of {layers} layers (+ output) on the GPUs; "
+                "the rest run on the CPU, many times slower",
+                "drop -ngl from args: the launcher offloads every layer that fits and says when they do not",
+            )
+
+
+def _block_count(path: Path) -> int | None:
+    from launcher.plan.gguf import block_count
+
+    return block_count(path)

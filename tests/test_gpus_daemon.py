@@ -1,0 +1,110 @@
+"""GPUs through the daemon: the instance <-> GPU mapping, device identity in the child's environment,
+`launcher gpus`, history, and the thermal guard, on simulated GPUs with real llama-servers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from tests.conftest import ConfigWriter, Daemon
+
+SIM: list[dict[str, Any]] = [
+    {"name": "Sim 3090", "memory_mib": 24576, "uuid": "GPU-aaaaaaaa-0000-4000-8000-000000000000"},
+    {"name": "Sim 4080", "memory_mib": 16384, "uuid": "GPU-bbbbbbbb-0000-4000-8000-000000000000", "used_mib": 512},
+]
+
+
+def ready(status: dict[str, Any]) -> bool:
+    return bool(status["state"] == "ready")
+
+
+def test_instances_sit_on_their_gpus_named_by_uuid(
+    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
+) -> None:
+    config = write_config(
+        {"tiny": {"autostart": True, "gpus": [1]}},
+        gpus={"backend": "sim", "poll_interval": 0.1, "sim": SIM},
+    )
+    daemon = start_daemon(config)
+    status = daemon.wait_for("tiny", ready)
+    assert status["gpus"] == [1]
+    env = psutil.Process(status["pid"]).environ()
+    assert env["CUDA_VISIBLE_DEVICES"] == SIM[1]["uuid"]
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert "--n-gpu-layers" in psutil.Process(status["pid"]).cmdline()
+
+    gpus = daemon.http.get("/gpus").json()
+    assert [(g["index"], g["instances"]) for g in gpus] == [(0, []), (1, ["tiny"])]
+
+    table = daemon.cli("gpus")
+    assert table.returncode == 0
+    assert "Sim 4080" in table.stdout and "tiny" in table.stdout.splitlines()[2]
+    as_json = json.loads(daemon.cli("gpus", "--json").stdout)
+    for key in (
+        "index", "uuid", "name", "pci_bus_id", "memory_total_mib", "memory_used_mib", "memory_free_mib",
+        "temperature_c", "utilization_pct", "power_w", "instances", "error",
+    ):  # fmt: skip
+        assert key in as_json[1]
+    assert (as_json[1]["memory_used_mib"], as_json[1]["memory_free_mib"]) == (512, 16384 - 512)
+
+    history = daemon.http.get("/gpus/0/history").json()
+    assert history and all(h["index"] == 0 for h in history)
+    assert daemon.http.get("/gpus/7/history").status_code == 404
+    assert "1" in daemon.cli("status").stdout.splitlines()[1].split()  # the GPUS column
+
+
+def test_unknown_gpu_in_config_is_refused_with_the_gpus_seen(
+    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
+) -> None:
+    daemon = start_daemon(write_config({"tiny": {"gpus": ["GPU-nope"]}}, gpus={"backend": "sim", "sim": SIM}))
+    result = daemon.cli("up", "tiny")
+    assert result.returncode == 2
+    assert "models.tiny.gpus names GPU 'GPU-nope', which is not there" in result.stderr
+    assert SIM[0]["uuid"] in result.stderr
+
+
+def thermal_events(daemon: Daemon, count: int) -> list[dict[str, Any]]:
+    found = []
+    with httpx.stream("GET", f"{daemon.url}/events", params={"recent": 200}, timeout=30) as stream:
+        for line in stream.iter_lines():
+            event = json.loads(line[6:]) if line.startswith("data: ") else {}
+            if event.get("kind") == "thermal" and event["instance"] is None:  # the GPU's own, not the copies
+                found.append(event)
+                if len(found) == count:
+                    return found
+    raise AssertionError("the event stream ended")
+
+
+def test_thermal_guard_warns_naming_gpu_and_instance(
+    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
+) -> None:
+    # GPU 0 is cool for the first 30 readings (3 s at 0.1 s), then hot, then cool again.
+    hot = [{**SIM[0], "temperature_c": [40] * 30 + [93] * 5 + [70]}, SIM[1]]
+    config = write_config(
+        {"tiny": {"autostart": True, "gpus": [0]}}, gpus={"backend": "sim", "poll_interval": 0.1, "sim": hot}
+    )
+    daemon = start_daemon(config)
+    daemon.wait_for("tiny", ready)
+    warning, cooled = thermal_events(daemon, 2)
+    assert warning["gpu"] == 0
+    assert warning["message"] == "Sim 3090 at 93 °C, at or above the 90 °C limit; running on it: tiny"
+    assert cooled["message"] == "Sim 3090 back to 70 °C"
+    assert daemon.instance("tiny")["state"] == "ready"  # warn only, by default
+    assert any(e["kind"] == "thermal" for e in daemon.instance("tiny")["events"])
+
+
+def test_thermal_guard_can_stop_the_instances(
+    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
+) -> None:
+    hot = [{**SIM[0], "temperature_c": [40] * 30 + [95]}, SIM[1]]
+    gpus = {"backend": "sim", "poll_interval": 0.1, "thermal_action": "stop", "sim": hot}
+    daemon = start_daemon(write_config({"tiny": {"autostart": True, "gpus": [0]}}, gpus=gpus))
+    daemon.wait_for("tiny", ready)
+    [warning] = thermal_events(daemon, 1)
+    assert warning["message"].endswith("stopping tiny")
+    daemon.wait_for("tiny", lambda s: s["state"] == "stopped")
