@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,7 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.conftest import ConfigWriter, Daemon
+from tests.conftest import ConfigWriter, Daemon, stop_process
 
 SIM: list[dict[str, Any]] = [
     {"name": "Sim 3090", "memory_mib": 24576, "uuid": "GPU-aaaaaaaa-0000-4000-8000-000000000000"},
@@ -108,3 +111,23 @@ def test_thermal_guard_can_stop_the_instances(
     [warning] = thermal_events(daemon, 1)
     assert warning["message"].endswith("stopping tiny")
     daemon.wait_for("tiny", lambda s: s["state"] == "stopped")
+
+
+def test_gpus_watch_redraws_until_interrupted(write_config: ConfigWriter, marked_env: dict[str, str]) -> None:
+    config = write_config(gpus={"backend": "sim", "poll_interval": 0.1, "sim": SIM})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "--config", str(config), "gpus", "--watch"],
+        env=marked_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    redraws = 0
+    for line in proc.stdout:
+        if line.startswith("\x1b[H\x1b[2JGPU"):
+            redraws += 1
+            if redraws == 3:
+                break
+    assert stop_process(proc, signal.SIGINT) == 130
+    proc.stdout.close()
