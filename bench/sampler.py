@@ -61,9 +61,9 @@ def main() -> None:
                 rss[name].append(p.memory_info().rss / 2**20)
             time.sleep(1)
         end = {name: p.cpu_times() for name, p in procs.items()}
-        for p in daemons.values():
-            p.terminate()
-            p.wait()
+        for daemon in daemons.values():
+            daemon.terminate()
+            daemon.wait()
     print(f"{seconds:.0f} s side by side, RSS sampled once a second")
     print("| daemon | CPU s | CPU % of one core | RSS median MiB | RSS max MiB |")
     print("|---|---|---|---|---|")
