@@ -22,7 +22,7 @@ from launcher.errors import ConfigError, ConflictError, LauncherError
 from launcher.gpu.base import NoGpus
 from launcher.gpu.sampler import Sampler, open_sampler
 from launcher.gpu.types import GpuSample
-from launcher.progress import ProgressPrinter, format_duration, format_table
+from launcher.progress import ProgressPrinter, format_duration, format_plan, format_table
 from launcher.supervise import logs
 from launcher.supervise.instance import Event, State
 
@@ -129,6 +129,29 @@ async def _gpus_here(ctx: Context, interval: float) -> int:
             await asyncio.sleep(interval)
     finally:
         await sampler.stop()
+
+
+def cmd_plan(ctx: Context) -> int:
+    client = ctx.client()
+    # Without a daemon: plan against the GPUs as read here, with no other instance running.
+    here = not client.reachable()
+    plan = asyncio.run(_plan_here(ctx.settings(), ctx.args.name)) if here else client.plan(ctx.args.name)
+    if ctx.json:
+        print(json.dumps(plan, indent=2))
+    else:
+        print(format_plan(ctx.args.name, plan))
+    return 0 if plan["fits"] else 1
+
+
+async def _plan_here(settings: Settings, name: str) -> dict[str, Any]:
+    from launcher.daemon import open_manager
+
+    manager, _reason = open_manager(settings, lambda _event: None)
+    await manager.open()
+    try:
+        return manager.plan(name).model_dump(mode="json")
+    finally:
+        await manager.shutdown()
 
 
 def cmd_doctor(ctx: Context) -> int:
@@ -318,7 +341,7 @@ def _print_statuses(ctx: Context, statuses: Statuses) -> None:
             s["pid"] or "-",
             s["port"] or "-",
             ",".join(str(g) for g in s["gpus"]) or "cpu",
-            "-",
+            f"{s['vram_mib']} MiB" if s.get("vram_mib") else "-",
             format_duration(s["uptime_s"]),
             s["restarts"],
             s["last_exit"] or "-",
@@ -396,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     restart = command("restart", cmd_restart, "restart a model and wait until it is ready")
     restart.add_argument("name", metavar="NAME")
     command("status", cmd_status, "table of instances")
+    plan = command("plan", cmd_plan, "dry run: the GPUs, MiB per GPU, split, command line; exit 1 if it does not fit")
+    plan.add_argument("name", metavar="NAME")
     gpus = command("gpus", cmd_gpus, "table of GPUs: memory, temperature, utilisation, power, PCIe, instances")
     gpus.add_argument("--watch", action="store_true", help="redraw at every poll until Ctrl-C")
     command("doctor", cmd_doctor, "check the machine and the configuration; say how to fix each problem")

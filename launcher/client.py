@@ -66,6 +66,10 @@ class DaemonClient:
         result: dict[str, Any] = self._request("POST", f"/instances/{name}/{verb}")
         return result
 
+    def plan(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", f"/plan/{name}")
+        return result
+
     def gpus(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._request("GET", "/gpus")
         return result

@@ -82,6 +82,9 @@ class GpuSettings(_Strict):
     backend: Literal["auto", "nvml", "amdsmi", "sysfs", "sim", "none"] = "auto"
     poll_interval: Positive = 1.0
     margin_mib: Annotated[int, Field(ge=0)] = 1024
+    # The driver's context on each GPU a server uses (CUDA/ROCm runtime, cuBLAS workspace): not in
+    # llama.cpp's own buffer sizes, but taken from the card all the same.
+    overhead_mib: Annotated[int, Field(ge=0)] = 512
     reserve_mib: dict[int, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     thermal_limit_c: Positive = 90.0
     thermal_action: Literal["warn", "stop"] = "warn"  # stop: the instances on a hot GPU are stopped
@@ -127,6 +130,8 @@ class ModelSettings(_Strict):
     args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     autostart: bool = False
+    # When the model does not fit the GPUs: run the layers that do not fit on the CPU (much slower).
+    allow_cpu_offload: bool = False
     stop_timeout: Positive = 10.0
     restart: RestartSettings = Field(default_factory=RestartSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)

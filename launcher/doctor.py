@@ -20,6 +20,7 @@ from launcher.config import ModelSettings, Settings
 from launcher.errors import LauncherError
 from launcher.gpu.sysfs import amd_cards
 from launcher.gpu.types import GpuSample, Link
+from launcher.plan.args import arg_value
 from launcher.supervise.ports import port_holder, port_is_free
 
 Level = Literal["ok", "warn", "fail"]
@@ -167,23 +168,13 @@ def _ports(settings: Settings, daemon_ports: set[int]) -> Iterator[Finding]:
         )
 
 
-def _explicit(args: list[str], *flags: str) -> str | None:
-    """The value of the last of ``flags`` in ``args`` (llama.cpp takes the last), '--flag=value' too."""
-    value = None
-    for i, arg in enumerate(args):
-        name, eq, inline = arg.partition("=")
-        if name in flags:
-            value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
-    return value
-
-
 def _model(name: str, model: ModelSettings, gpus: list[GpuSample]) -> Iterator[Finding]:
     where = f"models.{name}"
     if not model.model.is_file():
         yield Finding("fail", "models", f"{where}.model {model.model} does not exist", "fix the path")
         return
     split = model.tensor_split if isinstance(model.tensor_split, list) else None
-    split_arg = _explicit(model.args, "-ts", "--tensor-split")
+    split_arg = arg_value(model.args, "-ts", "--tensor-split")
     if split_arg is not None:
         try:
             split = [float(p) for p in split_arg.replace("/", ",").split(",")]
@@ -201,7 +192,7 @@ def _model(name: str, model: ModelSettings, gpus: list[GpuSample]) -> Iterator[F
                 f"{where}: the tensor split has {len(split)} entries for {count} GPU(s)",
                 "one proportion per GPU; they need not sum to 1 (llama.cpp normalises them)",
             )
-    layers_arg = _explicit(model.args, "-ngl", "--n-gpu-layers", "--gpu-layers")
+    layers_arg = arg_value(model.args, "-ngl", "--n-gpu-layers", "--gpu-layers")
     if layers_arg is not None and layers_arg not in ("auto", "all") and gpus:
         layers = _block_count(model.model)
         try:

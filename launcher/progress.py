@@ -24,6 +24,42 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
 
 
+def format_plan(name: str, plan: dict[str, Any]) -> str:
+    """`launcher plan` for people: the verdict, a row per GPU, the host's share, the command."""
+    devices = plan["devices"]
+    where = f"{len(devices)} GPU{'s' if len(devices) != 1 else ''}" if devices else "the CPU"
+    kv = f"KV {plan['cache_type_k']}/{plan['cache_type_v']}"
+    settings = f"ctx {plan['ctx']}, flash attention {'on' if plan['flash_attn'] else 'off'}, {kv}"
+    lines = [f"{name}: {'fits on ' + where if plan['fits'] else 'does not fit'} ({settings})"]
+    if plan["reason"]:
+        lines.append(plan["reason"])
+    lines += [f"  - {s}" for s in plan["suggestions"]]
+    if devices:
+        headers = ["GPU", "NAME", "LAYERS", "WEIGHTS", "KV", "COMPUTE", "OVERHEAD", "TOTAL", "USABLE", "FREE AFTER"]
+        rows = [
+            [
+                d["gpu"],
+                d["name"],
+                f"{d['layers']}{' +out' if d['output_layer'] else ''}",
+                *(f"{d[k]} MiB" for k in ("weights_mib", "kv_cache_mib", "compute_mib", "overhead_mib")),
+                *(f"{d[k]} MiB" for k in ("total_mib", "usable_mib", "free_after_mib")),
+            ]
+            for d in devices
+        ]
+        lines += ["", format_table(headers, rows)]
+    host = plan["host"]
+    lines.append(
+        f"host memory: weights {host['weights_mib']} MiB, KV {host['kv_cache_mib']} MiB, "
+        f"compute {host['compute_mib']} MiB"
+    )
+    if plan["tensor_split"]:
+        lines.append("tensor split: " + ",".join(f"{p:g}" for p in plan["tensor_split"]) + " (layers per GPU)")
+    if plan["command"]:
+        env = " ".join(f"{k}={v}" for k, v in plan["env"].items())
+        lines += ["", "command:", f"  {env + ' ' if env else ''}{' '.join(plan['command'])}"]
+    return "\n".join(lines)
+
+
 class ProgressPrinter:
     """One line per state change; on a terminal, the latest server log line is shown in place."""
 

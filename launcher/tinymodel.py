@@ -2,11 +2,14 @@
 
 Nothing is downloaded: the weights are random, so the model generates meaningless tokens, but
 llama-server loads it, answers /health and serves completions exactly as it would a real model.
+With `header_only`, any shape (a 70B model, a 150k vocabulary) is written as a header whose data is a
+sparse hole: input for the planner that costs no disk and is never loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,11 @@ import gguf
 import numpy as np
 
 _SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+_TYPES = {
+    "f32": gguf.GGMLQuantizationType.F32,
+    "f16": gguf.GGMLQuantizationType.F16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+}
 
 
 @dataclass(frozen=True)
@@ -26,30 +34,64 @@ class TinyShape:
     n_head_kv: int = 2
     n_ff: int = 128
     context_length: int = 2048
-    weight_type: str = "f16"  # f32 | f16
+    weight_type: str = "f16"  # f32 | f16 | q8_0
+    extra_tokens: int = 0  # beyond the 3 special and 256 byte tokens
+    head_dim: int | None = None  # default n_embd / n_head
+    tied_output: bool = False  # no output.weight: llama.cpp reuses token_embd
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head or self.n_head % self.n_head_kv:
-            raise ValueError("n_embd must divide by n_head and n_head by n_head_kv")
-        if self.weight_type not in ("f32", "f16"):
-            raise ValueError(f"weight_type must be f32 or f16, not {self.weight_type!r}")
+        if self.n_head % self.n_head_kv:
+            raise ValueError("n_head must divide by n_head_kv")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ValueError("n_embd must divide by n_head (or give head_dim)")
+        if self.weight_type not in _TYPES:
+            raise ValueError(f"weight_type must be one of {', '.join(_TYPES)}, not {self.weight_type!r}")
+        if self.weight_type == "q8_0" and (self.n_embd % 32 or self.n_ff % 32):
+            raise ValueError("q8_0 needs n_embd and n_ff divisible by 32")
+
+    @property
+    def n_vocab(self) -> int:
+        return len(_SPECIAL_TOKENS) + 256 + self.extra_tokens
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
 
 
-def write_tiny_llama(path: Path, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
+def _aligned(offset: int) -> int:
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    return (offset + alignment - 1) // alignment * alignment
+
+
+def _tensors(shape: TinyShape) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(name, numpy shape, quantisable) for every tensor of the model."""
+    e, f, v = shape.n_embd, shape.n_ff, shape.n_vocab
+    q_dim, kv_dim = shape.dim_head * shape.n_head, shape.dim_head * shape.n_head_kv
+    result: list[tuple[str, tuple[int, ...], bool]] = [("token_embd.weight", (v, e), True)]
+    for i in range(shape.n_layer):
+        result += [
+            (f"blk.{i}.attn_norm.weight", (e,), False),
+            (f"blk.{i}.attn_q.weight", (q_dim, e), True),
+            (f"blk.{i}.attn_k.weight", (kv_dim, e), True),
+            (f"blk.{i}.attn_v.weight", (kv_dim, e), True),
+            (f"blk.{i}.attn_output.weight", (e, q_dim), True),
+            (f"blk.{i}.ffn_norm.weight", (e,), False),
+            (f"blk.{i}.ffn_gate.weight", (f, e), True),
+            (f"blk.{i}.ffn_up.weight", (f, e), True),
+            (f"blk.{i}.ffn_down.weight", (e, f), True),
+        ]
+    result.append(("output_norm.weight", (e,), False))
+    if not shape.tied_output:
+        result.append(("output.weight", (v, e), True))
+    return result
+
+
+def write_tiny_llama(path: Path, shape: TinyShape = TinyShape(), seed: int = 0, header_only: bool = False) -> Path:
     """Write a llama model of ``shape`` to ``path`` (parents created) and return the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    tokens = [*_SPECIAL_TOKENS, *(f"<0x{b:02X}>" for b in range(256))]
-    n_vocab = len(tokens)
-    head_dim = shape.n_embd // shape.n_head
-    n_embd_kv = head_dim * shape.n_head_kv
-    wtype = np.float16 if shape.weight_type == "f16" else np.float32
-
-    def weight(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols)) * 0.02).astype(wtype)
-
-    def norm() -> np.ndarray:
-        return np.ones(shape.n_embd, dtype=np.float32)
+    tokens = [*_SPECIAL_TOKENS, *(f"<0x{b:02X}>" for b in range(256)), *(f"t{i}" for i in range(shape.extra_tokens))]
+    qtype = _TYPES[shape.weight_type]
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("launcher-tiny-llama")
@@ -59,37 +101,49 @@ def write_tiny_llama(path: Path, shape: TinyShape = TinyShape(), seed: int = 0) 
     writer.add_feed_forward_length(shape.n_ff)
     writer.add_head_count(shape.n_head)
     writer.add_head_count_kv(shape.n_head_kv)
+    if shape.head_dim is not None:
+        writer.add_key_length(shape.head_dim)
+        writer.add_value_length(shape.head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if wtype is np.float16 else gguf.LlamaFileType.ALL_F32)
+    writer.add_rope_dimension_count(shape.dim_head)
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
+    writer.add_file_type(file_types.get(shape.weight_type, gguf.LlamaFileType.MOSTLY_Q8_0))
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * n_vocab)
-    writer.add_token_types(
-        [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
-    )
+    writer.add_token_scores([0.0] * len(tokens))
+    specials = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    writer.add_token_types(specials + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * shape.extra_tokens)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
 
-    writer.add_tensor("token_embd.weight", weight(n_vocab, shape.n_embd))
-    for i in range(shape.n_layer):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", norm())
-        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(shape.n_embd, shape.n_embd))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(n_embd_kv, shape.n_embd))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(n_embd_kv, shape.n_embd))
-        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(shape.n_embd, shape.n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(shape.n_ff, shape.n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(shape.n_ff, shape.n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(shape.n_embd, shape.n_ff))
-    writer.add_tensor("output_norm.weight", norm())
-    writer.add_tensor("output.weight", weight(n_vocab, shape.n_embd))
+    total = 0
+    for name, dims, quantisable in _tensors(shape):
+        kind = qtype if quantisable else gguf.GGMLQuantizationType.F32
+        if header_only:
+            block, size = gguf.GGML_QUANT_SIZES[kind]
+            nbytes = int(np.prod(dims)) // block * size
+            writer.add_tensor_info(name, dims, np.dtype(np.float32), nbytes, raw_dtype=kind)
+            total += _aligned(nbytes)  # each tensor's data starts aligned
+            continue
+        values = (rng.standard_normal(dims) * 0.02).astype(np.float32) if quantisable else np.ones(dims, np.float32)
+        if kind == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, values.astype(np.float16))
+        elif kind == gguf.GGMLQuantizationType.Q8_0:
+            writer.add_tensor(name, gguf.quants.quantize(values, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, values)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    if header_only:
+        writer.write_ti_data_to_file()
+        writer.close()
+        with path.open("r+b") as f:  # the data section as a hole: the file has its full size, no blocks
+            f.truncate(_aligned(f.seek(0, os.SEEK_END)) + total)
+    else:
+        writer.write_tensors_to_file()
+        writer.close()
     return path
 
 

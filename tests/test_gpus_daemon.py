@@ -53,7 +53,11 @@ def test_instances_sit_on_their_gpus_named_by_uuid(
         "temperature_c", "utilization_pct", "power_w", "instances", "error",
     ):  # fmt: skip
         assert key in as_json[1]
-    assert (as_json[1]["memory_used_mib"], as_json[1]["memory_free_mib"]) == (512, 16384 - 512)
+    # The simulated GPU's memory holds the foreign 512 MiB plus what the instance's plan takes.
+    planned = daemon.instance("tiny")["vram_mib"]
+    assert planned > 512  # the driver overhead alone is 512 MiB
+    assert (as_json[1]["memory_used_mib"], as_json[1]["memory_free_mib"]) == (512 + planned, 16384 - 512 - planned)
+    assert as_json[0]["memory_used_mib"] == 0
 
     history = daemon.http.get("/gpus/0/history").json()
     assert history and all(h["index"] == 0 for h in history)

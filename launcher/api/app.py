@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 import launcher
 from launcher.errors import LauncherError, NotFoundError
 from launcher.gpu.types import GpuSample
+from launcher.plan.planner import Plan
 from launcher.supervise import logs
 from launcher.supervise.instance import Event, InstanceStatus
 from launcher.supervise.manager import Manager
@@ -90,6 +91,11 @@ def create_app(
             dependencies=[Depends(authorised)],
             summary=f"{verb.capitalize()} an instance",
         )(action(act))
+
+    @app.get("/plan/{name}")
+    async def plan(name: str) -> Plan:
+        """What `launcher plan NAME` shows: GPUs, MiB per GPU by term, split, command line, environment."""
+        return manager.plan(name)
 
     @app.get("/gpus")
     async def gpus() -> list[GpuSample]:

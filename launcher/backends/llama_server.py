@@ -70,7 +70,10 @@ class LlamaServerBackend:
             argv += ["--ctx-size", str(model.ctx)]
         argv += ["--n-gpu-layers", str(placement.gpu_layers)]
         if placement.tensor_split:
-            argv += ["--tensor-split", ",".join(f"{p:g}" for p in placement.tensor_split)]
+            argv += ["--split-mode", "layer", "--tensor-split", ",".join(f"{p:g}" for p in placement.tensor_split)]
+        if placement.gpus:
+            # The plan decided layers and context; --fit (on by default) would re-decide at load time.
+            argv += ["--fit", "off"]
         argv += model.args
         return LaunchSpec(argv=argv, env=child_environment(placement.env, model.env))
 

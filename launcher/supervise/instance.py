@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from launcher.backends import LaunchSpec, Placement, ServerBackend
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError, ConflictError, LauncherError
+from launcher.plan.planner import Plan
 from launcher.supervise import logs
 from launcher.supervise.policy import RestartPolicy
 from launcher.supervise.ports import ensure_port_free
@@ -73,6 +74,7 @@ class InstanceStatus(BaseModel):
     port: int | None
     gpus: list[int]
     tensor_split: list[float]
+    vram_mib: int | None  # planned, over all its GPUs
     restarts: int
     last_exit: str | None
     last_exit_code: int | None
@@ -103,6 +105,7 @@ class Instance:
         self.log_path = log_dir / f"{name}.log"
         self.port: int | None = settings.port if isinstance(settings.port, int) else None
         self.placement = Placement()
+        self.plan: Plan | None = None  # the plan of the current (or last) start
         self._http = http
         self._on_event = on_event
         self._policy = RestartPolicy(settings.restart)
@@ -165,13 +168,16 @@ class Instance:
                 self._changed.clear()
                 await self._changed.wait()
 
-    def preflight(self, *, check_port: bool = True) -> LaunchSpec:
-        """Everything that can be checked before spawning; raises with the reason."""
+    def check_model_file(self) -> None:
         if not self.settings.model.is_file():
             raise ConfigError(
                 f"model file {self.settings.model} for {self.name!r} does not exist",
                 hint=f"check models.{self.name}.model in the configuration",
             )
+
+    def preflight(self, *, check_port: bool = True) -> LaunchSpec:
+        """Everything that can be checked before spawning; raises with the reason."""
+        self.check_model_file()
         if self.port is None:
             raise ConflictError(f"{self.name} has no port assigned")
         spec = self.backend.launch_spec(self.settings, self.port, self.placement)
@@ -331,6 +337,7 @@ class Instance:
             port=self.port,
             gpus=list(self.placement.gpus) if self.active else [],
             tensor_split=list(self.placement.tensor_split),
+            vram_mib=sum(self.placement.claims_mib.values()) if self.active and self.placement.gpus else None,
             restarts=self.restarts,
             last_exit=self.last_exit.describe() if self.last_exit else None,
             last_exit_code=self.last_exit.code if self.last_exit else None,

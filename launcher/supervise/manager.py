@@ -5,26 +5,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import deque
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import httpx
 
 from launcher.backends import Placement, backend_for
 from launcher.config import Settings
-from launcher.errors import ConfigError, LauncherError
+from launcher.errors import ConfigError, LauncherError, StartError
 from launcher.gpu import visibility_env
 from launcher.gpu.base import NoGpus
 from launcher.gpu.sampler import Sampler
 from launcher.gpu.sim import SimBackend
-from launcher.gpu.types import GpuIdentity, GpuSample
+from launcher.gpu.types import GpuSample
+from launcher.plan.estimate import ModelShape
+from launcher.plan.gguf import read_gguf
+from launcher.plan.planner import Plan, make_plan
 from launcher.supervise.instance import Event, Instance, InstanceStatus, State
 from launcher.supervise.ports import pick_free_port
 from launcher.supervise.thermal import ThermalGuard
 
-# llama.cpp clamps -ngl to the model's layers + output: this means "every layer on the GPUs".
-ALL_LAYERS = 999
 _EVENTS_KEPT = 500
+
+
+@functools.lru_cache(maxsize=64)
+def _model_shape(path: Path, mtime_ns: int, size: int) -> ModelShape:
+    """The model's shape, read once per version of the file (mtime and size are part of the key)."""
+    return ModelShape.of(read_gguf(path))
 
 
 class Manager:
@@ -93,46 +102,76 @@ class Manager:
         self._assign_port(instance)
         self._place(instance)
 
+    def _ports_taken(self) -> list[int]:
+        return [self.settings.daemon.port, *(i.port for i in self.instances.values() if i.port is not None)]
+
     def _assign_port(self, instance: Instance) -> None:
         if instance.port is None:
-            first, last = self.settings.daemon.instance_ports
-            taken = [i.port for i in self.instances.values() if i.port is not None]
-            taken.append(self.settings.daemon.port)
-            instance.port = pick_free_port(first, last, taken)
+            instance.port = pick_free_port(*self.settings.daemon.instance_ports, self._ports_taken())
 
-    def _chosen_gpus(self, instance: Instance) -> list[GpuIdentity]:
-        """The GPUs named by the model's `gpus:` (indices or UUIDs); `auto` is every GPU seen."""
+    def _check_gpu_refs(self, instance: Instance) -> None:
+        """The model's `gpus:` must name GPUs that are there (by index or UUID)."""
         seen = self.sampler.identities
-        wanted = instance.settings.gpus
-        if wanted == "auto":
-            return list(seen)
-        chosen = []
-        for ref in wanted:
-            match = [g for g in seen if ref in (g.index, g.uuid)]
-            if not match:
+        if instance.settings.gpus == "auto":
+            return
+        for ref in instance.settings.gpus:
+            if not any(ref in (g.index, g.uuid) for g in seen):
                 known = ", ".join(f"{g.index} ({g.uuid})" for g in seen) or "none"
                 raise ConfigError(
                     f"models.{instance.name}.gpus names GPU {ref!r}, which is not there",
                     hint=f"GPUs seen: {known}",
                 )
-            chosen.append(match[0])
-        return chosen
+
+    def plan(self, name: str) -> Plan:
+        """The plan for ``name`` against the GPUs now and the other instances' claims, with the command
+        line and the environment it would be launched with."""
+        instance = self.get(name)
+        plan = self._plan(instance)
+        placement = self._placement(plan)
+        port = instance.port or pick_free_port(*self.settings.daemon.instance_ports, self._ports_taken())
+        spec = instance.backend.launch_spec(instance.settings, port, placement)
+        return plan.model_copy(update={"command": spec.argv, "env": {**placement.env, **instance.settings.env}})
+
+    def _plan(self, instance: Instance) -> Plan:
+        instance.check_model_file()
+        self._check_gpu_refs(instance)
+        model = instance.settings.model
+        stat = model.stat()
+        shape = _model_shape(model, stat.st_mtime_ns, stat.st_size)
+        others: dict[int, int] = {}
+        for other in self.instances.values():
+            if other is not instance and other.active:
+                for index, mib in other.placement.claims_mib.items():
+                    others[index] = others.get(index, 0) + mib
+        return make_plan(
+            instance.name,
+            instance.settings,
+            shape,
+            self.sampler.latest(),
+            self.sampler.links,
+            others,
+            self.settings.gpus,
+        )
+
+    def _placement(self, plan: Plan) -> Placement:
+        if not plan.devices:
+            return Placement()
+        by_index = {g.index: g for g in self.sampler.identities}
+        return Placement(
+            gpu_layers=plan.gpu_layers,
+            tensor_split=tuple(plan.tensor_split),
+            gpus=tuple(d.gpu for d in plan.devices),
+            claims_mib=plan.claims_mib,
+            env=visibility_env([by_index[d.gpu] for d in plan.devices]),
+        )
 
     def _place(self, instance: Instance) -> None:
-        """Where the instance's layers go: every layer on the chosen GPUs, or the CPU when there are none."""
-        gpus = self._chosen_gpus(instance)
-        if not gpus:
-            instance.placement = Placement()
-            return
-        split = instance.settings.tensor_split
-        if isinstance(split, list) and len(split) > len(gpus):
-            raise ConfigError(f"models.{instance.name}.tensor_split has {len(split)} entries for {len(gpus)} GPUs")
-        instance.placement = Placement(
-            gpu_layers=ALL_LAYERS,
-            tensor_split=tuple(split) if isinstance(split, list) else (),
-            gpus=tuple(g.index for g in gpus),
-            env=visibility_env(gpus),
-        )
+        """Plan the instance against what runs; refuse, with the numbers, what would not fit."""
+        plan = self._plan(instance)
+        if not plan.fits:
+            raise StartError(plan.reason or f"{instance.name} does not fit", hint="; ".join(plan.suggestions) or None)
+        instance.placement = self._placement(plan)
+        instance.plan = plan
 
     def claimed_mib(self) -> Mapping[int, int]:
         """MiB per GPU held by the instances that run (by their plans)."""

@@ -1,0 +1,217 @@
+"""Where the layers go: the fewest GPUs that hold the model, and the split that llama.cpp will honour.
+
+llama.cpp assigns whole layers: with `--tensor-split` proportions normalised to cumulative fractions c_d,
+layer `il` (the output layer counting as `n_layer`) goes to the first device with c_d > il / (n_layer+1)
+(full offload). A split written as layer counts therefore puts exactly those counts on each device,
+which is how the planner writes it. Token embeddings always stay in host memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from launcher.gpu.types import Link
+from launcher.plan.estimate import MIB, ModelShape, Runtime, compute_bytes, host_compute_bytes, kv_bytes
+
+
+@dataclass(frozen=True)
+class Room:
+    """A GPU as the planner sees it: how much of it this instance may use."""
+
+    index: int
+    uuid: str
+    name: str
+    total_mib: int
+    usable_mib: int
+
+
+@dataclass(frozen=True)
+class DeviceLoad:
+    gpu: int
+    uuid: str
+    layers: int  # repeating layers on it
+    output: bool  # holds the output layer
+    weights_b: int
+    kv_b: int
+    compute_b: int
+    overhead_b: int
+    usable_mib: int
+
+    @property
+    def total_b(self) -> int:
+        return self.weights_b + self.kv_b + self.compute_b + self.overhead_b
+
+    @property
+    def fits(self) -> bool:
+        return self.total_b <= self.usable_mib * MIB
+
+
+@dataclass(frozen=True)
+class HostLoad:
+    weights_b: int
+    kv_b: int
+    compute_b: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    devices: tuple[DeviceLoad, ...]
+    host: HostLoad
+    gpu_layers: int  # -ngl: units (repeating layers + output) on the GPUs
+    split: tuple[float, ...]  # --tensor-split, one entry per device ((): one device or none)
+
+    @property
+    def fits(self) -> bool:
+        return all(d.fits for d in self.devices)
+
+
+def layout(
+    shape: ModelShape, runtime: Runtime, rooms: Sequence[Room], counts: Sequence[int], overhead_b: int
+) -> Layout:
+    """The loads when ``counts[d]`` consecutive units go to ``rooms[d]``: the last units of the model
+    (the offloaded ones), the output layer among them when all of n_layer+1 are offloaded."""
+    n = shape.n_layer
+    offloaded = sum(counts)
+    full = offloaded == n + 1
+    first = n + 1 - offloaded if full else n - offloaded  # the first unit on a GPU
+    devices = []
+    unit = first
+    for room, count in zip(rooms, counts, strict=True):
+        units = range(unit, unit + count)
+        repeating = [u for u in units if u < n]
+        holds_output = n in units
+        devices.append(
+            DeviceLoad(
+                gpu=room.index,
+                uuid=room.uuid,
+                layers=len(repeating),
+                output=holds_output,
+                weights_b=sum(shape.layer_bytes[u] for u in repeating) + (shape.output_bytes if holds_output else 0),
+                kv_b=sum(kv_bytes(shape, runtime, u) for u in repeating),
+                compute_b=compute_bytes(shape, runtime, with_layers=bool(repeating)),
+                overhead_b=overhead_b if count else 0,
+                usable_mib=room.usable_mib,
+            )
+        )
+        unit += count
+    on_cpu = range(0, first)
+    host = HostLoad(
+        weights_b=shape.embedding_bytes
+        + sum(shape.layer_bytes[u] for u in on_cpu)
+        + (0 if full else shape.output_bytes),
+        kv_b=sum(kv_bytes(shape, runtime, u) for u in on_cpu),
+        compute_b=host_compute_bytes(shape, runtime),
+    )
+    split = tuple(float(c) for c in counts) if len(counts) > 1 else ()
+    return Layout(devices=tuple(devices), host=host, gpu_layers=offloaded if offloaded else 0, split=split)
+
+
+def counts_from_split(proportions: Sequence[float], units: int) -> list[int]:
+    """How llama.cpp distributes ``units`` (full offload) for a `--tensor-split` of ``proportions``."""
+    total = sum(proportions)
+    cumulative = list(itertools.accumulate(p / total for p in proportions))
+    counts = [0] * len(proportions)
+    for il in range(units):
+        position = il / units
+        device = next((d for d, c in enumerate(cumulative) if c > position), len(cumulative) - 1)
+        counts[device] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class _Costs:
+    """Bytes of each unit (repeating layers with their KV, then the output layer), computed once."""
+
+    units: tuple[int, ...]
+    compute: int
+
+    @classmethod
+    @functools.lru_cache(maxsize=256)  # one model is placed on many candidate sets
+    def of(cls, shape: ModelShape, runtime: Runtime) -> _Costs:
+        layers = [shape.layer_bytes[u] + kv_bytes(shape, runtime, u) for u in range(shape.n_layer)]
+        return cls(tuple([*layers, shape.output_bytes]), compute_bytes(shape, runtime, with_layers=True))
+
+
+def _fill(costs: _Costs, rooms: Sequence[Room], units: int, overhead_b: int, ratio: float) -> list[int] | None:
+    """Greedy, in order: each GPU takes consecutive units while it stays within ``ratio`` of its room.
+    A GPU's compute buffer is counted with its first repeating layer."""
+    n = len(costs.units) - 1
+    unit = n + 1 - units if units == n + 1 else n - units
+    end = unit + units
+    counts = []
+    for room in rooms:
+        cap = ratio * room.usable_mib * MIB - overhead_b
+        used, count, has_layers = 0, 0, False
+        while unit < end:
+            is_layer = unit < n
+            cost = costs.units[unit] + (costs.compute if is_layer and not has_layers else 0)
+            if used + cost > cap:
+                break
+            used, count, unit = used + cost, count + 1, unit + 1
+            has_layers = has_layers or is_layer
+        counts.append(count)
+    return counts if unit == end else None
+
+
+def balanced(shape: ModelShape, runtime: Runtime, rooms: Sequence[Room], units: int, overhead_b: int) -> Layout | None:
+    """The split that fills every GPU to the same fraction of its room, or None when they cannot hold it.
+
+    The smallest common fill ratio for which the greedy fill succeeds is found by bisection; each GPU
+    then carries load in proportion to what it can hold, so a 16 GB card is not filled like a 24 GB one.
+    """
+    costs = _Costs.of(shape, runtime)
+    if _fill(costs, rooms, units, overhead_b, 1.0) is None:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        middle = (low + high) / 2
+        if _fill(costs, rooms, units, overhead_b, middle) is None:
+            low = middle
+        else:
+            high = middle
+    counts = _fill(costs, rooms, units, overhead_b, high)
+    assert counts is not None
+    kept = [(room, count) for room, count in zip(rooms, counts, strict=True) if count]
+    result = layout(shape, runtime, [r for r, _ in kept], [c for _, c in kept], overhead_b)
+    return result if result.fits else None
+
+
+def candidate_sets(rooms: Sequence[Room], size: int, links: dict[tuple[int, int], Link]) -> list[tuple[Room, ...]]:
+    """Sets of ``size`` GPUs, best first: all directly linked, then the most room, then the lowest indices."""
+
+    def direct(group: tuple[Room, ...]) -> bool:
+        pairs = itertools.combinations(sorted(r.index for r in group), 2)
+        return all(links.get(pair, Link.CPU).direct for pair in pairs)
+
+    groups = list(itertools.combinations(rooms, size))
+    groups.sort(key=lambda g: (not direct(g), -sum(r.usable_mib for r in g), [r.index for r in g]))
+    return groups
+
+
+def fewest_gpus(
+    shape: ModelShape, runtime: Runtime, rooms: Sequence[Room], links: dict[tuple[int, int], Link], overhead_b: int
+) -> Layout | None:
+    """Full offload on the fewest GPUs that hold the model: one GPU when one does (splitting costs speed)."""
+    usable = [r for r in rooms if r.usable_mib > 0]
+    for size in range(1, len(usable) + 1):
+        for group in candidate_sets(usable, size, links):
+            found = balanced(shape, runtime, group, shape.n_layer + 1, overhead_b)
+            if found is not None:
+                return found
+    return None
+
+
+def most_layers(shape: ModelShape, runtime: Runtime, rooms: Sequence[Room], overhead_b: int) -> Layout | None:
+    """Partial offload: the most repeating layers the GPUs hold, the rest (and the output) on the CPU."""
+    low, high, best = 1, shape.n_layer, None
+    while low <= high:
+        middle = (low + high) // 2
+        found = balanced(shape, runtime, rooms, middle, overhead_b)
+        if found is None:
+            high = middle - 1
+        else:
+            best, low = found, middle + 1
+    return best

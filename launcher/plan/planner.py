@@ -1,0 +1,280 @@
+"""The plan for one model: which GPUs, how many MiB of what on each, the split, or why it does not fit
+and what would. A pure function of (model file, model settings, GPU samples, other instances' claims)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from pydantic import BaseModel
+
+from launcher.config import GpuSettings, ModelSettings
+from launcher.gpu.types import GpuSample, Link
+from launcher.plan.args import arg_value
+from launcher.plan.estimate import (
+    MIB,
+    ModelShape,
+    Runtime,
+    flash_attention_default,
+    kv_bytes,
+    padded_ctx,
+)
+from launcher.plan.place import (
+    DeviceLoad,
+    Layout,
+    Room,
+    candidate_sets,
+    counts_from_split,
+    fewest_gpus,
+    layout,
+    most_layers,
+)
+
+GIB = 1024 * MIB
+
+
+class DevicePlan(BaseModel):
+    gpu: int
+    uuid: str
+    name: str
+    layers: int
+    output_layer: bool
+    weights_mib: int
+    kv_cache_mib: int
+    compute_mib: int
+    overhead_mib: int
+    total_mib: int
+    usable_mib: int
+    free_after_mib: int
+
+
+class HostPlan(BaseModel):
+    weights_mib: int
+    kv_cache_mib: int
+    compute_mib: int
+
+
+class Plan(BaseModel):
+    model: str
+    backend: str
+    fits: bool
+    reason: str | None
+    suggestions: list[str]
+    ctx: int
+    flash_attn: bool
+    cache_type_k: str
+    cache_type_v: str
+    gpu_layers: int
+    devices: list[DevicePlan]
+    host: HostPlan
+    tensor_split: list[float]
+    command: list[str] = []
+    env: dict[str, str] = {}
+
+    @property
+    def claims_mib(self) -> dict[int, int]:
+        """MiB this plan takes on each GPU (what other instances must plan around)."""
+        return {d.gpu: d.total_mib for d in self.devices}
+
+
+def _mib(b: int | float) -> int:
+    return -(-int(b) // MIB)  # rounded up: a plan never claims less than it needs
+
+
+def _gib(b: float) -> str:
+    return f"{b / GIB:.1f} GiB"
+
+
+def runtime_for(model: ModelSettings, shape: ModelShape) -> Runtime:
+    """The runtime settings from the model's `ctx` and the options in its pass-through `args`."""
+    args = model.args
+    flash = arg_value(args, "-fa", "--flash-attn")
+    ctx_arg = arg_value(args, "-c", "--ctx-size")
+    ctx = model.ctx or (int(ctx_arg) if ctx_arg and ctx_arg.isdigit() and int(ctx_arg) else shape.context_length)
+    return Runtime(
+        ctx=ctx,
+        cache_type_k=arg_value(args, "-ctk", "--cache-type-k") or "f16",
+        cache_type_v=arg_value(args, "-ctv", "--cache-type-v") or "f16",
+        flash_attn=flash_attention_default(shape) if flash in (None, "auto") else flash in ("on", "1", "true"),
+        ubatch=int(arg_value(args, "-ub", "--ubatch-size") or 512),
+        parallel=max(1, int(arg_value(args, "-np", "--parallel") or 4)),
+    )
+
+
+def rooms(samples: Sequence[GpuSample], claims_mib: Mapping[int, int], gpus: GpuSettings) -> list[Room]:
+    """What each readable GPU can give this instance: min(free now, total - other instances' claims)
+    less the margin and the GPU's reserve."""
+    result = []
+    for s in samples:
+        if s.error is not None or s.memory_total_mib is None or s.memory_free_mib is None:
+            continue
+        room = min(s.memory_free_mib, s.memory_total_mib - claims_mib.get(s.index, 0))
+        usable = room - gpus.margin_mib - gpus.reserve_mib.get(s.index, 0)
+        result.append(Room(s.index, s.uuid, s.name, s.memory_total_mib, max(0, usable)))
+    return result
+
+
+def _allowed(model: ModelSettings, available: list[Room]) -> list[Room]:
+    if model.gpus == "auto":
+        return available
+    by_ref = {ref: r for r in available for ref in (r.index, r.uuid)}
+    return [by_ref[ref] for ref in model.gpus if ref in by_ref]
+
+
+def make_plan(
+    name: str,
+    model: ModelSettings,
+    shape: ModelShape,
+    samples: Sequence[GpuSample],
+    links: dict[tuple[int, int], Link],
+    claims_mib: Mapping[int, int],
+    gpus: GpuSettings,
+) -> Plan:
+    runtime = runtime_for(model, shape)
+    allowed = _allowed(model, rooms(samples, claims_mib, gpus))
+    overhead_b = gpus.overhead_mib * MIB
+    if not samples:  # no GPU at all: everything in host memory
+        chosen: Layout | None = layout(shape, runtime, [], [], overhead_b)
+    elif isinstance(model.tensor_split, list):
+        chosen = _explicit_split(shape, runtime, allowed, model.tensor_split, links, overhead_b)
+    else:
+        chosen = fewest_gpus(shape, runtime, allowed, links, overhead_b)
+    if chosen is None and model.allow_cpu_offload and allowed:
+        chosen = most_layers(shape, runtime, allowed, overhead_b)
+    fits = chosen is not None
+    if chosen is None:  # show what it would take on every allowed GPU
+        chosen = _spread(shape, runtime, allowed, overhead_b)
+    plan = Plan(
+        model=str(model.model),
+        backend=model.backend,
+        fits=fits,
+        reason=None if fits else _reason(chosen, allowed, name),
+        suggestions=[] if fits else _suggestions(model, shape, runtime, allowed, links, overhead_b),
+        ctx=runtime.ctx,
+        flash_attn=runtime.flash_attn,
+        cache_type_k=runtime.cache_type_k,
+        cache_type_v=runtime.cache_type_v,
+        gpu_layers=chosen.gpu_layers,
+        devices=[_device(d, allowed) for d in chosen.devices],
+        host=HostPlan(
+            weights_mib=_mib(chosen.host.weights_b),
+            kv_cache_mib=_mib(chosen.host.kv_b),
+            compute_mib=_mib(chosen.host.compute_b),
+        ),
+        tensor_split=list(chosen.split),
+    )
+    if fits and chosen.gpu_layers and chosen.gpu_layers < shape.n_layer + 1:
+        plan.suggestions.append(
+            f"partial offload: {shape.n_layer - chosen.gpu_layers} of {shape.n_layer} layers run on the CPU"
+        )
+    return plan
+
+
+def _device(load: DeviceLoad, allowed: list[Room]) -> DevicePlan:
+    name = next((r.name for r in allowed if r.index == load.gpu), "")
+    total = _mib(load.total_b)
+    return DevicePlan(
+        gpu=load.gpu,
+        uuid=load.uuid,
+        name=name,
+        layers=load.layers,
+        output_layer=load.output,
+        weights_mib=_mib(load.weights_b),
+        kv_cache_mib=_mib(load.kv_b),
+        compute_mib=_mib(load.compute_b),
+        overhead_mib=_mib(load.overhead_b),
+        total_mib=total,
+        usable_mib=load.usable_mib,
+        free_after_mib=load.usable_mib - total,
+    )
+
+
+def _explicit_split(
+    shape: ModelShape,
+    runtime: Runtime,
+    allowed: list[Room],
+    split: list[float],
+    links: dict[tuple[int, int], Link],
+    overhead_b: int,
+) -> Layout | None:
+    """The user's proportions, on the first GPUs of the `gpus:` list or the best set of that many."""
+    if len(allowed) < len(split):
+        return None
+    group = allowed[: len(split)] if len(allowed) == len(split) else candidate_sets(allowed, len(split), links)[0]
+    counts = counts_from_split(split, shape.n_layer + 1)
+    kept = [(room, count) for room, count in zip(group, counts, strict=True) if count]
+    found = layout(shape, runtime, [r for r, _ in kept], [c for _, c in kept], overhead_b)
+    return found if found.fits else None
+
+
+def _spread(shape: ModelShape, runtime: Runtime, allowed: list[Room], overhead_b: int) -> Layout:
+    """Every layer over every allowed GPU in proportion to its room, fitting or not: the need to report."""
+    if not allowed:
+        return layout(shape, runtime, [], [], overhead_b)
+    weights = [max(1, r.usable_mib) for r in allowed]
+    counts = counts_from_split(weights, shape.n_layer + 1)
+    kept = [(room, count) for room, count in zip(allowed, counts, strict=True) if count]
+    return layout(shape, runtime, [r for r, _ in kept], [c for _, c in kept], overhead_b)
+
+
+def _reason(need: Layout, allowed: list[Room], name: str) -> str:
+    if not allowed:
+        return f"{name} needs GPUs but none is usable (every GPU is full, in error, or not in `gpus:`)"
+    total = sum(d.total_b for d in need.devices)
+    weights = sum(d.weights_b for d in need.devices)
+    kv = sum(d.kv_b for d in need.devices)
+    compute = sum(d.compute_b + d.overhead_b for d in need.devices)
+    usable = sum(r.usable_mib for r in allowed) * MIB
+    n = len(allowed)
+    return (
+        f"{name} needs {_gib(total)} on {n} GPU{'s' if n > 1 else ''} (weights {_gib(weights)}, KV cache "
+        f"{_gib(kv)}, compute and overhead {_gib(compute)}) but only {_gib(usable)} is usable there"
+    )
+
+
+def _suggestions(
+    model: ModelSettings,
+    shape: ModelShape,
+    runtime: Runtime,
+    allowed: list[Room],
+    links: dict[tuple[int, int], Link],
+    overhead_b: int,
+) -> list[str]:
+    if not allowed:
+        return ["free a GPU (stop what runs on it) or add one to `gpus:`"]
+    result = []
+
+    def fits(r: Runtime) -> bool:
+        return fewest_gpus(shape, r, allowed, links, overhead_b) is not None
+
+    low, high = 1, padded_ctx(runtime.ctx) // 256 - 1  # contexts in steps of 256
+    best = 0
+    while low <= high:
+        middle = (low + high) // 2
+        if fits(Runtime(**{**vars(runtime), "ctx": middle * 256})):
+            best, low = middle * 256, middle + 1
+        else:
+            high = middle - 1
+    if best:
+        result.append(f"the largest context that fits is {best} (ctx: {best})")
+    if (runtime.cache_type_k, runtime.cache_type_v) != ("q8_0", "q8_0"):
+        q8 = Runtime(**{**vars(runtime), "cache_type_k": "q8_0", "cache_type_v": "q8_0"})
+        saved = sum(kv_bytes(shape, runtime, u) - kv_bytes(shape, q8, u) for u in range(shape.n_layer))
+        outcome = "and then it fits" if fits(q8) else "but that is not enough on its own"
+        result.append(
+            f"a q8_0 KV cache (args: [--cache-type-k, q8_0, --cache-type-v, q8_0]) saves {_gib(saved)}, {outcome}"
+        )
+    largest = max(allowed, key=lambda r: r.total_mib)
+    for count in range(len(allowed) + 1, 17):
+        clones = [Room(i, f"GPU-{i}", largest.name, largest.total_mib, largest.usable_mib) for i in range(count)]
+        if fewest_gpus(shape, runtime, clones, {}, overhead_b) is not None:
+            result.append(f"it would fit on {count} GPUs of {largest.total_mib / 1024:.0f} GiB like {largest.name}")
+            break
+    if not model.allow_cpu_offload:
+        partial = most_layers(shape, runtime, allowed, overhead_b)
+        if partial is not None:
+            on_gpu = partial.gpu_layers
+            result.append(
+                f"with allow_cpu_offload: true, {on_gpu} of {shape.n_layer} layers run on the GPUs and "
+                f"{shape.n_layer - on_gpu} on the CPU (much slower)"
+            )
+    return result
