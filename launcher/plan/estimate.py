@@ -4,8 +4,9 @@ buffers, from the GGUF header and the launch settings. Pure arithmetic, in bytes
 The compute-buffer formula was fitted to the buffer sizes llama-server reports with `-lv 4` (llama.cpp
 b11434 on its RPC and CPU backends): the peak of one layer's graph, which is the FFN's three
 `ubatch x n_ff` f32 intermediates or, without flash attention, the `n_kv x ubatch x n_head` f32 scores;
-plus the attention mask (`n_kv x ubatch`, f16 with flash attention, f32 without) and a fixed ~4 KiB per
-ubatch row. `bench/accuracy.py` checks all of it against llama-server.
+plus the attention mask (`n_kv x ubatch`, f16 with flash attention, f32 without), a few f32 activation
+rows, and, split over several devices, the pipeline's copies of mask and inputs.
+`bench/accuracy.py` checks all of it against llama-server.
 """
 
 from __future__ import annotations
@@ -129,17 +130,31 @@ def kv_bytes(shape: ModelShape, runtime: Runtime, layer: int) -> int:
     return int(kv_cells(shape, runtime, layer) * shape.n_head_kv[layer] * (k + v))
 
 
-def compute_bytes(shape: ModelShape, runtime: Runtime, *, with_layers: bool) -> int:
-    """The compute buffer of a device that holds at least one repeating layer (else: almost nothing)."""
+def pipeline_copies(devices: int, full_offload: bool) -> int:
+    """llama.cpp runs a model split over several devices as a pipeline (full offload only), keeping
+    GGML_SCHED_MAX_COPIES (4) copies of each split's inputs so that micro-batches overlap."""
+    return 4 if devices > 1 and full_offload else 1
+
+
+def _mask(runtime: Runtime) -> int:
+    return padded_ctx(runtime.ctx) * runtime.ubatch * (2 if runtime.flash_attn else 4)
+
+
+def compute_bytes(
+    shape: ModelShape, runtime: Runtime, *, with_layers: bool, copies: int = 1, first: bool = False
+) -> int:
+    """The compute buffer of a device that holds at least one repeating layer (else: almost nothing).
+    The first device of a pipeline also keeps the copies of the pipeline's input rows."""
     if not with_layers:
         return 0
-    n_kv = padded_ctx(runtime.ctx)
     ffn = 3 * runtime.ubatch * shape.n_ff * 4
-    scores = 0 if runtime.flash_attn else n_kv * runtime.ubatch * shape.n_head * 4
-    mask = n_kv * runtime.ubatch * (2 if runtime.flash_attn else 4)
-    return max(ffn, scores) + mask + runtime.ubatch * 4096
+    scores = 0 if runtime.flash_attn else padded_ctx(runtime.ctx) * runtime.ubatch * shape.n_head * 4
+    rows = runtime.ubatch * shape.n_embd * 4  # one f32 activation row per ubatch token
+    pipeline = (copies - 1) * (_mask(runtime) + rows) + (2 * copies * rows if first and copies > 1 else 0)
+    return max(ffn, scores) + _mask(runtime) + 4 * rows + pipeline
 
 
-def host_compute_bytes(shape: ModelShape, runtime: Runtime) -> int:
+def host_compute_bytes(shape: ModelShape, runtime: Runtime, copies: int = 1) -> int:
     """The CPU compute buffer llama.cpp keeps beside GPU ones (inputs, the embedding lookup)."""
-    return padded_ctx(runtime.ctx) * runtime.ubatch * (2 if runtime.flash_attn else 4) + runtime.ubatch * 4096
+    rows = runtime.ubatch * shape.n_embd * 4
+    return copies * _mask(runtime) + (4 if copies == 1 else 10) * rows

@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from launcher.gpu.types import Link
-from launcher.plan.estimate import MIB, ModelShape, Runtime, compute_bytes, host_compute_bytes, kv_bytes
+from launcher.plan.estimate import (
+    MIB,
+    ModelShape,
+    Runtime,
+    compute_bytes,
+    host_compute_bytes,
+    kv_bytes,
+    pipeline_copies,
+)
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,9 @@ def layout(
     n = shape.n_layer
     offloaded = sum(counts)
     full = offloaded == n + 1
+    copies = pipeline_copies(len(rooms), full)
     first = n + 1 - offloaded if full else n - offloaded  # the first unit on a GPU
-    devices = []
+    devices: list[DeviceLoad] = []
     unit = first
     for room, count in zip(rooms, counts, strict=True):
         units = range(unit, unit + count)
@@ -91,7 +100,7 @@ def layout(
                 output=holds_output,
                 weights_b=sum(shape.layer_bytes[u] for u in repeating) + (shape.output_bytes if holds_output else 0),
                 kv_b=sum(kv_bytes(shape, runtime, u) for u in repeating),
-                compute_b=compute_bytes(shape, runtime, with_layers=bool(repeating)),
+                compute_b=compute_bytes(shape, runtime, with_layers=bool(repeating), copies=copies, first=not devices),
                 overhead_b=overhead_b if count else 0,
                 usable_mib=room.usable_mib,
             )
@@ -103,7 +112,7 @@ def layout(
         + sum(shape.layer_bytes[u] for u in on_cpu)
         + (0 if full else shape.output_bytes),
         kv_b=sum(kv_bytes(shape, runtime, u) for u in on_cpu),
-        compute_b=host_compute_bytes(shape, runtime),
+        compute_b=host_compute_bytes(shape, runtime, copies),
     )
     split = tuple(float(c) for c in counts) if len(counts) > 1 else ()
     return Layout(devices=tuple(devices), host=host, gpu_layers=offloaded if offloaded else 0, split=split)
@@ -127,12 +136,15 @@ class _Costs:
 
     units: tuple[int, ...]
     compute: int
+    first_compute: int  # the first GPU's: it holds the pipeline's input copies
 
     @classmethod
     @functools.lru_cache(maxsize=256)  # one model is placed on many candidate sets
-    def of(cls, shape: ModelShape, runtime: Runtime) -> _Costs:
+    def of(cls, shape: ModelShape, runtime: Runtime, copies: int) -> _Costs:
         layers = [shape.layer_bytes[u] + kv_bytes(shape, runtime, u) for u in range(shape.n_layer)]
-        return cls(tuple([*layers, shape.output_bytes]), compute_bytes(shape, runtime, with_layers=True))
+        compute = compute_bytes(shape, runtime, with_layers=True, copies=copies)
+        first = compute_bytes(shape, runtime, with_layers=True, copies=copies, first=True)
+        return cls(tuple([*layers, shape.output_bytes]), compute, first)
 
 
 def _fill(costs: _Costs, rooms: Sequence[Room], units: int, overhead_b: int, ratio: float) -> list[int] | None:
@@ -141,13 +153,14 @@ def _fill(costs: _Costs, rooms: Sequence[Room], units: int, overhead_b: int, rat
     n = len(costs.units) - 1
     unit = n + 1 - units if units == n + 1 else n - units
     end = unit + units
-    counts = []
+    counts: list[int] = []
     for room in rooms:
         cap = ratio * room.usable_mib * MIB - overhead_b
+        compute = costs.compute if any(counts) else costs.first_compute
         used, count, has_layers = 0, 0, False
         while unit < end:
             is_layer = unit < n
-            cost = costs.units[unit] + (costs.compute if is_layer and not has_layers else 0)
+            cost = costs.units[unit] + (compute if is_layer and not has_layers else 0)
             if used + cost > cap:
                 break
             used, count, unit = used + cost, count + 1, unit + 1
@@ -162,7 +175,7 @@ def balanced(shape: ModelShape, runtime: Runtime, rooms: Sequence[Room], units: 
     The smallest common fill ratio for which the greedy fill succeeds is found by bisection; each GPU
     then carries load in proportion to what it can hold, so a 16 GB card is not filled like a 24 GB one.
     """
-    costs = _Costs.of(shape, runtime)
+    costs = _Costs.of(shape, runtime, pipeline_copies(len(rooms), units == shape.n_layer + 1))
     if _fill(costs, rooms, units, overhead_b, 1.0) is None:
         return None
     low, high = 0.0, 1.0

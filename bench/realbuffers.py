@@ -1,0 +1,123 @@
+"""Ground truth for the planner: llama-server's own buffer sizes (`-lv 4`), per device.
+
+Several real llama.cpp devices on a CPU machine: one `ggml-rpc-server` per simulated GPU, and
+llama-server given `--rpc` with the planner's split. The planner's numbers for each device are then
+compared with `model buffer size`, `KV buffer size` and `compute buffer size` of that RPC device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+_LINE = re.compile(
+    r"(?P<device>CPU_Mapped|CPU|RPC\d+\[(?P<address>[^\]]+)\])\s+(?P<what>model|KV|compute) buffer size\s*=\s*"
+    r"(?P<mib>[\d.]+) MiB"
+)
+
+
+@dataclass
+class Buffers:
+    """MiB per term for one device (or the host)."""
+
+    model: float = 0.0
+    kv: float = 0.0
+    compute: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.model + self.kv + self.compute
+
+
+@dataclass
+class Reported:
+    devices: dict[str, Buffers] = field(default_factory=dict)  # by RPC address
+    host: Buffers = field(default_factory=Buffers)
+
+
+def parse(log: str) -> Reported:
+    reported = Reported()
+    for found in _LINE.finditer(log):
+        address = found["address"]
+        target = reported.devices.setdefault(address, Buffers()) if address else reported.host
+        mib = float(found["mib"])
+        if found["what"] == "model":
+            target.model += mib
+        elif found["what"] == "KV":
+            target.kv += mib
+        else:
+            target.compute += mib
+    return reported
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def rpc_servers(bin_dir: Path, count: int) -> Iterator[list[str]]:
+    """``count`` ggml-rpc-servers on loopback; their addresses, in order."""
+    procs, addresses = [], []
+    try:
+        for _ in range(count):
+            port = _free_port()
+            procs.append(
+                subprocess.Popen(
+                    [str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            addresses.append(f"127.0.0.1:{port}")
+        for address in addresses:
+            _wait_listening(address)
+        yield addresses
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+
+
+def _wait_listening(address: str, timeout_s: float = 10) -> None:
+    host, port = address.split(":")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"rpc server at {address} did not listen")
+
+
+def measure(llama_server: Path, args: list[str], timeout_s: float = 60) -> Reported:
+    """Run llama-server with ``args`` until it is ready (its buffers are all reserved by then), stop it
+    and read its sizes from its output (which it flushes on exit: a pipe is block-buffered)."""
+    port = _free_port()
+    argv = [str(llama_server), *args, "--host", "127.0.0.1", "--port", str(port), "-lv", "4"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client() as client:
+            while proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                        break
+                time.sleep(0.02)
+    finally:
+        proc.terminate()
+        log, _ = proc.communicate(timeout=30)
+    reported = parse(log)
+    if not reported.devices and not reported.host.model:
+        raise RuntimeError("llama-server reported no buffer sizes:\n" + log[-2000:])
+    return reported
