@@ -68,8 +68,16 @@ def plan_for(shape: ModelShape, runtime: Runtime, devices: int) -> Layout:
     compute_mib = compute_bytes(shape, runtime, with_layers=True, copies=copies, first=True) / MIB
     # Just enough room, unevenly: the planner has to use all of them (layers are whole, so a little slack).
     for slack in (1.02, 1.05, 1.1, 1.2, 1.4, 2.0):
+        # No single GPU may hold it all, or the planner rightly takes just that one.
+        ceiling = math.floor(whole.devices[0].total_b / MIB) - 1 if devices > 1 else 1 << 20
         rooms = [
-            Room(i, f"GPU-{i}", f"sim{i}", 0, math.ceil(need_mib * w / sum(weights) * slack + compute_mib + 1))
+            Room(
+                i,
+                f"GPU-{i}",
+                f"sim{i}",
+                0,
+                min(ceiling, math.ceil(need_mib * w / sum(weights) * slack + compute_mib + 1)),
+            )
             for i, w in enumerate(weights)
         ]
         found = fewest_gpus(shape, runtime, rooms, {}, 0)

@@ -86,14 +86,19 @@ def _tensors(shape: TinyShape) -> list[tuple[str, tuple[int, ...], bool]]:
     return result
 
 
-def write_tiny_llama(path: Path, shape: TinyShape = TinyShape(), seed: int = 0, header_only: bool = False) -> Path:
-    """Write a llama model of ``shape`` to ``path`` (parents created) and return the path."""
+def write_tiny_llama(
+    path: Path, shape: TinyShape = TinyShape(), seed: int = 0, header_only: bool = False, shards: int = 1
+) -> Path:
+    """Write a llama model of ``shape`` to ``path`` (parents created) and return the path. With ``shards``,
+    a split model `NAME-00001-of-0000N.gguf` beside ``path``: the first shard's path is returned."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     tokens = [*_SPECIAL_TOKENS, *(f"<0x{b:02X}>" for b in range(256)), *(f"t{i}" for i in range(shape.extra_tokens))]
     qtype = _TYPES[shape.weight_type]
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    tensors = _tensors(shape)
+    per_shard = -(-len(tensors) // shards) if shards > 1 else 0
+    writer = gguf.GGUFWriter(str(path), "llama", split_max_tensors=per_shard)
     writer.add_name("launcher-tiny-llama")
     writer.add_block_count(shape.n_layer)
     writer.add_context_length(shape.context_length)
@@ -118,7 +123,7 @@ def write_tiny_llama(path: Path, shape: TinyShape = TinyShape(), seed: int = 0, 
     writer.add_unk_token_id(0)
 
     total = 0
-    for name, dims, quantisable in _tensors(shape):
+    for name, dims, quantisable in tensors:
         kind = qtype if quantisable else gguf.GGMLQuantizationType.F32
         if header_only:
             block, size = gguf.GGML_QUANT_SIZES[kind]
@@ -144,7 +149,7 @@ def write_tiny_llama(path: Path, shape: TinyShape = TinyShape(), seed: int = 0, 
     else:
         writer.write_tensors_to_file()
         writer.close()
-    return path
+    return path.with_name(f"{path.stem}-00001-of-{shards:05d}.gguf") if shards > 1 else path
 
 
 def main(argv: list[str] | None = None) -> None:

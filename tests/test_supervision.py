@@ -15,6 +15,7 @@ from launcher.config import load_settings
 from launcher.errors import ConfigError, ConflictError, StartError
 from launcher.supervise.instance import State
 from launcher.supervise.manager import Manager
+from launcher.tinymodel import write_tiny_llama
 from tests.conftest import ConfigWriter, free_port
 
 READY_TIMEOUT_S = 60
@@ -122,8 +123,9 @@ async def test_port_in_use_names_the_holder(write_config: ConfigWriter) -> None:
 
 
 async def test_crash_at_load_backs_off_then_fails(write_config: ConfigWriter, tmp_path: Path) -> None:
-    broken = tmp_path / "broken.gguf"
-    broken.write_bytes(b"GGUF" + b"\0" * 64)  # llama-server refuses it and exits
+    broken = write_tiny_llama(tmp_path / "broken.gguf")
+    with broken.open("r+b") as f:  # a sound header, but tensor data missing: llama-server exits at load
+        f.truncate(broken.stat().st_size - 4096)
     restart = {"policy": "on-failure", "backoff_initial": 0.05, "backoff_max": 0.2, "burst": 2, "interval": 60}
     manager = Manager(load_settings(write_config({"tiny": {"model": str(broken), "restart": restart}})))
     instance = manager.get("tiny")

@@ -81,7 +81,8 @@ def _mib(b: int | float) -> int:
 
 
 def _gib(b: float) -> str:
-    return f"{b / GIB:.1f} GiB"
+    """A size as people read it: GiB with one decimal, MiB below 1 GiB."""
+    return f"{b / GIB:.1f} GiB" if b >= GIB else f"{round(b / MIB)} MiB"
 
 
 def runtime_for(model: ModelSettings, shape: ModelShape) -> Runtime:

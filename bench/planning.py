@@ -1,0 +1,95 @@
+"""Planning time: a 70B header with a 152k-token vocabulary, and 20 models on 8 GPUs.
+
+Usage: .venv/bin/python bench/planning.py [--runs N]
+
+The baseline is gguf.GGUFReader on the same header (read once: it takes seconds), which the planner's
+own header reader replaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import gguf
+
+from launcher.config import GpuSettings, ModelSettings
+from launcher.gpu.types import GpuSample, Link
+from launcher.plan.estimate import ModelShape
+from launcher.plan.gguf import read_gguf
+from launcher.plan.planner import make_plan
+from launcher.tinymodel import TinyShape, write_tiny_llama
+
+BIG = TinyShape(
+    n_layer=80, n_embd=8192, n_head=64, n_head_kv=8, n_ff=28672, extra_tokens=152064 - 259, weight_type="q8_0"
+)
+SMALL = TinyShape(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336, extra_tokens=128000, weight_type="q8_0")
+
+
+def timed(runs: int, work: object) -> list[float]:
+    assert callable(work)
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def gpu(index: int) -> GpuSample:
+    total = 81920 if index < 4 else 24576
+    return GpuSample(
+        index=index, uuid=f"GPU-{index}", name="sim", pci_bus_id=None, vendor="nvidia", time=0,
+        memory_total_mib=total, memory_used_mib=0, memory_free_mib=total,
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=9)
+    runs = parser.parse_args().runs
+    with tempfile.TemporaryDirectory() as tmp:
+        big = write_tiny_llama(Path(tmp) / "big.gguf", BIG, header_only=True)
+        small = write_tiny_llama(Path(tmp) / "small.gguf", SMALL, header_only=True)
+        baseline = timed(1, lambda: gguf.GGUFReader(str(big)))
+        settings = GpuSettings()
+        model = ModelSettings(model=big, ctx=8192)
+        gpus = [gpu(i) for i in range(8)]
+        links = {(i, j): Link.NVLINK if i // 4 == j // 4 else Link.CROSS_CPU for i in range(8) for j in range(i + 1, 8)}
+
+        def plan_big() -> None:
+            make_plan("big", model, ModelShape.of(read_gguf(big)), gpus, links, {}, settings)
+
+        header = timed(runs, lambda: read_gguf(big))
+        whole = timed(runs, plan_big)
+
+        small_shape = ModelShape.of(read_gguf(small))
+        small_model = ModelSettings(model=small, ctx=8192)
+
+        def twenty() -> None:
+            claims: dict[int, int] = {}
+            for n in range(20):
+                p = make_plan(f"m{n}", small_model, small_shape, gpus, links, claims, settings)
+                for index, mib in p.claims_mib.items():
+                    claims[index] = claims.get(index, 0) + mib
+
+        many = timed(runs, twenty)
+    base = baseline[0]
+    print(f"runs: {runs}; header: 80 layers, 152064-token vocabulary, 70 GiB q8_0 (sparse file)")
+    print("| measure | median ms | vs gguf.GGUFReader |")
+    print("|---|---|---|")
+    print(f"| gguf.GGUFReader on the header (baseline, 1 run) | {base * 1000:.0f} | 1.00x |")
+    for label, values in (
+        ("launcher header read (read_gguf)", header),
+        ("read + estimate + plan on 8 GPUs", whole),
+        ("20 models (8B, 128k vocab) planned in turn on 8 GPUs, each around the others' claims", many),
+    ):
+        med = statistics.median(values)
+        print(f"| {label} | {med * 1000:.1f} | {med / base:.4f}x |")
+
+
+if __name__ == "__main__":
+    main()
