@@ -42,6 +42,9 @@ class DaemonSettings(_Strict):
     token_file: Path | None = None
     # `port: auto` instances get the first free port of this range.
     instance_ports: tuple[Port, Port] = (8410, 8499)
+    # Server logs are rotated (copy-truncate) past this size, keeping this many old ones.
+    log_max_mib: Annotated[float, Field(gt=0)] = 50.0
+    log_keep: Annotated[int, Field(ge=1)] = 3
 
     @field_validator("instance_ports")
     @classmethod
@@ -70,6 +73,8 @@ class SimGpu(_Strict):
     pcie_width: Annotated[int, Field(ge=1)] = 16
     pcie_width_max: Annotated[int, Field(ge=1)] = 16
     link_group: str | None = None  # GPUs of one group are directly linked (NVLink); others via the CPU
+    # Memory a stopped server held comes back after this long, as on real GPUs (llama-swap issue 97).
+    release_delay_s: NonNegative = 0.0
 
     @model_validator(mode="after")
     def _fits(self) -> SimGpu:
@@ -90,6 +95,8 @@ class GpuSettings(_Strict):
     thermal_action: Literal["warn", "stop"] = "warn"  # stop: the instances on a hot GPU are stopped
     history: Annotated[int, Field(ge=1)] = 600  # readings kept per GPU (10 minutes at 1 Hz)
     process_every: Annotated[int, Field(ge=1)] = 5  # per-process memory is costly: every Nth poll
+    # Before starting on GPUs a stopped server used, wait up to this long for its memory to come back.
+    vram_wait_s: NonNegative = 30.0
     sim: list[SimGpu] = Field(default_factory=list)
 
 

@@ -184,3 +184,13 @@ def start_daemon(marked_env: dict[str, str]) -> Iterator[Callable[[Path], Daemon
     yield start
     for d in daemons:
         d.stop()
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An executable that runs tests/standin/llama.py with this interpreter, usable as `binary:`."""
+    script = Path(__file__).parent / "standin" / "llama.py"
+    path = tmp_path_factory.mktemp("bin") / "llama-standin"
+    path.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    path.chmod(0o755)
+    return path

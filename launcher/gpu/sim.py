@@ -28,6 +28,8 @@ class SimBackend:
         self._temperatures: list[Iterator[float]] = [_script(g.temperature_c) for g in gpus]
         self._faults: dict[int, tuple[str | None, float]] = {}
         self._lock = threading.Lock()
+        self._claimed: dict[int, int] = {}  # what the usage source said last time, per GPU
+        self._releasing: dict[int, list[tuple[float, int]]] = {}  # (until, MiB) still held after a stop
 
     def identities(self) -> list[GpuIdentity]:
         return [
@@ -58,7 +60,7 @@ class SimBackend:
             time.sleep(delay_s)  # runs in the sampler's worker thread, as a slow driver call would
         if error is not None:
             raise GpuError(error)
-        used = min(gpu.memory_mib, gpu.used_mib + self.usage().get(index, 0))
+        used = min(gpu.memory_mib, gpu.used_mib + self._held(index, gpu.release_delay_s))
         return GpuReading(
             memory_total_mib=gpu.memory_mib,
             memory_used_mib=used,
@@ -72,6 +74,19 @@ class SimBackend:
             pcie_width_max=gpu.pcie_width_max,
             processes=() if processes else None,
         )
+
+    def _held(self, index: int, delay_s: float) -> int:
+        """MiB our servers hold on GPU ``index``: what runs, plus what stopped less than ``delay_s`` ago."""
+        now = time.monotonic()
+        claimed = self.usage().get(index, 0)
+        with self._lock:
+            dropped = self._claimed.get(index, 0) - claimed
+            self._claimed[index] = claimed
+            pending = [(until, mib) for until, mib in self._releasing.get(index, []) if until > now]
+            if dropped > 0 and delay_s > 0:
+                pending.append((now + delay_s, dropped))
+            self._releasing[index] = pending
+        return claimed + sum(mib for _, mib in pending)
 
     def links(self) -> dict[tuple[int, int], Link]:
         result = {}

@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -23,6 +24,7 @@ from launcher.config import ModelSettings
 from launcher.errors import ConfigError, ConflictError, LauncherError
 from launcher.plan.planner import Plan
 from launcher.supervise import logs
+from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.policy import RestartPolicy
 from launcher.supervise.ports import ensure_port_free
 from launcher.supervise.process import ExitStatus, ServerProcess
@@ -85,29 +87,44 @@ class InstanceStatus(BaseModel):
     uptime_s: float | None  # time ready, None unless ready or unhealthy
     log_path: str
     log_line: str | None
+    log_tail: list[str]  # the last lines of the server's output, kept when it failed
     events: list[Event]
 
 
+async def _nothing() -> None:
+    return None
+
+
+async def _vram_is_there(_claims: Mapping[int, int], _who: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Surroundings:
+    """What an instance needs from the daemon around it."""
+
+    http: httpx.AsyncClient
+    log_dir: Path
+    registry: ChildRegistry
+    log_max_bytes: int = 50 * 1024 * 1024
+    log_keep: int = 3
+    # Returns once the GPUs have the given MiB free again (or a bound passed).
+    await_vram: Callable[[Mapping[int, int], str], Awaitable[None]] = _vram_is_there
+    # Told the MiB per GPU a server held, when it ends.
+    vacated: Callable[[Mapping[int, int]], None] = lambda _claims: None
+    on_event: Callable[[Event], None] = lambda _event: None
+
+
 class Instance:
-    def __init__(
-        self,
-        name: str,
-        settings: ModelSettings,
-        *,
-        backend: ServerBackend,
-        log_dir: Path,
-        http: httpx.AsyncClient,
-        on_event: Callable[[Event], None] = lambda _event: None,
-    ) -> None:
+    def __init__(self, name: str, settings: ModelSettings, *, backend: ServerBackend, around: Surroundings) -> None:
         self.name = name
         self.settings = settings
         self.backend = backend
-        self.log_path = log_dir / f"{name}.log"
+        self.log_path = around.log_dir / f"{name}.log"
         self.port: int | None = settings.port if isinstance(settings.port, int) else None
         self.placement = Placement()
         self.plan: Plan | None = None  # the plan of the current (or last) start
-        self._http = http
-        self._on_event = on_event
+        self._around = around
         self._policy = RestartPolicy(settings.restart)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -125,16 +142,21 @@ class Instance:
     # ---- requests -------------------------------------------------------------------------------
 
     @property
+    def running(self) -> bool:
+        """A server process of this instance is alive (it holds memory)."""
+        return self._proc is not None and self._proc.running
+
+    @property
     def active(self) -> bool:
         """A supervision task runs (from starting to backoff)."""
         return self._task is not None and not self._task.done()
 
-    async def start(self, prepare: Callable[[], None] = lambda: None) -> None:
+    async def start(self, prepare: Callable[[], Awaitable[None]] = _nothing) -> None:
         """Start supervising; ``prepare`` (placement) runs first, under the instance's lock."""
         async with self._lock:
             if self.active:
                 raise ConflictError(f"{self.name} is already {self.state}")
-            prepare()
+            await prepare()
             self._begin()
 
     async def stop(self) -> None:
@@ -143,20 +165,20 @@ class Instance:
                 raise ConflictError(f"{self.name} is not running")
             await self._halt()
 
-    async def restart(self, prepare: Callable[[], None] = lambda: None) -> None:
+    async def restart(self, prepare: Callable[[], Awaitable[None]] = _nothing) -> None:
         """Stop (if running) and start again; concurrent requests join the restart under way."""
         if self._restarting is None:
             self._restarting = asyncio.ensure_future(self._restart_once(prepare))
         await asyncio.shield(self._restarting)
 
-    async def _restart_once(self, prepare: Callable[[], None]) -> None:
+    async def _restart_once(self, prepare: Callable[[], Awaitable[None]]) -> None:
         try:
             async with self._lock:
                 # Refuse before stopping a running server that could not come back (its port is its own).
                 self.preflight(check_port=not self.active)
                 if self.active:
                     await self._halt()
-                prepare()
+                await prepare()
                 self._begin()
         finally:
             self._restarting = None
@@ -225,6 +247,9 @@ class Instance:
         """Stop the server if it still runs, and record how it ended."""
         status = await proc.stop(self.settings.stop_timeout)
         self._proc = None
+        self._around.registry.remove(proc.pid)
+        if self.placement.claims_mib:
+            self._around.vacated(self.placement.claims_mib)
         self.last_exit = status
         logs.write_marker(self.log_path, f"{self.name} {status.describe()}{why}")
         self._emit("exit", f"server {status.describe()}{why}")
@@ -239,8 +264,12 @@ class Instance:
         except LauncherError as exc:
             self._record_error(exc.message)
             return self._decide(failure=True, ready_for_s=None)
+        if self.placement.claims_mib:
+            await self._around.await_vram(self.placement.claims_mib, self.name)
+        logs.rotate_if_large(self.log_path, self._around.log_max_bytes, self._around.log_keep)
         logs.write_marker(self.log_path, f"starting {self.name} (restart {self.restarts}): {' '.join(spec.argv)}")
         proc = self._proc = await ServerProcess.spawn(spec, self.log_path)
+        self._around.registry.add(self.name, proc.pid, spec.argv[0])
         self._set_state(State.LOADING, f"pid {proc.pid} on port {self.port}")
         unhealthy = False
         ready_for_s: float | None = None
@@ -273,7 +302,7 @@ class Instance:
         interval = _FIRST_LOAD_PROBE_S
         assert self.port is not None
         while proc.running:
-            if await self.backend.is_ready(self._http, self.port, self.settings.health.timeout):
+            if await self.backend.is_ready(self._around.http, self.port, self.settings.health.timeout):
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -291,7 +320,8 @@ class Instance:
             done, _ = await asyncio.wait([proc.exited], timeout=health.interval)
             if done:
                 return False
-            if await self.backend.is_ready(self._http, self.port, health.timeout):
+            logs.rotate_if_large(self.log_path, self._around.log_max_bytes, self._around.log_keep)
+            if await self.backend.is_ready(self._around.http, self.port, health.timeout):
                 failures = 0
                 if self.state == State.UNHEALTHY:
                     self._set_state(State.READY, "health checks pass again")
@@ -324,7 +354,7 @@ class Instance:
         event = Event.now(kind, message, instance=self.name, state=self.state)
         self.events.append(event)
         self._changed.set()
-        self._on_event(event)
+        self._around.on_event(event)
 
     def status(self, events: int = 10) -> InstanceStatus:
         now = time.monotonic()
@@ -348,5 +378,6 @@ class Instance:
             uptime_s=round(now - self._ready_since, 3) if self._ready_since is not None else None,
             log_path=str(self.log_path),
             log_line=logs.last_line(self.log_path),
+            log_tail=logs.tail(self.log_path, 10) if self.state == State.FAILED else [],
             events=list(self.events)[-events:] if events > 0 else [],
         )

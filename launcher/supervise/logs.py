@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +17,25 @@ def write_marker(path: Path, text: str) -> None:
     stamp = datetime.now().astimezone().isoformat(timespec="seconds")
     with path.open("a") as log:
         log.write(f"=== launcher {stamp}: {text} ===\n")
+
+
+def rotate_if_large(path: Path, max_bytes: int, keep: int) -> bool:
+    """Copy-truncate: when the log is over ``max_bytes``, shift NAME.log.1.. up, copy the log to
+    NAME.log.1 and truncate it. The server keeps its descriptor and, writing with O_APPEND, goes on at
+    the new end: nothing is lost and no restart is needed."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    for n in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
+    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    with path.open("r+b") as log:
+        log.truncate(0)
+    return True
 
 
 def tail(path: Path, lines: int) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,7 +24,8 @@ from launcher.gpu.types import GpuSample
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import read_gguf
 from launcher.plan.planner import Plan, make_plan
-from launcher.supervise.instance import Event, Instance, InstanceStatus, State
+from launcher.supervise.instance import Event, Instance, InstanceStatus, State, Surroundings
+from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.ports import pick_free_port
 from launcher.supervise.thermal import ThermalGuard
 
@@ -56,15 +58,21 @@ class Manager:
         self._on_event = on_event
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._http = httpx.AsyncClient()
+        self.registry = ChildRegistry(settings.daemon.state_dir / "children.json")
+        self._samples = asyncio.Event()  # set at every GPU sample: what the VRAM wait awaits
+        self._vacated: dict[int, tuple[int, float]] = {}  # GPU -> (MiB a stopped server held, until)
+        around = Surroundings(
+            http=self._http,
+            log_dir=self.log_dir,
+            registry=self.registry,
+            log_max_bytes=int(settings.daemon.log_max_mib * 1024 * 1024),
+            log_keep=settings.daemon.log_keep,
+            await_vram=self.await_vram,
+            vacated=self.vacated,
+            on_event=self.publish,
+        )
         self.instances: dict[str, Instance] = {
-            name: Instance(
-                name,
-                model,
-                backend=backend_for(model),
-                log_dir=self.log_dir,
-                http=self._http,
-                on_event=self.publish,
-            )
+            name: Instance(name, model, backend=backend_for(model), around=around)
             for name, model in settings.models.items()
         }
         if isinstance(self.sampler.backend, SimBackend):
@@ -88,9 +96,42 @@ class Manager:
         self._subscribers.discard(queue)
 
     async def open(self) -> None:
-        """Start watching the GPUs (one reading of each before this returns)."""
+        """Stop what an earlier daemon left running, then start watching the GPUs (one reading of each
+        before this returns)."""
+        for leftover in self.registry.clean_leftovers():
+            self.publish(Event.now("error", f"stopped a server an earlier daemon left running: {leftover}"))
         self.sampler.subscribe(self._thermal.check)
+        self.sampler.subscribe(lambda _sample: self._samples.set())
         await self.sampler.start()
+
+    async def await_vram(self, claims: Mapping[int, int], who: str) -> None:
+        """Return once each GPU in ``claims`` has that many MiB free, or after `gpus.vram_wait_s`: memory a
+        killed server held can take a moment to come back, and a start before it does runs out of it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.gpus.vram_wait_s
+        told = False
+        while True:
+            free = {s.index: s.memory_free_mib for s in self.sampler.latest()}
+            short = {i: mib for i, mib in claims.items() if (free.get(i) or 0) < mib}
+            if not short:
+                return
+            if not told:
+                what = ", ".join(f"GPU {i} ({free.get(i)} of {mib} MiB free)" for i, mib in short.items())
+                self.publish(Event.now("vram", f"{who}: waiting for memory to come back on {what}"))
+                told = True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self.publish(Event.now("vram", f"{who}: memory not back after {self.settings.gpus.vram_wait_s:g}s"))
+                return
+            self._samples.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._samples.wait(), remaining)
+
+    def vacated(self, claims: Mapping[int, int]) -> None:
+        """Note the memory a stopped server held: the next start there waits for it (see await_vram)."""
+        until = time.monotonic() + self.settings.gpus.vram_wait_s
+        for index, mib in claims.items():
+            self._vacated[index] = (mib, until)
 
     def get(self, name: str) -> Instance:
         self.settings.model(name)  # raises NotFoundError naming the configured models
@@ -98,7 +139,12 @@ class Manager:
 
     # ---- placement ----------------------------------------------------------------------------------
 
-    def _prepare(self, instance: Instance) -> None:
+    async def _prepare(self, instance: Instance) -> None:
+        now = time.monotonic()
+        recent = {i: mib for i, (mib, until) in self._vacated.items() if until > now}
+        if recent:  # plan on the memory a stopped server is giving back, not without it
+            await self.await_vram(recent, instance.name)
+            self._vacated.clear()
         self._assign_port(instance)
         self._place(instance)
 
@@ -174,10 +220,10 @@ class Manager:
         instance.plan = plan
 
     def claimed_mib(self) -> Mapping[int, int]:
-        """MiB per GPU held by the instances that run (by their plans)."""
+        """MiB per GPU held by the servers that run (by their plans)."""
         totals: dict[int, int] = {}
         for instance in self.instances.values():
-            if instance.active:
+            if instance.running:
                 for index, mib in instance.placement.claims_mib.items():
                     totals[index] = totals.get(index, 0) + mib
         return totals
@@ -189,7 +235,7 @@ class Manager:
 
     async def start(self, name: str) -> InstanceStatus:
         instance = self.get(name)
-        await instance.start(prepare=lambda: self._prepare(instance))
+        await instance.start(prepare=functools.partial(self._prepare, instance))
         return instance.status()
 
     async def stop(self, name: str) -> InstanceStatus:
@@ -199,7 +245,7 @@ class Manager:
 
     async def restart(self, name: str) -> InstanceStatus:
         instance = self.get(name)
-        await instance.restart(prepare=lambda: self._prepare(instance))
+        await instance.restart(prepare=functools.partial(self._prepare, instance))
         return instance.status()
 
     async def autostart(self) -> None:
