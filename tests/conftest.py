@@ -86,14 +86,9 @@ def write_config(tmp_path: Path, tiny_model: Path, leaves_no_process: str) -> Co
     def write(models: dict[str, dict[str, Any]] | None = None, **top: Any) -> Path:
         entries = {}
         for name, overrides in (models or {"tiny": {}}).items():
-            entry: dict[str, Any] = {
-                "model": str(tiny_model),
-                "ctx": 256,
-                "port": "auto",
-                "env": {MARK: leaves_no_process},
-                "stop_timeout": 5,
-            }
+            entry: dict[str, Any] = {"model": str(tiny_model), "ctx": 256, "port": "auto", "stop_timeout": 5}
             entry.update(overrides)
+            entry["env"] = {MARK: leaves_no_process, **overrides.get("env", {})}
             entries[name] = entry
         daemon = {"port": free_port(), "state_dir": str(tmp_path / "state"), "instance_ports": [20000, 29999]}
         daemon.update(top.pop("daemon", {}))
@@ -191,6 +186,6 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An executable that runs tests/standin/llama.py with this interpreter, usable as `binary:`."""
     script = Path(__file__).parent / "standin" / "llama.py"
     path = tmp_path_factory.mktemp("bin") / "llama-standin"
-    path.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    path.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
     path.chmod(0o755)
     return path

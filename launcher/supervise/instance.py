@@ -24,7 +24,7 @@ from launcher.config import ModelSettings
 from launcher.errors import ConfigError, ConflictError, LauncherError
 from launcher.plan.planner import Plan
 from launcher.supervise import logs
-from launcher.supervise.leftovers import ChildRegistry
+from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
 from launcher.supervise.policy import RestartPolicy
 from launcher.supervise.ports import ensure_port_free
 from launcher.supervise.process import ExitStatus, ServerProcess
@@ -266,6 +266,7 @@ class Instance:
             return self._decide(failure=True, ready_for_s=None)
         if self.placement.claims_mib:
             await self._around.await_vram(self.placement.claims_mib, self.name)
+        spec.env[INSTANCE_ENV] = self.name  # how a later daemon recognises a leftover as ours
         logs.rotate_if_large(self.log_path, self._around.log_max_bytes, self._around.log_keep)
         logs.write_marker(self.log_path, f"starting {self.name} (restart {self.restarts}): {' '.join(spec.argv)}")
         proc = self._proc = await ServerProcess.spawn(spec, self.log_path)

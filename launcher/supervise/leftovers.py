@@ -2,8 +2,9 @@
 
 Servers die with the daemon (parent-death signal), but a daemon killed at the wrong moment, a server
 that escaped it, or a crash of the machine's init leaves the file behind. The next daemon start reads it
-and stops what is still there, and only that: a process counts as ours only if its pid, its start time
-and its executable all match the record, so a reused pid is never touched.
+and stops what is still there, and only that: a process counts as ours only if its pid and its start time
+match the record and its environment names the instance (LAUNCHER_INSTANCE, which every server gets),
+so a reused pid is never touched.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+
+# Set in every server's environment: which instance it belongs to.
+INSTANCE_ENV = "LAUNCHER_INSTANCE"
 
 
 @dataclass(frozen=True)
@@ -73,12 +77,12 @@ class ChildRegistry:
 
 
 def _ours(record: ChildRecord) -> psutil.Process | None:
-    """The recorded process if it is still the same process: same pid, start time and executable."""
+    """The recorded process if it is still the same process: same pid, start time and instance."""
     try:
         process = psutil.Process(record.pid)
         same_start = abs(process.create_time() - record.create_time) < 0.01
-        cmdline = process.cmdline()
-        if same_start and cmdline and cmdline[0] == record.exe and process.status() != psutil.STATUS_ZOMBIE:
+        named = process.environ().get(INSTANCE_ENV) == record.instance
+        if same_start and named and process.status() != psutil.STATUS_ZOMBIE:
             return process
     except psutil.Error:
         pass

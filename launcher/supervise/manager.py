@@ -112,7 +112,10 @@ class Manager:
         told = False
         while True:
             free = {s.index: s.memory_free_mib for s in self.sampler.latest()}
-            short = {i: mib for i, mib in claims.items() if (free.get(i) or 0) < mib}
+            gpus = self.settings.gpus
+            # What the plan needs there: its claim, with the margin and the GPU's reserve kept free.
+            needed = {i: mib + gpus.margin_mib + gpus.reserve_mib.get(i, 0) for i, mib in claims.items()}
+            short = {i: mib for i, mib in needed.items() if (free.get(i) or 0) < mib}
             if not short:
                 return
             if not told:

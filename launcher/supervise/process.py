@@ -93,6 +93,8 @@ class ServerProcess:
         """SIGTERM to the group, wait up to ``timeout_s``, then SIGKILL; always reaps the group's members."""
         if self.running:
             self._signal_group(signal.SIGTERM)
+            # A stopped process (SIGSTOP, a debugger) cannot act on SIGTERM until continued; systemd does the same.
+            self._signal_group(signal.SIGCONT)
             try:
                 await asyncio.wait_for(asyncio.shield(self._exit), timeout_s)
             except TimeoutError:
