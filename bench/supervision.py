@@ -65,7 +65,7 @@ async def kills(tmp: Path, model: Path, count: int) -> tuple[list[float], list[f
 
 async def hang(tmp: Path, model: Path) -> float:
     health = {"interval": 0.5, "timeout": 0.5, "failures": 3}
-    models = {"m": {"model": str(model), "ctx": 512, "health": health}}
+    models: dict[str, dict[str, object]] = {"m": {"model": str(model), "ctx": 512, "health": health}}
     manager = Manager(load_settings(config(tmp, models)))
     instance = manager.get("m")
     try:
@@ -86,7 +86,7 @@ async def backoff(tmp: Path, model: Path) -> list[float]:
     binary.write_text(f'#!/bin/sh\nexec {sys.executable} {STANDIN} "$@"\n')
     binary.chmod(0o755)
     restart = {"backoff_initial": 0.1, "backoff_max": 1.6, "burst": 7, "interval": 120}
-    models = {
+    models: dict[str, dict[str, object]] = {
         "m": {"model": str(model), "binary": str(binary), "restart": restart, "env": {"STANDIN_CRASH_AT_START": "1"}}
     }
     manager = Manager(load_settings(config(tmp, models)))
