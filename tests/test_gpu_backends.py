@@ -34,7 +34,7 @@ def test_nvml_maps_values_and_units() -> None:
     assert (reading.power_w, reading.power_limit_w) == (215.5, 350.0)
     assert (reading.pcie_gen, reading.pcie_gen_max, reading.pcie_width, reading.pcie_width_max) == (4, 4, 16, 16)
     assert reading.throttle == ("power-cap", "sw-thermal")
-    assert reading.processes == (GpuProcess(4242, 5120), GpuProcess(4343, None))
+    assert reading.processes == (GpuProcess(pid=4242, used_mib=5120), GpuProcess(pid=4343, used_mib=None))
     assert backend.read(0, processes=False).processes is None
     sample = GpuSample.of(identity, reading, 0.0)
     assert sample.memory_free_mib == 24576 - 6144
@@ -102,7 +102,7 @@ def test_amdsmi_maps_values_and_units(tmp_path: Path) -> None:
     assert (r.temperature_c, r.temperature_hotspot_c) == (55.0, 71.0)
     assert (r.utilization_pct, r.power_w, r.power_limit_w) == (88.0, 301.0, 327.0)
     assert (r.pcie_gen, r.pcie_gen_max, r.pcie_width, r.pcie_width_max) == (4, 4, 8, 16)
-    assert r.processes == (GpuProcess(77, 3072),)
+    assert r.processes == (GpuProcess(pid=77, used_mib=3072),)
     assert backend.read(1, processes=False).utilization_pct is None  # "N/A"
     assert backend.links() == {(0, 1): Link.XGMI}
 

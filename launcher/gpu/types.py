@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 
 class GpuError(Exception):
@@ -41,14 +41,18 @@ class GpuIdentity:
     vendor: str  # nvidia | amd
 
 
-@dataclass(frozen=True)
-class GpuProcess:
+class GpuProcess(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     pid: int
     used_mib: int | None
 
 
-@dataclass(frozen=True)
-class GpuReading:
+class GpuReading(BaseModel):
+    """What a backend reads of one GPU at one time."""
+
+    model_config = ConfigDict(frozen=True)
+
     memory_total_mib: int | None = None
     memory_used_mib: int | None = None
     temperature_c: float | None = None
@@ -64,8 +68,8 @@ class GpuReading:
     processes: tuple[GpuProcess, ...] | None = None  # None: not read this time
 
 
-class GpuSample(BaseModel):
-    """One GPU at one time, as the API, the CLI and the planner see it."""
+class GpuSample(GpuReading):
+    """One GPU at one time, as the API, the CLI and the planner see it: its identity and reading."""
 
     index: int
     uuid: str
@@ -73,28 +77,14 @@ class GpuSample(BaseModel):
     pci_bus_id: str | None
     vendor: str
     time: float  # seconds since the epoch
-    memory_total_mib: int | None = None
-    memory_used_mib: int | None = None
     memory_free_mib: int | None = None
-    temperature_c: float | None = None
-    temperature_hotspot_c: float | None = None
-    utilization_pct: float | None = None
-    power_w: float | None = None
-    power_limit_w: float | None = None
-    pcie_gen: int | None = None
-    pcie_gen_max: int | None = None
-    pcie_width: int | None = None
-    pcie_width_max: int | None = None
-    throttle: list[str] = []
-    processes: list[dict[str, int | None]] = []
     instances: list[str] = []
     error: str | None = None
 
     @classmethod
     def of(cls, identity: GpuIdentity, reading: GpuReading | None, now: float, error: str | None = None) -> GpuSample:
-        values = {} if reading is None else {k: v for k, v in vars(reading).items() if k != "processes"}
+        values = reading.model_dump() if reading is not None else {}
         total, used = values.get("memory_total_mib"), values.get("memory_used_mib")
-        procs = reading.processes if reading is not None and reading.processes else ()
         return cls(
             index=identity.index,
             uuid=identity.uuid,
@@ -103,7 +93,6 @@ class GpuSample(BaseModel):
             vendor=identity.vendor,
             time=now,
             memory_free_mib=total - used if total is not None and used is not None else None,
-            processes=[{"pid": p.pid, "used_mib": p.used_mib} for p in procs],
             error=error,
             **values,
         )
