@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, NotFoundError
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 NonNegative = Annotated[float, Field(ge=0)]
@@ -189,8 +189,6 @@ class Settings(BaseSettings):
         return value
 
     def model(self, name: str) -> ModelSettings:
-        from launcher.errors import NotFoundError
-
         try:
             return self.models[name]
         except KeyError:

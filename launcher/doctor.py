@@ -21,6 +21,7 @@ from launcher.errors import LauncherError
 from launcher.gpu.sysfs import amd_cards
 from launcher.gpu.types import GpuSample, Link
 from launcher.plan.args import arg_value
+from launcher.plan.gguf import block_count
 from launcher.supervise.ports import port_holder, port_is_free
 
 Level = Literal["ok", "warn", "fail"]
@@ -72,7 +73,7 @@ def _gpus(machine: Machine) -> Iterator[Finding]:
                     "gpus",
                     f"the driver has {present} {vendor} GPU device(s) but {library} sees {seen}",
                     "reboot after a driver update (library/driver version mismatch), check `nvidia-smi` or "
-                    "`rocm-smi`, and install the launcher's nvidia or amd extra",
+                    "`rocm-smi`; for AMD install the launcher's amd extra (amdsmi)",
                 )
     for gpu in machine.gpus:
         label = f"GPU {gpu.index} ({gpu.name})"
@@ -194,7 +195,7 @@ def _model(name: str, model: ModelSettings, gpus: list[GpuSample]) -> Iterator[F
             )
     layers_arg = arg_value(model.args, "-ngl", "--n-gpu-layers", "--gpu-layers")
     if layers_arg is not None and layers_arg not in ("auto", "all") and gpus:
-        layers = _block_count(model.model)
+        layers = block_count(model.model)
         try:
             asked = int(layers_arg)
         except ValueError:
@@ -208,9 +209,3 @@ def _model(name: str, model: ModelSettings, gpus: list[GpuSample]) -> Iterator[F
                 "the rest run on the CPU, many times slower",
                 "drop -ngl from args: the launcher offloads every layer that fits and says when they do not",
             )
-
-
-def _block_count(path: Path) -> int | None:
-    from launcher.plan.gguf import block_count
-
-    return block_count(path)

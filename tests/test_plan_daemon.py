@@ -43,6 +43,7 @@ def test_second_and_third_instances_plan_around_the_first(
     assert daemon.cli("up", "a").returncode == 0
     a = daemon.instance("a")
     assert a["gpus"] == [0] and a["vram_mib"] > 512
+    assert a["plan"]["devices"][0]["total_mib"] == a["vram_mib"]  # the plan is recorded on the instance
     wait_gpu_used(daemon, [a["vram_mib"], 0])  # the simulated card holds what the plan claims
 
     assert daemon.cli("up", "b").returncode == 0

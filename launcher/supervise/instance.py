@@ -88,6 +88,7 @@ class InstanceStatus(BaseModel):
     log_path: str
     log_line: str | None
     log_tail: list[str]  # the last lines of the server's output, kept when it failed
+    plan: Plan | None  # the plan of the current (or last) start
     events: list[Event]
 
 
@@ -380,5 +381,6 @@ class Instance:
             log_path=str(self.log_path),
             log_line=logs.last_line(self.log_path),
             log_tail=logs.tail(self.log_path, 10) if self.state == State.FAILED else [],
+            plan=self.plan,
             events=list(self.events)[-events:] if events > 0 else [],
         )
