@@ -64,6 +64,15 @@ def cmd_serve(ctx: Context) -> int:
     return 0
 
 
+def _expand(names: list[str], statuses: Statuses) -> list[str]:
+    """Instance names for ``names``: a model that runs as replicas stands for all of them."""
+    result = []
+    for name in names:
+        members = [s["name"] for s in statuses if s["group"] == name and s["name"] != name]
+        result += members or [name]
+    return result
+
+
 def cmd_up(ctx: Context) -> int:
     names: list[str] = ctx.args.names
     client = ctx.client()
@@ -74,6 +83,7 @@ def cmd_up(ctx: Context) -> int:
         if not ctx.args.detach:
             return asyncio.run(_foreground(ctx, settings, names))
         _start_background_daemon(settings, client)
+    names = _expand(names, client.instances())
     for name in names:
         with contextlib.suppress(ConflictError):  # already running: wait for it like any other
             client.act(name, "start")
@@ -84,17 +94,19 @@ def cmd_up(ctx: Context) -> int:
 
 def cmd_down(ctx: Context) -> int:
     client = ctx.client()
-    for name in ctx.args.names:
+    names = _expand(ctx.args.names, client.instances())
+    for name in names:
         with contextlib.suppress(ConflictError):  # already stopped: nothing to do, as systemctl stop
             client.act(name, "stop")
-    _print_statuses(ctx, _fetch(client, ctx.args.names))
+    _print_statuses(ctx, _fetch(client, names))
     return 0
 
 
 def cmd_restart(ctx: Context) -> int:
     client = ctx.client()
-    names = [ctx.args.name]
-    client.act(ctx.args.name, "restart")
+    names = _expand([ctx.args.name], client.instances())
+    for name in names:
+        client.act(name, "restart")
     statuses = asyncio.run(_wait_ready(lambda: asyncio.to_thread(_fetch, client, names), ctx))
     _report_ready(ctx, statuses, through=client.url)
     return 0
@@ -271,6 +283,7 @@ async def _foreground(ctx: Context, settings: Settings, names: list[str]) -> int
             print(f"{event.time} {event.describe()}", file=sys.stderr, flush=True)
 
     manager, _gpus = open_manager(settings, on_event)
+    names = [member for name in names for member in manager.group(name)]
     api_up = asyncio.Event()
     daemon = Daemon(manager, sock, token, autostart=False, on_started=api_up.set)
     serving = asyncio.ensure_future(daemon.run())

@@ -126,8 +126,22 @@ class HealthSettings(_Strict):
     load_timeout: Positive = 900.0
 
 
+class OllamaSettings(_Strict):
+    """What `ollama serve` is told through its environment (OLLAMA_*)."""
+
+    keep_alive: str = "-1"  # keep the model loaded: the launcher decides when it goes
+    num_parallel: Annotated[int, Field(ge=1)] | None = None
+    max_loaded_models: Annotated[int, Field(ge=1)] | None = None
+    flash_attention: bool | None = None
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] | None = None
+    gpu_overhead_mib: Annotated[int, Field(ge=0)] | None = None
+    models_dir: Path | None = None  # OLLAMA_MODELS; also where the planner looks for the model's blob
+    size_mib: Annotated[int, Field(gt=0)] | None = None  # for planning when the blob cannot be found
+
+
 class ModelSettings(_Strict):
     backend: Literal["llama-server", "ollama"] = "llama-server"
+    # llama-server: the GGUF file. ollama: the model's name in Ollama (`qwen2.5:72b`).
     model: Path
     binary: Path | None = None
     ctx: Annotated[int, Field(gt=0)] | None = None
@@ -142,6 +156,9 @@ class ModelSettings(_Strict):
     stop_timeout: Positive = 10.0
     restart: RestartSettings = Field(default_factory=RestartSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    ollama: OllamaSettings = Field(default_factory=OllamaSettings)
+    # ollama: one instance per GPU (`per-gpu`) or N instances, each on its own GPU and port.
+    replicas: Literal["per-gpu"] | Annotated[int, Field(ge=1)] = 1
 
     @field_validator("tensor_split")
     @classmethod
@@ -329,7 +346,16 @@ def _resolve_paths(settings: Settings, path: Path | None) -> Settings:
         }
     )
     models = {
-        name: m.model_copy(update={"model": absolute(m.model), "binary": absolute(m.binary) if m.binary else None})
+        name: m.model_copy(
+            update={
+                # An Ollama model is a name, not a path.
+                "model": absolute(m.model) if m.backend == "llama-server" else m.model,
+                "binary": absolute(m.binary) if m.binary else None,
+                "ollama": m.ollama.model_copy(
+                    update={"models_dir": absolute(m.ollama.models_dir) if m.ollama.models_dir else None}
+                ),
+            }
+        )
         for name, m in settings.models.items()
     }
     return settings.model_copy(update={"daemon": daemon, "models": models, "source": path})

@@ -6,15 +6,15 @@ about the server it runs.
 
 from __future__ import annotations
 
-from launcher.backends.base import LaunchSpec, Placement, ServerBackend
+from launcher.backends.base import Health, LaunchSpec, Placement, ServerBackend
 from launcher.backends.llama_server import LlamaServerBackend
+from launcher.backends.ollama import OllamaBackend
 from launcher.config import ModelSettings
-from launcher.errors import ConfigError
 
-__all__ = ["LaunchSpec", "Placement", "ServerBackend", "backend_for"]
+__all__ = ["Health", "LaunchSpec", "Placement", "ServerBackend", "backend_for"]
 
 
 def backend_for(model: ModelSettings) -> ServerBackend:
-    if model.backend == "llama-server":
-        return LlamaServerBackend()
-    raise ConfigError(f"the {model.backend} backend is not available yet", hint="use backend: llama-server")
+    if model.backend == "ollama":
+        return OllamaBackend(model)
+    return LlamaServerBackend()

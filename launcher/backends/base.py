@@ -11,6 +11,7 @@ from typing import Protocol
 import httpx
 
 from launcher.config import ModelSettings
+from launcher.errors import ConfigError
 
 # Variables that belong to the daemon's own relationship with systemd, never to a child: a child that
 # inherits NOTIFY_SOCKET can tell systemd the daemon is ready or stopping.
@@ -36,6 +37,16 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class Health:
+    """What a health probe of a ready server found."""
+
+    ok: bool
+    reloading: bool = False  # the server dropped its model by itself and is loading it again: not a crash
+    details: Mapping[str, int] = field(default_factory=dict)  # reported sizes, e.g. size_vram_bytes
+    warning: str | None = None  # something the user should know (part of the model on the CPU)
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     argv: list[str]
     env: dict[str, str]  # the child's whole environment
@@ -48,10 +59,22 @@ class ServerBackend(Protocol):
         """The executable to run; raises ConfigError when there is none."""
         ...
 
+    def check_model(self, model: ModelSettings, name: str) -> None:
+        """Raise ConfigError when the model cannot be there (a missing file)."""
+        ...
+
+    def model_file(self, model: ModelSettings) -> Path | None:
+        """The GGUF file the planner reads, when it can be found."""
+        ...
+
     def launch_spec(self, model: ModelSettings, port: int, placement: Placement) -> LaunchSpec: ...
 
     async def is_ready(self, client: httpx.AsyncClient, port: int, timeout_s: float) -> bool:
-        """True when the server answers that it can serve requests."""
+        """True when the server can serve requests (may start loading the model on the way)."""
+        ...
+
+    async def health(self, client: httpx.AsyncClient, port: int, timeout_s: float) -> Health:
+        """Probe a ready server."""
         ...
 
 
@@ -61,3 +84,11 @@ def child_environment(*layers: Mapping[str, str]) -> dict[str, str]:
     for layer in layers:
         env.update(layer)
     return env
+
+
+def check_model_file(model: ModelSettings, name: str) -> None:
+    if not model.model.is_file():
+        raise ConfigError(
+            f"model file {model.model} for {name!r} does not exist",
+            hint=f"check models.{name}.model in the configuration",
+        )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from launcher.backends.base import LaunchSpec, Placement, child_environment
+from launcher.backends.base import Health, LaunchSpec, Placement, check_model_file, child_environment
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
 
@@ -56,6 +56,12 @@ class LlamaServerBackend:
     def binary(self, model: ModelSettings) -> Path:
         return find_llama_server(model.binary)
 
+    def check_model(self, model: ModelSettings, name: str) -> None:
+        check_model_file(model, name)
+
+    def model_file(self, model: ModelSettings) -> Path | None:
+        return model.model
+
     def launch_spec(self, model: ModelSettings, port: int, placement: Placement) -> LaunchSpec:
         argv = [
             str(self.binary(model)),
@@ -84,3 +90,6 @@ class LlamaServerBackend:
         except httpx.HTTPError:
             return False
         return response.status_code == 200
+
+    async def health(self, client: httpx.AsyncClient, port: int, timeout_s: float) -> Health:
+        return Health(ok=await self.is_ready(client, port, timeout_s))

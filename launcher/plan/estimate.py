@@ -84,6 +84,28 @@ class ModelShape:
         )
 
 
+def size_only(size_bytes: int) -> ModelShape:
+    """A model known only by its size (an Ollama model whose blob is not at hand): one block of weights,
+    no KV cache or compute of its own; the driver overhead and the margin still apply."""
+    return ModelShape(
+        architecture="unknown",
+        n_layer=1,
+        n_embd=1,
+        n_ff=0,
+        n_head=1,
+        n_head_kv=(0,),
+        key_length=0,
+        value_length=0,
+        n_vocab=0,
+        context_length=4096,
+        sliding_window=0,
+        swa_layers=frozenset(),
+        layer_bytes=(size_bytes,),
+        output_bytes=0,
+        embedding_bytes=0,
+    )
+
+
 def _swa_layers(model: GgufFile, n_layer: int) -> frozenset[int]:
     """Layers that use the sliding window: an explicit pattern array, or every layer but each Nth."""
     pattern = model.arch("attention.sliding_window_pattern")

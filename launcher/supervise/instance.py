@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel
 
-from launcher.backends import LaunchSpec, Placement, ServerBackend
+from launcher.backends import Health, LaunchSpec, Placement, ServerBackend
 from launcher.config import ModelSettings
-from launcher.errors import ConfigError, ConflictError, LauncherError
+from launcher.errors import ConflictError, LauncherError
 from launcher.plan.planner import Plan
 from launcher.supervise import logs
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
@@ -89,6 +89,8 @@ class InstanceStatus(BaseModel):
     log_line: str | None
     log_tail: list[str]  # the last lines of the server's output, kept when it failed
     plan: Plan | None  # the plan of the current (or last) start
+    server_info: dict[str, int]  # what the server reports (Ollama: size_bytes, size_vram_bytes)
+    group: str  # the model's name: replicas share it
     events: list[Event]
 
 
@@ -117,8 +119,11 @@ class Surroundings:
 
 
 class Instance:
-    def __init__(self, name: str, settings: ModelSettings, *, backend: ServerBackend, around: Surroundings) -> None:
+    def __init__(
+        self, name: str, settings: ModelSettings, *, backend: ServerBackend, around: Surroundings, group: str = ""
+    ) -> None:
         self.name = name
+        self.group = group or name
         self.settings = settings
         self.backend = backend
         self.log_path = around.log_dir / f"{name}.log"
@@ -139,6 +144,8 @@ class Instance:
         self.last_exit: ExitStatus | None = None
         self.last_error: str | None = None
         self.events: deque[Event] = deque(maxlen=_EVENTS_KEPT)
+        self.server_info: dict[str, int] = {}  # what the server reports of itself (Ollama: sizes)
+        self._last_notice: str | None = None
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -192,11 +199,7 @@ class Instance:
                 await self._changed.wait()
 
     def check_model_file(self) -> None:
-        if not self.settings.model.is_file():
-            raise ConfigError(
-                f"model file {self.settings.model} for {self.name!r} does not exist",
-                hint=f"check models.{self.name}.model in the configuration",
-            )
+        self.backend.check_model(self.settings, self.name)
 
     def preflight(self, *, check_port: bool = True) -> LaunchSpec:
         """Everything that can be checked before spawning; raises with the reason."""
@@ -323,8 +326,10 @@ class Instance:
             if done:
                 return False
             logs.rotate_if_large(self.log_path, self._around.log_max_bytes, self._around.log_keep)
-            if await self.backend.is_ready(self._around.http, self.port, health.timeout):
+            found = await self.backend.health(self._around.http, self.port, health.timeout)
+            if found.ok:
                 failures = 0
+                self._take(found)
                 if self.state == State.UNHEALTHY:
                     self._set_state(State.READY, "health checks pass again")
                 continue
@@ -335,6 +340,15 @@ class Instance:
             if failures >= health.failures:
                 self._record_error(f"killed after {failures} failed health checks")
                 return True
+
+    def _take(self, found: Health) -> None:
+        """Keep what a healthy probe reported, and tell once each new warning or reload."""
+        if found.details:
+            self.server_info = dict(found.details)
+        notice = found.warning or ("the server dropped the model; loading it again" if found.reloading else None)
+        if notice is not None and notice != self._last_notice:
+            self._emit("warning", notice)
+        self._last_notice = notice
 
     # ---- reporting ------------------------------------------------------------------------------
 
@@ -382,5 +396,7 @@ class Instance:
             log_line=logs.last_line(self.log_path),
             log_tail=logs.tail(self.log_path, 10) if self.state == State.FAILED else [],
             plan=self.plan,
+            server_info=self.server_info,
+            group=self.group,
             events=list(self.events)[-events:] if events > 0 else [],
         )

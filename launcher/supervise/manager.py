@@ -14,14 +14,14 @@ from pathlib import Path
 import httpx
 
 from launcher.backends import Placement, backend_for
-from launcher.config import Settings
-from launcher.errors import ConfigError, LauncherError, StartError
+from launcher.config import ModelSettings, Settings
+from launcher.errors import ConfigError, LauncherError, NotFoundError, StartError
 from launcher.gpu import visibility_env
 from launcher.gpu.base import NoGpus
 from launcher.gpu.sampler import Sampler
 from launcher.gpu.sim import SimBackend
 from launcher.gpu.types import GpuSample
-from launcher.plan.estimate import ModelShape
+from launcher.plan.estimate import ModelShape, size_only
 from launcher.plan.gguf import read_gguf
 from launcher.plan.planner import Plan, make_plan
 from launcher.supervise.instance import Event, Instance, InstanceStatus, State, Surroundings
@@ -30,6 +30,11 @@ from launcher.supervise.ports import pick_free_port
 from launcher.supervise.thermal import ThermalGuard
 
 _EVENTS_KEPT = 500
+
+
+def _nth_port(port: int | str, n: int) -> int | str:
+    """Replicas of a model with a fixed port take consecutive ports."""
+    return port + n if isinstance(port, int) else port
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,10 +76,10 @@ class Manager:
             vacated=self.vacated,
             on_event=self.publish,
         )
-        self.instances: dict[str, Instance] = {
-            name: Instance(name, model, backend=backend_for(model), around=around)
-            for name, model in settings.models.items()
-        }
+        self.instances: dict[str, Instance] = {}
+        for group, model in settings.models.items():
+            for name, replica in self._replicas(group, model):
+                self.instances[name] = Instance(name, replica, backend=backend_for(replica), around=around, group=group)
         if isinstance(self.sampler.backend, SimBackend):
             self.sampler.backend.usage = self.claimed_mib  # simulated memory follows our instances
         self._thermal = ThermalGuard(self, settings.gpus.thermal_limit_c, settings.gpus.thermal_action)
@@ -136,9 +141,44 @@ class Manager:
         for index, mib in claims.items():
             self._vacated[index] = (mib, until)
 
+    def _replicas(self, group: str, model: ModelSettings) -> list[tuple[str, ModelSettings]]:
+        """The instances of one configured model: itself, or one per replica, each on its own GPU and port."""
+        if model.replicas == 1:
+            return [(group, model)]
+        seen = [g.index for g in self.sampler.identities]
+        gpus = list(model.gpus) if isinstance(model.gpus, list) else seen
+        count = len(gpus) if model.replicas == "per-gpu" else model.replicas
+        if not gpus or count > len(gpus):
+            raise ConfigError(
+                f"models.{group}.replicas asks for {count or 'one per GPU'} but {len(gpus)} GPUs are there",
+                hint="each replica runs on a GPU of its own",
+            )
+        return [
+            (
+                f"{group}@{i}",
+                model.model_copy(
+                    update={
+                        "gpus": [gpus[i]],
+                        "replicas": 1,
+                        "port": model.port + i if isinstance(model.port, int) else "auto",
+                    }
+                ),
+            )
+            for i in range(count)
+        ]
+
     def get(self, name: str) -> Instance:
+        if name in self.instances:
+            return self.instances[name]
+        members = self.group(name)
+        if members:
+            raise NotFoundError(f"{name} runs as replicas: act on them", hint=f"replicas: {', '.join(members)}")
         self.settings.model(name)  # raises NotFoundError naming the configured models
-        return self.instances[name]
+        raise NotFoundError(f"no instance named {name!r}")
+
+    def group(self, name: str) -> list[str]:
+        """The instances of configured model ``name`` (its replicas, or itself)."""
+        return [n for n, i in self.instances.items() if i.group == name]
 
     # ---- placement ----------------------------------------------------------------------------------
 
@@ -184,9 +224,12 @@ class Manager:
     def _plan(self, instance: Instance) -> Plan:
         instance.check_model_file()
         self._check_gpu_refs(instance)
-        model = instance.settings.model
-        stat = model.stat()
-        shape = _model_shape(model, stat.st_mtime_ns, stat.st_size)
+        found = instance.backend.model_file(instance.settings)
+        if found is not None:
+            stat = found.stat()
+            shape = _model_shape(found, stat.st_mtime_ns, stat.st_size)
+        else:  # checked above: a size is configured
+            shape = size_only((instance.settings.ollama.size_mib or 0) * 1024 * 1024)
         others: dict[int, int] = {}
         for other in self.instances.values():
             if other is not instance and other.active:
@@ -260,7 +303,7 @@ class Manager:
                 self.instances[name].refuse(exc)
 
     def autostart_names(self) -> list[str]:
-        return [name for name, model in self.settings.models.items() if model.autostart]
+        return [name for name, instance in self.instances.items() if instance.settings.autostart]
 
     def all_ready(self, names: list[str]) -> bool:
         return all(self.instances[name].state == State.READY for name in names)

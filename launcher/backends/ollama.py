@@ -1,0 +1,152 @@
+"""Ollama: `ollama serve` on its own port, told by its environment which GPUs it sees and whether to
+spread the model over them; ready once the configured model is loaded (`/api/ps` lists it).
+
+The model's size for planning comes from its GGUF blob in the Ollama store (manifest -> blob), read
+like any other GGUF file, or from `ollama.size_mib`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from launcher.backends.base import Health, LaunchSpec, Placement, child_environment
+from launcher.config import ModelSettings
+from launcher.errors import ConfigError
+
+_MODEL_LAYER = "application/vnd.ollama.image.model"
+_REGISTRY = "registry.ollama.ai"
+_MIB = 1024 * 1024
+
+
+def models_dir(model: ModelSettings) -> Path:
+    """Where this Ollama keeps its models: `ollama.models_dir`, else $OLLAMA_MODELS, else ~/.ollama/models."""
+    configured = model.ollama.models_dir or model.env.get("OLLAMA_MODELS") or os.environ.get("OLLAMA_MODELS")
+    return Path(configured) if configured else Path.home() / ".ollama" / "models"
+
+
+def blob_for(name: str, store: Path) -> Path | None:
+    """The GGUF blob of model ``name`` (`[namespace/]model[:tag]`) in the store, via its manifest."""
+    base, _, tag = name.partition(":")
+    namespace, _, model = base.rpartition("/")
+    manifest = store / "manifests" / _REGISTRY / (namespace or "library") / model / (tag or "latest")
+    try:
+        layers = json.loads(manifest.read_text()).get("layers", [])
+    except (OSError, ValueError):
+        return None
+    for layer in layers:
+        if layer.get("mediaType") == _MODEL_LAYER and isinstance(layer.get("digest"), str):
+            blob = store / "blobs" / layer["digest"].replace(":", "-")
+            return blob if blob.is_file() else None
+    return None
+
+
+class OllamaBackend:
+    name = "ollama"
+
+    def __init__(self, model: ModelSettings) -> None:
+        self._name = str(model.model)
+        self._keep_alive = model.ollama.keep_alive
+        self._loading: dict[int, asyncio.Task[None]] = {}  # port -> the load request under way
+
+    def binary(self, model: ModelSettings) -> Path:
+        if model.binary is not None:
+            if not (model.binary.is_file() and os.access(model.binary, os.X_OK)):
+                raise ConfigError(f"ollama binary {model.binary} does not exist or is not executable")
+            return model.binary
+        found = shutil.which("ollama")
+        if found is None:
+            raise ConfigError("no ollama binary on PATH", hint="install Ollama, or set `binary:` for the model")
+        return Path(found)
+
+    def check_model(self, model: ModelSettings, name: str) -> None:
+        if self.model_file(model) is None and model.ollama.size_mib is None:
+            raise ConfigError(
+                f"{name}: the model {model.model} is not in the Ollama store at {models_dir(model)} and "
+                "no ollama.size_mib is set, so it cannot be planned",
+                hint=f"`ollama pull {model.model}` with OLLAMA_MODELS there, or set ollama.size_mib",
+            )
+
+    def model_file(self, model: ModelSettings) -> Path | None:
+        return blob_for(str(model.model), models_dir(model))
+
+    def launch_spec(self, model: ModelSettings, port: int, placement: Placement) -> LaunchSpec:
+        o = model.ollama
+        env = {
+            "OLLAMA_HOST": f"127.0.0.1:{port}",
+            # Set both ways: whether spreading is on by default depends on Ollama's version.
+            "OLLAMA_SCHED_SPREAD": "1" if len(placement.gpus) > 1 else "0",
+            "OLLAMA_KEEP_ALIVE": o.keep_alive,
+        }
+        optional = {
+            "OLLAMA_NUM_PARALLEL": o.num_parallel,
+            "OLLAMA_MAX_LOADED_MODELS": o.max_loaded_models,
+            "OLLAMA_FLASH_ATTENTION": None if o.flash_attention is None else int(o.flash_attention),
+            "OLLAMA_KV_CACHE_TYPE": o.kv_cache_type,
+            "OLLAMA_CONTEXT_LENGTH": model.ctx,
+            "OLLAMA_GPU_OVERHEAD": None if o.gpu_overhead_mib is None else o.gpu_overhead_mib * _MIB,
+            "OLLAMA_MODELS": o.models_dir,
+        }
+        env |= {key: str(value) for key, value in optional.items() if value is not None}
+        argv = [str(self.binary(model)), "serve", *model.args]
+        return LaunchSpec(argv=argv, env=child_environment(placement.env, env, model.env))
+
+    async def _get(self, client: httpx.AsyncClient, port: int, path: str, timeout_s: float) -> Any:
+        try:
+            response = await client.get(f"http://127.0.0.1:{port}{path}", timeout=timeout_s)
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        with contextlib.suppress(ValueError):
+            return response.json()
+        return None
+
+    async def _loaded(self, client: httpx.AsyncClient, port: int, timeout_s: float) -> dict[str, Any] | None:
+        ps = await self._get(client, port, "/api/ps", timeout_s)
+        for entry in (ps or {}).get("models", []):
+            if self._name in (entry.get("name"), entry.get("model")):
+                return dict(entry)
+        return None
+
+    def _load(self, client: httpx.AsyncClient, port: int) -> None:
+        """Ask Ollama to load the model and keep it (a generate request without a prompt), once at a time."""
+        if port in self._loading and not self._loading[port].done():
+            return
+
+        async def load() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                body = {"model": self._name, "keep_alive": self._keep_alive}
+                await client.post(f"http://127.0.0.1:{port}/api/generate", json=body, timeout=None)
+
+        self._loading[port] = asyncio.create_task(load())
+
+    async def is_ready(self, client: httpx.AsyncClient, port: int, timeout_s: float) -> bool:
+        if await self._loaded(client, port, timeout_s) is not None:
+            return True
+        if await self._get(client, port, "/api/version", timeout_s) is not None:
+            self._load(client, port)  # the server answers: have it load the model
+        return False
+
+    async def health(self, client: httpx.AsyncClient, port: int, timeout_s: float) -> Health:
+        if await self._get(client, port, "/api/version", timeout_s) is None:
+            return Health(ok=False)
+        entry = await self._loaded(client, port, timeout_s)
+        if entry is None:  # unloaded by Ollama itself (keep_alive, memory pressure): load it again
+            self._load(client, port)
+            return Health(ok=True, reloading=True)
+        size, vram = int(entry.get("size", 0)), int(entry.get("size_vram", 0))
+        warning = None
+        if vram < size:
+            warning = (
+                f"only {vram // _MIB} of {size // _MIB} MiB of {self._name} are on the GPUs: "
+                "the rest runs on the CPU, much slower"
+            )
+        return Health(ok=True, details={"size_bytes": size, "size_vram_bytes": vram}, warning=warning)
