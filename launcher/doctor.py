@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from launcher.backends.llama_server import find_llama_server
+from launcher.backends.ollama import OllamaBackend
 from launcher.config import ModelSettings, Settings
 from launcher.errors import LauncherError
 from launcher.gpu.sysfs import amd_cards
@@ -171,6 +172,12 @@ def _ports(settings: Settings, daemon_ports: set[int]) -> Iterator[Finding]:
 
 def _model(name: str, model: ModelSettings, gpus: list[GpuSample]) -> Iterator[Finding]:
     where = f"models.{name}"
+    if model.backend == "ollama":
+        try:
+            OllamaBackend(model).check_model(model, name)
+        except LauncherError as exc:
+            yield Finding("fail", "models", exc.message, exc.hint)
+        return
     if not model.model.is_file():
         yield Finding("fail", "models", f"{where}.model {model.model} does not exist", "fix the path")
         return

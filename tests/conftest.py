@@ -181,11 +181,19 @@ def start_daemon(marked_env: dict[str, str]) -> Iterator[Callable[[Path], Daemon
         d.stop()
 
 
-@pytest.fixture(scope="session")
-def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An executable that runs tests/standin/llama.py with this interpreter, usable as `binary:`."""
-    script = Path(__file__).parent / "standin" / "llama.py"
-    path = tmp_path_factory.mktemp("bin") / "llama-standin"
-    path.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
+def _executable(folder: Path, script: str) -> Path:
+    """An executable that runs tests/standin/``script`` with this interpreter, usable as `binary:`."""
+    path = folder / script.replace(".py", "-standin")
+    path.write_text(f'#!/bin/sh\nexec {sys.executable} {Path(__file__).parent / "standin" / script} "$@"\n')
     path.chmod(0o755)
     return path
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _executable(tmp_path_factory.mktemp("bin"), "llama.py")
+
+
+@pytest.fixture(scope="session")
+def ollama_standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _executable(tmp_path_factory.mktemp("bin"), "ollama.py")

@@ -14,7 +14,15 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 def test_there_are_examples() -> None:
     names = {p.stem for p in CONFIGS}
-    assert {"demo", "qwen72b-2x7900xtx", "llama3-70b-2x3090", "mixed-24-16", "two-models-two-gpus"} <= names
+    expected = {
+        "demo",
+        "qwen72b-2x7900xtx",
+        "llama3-70b-2x3090",
+        "mixed-24-16",
+        "two-models-two-gpus",
+        "ollama-per-gpu",
+    }
+    assert expected <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -22,7 +30,7 @@ def test_examples_load(path: Path) -> None:
     settings = load_settings(path)
     assert settings.models
     for model in settings.models.values():
-        assert model.model.is_absolute()
+        assert model.model.is_absolute() == (model.backend == "llama-server")  # an Ollama model is a name
 
 
 @pytest.mark.parametrize(

@@ -84,23 +84,24 @@ class ModelShape:
         )
 
 
-def size_only(size_bytes: int) -> ModelShape:
-    """A model known only by its size (an Ollama model whose blob is not at hand): one block of weights,
-    no KV cache or compute of its own; the driver overhead and the margin still apply."""
+def size_only(size_bytes: int, layers: int = 100) -> ModelShape:
+    """A model known only by its size (an Ollama model whose blob is not at hand): equal blocks of weights
+    (so it can still be split over GPUs), no KV cache or compute of its own; overhead and margin apply."""
+    block = size_bytes // layers
     return ModelShape(
         architecture="unknown",
-        n_layer=1,
+        n_layer=layers,
         n_embd=1,
         n_ff=0,
         n_head=1,
-        n_head_kv=(0,),
+        n_head_kv=(0,) * layers,
         key_length=0,
         value_length=0,
         n_vocab=0,
         context_length=4096,
         sliding_window=0,
         swa_layers=frozenset(),
-        layer_bytes=(size_bytes,),
+        layer_bytes=(block,) * (layers - 1) + (size_bytes - block * (layers - 1),),
         output_bytes=0,
         embedding_bytes=0,
     )

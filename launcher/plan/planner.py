@@ -260,10 +260,11 @@ def _suggestions(
     if (runtime.cache_type_k, runtime.cache_type_v) != ("q8_0", "q8_0"):
         q8 = Runtime(**{**vars(runtime), "cache_type_k": "q8_0", "cache_type_v": "q8_0"})
         saved = sum(kv_bytes(shape, runtime, u) - kv_bytes(shape, q8, u) for u in range(shape.n_layer))
-        outcome = "and then it fits" if fits(q8) else "but that is not enough on its own"
-        result.append(
-            f"a q8_0 KV cache (args: [--cache-type-k, q8_0, --cache-type-v, q8_0]) saves {_gib(saved)}, {outcome}"
-        )
+        if saved >= MIB:
+            outcome = "and then it fits" if fits(q8) else "but that is not enough on its own"
+            result.append(
+                f"a q8_0 KV cache (args: [--cache-type-k, q8_0, --cache-type-v, q8_0]) saves {_gib(saved)}, {outcome}"
+            )
     largest = max(allowed, key=lambda r: r.total_mib)
     for count in range(len(allowed) + 1, 17):
         clones = [Room(i, f"GPU-{i}", largest.name, largest.total_mib, largest.usable_mib) for i in range(count)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -219,7 +220,9 @@ class Manager:
         placement = self._placement(plan)
         port = instance.port or pick_free_port(*self.settings.daemon.instance_ports, self._ports_taken())
         spec = instance.backend.launch_spec(instance.settings, port, placement)
-        return plan.model_copy(update={"command": spec.argv, "env": {**placement.env, **instance.settings.env}})
+        # The environment the launcher sets: what differs from its own.
+        env = {k: v for k, v in spec.env.items() if os.environ.get(k) != v}
+        return plan.model_copy(update={"command": spec.argv, "env": env})
 
     def _plan(self, instance: Instance) -> Plan:
         instance.check_model_file()

@@ -1,0 +1,98 @@
+"""A stand-in for `ollama serve`: Ollama's HTTP API shapes, on OLLAMA_HOST, and a record of how it was run.
+
+Writes {"argv": [...], "env": {...}} (the environment it was given) to $STANDIN_RECORD_DIR/<port>.json.
+Loads a model on POST /api/generate (after STANDIN_LOAD_S seconds) and lists it in /api/ps with
+`size` = STANDIN_MODEL_MIB and `size_vram` = what fits the GPUs it was made to see (CUDA_VISIBLE_DEVICES
+or ROCR_VISIBLE_DEVICES entries x STANDIN_GPU_MIB). Told to misbehave:
+  STANDIN_DROP_AFTER_S=S   unload the model by itself, once, S seconds after loading it
+  STANDIN_CRASH_AFTER_S=S  exit 3, S seconds after loading the model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+def main() -> None:
+    if sys.argv[1:2] != ["serve"]:
+        print("standin ollama: only `serve` is supported", file=sys.stderr)
+        sys.exit(2)
+    env = os.environ
+    host, _, port = env.get("OLLAMA_HOST", "127.0.0.1:11434").rpartition(":")
+    record_dir = env.get("STANDIN_RECORD_DIR")
+    if record_dir:
+        Path(record_dir, f"{port}.json").write_text(json.dumps({"argv": sys.argv[1:], "env": dict(env)}))
+    visible = env.get("CUDA_VISIBLE_DEVICES") or env.get("ROCR_VISIBLE_DEVICES") or ""
+    gpus = len([g for g in visible.split(",") if g])
+    size = int(env.get("STANDIN_MODEL_MIB", "1000")) * MIB
+    size_vram = min(size, gpus * int(env.get("STANDIN_GPU_MIB", "24576")) * MIB)
+    loaded: dict[str, dict[str, object]] = {}
+    lock = threading.Lock()
+
+    def later(delay: float, act: object) -> None:
+        def run() -> None:
+            time.sleep(delay)
+            act()  # type: ignore[operator]
+
+        threading.Thread(target=run, daemon=True).start()
+
+    class Handler(BaseHTTPRequestHandler):
+        def reply(self, body: object, status: int = 200) -> None:
+            data = (body if isinstance(body, str) else json.dumps(body)).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            with lock:
+                models = list(loaded.values())
+            if self.path == "/":
+                self.reply("Ollama is running")
+            elif self.path == "/api/version":
+                self.reply({"version": "0.0.0-standin"})
+            elif self.path == "/api/tags":
+                self.reply({"models": [{"name": m["name"], "size": m["size"]} for m in models]})
+            elif self.path == "/api/ps":
+                self.reply({"models": models})
+            else:
+                self.reply({"error": "not found"}, 404)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            if self.path != "/api/generate" or "model" not in body:
+                self.reply({"error": "bad request"}, 400)
+                return
+            time.sleep(float(env.get("STANDIN_LOAD_S", "0")))
+            name = body["model"]
+            entry = {"name": name, "model": name, "size": size, "size_vram": size_vram, "context_length": 4096,
+                     "expires_at": "0001-01-01T00:00:00Z"}  # fmt: skip
+            with lock:
+                first = not loaded and not getattr(Handler, "dropped", False)
+                loaded[name] = entry
+            if first and env.get("STANDIN_DROP_AFTER_S"):
+                Handler.dropped = True  # type: ignore[attr-defined]
+                later(float(env["STANDIN_DROP_AFTER_S"]), lambda: loaded.pop(name, None))
+            if env.get("STANDIN_CRASH_AFTER_S"):
+                later(float(env["STANDIN_CRASH_AFTER_S"]), lambda: os._exit(3))
+            self.reply({"model": name, "created_at": "", "response": "", "done": True, "done_reason": "load"})
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+    server.daemon_threads = True
+    print(f"standin ollama: listening on {host}:{port}, {gpus} GPUs visible", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
