@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ConfigWriter, Daemon, stop_process
 
@@ -135,3 +136,25 @@ def test_gpus_watch_redraws_until_interrupted(write_config: ConfigWriter, marked
                 break
     assert stop_process(proc, signal.SIGINT) == 130
     proc.stdout.close()
+
+
+def test_metrics_for_instances_and_gpus(write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]) -> None:
+    config = write_config({"tiny": {"autostart": True, "gpus": [1]}}, gpus={"backend": "sim", "sim": SIM})
+    daemon = start_daemon(config)
+    status = daemon.wait_for("tiny", ready)
+    response = daemon.http.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    who = (("backend", "llama-server"), ("group", "tiny"), ("instance", "tiny"))
+    assert samples[("launcher_instance_ready", who)] == 1
+    assert samples[("launcher_instance_state", tuple(sorted((*who, ("state", "ready")))))] == 1
+    assert samples[("launcher_instance_restarts_total", who)] == 0
+    assert samples[("launcher_instance_vram_planned_bytes", who)] == status["vram_mib"] * 2**20
+    gpu1 = (("UUID", SIM[1]["uuid"]), ("gpu", "1"), ("modelName", "Sim 4080"), ("pci_bus_id", "00000000:02:00.0"))
+    assert samples[("launcher_gpu_memory_total_bytes", gpu1)] == 16384 * 2**20
+    assert samples[("launcher_gpu_temperature_celsius", gpu1)] == 40
+    assert samples[("launcher_gpu_up", gpu1)] == 1

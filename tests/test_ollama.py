@@ -176,6 +176,21 @@ async def test_a_crash_is_restarted(
     assert instance.status().last_exit == "exited with code 3"
 
 
+async def test_a_hung_server_is_replaced(
+    write_config: ConfigWriter, manager_for: Callable[[Path], Manager], ollama_standin: Path, tmp_path: Path
+) -> None:
+    restart = {"backoff_initial": 0.05, "backoff_max": 0.1, "burst": 10}
+    model = ollama_model(ollama_standin, tmp_path, env={"STANDIN_HANG_AFTER_S": "0.3"}, restart=restart)
+    model["health"] = {"interval": 0.2, "timeout": 0.3, "failures": 2}
+    model["stop_timeout"] = 1
+    manager = manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
+    instance = await start_ready(manager, "chat")
+    first = instance.status().pid
+    await instance.wait_until(lambda i: i.restarts >= 1 and i.state == State.READY, 30)
+    assert instance.status().pid != first
+    assert instance.status().last_error == "killed after 2 failed health checks"
+
+
 async def test_planning_reads_the_blob_in_the_ollama_store(
     write_config: ConfigWriter, manager_for: Callable[[Path], Manager], ollama_standin: Path, tmp_path: Path
 ) -> None:

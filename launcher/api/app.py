@@ -9,8 +9,10 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import launcher
+from launcher.api.metrics import LauncherCollector
 from launcher.errors import LauncherError, NotFoundError
 from launcher.gpu.types import GpuSample
 from launcher.plan.planner import Plan
@@ -91,6 +93,14 @@ def create_app(
             dependencies=[Depends(authorised)],
             summary=f"{verb.capitalize()} an instance",
         )(action(act))
+
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(LauncherCollector(manager))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format: instances (ready, state, restarts, planned VRAM) and GPUs."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/plan/{name}")
     async def plan(name: str) -> Plan:

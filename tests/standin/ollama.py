@@ -6,6 +6,7 @@ Loads a model on POST /api/generate (after STANDIN_LOAD_S seconds) and lists it 
 or ROCR_VISIBLE_DEVICES entries x STANDIN_GPU_MIB). Told to misbehave:
   STANDIN_DROP_AFTER_S=S   unload the model by itself, once, S seconds after loading it
   STANDIN_CRASH_AFTER_S=S  exit 3, S seconds after loading the model
+  STANDIN_HANG_AFTER_S=S   stop answering (requests hang), S seconds after loading the model
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
     size_vram = min(size, gpus * int(env.get("STANDIN_GPU_MIB", "24576")) * MIB)
     loaded: dict[str, dict[str, object]] = {}
     lock = threading.Lock()
+    hung = threading.Event()
 
     def later(delay: float, act: object) -> None:
         def run() -> None:
@@ -53,6 +55,8 @@ def main() -> None:
             self.wfile.write(data)
 
         def do_GET(self) -> None:
+            if hung.is_set():
+                time.sleep(3600)
             with lock:
                 models = list(loaded.values())
             if self.path == "/":
@@ -83,6 +87,8 @@ def main() -> None:
                 later(float(env["STANDIN_DROP_AFTER_S"]), lambda: loaded.pop(name, None))
             if env.get("STANDIN_CRASH_AFTER_S"):
                 later(float(env["STANDIN_CRASH_AFTER_S"]), lambda: os._exit(3))
+            if env.get("STANDIN_HANG_AFTER_S"):
+                later(float(env["STANDIN_HANG_AFTER_S"]), hung.set)
             self.reply({"model": name, "created_at": "", "response": "", "done": True, "done_reason": "load"})
 
         def log_message(self, format: str, *args: object) -> None:
