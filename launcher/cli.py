@@ -266,7 +266,12 @@ def _report_ready(ctx: Context, statuses: Statuses, through: str | None) -> None
     if through:
         print(f"supervised by the daemon at {through}")
     first = statuses[0]
-    print(f'try: curl -s http://127.0.0.1:{first["port"]}/completion -d \'{{"prompt": "Hello", "n_predict": 16}}\'')
+    url = f"http://127.0.0.1:{first['port']}"
+    if first["backend"] == "ollama":
+        body = json.dumps({"model": first["model"], "prompt": "Hello", "stream": False})
+        print(f"try: curl -s {url}/api/generate -d '{body}'")
+    else:
+        print(f"try: curl -s {url}/completion -d '{json.dumps({'prompt': 'Hello', 'n_predict': 16})}'")
 
 
 async def _foreground(ctx: Context, settings: Settings, names: list[str]) -> int:
