@@ -153,7 +153,8 @@ async def test_ready_means_loaded_with_sizes_and_a_cpu_fallback_warning(
 async def test_a_dropped_model_is_reloaded_not_restarted(
     write_config: ConfigWriter, manager_for: Callable[[Path], Manager], ollama_standin: Path, tmp_path: Path
 ) -> None:
-    model = ollama_model(ollama_standin, tmp_path, env={"STANDIN_DROP_AFTER_S": "0.3"})
+    # Late enough to come after ready even on a loaded machine: a drop while loading is just a longer load.
+    model = ollama_model(ollama_standin, tmp_path, env={"STANDIN_DROP_AFTER_S": "1.5"})
     manager = manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
     instance = await start_ready(manager, "chat")
     pid = instance.status().pid
@@ -180,7 +181,7 @@ async def test_a_hung_server_is_replaced(
     write_config: ConfigWriter, manager_for: Callable[[Path], Manager], ollama_standin: Path, tmp_path: Path
 ) -> None:
     restart = {"backoff_initial": 0.05, "backoff_max": 0.1, "burst": 10}
-    model = ollama_model(ollama_standin, tmp_path, env={"STANDIN_HANG_AFTER_S": "0.3"}, restart=restart)
+    model = ollama_model(ollama_standin, tmp_path, env={"STANDIN_HANG_AFTER_S": "1.5"}, restart=restart)
     model["health"] = {"interval": 0.2, "timeout": 0.3, "failures": 2}
     model["stop_timeout"] = 1
     manager = manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
