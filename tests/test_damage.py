@@ -214,9 +214,10 @@ def test_daemon_killed_with_sigkill_takes_its_servers_and_the_next_start_is_clea
     config = write_config({name: {"autostart": True} for name in ("one", "two", "three")})
     daemon = Daemon(config, marked_env)
     pids = [daemon.wait_for(name, lambda s: s["state"] == "ready")["pid"] for name in ("one", "two", "three")]
+    servers = [psutil.Process(p) for p in pids]  # taken while they run: they may be gone and reaped at once
     daemon.proc.kill()
     daemon.proc.wait()
-    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids], timeout=1.0)
+    _, alive = psutil.wait_procs(servers, timeout=1.0)
     # Dead servers whose new parent (init here) has not reaped them yet are zombies: they hold nothing.
     running = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert running == [], "servers outlived a daemon killed with SIGKILL by more than a second"
