@@ -91,8 +91,8 @@ def thermal_events(daemon: Daemon, count: int) -> list[dict[str, Any]]:
 def test_thermal_guard_warns_naming_gpu_and_instance(
     write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
 ) -> None:
-    # GPU 0 is cool for the first 30 readings (3 s at 0.1 s), then hot, then cool again.
-    hot = [{**SIM[0], "temperature_c": [40] * 30 + [93] * 5 + [70]}, SIM[1]]
+    # GPU 0 is cool for the first 60 readings (6 s at 0.1 s: the instance is ready by then), then hot, then cool.
+    hot = [{**SIM[0], "temperature_c": [40] * 60 + [93] * 5 + [70]}, SIM[1]]
     config = write_config(
         {"tiny": {"autostart": True, "gpus": [0]}}, gpus={"backend": "sim", "poll_interval": 0.1, "sim": hot}
     )
@@ -109,7 +109,7 @@ def test_thermal_guard_warns_naming_gpu_and_instance(
 def test_thermal_guard_can_stop_the_instances(
     write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
 ) -> None:
-    hot = [{**SIM[0], "temperature_c": [40] * 30 + [95]}, SIM[1]]
+    hot = [{**SIM[0], "temperature_c": [40] * 60 + [95]}, SIM[1]]
     gpus = {"backend": "sim", "poll_interval": 0.1, "thermal_action": "stop", "sim": hot}
     daemon = start_daemon(write_config({"tiny": {"autostart": True, "gpus": [0]}}, gpus=gpus))
     daemon.wait_for("tiny", ready)
