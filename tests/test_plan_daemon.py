@@ -44,6 +44,10 @@ def test_second_and_third_instances_plan_around_the_first(
     a = daemon.instance("a")
     assert a["gpus"] == [0] and a["vram_mib"] > 512
     assert a["plan"]["devices"][0]["total_mib"] == a["vram_mib"]  # the plan is recorded on the instance
+    # `launcher plan` of a running instance shows the plan it runs with, not a new one beside itself.
+    shown = json.loads(daemon.cli("plan", "a", "--json").stdout)
+    assert shown["devices"] == a["plan"]["devices"]
+    assert f"--port {a['port']}" in " ".join(shown["command"])
     wait_gpu_used(daemon, [a["vram_mib"], 0])  # the simulated card holds what the plan claims
 
     assert daemon.cli("up", "b").returncode == 0

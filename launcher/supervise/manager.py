@@ -213,11 +213,12 @@ class Manager:
                 )
 
     def plan(self, name: str) -> Plan:
-        """The plan for ``name`` against the GPUs now and the other instances' claims, with the command
-        line and the environment it would be launched with."""
+        """The plan for ``name``, with the command line and the environment: for a running instance the
+        plan it runs with; otherwise one made now, against the GPUs and the other instances' claims."""
         instance = self.get(name)
-        plan = self._plan(instance)
-        placement = self._placement(plan)
+        recorded = instance.plan if instance.active else None
+        plan = recorded or self._plan(instance)
+        placement = instance.placement if recorded else self._placement(plan)
         port = instance.port or pick_free_port(*self.settings.daemon.instance_ports, self._ports_taken())
         spec = instance.backend.launch_spec(instance.settings, port, placement)
         # The environment the launcher sets: what differs from its own.
