@@ -86,6 +86,16 @@ def plan_for(shape: ModelShape, runtime: Runtime, devices: int) -> Layout:
     raise AssertionError(f"no plan for {devices} devices")
 
 
+def launch_args(model: Path, runtime: Runtime, layout: Layout, addresses: list[str]) -> list[str]:
+    """llama-server's arguments for ``layout`` on the RPC devices at ``addresses``, in their order."""
+    flash = "on" if runtime.flash_attn else "off"
+    args = ["-m", str(model), "-c", str(runtime.ctx), "-ngl", str(layout.gpu_layers), "-fa", flash]
+    args += ["-ctk", runtime.cache_type_k, "-ctv", runtime.cache_type_v, "--rpc", ",".join(addresses), "--fit", "off"]
+    if layout.split:
+        args += ["-ts", ",".join(f"{p:g}" for p in layout.split)]
+    return args
+
+
 def pct(plan: float, real: float) -> str:
     if real == 0:
         return "-" if plan == 0 else "+inf"
@@ -110,12 +120,7 @@ def main() -> None:
                 rows.append(f"| {case.shape} | {case.ctx} | {case.cache} | - | no {case.devices}-GPU plan | | | | |")
                 continue
             with rpc_servers(server.parent, len(layout.devices)) as addresses:
-                args = ["-m", str(models[case.shape]), "-c", str(case.ctx), "-ngl", str(layout.gpu_layers)]
-                args += ["-fa", "on" if case.flash else "off", "-ctk", case.cache, "-ctv", case.cache]
-                args += ["--rpc", ",".join(addresses), "--fit", "off"]
-                if layout.split:
-                    args += ["-ts", ",".join(f"{p:g}" for p in layout.split)]
-                reported = measure(server, args)
+                reported = measure(server, launch_args(models[case.shape], runtime, layout, addresses))
             for device, address in zip(layout.devices, addresses, strict=True):
                 real = reported.devices.get(address, Buffers())
                 plan = Buffers(device.weights_b / MIB, device.kv_b / MIB, device.compute_b / MIB)

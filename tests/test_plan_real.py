@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.accuracy import SHAPES, plan_for
+from bench.accuracy import SHAPES, launch_args, plan_for
 from bench.realbuffers import Buffers, measure, rpc_servers
 from launcher.backends.llama_server import find_llama_server
 from launcher.plan.estimate import MIB, ModelShape, Runtime
@@ -36,11 +36,7 @@ def test_each_device_holds_what_was_planned(
     assert len(layout.devices) == devices
     server = find_llama_server(None)
     with rpc_servers(server.parent, devices) as addresses:
-        args = ["-m", str(model), "-c", str(ctx), "-ngl", str(layout.gpu_layers), "-fa", "on"]
-        args += ["-ctk", cache, "-ctv", cache, "--rpc", ",".join(addresses), "--fit", "off"]
-        if layout.split:
-            args += ["-ts", ",".join(f"{p:g}" for p in layout.split)]
-        reported = measure(server, args)
+        reported = measure(server, launch_args(model, runtime, layout, addresses))
     for device, address in zip(layout.devices, addresses, strict=True):
         real = reported.devices[address]
         planned = Buffers(device.weights_b / MIB, device.kv_b / MIB, device.compute_b / MIB)

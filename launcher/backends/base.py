@@ -92,3 +92,10 @@ def check_model_file(model: ModelSettings, name: str) -> None:
             f"model file {model.model} for {name!r} does not exist",
             hint=f"check models.{name}.model in the configuration",
         )
+
+
+def configured_binary(path: Path, what: str) -> Path:
+    """A binary the configuration names: it must exist and be executable."""
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise ConfigError(f"{what} binary {path} does not exist or is not executable")
+    return path

