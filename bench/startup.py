@@ -29,10 +29,11 @@ import yaml
 from launcher.backends import Placement
 from launcher.backends.llama_server import LlamaServerBackend
 from launcher.config import load_settings
-from launcher.supervise.instance import Instance, State
-from launcher.supervise.manager import Manager
+from launcher.schema import State
+from launcher.supervise.instance import Instance
 from launcher.supervise.ports import pick_free_port
 from launcher.tinymodel import write_tiny_llama
+from launcher.wiring import supervision
 
 
 def bare_once(argv: list[str], port: int) -> float:
@@ -64,10 +65,10 @@ def restarted_past(count: int) -> Callable[[Instance], bool]:
 
 
 async def manager_runs(config: Path, runs: int) -> tuple[list[float], list[float]]:
-    manager = Manager(load_settings(config))
-    instance = manager.get("demo")
-    starts, restarts = [], []
-    try:
+    async with supervision(load_settings(config), lambda _event: None) as wired:
+        manager = wired.manager
+        instance = manager.get("demo")
+        starts, restarts = [], []
         for _ in range(runs):
             t0 = time.perf_counter()
             await manager.start("demo")
@@ -84,8 +85,6 @@ async def manager_runs(config: Path, runs: int) -> tuple[list[float], list[float
             os.kill(pid, signal.SIGKILL)
             await instance.wait_until(restarted_past(count), 60)
             restarts.append(time.perf_counter() - t0)
-    finally:
-        await manager.shutdown()
     return starts, restarts
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import yaml
 
 from launcher.config import load_settings
-from launcher.supervise.instance import Instance, State
-from launcher.supervise.manager import Manager
+from launcher.schema import State
+from launcher.supervise.instance import Instance
 from launcher.tinymodel import write_tiny_llama
+from launcher.wiring import supervision
 
 STANDIN = Path(__file__).resolve().parent.parent / "tests" / "standin" / "llama.py"
 
@@ -43,10 +44,12 @@ def ready_after(count: int) -> object:
 
 async def kills(tmp: Path, model: Path, count: int) -> tuple[list[float], list[float]]:
     restart = {"backoff_initial": 0.01, "backoff_max": 0.05, "burst": 1000, "reset_after": 0}
-    manager = Manager(load_settings(config(tmp, {"m": {"model": str(model), "ctx": 512, "restart": restart}})))
-    instance: Instance = manager.get("m")
-    spawned, ready = [], []
-    try:
+    async with supervision(
+        load_settings(config(tmp, {"m": {"model": str(model), "ctx": 512, "restart": restart}})), lambda _event: None
+    ) as wired:
+        manager = wired.manager
+        instance: Instance = manager.get("m")
+        spawned, ready = [], []
         await manager.start("m")
         await instance.wait_until(lambda i: i.state == State.READY, 30)
         for n in range(count):
@@ -58,17 +61,15 @@ async def kills(tmp: Path, model: Path, count: int) -> tuple[list[float], list[f
             ready.append(time.time() - killed)
             loading = [e for e in instance.events if e.state == State.LOADING][-1]
             spawned.append(stamp(loading.time) - killed)
-    finally:
-        await manager.shutdown()
     return spawned, ready
 
 
 async def hang(tmp: Path, model: Path) -> float:
     health = {"interval": 0.5, "timeout": 0.5, "failures": 3}
     models: dict[str, dict[str, object]] = {"m": {"model": str(model), "ctx": 512, "health": health}}
-    manager = Manager(load_settings(config(tmp, models)))
-    instance = manager.get("m")
-    try:
+    async with supervision(load_settings(config(tmp, models)), lambda _event: None) as wired:
+        manager = wired.manager
+        instance = manager.get("m")
         await manager.start("m")
         await instance.wait_until(lambda i: i.state == State.READY, 30)
         pid = instance.status().pid
@@ -77,8 +78,6 @@ async def hang(tmp: Path, model: Path) -> float:
         os.kill(pid, signal.SIGSTOP)
         await instance.wait_until(ready_after(1), 60)  # type: ignore[arg-type]
         return time.time() - began
-    finally:
-        await manager.shutdown()
 
 
 async def backoff(tmp: Path, model: Path) -> list[float]:
@@ -89,14 +88,12 @@ async def backoff(tmp: Path, model: Path) -> list[float]:
     models: dict[str, dict[str, object]] = {
         "m": {"model": str(model), "binary": str(binary), "restart": restart, "env": {"STANDIN_CRASH_AT_START": "1"}}
     }
-    manager = Manager(load_settings(config(tmp, models)))
-    instance = manager.get("m")
-    try:
+    async with supervision(load_settings(config(tmp, models)), lambda _event: None) as wired:
+        manager = wired.manager
+        instance = manager.get("m")
         await manager.start("m")
         await instance.wait_until(lambda i: i.state == State.FAILED, 60)
         events = list(instance.events)
-    finally:
-        await manager.shutdown()
     exits = [stamp(e.time) for e in events if e.kind == "exit"]
     spawns = [stamp(e.time) for e in events if e.state == State.LOADING and e.kind == "state"]
     return [start - end for end, start in zip(exits, spawns[1:], strict=False)]

@@ -1,41 +1,48 @@
 """The `launcher` command line. Errors are one sentence and a hint, never a traceback.
 
 Exit codes: 0 done, 1 the thing asked for failed, 2 bad usage or bad configuration.
+
+Commands that only read (`status`, `plan`, `gpus`, `doctor`, `logs`) never stop, start or record a
+process: through the daemon when one answers, otherwise here with a planner or a GPU reading of their own
+(launcher/local.py). The planner, the GPU libraries and the web framework are imported only by the
+commands that use them, so a command that asks the daemon costs little more than Python's start.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import json
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from launcher.client import DaemonClient
 from launcher.config import Settings, default_settings, load_settings, read_token
 from launcher.errors import ConfigError, ConflictError, LauncherError
-from launcher.gpu.base import NoGpus
-from launcher.gpu.sampler import Sampler, open_sampler
-from launcher.gpu.types import GpuSample
-from launcher.progress import ProgressPrinter, format_duration, format_plan, format_table
-from launcher.supervise import logs
-from launcher.supervise.instance import Event, State
+from launcher.progress import (
+    ProgressPrinter,
+    all_ready,
+    as_json,
+    format_gpus,
+    format_plan,
+    format_statuses,
+    ready_report,
+)
+from launcher.schema import GpuSample, InstanceStatus
+from launcher.supervise.owner import read_owner, unanswered
 
 _POLL_S = 0.1
 _DAEMON_START_TIMEOUT_S = 20.0
-
-Statuses = list[dict[str, Any]]
 
 
 class Context:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self._settings: Settings | None = None
+        self._client: DaemonClient | None = None
 
     @property
     def json(self) -> bool:
@@ -47,287 +54,201 @@ class Context:
         return self._settings
 
     def client(self, settings: Settings | None = None) -> DaemonClient:
-        settings = settings or self.settings(required=False)
-        url = self.args.url or f"http://{settings.daemon.host}:{settings.daemon.port}"
-        token_file = settings.daemon.token_file
-        token = read_token(token_file) if token_file is not None and token_file.is_file() else None
-        return DaemonClient(url, token)
+        if self._client is None:
+            settings = settings or self.settings(required=False)
+            url = self.args.url or f"http://{settings.daemon.host}:{settings.daemon.port}"
+            token_file = settings.daemon.token_file
+            token = read_token(token_file) if token_file is not None and token_file.is_file() else None
+            self._client = DaemonClient(url, token)
+        return self._client
+
+    def daemon(self) -> DaemonClient | None:
+        """The client of a daemon that answers; None when no daemon owns this state directory. A daemon that
+        owns it but does not answer is an error: nothing may be planned or started around it."""
+        client = self.client()
+        if client.reachable():
+            return client
+        owner = read_owner(self.settings(required=False).daemon.state_dir)
+        if owner is not None:
+            raise unanswered(owner, client.url)
+        return None
+
+    def required_daemon(self) -> DaemonClient:
+        client = self.daemon()
+        if client is None:
+            raise LauncherError(
+                f"no launcher daemon answers at {self.client().url}",
+                hint="start it with `launcher serve` (or `launcher up NAME`), or pass --url",
+            )
+        return client
 
 
 # ---- commands ---------------------------------------------------------------------------------------
 
 
 def cmd_serve(ctx: Context) -> int:
-    from launcher import daemon  # FastAPI and uvicorn: imported only by the command that serves
+    from launcher import daemon  # FastAPI and uvicorn: imported only by the commands that serve
 
     daemon.serve(ctx.settings(), autostart=not ctx.args.no_autostart)
     return 0
 
 
-def _expand(names: list[str], statuses: Statuses) -> list[str]:
+def _expand(names: list[str], statuses: list[InstanceStatus]) -> list[str]:
     """Instance names for ``names``: a model that runs as replicas stands for all of them."""
     result = []
     for name in names:
-        members = [s["name"] for s in statuses if s["group"] == name and s["name"] != name]
+        members = [s.name for s in statuses if s.group == name and s.name != name]
         result += members or [name]
     return result
 
 
 def cmd_up(ctx: Context) -> int:
     names: list[str] = ctx.args.names
-    client = ctx.client()
-    if not client.reachable():
+    client = ctx.daemon()
+    if client is None:
         settings = ctx.settings()
         for name in names:
             settings.model(name)  # unknown names are bad usage, before anything starts
         if not ctx.args.detach:
-            return asyncio.run(_foreground(ctx, settings, names))
-        _start_background_daemon(settings, client)
+            import asyncio
+
+            from launcher import foreground  # the daemon in this process
+
+            return asyncio.run(foreground.run(settings, names, as_json_output=ctx.json))
+        client = _start_background_daemon(settings, ctx.client())
     names = _expand(names, client.instances())
     for name in names:
         with contextlib.suppress(ConflictError):  # already running: wait for it like any other
             client.act(name, "start")
-    statuses = asyncio.run(_wait_ready(lambda: asyncio.to_thread(_fetch, client, names), ctx))
-    _report_ready(ctx, statuses, through=client.url)
+    _report_ready(ctx, _wait_ready(ctx, client, names), through=client.url)
     return 0
 
 
 def cmd_down(ctx: Context) -> int:
-    client = ctx.client()
+    client = ctx.required_daemon()
     names = _expand(ctx.args.names, client.instances())
     for name in names:
         with contextlib.suppress(ConflictError):  # already stopped: nothing to do, as systemctl stop
             client.act(name, "stop")
-    _print_statuses(ctx, _fetch(client, names))
+    statuses = [client.instance(name) for name in names]
+    print(as_json(statuses) if ctx.json else format_statuses(statuses))
     return 0
 
 
 def cmd_restart(ctx: Context) -> int:
-    client = ctx.client()
+    client = ctx.required_daemon()
     names = _expand([ctx.args.name], client.instances())
     for name in names:
         client.act(name, "restart")
-    statuses = asyncio.run(_wait_ready(lambda: asyncio.to_thread(_fetch, client, names), ctx))
-    _report_ready(ctx, statuses, through=client.url)
+    _report_ready(ctx, _wait_ready(ctx, client, names), through=client.url)
     return 0
 
 
 def cmd_status(ctx: Context) -> int:
-    _print_statuses(ctx, ctx.client().instances())
+    statuses = ctx.required_daemon().instances()
+    print(as_json(statuses) if ctx.json else format_statuses(statuses))
     return 0
 
 
 def cmd_gpus(ctx: Context) -> int:
-    client = ctx.client()
     interval = ctx.settings(required=False).gpus.poll_interval
-    if client.reachable():
+    try:
+        client = ctx.daemon()
+    except LauncherError as exc:  # a daemon that does not answer: the GPUs can still be read here
+        print(f"launcher: {exc.message}; reading the GPUs here", file=sys.stderr)
+        client = None
+    if client is not None:
         while True:
             _print_gpus(ctx, client.gpus())
             if not ctx.args.watch:
                 return 0
             time.sleep(interval)
-    # No daemon: read the GPUs from this process (no instance runs on them through us).
-    return asyncio.run(_gpus_here(ctx, interval))
+    from launcher.local import local_gpus
 
-
-async def _gpus_here(ctx: Context, interval: float) -> int:
-    sampler, _reason = open_sampler(ctx.settings(required=False))
-    await sampler.start()
-    try:
+    with local_gpus(ctx.settings(required=False)) as gpus:
         while True:
-            _print_gpus(ctx, [s.model_dump(mode="json") for s in sampler.latest()])
+            _print_gpus(ctx, gpus.read())
             if not ctx.args.watch:
                 return 0
-            await asyncio.sleep(interval)
-    finally:
-        await sampler.stop()
+            time.sleep(interval)
 
 
 def cmd_plan(ctx: Context) -> int:
-    client = ctx.client()
-    # Without a daemon: plan against the GPUs as read here, with no other instance running.
-    here = not client.reachable()
-    plan = asyncio.run(_plan_here(ctx.settings(), ctx.args.name)) if here else client.plan(ctx.args.name)
-    if ctx.json:
-        print(json.dumps(plan, indent=2))
-    else:
-        print(format_plan(ctx.args.name, plan))
-    return 0 if plan["fits"] else 1
+    client = ctx.daemon()
+    if client is not None:
+        plan = client.plan(ctx.args.name)
+    else:  # no daemon: against the GPUs as read here, with no other instance running
+        from launcher.local import plan_here
 
-
-async def _plan_here(settings: Settings, name: str) -> dict[str, Any]:
-    from launcher.daemon import open_manager
-
-    manager, _reason = open_manager(settings, lambda _event: None)
-    await manager.open()
-    try:
-        return manager.plan(name).model_dump(mode="json")
-    finally:
-        await manager.shutdown()
+        plan = plan_here(ctx.settings(), ctx.args.name)
+    print(as_json(plan) if ctx.json else format_plan(ctx.args.name, plan))
+    return 0 if plan.fits else 1
 
 
 def cmd_doctor(ctx: Context) -> int:
-    from launcher.doctor import Finding, Machine, examine
+    from launcher.doctor import run_doctor
 
-    findings: list[Finding] = []
+    problem: ConfigError | None = None
     try:
         settings = ctx.settings()
     except ConfigError as exc:
-        findings.append(Finding("fail", "config", exc.message, exc.hint or "fix the configuration"))
-        settings = default_settings()  # the machine is still worth checking
-    else:
-        findings.append(Finding("ok", "config", f"{settings.source}: {len(settings.models)} models"))
-    client = ctx.client(settings)
-    daemon_ports: set[int] = set()
-    if client.reachable():
-        daemon_ports = {settings.daemon.port} | {i["port"] for i in client.instances() if i["port"]}
-    try:
-        sampler, reason = open_sampler(settings)
-    except LauncherError as exc:
-        findings.append(Finding("fail", "gpus", exc.message, exc.hint))
-        sampler, reason = Sampler(NoGpus(), poll_interval_s=1), "none (the configured one cannot open)"
-    samples = asyncio.run(_read_once(sampler))
-    machine = Machine(gpus=samples, links=sampler.links, backend=reason, simulated=settings.gpus.backend == "sim")
-    findings += examine(settings, machine, daemon_ports)
-    if ctx.json:
-        print(json.dumps([vars(f) for f in findings], indent=2))
-    else:
-        for f in findings:
-            print(f"{f.level.upper():4}  {f.check:12}  {f.message}")
-            if f.fix and f.level != "ok":
-                print(f"{'':4}  {'':12}  fix: {f.fix}")
-    return 1 if any(f.level == "fail" for f in findings) else 0
-
-
-async def _read_once(sampler: Sampler) -> list[GpuSample]:
-    await sampler.start()
-    try:
-        return sampler.latest()
-    finally:
-        await sampler.stop()
+        settings, problem = default_settings(), exc  # the machine is still worth checking
+    return run_doctor(settings, problem, ctx.client(settings), as_json_output=ctx.json)
 
 
 def cmd_logs(ctx: Context) -> int:
-    client = ctx.client()
-    if client.reachable():
+    try:
+        client = ctx.daemon()
+    except LauncherError as exc:  # a daemon that does not answer: its log files are still on this disk
+        print(f"launcher: {exc.message}; reading the log file here", file=sys.stderr)
+        client = None
+    if client is not None:
         for line in client.log_lines(ctx.args.name, ctx.args.lines, ctx.args.follow):
             print(line, flush=True)
         return 0
-    # No daemon: the log files are on this machine's disk.
+    from launcher.supervise import logs  # asyncio: only the commands that read log files need it
+
     settings = ctx.settings()
-    settings.model(ctx.args.name)
+    settings.model(ctx.args.name.partition("@")[0])
     path = settings.daemon.state_dir / "logs" / f"{ctx.args.name}.log"
     for line in logs.tail(path, ctx.args.lines):
         print(line)
     if ctx.args.follow:
+        import asyncio
+
         asyncio.run(_follow_file(path))
     return 0
 
 
 async def _follow_file(path: Path) -> None:
+    from launcher.supervise import logs
+
     async for line in logs.follow(path):
         print(line, flush=True)
 
 
-# ---- up: waiting, foreground supervision, background daemon ---------------------------------------
+# ---- up: waiting, background daemon ------------------------------------------------------------------
 
 
-def _fetch(client: DaemonClient, names: list[str]) -> Statuses:
-    return [client.instance(name) for name in names]
-
-
-async def _wait_ready(fetch: Callable[[], Awaitable[Statuses]], ctx: Context) -> Statuses:
+def _wait_ready(ctx: Context, client: DaemonClient, names: list[str]) -> list[InstanceStatus]:
     """Show progress until every instance is ready; raise when one fails or stops."""
     printer = ProgressPrinter(sys.stderr, quiet=ctx.json)
-    while True:
-        statuses = await fetch()
-        printer.update(statuses)
-        for status in statuses:
-            if status["state"] in (State.FAILED, State.STOPPED):
-                printer.finish()
-                reason = status["last_error"] or status["last_exit"] or status["state"]
-                last = f"; last log line: {status['log_line']}" if status["log_line"] else ""
-                raise LauncherError(
-                    f"{status['name']} did not become ready: {reason}{last}",
-                    hint=f"`launcher logs {status['name']}` shows the server's output",
-                )
-        if all(status["state"] == State.READY for status in statuses):
-            printer.finish()
-            return statuses
-        await asyncio.sleep(_POLL_S)
-
-
-def _report_ready(ctx: Context, statuses: Statuses, through: str | None) -> None:
-    if ctx.json:
-        print(json.dumps(statuses, indent=2))
-        return
-    for s in statuses:
-        print(f"{s['name']} is ready at http://127.0.0.1:{s['port']} (pid {s['pid']})")
-    if through:
-        print(f"supervised by the daemon at {through}")
-    first = statuses[0]
-    url = f"http://127.0.0.1:{first['port']}"
-    if first["backend"] == "ollama":
-        body = json.dumps({"model": first["model"], "prompt": "Hello", "stream": False})
-        print(f"try: curl -s {url}/api/generate -d '{body}'")
-    else:
-        print(f"try: curl -s {url}/completion -d '{json.dumps({'prompt': 'Hello', 'n_predict': 16})}'")
-
-
-async def _foreground(ctx: Context, settings: Settings, names: list[str]) -> int:
-    """Run the daemon in this process with ``names`` started, until Ctrl-C or SIGTERM stops it all."""
-    # Imported here: FastAPI and uvicorn are needed only by the commands that serve.
-    from launcher.daemon import Daemon, listen, open_manager
-
-    sock, token = listen(settings)
-    printing_events = False
-
-    def on_event(event: Event) -> None:
-        # Before ready the progress display speaks; after it, every crash and restart is told.
-        if printing_events:
-            print(f"{event.time} {event.describe()}", file=sys.stderr, flush=True)
-
-    manager, _gpus = open_manager(settings, on_event)
-    names = [member for name in names for member in manager.group(name)]
-    api_up = asyncio.Event()
-    daemon = Daemon(manager, sock, token, autostart=False, on_started=api_up.set)
-    serving = asyncio.ensure_future(daemon.run())
     try:
-        if not await _unless_stopped(asyncio.ensure_future(api_up.wait()), serving):
-            return 130
-        for name in names:
-            await manager.start(name)
-
-        async def fetch() -> Statuses:
-            return [manager.get(n).status().model_dump(mode="json") for n in names]
-
-        waiting = asyncio.ensure_future(_wait_ready(fetch, ctx))
-        if not await _unless_stopped(waiting, serving):
-            print("interrupted; stopped", file=sys.stderr)
-            return 130
-        _report_ready(ctx, waiting.result(), through=None)
-        url = f"http://{settings.daemon.host}:{settings.daemon.port}"
-        print(f"supervising in the foreground (API at {url}); Ctrl-C stops", file=sys.stderr, flush=True)
-        printing_events = True
-        await serving
-        return 0
+        while True:
+            statuses = [client.instance(name) for name in names]
+            printer.update(statuses)
+            if all_ready(statuses):
+                return statuses
+            time.sleep(_POLL_S)
     finally:
-        daemon.request_stop()
-        await serving
+        printer.finish()
 
 
-async def _unless_stopped(work: asyncio.Future[Any], serving: asyncio.Future[None]) -> bool:
-    """Wait for ``work`` unless serving ends first (a signal); True when the work finished."""
-    await asyncio.wait([work, serving], return_when=asyncio.FIRST_COMPLETED)
-    if work.done():
-        work.result()  # its error, if any, is the command's
-        return True
-    work.cancel()
-    serving.result()
-    return False
+def _report_ready(ctx: Context, statuses: list[InstanceStatus], through: str | None) -> None:
+    print(as_json(statuses) if ctx.json else ready_report(statuses, through))
 
 
-def _start_background_daemon(settings: Settings, client: DaemonClient) -> None:
+def _start_background_daemon(settings: Settings, client: DaemonClient) -> DaemonClient:
     assert settings.source is not None
     log_path = settings.daemon.state_dir / "daemon.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,71 +260,25 @@ def _start_background_daemon(settings: Settings, client: DaemonClient) -> None:
     deadline = time.monotonic() + _DAEMON_START_TIMEOUT_S
     while not client.reachable():
         if proc.poll() is not None or time.monotonic() > deadline:
+            from launcher.supervise import logs
+
             last = logs.last_line(log_path) or "no output"
             raise LauncherError(f"the background daemon did not start: {last}", hint=f"see {log_path}")
         time.sleep(0.1)
     print(f"started a background daemon (pid {proc.pid}) at {client.url}", file=sys.stderr)
+    return client
 
 
 # ---- output -------------------------------------------------------------------------------------------
 
 
-def _print_statuses(ctx: Context, statuses: Statuses) -> None:
+def _print_gpus(ctx: Context, gpus: Sequence[GpuSample]) -> None:
     if ctx.json:
-        print(json.dumps(statuses, indent=2))
+        print(as_json(gpus), flush=True)
         return
-    rows = [
-        [
-            s["name"],
-            s["state"],
-            s["pid"] or "-",
-            s["port"] or "-",
-            ",".join(str(g) for g in s["gpus"]) or "cpu",
-            f"{s['vram_mib']} MiB" if s.get("vram_mib") else "-",
-            format_duration(s["uptime_s"]),
-            s["restarts"],
-            s["last_exit"] or "-",
-        ]
-        for s in statuses
-    ]
-    print(format_table(["NAME", "STATE", "PID", "PORT", "GPUS", "VRAM", "UPTIME", "RESTARTS", "LAST EXIT"], rows))
-
-
-def _print_gpus(ctx: Context, gpus: list[dict[str, Any]]) -> None:
-    if ctx.json:
-        print(json.dumps(gpus, indent=2), flush=True)
-        return
-
-    def value(v: Any, unit: str, digits: int = 0) -> str:
-        return "-" if v is None else f"{v:.{digits}f}{unit}"
-
-    def pcie(g: dict[str, Any]) -> str:
-        if g["pcie_gen"] is None or g["pcie_width"] is None:
-            return "-"
-        now = f"gen{g['pcie_gen']} x{g['pcie_width']}"
-        full = f"gen{g['pcie_gen_max']} x{g['pcie_width_max']}"
-        return now if now == full or g["pcie_gen_max"] is None else f"{now} (max {full})"
-
-    rows = [
-        [
-            g["index"],
-            g["name"],
-            f"{value(g['memory_used_mib'], '')}/{value(g['memory_total_mib'], ' MiB')}",
-            value(g["memory_free_mib"], " MiB"),
-            value(g["temperature_c"], " C"),
-            value(g["utilization_pct"], "%"),
-            value(g["power_w"], " W"),
-            pcie(g),
-            ",".join(g["instances"]) or "-",
-            g["error"] or "",
-        ]
-        for g in gpus
-    ]
-    headers = ["GPU", "NAME", "MEMORY USED/TOTAL", "FREE", "TEMP", "UTIL", "POWER", "PCIE", "INSTANCES", "ERROR"]
-    table = format_table(headers, rows) if gpus else "no GPU: servers run on the CPU"
     if ctx.args.watch:
         print("\x1b[H\x1b[2J", end="")  # redraw in place
-    print(table, flush=True)
+    print(format_gpus(gpus), flush=True)
 
 
 # ---- parser -------------------------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """Configuration: YAML file + environment -> typed, validated settings, resolved in one place.
 
 Search order for the file: --config, $LAUNCHER_CONFIG, ./launcher.yaml, ~/.config/launcher/launcher.yaml,
-/etc/launcher/launcher.yaml. Daemon settings can be overridden from the environment
+/etc/launcher/launcher.yaml. Daemon and GPU settings can be overridden from the environment
 (LAUNCHER_DAEMON__PORT=9000); the environment wins over the file. Relative paths in the file are
-relative to the file's folder.
+relative to the file's folder, and every path is shown normalised (no `..`).
+
+The environment is read here rather than by pydantic-settings: its import alone costs about 90 ms, more
+than every other part of a `launcher status` together, and the rule is a few lines.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -15,7 +19,6 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from launcher.errors import ConfigError, NotFoundError
 
@@ -45,6 +48,9 @@ class DaemonSettings(_Strict):
     # Server logs are rotated (copy-truncate) past this size, keeping this many old ones.
     log_max_mib: Annotated[float, Field(gt=0)] = 50.0
     log_keep: Annotated[int, Field(ge=1)] = 3
+    # Do reads (logs, plans, events, GPUs, metrics) need the token? auto: when the daemon listens
+    # beyond loopback. /health never does.
+    auth_reads: Literal["auto", "always", "never"] = "auto"
 
     @field_validator("instance_ports")
     @classmethod
@@ -175,27 +181,13 @@ class ModelSettings(_Strict):
         return self
 
 
-class Settings(BaseSettings):
+class Settings(_Strict):
     """Everything the launcher is configured with. Build it with `load_settings`."""
-
-    model_config = SettingsConfigDict(env_prefix="LAUNCHER_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     gpus: GpuSettings = Field(default_factory=GpuSettings)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
     source: Path | None = Field(default=None, exclude=True)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file's contents arrive as init arguments; the environment must override them.
-        return (env_settings, init_settings)
 
     @field_validator("models")
     @classmethod
@@ -295,11 +287,44 @@ def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
     return data
 
 
+# Sections the environment may set, as LAUNCHER_<SECTION>__<KEY>[__<KEY>...].
+_ENV_PREFIX = "LAUNCHER_"
+_ENV_SECTIONS = ("daemon", "gpus")
+
+
+def _with_environment(data: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
+    """``data`` with the environment's settings laid over it. A value that reads as a JSON list or
+    mapping is one (LAUNCHER_DAEMON__INSTANCE_PORTS='[9000, 9099]'); anything else is a string for
+    the settings' own validation to convert. ``sources`` gets each dotted key set and its variable."""
+    merged = dict(data)
+    for variable, value in sorted(os.environ.items()):
+        if not variable.startswith(_ENV_PREFIX) or "__" not in variable:
+            continue
+        keys = variable.removeprefix(_ENV_PREFIX).lower().split("__")
+        if keys[0] not in _ENV_SECTIONS or not all(keys):
+            continue
+        parsed: Any = value
+        if value.startswith(("[", "{")):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"environment {variable}: not valid JSON: {value!r}") from None
+        node = merged
+        for key in keys[:-1]:
+            inner = node.get(key)
+            node[key] = dict(inner) if isinstance(inner, dict) else {}
+            node = node[key]
+        node[keys[-1]] = parsed
+        sources[".".join(keys)] = variable
+    return merged
+
+
 def _validate(data: dict[str, Any], path: Path | None) -> Settings:
+    sources: dict[str, str] = {}
     try:
-        settings = Settings(**data)
+        settings = Settings(**_with_environment(data, sources))
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from None
+        raise ConfigError(_describe(exc, path, sources)) from None
     return _resolve_paths(settings, path)
 
 
@@ -308,7 +333,7 @@ def _validate(data: dict[str, Any], path: Path | None) -> Settings:
 _UNION_MEMBER = re.compile(r"^(literal\[.*\]|constrained-\w+|list\[.*\]|dict\[.*\]|int|str|float|bool)$")
 
 
-def _describe(exc: ValidationError, path: Path | None) -> str:
+def _describe(exc: ValidationError, path: Path | None, sources: dict[str, str]) -> str:
     where = str(path) if path is not None else "configuration"
     by_key: dict[str, str] = {}
     auto_keys: set[str] = set()  # keys that also accept 'auto'
@@ -329,15 +354,18 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
             by_key[key] = by_key[key].replace("should be", "should be 'auto' or", 1)
         elif not any(k.startswith(key + ".") for k in by_key):
             by_key[key] = "should be 'auto'"
-    return "\n".join(f"{where}: {key}: {message}" for key, message in by_key.items())
+    return "\n".join(
+        f"{where}: {key}{f' (from {sources[key]})' if key in sources else ''}: {message}"
+        for key, message in by_key.items()
+    )
 
 
 def _resolve_paths(settings: Settings, path: Path | None) -> Settings:
     base = path.parent.resolve() if path is not None else Path.cwd()
 
     def absolute(p: Path) -> Path:
-        p = p.expanduser()
-        return p if p.is_absolute() else base / p
+        # Lexically normalised, not resolved: a model that is a symlink (a Hugging Face cache) keeps its name.
+        return Path(os.path.normpath(base / p.expanduser()))
 
     daemon = settings.daemon.model_copy(
         update={

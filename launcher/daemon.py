@@ -1,15 +1,15 @@
 """The daemon: the REST API and the supervision of every instance, until SIGTERM or SIGINT.
 
 `launcher serve` runs it; `launcher up` without a daemon runs the same thing in the foreground, so
-`launcher status` works from another terminal either way. The daemon handles SIGTERM and SIGINT itself:
-they end serving, and the app's lifespan shutdown stops every server before the process exits.
+`launcher status` works from another terminal either way. The daemon handles SIGTERM and SIGINT itself,
+from before it owns the state directory until its last server is stopped: they end serving, and the
+wiring's exit stops every server before the process exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
 import socket
@@ -19,50 +19,15 @@ import uvicorn
 
 from launcher import systemd
 from launcher.api.app import create_app
-from launcher.config import Settings, read_token
-from launcher.errors import ConfigError, StartError
-from launcher.gpu.sampler import open_sampler
-from launcher.supervise.instance import Event
+from launcher.config import Settings
+from launcher.schema import Event
 from launcher.supervise.manager import Manager
-from launcher.supervise.ports import port_holder
+from launcher.wiring import api_token, api_url, listen, supervision
 
 log = logging.getLogger("launcher")
 
 # Open `logs -f` streams must not hold the servers' shutdown up for long.
 _GRACEFUL_SHUTDOWN_S = 3
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def listen(settings: Settings) -> tuple[socket.socket, str | None]:
-    """The API's listening socket and token, or the reason the daemon must not listen."""
-    host, port = settings.daemon.host, settings.daemon.port
-    token = read_token(settings.daemon.token_file)
-    if token is None and not is_loopback(host):
-        raise ConfigError(
-            f"refusing to listen on {host} without an API token",
-            hint="set daemon.token_file, or daemon.host: 127.0.0.1",
-        )
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        holder = port_holder(port)
-        raise StartError(
-            f"the daemon cannot listen on {host}:{port}: {exc.strerror}" + (f" (held by {holder})" if holder else ""),
-            hint="is a launcher daemon already running? `launcher status` asks it; or set daemon.port",
-        ) from None
-    sock.listen(128)
-    return sock, token
 
 
 class _Server(uvicorn.Server):
@@ -74,32 +39,29 @@ class _Server(uvicorn.Server):
 
 
 class Daemon:
-    """The API server and the manager's lifecycle, until SIGTERM, SIGINT or `request_stop`."""
+    """The API server over the wired manager, until SIGTERM, SIGINT or `request_stop`."""
 
     def __init__(
         self,
-        manager: Manager,
-        sock: socket.socket,
-        token: str | None,
+        settings: Settings,
         *,
         autostart: bool,
-        on_started: Callable[[], None] = lambda: None,
+        on_event: Callable[[Event], None] = lambda _e: None,
+        on_started: Callable[[Manager], None] = lambda _m: None,
     ) -> None:
-        def started() -> None:
-            systemd.notify("READY=1\nSTATUS=serving")
-            on_started()
-
-        def stopping() -> None:
-            log.info("stopping every instance")
-            systemd.notify("STOPPING=1")
-
-        app = create_app(manager, token=token, autostart=autostart, on_started=started, on_stopping=stopping)
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
-        self._server = _Server(config)
-        self._sock = sock
+        self._settings = settings
+        self._token = api_token(settings)  # a public bind without a token is refused before anything runs
+        self._autostart = autostart
+        self._on_event = on_event
+        self._on_started = on_started
+        self._server: _Server | None = None
+        self._stop_requested = False
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
-        """End serving; the lifespan shutdown then stops every instance. A second SIGINT hurries it."""
+        """End serving; the wiring then stops every instance. A second SIGINT hurries the API's end."""
+        self._stop_requested = True
+        if self._server is None:
+            return
         if self._server.should_exit and sig == signal.SIGINT:
             self._server.force_exit = True
         self._server.should_exit = True
@@ -109,34 +71,40 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
         try:
-            await self._server.serve(sockets=[self._sock])
+            async with supervision(self._settings, self._on_event) as wired:
+                log.info("GPUs: %s", wired.gpu_backend)
+                sock = listen(self._settings)  # after the lock: a second daemon is told who owns the directory
+                if not self._stop_requested:
+                    await self._serve(wired.manager, sock)
+                sock.close()
+                log.info("stopping every instance")
+                systemd.notify("STOPPING=1")
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
+    async def _serve(self, manager: Manager, sock: socket.socket) -> None:
+        async def started() -> None:
+            if self._autostart:
+                await manager.autostart()
+            systemd.notify("READY=1\nSTATUS=serving")
+            self._on_started(manager)
 
-def open_manager(settings: Settings, on_event: Callable[[Event], None]) -> tuple[Manager, str]:
-    """The manager with the GPU sampler the configuration asks for, and which GPU backend and why."""
-    sampler, reason = open_sampler(settings)
-    return Manager(settings, sampler=sampler, on_event=on_event), reason
+        app = create_app(manager, self._settings, token=self._token, on_started=started)
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
+        self._server = _Server(config)
+        await self._server.serve(sockets=[sock])
 
 
 def serve(settings: Settings, *, autostart: bool = True) -> None:
     """`launcher serve`: run the daemon until SIGTERM or SIGINT."""
-    sock, token = listen(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
 
     def log_event(event: Event) -> None:
         log.info("%s", event.describe())
 
-    def started() -> None:
-        host, port = settings.daemon.host, settings.daemon.port
-        log.info("listening on http://%s:%d (config %s)", host, port, settings.source)
+    def started(_manager: Manager) -> None:
+        log.info("listening on %s (config %s)", api_url(settings), settings.source)
 
-    async def main() -> None:
-        manager, gpus = open_manager(settings, log_event)
-        log.info("GPUs: %s", gpus)
-        await Daemon(manager, sock, token, autostart=autostart, on_started=started).run()
-
-    asyncio.run(main())
+    asyncio.run(Daemon(settings, autostart=autostart, on_event=log_event, on_started=started).run())

@@ -7,6 +7,7 @@ through the CPU, a llama-server built without GPU support, too few GPU layers, i
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -17,13 +18,18 @@ from typing import Literal
 
 from launcher.backends.llama_server import find_llama_server
 from launcher.backends.ollama import OllamaBackend
+from launcher.client import DaemonClient
 from launcher.config import ModelSettings, Settings
-from launcher.errors import LauncherError
+from launcher.errors import ConfigError, LauncherError
 from launcher.gpu.sysfs import amd_cards
-from launcher.gpu.types import GpuSample, Link
+from launcher.gpu.types import Link
+from launcher.local import local_gpus
 from launcher.plan.args import arg_value
 from launcher.plan.gguf import block_count
+from launcher.schema import GpuSample
+from launcher.supervise.owner import read_owner
 from launcher.supervise.ports import port_holder, port_is_free
+from launcher.supervise.process import SETPRIV
 
 Level = Literal["ok", "warn", "fail"]
 _DEVICE_LINE = re.compile(r"^\s*(CUDA|ROCm|HIP|Vulkan|Metal|SYCL|MUSA|CANN)\d+:", re.MULTILINE)
@@ -216,3 +222,53 @@ def _model(name: str, model: ModelSettings, gpus: list[GpuSample]) -> Iterator[F
                 "the rest run on the CPU, many times slower",
                 "drop -ngl from args: the launcher offloads every layer that fits and says when they do not",
             )
+
+
+def _supervision(settings: Settings, daemon_answers: bool) -> Iterator[Finding]:
+    if SETPRIV is None:
+        yield Finding(
+            "warn",
+            "supervision",
+            "setpriv (util-linux) is not on PATH: servers will not die with a daemon killed by SIGKILL",
+            "install util-linux; until then the next daemon start stops what a killed one left running",
+        )
+    owner = read_owner(settings.daemon.state_dir)
+    if owner is not None and not daemon_answers:
+        yield Finding(
+            "fail",
+            "daemon",
+            f"a daemon (pid {owner.pid}) owns {settings.daemon.state_dir} but does not answer at {owner.url}",
+            f"it may be starting or stuck: check its log, or stop pid {owner.pid}",
+        )
+
+
+def run_doctor(settings: Settings, problem: ConfigError | None, client: DaemonClient, *, as_json_output: bool) -> int:
+    """`launcher doctor`: print the findings; 1 when something fails. Reads only: the GPUs are opened
+    here and closed, the daemon (if one answers) is asked for its ports."""
+    if problem is not None:
+        findings = [Finding("fail", "config", problem.message, problem.hint or "fix the configuration")]
+    else:
+        findings = [Finding("ok", "config", f"{settings.source}: {len(settings.models)} models")]
+    daemon_answers = client.reachable()
+    daemon_ports = {settings.daemon.port} | {i.port for i in client.instances() if i.port} if daemon_answers else set()
+    findings += _supervision(settings, daemon_answers)
+    try:
+        with local_gpus(settings) as gpus:
+            machine = Machine(
+                gpus=gpus.read(),
+                links=gpus.backend.links(),
+                backend=gpus.description,
+                simulated=settings.gpus.backend == "sim",
+            )
+    except LauncherError as exc:
+        findings.append(Finding("fail", "gpus", exc.message, exc.hint))
+        machine = Machine(gpus=[], links={}, backend="none (the configured one cannot open)", simulated=False)
+    findings += examine(settings, machine, daemon_ports)
+    if as_json_output:
+        print(json.dumps([vars(f) for f in findings], indent=2))
+    else:
+        for f in findings:
+            print(f"{f.level.upper():4}  {f.check:12}  {f.message}")
+            if f.fix and f.level != "ok":
+                print(f"{'':4}  {'':12}  fix: {f.fix}")
+    return 1 if any(f.level == "fail" for f in findings) else 0

@@ -1,10 +1,23 @@
-"""Terminal output: tables, durations, and the progress of instances on their way to ready."""
+"""Terminal output: tables of instances, GPUs and plans, and the progress of instances on their way to
+ready. Everything here takes launcher.schema's types: what the daemon answers is what is shown."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TextIO
+
+from pydantic import BaseModel
+
+from launcher.errors import LauncherError
+from launcher.schema import GpuSample, InstanceStatus, Plan, State
+
+
+def as_json(items: BaseModel | Sequence[BaseModel]) -> str:
+    if isinstance(items, BaseModel):
+        return items.model_dump_json(indent=2)
+    return json.dumps([item.model_dump(mode="json") for item in items], indent=2)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -18,45 +31,123 @@ def format_duration(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [list(headers), *[[str(c) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
 
 
-def format_plan(name: str, plan: dict[str, Any]) -> str:
+def format_statuses(statuses: Sequence[InstanceStatus]) -> str:
+    rows = [
+        [
+            s.name,
+            s.state,
+            s.pid or "-",
+            s.port or "-",
+            ",".join(str(g) for g in s.gpus) or "cpu",
+            f"{s.vram_mib} MiB" if s.vram_mib else "-",
+            format_duration(s.uptime_s),
+            s.restarts,
+            s.last_exit or "-",
+        ]
+        for s in statuses
+    ]
+    return format_table(["NAME", "STATE", "PID", "PORT", "GPUS", "VRAM", "UPTIME", "RESTARTS", "LAST EXIT"], rows)
+
+
+def _value(v: float | None, unit: str, digits: int = 0) -> str:
+    return "-" if v is None else f"{v:.{digits}f}{unit}"
+
+
+def _pcie(g: GpuSample) -> str:
+    if g.pcie_gen is None or g.pcie_width is None:
+        return "-"
+    now = f"gen{g.pcie_gen} x{g.pcie_width}"
+    full = f"gen{g.pcie_gen_max} x{g.pcie_width_max}"
+    return now if now == full or g.pcie_gen_max is None else f"{now} (max {full})"
+
+
+def format_gpus(gpus: Sequence[GpuSample]) -> str:
+    if not gpus:
+        return "no GPU: servers run on the CPU"
+    rows = [
+        [
+            g.index,
+            g.name,
+            f"{_value(g.memory_used_mib, '')}/{_value(g.memory_total_mib, ' MiB')}",
+            _value(g.memory_free_mib, " MiB"),
+            _value(g.temperature_c, " C"),
+            _value(g.utilization_pct, "%"),
+            _value(g.power_w, " W"),
+            _pcie(g),
+            ",".join(g.instances) or "-",
+            g.error or "",
+        ]
+        for g in gpus
+    ]
+    headers = ["GPU", "NAME", "MEMORY USED/TOTAL", "FREE", "TEMP", "UTIL", "POWER", "PCIE", "INSTANCES", "ERROR"]
+    return format_table(headers, rows)
+
+
+def format_plan(name: str, plan: Plan) -> str:
     """`launcher plan` for people: the verdict, a row per GPU, the host's share, the command."""
-    devices = plan["devices"]
+    devices = plan.devices
     where = f"{len(devices)} GPU{'s' if len(devices) != 1 else ''}" if devices else "the CPU"
-    kv = f"KV {plan['cache_type_k']}/{plan['cache_type_v']}"
-    settings = f"ctx {plan['ctx']}, flash attention {'on' if plan['flash_attn'] else 'off'}, {kv}"
-    lines = [f"{name}: {'fits on ' + where if plan['fits'] else 'does not fit'} ({settings})"]
-    if plan["reason"]:
-        lines.append(plan["reason"])
-    lines += [f"  - {s}" for s in plan["suggestions"]]
+    kv = f"KV {plan.cache_type_k}/{plan.cache_type_v}"
+    settings = f"ctx {plan.ctx}, flash attention {'on' if plan.flash_attn else 'off'}, {kv}"
+    lines = [f"{name}: {'fits on ' + where if plan.fits else 'does not fit'} ({settings})"]
+    if plan.reason:
+        lines.append(plan.reason)
+    lines += [f"  - {s}" for s in plan.suggestions]
     if devices:
         headers = ["GPU", "NAME", "LAYERS", "WEIGHTS", "KV", "COMPUTE", "OVERHEAD", "TOTAL", "USABLE", "FREE AFTER"]
         rows = [
             [
-                d["gpu"],
-                d["name"],
-                f"{d['layers']}{' +out' if d['output_layer'] else ''}",
-                *(f"{d[k]} MiB" for k in ("weights_mib", "kv_cache_mib", "compute_mib", "overhead_mib")),
-                *(f"{d[k]} MiB" for k in ("total_mib", "usable_mib", "free_after_mib")),
+                d.gpu,
+                d.name,
+                f"{d.layers}{' +out' if d.output_layer else ''}",
+                *(f"{mib} MiB" for mib in (d.weights_mib, d.kv_cache_mib, d.compute_mib, d.overhead_mib)),
+                *(f"{mib} MiB" for mib in (d.total_mib, d.usable_mib, d.free_after_mib)),
             ]
             for d in devices
         ]
         lines += ["", format_table(headers, rows)]
-    host = plan["host"]
+    host = plan.host
     lines.append(
-        f"host memory: weights {host['weights_mib']} MiB, KV {host['kv_cache_mib']} MiB, "
-        f"compute {host['compute_mib']} MiB"
+        f"host memory: weights {host.weights_mib} MiB, KV {host.kv_cache_mib} MiB, compute {host.compute_mib} MiB"
     )
-    if plan["tensor_split"]:
-        lines.append("tensor split: " + ",".join(f"{p:g}" for p in plan["tensor_split"]) + " (layers per GPU)")
-    if plan["command"]:
-        env = " ".join(f"{k}={v}" for k, v in plan["env"].items())
-        lines += ["", "command:", f"  {env + ' ' if env else ''}{' '.join(plan['command'])}"]
+    if plan.tensor_split:
+        lines.append("tensor split: " + ",".join(f"{p:g}" for p in plan.tensor_split) + " (layers per GPU)")
+    if plan.command:
+        env = " ".join(f"{k}={v}" for k, v in plan.env.items())
+        lines += ["", "command:", f"  {env + ' ' if env else ''}{' '.join(plan.command)}"]
+    return "\n".join(lines)
+
+
+def all_ready(statuses: Sequence[InstanceStatus]) -> bool:
+    """True once every instance is ready; LauncherError when one failed or stopped on its way."""
+    for status in statuses:
+        if status.state in (State.FAILED, State.STOPPED):
+            reason = status.last_error or status.last_exit or status.state
+            last = f"; last log line: {status.log_line}" if status.log_line else ""
+            raise LauncherError(
+                f"{status.name} did not become ready: {reason}{last}",
+                hint=f"`launcher logs {status.name}` shows the server's output",
+            )
+    return all(status.state == State.READY for status in statuses)
+
+
+def ready_report(statuses: Sequence[InstanceStatus], through: str | None) -> str:
+    lines = [f"{s.name} is ready at http://127.0.0.1:{s.port} (pid {s.pid})" for s in statuses]
+    if through:
+        lines.append(f"supervised by the daemon at {through}")
+    first = statuses[0]
+    url = f"http://127.0.0.1:{first.port}"
+    if first.backend == "ollama":
+        body = json.dumps({"model": first.model, "prompt": "Hello", "stream": False})
+        lines.append(f"try: curl -s {url}/api/generate -d '{body}'")
+    else:
+        lines.append(f"try: curl -s {url}/completion -d '{json.dumps({'prompt': 'Hello', 'n_predict': 16})}'")
     return "\n".join(lines)
 
 
@@ -74,19 +165,19 @@ class ProgressPrinter:
     def _elapsed(self) -> str:
         return f"{time.monotonic() - self._started:6.1f}s"
 
-    def update(self, statuses: Sequence[dict[str, Any]]) -> None:
+    def update(self, statuses: Sequence[InstanceStatus]) -> None:
         if self._quiet:
             return
         for s in statuses:
-            key = f"{s['state']}|{s['restarts']}"
-            if self._seen.get(s["name"]) != key:
-                self._seen[s["name"]] = key
-                note = s["events"][-1]["message"] if s.get("events") else ""
-                note = "" if note == s["state"] else f" ({note})"
+            key = f"{s.state}|{s.restarts}"
+            if self._seen.get(s.name) != key:
+                self._seen[s.name] = key
+                note = s.events[-1].message if s.events else ""
+                note = "" if note == s.state else f" ({note})"
                 self._clear()
-                self._out.write(f"{self._elapsed()} {s['name']}: {s['state']}{note}\n")
+                self._out.write(f"{self._elapsed()} {s.name}: {s.state}{note}\n")
         if self._tty and statuses:
-            line = " | ".join(f"{s['name']}: {(s['log_line'] or '')[:100]}" for s in statuses)
+            line = " | ".join(f"{s.name}: {(s.log_line or '')[:100]}" for s in statuses)
             self._out.write(f"\r\x1b[K{self._elapsed()} {line}")
             self._transient = True
         self._out.flush()

@@ -6,13 +6,14 @@ tmp_path> in its environment; after each test, no process with that mark may be 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,10 @@ import pytest
 import yaml
 
 from launcher.backends.llama_server import find_llama_server
+from launcher.config import Settings, load_settings
+from launcher.supervise.manager import Manager
 from launcher.tinymodel import write_tiny_llama
+from launcher.wiring import supervision
 
 MARK = "LAUNCHER_TEST_MARK"
 
@@ -197,3 +201,20 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def ollama_standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _executable(tmp_path_factory.mktemp("bin"), "ollama.py")
+
+
+OpenManager = Callable[[Path | Settings], Awaitable[Manager]]
+
+
+@pytest.fixture
+async def open_manager() -> AsyncIterator[OpenManager]:
+    """Managers wired as the daemon wires them (state directory lock, leftovers, GPU sampler), each shut
+    down at the end of the test (every server stopped, the lock released)."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def open_one(config: Path | Settings) -> Manager:
+            settings = config if isinstance(config, Settings) else load_settings(config)
+            wired = await stack.enter_async_context(supervision(settings, lambda _event: None))
+            return wired.manager
+
+        yield open_one

@@ -68,7 +68,7 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     settings = parse_settings("daemon: {state_dir: st}\nmodels: {m: {model: ../m.gguf}}", tmp_path / "c" / "l.yaml")
-    assert settings.models["m"].model == tmp_path / "c" / ".." / "m.gguf"
+    assert settings.models["m"].model == tmp_path / "m.gguf"  # normalised: no ".." shown
     assert settings.daemon.state_dir == tmp_path / "c" / "st"
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import yaml
 
 from tests.conftest import ConfigWriter, Daemon, marked_processes, run_cli, stop_process
 
@@ -147,10 +148,14 @@ def test_non_loopback_without_token_is_refused(write_config: ConfigWriter, marke
 
 
 def test_second_daemon_on_the_same_port_says_so(
-    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
+    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon], tmp_path: Path
 ) -> None:
     daemon = start_daemon(write_config())
-    result = daemon.cli("serve")
+    other = yaml.safe_load(daemon.config.read_text())
+    other["daemon"]["state_dir"] = str(tmp_path / "other-state")  # its own state directory, the same port
+    config = tmp_path / "other.yaml"
+    config.write_text(yaml.safe_dump(other))
+    result = run_cli("--config", str(config), "serve", env=daemon.env)
     assert result.returncode == 1
     assert "cannot listen on 127.0.0.1:" in result.stderr
     assert "Traceback" not in result.stderr

@@ -11,17 +11,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import psutil
-import pytest
 
 from launcher.config import load_settings
-from launcher.daemon import open_manager as open_manager_for
-from launcher.supervise.instance import Instance, State
-from launcher.supervise.manager import Manager
-from tests.conftest import ConfigWriter, Daemon, marked_processes
+from launcher.schema import State
+from launcher.supervise.instance import Instance
+from tests.conftest import ConfigWriter, Daemon, OpenManager, marked_processes
 
 FAST_RESTART = {"policy": "on-failure", "backoff_initial": 0.01, "backoff_max": 0.05, "burst": 1000, "interval": 60}
 
@@ -30,22 +27,8 @@ def is_ready(instance: Instance) -> bool:
     return instance.state == State.READY
 
 
-@pytest.fixture
-async def open_manager() -> AsyncIterator[Callable[[Path], Manager]]:
-    managers: list[Manager] = []
-
-    def make(config: Path) -> Manager:
-        managers.append(Manager(load_settings(config)))
-        return managers[-1]
-
-    yield make
-    for m in managers:
-        await m.shutdown()
-
-
-async def test_fifty_kill_9_in_a_row(write_config: ConfigWriter, open_manager: Callable[[Path], Manager]) -> None:
-    manager = open_manager(write_config({"tiny": {"restart": FAST_RESTART}}))
-    await manager.open()
+async def test_fifty_kill_9_in_a_row(write_config: ConfigWriter, open_manager: OpenManager) -> None:
+    manager = await open_manager(write_config({"tiny": {"restart": FAST_RESTART}}))
     instance = manager.get("tiny")
     await manager.start("tiny")
     await instance.wait_until(is_ready, 30)
@@ -62,11 +45,11 @@ async def test_fifty_kill_9_in_a_row(write_config: ConfigWriter, open_manager: C
 
 
 async def test_a_server_ignoring_sigterm_is_killed_with_its_grandchild(
-    write_config: ConfigWriter, open_manager: Callable[[Path], Manager], standin: Path, leaves_no_process: str
+    write_config: ConfigWriter, open_manager: OpenManager, standin: Path, leaves_no_process: str
 ) -> None:
     env = {"STANDIN_IGNORE_TERM": "1", "STANDIN_GRANDCHILD": "1"}
     config = write_config({"stubborn": {"binary": str(standin), "stop_timeout": 0.5, "env": env}})
-    manager = open_manager(config)
+    manager = await open_manager(config)
     instance = manager.get("stubborn")
     await manager.start("stubborn")
     await instance.wait_until(is_ready, 30)
@@ -82,11 +65,11 @@ async def test_a_server_ignoring_sigterm_is_killed_with_its_grandchild(
 
 
 async def test_a_crash_loop_follows_the_backoff_and_fails_without_using_cpu(
-    write_config: ConfigWriter, open_manager: Callable[[Path], Manager], standin: Path
+    write_config: ConfigWriter, open_manager: OpenManager, standin: Path
 ) -> None:
     restart = {"policy": "on-failure", "backoff_initial": 0.2, "backoff_max": 0.8, "burst": 4, "interval": 60}
     env = {"STANDIN_CRASH_AT_START": "1"}
-    manager = open_manager(write_config({"crashy": {"binary": str(standin), "restart": restart, "env": env}}))
+    manager = await open_manager(write_config({"crashy": {"binary": str(standin), "restart": restart, "env": env}}))
     instance = manager.get("crashy")
     cpu_before = psutil.Process().cpu_times()
     began = time.monotonic()
@@ -106,11 +89,9 @@ async def test_a_crash_loop_follows_the_backoff_and_fails_without_using_cpu(
     assert instance.state in (State.STARTING, State.LOADING, State.BACKOFF)
 
 
-async def test_a_hung_server_is_detected_and_replaced(
-    write_config: ConfigWriter, open_manager: Callable[[Path], Manager]
-) -> None:
+async def test_a_hung_server_is_detected_and_replaced(write_config: ConfigWriter, open_manager: OpenManager) -> None:
     health = {"interval": 0.2, "timeout": 0.2, "failures": 3}
-    manager = open_manager(write_config({"tiny": {"health": health, "restart": FAST_RESTART}}))
+    manager = await open_manager(write_config({"tiny": {"health": health, "restart": FAST_RESTART}}))
     instance = manager.get("tiny")
     await manager.start("tiny")
     await instance.wait_until(is_ready, 30)
@@ -128,11 +109,11 @@ async def test_a_hung_server_is_detected_and_replaced(
 
 
 async def test_a_slow_load_beyond_its_timeout_is_a_failed_start(
-    write_config: ConfigWriter, open_manager: Callable[[Path], Manager], standin: Path
+    write_config: ConfigWriter, open_manager: OpenManager, standin: Path
 ) -> None:
     restart = {"policy": "on-failure", "backoff_initial": 0.05, "backoff_max": 0.05, "burst": 1, "interval": 60}
     model = {"binary": str(standin), "env": {"STANDIN_LOAD_S": "30"}, "restart": restart}
-    manager = open_manager(write_config({"slow": {**model, "health": {"load_timeout": 0.5}}}))
+    manager = await open_manager(write_config({"slow": {**model, "health": {"load_timeout": 0.5}}}))
     instance = manager.get("slow")
     await manager.start("slow")
     await instance.wait_until(lambda i: i.state == State.FAILED, 30)
@@ -141,9 +122,9 @@ async def test_a_slow_load_beyond_its_timeout_is_a_failed_start(
 
 
 async def test_one_hundred_concurrent_restarts_make_one(
-    write_config: ConfigWriter, open_manager: Callable[[Path], Manager], leaves_no_process: str
+    write_config: ConfigWriter, open_manager: OpenManager, leaves_no_process: str
 ) -> None:
-    manager = open_manager(write_config())
+    manager = await open_manager(write_config())
     instance = manager.get("tiny")
     await manager.start("tiny")
     await instance.wait_until(is_ready, 30)
@@ -156,7 +137,7 @@ async def test_one_hundred_concurrent_restarts_make_one(
     assert len(marked_processes(leaves_no_process)) == 1
 
 
-async def test_memory_a_killed_server_held_is_waited_for(write_config: ConfigWriter) -> None:
+async def test_memory_a_killed_server_held_is_waited_for(write_config: ConfigWriter, open_manager: OpenManager) -> None:
     gpus = {
         "backend": "sim",
         "poll_interval": 0.05,
@@ -165,24 +146,20 @@ async def test_memory_a_killed_server_held_is_waited_for(write_config: ConfigWri
         "sim": [{"name": "Sim", "memory_mib": 900, "release_delay_s": 1.0}],
     }
     settings = load_settings(write_config({"tiny": {"restart": FAST_RESTART}}, gpus=gpus))
-    manager, _reason = open_manager_for(settings, lambda _e: None)  # with the simulated GPUs
-    await manager.open()
-    try:
-        instance = manager.get("tiny")
-        await manager.start("tiny")
-        await instance.wait_until(is_ready, 30)
-        pid = instance.status().pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        await instance.wait_until(lambda i: i.restarts == 1 and is_ready(i), 30)
-        events = instance.status(events=50).events
-        exited = next(e for e in events if e.kind == "exit")
-        loading = [e for e in events if e.state == State.LOADING][-1]
-        waited = _seconds(loading.time) - _seconds(exited.time)
-        assert waited >= 0.8  # the memory came back after 1 s, and the new server started after it
-        assert any(e.kind == "vram" and "waiting for memory to come back on GPU 0" in e.message for e in manager.events)
-    finally:
-        await manager.shutdown()
+    manager = await open_manager(settings)  # with the simulated GPUs
+    instance = manager.get("tiny")
+    await manager.start("tiny")
+    await instance.wait_until(is_ready, 30)
+    pid = instance.status().pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await instance.wait_until(lambda i: i.restarts == 1 and is_ready(i), 30)
+    events = instance.status(events=50).events
+    exited = next(e for e in events if e.kind == "exit")
+    loading = [e for e in events if e.state == State.LOADING][-1]
+    waited = _seconds(loading.time) - _seconds(exited.time)
+    assert waited >= 0.8  # the memory came back after 1 s, and the new server started after it
+    assert any(e.kind == "vram" and "waiting for memory to come back on GPU 0" in e.message for e in manager.events)
 
 
 def _seconds(stamp: str) -> float:
@@ -191,11 +168,9 @@ def _seconds(stamp: str) -> float:
     return datetime.fromisoformat(stamp).timestamp()
 
 
-async def test_logs_rotate_by_size_and_keep_markers(
-    write_config: ConfigWriter, open_manager: Callable[[Path], Manager]
-) -> None:
+async def test_logs_rotate_by_size_and_keep_markers(write_config: ConfigWriter, open_manager: OpenManager) -> None:
     config = write_config({"tiny": {}}, daemon={"log_max_mib": 0.0005, "log_keep": 2})  # 512 bytes
-    manager = open_manager(config)
+    manager = await open_manager(config)
     instance = manager.get("tiny")
     for _ in range(4):
         await manager.start("tiny")

@@ -9,7 +9,8 @@ from typing import Any
 
 from launcher.config import parse_settings
 from launcher.doctor import Finding, Machine, examine
-from launcher.gpu.types import GpuSample, Link
+from launcher.gpu.types import Link
+from launcher.schema import GpuSample
 from tests.conftest import ConfigWriter, free_port, run_cli
 
 

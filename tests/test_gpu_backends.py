@@ -16,7 +16,8 @@ from launcher.gpu.base import NoGpus
 from launcher.gpu.nvml import NvmlBackend
 from launcher.gpu.sim import SimBackend
 from launcher.gpu.sysfs import SysfsBackend
-from launcher.gpu.types import GpuError, GpuIdentity, GpuProcess, GpuSample, Link
+from launcher.gpu.types import GpuError, GpuIdentity, Link, sample_of
+from launcher.schema import GpuProcess
 from tests.fakes import GIB, FakeAmdSmi, FakeGpu, FakeNvml
 
 MIB = 1024 * 1024
@@ -36,7 +37,7 @@ def test_nvml_maps_values_and_units() -> None:
     assert reading.throttle == ("power-cap", "sw-thermal")
     assert reading.processes == (GpuProcess(pid=4242, used_mib=5120), GpuProcess(pid=4343, used_mib=None))
     assert backend.read(0, processes=False).processes is None
-    sample = GpuSample.of(identity, reading, 0.0)
+    sample = sample_of(identity, reading, 0.0)
     assert sample.memory_free_mib == 24576 - 6144
 
 

@@ -1,5 +1,5 @@
 """GPUs through the daemon: the instance <-> GPU mapping, device identity in the child's environment,
-`launcher gpus`, history, and the thermal guard, on simulated GPUs with real llama-servers."""
+`launcher gpus` and history, on simulated GPUs with real llama-servers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -74,48 +73,6 @@ def test_unknown_gpu_in_config_is_refused_with_the_gpus_seen(
     assert result.returncode == 2
     assert "models.tiny.gpus names GPU 'GPU-nope', which is not there" in result.stderr
     assert SIM[0]["uuid"] in result.stderr
-
-
-def thermal_events(daemon: Daemon, count: int) -> list[dict[str, Any]]:
-    found = []
-    with httpx.stream("GET", f"{daemon.url}/events", params={"recent": 200}, timeout=30) as stream:
-        for line in stream.iter_lines():
-            event = json.loads(line[6:]) if line.startswith("data: ") else {}
-            if event.get("kind") == "thermal" and event["instance"] is None:  # the GPU's own, not the copies
-                found.append(event)
-                if len(found) == count:
-                    return found
-    raise AssertionError("the event stream ended")
-
-
-def test_thermal_guard_warns_naming_gpu_and_instance(
-    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
-) -> None:
-    # GPU 0 is cool for the first 60 readings (6 s at 0.1 s: the instance is ready by then), then hot, then cool.
-    hot = [{**SIM[0], "temperature_c": [40] * 60 + [93] * 5 + [70]}, SIM[1]]
-    config = write_config(
-        {"tiny": {"autostart": True, "gpus": [0]}}, gpus={"backend": "sim", "poll_interval": 0.1, "sim": hot}
-    )
-    daemon = start_daemon(config)
-    daemon.wait_for("tiny", ready)
-    warning, cooled = thermal_events(daemon, 2)
-    assert warning["gpu"] == 0
-    assert warning["message"] == "Sim 3090 at 93 °C, at or above the 90 °C limit; running on it: tiny"
-    assert cooled["message"] == "Sim 3090 back to 70 °C"
-    assert daemon.instance("tiny")["state"] == "ready"  # warn only, by default
-    assert any(e["kind"] == "thermal" for e in daemon.instance("tiny")["events"])
-
-
-def test_thermal_guard_can_stop_the_instances(
-    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
-) -> None:
-    hot = [{**SIM[0], "temperature_c": [40] * 60 + [95]}, SIM[1]]
-    gpus = {"backend": "sim", "poll_interval": 0.1, "thermal_action": "stop", "sim": hot}
-    daemon = start_daemon(write_config({"tiny": {"autostart": True, "gpus": [0]}}, gpus=gpus))
-    daemon.wait_for("tiny", ready)
-    [warning] = thermal_events(daemon, 1)
-    assert warning["message"].endswith("stopping tiny")
-    daemon.wait_for("tiny", lambda s: s["state"] == "stopped")
 
 
 def test_gpus_watch_redraws_until_interrupted(write_config: ConfigWriter, marked_env: dict[str, str]) -> None:

@@ -6,19 +6,18 @@ warning; planning from the model's blob in the Ollama store."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from launcher.config import load_settings
-from launcher.daemon import open_manager
 from launcher.errors import ConfigError
-from launcher.supervise.instance import Instance, State
+from launcher.schema import State
+from launcher.supervise.instance import Instance
 from launcher.supervise.manager import Manager
 from launcher.tinymodel import write_tiny_llama
-from tests.conftest import ConfigWriter, Daemon, free_port
+from tests.conftest import ConfigWriter, Daemon, OpenManager, free_port
 
 UUIDS = [f"GPU-{i}{i}{i}{i}aaaa-0000-4000-8000-00000000000{i}" for i in range(4)]
 PREFIXES = ("OLLAMA_", "CUDA_", "ROCR_", "HIP_")
@@ -50,21 +49,11 @@ def recorded(records: Path, port: int) -> dict[str, str]:
 
 
 @pytest.fixture
-async def manager_for() -> AsyncIterator[Callable[[Path], Manager]]:
-    opened: list[Manager] = []
-
-    def make(config: Path) -> Manager:
-        manager, _reason = open_manager(load_settings(config), lambda _e: None)
-        opened.append(manager)
-        return manager
-
-    yield make
-    for manager in opened:
-        await manager.shutdown()
+def manager_for(open_manager: OpenManager) -> OpenManager:
+    return open_manager
 
 
 async def start_ready(manager: Manager, name: str) -> Instance:
-    await manager.open()
     await manager.start(name)
     instance = manager.get(name)
     await instance.wait_until(lambda i: i.state in (State.READY, State.FAILED), 30)
@@ -83,12 +72,12 @@ def base_env(port: int, spread: str, **extra: str) -> dict[str, str]:
 
 
 async def test_one_gpu(
-    write_config: ConfigWriter, manager_for: Callable[[Path], Manager], ollama_standin: Path, tmp_path: Path,
+    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")  # the daemon's, never the child's
     config = write_config({"chat": ollama_model(ollama_standin, tmp_path)}, gpus=sim_gpus(2))
-    instance = await start_ready(manager_for(config), "chat")
+    instance = await start_ready(await manager_for(config), "chat")
     assert instance.port is not None
     env = recorded(tmp_path, instance.port)
     assert env == base_env(instance.port, "0", CUDA_VISIBLE_DEVICES=UUIDS[0], CUDA_DEVICE_ORDER="PCI_BUS_ID")
@@ -98,10 +87,10 @@ async def test_one_gpu(
 
 
 async def test_spread_over_two(
-    write_config: ConfigWriter, manager_for: Callable[[Path], Manager], ollama_standin: Path, tmp_path: Path
+    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path
 ) -> None:
     big = ollama_model(ollama_standin, tmp_path, ollama={"size_mib": 30000})
-    instance = await start_ready(manager_for(write_config({"big": big}, gpus=sim_gpus(2))), "big")
+    instance = await start_ready(await manager_for(write_config({"big": big}, gpus=sim_gpus(2))), "big")
     assert instance.port is not None
     env = recorded(tmp_path, instance.port)
     expected = base_env(instance.port, "1", CUDA_VISIBLE_DEVICES=",".join(UUIDS[:2]), CUDA_DEVICE_ORDER="PCI_BUS_ID")
@@ -110,7 +99,7 @@ async def test_spread_over_two(
 
 
 async def test_amd_cards_and_a_user_override(
-    write_config: ConfigWriter, manager_for: Callable[[Path], Manager], ollama_standin: Path, tmp_path: Path
+    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path
 ) -> None:
     model = ollama_model(
         ollama_standin,
@@ -118,7 +107,7 @@ async def test_amd_cards_and_a_user_override(
         env={"OLLAMA_KEEP_ALIVE": "10m", "OLLAMA_NUM_PARALLEL": "8"},
         ollama={"num_parallel": 2, "flash_attention": True, "kv_cache_type": "q8_0", "gpu_overhead_mib": 256},
     )
-    instance = await start_ready(manager_for(write_config({"chat": model}, gpus=sim_gpus(2, "amd"))), "chat")
+    instance = await start_ready(await manager_for(write_config({"chat": model}, gpus=sim_gpus(2, "amd"))), "chat")
     assert instance.port is not None
     env = recorded(tmp_path, instance.port)
     assert env == base_env(
@@ -135,12 +124,12 @@ async def test_amd_cards_and_a_user_override(
 
 
 async def test_ready_means_loaded_with_sizes_and_a_cpu_fallback_warning(
-    write_config: ConfigWriter, manager_for: Callable[[Path], Manager], ollama_standin: Path, tmp_path: Path
+    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path
 ) -> None:
     # The stand-in's GPU holds 600 MiB of the 1000 MiB model: Ollama would put the rest on the CPU.
     env = {"STANDIN_LOAD_S": "0.5", "STANDIN_GPU_MIB": "600"}
     model = ollama_model(ollama_standin, tmp_path, env=env)
-    manager = manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
+    manager = await manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
     instance = await start_ready(manager, "chat")
     states = [e.state for e in instance.events if e.kind == "state"]
     assert states.index(State.LOADING) < states.index(State.READY)
@@ -151,11 +140,11 @@ async def test_ready_means_loaded_with_sizes_and_a_cpu_fallback_warning(
 
 
 async def test_a_dropped_model_is_reloaded_not_restarted(
-    write_config: ConfigWriter, manager_for: Callable[[Path], Manager], ollama_standin: Path, tmp_path: Path
+    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path
 ) -> None:
     # Late enough to come after ready even on a loaded machine: a drop while loading is just a longer load.
     model = ollama_model(ollama_standin, tmp_path, env={"STANDIN_DROP_AFTER_S": "1.5"})
-    manager = manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
+    manager = await manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
     instance = await start_ready(manager, "chat")
     pid = instance.status().pid
     await instance.wait_until(lambda i: any(e.kind == "warning" for e in i.events), 10)
@@ -167,24 +156,24 @@ async def test_a_dropped_model_is_reloaded_not_restarted(
 
 
 async def test_a_crash_is_restarted(
-    write_config: ConfigWriter, manager_for: Callable[[Path], Manager], ollama_standin: Path, tmp_path: Path
+    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path
 ) -> None:
     restart = {"backoff_initial": 0.05, "backoff_max": 0.1, "burst": 10}
     model = ollama_model(ollama_standin, tmp_path, env={"STANDIN_CRASH_AFTER_S": "0.5"}, restart=restart)
-    manager = manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
+    manager = await manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
     instance = await start_ready(manager, "chat")
     await instance.wait_until(lambda i: i.restarts >= 1 and i.state == State.READY, 30)
     assert instance.status().last_exit == "exited with code 3"
 
 
 async def test_a_hung_server_is_replaced(
-    write_config: ConfigWriter, manager_for: Callable[[Path], Manager], ollama_standin: Path, tmp_path: Path
+    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path
 ) -> None:
     restart = {"backoff_initial": 0.05, "backoff_max": 0.1, "burst": 10}
     model = ollama_model(ollama_standin, tmp_path, env={"STANDIN_HANG_AFTER_S": "1.5"}, restart=restart)
     model["health"] = {"interval": 0.2, "timeout": 0.3, "failures": 2}
     model["stop_timeout"] = 1
-    manager = manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
+    manager = await manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
     instance = await start_ready(manager, "chat")
     first = instance.status().pid
     await instance.wait_until(lambda i: i.restarts >= 1 and i.state == State.READY, 30)
@@ -193,7 +182,7 @@ async def test_a_hung_server_is_replaced(
 
 
 async def test_planning_reads_the_blob_in_the_ollama_store(
-    write_config: ConfigWriter, manager_for: Callable[[Path], Manager], ollama_standin: Path, tmp_path: Path
+    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path
 ) -> None:
     store = tmp_path / "store"
     digest = "sha256-" + "ab" * 32
@@ -203,19 +192,18 @@ async def test_planning_reads_the_blob_in_the_ollama_store(
     layers = [{"mediaType": "application/vnd.ollama.image.model", "digest": digest.replace("-", ":")}]
     manifest.write_text(json.dumps({"schemaVersion": 2, "layers": layers}))
     model = ollama_model(ollama_standin, tmp_path, model="tiny", ollama={"size_mib": None, "models_dir": str(store)})
-    manager = manager_for(write_config({"tiny": model}, gpus=sim_gpus(1)))
-    await manager.open()
-    plan = manager.plan("tiny")
+    manager = await manager_for(write_config({"tiny": model}, gpus=sim_gpus(1)))
+    plan = await manager.plan("tiny")
     assert plan.fits
     assert plan.devices[0].layers == 4  # the real shape of the blob, not a size
     assert plan.env["OLLAMA_MODELS"] == str(store)
     missing = ollama_model(
         ollama_standin, tmp_path, model="nope:1b", ollama={"size_mib": None, "models_dir": str(store)}
     )
-    manager = manager_for(write_config({"nope": missing}, gpus=sim_gpus(1)))
-    await manager.open()
+    other_state = {"state_dir": str(tmp_path / "state-2")}  # a second daemon owns a state directory of its own
+    manager = await manager_for(write_config({"nope": missing}, gpus=sim_gpus(1), daemon=other_state))
     with pytest.raises(ConfigError, match=r"is not in the Ollama store at .* and no ollama\.size_mib is set"):
-        manager.plan("nope")
+        await manager.plan("nope")
 
 
 def test_per_gpu_replicas_on_four(

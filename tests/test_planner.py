@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from launcher.config import GpuSettings, ModelSettings
-from launcher.gpu.types import GpuSample, Link
+from launcher.gpu.types import Link
 from launcher.plan.estimate import ModelShape, Runtime, kv_bytes
 from launcher.plan.gguf import ModelFileError, read_gguf
 from launcher.plan.place import counts_from_split
-from launcher.plan.planner import Plan, make_plan
+from launcher.plan.planner import make_plan
+from launcher.schema import GpuSample, Plan
 from launcher.tinymodel import TinyShape, write_tiny_llama
 
 GIB = 1024

@@ -15,8 +15,8 @@ from launcher.api.app import create_app
 from launcher.config import SimGpu, parse_settings
 from launcher.gpu.sampler import Sampler
 from launcher.gpu.sim import SimBackend
-from launcher.gpu.types import GpuSample
-from launcher.supervise.manager import Manager
+from launcher.schema import GpuSample
+from tests.conftest import OpenManager
 
 POLL_S = 0.05
 
@@ -87,12 +87,13 @@ async def test_history_is_bounded(sim_sampler: tuple[SimBackend, Sampler]) -> No
     assert [s.time for s in history] == sorted(s.time for s in history)
 
 
-async def test_api_latency_is_unaffected_by_a_slow_backend(tmp_path: Path) -> None:
-    settings = parse_settings("gpus: {backend: sim, sim: [{name: A, memory_mib: 1000}]}", tmp_path / "l.yaml")
-    sim = SimBackend(settings.gpus.sim)
-    manager = Manager(settings, sampler=Sampler(sim, poll_interval_s=POLL_S))
-    app = create_app(manager)
-    await manager.open()
+async def test_api_latency_is_unaffected_by_a_slow_backend(tmp_path: Path, open_manager: OpenManager) -> None:
+    gpus = f"gpus: {{backend: sim, poll_interval: {POLL_S}, sim: [{{name: A, memory_mib: 1000}}]}}"
+    settings = parse_settings(f"daemon: {{state_dir: {tmp_path / 'state'}}}\n{gpus}", tmp_path / "l.yaml")
+    manager = await open_manager(settings)
+    sim = manager.sampler.backend
+    assert isinstance(sim, SimBackend)
+    app = create_app(manager, settings)
     sim.inject(0, delay_s=2.0)  # every read from now on takes 2 s, in the sampler's thread
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
@@ -105,4 +106,3 @@ async def test_api_latency_is_unaffected_by_a_slow_backend(tmp_path: Path) -> No
         assert elapsed < 0.5, f"/gpus took {elapsed:.3f}s while a GPU read hung"
     finally:
         sim.inject(0)
-        await manager.shutdown()

@@ -4,28 +4,24 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from launcher.config import load_settings
 from launcher.errors import ConfigError, ConflictError, StartError
-from launcher.supervise.instance import State
+from launcher.schema import State
 from launcher.supervise.manager import Manager
 from launcher.tinymodel import write_tiny_llama
-from tests.conftest import ConfigWriter, free_port
+from tests.conftest import ConfigWriter, OpenManager, free_port
 
 READY_TIMEOUT_S = 60
 
 
 @pytest.fixture
-async def manager(write_config: ConfigWriter) -> AsyncIterator[Manager]:
-    m = Manager(load_settings(write_config()))
-    yield m
-    await m.shutdown()
+async def manager(write_config: ConfigWriter, open_manager: OpenManager) -> Manager:
+    return await open_manager(write_config())
 
 
 def is_ready(instance: object) -> bool:
@@ -97,48 +93,43 @@ async def test_conflicts(manager: Manager) -> None:
         await manager.start("tiny")
 
 
-async def test_missing_model_file_is_refused_before_spawning(write_config: ConfigWriter, tmp_path: Path) -> None:
-    manager = Manager(load_settings(write_config({"tiny": {"model": str(tmp_path / "absent.gguf")}})))
-    try:
-        with pytest.raises(ConfigError, match=r"absent\.gguf .* does not exist"):
-            await manager.start("tiny")
-        assert manager.get("tiny").state == State.STOPPED
-    finally:
-        await manager.shutdown()
+async def test_missing_model_file_is_refused_before_spawning(
+    write_config: ConfigWriter, open_manager: OpenManager, tmp_path: Path
+) -> None:
+    manager = await open_manager(write_config({"tiny": {"model": str(tmp_path / "absent.gguf")}}))
+    with pytest.raises(ConfigError, match=r"absent\.gguf .* does not exist"):
+        await manager.start("tiny")
+    assert manager.get("tiny").state == State.STOPPED
 
 
-async def test_port_in_use_names_the_holder(write_config: ConfigWriter) -> None:
+async def test_port_in_use_names_the_holder(write_config: ConfigWriter, open_manager: OpenManager) -> None:
     import socket
 
     port = free_port()
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", port))
         holder.listen()
-        manager = Manager(load_settings(write_config({"tiny": {"port": port}})))
-        try:
-            with pytest.raises(StartError, match=f"port {port} is already in use by .*pid {os.getpid()}"):
-                await manager.start("tiny")
-        finally:
-            await manager.shutdown()
+        manager = await open_manager(write_config({"tiny": {"port": port}}))
+        with pytest.raises(StartError, match=f"port {port} is already in use by .*pid {os.getpid()}"):
+            await manager.start("tiny")
 
 
-async def test_crash_at_load_backs_off_then_fails(write_config: ConfigWriter, tmp_path: Path) -> None:
+async def test_crash_at_load_backs_off_then_fails(
+    write_config: ConfigWriter, open_manager: OpenManager, tmp_path: Path
+) -> None:
     broken = write_tiny_llama(tmp_path / "broken.gguf")
     with broken.open("r+b") as f:  # a sound header, but tensor data missing: llama-server exits at load
         f.truncate(broken.stat().st_size - 4096)
     restart = {"policy": "on-failure", "backoff_initial": 0.05, "backoff_max": 0.2, "burst": 2, "interval": 60}
-    manager = Manager(load_settings(write_config({"tiny": {"model": str(broken), "restart": restart}})))
+    manager = await open_manager(write_config({"tiny": {"model": str(broken), "restart": restart}}))
     instance = manager.get("tiny")
-    try:
-        await manager.start("tiny")
-        await instance.wait_until(lambda i: i.state == State.FAILED, READY_TIMEOUT_S)
-        status = instance.status()
-        assert status.restarts == 2
-        assert status.last_exit is not None
-        assert status.last_exit != "killed by SIGTERM"
-        assert status.last_error is not None
-        assert "gave up" in status.last_error
-        backoffs = [e.message for e in status.events if e.state == State.BACKOFF and e.kind == "state"]
-        assert backoffs == ["restarting in 0.05s", "restarting in 0.10s"]
-    finally:
-        await manager.shutdown()
+    await manager.start("tiny")
+    await instance.wait_until(lambda i: i.state == State.FAILED, READY_TIMEOUT_S)
+    status = instance.status()
+    assert status.restarts == 2
+    assert status.last_exit is not None
+    assert status.last_exit != "killed by SIGTERM"
+    assert status.last_error is not None
+    assert "gave up" in status.last_error
+    backoffs = [e.message for e in status.events if e.state == State.BACKOFF and e.kind == "state"]
+    assert backoffs == ["restarting in 0.05s", "restarting in 0.10s"]

@@ -1,87 +1,120 @@
-"""FastAPI application: health, instances, start/stop/restart, logs."""
+"""The REST API: health, instances and their acts, plans, GPUs, events, logs and metrics.
+
+Every answer, errors included, is a type of launcher.schema, and every path declares each status it can
+answer with its body and content type: the OpenAPI document at /openapi.json is the truth (a schemathesis
+run over it is part of the tests).
+"""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import launcher
+from launcher.api.auth import UNAUTHORISED, ReadAuth, bearer_matches, reads_need_token
 from launcher.api.metrics import LauncherCollector
+from launcher.config import Settings
 from launcher.errors import LauncherError, NotFoundError
-from launcher.gpu.types import GpuSample
-from launcher.plan.planner import Plan
+from launcher.schema import ErrorBody, Event, GpuSample, Health, InstanceStatus, Plan
 from launcher.supervise import logs
-from launcher.supervise.instance import Event, InstanceStatus
 from launcher.supervise.manager import Manager
+from launcher.wiring import is_loopback
+
+Responses = dict[int | str, dict[str, Any]]
+
+
+def _errors(*statuses: int) -> Responses:
+    what = {
+        401: "the API token is missing or wrong",
+        404: "no such instance, model or GPU",
+        409: "the act makes no sense in the instance's state",
+        422: "a parameter is invalid, or the model's configuration points at something missing",
+        503: "the machine refuses the start: the model does not fit the GPUs, or its port is taken",
+    }
+    return {status: {"model": ErrorBody, "description": what[status]} for status in statuses}
+
+
+def _text(media_type: str, description: str) -> Responses:
+    return {200: {"content": {media_type: {"schema": {"type": "string"}}}, "description": description}}
+
+
+# Each server-sent event: its kind, and an Event (launcher.schema) as JSON.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {"event": {"type": "string"}, "data": {"type": "string", "contentMediaType": "application/json"}},
+}
+
+
+class _Unauthorised(Exception):
+    pass
+
+
+InstanceName = Annotated[str, Path(description="an instance: a configured model, or a replica NAME@N")]
 
 
 def create_app(
     manager: Manager,
+    settings: Settings,
     *,
     token: str | None = None,
-    autostart: bool = True,
-    on_started: Callable[[], None] = lambda: None,
-    on_stopping: Callable[[], None] = lambda: None,
+    on_started: Callable[[], Awaitable[None]] | None = None,
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await manager.open()
-        if autostart:
-            await manager.autostart()
-        on_started()
-        try:
-            yield
-        finally:
-            on_stopping()
-            await manager.shutdown()
+        if on_started is not None:
+            await on_started()
+        yield
 
     app = FastAPI(title="launcher", version=launcher.__version__, lifespan=lifespan)
+    reads_locked = token is not None and reads_need_token(settings.daemon.auth_reads, is_loopback(settings.daemon.host))
+    if reads_locked and token is not None:
+        app.add_middleware(ReadAuth, token=token)
+    read = _errors(401) if reads_locked else {}
 
     @app.exception_handler(LauncherError)
     async def launcher_error(_request: Request, exc: LauncherError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message, "hint": exc.hint}, status_code=exc.http_status)
+        return JSONResponse(ErrorBody(detail=exc.message, hint=exc.hint).model_dump(), status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].replace('Input should be', 'should be')}"
+            for e in exc.errors()
+        )
+        return JSONResponse(ErrorBody(detail=problems).model_dump(), status_code=422)
 
     async def authorised(authorization: Annotated[str | None, Header()] = None) -> None:
-        if token is None:
-            return
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.encode()):
+        if token is not None and not bearer_matches(authorization, token):
             raise _Unauthorised()
 
     @app.exception_handler(_Unauthorised)
     async def unauthorised(_request: Request, _exc: _Unauthorised) -> JSONResponse:
-        return JSONResponse(
-            {"detail": "this action needs Authorization: Bearer <token>", "hint": "see daemon.token_file"},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        return JSONResponse(UNAUTHORISED.model_dump(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"model": Health, "description": "an autostart instance is not ready"}})
     async def health() -> JSONResponse:
-        names = manager.autostart_names()
-        ok = manager.all_ready(names)
-        body = {
-            "status": "ok" if ok else "degraded",
-            "instances": {name: i.state.value for name, i in manager.instances.items()},
-        }
-        return JSONResponse(body, status_code=200 if ok else 503)
+        """200 when every autostart instance is ready, 503 otherwise; the state of every instance."""
+        ok = manager.all_ready(manager.autostart_names())
+        body = Health(status="ok" if ok else "degraded", instances={n: i.state for n, i in manager.instances.items()})
+        return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)
 
-    @app.get("/instances")
+    @app.get("/instances", responses=read)
     async def list_instances() -> list[InstanceStatus]:
         return manager.statuses()
 
-    @app.get("/instances/{name}")
-    async def get_instance(name: str) -> InstanceStatus:
+    @app.get("/instances/{name}", responses={**read, **_errors(404)})
+    async def get_instance(name: InstanceName) -> InstanceStatus:
         return manager.get(name).status(events=50)
 
     def action(act: Callable[[str], Awaitable[InstanceStatus]]) -> Callable[[str], Awaitable[InstanceStatus]]:
-        async def endpoint(name: str) -> InstanceStatus:
+        async def endpoint(name: InstanceName) -> InstanceStatus:
             return await act(name)
 
         return endpoint
@@ -92,51 +125,66 @@ def create_app(
             status_code=202,
             dependencies=[Depends(authorised)],
             summary=f"{verb.capitalize()} an instance",
+            responses=_errors(401, 404, 409, 422, 503),
         )(action(act))
 
     registry = CollectorRegistry(auto_describe=True)
     registry.register(LauncherCollector(manager))
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={**_text(CONTENT_TYPE_LATEST, "Prometheus"), **read})
     async def metrics() -> Response:
         """Prometheus text format: instances (ready, state, restarts, planned VRAM) and GPUs."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/plan/{name}")
-    async def plan(name: str) -> Plan:
+    @app.get("/plan/{name}", responses={**read, **_errors(404, 422)})
+    async def plan(name: InstanceName) -> Plan:
         """What `launcher plan NAME` shows: GPUs, MiB per GPU by term, split, command line, environment."""
-        return manager.plan(name)
+        return await manager.plan(name)
 
-    @app.get("/gpus")
+    @app.get("/gpus", responses=read)
     async def gpus() -> list[GpuSample]:
         return manager.gpu_samples()
 
-    @app.get("/gpus/{index}/history")
+    @app.get("/gpus/{index}/history", responses={**read, **_errors(404, 422)})
     async def gpu_history(index: int, limit: Annotated[int, Query(ge=1, le=100_000)] = 600) -> list[GpuSample]:
         if not 0 <= index < len(manager.sampler.identities):
             raise NotFoundError(f"no GPU {index}", hint=f"{len(manager.sampler.identities)} GPUs are seen")
         return manager.sampler.history(index)[-limit:]
 
-    @app.get("/events")
-    async def events(recent: Annotated[int, Query(ge=0, le=500)] = 0) -> StreamingResponse:
-        """Server-sent events: state changes, exits, errors, thermal warnings (``recent`` past ones first)."""
-        queue = manager.subscribe()
+    @app.get(
+        "/events",
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}, "description": "server-sent events"},
+            **read,
+            **_errors(422),
+        },
+    )
+    async def events(recent: Annotated[int, Query(ge=0, le=500)] = 0, follow: bool = True) -> StreamingResponse:
+        """Server-sent events: state changes, exits, errors, thermal warnings; ``recent`` past ones first.
+        With ``follow=false`` the stream ends after those (a script's look at what just happened)."""
+        queue = manager.subscribe() if follow else None
         past = list(manager.events)[-recent:] if recent else []
 
         async def stream() -> AsyncIterator[str]:
             try:
                 for event in past:
                     yield _sse(event)
-                while True:
+                while queue is not None:
                     yield _sse(await queue.get())
             finally:
-                manager.unsubscribe(queue)
+                if queue is not None:
+                    manager.unsubscribe(queue)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    @app.get("/instances/{name}/logs")
+    @app.get(
+        "/instances/{name}/logs",
+        response_class=StreamingResponse,  # no media type of its own: the error bodies are documented as JSON
+        responses={**_text("text/plain", "the server's log"), **read, **_errors(404, 422)},
+    )
     async def instance_logs(
-        name: str, tail: Annotated[int, Query(ge=0, le=100_000)] = 100, follow: bool = False
+        name: InstanceName, tail: Annotated[int, Query(ge=0, le=100_000)] = 100, follow: bool = False
     ) -> Response:
         path = manager.get(name).log_path
         head = "".join(f"{line}\n" for line in logs.tail(path, tail))
@@ -151,10 +199,6 @@ def create_app(
         return StreamingResponse(stream(), media_type="text/plain")
 
     return app
-
-
-class _Unauthorised(Exception):
-    pass
 
 
 def _sse(event: Event) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from launcher.supervise.instance import State
+from launcher.schema import State
 from launcher.supervise.manager import Manager
 
 _MIB = 1024 * 1024

@@ -16,7 +16,8 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from launcher.gpu.sysfs import pcie_gen, rocr_id
-from launcher.gpu.types import GpuError, GpuIdentity, GpuProcess, GpuReading, Link
+from launcher.gpu.types import GpuError, GpuIdentity, Link
+from launcher.schema import GpuProcess, GpuReading
 
 _MIB = 1024 * 1024
 _XGMI = 2  # AMDSMI_LINK_TYPE_XGMI: Infinity Fabric between GPUs

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from launcher.gpu.types import GpuIdentity, GpuReading, Link
+from launcher.gpu.types import GpuIdentity, Link
+from launcher.schema import GpuReading
 
 
 class GpuBackend(Protocol):

@@ -15,7 +15,8 @@ from functools import partial
 from types import ModuleType
 from typing import Any, TypeVar
 
-from launcher.gpu.types import GpuError, GpuIdentity, GpuProcess, GpuReading, Link
+from launcher.gpu.types import GpuError, GpuIdentity, Link
+from launcher.schema import GpuProcess, GpuReading
 
 _MIB = 1024 * 1024
 T = TypeVar("T")

@@ -18,7 +18,8 @@ from functools import partial
 from launcher.config import Settings
 from launcher.gpu import open_backend
 from launcher.gpu.base import GpuBackend
-from launcher.gpu.types import GpuIdentity, GpuSample, Link
+from launcher.gpu.types import GpuIdentity, Link, sample_of
+from launcher.schema import GpuSample
 
 Listener = Callable[[GpuSample], None]
 _STALE_AFTER_POLLS = 3
@@ -66,12 +67,8 @@ class Sampler:
             polls += 1
 
     async def _poll(self, gpu: GpuIdentity, count: int) -> None:
-        read = partial(self.backend.read, gpu.index, processes=count % self._process_every == 0)
-        try:
-            reading = await asyncio.get_running_loop().run_in_executor(self._pool, read)
-            sample = GpuSample.of(gpu, reading, time.time())
-        except Exception as exc:  # a GPU's failure is data, never the daemon's death
-            sample = GpuSample.of(gpu, None, time.time(), error=f"{type(exc).__name__}: {exc}")
+        read = partial(read_sample, self.backend, gpu, processes=count % self._process_every == 0)
+        sample = await asyncio.get_running_loop().run_in_executor(self._pool, read)
         self._history[gpu.index].append(sample)
         for listener in self._listeners:
             listener(sample)
@@ -83,7 +80,7 @@ class Sampler:
         for gpu in self.identities:
             history = self._history[gpu.index]
             if not history:
-                result.append(GpuSample.of(gpu, None, now, error="not read yet"))
+                result.append(sample_of(gpu, None, now, error="not read yet"))
                 continue
             sample = history[-1]
             age = now - sample.time
@@ -94,6 +91,14 @@ class Sampler:
 
     def history(self, index: int) -> list[GpuSample]:
         return list(self._history[index])
+
+
+def read_sample(backend: GpuBackend, gpu: GpuIdentity, *, processes: bool) -> GpuSample:
+    """One reading of ``gpu`` as a sample; a failed read is a sample with the error, never an exception."""
+    try:
+        return sample_of(gpu, backend.read(gpu.index, processes=processes), time.time())
+    except Exception as exc:  # a GPU's failure is data, never the daemon's death
+        return sample_of(gpu, None, time.time(), error=f"{type(exc).__name__}: {exc}")
 
 
 def open_sampler(settings: Settings) -> tuple[Sampler, str]:

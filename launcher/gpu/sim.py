@@ -9,7 +9,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 
 from launcher.config import SimGpu
-from launcher.gpu.types import GpuError, GpuIdentity, GpuReading, Link
+from launcher.gpu.types import GpuError, GpuIdentity, Link
+from launcher.schema import GpuReading
 
 UsageSource = Callable[[], Mapping[int, int]]
 

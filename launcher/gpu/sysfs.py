@@ -6,7 +6,8 @@ import itertools
 import re
 from pathlib import Path
 
-from launcher.gpu.types import GpuError, GpuIdentity, GpuReading, Link
+from launcher.gpu.types import GpuError, GpuIdentity, Link
+from launcher.schema import GpuReading
 
 AMD_VENDOR_ID = "0x1002"
 _MIB = 1024 * 1024

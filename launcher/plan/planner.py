@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from pydantic import BaseModel
-
 from launcher.config import GpuSettings, ModelSettings
-from launcher.gpu.types import GpuSample, Link
+from launcher.gpu.types import Link
 from launcher.plan.args import arg_value
 from launcher.plan.estimate import (
     MIB,
@@ -28,52 +26,9 @@ from launcher.plan.place import (
     layout,
     most_layers,
 )
+from launcher.schema import DevicePlan, GpuSample, HostPlan, Plan
 
 GIB = 1024 * MIB
-
-
-class DevicePlan(BaseModel):
-    gpu: int
-    uuid: str
-    name: str
-    layers: int
-    output_layer: bool
-    weights_mib: int
-    kv_cache_mib: int
-    compute_mib: int
-    overhead_mib: int
-    total_mib: int
-    usable_mib: int
-    free_after_mib: int
-
-
-class HostPlan(BaseModel):
-    weights_mib: int
-    kv_cache_mib: int
-    compute_mib: int
-
-
-class Plan(BaseModel):
-    model: str
-    backend: str
-    fits: bool
-    reason: str | None
-    suggestions: list[str]
-    ctx: int
-    flash_attn: bool
-    cache_type_k: str
-    cache_type_v: str
-    gpu_layers: int
-    devices: list[DevicePlan]
-    host: HostPlan
-    tensor_split: list[float]
-    command: list[str] = []
-    env: dict[str, str] = {}
-
-    @property
-    def claims_mib(self) -> dict[int, int]:
-        """MiB this plan takes on each GPU (what other instances must plan around)."""
-        return {d.gpu: d.total_mib for d in self.devices}
 
 
 def _mib(b: int | float) -> int:

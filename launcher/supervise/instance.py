@@ -12,17 +12,14 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from enum import StrEnum
 from pathlib import Path
 
 import httpx
-from pydantic import BaseModel
 
 from launcher.backends import Health, LaunchSpec, Placement, ServerBackend
 from launcher.config import ModelSettings
 from launcher.errors import ConflictError, LauncherError
-from launcher.plan.planner import Plan
+from launcher.schema import Event, InstanceStatus, Plan, State
 from launcher.supervise import logs
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
 from launcher.supervise.policy import RestartPolicy
@@ -32,66 +29,6 @@ from launcher.supervise.process import ExitStatus, ServerProcess
 _FIRST_LOAD_PROBE_S = 0.01  # a tiny model is ready in 50 ms; big ones back off to _MAX
 _MAX_LOAD_PROBE_S = 0.5
 _EVENTS_KEPT = 50
-
-
-class State(StrEnum):
-    STOPPED = "stopped"
-    STARTING = "starting"  # process being spawned
-    LOADING = "loading"  # process up, health not yet 200
-    READY = "ready"
-    UNHEALTHY = "unhealthy"  # health probes failing
-    BACKOFF = "backoff"  # waiting to restart
-    FAILED = "failed"  # gave up; needs a start or restart
-    STOPPING = "stopping"
-
-
-class Event(BaseModel):
-    time: str
-    kind: str  # state | exit | error | thermal
-    message: str
-    instance: str | None = None
-    state: State | None = None  # the instance's state after the event
-    gpu: int | None = None
-
-    @classmethod
-    def now(cls, kind: str, message: str, **about: object) -> Event:
-        stamp = datetime.now().astimezone().isoformat(timespec="milliseconds")
-        return cls.model_validate({"time": stamp, "kind": kind, "message": message, **about})
-
-    def describe(self) -> str:
-        """'NAME: STATE (detail)' for a state change, 'WHO: KIND: message' otherwise."""
-        who = self.instance if self.instance is not None else f"GPU {self.gpu}"
-        if self.kind == "state" and self.state is not None:
-            detail = "" if self.message == self.state.value else f" ({self.message})"
-            return f"{who}: {self.state.value}{detail}"
-        return f"{who}: {self.kind}: {self.message}"
-
-
-class InstanceStatus(BaseModel):
-    name: str
-    model: str
-    backend: str
-    state: State
-    pid: int | None
-    port: int | None
-    gpus: list[int]
-    tensor_split: list[float]
-    vram_mib: int | None  # planned, over all its GPUs
-    restarts: int
-    last_exit: str | None
-    last_exit_code: int | None
-    last_exit_signal: int | None
-    last_error: str | None
-    autostart: bool
-    state_age_s: float
-    uptime_s: float | None  # time ready, None unless ready or unhealthy
-    log_path: str
-    log_line: str | None
-    log_tail: list[str]  # the last lines of the server's output, kept when it failed
-    plan: Plan | None  # the plan of the current (or last) start
-    server_info: dict[str, int]  # what the server reports (Ollama: size_bytes, size_vram_bytes)
-    group: str  # the model's name: replicas share it
-    events: list[Event]
 
 
 async def _nothing() -> None:

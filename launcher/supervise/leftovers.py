@@ -14,9 +14,10 @@ import json
 import os
 import signal
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import psutil
+
+from launcher.supervise.owner import StateDirLock
 
 # Set in every server's environment: which instance it belongs to.
 INSTANCE_ENV = "LAUNCHER_INSTANCE"
@@ -31,8 +32,10 @@ class ChildRecord:
 
 
 class ChildRegistry:
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    """The state file of the servers a daemon runs. Only the owner of the state directory may have one."""
+
+    def __init__(self, owner: StateDirLock) -> None:
+        self.path = owner.state_dir / "children.json"
         self._records: dict[int, ChildRecord] = {}
 
     def _save(self) -> None:

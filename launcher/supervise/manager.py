@@ -1,12 +1,16 @@
-"""All instances of a configuration: lookup, ports, placement on GPUs, start/stop/restart, events,
-the GPU sampler's lifecycle, and shutdown of everything."""
+"""All instances of a configuration: lookup, ports, placement on GPUs, start/stop/restart, events, and the
+thermal guard's verdicts carried out.
+
+The manager is built by the daemon's wiring (launcher/wiring.py) from parts made there: the GPU sampler,
+the child registry (which only the owner of the state directory can have), the planner and the HTTP
+client. Planning runs in a worker thread: a refusal's suggestions must not stall the API.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -14,28 +18,19 @@ from pathlib import Path
 
 import httpx
 
-from launcher.backends import Placement, backend_for
-from launcher.config import ModelSettings, Settings
-from launcher.errors import ConfigError, LauncherError, NotFoundError, StartError
-from launcher.gpu import visibility_env
-from launcher.gpu.base import NoGpus
+from launcher import replicas
+from launcher.backends import backend_for
+from launcher.config import Settings
+from launcher.errors import LauncherError
 from launcher.gpu.sampler import Sampler
-from launcher.gpu.sim import SimBackend
-from launcher.gpu.types import GpuSample
-from launcher.plan.estimate import ModelShape, size_only
-from launcher.plan.gguf import read_gguf
-from launcher.plan.planner import Plan, make_plan
-from launcher.supervise.instance import Event, Instance, InstanceStatus, State, Surroundings
+from launcher.plan.placer import Planner, with_command
+from launcher.schema import Event, GpuSample, InstanceStatus, Plan, State
+from launcher.supervise import thermal
+from launcher.supervise.instance import Instance, Surroundings
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.ports import pick_free_port
-from launcher.supervise.thermal import ThermalGuard
 
 _EVENTS_KEPT = 500
-
-
-def _nth_port(port: int | str, n: int) -> int | str:
-    """Replicas of a model with a fixed port take consecutive ports."""
-    return port + n if isinstance(port, int) else port
 
 
 def _sum_claims(instances: Iterable[Instance]) -> dict[int, int]:
@@ -47,12 +42,6 @@ def _sum_claims(instances: Iterable[Instance]) -> dict[int, int]:
     return totals
 
 
-@functools.lru_cache(maxsize=64)
-def _model_shape(path: Path, mtime_ns: int, size: int) -> ModelShape:
-    """The model's shape, read once per version of the file (mtime and size are part of the key)."""
-    return ModelShape.of(read_gguf(path))
-
-
 class Manager:
     """The only way in to the processes: the API and the CLI act through it."""
 
@@ -60,39 +49,41 @@ class Manager:
         self,
         settings: Settings,
         *,
-        sampler: Sampler | None = None,
+        sampler: Sampler,
+        registry: ChildRegistry,
+        planner: Planner,
+        http: httpx.AsyncClient,
+        log_dir: Path,
         on_event: Callable[[Event], None] = lambda _e: None,
     ) -> None:
         self.settings = settings
-        self.log_dir = settings.daemon.state_dir / "logs"
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.sampler = (
-            sampler if sampler is not None else Sampler(NoGpus(), poll_interval_s=settings.gpus.poll_interval)
-        )
+        self.sampler = sampler
+        self.planner = planner
         self.events: deque[Event] = deque(maxlen=_EVENTS_KEPT)
         self._on_event = on_event
         self._subscribers: set[asyncio.Queue[Event]] = set()
-        self._http = httpx.AsyncClient()
-        self.registry = ChildRegistry(settings.daemon.state_dir / "children.json")
         self._samples = asyncio.Event()  # set at every GPU sample: what the VRAM wait awaits
         self._vacated: dict[int, tuple[int, float]] = {}  # GPU -> (MiB a stopped server held, until)
+        self._placing = asyncio.Lock()  # one placement at a time: each plans around the last one's claim
+        self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
+        self._tasks: set[asyncio.Task[None]] = set()
         around = Surroundings(
-            http=self._http,
-            log_dir=self.log_dir,
-            registry=self.registry,
+            http=http,
+            log_dir=log_dir,
+            registry=registry,
             log_max_bytes=int(settings.daemon.log_max_mib * 1024 * 1024),
             log_keep=settings.daemon.log_keep,
             await_vram=self.await_vram,
             vacated=self.vacated,
             on_event=self.publish,
         )
-        self.instances: dict[str, Instance] = {}
-        for group, model in settings.models.items():
-            for name, replica in self._replicas(group, model):
-                self.instances[name] = Instance(name, replica, backend=backend_for(replica), around=around, group=group)
-        if isinstance(self.sampler.backend, SimBackend):
-            self.sampler.backend.usage = self.claimed_mib  # simulated memory follows our instances
-        self._thermal = ThermalGuard(self, settings.gpus.thermal_limit_c, settings.gpus.thermal_action)
+        self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
+        self.instances = {
+            name: Instance(name, model, backend=backend_for(model), around=around, group=group)
+            for name, (group, model) in self._configured.items()
+        }
+
+    # ---- events ---------------------------------------------------------------------------------------
 
     def publish(self, event: Event) -> None:
         self.events.append(event)
@@ -110,14 +101,29 @@ class Manager:
     def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
         self._subscribers.discard(queue)
 
-    async def open(self) -> None:
-        """Stop what an earlier daemon left running, then start watching the GPUs (one reading of each
-        before this returns)."""
-        for leftover in self.registry.clean_leftovers():
-            self.publish(Event.now("error", f"stopped a server an earlier daemon left running: {leftover}"))
-        self.sampler.subscribe(self._thermal.check)
-        self.sampler.subscribe(lambda _sample: self._samples.set())
-        await self.sampler.start()
+    def observe(self, sample: GpuSample) -> None:
+        """Every GPU sample: wake what waits for memory, and carry out the thermal guard's verdict."""
+        self._samples.set()
+        gpus = self.settings.gpus
+        verdict = thermal.judge(
+            sample, self._hot, self.instances_on(sample.index), gpus.thermal_limit_c, gpus.thermal_action
+        )
+        self._hot = verdict.hot
+        if verdict.message is None:
+            return
+        self.publish(Event.now("thermal", verdict.message, gpu=sample.index))
+        for name in verdict.warned:
+            self.instances[name].note("thermal", f"GPU {sample.index}: {verdict.message}")
+        for name in verdict.stop:
+            task = asyncio.create_task(self._stop_quietly(name))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _stop_quietly(self, name: str) -> None:
+        with contextlib.suppress(LauncherError):  # already stopped meanwhile
+            await self.stop(name)
+
+    # ---- GPU memory coming back -------------------------------------------------------------------------
 
     async def await_vram(self, claims: Mapping[int, int], who: str) -> None:
         """Return once each GPU in ``claims`` has that many MiB free, or after `gpus.vram_wait_s`: memory a
@@ -151,128 +157,52 @@ class Manager:
         for index, mib in claims.items():
             self._vacated[index] = (mib, until)
 
-    def _replicas(self, group: str, model: ModelSettings) -> list[tuple[str, ModelSettings]]:
-        """The instances of one configured model: itself, or one per replica, each on its own GPU and port."""
-        if model.replicas == 1:
-            return [(group, model)]
-        seen = [g.index for g in self.sampler.identities]
-        gpus = list(model.gpus) if isinstance(model.gpus, list) else seen
-        count = len(gpus) if model.replicas == "per-gpu" else model.replicas
-        if not gpus or count > len(gpus):
-            raise ConfigError(
-                f"models.{group}.replicas asks for {count or 'one per GPU'} but {len(gpus)} GPUs are there",
-                hint="each replica runs on a GPU of its own",
-            )
-        return [
-            (
-                f"{group}@{i}",
-                model.model_copy(
-                    update={
-                        "gpus": [gpus[i]],
-                        "replicas": 1,
-                        "port": model.port + i if isinstance(model.port, int) else "auto",
-                    }
-                ),
-            )
-            for i in range(count)
-        ]
+    # ---- lookup -----------------------------------------------------------------------------------------
 
     def get(self, name: str) -> Instance:
-        if name in self.instances:
-            return self.instances[name]
-        members = self.group(name)
-        if members:
-            raise NotFoundError(f"{name} runs as replicas: act on them", hint=f"replicas: {', '.join(members)}")
-        self.settings.model(name)  # raises NotFoundError naming the configured models
-        raise NotFoundError(f"no instance named {name!r}")
+        replicas.lookup(self._configured, self.settings, name)  # raises NotFoundError saying what there is
+        return self.instances[name]
 
     def group(self, name: str) -> list[str]:
         """The instances of configured model ``name`` (its replicas, or itself)."""
         return [n for n, i in self.instances.items() if i.group == name]
 
-    # ---- placement ----------------------------------------------------------------------------------
+    # ---- placement --------------------------------------------------------------------------------------
+
+    def _claims_besides(self, instance: Instance) -> dict[int, int]:
+        return _sum_claims(i for i in self.instances.values() if i is not instance and i.active)
 
     async def _prepare(self, instance: Instance) -> None:
+        """Port and placement of a start, under the placement lock (runs under the instance's own lock)."""
         now = time.monotonic()
         recent = {i: mib for i, (mib, until) in self._vacated.items() if until > now}
         if recent:  # plan on the memory a stopped server is giving back, not without it
             await self.await_vram(recent, instance.name)
             self._vacated.clear()
-        self._assign_port(instance)
-        self._place(instance)
+        async with self._placing:
+            if instance.port is None:
+                instance.port = pick_free_port(*self.settings.daemon.instance_ports, self._ports_taken())
+            samples, claims = self.sampler.latest(), self._claims_besides(instance)
+            placed = await asyncio.to_thread(self.planner.place, instance.name, instance.settings, samples, claims)
+            # The instance's supervision task starts right after this returns, with no await between:
+            # the next placement sees this one's claim.
+            instance.placement, instance.plan = placed.placement, placed.plan
 
     def _ports_taken(self) -> list[int]:
         return [self.settings.daemon.port, *(i.port for i in self.instances.values() if i.port is not None)]
 
-    def _assign_port(self, instance: Instance) -> None:
-        if instance.port is None:
-            instance.port = pick_free_port(*self.settings.daemon.instance_ports, self._ports_taken())
-
-    def _check_gpu_refs(self, instance: Instance) -> None:
-        """The model's `gpus:` must name GPUs that are there (by index or UUID)."""
-        seen = self.sampler.identities
-        if instance.settings.gpus == "auto":
-            return
-        for ref in instance.settings.gpus:
-            if not any(ref in (g.index, g.uuid) for g in seen):
-                known = ", ".join(f"{g.index} ({g.uuid})" for g in seen) or "none"
-                raise ConfigError(
-                    f"models.{instance.name}.gpus names GPU {ref!r}, which is not there",
-                    hint=f"GPUs seen: {known}",
-                )
-
-    def plan(self, name: str) -> Plan:
+    async def plan(self, name: str) -> Plan:
         """The plan for ``name``, with the command line and the environment: for a running instance the
         plan it runs with; otherwise one made now, against the GPUs and the other instances' claims."""
         instance = self.get(name)
-        recorded = instance.plan if instance.active else None
-        plan = recorded or self._plan(instance)
-        placement = instance.placement if recorded else self._placement(plan)
+        if instance.active and instance.plan is not None:
+            plan, placement = instance.plan, instance.placement
+        else:
+            samples, claims = self.sampler.latest(), self._claims_besides(instance)
+            plan = await asyncio.to_thread(self.planner.plan, name, instance.settings, samples, claims)
+            placement = self.planner.placement(plan)
         port = instance.port or pick_free_port(*self.settings.daemon.instance_ports, self._ports_taken())
-        spec = instance.backend.launch_spec(instance.settings, port, placement)
-        # The environment the launcher sets: what differs from its own.
-        env = {k: v for k, v in spec.env.items() if os.environ.get(k) != v}
-        return plan.model_copy(update={"command": spec.argv, "env": env})
-
-    def _plan(self, instance: Instance) -> Plan:
-        instance.check_model_file()
-        self._check_gpu_refs(instance)
-        found = instance.backend.model_file(instance.settings)
-        if found is not None:
-            stat = found.stat()
-            shape = _model_shape(found, stat.st_mtime_ns, stat.st_size)
-        else:  # checked above: a size is configured
-            shape = size_only((instance.settings.ollama.size_mib or 0) * 1024 * 1024)
-        others = _sum_claims(i for i in self.instances.values() if i is not instance and i.active)
-        return make_plan(
-            instance.name,
-            instance.settings,
-            shape,
-            self.sampler.latest(),
-            self.sampler.links,
-            others,
-            self.settings.gpus,
-        )
-
-    def _placement(self, plan: Plan) -> Placement:
-        if not plan.devices:
-            return Placement()
-        by_index = {g.index: g for g in self.sampler.identities}
-        return Placement(
-            gpu_layers=plan.gpu_layers,
-            tensor_split=tuple(plan.tensor_split),
-            gpus=tuple(d.gpu for d in plan.devices),
-            claims_mib=plan.claims_mib,
-            env=visibility_env([by_index[d.gpu] for d in plan.devices]),
-        )
-
-    def _place(self, instance: Instance) -> None:
-        """Plan the instance against what runs; refuse, with the numbers, what would not fit."""
-        plan = self._plan(instance)
-        if not plan.fits:
-            raise StartError(plan.reason or f"{instance.name} does not fit", hint="; ".join(plan.suggestions) or None)
-        instance.placement = self._placement(plan)
-        instance.plan = plan
+        return with_command(plan, instance.settings, port, placement)
 
     def claimed_mib(self) -> Mapping[int, int]:
         """MiB per GPU held by the servers that run (by their plans)."""
@@ -281,7 +211,7 @@ class Manager:
     def instances_on(self, index: int) -> list[str]:
         return [name for name, i in self.instances.items() if i.active and index in i.placement.gpus]
 
-    # ---- acts ---------------------------------------------------------------------------------------
+    # ---- acts -------------------------------------------------------------------------------------------
 
     async def start(self, name: str) -> InstanceStatus:
         instance = self.get(name)
@@ -312,7 +242,7 @@ class Manager:
     def all_ready(self, names: list[str]) -> bool:
         return all(self.instances[name].state == State.READY for name in names)
 
-    # ---- reports ------------------------------------------------------------------------------------
+    # ---- reports ----------------------------------------------------------------------------------------
 
     def statuses(self) -> list[InstanceStatus]:
         return [instance.status(events=0) for instance in self.instances.values()]
@@ -320,8 +250,9 @@ class Manager:
     def gpu_samples(self) -> list[GpuSample]:
         return [s.model_copy(update={"instances": self.instances_on(s.index)}) for s in self.sampler.latest()]
 
-    async def shutdown(self) -> None:
-        """Stop every server (TERM, wait, KILL, concurrently), the GPU sampler and the HTTP client."""
+    async def stop_all(self) -> None:
+        """Stop every server (TERM, wait, KILL), concurrently."""
         await asyncio.gather(*(i.stop() for i in self.instances.values() if i.active))
-        await self.sampler.stop()
-        await self._http.aclose()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, LauncherError):
+                await task

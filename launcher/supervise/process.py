@@ -1,16 +1,19 @@
 """One server process: spawned in its own session, output appended to a log, stopped as a group.
 
 The child gets a parent-death signal (SIGKILL), so a daemon killed with SIGKILL does not leave servers
-holding VRAM. PR_SET_PDEATHSIG fires when the *thread* that forked the child exits; children are forked
-from the event loop's thread, which lives as long as the daemon.
+holding VRAM. It is set by util-linux's `setpriv --pdeathsig KILL`, which execs the server: no Python runs
+in the child between fork and exec (a `preexec_fn` there can deadlock a process that has threads, as the
+daemon's GPU workers are), and the fork itself takes the fast path. PR_SET_PDEATHSIG fires when the
+*thread* that forked the child exits; children are forked from the event loop's thread, which lives as
+long as the daemon. It survives the exec, the server's pid is setpriv's, and a recorded pid stays valid.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -18,7 +21,9 @@ from pathlib import Path
 
 from launcher.backends import LaunchSpec
 
-_PR_SET_PDEATHSIG = 1
+# Without setpriv (util-linux) servers still stop with the daemon in every orderly way, and leftovers of
+# a SIGKILLed daemon are stopped by the next one (leftovers.py); `launcher doctor` tells the user.
+SETPRIV = shutil.which("setpriv")
 
 
 @dataclass(frozen=True)
@@ -43,12 +48,9 @@ class ExitStatus:
         return f"exited with code {self.code}"
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Runs in the child between fork and exec."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
+def dying_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run so that it gets SIGKILL when the thread that forked it ends."""
+    return [SETPRIV, "--pdeathsig", "KILL", "--", *argv] if SETPRIV else list(argv)
 
 
 class ServerProcess:
@@ -60,16 +62,14 @@ class ServerProcess:
 
     @classmethod
     async def spawn(cls, spec: LaunchSpec, log_path: Path) -> ServerProcess:
-        parent = os.getpid()
         with log_path.open("ab") as log:
             proc = await asyncio.create_subprocess_exec(
-                *spec.argv,
+                *dying_with_parent(spec.argv),
                 env=spec.env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stopped as a group, grandchildren too
-                preexec_fn=lambda: _die_with_parent(parent),
             )
         return cls(proc)
 

@@ -1,0 +1,97 @@
+"""The placement seam: a plan for a model given GPU samples and the other instances' claims, and the
+`Placement` a server is launched with, or a refusal. Nothing here runs or records a process, so both the
+daemon (off its event loop) and a command that only reads (`launcher plan` without a daemon) use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.backends import Placement, backend_for
+from launcher.config import GpuSettings, ModelSettings
+from launcher.errors import ConfigError, StartError
+from launcher.gpu import visibility_env
+from launcher.gpu.types import GpuIdentity, Link
+from launcher.plan.estimate import ModelShape, size_only
+from launcher.plan.gguf import read_gguf
+from launcher.plan.planner import make_plan
+from launcher.schema import GpuSample, Plan
+
+
+@functools.lru_cache(maxsize=64)
+def _model_shape(path: Path, mtime_ns: int, size: int) -> ModelShape:
+    """The model's shape, read once per version of the file (mtime and size are part of the key)."""
+    return ModelShape.of(read_gguf(path))
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A start the GPUs can take: the plan, and what the server is launched with."""
+
+    plan: Plan
+    placement: Placement
+
+
+class Planner:
+    """Plans models on the GPUs of one machine (identities and links do not change while it runs)."""
+
+    def __init__(
+        self, gpus: GpuSettings, identities: Sequence[GpuIdentity], links: Mapping[tuple[int, int], Link]
+    ) -> None:
+        self._gpus = gpus
+        self._identities = list(identities)
+        self._links = dict(links)
+
+    def plan(self, name: str, model: ModelSettings, samples: Sequence[GpuSample], claims: Mapping[int, int]) -> Plan:
+        """The plan for ``model`` against ``samples``, around the MiB per GPU that ``claims`` hold."""
+        backend = backend_for(model)
+        backend.check_model(model, name)
+        self._check_gpu_refs(name, model)
+        found = backend.model_file(model)
+        if found is not None:
+            stat = found.stat()
+            shape = _model_shape(found, stat.st_mtime_ns, stat.st_size)
+        else:  # checked above: a size is configured
+            shape = size_only((model.ollama.size_mib or 0) * 1024 * 1024)
+        return make_plan(name, model, shape, samples, self._links, claims, self._gpus)
+
+    def place(self, name: str, model: ModelSettings, samples: Sequence[GpuSample], claims: Mapping[int, int]) -> Placed:
+        """The plan and placement of a start, or StartError with the numbers and the ways out."""
+        plan = self.plan(name, model, samples, claims)
+        if not plan.fits:
+            raise StartError(plan.reason or f"{name} does not fit", hint="; ".join(plan.suggestions) or None)
+        return Placed(plan, self.placement(plan))
+
+    def placement(self, plan: Plan) -> Placement:
+        if not plan.devices:
+            return Placement()
+        by_index = {g.index: g for g in self._identities}
+        return Placement(
+            gpu_layers=plan.gpu_layers,
+            tensor_split=tuple(plan.tensor_split),
+            gpus=tuple(d.gpu for d in plan.devices),
+            claims_mib=plan.claims_mib,
+            env=visibility_env([by_index[d.gpu] for d in plan.devices]),
+        )
+
+    def _check_gpu_refs(self, name: str, model: ModelSettings) -> None:
+        """The model's `gpus:` must name GPUs that are there (by index or UUID)."""
+        if model.gpus == "auto":
+            return
+        for ref in model.gpus:
+            if not any(ref in (g.index, g.uuid) for g in self._identities):
+                known = ", ".join(f"{g.index} ({g.uuid})" for g in self._identities) or "none"
+                raise ConfigError(
+                    f"models.{name}.gpus names GPU {ref!r}, which is not there", hint=f"GPUs seen: {known}"
+                )
+
+
+def with_command(plan: Plan, model: ModelSettings, port: int, placement: Placement) -> Plan:
+    """The plan with the exact command line and the environment the launcher sets (what differs from its own)."""
+    spec = backend_for(model).launch_spec(model, port, placement)
+    env = {k: v for k, v in spec.env.items() if os.environ.get(k) != v}
+    return plan.model_copy(update={"command": spec.argv, "env": env})

@@ -1,0 +1,180 @@
+"""What crosses the wire: the one typed schema of the REST API, shared by the daemon, the client and the CLI.
+
+Field names carry their units. This module imports pydantic and nothing heavier, so the command line can
+use it without loading the planner, the GPU libraries or the web framework.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+# ---- instances --------------------------------------------------------------------------------------
+
+
+class State(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"  # process being spawned
+    LOADING = "loading"  # process up, health not yet 200
+    READY = "ready"
+    UNHEALTHY = "unhealthy"  # health probes failing
+    BACKOFF = "backoff"  # waiting to restart
+    FAILED = "failed"  # gave up; needs a start or restart
+    STOPPING = "stopping"
+
+
+class Event(BaseModel):
+    time: str
+    kind: str  # state | exit | error | warning | thermal | vram
+    message: str
+    instance: str | None = None
+    state: State | None = None  # the instance's state after the event
+    gpu: int | None = None
+
+    @classmethod
+    def now(cls, kind: str, message: str, **about: object) -> Event:
+        stamp = datetime.now().astimezone().isoformat(timespec="milliseconds")
+        return cls.model_validate({"time": stamp, "kind": kind, "message": message, **about})
+
+    def describe(self) -> str:
+        """'NAME: STATE (detail)' for a state change, 'WHO: KIND: message' otherwise."""
+        who = self.instance if self.instance is not None else f"GPU {self.gpu}" if self.gpu is not None else "daemon"
+        if self.kind == "state" and self.state is not None:
+            detail = "" if self.message == self.state.value else f" ({self.message})"
+            return f"{who}: {self.state.value}{detail}"
+        return f"{who}: {self.kind}: {self.message}"
+
+
+# ---- plans ------------------------------------------------------------------------------------------
+
+
+class DevicePlan(BaseModel):
+    gpu: int
+    uuid: str
+    name: str
+    layers: int
+    output_layer: bool
+    weights_mib: int
+    kv_cache_mib: int
+    compute_mib: int
+    overhead_mib: int
+    total_mib: int
+    usable_mib: int
+    free_after_mib: int
+
+
+class HostPlan(BaseModel):
+    weights_mib: int
+    kv_cache_mib: int
+    compute_mib: int
+
+
+class Plan(BaseModel):
+    model: str
+    backend: str
+    fits: bool
+    reason: str | None
+    suggestions: list[str]
+    ctx: int
+    flash_attn: bool
+    cache_type_k: str
+    cache_type_v: str
+    gpu_layers: int
+    devices: list[DevicePlan]
+    host: HostPlan
+    tensor_split: list[float]
+    command: list[str] = []
+    env: dict[str, str] = {}
+
+    @property
+    def claims_mib(self) -> dict[int, int]:
+        """MiB this plan takes on each GPU (what other instances must plan around)."""
+        return {d.gpu: d.total_mib for d in self.devices}
+
+
+class InstanceStatus(BaseModel):
+    name: str
+    model: str
+    backend: str
+    state: State
+    pid: int | None
+    port: int | None
+    gpus: list[int]
+    tensor_split: list[float]
+    vram_mib: int | None  # planned, over all its GPUs
+    restarts: int
+    last_exit: str | None
+    last_exit_code: int | None
+    last_exit_signal: int | None
+    last_error: str | None
+    autostart: bool
+    state_age_s: float
+    uptime_s: float | None  # time ready, None unless ready or unhealthy
+    log_path: str
+    log_line: str | None
+    log_tail: list[str]  # the last lines of the server's output, kept when it failed
+    plan: Plan | None  # the plan of the current (or last) start
+    server_info: dict[str, int]  # what the server reports (Ollama: size_bytes, size_vram_bytes)
+    group: str  # the model's name: replicas share it
+    events: list[Event]
+
+
+class Health(BaseModel):
+    """`GET /health`: ok when every autostart instance is ready (200), degraded otherwise (503)."""
+
+    status: Literal["ok", "degraded"]
+    instances: dict[str, State]
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers: one sentence, and a hint where there is one."""
+
+    detail: str
+    hint: str | None = None
+
+
+# ---- GPUs -------------------------------------------------------------------------------------------
+
+
+class GpuProcess(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    pid: int
+    used_mib: int | None
+
+
+class GpuReading(BaseModel):
+    """What a backend reads of one GPU at one time. None: the backend cannot read that value."""
+
+    model_config = ConfigDict(frozen=True)
+
+    memory_total_mib: int | None = None
+    memory_used_mib: int | None = None
+    temperature_c: float | None = None
+    temperature_hotspot_c: float | None = None
+    utilization_pct: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    pcie_gen: int | None = None
+    pcie_gen_max: int | None = None
+    pcie_width: int | None = None
+    pcie_width_max: int | None = None
+    throttle: tuple[str, ...] = ()
+    processes: tuple[GpuProcess, ...] | None = None  # None: not read this time
+
+
+class GpuSample(GpuReading):
+    """One GPU at one time, as the API, the CLI and the planner see it: its identity and reading."""
+
+    index: int
+    uuid: str
+    name: str
+    pci_bus_id: str | None
+    vendor: str
+    time: float  # seconds since the epoch
+    memory_free_mib: int | None = None
+    instances: list[str] = []
+    error: str | None = None

@@ -1,0 +1,102 @@
+"""One owner per state directory: the serving daemon holds an exclusive lock on STATE_DIR/daemon.lock for
+its whole life, and only the holder cleans leftovers or spawns servers (a `ChildRegistry` needs the lock).
+
+flock(2) belongs to the open file and dies with the process, so a daemon killed with SIGKILL never blocks
+the next one. The descriptor is close-on-exec (Python's default), so servers never inherit the lock. The
+holder writes its pid, start time and API URL into the file; `read_owner` reads them without locking, so
+a command that only reads never competes with a daemon that is starting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from launcher.errors import LauncherError
+
+LOCK_NAME = "daemon.lock"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The daemon that owns a state directory."""
+
+    pid: int
+    create_time: float  # the process's start time: a reused pid is not the owner
+    url: str
+
+    def describe(self) -> str:
+        return f"a daemon (pid {self.pid}, API {self.url})"
+
+
+class OwnedError(LauncherError):
+    """Another live daemon holds the state directory (exit 1)."""
+
+
+def read_owner(state_dir: Path) -> Owner | None:
+    """The daemon that holds ``state_dir`` now, or None. Reads only: no lock is taken, nothing is written."""
+    try:
+        owner = Owner(**json.loads((state_dir / LOCK_NAME).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None  # no daemon ever ran here, one is writing the file this instant, or it was not ours
+    import psutil  # only when no daemon answered: not on the path of every command
+
+    try:
+        alive = abs(psutil.Process(owner.pid).create_time() - owner.create_time) < 0.01
+    except psutil.Error:
+        return None
+    return owner if alive else None
+
+
+class StateDirLock:
+    """Proof of ownership of a state directory, held until `release` or the process's end."""
+
+    def __init__(self, state_dir: Path, fd: int, owner: Owner) -> None:
+        self.state_dir = state_dir
+        self.owner = owner
+        self._fd: int | None = fd
+
+    @classmethod
+    def claim(cls, state_dir: Path, url: str) -> StateDirLock:
+        """Take the state directory, or raise OwnedError naming the daemon that has it."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = read_owner(state_dir)
+            who = holder.describe() if holder is not None else "another daemon"
+            raise OwnedError(
+                f"{who} owns the state directory {state_dir}",
+                hint="act through it (`launcher status`, `up`, `down`), or give this one its own daemon.state_dir",
+            ) from None
+        import psutil
+
+        me = psutil.Process()
+        owner = Owner(pid=me.pid, create_time=me.create_time(), url=url)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(asdict(owner)).encode(), 0)
+        return cls(state_dir, fd, owner)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)  # a reader sees no owner rather than a stale one
+        os.close(self._fd)  # closing the only descriptor drops the lock
+        self._fd = None
+
+
+def unanswered(owner: Owner, url: str) -> LauncherError:
+    """The error for a daemon that owns the state directory but does not answer where it was asked."""
+    return LauncherError(
+        f"a daemon (pid {owner.pid}) owns this state directory but does not answer at {url}",
+        hint=f"it may be starting or stuck: try again, check `journalctl`/its log, or stop pid {owner.pid}"
+        + (f"; it listens at {owner.url}" if owner.url != url else ""),
+    )

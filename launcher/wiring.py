@@ -1,0 +1,118 @@
+"""The daemon's parts, wired in one place: the state directory's lock, the leftover cleanup, the child
+registry, the log directory, the GPU sampler (and the simulated GPUs' usage hook), the planner, the HTTP
+client and the manager; and the API's listening socket.
+
+Only this module makes them, and only after the state directory's lock is held: a command that only
+reads (`plan`, `gpus`, `status`, `doctor`) never gets here, so it can never stop, start or record a
+process.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+
+from launcher.config import Settings, read_token
+from launcher.errors import ConfigError, StartError
+from launcher.gpu.sampler import open_sampler
+from launcher.gpu.sim import SimBackend
+from launcher.plan.placer import Planner
+from launcher.schema import Event
+from launcher.supervise.leftovers import ChildRegistry
+from launcher.supervise.manager import Manager
+from launcher.supervise.owner import StateDirLock
+from launcher.supervise.ports import port_holder
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_url(settings: Settings) -> str:
+    host = settings.daemon.host
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.daemon.port}"
+
+
+def api_token(settings: Settings) -> str | None:
+    """The API token, or the reason the daemon must not listen (checked before anything else happens)."""
+    token = read_token(settings.daemon.token_file)
+    if token is None and not is_loopback(settings.daemon.host):
+        raise ConfigError(
+            f"refusing to listen on {settings.daemon.host} without an API token",
+            hint="set daemon.token_file, or daemon.host: 127.0.0.1",
+        )
+    return token
+
+
+def listen(settings: Settings) -> socket.socket:
+    """The API's listening socket. TCP_NODELAY: without it every answer on a kept-alive connection waits
+    for the client's delayed ACK (Nagle), about 40 ms; asyncio sets it only on sockets made with
+    IPPROTO_TCP, and accepted sockets inherit both from this one."""
+    host, port = settings.daemon.host, settings.daemon.port
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        holder = port_holder(port)
+        raise StartError(
+            f"the daemon cannot listen on {host}:{port}: {exc.strerror}" + (f" (held by {holder})" if holder else ""),
+            hint="is a launcher daemon already running? `launcher status` asks it; or set daemon.port",
+        ) from None
+    sock.listen(128)
+    return sock
+
+
+@dataclass(frozen=True)
+class Wired:
+    manager: Manager
+    gpu_backend: str  # which GPU backend and why
+
+
+@asynccontextmanager
+async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> AsyncIterator[Wired]:
+    """Own the state directory, stop what an earlier daemon left running, watch the GPUs (one reading of
+    each before this yields) and supervise; on the way out stop every server, then let go of it all."""
+    lock = StateDirLock.claim(settings.daemon.state_dir, api_url(settings))
+    try:
+        registry = ChildRegistry(lock)
+        leftovers = registry.clean_leftovers()
+        sampler, gpu_backend = open_sampler(settings)
+        log_dir = lock.state_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        async with httpx.AsyncClient() as http:
+            planner = Planner(settings.gpus, sampler.identities, sampler.links)
+            manager = Manager(
+                settings,
+                sampler=sampler,
+                registry=registry,
+                planner=planner,
+                http=http,
+                log_dir=log_dir,
+                on_event=on_event,
+            )
+            for leftover in leftovers:
+                manager.publish(Event.now("error", f"stopped a server an earlier daemon left running: {leftover}"))
+            if isinstance(sampler.backend, SimBackend):
+                sampler.backend.usage = manager.claimed_mib  # simulated memory follows our instances
+            sampler.subscribe(manager.observe)
+            await sampler.start()
+            try:
+                yield Wired(manager, gpu_backend)
+            finally:
+                await manager.stop_all()
+                await sampler.stop()
+    finally:
+        lock.release()
