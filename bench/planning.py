@@ -1,4 +1,5 @@
-"""Planning time: a 70B header with a 152k-token vocabulary, and 20 models on 8 GPUs.
+"""Planning time: a 70B header with a 152k-token vocabulary, 20 models on 8 GPUs, and refusals on 8 GPUs of
+24 GiB (a 405B header; the 70B at a 1M-token context), with the ways out the planner works out for them.
 
 Usage: .venv/bin/python bench/planning.py [--runs N]
 
@@ -27,6 +28,10 @@ from launcher.tinymodel import TinyShape, write_tiny_llama
 BIG = TinyShape(
     n_layer=80, n_embd=8192, n_head=64, n_head_kv=8, n_ff=28672, extra_tokens=152064 - 259, weight_type="q8_0"
 )
+# Llama-3.1-405B-like, q8_0: about 400 GiB of weights.
+HUGE = TinyShape(
+    n_layer=126, n_embd=16384, n_head=128, n_head_kv=8, n_ff=53248, extra_tokens=128256 - 259, weight_type="q8_0"
+)
 SMALL = TinyShape(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336, extra_tokens=128000, weight_type="q8_0")
 
 
@@ -40,8 +45,8 @@ def timed(runs: int, work: object) -> list[float]:
     return times
 
 
-def gpu(index: int) -> GpuSample:
-    total = 81920 if index < 4 else 24576
+def gpu(index: int, total: int | None = None) -> GpuSample:
+    total = total or (81920 if index < 4 else 24576)
     return GpuSample(
         index=index, uuid=f"GPU-{index}", name="sim", pci_bus_id=None, vendor="nvidia", time=0,
         memory_total_mib=total, memory_used_mib=0, memory_free_mib=total,
@@ -78,6 +83,21 @@ def main() -> None:
                     claims[index] = claims.get(index, 0) + mib
 
         many = timed(runs, twenty)
+
+        huge = write_tiny_llama(Path(tmp) / "huge.gguf", HUGE, header_only=True)
+        huge_shape = ModelShape.of(read_gguf(huge))
+        huge_model = ModelSettings(model=huge, ctx=8192)
+        small_gpus = [gpu(i, 24576) for i in range(8)]
+
+        big_shape = ModelShape.of(read_gguf(big))
+        long_model = ModelSettings(model=big, ctx=1048576)
+
+        def refuse(name: str, model: ModelSettings, shape: ModelShape) -> None:
+            p = make_plan(name, model, shape, small_gpus, links, {}, settings)
+            assert not p.fits and p.suggestions
+
+        refusal = timed(runs, lambda: refuse("huge", huge_model, huge_shape))
+        long_refusal = timed(runs, lambda: refuse("big", long_model, big_shape))
     base = baseline[0]
     print(f"runs: {runs}; header: 80 layers, 152064-token vocabulary, 70 GiB q8_0 (sparse file)")
     print("| measure | median ms | vs gguf.GGUFReader |")
@@ -87,6 +107,8 @@ def main() -> None:
         ("launcher header read (read_gguf)", header),
         ("read + estimate + plan on 8 GPUs", whole),
         ("20 models (8B, 128k vocab) planned in turn on 8 GPUs, each around the others' claims", many),
+        ("refusal with its suggestions: 405B q8_0 (126 layers, 400 GiB) on 8 GPUs of 24 GiB", refusal),
+        ("refusal with its suggestions: the 70B at a 1M-token context on 8 GPUs of 24 GiB", long_refusal),
     ):
         med = statistics.median(values)
         print(f"| {label} | {med * 1000:.1f} | {med / base:.4f}x |")

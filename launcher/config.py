@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from launcher.errors import ConfigError, NotFoundError
+from launcher.plan.args import check_args
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 NonNegative = Annotated[float, Field(ge=0)]
@@ -165,6 +166,12 @@ class ModelSettings(_Strict):
     ollama: OllamaSettings = Field(default_factory=OllamaSettings)
     # ollama: one instance per GPU (`per-gpu`) or N instances, each on its own GPU and port.
     replicas: Literal["per-gpu"] | Annotated[int, Field(ge=1)] = 1
+
+    @field_validator("args")
+    @classmethod
+    def _args_llama_server_takes(cls, value: list[str]) -> list[str]:
+        check_args(value)  # the planner and doctor read some of them: a bad one fails here, not in a plan
+        return value
 
     @field_validator("tensor_split")
     @classmethod

@@ -24,7 +24,7 @@ from launcher.errors import ConfigError, LauncherError
 from launcher.gpu.sysfs import amd_cards
 from launcher.gpu.types import Link
 from launcher.local import local_gpus
-from launcher.plan.args import arg_value
+from launcher.plan.args import GPU_LAYERS, TENSOR_SPLIT, arg_value, tensor_split
 from launcher.plan.gguf import block_count
 from launcher.schema import GpuSample
 from launcher.supervise.owner import read_owner
@@ -187,33 +187,22 @@ def _model(name: str, model: ModelSettings, gpus: list[GpuSample]) -> Iterator[F
     if not model.model.is_file():
         yield Finding("fail", "models", f"{where}.model {model.model} does not exist", "fix the path")
         return
-    split = model.tensor_split if isinstance(model.tensor_split, list) else None
-    split_arg = arg_value(model.args, "-ts", "--tensor-split")
-    if split_arg is not None:
-        try:
-            split = [float(p) for p in split_arg.replace("/", ",").split(",")]
-        except ValueError:
-            yield Finding("fail", "split", f"{where}.args: --tensor-split {split_arg!r} is not a list of numbers")
-            split = None
-    if split is not None:
-        count = len(model.gpus) if isinstance(model.gpus, list) else len(gpus)
-        if not any(p > 0 for p in split):
-            yield Finding("fail", "split", f"{where}: the tensor split {split} is all zeros", "give each GPU a share")
-        elif len(split) > count:
-            yield Finding(
-                "fail",
-                "split",
-                f"{where}: the tensor split has {len(split)} entries for {count} GPU(s)",
-                "one proportion per GPU; they need not sum to 1 (llama.cpp normalises them)",
-            )
-    layers_arg = arg_value(model.args, "-ngl", "--n-gpu-layers", "--gpu-layers")
+    # The configuration checked -ts and -ngl when it was loaded: their values parse, and a split has a
+    # positive proportion (as tensor_split must).
+    split_arg = arg_value(model.args, *TENSOR_SPLIT)
+    split = tensor_split(split_arg) if split_arg is not None else model.tensor_split
+    count = len(model.gpus) if isinstance(model.gpus, list) else len(gpus)
+    if isinstance(split, list) and len(split) > count:
+        yield Finding(
+            "fail",
+            "split",
+            f"{where}: the tensor split has {len(split)} entries for {count} GPU(s)",
+            "one proportion per GPU; they need not sum to 1 (llama.cpp normalises them)",
+        )
+    layers_arg = arg_value(model.args, *GPU_LAYERS)
     if layers_arg is not None and layers_arg not in ("auto", "all") and gpus:
         layers = block_count(model.model)
-        try:
-            asked = int(layers_arg)
-        except ValueError:
-            yield Finding("fail", "layers", f"{where}.args: -ngl {layers_arg!r} is not a number")
-            return
+        asked = int(layers_arg)
         if layers is not None and asked < layers + 1:
             yield Finding(
                 "warn",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,56 @@ def test_unknown_model_lists_the_known_ones(tmp_path: Path) -> None:
     settings = parse_settings("models: {a: {model: a.gguf}, b: {model: b.gguf}}", tmp_path / "l.yaml")
     with pytest.raises(NotFoundError, match="configured models: a, b"):
         settings.model("c")
+
+
+# ---- pass-through args: what the planner and doctor read is checked at load --------------------------
+
+KV_TYPES = "f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl"
+SPLIT = "non-negative numbers separated by commas or slashes, at least one of them positive"
+
+
+def load_args(args: list[str], path: Path) -> list[str]:
+    text = f"models: {{tiny: {{model: a.gguf, args: {json.dumps(args)}}}}}"
+    return parse_settings(text, path).models["tiny"].args
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-c", "lots"], "-c needs a whole number"),
+        (["--ctx-size=-1"], "--ctx-size needs a whole number"),
+        (["-ctk", "q4_K"], f"-ctk needs a KV cache type ({KV_TYPES})"),
+        (["--cache-type-v", "F16"], f"--cache-type-v needs a KV cache type ({KV_TYPES})"),
+        (["-fa", "yes"], "-fa needs on, off or auto"),
+        (["-ub", "abc"], "-ub needs a positive whole number"),
+        (["--ubatch-size", "0"], "--ubatch-size needs a positive whole number"),
+        (["-b", "1.5"], "-b needs a positive whole number"),
+        (["-np", "0"], "-np needs a positive whole number or -1 (auto)"),
+        (["--parallel", "-2"], "--parallel needs a positive whole number or -1 (auto)"),
+        (["-ngl", "most"], "-ngl needs a whole number, auto or all"),
+        (["--gpu-layers=-1"], "--gpu-layers needs a whole number, auto or all"),
+        (["-ts", "3,x"], f"-ts needs {SPLIT}"),
+        (["-ts", "0/0"], f"-ts needs {SPLIT}"),
+        (["-ts", "1,-1"], f"-ts needs {SPLIT}"),
+        (["-ub", "512", "-c"], "-c needs a value"),
+        (["-ub", "abc", "-ub", "512"], "-ub needs a positive whole number"),  # llama-server parses every one
+        (["-fa", "-c", "4096"], "-fa needs on, off or auto"),  # a bare -fa takes the next word as its value
+    ],
+)
+def test_args_the_planner_reads_are_checked_at_load(args: list[str], message: str, tmp_path: Path) -> None:
+    path = tmp_path / "launcher.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_args(args, path)
+    # _describe adds the value it was given: the whole list.
+    assert str(caught.value) == f"{path}: models.tiny.args: {message} (got {args!r})"
+
+
+def test_args_llama_server_takes_load_in_both_forms(tmp_path: Path) -> None:
+    args = [
+        *("-c", "0", "--ctx-size=8192", "-ctk", "q8_0", "--cache-type-v=iq4_nl", "-ctv", "bf16"),
+        *("-fa", "auto", "--flash-attn=enabled", "-fa", "0", "-ub", "256", "--batch-size=1024"),
+        *("-np", "-1", "--parallel", "2", "-ngl", "all", "--n-gpu-layers=auto", "--gpu-layers", "99"),
+        *("-ts", "3,1", "--tensor-split=0/1.5", "-ts", "1e1,,.5"),
+        *("--jinja", "--alias", "x", "-cb"),  # flags the launcher does not read pass as they are
+    ]
+    assert load_args(args, tmp_path / "launcher.yaml") == args

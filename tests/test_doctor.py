@@ -49,7 +49,7 @@ def test_too_few_gpu_layers_and_bad_splits(write_config: ConfigWriter, marked_en
     models = {
         "few": {"args": ["-ngl", "2"]},
         "wide": {"tensor_split": [1, 1, 1]},
-        "zeros": {"args": ["--tensor-split", "0,0"]},
+        "wide-args": {"args": ["--tensor-split", "1/1/0"]},  # an all-zero split is a config error (test_config)
         "fine": {"args": ["--n-gpu-layers=99", "-ts", "3,1"]},
     }
     code, findings = doctor(write_config(models, gpus=gpus), marked_env)
@@ -61,7 +61,7 @@ def test_too_few_gpu_layers_and_bad_splits(write_config: ConfigWriter, marked_en
         "models.few.args: -ngl 2 puts 2 of 4 layers (+ output) on the GPUs; the rest run on the CPU, many times slower",
     ) in found
     assert ("fail", "split", "models.wide: the tensor split has 3 entries for 2 GPU(s)") in found
-    assert ("fail", "split", "models.zeros: the tensor split [0.0, 0.0] is all zeros") in found
+    assert ("fail", "split", "models.wide-args: the tensor split has 3 entries for 2 GPU(s)") in found
     assert not [p for p in found if "models.fine" in p[2]]
 
 

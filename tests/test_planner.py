@@ -9,10 +9,10 @@ import pytest
 
 from launcher.config import GpuSettings, ModelSettings
 from launcher.gpu.types import Link
-from launcher.plan.estimate import ModelShape, Runtime, kv_bytes
+from launcher.plan.estimate import MIB, ModelShape, Runtime, kv_bytes
 from launcher.plan.gguf import ModelFileError, read_gguf
-from launcher.plan.place import counts_from_split
-from launcher.plan.planner import make_plan
+from launcher.plan.place import Layout, Room, balanced, candidate_sets, counts_from_split, fewest_gpus, holds
+from launcher.plan.planner import make_plan, runtime_for
 from launcher.schema import GpuSample, Plan
 from launcher.tinymodel import TinyShape, write_tiny_llama
 
@@ -123,6 +123,18 @@ def test_a_truncated_header_is_a_clear_error(tmp_path: Path) -> None:
 # ---- estimate ---------------------------------------------------------------------------------------
 
 
+def test_runtime_follows_the_args_as_llama_server_reads_them(big_shape: ModelShape) -> None:
+    def runtime(*args: str) -> Runtime:
+        return runtime_for(ModelSettings.model_validate({"model": "/m.gguf", "args": list(args)}), big_shape)
+
+    assert runtime() == Runtime(ctx=2048, flash_attn=True, ubatch=512, parallel=4)  # the header's context
+    found = runtime("-c", "0", "--ctx-size=8192", "-ctk", "q8_0", "-ub", "1024", "-np", "2", "-fa", "disabled")
+    assert found == Runtime(ctx=8192, cache_type_k="q8_0", flash_attn=False, ubatch=1024, parallel=2)
+    assert runtime("-np", "-1") == runtime()  # llama-server's auto: 4 slots
+    assert runtime("-fa", "off", "-fa", "-1") == runtime()  # the last one counts; -1 is auto
+    assert not runtime("-fa", "false").flash_attn
+
+
 def test_kv_cache_follows_shape_context_and_type(big_shape: ModelShape) -> None:
     f16 = Runtime(ctx=32768)
     assert kv_bytes(big_shape, f16, 0) == 32768 * 8 * (128 + 128) * 2  # 128 MiB per layer
@@ -201,6 +213,78 @@ def test_explicit_gpus_and_split_are_honoured(big_shape: ModelShape) -> None:
     assert p.fits
     assert [d.gpu for d in p.devices] == [2, 0]
     assert [d.layers for d in p.devices] == [61, 19]  # 81 units by 3:1, the output on the last
+
+
+# ---- the same choice, found with less work -----------------------------------------------------------
+
+
+def every_set(
+    shape: ModelShape,
+    runtime: Runtime,
+    rooms: list[Room],
+    links: dict[tuple[int, int], Link],
+    overhead_b: int = 512 * MIB,
+) -> Layout | None:
+    """fewest_gpus as it was: every set of every size, best first, each placed."""
+    usable = [r for r in rooms if r.usable_mib > 0]
+    for size in range(1, len(usable) + 1):
+        for group in candidate_sets(usable, size, links):
+            found = balanced(shape, runtime, group, shape.n_layer + 1, overhead_b)
+            if found is not None:
+                return found
+    return None
+
+
+def choices(shape: ModelShape, rooms: list[Room], links: dict[tuple[int, int], Link]) -> list[list[int] | None]:
+    """The GPUs fewest_gpus picks at a range of contexts, checked against every_set's whole choice."""
+    picked: list[list[int] | None] = []
+    for ctx in (2048, 8192, 32768, 131072, 400000):
+        runtime = Runtime(ctx=ctx)
+        expected = every_set(shape, runtime, rooms, links)
+        assert fewest_gpus(shape, runtime, rooms, links, 512 * MIB) == expected, ctx  # same GPUs, same split
+        assert holds(shape, runtime, rooms, 512 * MIB) == (expected is not None), ctx
+        picked.append(None if expected is None else [d.gpu for d in expected.devices])
+    return picked
+
+
+def rooms_of(*usable_gib: float) -> list[Room]:
+    return [Room(i, f"GPU-{i}", "GPU", 80 * GIB, int(gib * GIB)) for i, gib in enumerate(usable_gib)]
+
+
+def test_identical_gpus_get_the_same_choice(big_shape: ModelShape) -> None:
+    mesh = {(i, j): Link.NVLINK for i in range(4, 8) for j in range(i + 1, 8)}  # 4-7 linked, 0-3 via the CPU
+    four, six = [4, 5, 6, 7], [0, 1, 2, 3, 4, 5]
+    assert choices(big_shape, rooms_of(*[23] * 8), mesh) == [four, four, four, six, None]
+    # The refusal's "it would fit on N GPUs like it": N clones, no links.
+    assert choices(big_shape, rooms_of(*[23] * 10), {})[-1] == list(range(10))
+
+
+def test_mixed_gpus_get_the_same_choice(big_shape: ModelShape, mid_shape: ModelShape) -> None:
+    mixed = rooms_of(15, 47, 23, 0.25, 23, 15, 79, 11)  # one too small to hold even its driver's overhead
+    links = {(1, 4): Link.NVLINK, (2, 4): Link.SWITCH, (2, 5): Link.NVLINK, (0, 7): Link.XGMI, (3, 6): Link.BOARD}
+    assert choices(big_shape, mixed, links) == [[6], [6], [1, 6], [1, 6], None]
+    assert choices(mid_shape, mixed, links) == [[6], [6], [6], [6], [0, 1, 2, 4, 5, 6]]
+    pairs = {(0, 2): Link.NVLINK, (3, 5): Link.NVLINK}  # equal sizes, but only some sets directly linked
+    assert choices(mid_shape, rooms_of(15, 23, 15, 23, 15, 23), pairs) == [[3, 5], [3, 5], [3, 5], [0, 1, 3, 5], None]
+
+
+def test_a_model_that_only_just_fits_is_still_found(small_shape: ModelShape) -> None:
+    # Sizes are skipped by what their GPUs could hold at most, less each GPU's overhead: with a large overhead,
+    # counting it once too often would skip the size where the model only just fits.
+    runtime, overhead_b = Runtime(ctx=8192), 4 * GIB * MIB
+    low, high = 1, 40 * GIB  # the smallest room on which three GPUs hold the model, the old way
+    while low < high:
+        middle = (low + high) // 2
+        if every_set(small_shape, runtime, rooms_of(*[middle / GIB] * 3), {}, overhead_b) is None:
+            low = middle + 1
+        else:
+            high = middle
+    for usable_mib in (high, high - 1):
+        rooms = rooms_of(*[usable_mib / GIB] * 3)
+        expected = every_set(small_shape, runtime, rooms, {}, overhead_b)
+        assert fewest_gpus(small_shape, runtime, rooms, {}, overhead_b) == expected
+        assert holds(small_shape, runtime, rooms, overhead_b) == (expected is not None)
+    assert fewest_gpus(small_shape, runtime, rooms_of(*[high / GIB] * 3), {}, overhead_b) is not None
 
 
 # ---- does not fit -----------------------------------------------------------------------------------

@@ -1,15 +1,90 @@
-"""Reading llama-server options out of a model's pass-through `args`, as llama.cpp would."""
+"""Reading llama-server options out of a model's pass-through `args`, as llama.cpp would, and checking, when
+the configuration is loaded, the ones the planner and doctor read: a bad value is then a config error that
+names the flag, not a traceback when a plan is made. Light on purpose: the configuration imports it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Collection, Iterator, Sequence
+
+# Bytes per element of the KV cache types llama.cpp offers (its kv_cache_types, for -ctk and -ctv).
+CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
+                    "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}  # fmt: skip
+
+CTX = ("-c", "--ctx-size")
+CACHE_TYPE_K = ("-ctk", "--cache-type-k")
+CACHE_TYPE_V = ("-ctv", "--cache-type-v")
+FLASH_ATTN = ("-fa", "--flash-attn")
+UBATCH = ("-ub", "--ubatch-size")
+BATCH = ("-b", "--batch-size")
+PARALLEL = ("-np", "--parallel")
+GPU_LAYERS = ("-ngl", "--n-gpu-layers", "--gpu-layers")
+TENSOR_SPLIT = ("-ts", "--tensor-split")
+
+# llama.cpp's spellings of on, off and auto (common_arg_utils::is_truthy, is_falsey, is_autoy); None: auto.
+_FLASH_ATTN = {"on": True, "enabled": True, "true": True, "1": True,
+               "off": False, "disabled": False, "false": False, "0": False, "auto": None, "-1": None}  # fmt: skip
+_WHOLE = re.compile(r"[0-9]+")
+_NUMBER = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+_SPLIT_SEPARATORS = re.compile(r"[,/]+")  # as llama.cpp splits -ts
+
+
+def _occurrences(args: Sequence[str], flags: Collection[str]) -> Iterator[tuple[str, str | None]]:
+    """Each of ``flags`` in ``args`` as written, with its value (`--flag value` or `--flag=value`; None
+    when the flag ends the list)."""
+    for i, arg in enumerate(args):
+        name, eq, inline = arg.partition("=")
+        if name in flags:
+            yield name, inline if eq else (args[i + 1] if i + 1 < len(args) else None)
 
 
 def arg_value(args: Sequence[str], *flags: str) -> str | None:
     """The value of the last of ``flags`` in ``args`` (llama.cpp takes the last); `--flag=value` too."""
-    value = None
-    for i, arg in enumerate(args):
-        name, eq, inline = arg.partition("=")
-        if name in flags:
-            value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
-    return value
+    values = [value for _, value in _occurrences(args, flags)]
+    return values[-1] if values else None
+
+
+def flash_attn(value: str) -> bool | None:
+    """-fa's value: on, off, or None for auto."""
+    return _FLASH_ATTN[value]
+
+
+def tensor_split(value: str) -> list[float]:
+    """-ts's proportions."""
+    return [float(part) for part in _SPLIT_SEPARATORS.split(value)]
+
+
+def _is_split(value: str) -> bool:
+    parts = _SPLIT_SEPARATORS.split(value)
+    return all(_NUMBER.fullmatch(p) for p in parts) and any(float(p) > 0 for p in parts)
+
+
+def _is_positive(value: str) -> bool:
+    return bool(_WHOLE.fullmatch(value)) and int(value) > 0
+
+
+# What the value of each flag must be, and how to say it.
+_CHECKS: tuple[tuple[tuple[str, ...], Callable[[str], object], str], ...] = (
+    (CTX, _WHOLE.fullmatch, "a whole number"),
+    (CACHE_TYPE_K, CACHE_TYPE_BYTES.__contains__, f"a KV cache type ({', '.join(CACHE_TYPE_BYTES)})"),
+    (CACHE_TYPE_V, CACHE_TYPE_BYTES.__contains__, f"a KV cache type ({', '.join(CACHE_TYPE_BYTES)})"),
+    (FLASH_ATTN, _FLASH_ATTN.__contains__, "on, off or auto"),
+    (UBATCH, _is_positive, "a positive whole number"),
+    (BATCH, _is_positive, "a positive whole number"),
+    (PARALLEL, lambda v: v == "-1" or _is_positive(v), "a positive whole number or -1 (auto)"),
+    (GPU_LAYERS, lambda v: v in ("auto", "all") or _WHOLE.fullmatch(v), "a whole number, auto or all"),
+    (TENSOR_SPLIT, _is_split, "non-negative numbers separated by commas or slashes, at least one of them positive"),
+)
+_CHECK_OF = {flag: (valid, expected) for flags, valid, expected in _CHECKS for flag in flags}
+
+
+def check_args(args: Sequence[str]) -> None:
+    """Raise ValueError naming the first of the flags the planner and doctor read whose value is not one
+    llama-server's help describes (for -fa, also its other spellings of on, off and auto). Every
+    occurrence counts: llama-server parses them all, not only the last."""
+    for name, value in _occurrences(args, _CHECK_OF.keys()):
+        valid, expected = _CHECK_OF[name]
+        if value is None:
+            raise ValueError(f"{name} needs a value")
+        if not valid(value):
+            raise ValueError(f"{name} needs {expected}")

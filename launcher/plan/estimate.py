@@ -14,12 +14,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from launcher.plan.args import CACHE_TYPE_BYTES
 from launcher.plan.gguf import GgufFile, ModelFileError
 
 MIB = 1024 * 1024
-# Bytes per element of the KV cache types llama.cpp offers.
-CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
-                    "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}  # fmt: skip
 # Head sizes for which llama.cpp's CUDA/ROCm flash-attention kernels exist: `-fa auto` turns it on.
 _FLASH_HEAD_SIZES = {64, 80, 96, 112, 128, 192, 256, 576}
 _CTX_PAD = 256

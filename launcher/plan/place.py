@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from launcher.gpu.types import Link
@@ -212,17 +212,74 @@ def candidate_sets(rooms: Sequence[Room], size: int, links: dict[tuple[int, int]
     return groups
 
 
+def _sizes(shape: ModelShape, runtime: Runtime, usable: Sequence[Room], overhead_b: int) -> range:
+    """The set sizes worth trying for full offload: from the first whose largest rooms, less each GPU's
+    overhead, could hold every unit and one compute buffer. No placement needs less than that, so the
+    smaller sets are skipped without placing anything on them."""
+    need_b = sum(_Costs.of(shape, runtime, 1).units) + compute_bytes(shape, runtime, with_layers=True)
+    held_b = 0
+    for size, room in enumerate(sorted((r.usable_mib for r in usable), reverse=True), start=1):
+        held_b += max(0, room * MIB - overhead_b)
+        if held_b >= need_b:
+            return range(size, len(usable) + 1)
+    return range(0)
+
+
+def _distinct_sets(rooms: Sequence[Room], size: int) -> Iterator[tuple[Room, ...]]:
+    """One set of ``size`` rooms (in their order) for each distinct sequence of usable MiB: for N identical
+    GPUs, one set per size instead of every subset. Each next room is the first of its size after the last."""
+    if size == 0:
+        yield ()
+        return
+    seen: set[int] = set()
+    for i in range(len(rooms) - size + 1):
+        if rooms[i].usable_mib not in seen:
+            seen.add(rooms[i].usable_mib)
+            for rest in _distinct_sets(rooms[i + 1 :], size - 1):
+                yield (rooms[i], *rest)
+
+
+def _brimming(
+    shape: ModelShape, runtime: Runtime, usable: Sequence[Room], overhead_b: int, filled: dict[tuple[int, ...], bool]
+) -> Iterator[tuple[Room, ...]]:
+    """Sets of rooms, smallest first, that hold every unit when filled to the brim: `balanced`'s first test,
+    so the only sets it can place the model on. Whether a set passes depends only on its rooms' usable MiB
+    in order (links merely order the sets): one set per distinct sequence is tried, ``filled`` keeps the
+    answers."""
+    for size in _sizes(shape, runtime, usable, overhead_b):
+        for group in _distinct_sets(usable, size):
+            key = tuple(r.usable_mib for r in group)
+            if key not in filled:
+                costs = _Costs.of(shape, runtime, pipeline_copies(size, True))
+                filled[key] = _fill(costs, group, shape.n_layer + 1, overhead_b, 1.0) is not None
+            if filled[key]:
+                yield group
+
+
 def fewest_gpus(
     shape: ModelShape, runtime: Runtime, rooms: Sequence[Room], links: dict[tuple[int, int], Link], overhead_b: int
 ) -> Layout | None:
-    """Full offload on the fewest GPUs that hold the model: one GPU when one does (splitting costs speed)."""
+    """Full offload on the fewest GPUs that hold the model: one GPU when one does (splitting costs speed);
+    of the sets of that many, the first in `candidate_sets`' order. Sizes where no set passes `balanced`'s
+    first test are skipped without listing their sets; sets that fail it are not placed."""
     usable = [r for r in rooms if r.usable_mib > 0]
-    for size in range(1, len(usable) + 1):
+    filled: dict[tuple[int, ...], bool] = {}
+    for size, _ in itertools.groupby(_brimming(shape, runtime, usable, overhead_b, filled), key=len):
         for group in candidate_sets(usable, size, links):
-            found = balanced(shape, runtime, group, shape.n_layer + 1, overhead_b)
-            if found is not None:
-                return found
+            if filled.get(tuple(r.usable_mib for r in group), True):
+                found = balanced(shape, runtime, group, shape.n_layer + 1, overhead_b)
+                if found is not None:
+                    return found
     return None
+
+
+def holds(shape: ModelShape, runtime: Runtime, rooms: Sequence[Room], overhead_b: int) -> bool:
+    """Whether `fewest_gpus` finds a set, without working out which (what refusals ask, many times over)."""
+    usable = [r for r in rooms if r.usable_mib > 0]
+    return any(
+        balanced(shape, runtime, group, shape.n_layer + 1, overhead_b) is not None
+        for group in _brimming(shape, runtime, usable, overhead_b, {})
+    )
 
 
 def most_layers(shape: ModelShape, runtime: Runtime, rooms: Sequence[Room], overhead_b: int) -> Layout | None:

@@ -7,7 +7,16 @@ from collections.abc import Mapping, Sequence
 
 from launcher.config import GpuSettings, ModelSettings
 from launcher.gpu.types import Link
-from launcher.plan.args import arg_value
+from launcher.plan.args import (
+    CACHE_TYPE_K,
+    CACHE_TYPE_V,
+    CTX,
+    FLASH_ATTN,
+    PARALLEL,
+    UBATCH,
+    arg_value,
+    flash_attn,
+)
 from launcher.plan.estimate import (
     MIB,
     ModelShape,
@@ -23,6 +32,7 @@ from launcher.plan.place import (
     candidate_sets,
     counts_from_split,
     fewest_gpus,
+    holds,
     layout,
     most_layers,
 )
@@ -41,18 +51,19 @@ def _gib(b: float) -> str:
 
 
 def runtime_for(model: ModelSettings, shape: ModelShape) -> Runtime:
-    """The runtime settings from the model's `ctx` and the options in its pass-through `args`."""
+    """The runtime settings from the model's `ctx` and the options in its pass-through `args` (checked when
+    the configuration was loaded)."""
     args = model.args
-    flash = arg_value(args, "-fa", "--flash-attn")
-    ctx_arg = arg_value(args, "-c", "--ctx-size")
-    ctx = model.ctx or (int(ctx_arg) if ctx_arg and ctx_arg.isdigit() and int(ctx_arg) else shape.context_length)
+    flash = arg_value(args, *FLASH_ATTN)
+    flash_on = None if flash is None else flash_attn(flash)
+    parallel = int(arg_value(args, *PARALLEL) or -1)
     return Runtime(
-        ctx=ctx,
-        cache_type_k=arg_value(args, "-ctk", "--cache-type-k") or "f16",
-        cache_type_v=arg_value(args, "-ctv", "--cache-type-v") or "f16",
-        flash_attn=flash_attention_default(shape) if flash in (None, "auto") else flash in ("on", "1", "true"),
-        ubatch=int(arg_value(args, "-ub", "--ubatch-size") or 512),
-        parallel=max(1, int(arg_value(args, "-np", "--parallel") or 4)),
+        ctx=model.ctx or int(arg_value(args, *CTX) or 0) or shape.context_length,
+        cache_type_k=arg_value(args, *CACHE_TYPE_K) or "f16",
+        cache_type_v=arg_value(args, *CACHE_TYPE_V) or "f16",
+        flash_attn=flash_attention_default(shape) if flash_on is None else flash_on,
+        ubatch=int(arg_value(args, *UBATCH) or 512),
+        parallel=4 if parallel == -1 else parallel,  # llama-server's auto (its default): 4 slots
     )
 
 
@@ -104,7 +115,7 @@ def make_plan(
         backend=model.backend,
         fits=fits,
         reason=None if fits else _reason(chosen, allowed, name),
-        suggestions=[] if fits else _suggestions(model, shape, runtime, allowed, links, overhead_b),
+        suggestions=[] if fits else _suggestions(model, shape, runtime, allowed, overhead_b),
         ctx=runtime.ctx,
         flash_attn=runtime.flash_attn,
         cache_type_k=runtime.cache_type_k,
@@ -188,7 +199,6 @@ def _suggestions(
     shape: ModelShape,
     runtime: Runtime,
     allowed: list[Room],
-    links: dict[tuple[int, int], Link],
     overhead_b: int,
 ) -> list[str]:
     if not allowed:
@@ -196,7 +206,7 @@ def _suggestions(
     result = []
 
     def fits(r: Runtime) -> bool:
-        return fewest_gpus(shape, r, allowed, links, overhead_b) is not None
+        return holds(shape, r, allowed, overhead_b)
 
     low, high = 1, padded_ctx(runtime.ctx) // 256 - 1  # contexts in steps of 256
     best = 0
@@ -219,7 +229,7 @@ def _suggestions(
     largest = max(allowed, key=lambda r: r.total_mib)
     for count in range(len(allowed) + 1, 17):
         clones = [Room(i, f"GPU-{i}", largest.name, largest.total_mib, largest.usable_mib) for i in range(count)]
-        if fewest_gpus(shape, runtime, clones, {}, overhead_b) is not None:
+        if holds(shape, runtime, clones, overhead_b):
             result.append(f"it would fit on {count} GPUs of {largest.total_mib / 1024:.0f} GiB like {largest.name}")
             break
     if not model.allow_cpu_offload:
