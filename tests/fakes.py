@@ -31,12 +31,20 @@ class FakeGpu:
 
 
 class FakeNvml:
-    """Answers like pynvml for the GPUs given: real structs, real NVMLError subclasses."""
+    """Answers like pynvml for the GPUs given: real structs, real NVMLError subclasses.
 
-    def __init__(self, gpus: list[FakeGpu], topology: dict[tuple[int, int], int] | None = None) -> None:
+    ``init_error`` (an NVML_ERROR_* code) makes nvmlInit fail as pynvml does on a machine without the
+    driver (NVML_ERROR_LIBRARY_NOT_FOUND) or with a broken one (NVML_ERROR_DRIVER_NOT_LOADED).
+    """
+
+    def __init__(
+        self, gpus: list[FakeGpu], topology: dict[tuple[int, int], int] | None = None, *, init_error: int | None = None
+    ) -> None:
         self.gpus = gpus
         self.topology = topology or {}
+        self.init_error = init_error
         self.inits = 0
+        self.shutdowns = 0
         for name in dir(pynvml):
             if name.startswith(("NVML_", "NVMLError", "nvmlMemory_v2")):
                 setattr(self, name, getattr(pynvml, name))
@@ -50,10 +58,12 @@ class FakeNvml:
         return gpu
 
     def nvmlInit(self) -> None:
+        if self.init_error is not None:
+            raise pynvml.NVMLError(self.init_error)
         self.inits += 1
 
     def nvmlShutdown(self) -> None:
-        pass
+        self.shutdowns += 1
 
     def nvmlDeviceGetCount(self) -> int:
         return len(self.gpus)

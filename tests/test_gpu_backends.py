@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pynvml
 import pytest
 
+import launcher.gpu
 from launcher.config import GpuSettings, SimGpu
 from launcher.errors import StartError
-from launcher.gpu import open_backend, visibility_env
+from launcher.gpu import amd, nvml, open_backend, visibility_env
 from launcher.gpu.amd import AmdSmiBackend
 from launcher.gpu.base import NoGpus
 from launcher.gpu.nvml import NvmlBackend
@@ -184,16 +185,75 @@ def test_sim_memory_follows_usage_temperatures_script_and_faults() -> None:
     assert len({g.uuid for g in sim.identities()}) == 3
 
 
-def test_auto_without_libraries_says_why_and_runs_on_cpu() -> None:
+NO_ROCM = KeyError("libamd_smi.so")  # what `import amdsmi` raises where ROCm's library is missing
+NO_AMDSMI = ModuleNotFoundError("No module named 'amdsmi'", name="amdsmi")
+
+
+def machine(
+    monkeypatch: pytest.MonkeyPatch,
+    drm: Path,
+    nvml_lib: FakeNvml | None = None,
+    amdsmi_error: Exception = NO_ROCM,
+) -> None:
+    """Make the GPU backends see this machine, not the host: NVML is ``nvml_lib`` (by default pynvml
+    without libnvidia-ml: its nvmlInit fails), ``import amdsmi`` raises ``amdsmi_error``, and the DRM cards
+    are those under ``drm``."""
+    lib = nvml_lib or FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    monkeypatch.setattr(nvml, "_load", lambda: lib)
+
+    def import_amdsmi() -> Any:
+        raise amdsmi_error
+
+    monkeypatch.setattr(amd, "_import_amdsmi", import_amdsmi)
+    drm.mkdir(exist_ok=True)
+    monkeypatch.setitem(launcher.gpu._REAL, "sysfs", lambda: SysfsBackend(drm))
+
+
+@pytest.mark.parametrize(
+    ("amdsmi_error", "amdsmi_reason"),
+    [(NO_ROCM, "library libamd_smi.so not found"), (NO_AMDSMI, "module amdsmi is not installed")],
+)
+def test_auto_without_libraries_says_why_and_runs_on_cpu(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, amdsmi_error: Exception, amdsmi_reason: str
+) -> None:
+    write_card(tmp_path / "drm", 0, vendor="0x8086")  # an Intel iGPU is not a GPU for us
+    machine(monkeypatch, tmp_path / "drm", amdsmi_error=amdsmi_error)
     backend, reason = open_backend(GpuSettings(backend="auto"))
     assert isinstance(backend, NoGpus)
-    assert reason.startswith("none: auto found no GPU (nvml: ")
-    assert "amdsmi: " in reason and "sysfs: no GPU" in reason
+    assert reason == (
+        f"none: auto found no GPU (nvml: NVML Shared Library Not Found; amdsmi: {amdsmi_reason}; sysfs: no GPU); "
+        "servers run on the CPU"
+    )
 
 
-def test_an_explicit_backend_that_cannot_open_is_a_clear_error() -> None:
-    with pytest.raises(StartError, match="the nvml GPU backend cannot open"):
-        open_backend(GpuSettings(backend="nvml"))
+def test_auto_picks_the_first_backend_with_gpus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    machine(monkeypatch, tmp_path / "drm", FakeNvml([FakeGpu()]))
+    backend, reason = open_backend(GpuSettings(backend="auto"))
+    assert isinstance(backend, NvmlBackend)
+    assert reason == "nvml: picked by auto, 1 GPUs"
+
+
+def test_auto_closes_a_driver_without_gpus_and_goes_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    empty = FakeNvml([])  # the driver loads, but has no GPU (all passed to VMs, say)
+    write_card(tmp_path / "drm", 0)
+    machine(monkeypatch, tmp_path / "drm", empty)
+    backend, reason = open_backend(GpuSettings(backend="auto"))
+    assert isinstance(backend, SysfsBackend)
+    assert reason == "sysfs: picked by auto, 1 GPUs"
+    assert (empty.inits, empty.shutdowns) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"), [("nvml", "NVML Shared Library Not Found"), ("amdsmi", "library libamd_smi.so not found")]
+)
+def test_an_explicit_backend_that_cannot_open_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: Literal["nvml", "amdsmi"], reason: str
+) -> None:
+    machine(monkeypatch, tmp_path / "drm")
+    with pytest.raises(StartError) as raised:
+        open_backend(GpuSettings(backend=name))
+    assert raised.value.message == f"the {name} GPU backend cannot open: {reason}"
+    assert raised.value.hint == "check the driver (`launcher doctor`), or set gpus.backend: auto"
 
 
 def test_visibility_by_uuid() -> None:

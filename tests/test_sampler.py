@@ -4,6 +4,8 @@ and the API answers while a backend call hangs."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,11 +16,13 @@ import pytest
 from launcher.api.app import create_app
 from launcher.config import SimGpu, parse_settings
 from launcher.gpu.sampler import Sampler
-from launcher.gpu.sim import SimBackend
+from launcher.gpu.sim import Hold, SimBackend
 from launcher.schema import GpuSample
 from tests.conftest import OpenManager
 
 POLL_S = 0.05
+STALE_AFTER_S = 3 * POLL_S  # a sample older than three polls is marked stale
+SIM_A = {"name": "A", "memory_mib": 1000}
 
 
 @pytest.fixture
@@ -69,13 +73,23 @@ async def test_a_vanished_gpu_keeps_its_identity_and_says_so(sim_sampler: tuple[
 
 async def test_a_hung_gpu_stalls_only_itself(sim_sampler: tuple[SimBackend, Sampler]) -> None:
     sim, sampler = sim_sampler
-    sim.inject(0, delay_s=1.0)
-    await next_sample(sampler, 1)
-    await next_sample(sampler, 1)  # GPU 1 goes on being read meanwhile
-    await asyncio.sleep(4 * POLL_S)
+    hold = Hold()
+    sim.inject(0, hold=hold)
+    await hold.entered()  # a read of GPU 0 is under way and will not return until released
+    last = sampler.history(0)[-1]  # GPU 0's last reading before it hung
+    # GPU 1 goes on being read meanwhile: wait for its readings until GPU 0's is older than the stale limit.
+    async with asyncio.timeout(5):
+        other = await next_sample(sampler, 1)
+        while other.time - last.time <= STALE_AFTER_S:
+            other = await next_sample(sampler, 1)
+    assert other.error is None
     stale = sampler.latest()[0]
-    assert stale.error is not None and "the driver is not answering" in stale.error
-    sim.inject(0)
+    assert stale.model_copy(update={"error": None}) == last  # still the reading from before the hang
+    assert stale.error is not None and re.fullmatch(r"no reading for \d+s: the driver is not answering", stale.error)
+    sim.inject(0)  # healed: the hung read returns and GPU 0 is read again
+    recovered = await next_sample(sampler, 0)
+    assert recovered.error is None and recovered.time > last.time
+    assert sampler.latest()[0].error is None
 
 
 async def test_history_is_bounded(sim_sampler: tuple[SimBackend, Sampler]) -> None:
@@ -87,19 +101,20 @@ async def test_history_is_bounded(sim_sampler: tuple[SimBackend, Sampler]) -> No
     assert [s.time for s in history] == sorted(s.time for s in history)
 
 
-async def test_api_latency_is_unaffected_by_a_slow_backend(tmp_path: Path, open_manager: OpenManager) -> None:
-    gpus = f"gpus: {{backend: sim, poll_interval: {POLL_S}, sim: [{{name: A, memory_mib: 1000}}]}}"
-    settings = parse_settings(f"daemon: {{state_dir: {tmp_path / 'state'}}}\n{gpus}", tmp_path / "l.yaml")
+async def test_api_latency_is_unaffected_by_a_hung_backend(tmp_path: Path, open_manager: OpenManager) -> None:
+    config = {"daemon": {"state_dir": str(tmp_path / "state")}, "gpus": {"backend": "sim", "sim": [SIM_A]}}
+    settings = parse_settings(json.dumps(config), tmp_path / "l.yaml")
     manager = await open_manager(settings)
     sim = manager.sampler.backend
     assert isinstance(sim, SimBackend)
     app = create_app(manager, settings)
-    sim.inject(0, delay_s=2.0)  # every read from now on takes 2 s, in the sampler's thread
+    hold = Hold()
+    sim.inject(0, hold=hold)
     try:
+        await hold.entered()  # a read of GPU 0 is under way and will not return until released
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            await asyncio.sleep(2 * POLL_S)  # a slow read is under way
             began = time.perf_counter()
-            response = await client.get("/gpus")
+            response = await asyncio.wait_for(client.get("/gpus"), 5)  # answered while the read still hangs
             elapsed = time.perf_counter() - began
         assert response.status_code == 200
         assert response.json()[0]["memory_total_mib"] == 1000

@@ -1,8 +1,9 @@
 """Simulated GPUs, described in the configuration: memory that the launcher's instances consume, foreign
-usage, scripted temperatures, and faults injected on demand (a GPU that errors, is lost, or is slow)."""
+usage, scripted temperatures, and faults injected on demand (a GPU that errors, is lost, or hangs)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
@@ -19,6 +20,32 @@ def _no_usage() -> Mapping[int, int]:
     return {}
 
 
+class Hold:
+    """A hung driver call on demand: reads of a GPU given this hold wait in it until ``release()``.
+
+    ``await hold.entered()`` returns once a read waits in it, so a test knows for certain that a read is
+    under way and will not return by itself.
+    """
+
+    def __init__(self) -> None:
+        self._entered = threading.Event()
+        self._released = threading.Event()
+
+    async def entered(self, timeout_s: float = 5.0) -> None:
+        """Return once a read waits in the hold; TimeoutError when none does within ``timeout_s``."""
+        if not await asyncio.to_thread(self._entered.wait, timeout_s):
+            raise TimeoutError(f"no read entered the hold within {timeout_s:g}s")
+
+    def release(self) -> None:
+        """Let the reads waiting in the hold, and every later one, go on."""
+        self._released.set()
+
+    def wait(self) -> None:
+        """Called by a read (in the sampler's worker thread): wait here until released."""
+        self._entered.set()
+        self._released.wait()
+
+
 class SimBackend:
     name = "sim"
 
@@ -27,7 +54,7 @@ class SimBackend:
         # MiB per GPU index that the launcher's running instances hold (set by the manager).
         self.usage: UsageSource = _no_usage
         self._temperatures: list[Iterator[float]] = [_script(g.temperature_c) for g in gpus]
-        self._faults: dict[int, tuple[str | None, float]] = {}
+        self._faults: dict[int, tuple[str | None, Hold | None]] = {}
         self._lock = threading.Lock()
         self._claimed: dict[int, int] = {}  # what the usage source said last time, per GPU
         self._releasing: dict[int, list[tuple[float, int]]] = {}  # (until, MiB) still held after a stop
@@ -44,21 +71,25 @@ class SimBackend:
             for i, g in enumerate(self._gpus)
         ]
 
-    def inject(self, index: int, *, error: str | None = None, delay_s: float = 0.0) -> None:
-        """Make reads of GPU ``index`` fail with ``error`` and/or take ``delay_s``; no arguments: heal it."""
+    def inject(self, index: int, *, error: str | None = None, hold: Hold | None = None) -> None:
+        """Make reads of GPU ``index`` wait in ``hold`` and/or fail with ``error``; no arguments: heal it.
+
+        The fault replaced is over: a read waiting in its hold goes on.
+        """
         with self._lock:
-            if error is None and delay_s == 0:
-                self._faults.pop(index, None)
-            else:
-                self._faults[index] = (error, delay_s)
+            _, previous = self._faults.pop(index, (None, None))
+            if error is not None or hold is not None:
+                self._faults[index] = (error, hold)
+        if previous is not None and previous is not hold:
+            previous.release()
 
     def read(self, index: int, *, processes: bool) -> GpuReading:
         gpu = self._gpus[index]
         with self._lock:
-            error, delay_s = self._faults.get(index, (None, 0.0))
+            error, hold = self._faults.get(index, (None, None))
             temperature = next(self._temperatures[index])
-        if delay_s:
-            time.sleep(delay_s)  # runs in the sampler's worker thread, as a slow driver call would
+        if hold is not None:
+            hold.wait()  # runs in the sampler's worker thread, as a hung driver call would
         if error is not None:
             raise GpuError(error)
         used = min(gpu.memory_mib, gpu.used_mib + self._held(index, gpu.release_delay_s))
@@ -97,7 +128,11 @@ class SimBackend:
         return result
 
     def close(self) -> None:
-        pass
+        """Heal every GPU: no read stays waiting in a hold (it would keep its worker thread forever)."""
+        with self._lock:
+            faulty = list(self._faults)
+        for index in faulty:
+            self.inject(index)
 
 
 def _script(value: float | list[float]) -> Iterator[float]:
