@@ -167,6 +167,17 @@ class ModelSettings(_Strict):
     # ollama: one instance per GPU (`per-gpu`) or N instances, each on its own GPU and port.
     replicas: Literal["per-gpu"] | Annotated[int, Field(ge=1)] = 1
 
+    @field_validator("args", mode="before")
+    @classmethod
+    def _numbers_are_words(cls, value: object) -> object:
+        """`args: [-c, 4096]` is how people write it in YAML: a number is the word that spells it. An
+        unquoted on/off/yes/no is a YAML boolean, and which word was meant is lost: say so."""
+        if not isinstance(value, list):
+            return value
+        if any(isinstance(v, bool) for v in value):
+            raise ValueError('YAML reads an unquoted on, off, yes or no as true/false: quote it, as in [-fa, "on"]')
+        return [str(v) if isinstance(v, int | float) else v for v in value]
+
     @field_validator("args")
     @classmethod
     def _args_llama_server_takes(cls, value: list[str]) -> list[str]:
@@ -353,7 +364,7 @@ def _describe(exc: ValidationError, path: Path | None, sources: dict[str, str]) 
             message = "unknown key"
         else:
             message = error["msg"].removeprefix("Value error, ").replace("Input should be", "should be")
-            if not isinstance(error.get("input"), dict) and error["type"] != "missing":
+            if not isinstance(error.get("input"), dict) and error["type"] != "missing" and "(got " not in message:
                 message = f"{message} (got {error['input']!r})"
         by_key.setdefault(key, message)
     for key in auto_keys:

@@ -134,8 +134,17 @@ def test_args_the_planner_reads_are_checked_at_load(args: list[str], message: st
     path = tmp_path / "launcher.yaml"
     with pytest.raises(ConfigError) as caught:
         load_args(args, path)
-    # _describe adds the value it was given: the whole list.
-    assert str(caught.value) == f"{path}: models.tiny.args: {message} (got {args!r})"
+    assert str(caught.value) == f"{path}: models.tiny.args: {message} (got {_first_value(args, message)})"
+
+
+def _first_value(args: list[str], message: str) -> str:
+    """What the error says it got: the first value of the flag it names, or that nothing followed it."""
+    flag = message.split()[0]
+    for i, arg in enumerate(args):
+        name, eq, inline = arg.partition("=")
+        if name == flag:
+            return repr(inline) if eq else repr(args[i + 1]) if i + 1 < len(args) else "nothing after it"
+    raise AssertionError(f"{flag} is not in {args}")
 
 
 def test_args_llama_server_takes_load_in_both_forms(tmp_path: Path) -> None:
@@ -147,3 +156,36 @@ def test_args_llama_server_takes_load_in_both_forms(tmp_path: Path) -> None:
         *("--jinja", "--alias", "x", "-cb"),  # flags the launcher does not read pass as they are
     ]
     assert load_args(args, tmp_path / "launcher.yaml") == args
+
+
+def test_numbers_in_args_are_the_words_that_spell_them(tmp_path: Path) -> None:
+    path = tmp_path / "l.yaml"
+    settings = parse_settings('models: {tiny: {model: m.gguf, args: [-c, 4096, -fa, "on", --temp, 0.7]}}', path)
+    assert settings.models["tiny"].args == ["-c", "4096", "-fa", "on", "--temp", "0.7"]
+    with pytest.raises(ConfigError) as caught:
+        parse_settings("models: {tiny: {model: m.gguf, args: [-fa, on]}}", path)
+    assert str(caught.value) == (
+        f"{path}: models.tiny.args: YAML reads an unquoted on, off, yes or no as true/false: quote it, "
+        "as in [-fa, \"on\"] (got ['-fa', True])"
+    )
+
+
+# ---- pass-through args: what the planner and doctor read is checked at load --------------------------
+
+KV_TYPES = "f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl"
+SPLIT = "non-negative numbers separated by commas or slashes, at least one of them positive"
+
+
+def test_environment_overrides_the_file_and_names_itself_in_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAUNCHER_DAEMON__PORT", "9100")
+    monkeypatch.setenv("LAUNCHER_DAEMON__INSTANCE_PORTS", "[9110, 9119]")
+    monkeypatch.setenv("LAUNCHER_GPUS__MARGIN_MIB", "0")
+    monkeypatch.setenv("LAUNCHER_TEST_ONLY", "ignored: not a section")
+    settings = parse_settings("daemon: {port: 8400}", tmp_path / "l.yaml")
+    assert (settings.daemon.port, settings.daemon.instance_ports, settings.gpus.margin_mib) == (9100, (9110, 9119), 0)
+    monkeypatch.setenv("LAUNCHER_DAEMON__PROT", "1")
+    with pytest.raises(ConfigError) as caught:
+        parse_settings("", tmp_path / "l.yaml")
+    assert str(caught.value) == f"{tmp_path / 'l.yaml'}: daemon.prot (from LAUNCHER_DAEMON__PROT): unknown key"

@@ -85,6 +85,6 @@ def check_args(args: Sequence[str]) -> None:
     for name, value in _occurrences(args, _CHECK_OF.keys()):
         valid, expected = _CHECK_OF[name]
         if value is None:
-            raise ValueError(f"{name} needs a value")
+            raise ValueError(f"{name} needs a value (got nothing after it)")
         if not valid(value):
-            raise ValueError(f"{name} needs {expected}")
+            raise ValueError(f"{name} needs {expected} (got {value!r})")
