@@ -96,6 +96,7 @@ def write_config(tmp_path: Path, tiny_model: Path, leaves_no_process: str) -> Co
             entries[name] = entry
         daemon = {"port": free_port(), "state_dir": str(tmp_path / "state"), "instance_ports": [20000, 29999]}
         daemon.update(top.pop("daemon", {}))
+        top.setdefault("gpus", {"backend": "none"})  # never the host's GPUs: a test names the GPUs it means
         path = tmp_path / "launcher.yaml"
         path.write_text(yaml.safe_dump({"daemon": daemon, "models": entries, **top}))
         return path

@@ -11,13 +11,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
 from launcher.config import load_settings
-from launcher.schema import State
+from launcher.schema import GpuSample, State
 from launcher.supervise.instance import Instance
+from launcher.supervise.manager import Manager
 from tests.conftest import ConfigWriter, Daemon, OpenManager, marked_processes
 
 FAST_RESTART = {"policy": "on-failure", "backoff_initial": 0.01, "backoff_max": 0.05, "burst": 1000, "interval": 60}
@@ -156,6 +158,8 @@ async def test_memory_a_killed_server_held_is_waited_for(write_config: ConfigWri
     instance = manager.get("tiny")
     await manager.start("tiny")
     await instance.wait_until(is_ready, 30)
+    claim = instance.placement.claims_mib[0]
+    await gpu_reading(manager, lambda s: (s.memory_used_mib or 0) >= claim)  # the card holds the server's memory
     pid = instance.status().pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
@@ -166,6 +170,18 @@ async def test_memory_a_killed_server_held_is_waited_for(write_config: ConfigWri
     waited = _seconds(loading.time) - _seconds(exited.time)
     assert waited >= 0.8  # the memory came back after 1 s, and the new server started after it
     assert any(e.kind == "vram" and "waiting for memory to come back on GPU 0" in e.message for e in manager.events)
+
+
+async def gpu_reading(manager: Manager, matches: Callable[[GpuSample], bool]) -> GpuSample:
+    """The first GPU sample, from now on, that ``matches`` (the sampler calls its listeners on the loop)."""
+    found: asyncio.Future[GpuSample] = asyncio.get_running_loop().create_future()
+
+    def listener(sample: GpuSample) -> None:
+        if matches(sample) and not found.done():
+            found.set_result(sample)
+
+    manager.sampler.subscribe(listener)
+    return await asyncio.wait_for(found, 10)
 
 
 def _seconds(stamp: str) -> float:

@@ -64,6 +64,7 @@ class Manager:
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._samples = asyncio.Event()  # set at every GPU sample: what the VRAM wait awaits
         self._vacated: dict[int, tuple[int, float]] = {}  # GPU -> (MiB a stopped server held, until)
+        self._released_at: dict[int, float] = {}  # GPU -> when a server on it last ended (epoch seconds)
         self._placing = asyncio.Lock()  # one placement at a time: each plans around the last one's claim
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
         self._tasks: set[asyncio.Task[None]] = set()
@@ -127,12 +128,18 @@ class Manager:
 
     async def await_vram(self, claims: Mapping[int, int], who: str) -> None:
         """Return once each GPU in ``claims`` has that many MiB free, or after `gpus.vram_wait_s`: memory a
-        killed server held can take a moment to come back, and a start before it does runs out of it."""
+        killed server held can take a moment to come back, and a start before it does runs out of it. Only
+        a reading taken after the last server on a GPU ended counts: an older one still shows the memory
+        as it was, or (read before that server took it) as free when it is not."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.gpus.vram_wait_s
         told = False
         while True:
-            free = {s.index: s.memory_free_mib for s in self.sampler.latest()}
+            free = {
+                s.index: s.memory_free_mib
+                for s in self.sampler.latest()
+                if s.time > self._released_at.get(s.index, 0.0)
+            }
             gpus = self.settings.gpus
             # What the plan needs there: its claim, with the margin and the GPU's reserve kept free.
             needed = {i: mib + gpus.margin_mib + gpus.reserve_mib.get(i, 0) for i, mib in claims.items()}
@@ -140,7 +147,10 @@ class Manager:
             if not short:
                 return
             if not told:
-                what = ", ".join(f"GPU {i} ({free.get(i)} of {mib} MiB free)" for i, mib in short.items())
+                what = ", ".join(
+                    f"GPU {i} ({free[i]} of {mib} MiB free)" if i in free else f"GPU {i} (no reading since)"
+                    for i, mib in short.items()
+                )
                 self.publish(Event.now("vram", f"{who}: waiting for memory to come back on {what}"))
                 told = True
             remaining = deadline - loop.time()
@@ -153,9 +163,10 @@ class Manager:
 
     def vacated(self, claims: Mapping[int, int]) -> None:
         """Note the memory a stopped server held: the next start there waits for it (see await_vram)."""
-        until = time.monotonic() + self.settings.gpus.vram_wait_s
+        until, now = time.monotonic() + self.settings.gpus.vram_wait_s, time.time()
         for index, mib in claims.items():
             self._vacated[index] = (mib, until)
+            self._released_at[index] = now
 
     # ---- lookup -----------------------------------------------------------------------------------------
 
