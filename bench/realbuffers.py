@@ -105,7 +105,12 @@ def measure(llama_server: Path, args: list[str], timeout_s: float = 60) -> Repor
     and read its sizes from its output (which it flushes on exit: a pipe is block-buffered)."""
     port = _free_port()
     argv = [str(llama_server), *args, "--host", "127.0.0.1", "--port", str(port), "-lv", "4"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return measure_argv(argv, port, None, timeout_s)
+
+
+def measure_argv(argv: list[str], port: int, env: dict[str, str] | None, timeout_s: float = 60) -> Reported:
+    """`measure` for a whole command line (with `-lv 4`) that serves on ``port``."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + timeout_s
         with httpx.Client() as client:

@@ -1,18 +1,34 @@
-"""The plan against a real llama-server on several real llama.cpp devices (one ggml-rpc-server each):
-per device, the planned weights and KV cache within 2 % of what llama-server reports with -lv 4, and the
-total within 5 % or 64 MiB. bench/accuracy.py runs the whole grid; this is its sample in the test suite."""
+"""The plan against a real llama-server on several real llama.cpp devices (one ggml-rpc-server each),
+launched with exactly the command line and environment the launcher builds from its plan, with only
+`--rpc` added: per device, the planned weights and KV cache within 2 % (or the 1 MiB the plan rounds up
+to) of what llama-server reports with -lv 4, and the total within 5 % or 64 MiB. bench/accuracy.py runs
+the whole grid; this is its sample in the test suite."""
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 
-from bench.accuracy import SHAPES, launch_args, plan_for
-from bench.realbuffers import Buffers, measure, rpc_servers
-from launcher.backends.llama_server import find_llama_server
-from launcher.plan.estimate import MIB, ModelShape, Runtime
+from bench.accuracy import SHAPES, plan_for
+from bench.realbuffers import measure_argv, rpc_servers
+from launcher.backends.llama_server import LlamaServerBackend, find_llama_server
+from launcher.config import GpuSettings, ModelSettings, SimGpu
+from launcher.gpu.sampler import read_sample
+from launcher.gpu.sim import SimBackend
+from launcher.plan.estimate import ModelShape, Runtime
 from launcher.plan.gguf import read_gguf
+from launcher.plan.placer import Planner
 from launcher.tinymodel import write_tiny_llama
 from tests.conftest import MARK
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @pytest.mark.parametrize(
@@ -24,23 +40,40 @@ def test_each_device_holds_what_was_planned(
     devices: int,
     ctx: int,
     cache: str,
-    tmp_path: object,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
     leaves_no_process: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(MARK, leaves_no_process)  # the rpc servers and llama-server are checked for leftovers
-    model = write_tiny_llama(tmp_path / "m.gguf", SHAPES[shape])  # type: ignore[operator]
-    facts = ModelShape.of(read_gguf(model))
+    model_path = write_tiny_llama(tmp_path / "m.gguf", SHAPES[shape])
     runtime = Runtime(ctx=ctx, cache_type_k=cache, cache_type_v=cache, flash_attn=True)
-    layout = plan_for(facts, runtime, devices)
-    assert len(layout.devices) == devices
-    server = find_llama_server(None)
-    with rpc_servers(server.parent, devices) as addresses:
-        reported = measure(server, launch_args(model, runtime, layout, addresses))
-    for device, address in zip(layout.devices, addresses, strict=True):
+    # Simulated GPUs sized so the planner must use all of them, unevenly (3:2:1), with nothing held back.
+    rooms = plan_for(ModelShape.of(read_gguf(model_path)), runtime, devices).devices
+    gpu_settings = GpuSettings(
+        backend="sim",
+        margin_mib=0,
+        overhead_mib=0,
+        sim=[SimGpu(name=f"sim{r.gpu}", memory_mib=r.usable_mib) for r in rooms],
+    )
+    gpus = SimBackend(gpu_settings.sim)
+    samples = [read_sample(gpus, gpu, processes=False) for gpu in gpus.identities()]
+    model = ModelSettings(
+        model=model_path,
+        ctx=ctx,
+        args=["-fa", "on", "-ctk", cache, "-ctv", cache, "-lv", "4"],  # -lv 4: llama-server reports its buffers
+    )
+    planner = Planner(gpu_settings, gpus.identities(), gpus.links())
+    placed = planner.place("m", model, samples, {})
+    assert len(placed.plan.devices) == devices
+    port = free_port()
+    spec = LlamaServerBackend().launch_spec(model, port, placed.placement)  # what the launcher launches
+    assert spec.argv[0] == str(find_llama_server(None))
+    with rpc_servers(Path(spec.argv[0]).parent, devices) as addresses:
+        reported = measure_argv([*spec.argv, "--rpc", ",".join(addresses)], port, spec.env)
+    for device, address in zip(placed.plan.devices, addresses, strict=True):
         real = reported.devices[address]
-        planned = Buffers(device.weights_b / MIB, device.kv_b / MIB, device.compute_b / MIB)
-        assert planned.model == pytest.approx(real.model, rel=0.02, abs=0.01)
-        assert planned.kv == pytest.approx(real.kv, rel=0.02, abs=0.01)
-        assert abs(planned.total - real.total) <= max(0.05 * real.total, 64)
-    assert layout.host.weights_b / MIB == pytest.approx(reported.host.model, rel=0.02, abs=0.01)
+        assert device.weights_mib == pytest.approx(real.model, rel=0.02, abs=1.0)
+        assert device.kv_cache_mib == pytest.approx(real.kv, rel=0.02, abs=1.0)
+        planned_total = device.weights_mib + device.kv_cache_mib + device.compute_mib
+        assert abs(planned_total - real.total) <= max(0.05 * real.total, 64)
+    assert placed.plan.host.weights_mib == pytest.approx(reported.host.model, rel=0.02, abs=1.0)
