@@ -7,12 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import ConfigWriter, free_port, marked_processes, run_cli, stop_process
+from tests.conftest import ConfigWriter, Daemon, free_port, marked_processes, run_cli, stop_process
 
 
 def assert_clean_error(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:
@@ -129,3 +130,16 @@ def test_detach_starts_a_background_daemon(
         for d in daemons:
             d.terminate()
         psutil.wait_procs(daemons, timeout=30)
+
+
+def test_commands_that_ask_the_daemon_load_no_planner_and_no_web_framework(
+    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
+) -> None:
+    daemon = start_daemon(write_config())
+    command = [sys.executable, "-X", "importtime", "-m", "launcher", "--config", str(daemon.config), "status"]
+    result = subprocess.run(command, env=daemon.env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    loaded = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    heavy = {"numpy", "gguf", "httpx", "fastapi", "uvicorn", "pydantic_settings", "launcher.plan.planner", "asyncio"}
+    assert loaded & heavy == set()
+    assert {"launcher.schema", "launcher.client"} <= loaded  # it did import what it needs: the check can fail

@@ -98,3 +98,22 @@ def test_a_killed_daemon_does_not_block_the_next(
     second = start_daemon(config)  # the lock died with the first: this one owns the directory
     assert second.wait_for("tiny", ready)["restarts"] == 0
     assert [r["pid"] for r in registry(second)] == [second.instance("tiny")["pid"]]
+
+
+def test_doctor_reports_a_daemon_that_does_not_answer(
+    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
+) -> None:
+    daemon = start_daemon(write_config(AUTOSTART))
+    before = daemon.wait_for("tiny", ready)
+    with frozen(daemon):
+        result = daemon.cli("doctor", "--json")
+    assert result.returncode == 1
+    findings = json.loads(result.stdout)
+    state_dir = daemon.config.parent / "state"
+    assert {
+        "level": "fail",
+        "check": "daemon",
+        "message": f"a daemon (pid {daemon.proc.pid}) owns {state_dir} but does not answer at {daemon.url}",
+        "fix": f"it may be starting or stuck: check its log, or stop pid {daemon.proc.pid}",
+    } in findings
+    assert daemon.instance("tiny")["pid"] == before["pid"]

@@ -62,7 +62,7 @@ async def test_the_manager_warns_the_instance_and_keeps_it(
     await manager.start("tiny")
     await instance.wait_until(lambda i: i.state == State.READY, 60)
     manager.observe(sample(93.0))
-    [event] = [e for e in manager.events if e.kind == "thermal"]
+    [event] = [e for e in manager.events if e.kind == "thermal" and e.instance is None]  # the GPU's own
     assert (event.gpu, event.message) == (0, "Sim 3090 at 93 °C, at or above the 90 °C limit; running on it: tiny")
     assert [e.message for e in instance.events if e.kind == "thermal"] == [f"GPU 0: {event.message}"]
     assert instance.state == State.READY
@@ -78,4 +78,4 @@ async def test_the_manager_stops_the_instances_of_a_hot_gpu(
     await instance.wait_until(lambda i: i.state == State.READY, 60)
     manager.observe(sample(95.0))
     await instance.wait_until(lambda i: i.state == State.STOPPED, 30)
-    assert instance.status().last_exit == "killed by SIGTERM"
+    assert instance.status().last_exit == "exited with code 0"  # llama-server ends cleanly on SIGTERM
