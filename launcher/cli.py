@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from launcher.client import DaemonClient
-from launcher.config import Settings, default_settings, load_settings, read_token
+from launcher.config import DaemonSettings, Settings, default_settings, load_daemon_settings, load_settings, read_token
 from launcher.errors import ConfigError, ConflictError, LauncherError
 from launcher.progress import (
     ProgressPrinter,
@@ -55,11 +55,17 @@ class Context:
             self._settings = load_settings(self.args.config, required=required)
         return self._settings
 
-    def client(self, settings: Settings | None = None) -> DaemonClient:
+    def daemon_settings(self) -> DaemonSettings:
+        """The `daemon:` section alone: enough to reach the daemon, and cheap (see load_daemon_settings)."""
+        if self._settings is not None:
+            return self._settings.daemon
+        return load_daemon_settings(self.args.config)
+
+    def client(self, daemon: DaemonSettings | None = None) -> DaemonClient:
         if self._client is None:
-            settings = settings or self.settings(required=False)
-            url = self.args.url or f"http://{settings.daemon.host}:{settings.daemon.port}"
-            token_file = settings.daemon.token_file
+            daemon = daemon or self.daemon_settings()
+            url = self.args.url or f"http://{daemon.host}:{daemon.port}"
+            token_file = daemon.token_file
             token = read_token(token_file) if token_file is not None and token_file.is_file() else None
             self._client = DaemonClient(url, token)
         return self._client
@@ -70,7 +76,7 @@ class Context:
         client = self.client()
         if client.reachable():
             return client
-        owner = read_owner(self.settings(required=False).daemon.state_dir)
+        owner = read_owner(self.daemon_settings().state_dir)
         if owner is not None:
             raise unanswered(owner, client.url)
         return None
@@ -195,7 +201,7 @@ def cmd_doctor(ctx: Context) -> int:
         settings = ctx.settings()
     except ConfigError as exc:
         settings, problem = default_settings(), exc  # the machine is still worth checking
-    return run_doctor(settings, problem, ctx.client(settings), as_json_output=ctx.json)
+    return run_doctor(settings, problem, ctx.client(settings.daemon), as_json_output=ctx.json)
 
 
 def cmd_logs(ctx: Context) -> int:

@@ -29,7 +29,9 @@ Positive = Annotated[float, Field(gt=0)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # defer_build: a model's validator is built when first used, so a command that reads only the daemon
+    # section never pays for the others' (pydantic builds them in about 20 ms together).
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 def default_state_dir() -> Path:
@@ -272,6 +274,20 @@ def load_settings(explicit: Path | None = None, *, required: bool = True) -> Set
     return _validate(_read_yaml(path), path)
 
 
+def load_daemon_settings(explicit: Path | None = None) -> DaemonSettings:
+    """Only the `daemon:` section, with its environment overrides: what a command that talks to the daemon
+    needs (where it listens, its token, its state directory). The rest is the daemon's to validate."""
+    path = find_config(explicit)
+    data = _read_yaml(path) if path is not None else {}
+    sources: dict[str, str] = {}
+    section = _with_environment({"daemon": data.get("daemon") or {}}, sources)["daemon"]
+    try:
+        daemon = DaemonSettings.model_validate(section)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, sources, within="daemon")) from None
+    return _resolve_daemon(daemon, _base(path))
+
+
 def default_settings() -> Settings:
     """Every default, no model: what the CLI uses to reach a daemon when no file is found."""
     return _validate({}, None)
@@ -351,12 +367,14 @@ def _validate(data: dict[str, Any], path: Path | None) -> Settings:
 _UNION_MEMBER = re.compile(r"^(literal\[.*\]|constrained-\w+|list\[.*\]|dict\[.*\]|int|str|float|bool)$")
 
 
-def _describe(exc: ValidationError, path: Path | None, sources: dict[str, str]) -> str:
+def _describe(exc: ValidationError, path: Path | None, sources: dict[str, str], within: str = "") -> str:
     where = str(path) if path is not None else "configuration"
     by_key: dict[str, str] = {}
     auto_keys: set[str] = set()  # keys that also accept 'auto'
     for error in exc.errors():
-        key = ".".join(str(p) for p in error["loc"] if not _UNION_MEMBER.match(str(p))) or "(top level)"
+        loc = [within] if within else []
+        loc += [str(p) for p in error["loc"] if not _UNION_MEMBER.match(str(p))]
+        key = ".".join(loc) or "(top level)"
         if error["type"] == "literal_error" and error.get("ctx", {}).get("expected") == "'auto'":
             auto_keys.add(key)
             continue
@@ -378,19 +396,28 @@ def _describe(exc: ValidationError, path: Path | None, sources: dict[str, str]) 
     )
 
 
+def _base(path: Path | None) -> Path:
+    """What relative paths in the configuration are relative to: the file's folder."""
+    return path.parent.resolve() if path is not None else Path.cwd()
+
+
+def _absolute(p: Path, base: Path) -> Path:
+    # Lexically normalised, not resolved: a model that is a symlink (a Hugging Face cache) keeps its name.
+    return Path(os.path.normpath(base / p.expanduser()))
+
+
+def _resolve_daemon(daemon: DaemonSettings, base: Path) -> DaemonSettings:
+    token_file = _absolute(daemon.token_file, base) if daemon.token_file else None
+    return daemon.model_copy(update={"state_dir": _absolute(daemon.state_dir, base), "token_file": token_file})
+
+
 def _resolve_paths(settings: Settings, path: Path | None) -> Settings:
-    base = path.parent.resolve() if path is not None else Path.cwd()
+    base = _base(path)
 
     def absolute(p: Path) -> Path:
-        # Lexically normalised, not resolved: a model that is a symlink (a Hugging Face cache) keeps its name.
-        return Path(os.path.normpath(base / p.expanduser()))
+        return _absolute(p, base)
 
-    daemon = settings.daemon.model_copy(
-        update={
-            "state_dir": absolute(settings.daemon.state_dir),
-            "token_file": absolute(settings.daemon.token_file) if settings.daemon.token_file else None,
-        }
-    )
+    daemon = _resolve_daemon(settings.daemon, base)
     models = {
         name: m.model_copy(
             update={

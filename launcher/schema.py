@@ -12,6 +12,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+
+class _Wire(BaseModel):
+    # Validators are built on first use: a command pays only for the types it reads.
+    model_config = ConfigDict(defer_build=True)
+
+
 # ---- instances --------------------------------------------------------------------------------------
 
 
@@ -26,7 +32,7 @@ class State(StrEnum):
     STOPPING = "stopping"
 
 
-class Event(BaseModel):
+class Event(_Wire):
     time: str
     kind: str  # state | exit | error | warning | thermal | vram
     message: str
@@ -51,7 +57,7 @@ class Event(BaseModel):
 # ---- plans ------------------------------------------------------------------------------------------
 
 
-class DevicePlan(BaseModel):
+class DevicePlan(_Wire):
     gpu: int
     uuid: str
     name: str
@@ -66,13 +72,13 @@ class DevicePlan(BaseModel):
     free_after_mib: int
 
 
-class HostPlan(BaseModel):
+class HostPlan(_Wire):
     weights_mib: int
     kv_cache_mib: int
     compute_mib: int
 
 
-class Plan(BaseModel):
+class Plan(_Wire):
     model: str
     backend: str
     fits: bool
@@ -95,7 +101,7 @@ class Plan(BaseModel):
         return {d.gpu: d.total_mib for d in self.devices}
 
 
-class InstanceStatus(BaseModel):
+class InstanceStatus(_Wire):
     name: str
     model: str
     backend: str
@@ -122,14 +128,14 @@ class InstanceStatus(BaseModel):
     events: list[Event]
 
 
-class Health(BaseModel):
+class Health(_Wire):
     """`GET /health`: ok when every autostart instance is ready (200), degraded otherwise (503)."""
 
     status: Literal["ok", "degraded"]
     instances: dict[str, State]
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(_Wire):
     """Every error the API answers: one sentence, and a hint where there is one."""
 
     detail: str
@@ -139,17 +145,17 @@ class ErrorBody(BaseModel):
 # ---- GPUs -------------------------------------------------------------------------------------------
 
 
-class GpuProcess(BaseModel):
-    model_config = ConfigDict(frozen=True)
+class GpuProcess(_Wire):
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     pid: int
     used_mib: int | None
 
 
-class GpuReading(BaseModel):
+class GpuReading(_Wire):
     """What a backend reads of one GPU at one time. None: the backend cannot read that value."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     memory_total_mib: int | None = None
     memory_used_mib: int | None = None

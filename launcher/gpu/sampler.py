@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -72,6 +72,12 @@ class Sampler:
         self._history[gpu.index].append(sample)
         for listener in self._listeners:
             listener(sample)
+
+    async def read_now(self, indices: Iterable[int]) -> None:
+        """Read these GPUs at once, outside the schedule (one waits on a reading newer than an event);
+        the samples go to history and listeners like any other."""
+        by_index = {g.index: g for g in self.identities}
+        await asyncio.gather(*(self._poll(by_index[i], 1) for i in indices if i in by_index))
 
     def latest(self) -> list[GpuSample]:
         """The newest sample of every GPU; one not read for a while says so in its error."""

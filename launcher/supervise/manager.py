@@ -157,9 +157,10 @@ class Manager:
             if remaining <= 0:
                 self.publish(Event.now("vram", f"{who}: memory not back after {self.settings.gpus.vram_wait_s:g}s"))
                 return
+            unread = [i for i in claims if i not in free]  # no reading since the release: take one now
             self._samples.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._samples.wait(), remaining)
+                await asyncio.wait_for(self.sampler.read_now(unread) if unread else self._samples.wait(), remaining)
 
     def vacated(self, claims: Mapping[int, int]) -> None:
         """Note the memory a stopped server held: the next start there waits for it (see await_vram)."""
