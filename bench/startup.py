@@ -28,7 +28,7 @@ import yaml
 
 from launcher.backends import Placement
 from launcher.backends.llama_server import LlamaServerBackend
-from launcher.config import load_settings
+from launcher.config_file import load_settings
 from launcher.schema import State
 from launcher.supervise.instance import Instance
 from launcher.supervise.ports import pick_free_port

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.config import load_settings
+from launcher.config_file import load_settings
 from launcher.schema import State
 from launcher.supervise.instance import Instance
 from launcher.tinymodel import write_tiny_llama

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from launcher.client import DaemonClient
-from launcher.config import DaemonSettings, Settings, default_settings, load_daemon_settings, load_settings, read_token
+from launcher.config import DaemonSettings, Settings
+from launcher.config_file import default_settings, load_daemon_settings, load_settings, read_token
 from launcher.errors import ConfigError, ConflictError, LauncherError
 from launcher.progress import (
     ProgressPrinter,

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from launcher.config import Settings, read_token
+from launcher.config import Settings
+from launcher.config_file import read_token
 from launcher.errors import ConfigError, StartError
 from launcher.gpu.sampler import open_sampler
 from launcher.gpu.sim import SimBackend

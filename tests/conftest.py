@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from launcher.backends.llama_server import find_llama_server
-from launcher.config import Settings, load_settings
+from launcher.config import Settings
+from launcher.config_file import load_settings
 from launcher.supervise.manager import Manager
 from launcher.tinymodel import write_tiny_llama
 from launcher.wiring import supervision

@@ -11,7 +11,7 @@ import pytest
 
 from launcher.api.app import create_app
 from launcher.api.auth import reads_need_token
-from launcher.config import parse_settings
+from launcher.config_file import parse_settings
 from tests.conftest import OpenManager
 
 TOKEN = "t0ken-for-reads"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import load_settings, parse_settings
+from launcher.config_file import load_settings, parse_settings
 from launcher.errors import ConfigError, NotFoundError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))

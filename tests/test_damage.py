@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from launcher.config import load_settings
+from launcher.config_file import load_settings
 from launcher.schema import GpuSample, State
 from launcher.supervise.instance import Instance
 from launcher.supervise.manager import Manager

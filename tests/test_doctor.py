@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from launcher.config import parse_settings
+from launcher.config_file import parse_settings
 from launcher.doctor import Finding, Machine, examine
 from launcher.gpu.types import Link
 from launcher.schema import GpuSample

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from launcher.api.app import create_app
-from launcher.config import SimGpu, parse_settings
+from launcher.config import SimGpu
+from launcher.config_file import parse_settings
 from launcher.gpu.sampler import Sampler
 from launcher.gpu.sim import Hold, SimBackend
 from launcher.schema import GpuSample

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.config import load_settings
+from launcher.config_file import load_settings
 from launcher.schema import GpuSample, State
 from launcher.supervise.thermal import ThermalVerdict, judge
 from tests.conftest import ConfigWriter, OpenManager

@@ -1,0 +1,232 @@
+"""Reading the configuration: the file's search order, YAML, the environment's overrides, path
+resolution, and errors that name the file, the key and what was expected.
+
+Search order for the file: --config, $LAUNCHER_CONFIG, ./launcher.yaml, ~/.config/launcher/launcher.yaml,
+/etc/launcher/launcher.yaml. Daemon and GPU settings can be overridden from the environment
+(LAUNCHER_DAEMON__PORT=9000); the environment wins over the file. Relative paths in the file are
+relative to the file's folder, and every path is shown normalised (no `..`).
+
+The environment is read here rather than by pydantic-settings: its import alone costs about 90 ms, more
+than every other part of a `launcher status` together, and the rule is a few lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from launcher.config import DaemonSettings, Settings
+from launcher.errors import ConfigError
+
+
+def read_token(path: Path | None) -> str | None:
+    """The API token from daemon.token_file (None when none is configured)."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read daemon.token_file {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"daemon.token_file {path} is empty")
+    return token
+
+
+def search_path(explicit: Path | None) -> list[Path]:
+    """The files looked at, in order; the first that exists is used."""
+    if explicit is not None:
+        return [explicit]
+    candidates = [Path("launcher.yaml"), Path.home() / ".config/launcher/launcher.yaml"]
+    candidates.append(Path("/etc/launcher/launcher.yaml"))
+    from_env = os.environ.get("LAUNCHER_CONFIG")
+    return [Path(from_env), *candidates] if from_env else candidates
+
+
+def find_config(explicit: Path | None) -> Path | None:
+    paths = search_path(explicit)
+    if explicit is not None or os.environ.get("LAUNCHER_CONFIG"):
+        # A file that was named must exist; falling back silently would run the wrong setup.
+        if not paths[0].is_file():
+            raise ConfigError(f"configuration file {paths[0]} does not exist")
+        return paths[0]
+    return next((p for p in paths if p.is_file()), None)
+
+
+def load_settings(explicit: Path | None = None, *, required: bool = True) -> Settings:
+    """Find, read and validate the configuration. Raises ConfigError with file, key and expectation."""
+    path = find_config(explicit)
+    if path is None:
+        if required:
+            looked = ", ".join(str(p) for p in search_path(None))
+            raise ConfigError(
+                f"no configuration file found (looked at {looked})",
+                hint="pass --config FILE or start from configs/demo.yaml",
+            )
+        return default_settings()
+    return _validate(_read_yaml(path), path)
+
+
+def load_daemon_settings(explicit: Path | None = None) -> DaemonSettings:
+    """Only the `daemon:` section, with its environment overrides: what a command that talks to the daemon
+    needs (where it listens, its token, its state directory). The rest is the daemon's to validate."""
+    path = find_config(explicit)
+    data = _read_yaml(path) if path is not None else {}
+    sources: dict[str, str] = {}
+    section = _with_environment({"daemon": data.get("daemon") or {}}, sources)["daemon"]
+    try:
+        daemon = DaemonSettings.model_validate(section)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, sources, within="daemon")) from None
+    return _resolve_daemon(daemon, _base(path))
+
+
+def default_settings() -> Settings:
+    """Every default, no model: what the CLI uses to reach a daemon when no file is found."""
+    return _validate({}, None)
+
+
+def parse_settings(text: str, path: Path) -> Settings:
+    """Validate configuration text as if it were read from ``path`` (used by tests and doctor)."""
+    return _validate(_parse_yaml(text, path), path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    return _parse_yaml(text, path)
+
+
+def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}{line}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with daemon, gpus and models at the top")
+    return data
+
+
+# Sections the environment may set, as LAUNCHER_<SECTION>__<KEY>[__<KEY>...].
+_ENV_PREFIX = "LAUNCHER_"
+_ENV_SECTIONS = ("daemon", "gpus")
+
+
+def _with_environment(data: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
+    """``data`` with the environment's settings laid over it. A value that reads as a JSON list or
+    mapping is one (LAUNCHER_DAEMON__INSTANCE_PORTS='[9000, 9099]'); anything else is a string for
+    the settings' own validation to convert. ``sources`` gets each dotted key set and its variable."""
+    merged = dict(data)
+    for variable, value in sorted(os.environ.items()):
+        if not variable.startswith(_ENV_PREFIX) or "__" not in variable:
+            continue
+        keys = variable.removeprefix(_ENV_PREFIX).lower().split("__")
+        if keys[0] not in _ENV_SECTIONS or not all(keys):
+            continue
+        parsed: Any = value
+        if value.startswith(("[", "{")):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"environment {variable}: not valid JSON: {value!r}") from None
+        node = merged
+        for key in keys[:-1]:
+            inner = node.get(key)
+            node[key] = dict(inner) if isinstance(inner, dict) else {}
+            node = node[key]
+        node[keys[-1]] = parsed
+        sources[".".join(keys)] = variable
+    return merged
+
+
+def _validate(data: dict[str, Any], path: Path | None) -> Settings:
+    sources: dict[str, str] = {}
+    try:
+        settings = Settings(**_with_environment(data, sources))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, sources)) from None
+    return _resolve_paths(settings, path)
+
+
+# Pydantic names the member of a union that failed (`literal['auto']`, `constrained-int`) in the
+# error location; users know keys, not union members.
+_UNION_MEMBER = re.compile(r"^(literal\[.*\]|constrained-\w+|list\[.*\]|dict\[.*\]|int|str|float|bool)$")
+
+
+def _describe(exc: ValidationError, path: Path | None, sources: dict[str, str], within: str = "") -> str:
+    where = str(path) if path is not None else "configuration"
+    by_key: dict[str, str] = {}
+    auto_keys: set[str] = set()  # keys that also accept 'auto'
+    for error in exc.errors():
+        loc = [within] if within else []
+        loc += [str(p) for p in error["loc"] if not _UNION_MEMBER.match(str(p))]
+        key = ".".join(loc) or "(top level)"
+        if error["type"] == "literal_error" and error.get("ctx", {}).get("expected") == "'auto'":
+            auto_keys.add(key)
+            continue
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        else:
+            message = error["msg"].removeprefix("Value error, ").replace("Input should be", "should be")
+            if not isinstance(error.get("input"), dict) and error["type"] != "missing" and "(got " not in message:
+                message = f"{message} (got {error['input']!r})"
+        by_key.setdefault(key, message)
+    for key in auto_keys:
+        if key in by_key:
+            by_key[key] = by_key[key].replace("should be", "should be 'auto' or", 1)
+        elif not any(k.startswith(key + ".") for k in by_key):
+            by_key[key] = "should be 'auto'"
+    return "\n".join(
+        f"{where}: {key}{f' (from {sources[key]})' if key in sources else ''}: {message}"
+        for key, message in by_key.items()
+    )
+
+
+def _base(path: Path | None) -> Path:
+    """What relative paths in the configuration are relative to: the file's folder."""
+    return path.parent.resolve() if path is not None else Path.cwd()
+
+
+def _absolute(p: Path, base: Path) -> Path:
+    # Lexically normalised, not resolved: a model that is a symlink (a Hugging Face cache) keeps its name.
+    return Path(os.path.normpath(base / p.expanduser()))
+
+
+def _resolve_daemon(daemon: DaemonSettings, base: Path) -> DaemonSettings:
+    token_file = _absolute(daemon.token_file, base) if daemon.token_file else None
+    return daemon.model_copy(update={"state_dir": _absolute(daemon.state_dir, base), "token_file": token_file})
+
+
+def _resolve_paths(settings: Settings, path: Path | None) -> Settings:
+    base = _base(path)
+
+    def absolute(p: Path) -> Path:
+        return _absolute(p, base)
+
+    daemon = _resolve_daemon(settings.daemon, base)
+    models = {
+        name: m.model_copy(
+            update={
+                # An Ollama model is a name, not a path.
+                "model": absolute(m.model) if m.backend == "llama-server" else m.model,
+                "binary": absolute(m.binary) if m.binary else None,
+                "ollama": m.ollama.model_copy(
+                    update={"models_dir": absolute(m.ollama.models_dir) if m.ollama.models_dir else None}
+                ),
+            }
+        )
+        for name, m in settings.models.items()
+    }
+    return settings.model_copy(update={"daemon": daemon, "models": models, "source": path})
