@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -65,7 +66,7 @@ class Context:
     def client(self, daemon: DaemonSettings | None = None) -> DaemonClient:
         if self._client is None:
             daemon = daemon or self.daemon_settings()
-            url = self.args.url or f"http://{daemon.host}:{daemon.port}"
+            url = self.args.url or daemon.client_url
             token_file = daemon.token_file
             token = read_token(token_file) if token_file is not None and token_file.is_file() else None
             self._client = DaemonClient(url, token)
@@ -167,19 +168,20 @@ def cmd_gpus(ctx: Context) -> int:
         print(f"launcher: {exc.message}; reading the GPUs here", file=sys.stderr)
         client = None
     if client is not None:
-        while True:
-            _print_gpus(ctx, client.gpus())
-            if not ctx.args.watch:
-                return 0
-            time.sleep(interval)
+        return _show_gpus(ctx, client.gpus, interval)
     from launcher.local import local_gpus
 
     with local_gpus(ctx.settings(required=False)) as gpus:
-        while True:
-            _print_gpus(ctx, gpus.read())
-            if not ctx.args.watch:
-                return 0
-            time.sleep(interval)
+        return _show_gpus(ctx, gpus.read, interval)
+
+
+def _show_gpus(ctx: Context, read: Callable[[], list[GpuSample]], interval_s: float) -> int:
+    """Print the GPUs once, or with --watch at every poll until Ctrl-C."""
+    while True:
+        _print_gpus(ctx, read())
+        if not ctx.args.watch:
+            return 0
+        time.sleep(interval_s)
 
 
 def cmd_plan(ctx: Context) -> int:
@@ -295,6 +297,12 @@ def _print_gpus(ctx: Context, gpus: Sequence[GpuSample]) -> None:
 # ---- parser -------------------------------------------------------------------------------------------
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of lines (0 or more)")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Global options may stand before or after the command: SUPPRESS keeps a later default from
     # overwriting an earlier value.
@@ -331,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs_cmd = command("logs", cmd_logs, "a model's server log")
     logs_cmd.add_argument("name", metavar="NAME")
     logs_cmd.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    logs_cmd.add_argument("-n", "--lines", type=int, default=100, help="lines from the end (default 100)")
+    logs_cmd.add_argument("-n", "--lines", type=_count, default=100, help="lines from the end (default 100)")
     return parser
 
 
@@ -347,4 +355,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = exc.exit_code
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:  # `launcher gpus --json | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        code = 0
     sys.exit(code)

@@ -25,6 +25,8 @@ _ERRORS_BY_STATUS: dict[int, type[LauncherError]] = {
     503: StartError,
 }
 _REACH_TIMEOUT_S = 2.0
+# An act answers once the old server is stopped (stop_timeout) and the memory it held is back (vram_wait_s).
+_ACT_TIMEOUT_S = 300.0
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -36,11 +38,15 @@ class DaemonUnreachable(LauncherError):
 class DaemonClient:
     def __init__(self, url: str, token: str | None = None, timeout_s: float = 30.0) -> None:
         self.url = url.rstrip("/")
-        parts = urlsplit(self.url)
+        try:
+            parts = urlsplit(self.url)
+            port = parts.port  # raises for a port that is not a number or out of range
+        except ValueError as exc:
+            raise ConfigError(f"the daemon's URL {url!r} is not valid: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"--url {url!r} is not an http:// or https:// URL")
+            raise ConfigError(f"the daemon's URL {url!r} is not an http:// or https:// URL")
         self._https = parts.scheme == "https"
-        self._host, self._port = parts.hostname, parts.port or (443 if self._https else 80)
+        self._host, self._port = parts.hostname, port or (443 if self._https else 80)
         self._base = parts.path
         token = token or os.environ.get("LAUNCHER_TOKEN")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -62,15 +68,23 @@ class DaemonClient:
         return self._conn
 
     def _send(self, method: str, path: str, timeout_s: float | None) -> http.client.HTTPResponse:
-        """The response to one request; a kept-alive connection the daemon closed meanwhile is reopened."""
+        """The response to one request. A read on a kept-alive connection the daemon closed meanwhile is
+        sent again on a new one; an act never is (a restart must not happen twice)."""
         for attempt in (1, 2):
+            reused = self._conn is not None
             conn = self._connection(timeout_s)
             try:
                 conn.request(method, self._base + path, headers=self._headers)
                 return conn.getresponse()
+            except TimeoutError:
+                self.close()
+                raise DaemonUnreachable(
+                    f"the daemon at {self.url} did not answer within {timeout_s:g}s",
+                    hint="it may still be acting: `launcher status` shows where it is",
+                ) from None
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 self.close()
-                if attempt == 2:
+                if attempt == 2 or not reused or method != "GET":
                     raise DaemonUnreachable(f"lost the daemon at {self.url} ({type(exc).__name__})") from None
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
@@ -127,7 +141,8 @@ class DaemonClient:
 
     def act(self, name: str, verb: str) -> InstanceStatus:
         """POST start|stop|restart; the instance's status after the act."""
-        return _parse(InstanceStatus, self._request("POST", f"/instances/{quote(name, safe='')}/{verb}"))
+        path = f"/instances/{quote(name, safe='')}/{verb}"
+        return _parse(InstanceStatus, self._request("POST", path, _ACT_TIMEOUT_S))
 
     def plan(self, name: str) -> Plan:
         return self._get(Plan, f"/plan/{quote(name, safe='')}")
@@ -137,7 +152,9 @@ class DaemonClient:
 
     def log_lines(self, name: str, tail: int, follow: bool) -> Iterator[str]:
         query = urlencode({"tail": tail, "follow": str(follow).lower()})
-        response = self._send("GET", f"/instances/{quote(name, safe='')}/logs?{query}", None)
+        response = self._send(
+            "GET", f"/instances/{quote(name, safe='')}/logs?{query}", None if follow else self._timeout_s
+        )
         if response.status >= 400:
             raise _error_from(response.status, response.read())
         try:

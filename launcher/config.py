@@ -52,6 +52,21 @@ class DaemonSettings(_Strict):
             raise ValueError("the first port of the range must not be above the last")
         return value
 
+    @property
+    def url(self) -> str:
+        """Where the API listens (an IPv6 host in brackets)."""
+        return _http_url(self.host, self.port)
+
+    @property
+    def client_url(self) -> str:
+        """Where a client on this machine reaches it: a wildcard bind is reached on loopback."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return _http_url(host, self.port)
+
+
+def _http_url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
 
 class SimGpu(_Strict):
     """A simulated GPU: for machines without one (tests, CI, the demo)."""

@@ -20,9 +20,10 @@ import uvicorn
 from launcher import systemd
 from launcher.api.app import create_app
 from launcher.config import Settings
+from launcher.errors import StartError
 from launcher.schema import Event
 from launcher.supervise.manager import Manager
-from launcher.wiring import api_token, api_url, listen, supervision
+from launcher.wiring import api_token, listen, supervision
 
 log = logging.getLogger("launcher")
 
@@ -55,12 +56,14 @@ class Daemon:
         self._on_event = on_event
         self._on_started = on_started
         self._server: _Server | None = None
-        self._stop_requested = False
+        self._starting: asyncio.Task[None] | None = None  # the wiring's start, until the API serves
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
-        """End serving; the wiring then stops every instance. A second SIGINT hurries the API's end."""
-        self._stop_requested = True
+        """End serving; the wiring then stops every instance. A second SIGINT hurries the API's end. Before
+        the API serves (cleaning leftovers, a first GPU reading), the start itself is cancelled."""
         if self._server is None:
+            if self._starting is not None:
+                self._starting.cancel()
             return
         if self._server.should_exit and sig == signal.SIGINT:
             self._server.force_exit = True
@@ -74,14 +77,21 @@ class Daemon:
             async with supervision(self._settings, self._on_event) as wired:
                 log.info("GPUs: %s", wired.gpu_backend)
                 sock = listen(self._settings)  # after the lock: a second daemon is told who owns the directory
-                if not self._stop_requested:
+                try:
                     await self._serve(wired.manager, sock)
-                sock.close()
-                log.info("stopping every instance")
-                systemd.notify("STOPPING=1")
+                finally:
+                    sock.close()
+                    log.info("stopping every instance")
+                    systemd.notify("STOPPING=1")
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+    async def run_until_stopped(self) -> None:
+        """`run`, where a stop asked for before the API serves ends it quietly (nothing was served yet)."""
+        self._starting = asyncio.ensure_future(self.run())
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._starting
 
     async def _serve(self, manager: Manager, sock: socket.socket) -> None:
         async def started() -> None:
@@ -93,7 +103,10 @@ class Daemon:
         app = create_app(manager, self._settings, token=self._token, on_started=started)
         config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
         self._server = _Server(config)
+        self._starting = None  # from here a stop ends serving, and the wiring's exit stops every server
         await self._server.serve(sockets=[sock])
+        if not self._server.started:  # the app's startup failed: uvicorn logged why and returned
+            raise StartError("the daemon's API did not start", hint="see the log lines above")
 
 
 def serve(settings: Settings, *, autostart: bool = True) -> None:
@@ -105,6 +118,6 @@ def serve(settings: Settings, *, autostart: bool = True) -> None:
         log.info("%s", event.describe())
 
     def started(_manager: Manager) -> None:
-        log.info("listening on %s (config %s)", api_url(settings), settings.source)
+        log.info("listening on %s (config %s)", settings.daemon.url, settings.source)
 
-    asyncio.run(Daemon(settings, autostart=autostart, on_event=log_event, on_started=started).run())
+    asyncio.run(Daemon(settings, autostart=autostart, on_event=log_event, on_started=started).run_until_stopped())

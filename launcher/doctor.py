@@ -27,9 +27,9 @@ from launcher.local import local_gpus
 from launcher.plan.args import GPU_LAYERS, TENSOR_SPLIT, arg_value, tensor_split
 from launcher.plan.gguf import block_count
 from launcher.schema import GpuSample
-from launcher.supervise.owner import read_owner
+from launcher.supervise.owner import read_owner, unanswered
 from launcher.supervise.ports import port_holder, port_is_free
-from launcher.supervise.process import SETPRIV
+from launcher.supervise.process import pdeathsig_prefix
 
 Level = Literal["ok", "warn", "fail"]
 _DEVICE_LINE = re.compile(r"^\s*(CUDA|ROCm|HIP|Vulkan|Metal|SYCL|MUSA|CANN)\d+:", re.MULTILINE)
@@ -213,22 +213,19 @@ def _model(name: str, model: ModelSettings, gpus: list[GpuSample]) -> Iterator[F
             )
 
 
-def _supervision(settings: Settings, daemon_answers: bool) -> Iterator[Finding]:
-    if SETPRIV is None:
+def _supervision(settings: Settings, client: DaemonClient, daemon_answers: bool) -> Iterator[Finding]:
+    if not pdeathsig_prefix():
         yield Finding(
             "warn",
             "supervision",
-            "setpriv (util-linux) is not on PATH: servers will not die with a daemon killed by SIGKILL",
+            "no setpriv with --pdeathsig (util-linux 2.33 or later): servers will not die with a daemon killed "
+            "by SIGKILL",
             "install util-linux; until then the next daemon start stops what a killed one left running",
         )
     owner = read_owner(settings.daemon.state_dir)
     if owner is not None and not daemon_answers:
-        yield Finding(
-            "fail",
-            "daemon",
-            f"a daemon (pid {owner.pid}) owns {settings.daemon.state_dir} but does not answer at {owner.url}",
-            f"it may be starting or stuck: check its log, or stop pid {owner.pid}",
-        )
+        error = unanswered(owner, client.url)
+        yield Finding("fail", "daemon", error.message, error.hint)
 
 
 def run_doctor(settings: Settings, problem: ConfigError | None, client: DaemonClient, *, as_json_output: bool) -> int:
@@ -239,8 +236,16 @@ def run_doctor(settings: Settings, problem: ConfigError | None, client: DaemonCl
     else:
         findings = [Finding("ok", "config", f"{settings.source}: {len(settings.models)} models")]
     daemon_answers = client.reachable()
-    daemon_ports = {settings.daemon.port} | {i.port for i in client.instances() if i.port} if daemon_answers else set()
-    findings += _supervision(settings, daemon_answers)
+    daemon_ports: set[int] = set()
+    if daemon_answers:
+        try:
+            daemon_ports = {settings.daemon.port} | {i.port for i in client.instances() if i.port}
+        except LauncherError as exc:  # it answers /health but will not show its instances (a read token)
+            findings.append(
+                Finding("warn", "daemon", f"the daemon at {client.url} answers, but: {exc.message}", exc.hint)
+            )
+            daemon_ports = {settings.daemon.port}
+    findings += _supervision(settings, client, daemon_answers)
     try:
         with local_gpus(settings) as gpus:
             machine = Machine(

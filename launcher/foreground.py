@@ -13,7 +13,6 @@ from launcher.daemon import Daemon
 from launcher.progress import ProgressPrinter, all_ready, as_json, ready_report
 from launcher.schema import Event, InstanceStatus
 from launcher.supervise.manager import Manager
-from launcher.wiring import api_url
 
 _POLL_S = 0.1
 
@@ -28,7 +27,7 @@ async def run(settings: Settings, names: list[str], *, as_json_output: bool) -> 
 
     started: asyncio.Future[Manager] = asyncio.get_running_loop().create_future()
     daemon = Daemon(settings, autostart=False, on_event=on_event, on_started=started.set_result)
-    serving = asyncio.ensure_future(daemon.run())
+    serving = asyncio.ensure_future(daemon.run_until_stopped())
     try:
         if not await _unless_stopped(started, serving):
             return 130
@@ -42,7 +41,7 @@ async def run(settings: Settings, names: list[str], *, as_json_output: bool) -> 
             return 130
         statuses = waiting.result()
         print(as_json(statuses) if as_json_output else ready_report(statuses, through=None))
-        url = api_url(settings)
+        url = settings.daemon.url
         print(f"supervising in the foreground (API at {url}); Ctrl-C stops", file=sys.stderr, flush=True)
         printing_events = True
         await serving

@@ -39,11 +39,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def api_url(settings: Settings) -> str:
-    host = settings.daemon.host
-    return f"http://{f'[{host}]' if ':' in host else host}:{settings.daemon.port}"
-
-
 def api_token(settings: Settings) -> str | None:
     """The API token, or the reason the daemon must not listen (checked before anything else happens)."""
     token = read_token(settings.daemon.token_file)
@@ -86,7 +81,7 @@ class Wired:
 async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> AsyncIterator[Wired]:
     """Own the state directory, stop what an earlier daemon left running, watch the GPUs (one reading of
     each before this yields) and supervise; on the way out stop every server, then let go of it all."""
-    lock = StateDirLock.claim(settings.daemon.state_dir, api_url(settings))
+    lock = StateDirLock.claim(settings.daemon.state_dir, settings.daemon.client_url)
     try:
         registry = ChildRegistry(lock)
         leftovers = registry.clean_leftovers()

@@ -48,11 +48,6 @@ def recorded(records: Path, port: int) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(PREFIXES)}
 
 
-@pytest.fixture
-def manager_for(open_manager: OpenManager) -> OpenManager:
-    return open_manager
-
-
 async def start_ready(manager: Manager, name: str) -> Instance:
     await manager.start(name)
     instance = manager.get(name)
@@ -72,12 +67,12 @@ def base_env(port: int, spread: str, **extra: str) -> dict[str, str]:
 
 
 async def test_one_gpu(
-    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path,
+    write_config: ConfigWriter, open_manager: OpenManager, ollama_standin: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")  # the daemon's, never the child's
     config = write_config({"chat": ollama_model(ollama_standin, tmp_path)}, gpus=sim_gpus(2))
-    instance = await start_ready(await manager_for(config), "chat")
+    instance = await start_ready(await open_manager(config), "chat")
     assert instance.port is not None
     env = recorded(tmp_path, instance.port)
     assert env == base_env(instance.port, "0", CUDA_VISIBLE_DEVICES=UUIDS[0], CUDA_DEVICE_ORDER="PCI_BUS_ID")
@@ -87,10 +82,10 @@ async def test_one_gpu(
 
 
 async def test_spread_over_two(
-    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path
+    write_config: ConfigWriter, open_manager: OpenManager, ollama_standin: Path, tmp_path: Path
 ) -> None:
     big = ollama_model(ollama_standin, tmp_path, ollama={"size_mib": 30000})
-    instance = await start_ready(await manager_for(write_config({"big": big}, gpus=sim_gpus(2))), "big")
+    instance = await start_ready(await open_manager(write_config({"big": big}, gpus=sim_gpus(2))), "big")
     assert instance.port is not None
     env = recorded(tmp_path, instance.port)
     expected = base_env(instance.port, "1", CUDA_VISIBLE_DEVICES=",".join(UUIDS[:2]), CUDA_DEVICE_ORDER="PCI_BUS_ID")
@@ -99,7 +94,7 @@ async def test_spread_over_two(
 
 
 async def test_amd_cards_and_a_user_override(
-    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path
+    write_config: ConfigWriter, open_manager: OpenManager, ollama_standin: Path, tmp_path: Path
 ) -> None:
     model = ollama_model(
         ollama_standin,
@@ -107,7 +102,7 @@ async def test_amd_cards_and_a_user_override(
         env={"OLLAMA_KEEP_ALIVE": "10m", "OLLAMA_NUM_PARALLEL": "8"},
         ollama={"num_parallel": 2, "flash_attention": True, "kv_cache_type": "q8_0", "gpu_overhead_mib": 256},
     )
-    instance = await start_ready(await manager_for(write_config({"chat": model}, gpus=sim_gpus(2, "amd"))), "chat")
+    instance = await start_ready(await open_manager(write_config({"chat": model}, gpus=sim_gpus(2, "amd"))), "chat")
     assert instance.port is not None
     env = recorded(tmp_path, instance.port)
     assert env == base_env(
@@ -124,12 +119,12 @@ async def test_amd_cards_and_a_user_override(
 
 
 async def test_ready_means_loaded_with_sizes_and_a_cpu_fallback_warning(
-    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path
+    write_config: ConfigWriter, open_manager: OpenManager, ollama_standin: Path, tmp_path: Path
 ) -> None:
     # The stand-in's GPU holds 600 MiB of the 1000 MiB model: Ollama would put the rest on the CPU.
     env = {"STANDIN_LOAD_S": "0.5", "STANDIN_GPU_MIB": "600"}
     model = ollama_model(ollama_standin, tmp_path, env=env)
-    manager = await manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
+    manager = await open_manager(write_config({"chat": model}, gpus=sim_gpus(1)))
     instance = await start_ready(manager, "chat")
     states = [e.state for e in instance.events if e.kind == "state"]
     assert states.index(State.LOADING) < states.index(State.READY)
@@ -140,11 +135,11 @@ async def test_ready_means_loaded_with_sizes_and_a_cpu_fallback_warning(
 
 
 async def test_a_dropped_model_is_reloaded_not_restarted(
-    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path
+    write_config: ConfigWriter, open_manager: OpenManager, ollama_standin: Path, tmp_path: Path
 ) -> None:
     # Late enough to come after ready even on a loaded machine: a drop while loading is just a longer load.
     model = ollama_model(ollama_standin, tmp_path, env={"STANDIN_DROP_AFTER_S": "1.5"})
-    manager = await manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
+    manager = await open_manager(write_config({"chat": model}, gpus=sim_gpus(1)))
     instance = await start_ready(manager, "chat")
     pid = instance.status().pid
     await instance.wait_until(lambda i: any(e.kind == "warning" for e in i.events), 10)
@@ -156,24 +151,24 @@ async def test_a_dropped_model_is_reloaded_not_restarted(
 
 
 async def test_a_crash_is_restarted(
-    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path
+    write_config: ConfigWriter, open_manager: OpenManager, ollama_standin: Path, tmp_path: Path
 ) -> None:
     restart = {"backoff_initial": 0.05, "backoff_max": 0.1, "burst": 10}
     model = ollama_model(ollama_standin, tmp_path, env={"STANDIN_CRASH_AFTER_S": "0.5"}, restart=restart)
-    manager = await manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
+    manager = await open_manager(write_config({"chat": model}, gpus=sim_gpus(1)))
     instance = await start_ready(manager, "chat")
     await instance.wait_until(lambda i: i.restarts >= 1 and i.state == State.READY, 30)
     assert instance.status().last_exit == "exited with code 3"
 
 
 async def test_a_hung_server_is_replaced(
-    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path
+    write_config: ConfigWriter, open_manager: OpenManager, ollama_standin: Path, tmp_path: Path
 ) -> None:
     restart = {"backoff_initial": 0.05, "backoff_max": 0.1, "burst": 10}
     model = ollama_model(ollama_standin, tmp_path, env={"STANDIN_HANG_AFTER_S": "1.5"}, restart=restart)
     model["health"] = {"interval": 0.2, "timeout": 0.3, "failures": 2}
     model["stop_timeout"] = 1
-    manager = await manager_for(write_config({"chat": model}, gpus=sim_gpus(1)))
+    manager = await open_manager(write_config({"chat": model}, gpus=sim_gpus(1)))
     instance = await start_ready(manager, "chat")
     first = instance.status().pid
     await instance.wait_until(lambda i: i.restarts >= 1 and i.state == State.READY, 30)
@@ -182,7 +177,7 @@ async def test_a_hung_server_is_replaced(
 
 
 async def test_planning_reads_the_blob_in_the_ollama_store(
-    write_config: ConfigWriter, manager_for: OpenManager, ollama_standin: Path, tmp_path: Path
+    write_config: ConfigWriter, open_manager: OpenManager, ollama_standin: Path, tmp_path: Path
 ) -> None:
     store = tmp_path / "store"
     digest = "sha256-" + "ab" * 32
@@ -192,7 +187,7 @@ async def test_planning_reads_the_blob_in_the_ollama_store(
     layers = [{"mediaType": "application/vnd.ollama.image.model", "digest": digest.replace("-", ":")}]
     manifest.write_text(json.dumps({"schemaVersion": 2, "layers": layers}))
     model = ollama_model(ollama_standin, tmp_path, model="tiny", ollama={"size_mib": None, "models_dir": str(store)})
-    manager = await manager_for(write_config({"tiny": model}, gpus=sim_gpus(1)))
+    manager = await open_manager(write_config({"tiny": model}, gpus=sim_gpus(1)))
     plan = await manager.plan("tiny")
     assert plan.fits
     assert plan.devices[0].layers == 4  # the real shape of the blob, not a size
@@ -201,7 +196,7 @@ async def test_planning_reads_the_blob_in_the_ollama_store(
         ollama_standin, tmp_path, model="nope:1b", ollama={"size_mib": None, "models_dir": str(store)}
     )
     other_state = {"state_dir": str(tmp_path / "state-2")}  # a second daemon owns a state directory of its own
-    manager = await manager_for(write_config({"nope": missing}, gpus=sim_gpus(1), daemon=other_state))
+    manager = await open_manager(write_config({"nope": missing}, gpus=sim_gpus(1), daemon=other_state))
     with pytest.raises(ConfigError, match=r"is not in the Ollama store at .* and no ollama\.size_mib is set"):
         await manager.plan("nope")
 

@@ -49,6 +49,9 @@ def test_stop_names_what_it_stops() -> None:
     idle = judge(sample(95.0), frozenset(), [], LIMIT_C, "stop")
     assert idle.message == "Sim 3090 at 95 °C, at or above the 90 °C limit; running on it: no instance"
     assert idle.stop == ()
+    # Still hot: nothing new is told, but what runs there now is stopped (warn leaves it).
+    assert judge(sample(93.0), idle.hot, ["late"], LIMIT_C, "stop") == ThermalVerdict(idle.hot, stop=("late",))
+    assert judge(sample(93.0), idle.hot, ["late"], LIMIT_C, "warn") == ThermalVerdict(idle.hot)
 
 
 SIM_GPUS: dict[str, Any] = {"backend": "sim", "sim": [{"name": "Sim 3090", "memory_mib": 24576}]}
@@ -79,3 +82,18 @@ async def test_the_manager_stops_the_instances_of_a_hot_gpu(
     manager.observe(sample(95.0))
     await instance.wait_until(lambda i: i.state == State.STOPPED, 30)
     assert instance.status().last_exit == "exited with code 0"  # llama-server ends cleanly on SIGTERM
+
+
+async def test_the_sampler_feeds_the_guard_a_server_started_on_a_hot_gpu_is_stopped(
+    write_config: ConfigWriter, open_manager: OpenManager
+) -> None:
+    # The GPU is hot from its first reading on: the episode begins with no instance on it; the server
+    # started during it is stopped at the next reading (poll 0.1 s). No temperature script, no clock.
+    hot = {**SIM_GPUS, "poll_interval": 0.1, "thermal_action": "stop"}
+    hot["sim"] = [{**SIM_GPUS["sim"][0], "temperature_c": 95}]
+    manager = await open_manager(load_settings(write_config(gpus=hot)))
+    instance = manager.get("tiny")
+    await manager.start("tiny")
+    await instance.wait_until(lambda i: i.state == State.STOPPED, 30)
+    [event] = [e for e in manager.events if e.kind == "thermal"]
+    assert event.message == "Sim 3090 at 95 °C, at or above the 90 °C limit; running on it: no instance"

@@ -36,7 +36,7 @@ def _errors(*statuses: int) -> Responses:
         404: "no such instance, model or GPU",
         409: "the act makes no sense in the instance's state",
         422: "a parameter is invalid, or the model's configuration points at something missing",
-        503: "the machine refuses the start: the model does not fit the GPUs, or its port is taken",
+        503: "the machine refuses: the model does not fit the GPUs, or no port is free",
     }
     return {status: {"model": ErrorBody, "description": what[status]} for status in statuses}
 
@@ -99,7 +99,11 @@ def create_app(
     async def unauthorised(_request: Request, _exc: _Unauthorised) -> JSONResponse:
         return JSONResponse(UNAUTHORISED.model_dump(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
-    @app.get("/health", responses={503: {"model": Health, "description": "an autostart instance is not ready"}})
+    @app.get(
+        "/health",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "an autostart instance is not ready"}},
+    )
     async def health() -> JSONResponse:
         """200 when every autostart instance is ready, 503 otherwise; the state of every instance."""
         ok = manager.all_ready(manager.autostart_names())
@@ -130,7 +134,7 @@ def create_app(
             status_code=202,
             dependencies=[Depends(authorised)],
             summary=f"{verb.capitalize()} an instance",
-            responses=_errors(401, 404, 409, 422, 503),
+            responses=_errors(*([401] if token is not None else []), 404, 409, 422, 503),
         )(action(act))
 
     registry = CollectorRegistry(auto_describe=True)
@@ -141,7 +145,7 @@ def create_app(
         """Prometheus text format: instances (ready, state, restarts, planned VRAM) and GPUs."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/plan/{name}", response_model=Plan, responses={**read, **_errors(404, 422)})
+    @app.get("/plan/{name}", response_model=Plan, responses={**read, **_errors(404, 422, 503)})
     async def plan(name: InstanceName) -> Response:
         """What `launcher plan NAME` shows: GPUs, MiB per GPU by term, split, command line, environment."""
         return _json((await manager.plan(name)).model_dump_json())

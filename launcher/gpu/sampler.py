@@ -23,6 +23,9 @@ from launcher.schema import GpuSample
 
 Listener = Callable[[GpuSample], None]
 _STALE_AFTER_POLLS = 3
+# The daemon starts with one reading of every GPU, but a driver that hangs must not hold its start (or its
+# SIGTERM) hostage: past this the GPU shows "not read yet" and its reading arrives when it arrives.
+_FIRST_READING_TIMEOUT_S = 5.0
 
 
 class Sampler:
@@ -38,20 +41,27 @@ class Sampler:
         self._listeners: list[Listener] = []
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.identities)), thread_name_prefix="gpu")
         self._tasks: list[asyncio.Task[None]] = []
+        # At most one read per GPU at a time: a hung driver call blocks one worker, not the pool, and the
+        # samples of a GPU arrive in the order they were taken.
+        self._reading: dict[int, asyncio.Future[None]] = {}
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener`` with every new sample, on the event loop."""
         self._listeners.append(listener)
 
-    async def start(self) -> None:
-        """Take one reading of every GPU now, then keep reading in the background."""
-        await asyncio.gather(*(self._poll(g, 0) for g in self.identities))
+    async def start(self, first_reading_timeout_s: float = _FIRST_READING_TIMEOUT_S) -> None:
+        """Take one reading of every GPU now (waiting at most ``first_reading_timeout_s``), then keep reading
+        in the background."""
+        first = [self._poll(g, 0) for g in self.identities]
+        if first:
+            await asyncio.wait(first, timeout=first_reading_timeout_s)
         self._tasks = [asyncio.create_task(self._watch(g), name=f"gpu{g.index}") for g in self.identities]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        reads = list(self._reading.values())  # a hung one stays in its worker thread; nobody waits for it
+        for task in [*self._tasks, *reads]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *reads]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -66,7 +76,14 @@ class Sampler:
             await self._poll(gpu, polls)
             polls += 1
 
-    async def _poll(self, gpu: GpuIdentity, count: int) -> None:
+    def _poll(self, gpu: GpuIdentity, count: int) -> asyncio.Future[None]:
+        """The read of ``gpu`` under way, or a new one. Awaiting it never cancels the read itself."""
+        under_way = self._reading.get(gpu.index)
+        if under_way is None or under_way.done():
+            under_way = self._reading[gpu.index] = asyncio.ensure_future(self._read(gpu, count))
+        return asyncio.shield(under_way)
+
+    async def _read(self, gpu: GpuIdentity, count: int) -> None:
         read = partial(read_sample, self.backend, gpu, processes=count % self._process_every == 0)
         sample = await asyncio.get_running_loop().run_in_executor(self._pool, read)
         self._history[gpu.index].append(sample)
@@ -100,11 +117,13 @@ class Sampler:
 
 
 def read_sample(backend: GpuBackend, gpu: GpuIdentity, *, processes: bool) -> GpuSample:
-    """One reading of ``gpu`` as a sample; a failed read is a sample with the error, never an exception."""
+    """One reading of ``gpu`` as a sample; a failed read is a sample with the error, never an exception.
+    Its time is when the read began: what it shows is no newer than that."""
+    began = time.time()
     try:
-        return sample_of(gpu, backend.read(gpu.index, processes=processes), time.time())
+        return sample_of(gpu, backend.read(gpu.index, processes=processes), began)
     except Exception as exc:  # a GPU's failure is data, never the daemon's death
-        return sample_of(gpu, None, time.time(), error=f"{type(exc).__name__}: {exc}")
+        return sample_of(gpu, None, began, error=f"{type(exc).__name__}: {exc}")
 
 
 def open_sampler(settings: Settings) -> tuple[Sampler, str]:

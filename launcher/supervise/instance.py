@@ -31,14 +31,6 @@ _MAX_LOAD_PROBE_S = 0.5
 _EVENTS_KEPT = 50
 
 
-async def _nothing() -> None:
-    return None
-
-
-async def _vram_is_there(_claims: Mapping[int, int], _who: str) -> None:
-    return None
-
-
 @dataclass(frozen=True)
 class Surroundings:
     """What an instance needs from the daemon around it."""
@@ -46,13 +38,13 @@ class Surroundings:
     http: httpx.AsyncClient
     log_dir: Path
     registry: ChildRegistry
-    log_max_bytes: int = 50 * 1024 * 1024
-    log_keep: int = 3
+    log_max_bytes: int
+    log_keep: int
     # Returns once the GPUs have the given MiB free again (or a bound passed).
-    await_vram: Callable[[Mapping[int, int], str], Awaitable[None]] = _vram_is_there
+    await_vram: Callable[[Mapping[int, int], str], Awaitable[None]]
     # Told the MiB per GPU a server held, when it ends.
-    vacated: Callable[[Mapping[int, int]], None] = lambda _claims: None
-    on_event: Callable[[Event], None] = lambda _event: None
+    vacated: Callable[[Mapping[int, int]], None]
+    on_event: Callable[[Event], None]
 
 
 class Instance:
@@ -96,7 +88,7 @@ class Instance:
         """A supervision task runs (from starting to backoff)."""
         return self._task is not None and not self._task.done()
 
-    async def start(self, prepare: Callable[[], Awaitable[None]] = _nothing) -> None:
+    async def start(self, prepare: Callable[[], Awaitable[None]]) -> None:
         """Start supervising; ``prepare`` (placement) runs first, under the instance's lock."""
         async with self._lock:
             if self.active:
@@ -110,7 +102,7 @@ class Instance:
                 raise ConflictError(f"{self.name} is not running")
             await self._halt()
 
-    async def restart(self, prepare: Callable[[], Awaitable[None]] = _nothing) -> None:
+    async def restart(self, prepare: Callable[[], Awaitable[None]]) -> None:
         """Stop (if running) and start again; concurrent requests join the restart under way."""
         if self._restarting is None:
             self._restarting = asyncio.ensure_future(self._restart_once(prepare))

@@ -110,12 +110,13 @@ class Manager:
             sample, self._hot, self.instances_on(sample.index), gpus.thermal_limit_c, gpus.thermal_action
         )
         self._hot = verdict.hot
-        if verdict.message is None:
-            return
-        self.publish(Event.now("thermal", verdict.message, gpu=sample.index))
-        for name in verdict.warned:
-            self.instances[name].note("thermal", f"GPU {sample.index}: {verdict.message}")
+        if verdict.message is not None:
+            self.publish(Event.now("thermal", verdict.message, gpu=sample.index))
+            for name in verdict.warned:
+                self.instances[name].note("thermal", f"GPU {sample.index}: {verdict.message}")
         for name in verdict.stop:
+            if self.instances[name].state == State.STOPPING:
+                continue  # already on its way: one stop at a time
             task = asyncio.create_task(self._stop_quietly(name))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -186,22 +187,27 @@ class Manager:
 
     async def _prepare(self, instance: Instance) -> None:
         """Port and placement of a start, under the placement lock (runs under the instance's own lock)."""
-        now = time.monotonic()
-        recent = {i: mib for i, (mib, until) in self._vacated.items() if until > now}
-        if recent:  # plan on the memory a stopped server is giving back, not without it
-            await self.await_vram(recent, instance.name)
-            self._vacated.clear()
         async with self._placing:
-            if instance.port is None:
-                instance.port = pick_free_port(*self.settings.daemon.instance_ports, self._ports_taken())
+            now = time.monotonic()
+            recent = {i: entry for i, entry in self._vacated.items() if entry[1] > now}
+            if recent:  # plan on the memory a stopped server is giving back, not without it
+                await self.await_vram({i: mib for i, (mib, _until) in recent.items()}, instance.name)
+                for index, entry in recent.items():  # a server that stopped meanwhile is still being waited for
+                    if self._vacated.get(index) == entry:
+                        del self._vacated[index]
+            instance.port = self._port_for(instance)
             samples, claims = self.sampler.latest(), self._claims_besides(instance)
             placed = await asyncio.to_thread(self.planner.place, instance.name, instance.settings, samples, claims)
             # The instance's supervision task starts right after this returns, with no await between:
             # the next placement sees this one's claim.
             instance.placement, instance.plan = placed.placement, placed.plan
 
-    def _ports_taken(self) -> list[int]:
-        return [self.settings.daemon.port, *(i.port for i in self.instances.values() if i.port is not None)]
+    def _port_for(self, instance: Instance) -> int:
+        """The instance's port: configured, kept from an earlier start, or the first free one of the range."""
+        if instance.port is not None:
+            return instance.port
+        taken = [self.settings.daemon.port, *(i.port for i in self.instances.values() if i.port is not None)]
+        return pick_free_port(*self.settings.daemon.instance_ports, taken)
 
     async def plan(self, name: str) -> Plan:
         """The plan for ``name``, with the command line and the environment: for a running instance the
@@ -213,8 +219,7 @@ class Manager:
             samples, claims = self.sampler.latest(), self._claims_besides(instance)
             plan = await asyncio.to_thread(self.planner.plan, name, instance.settings, samples, claims)
             placement = self.planner.placement(plan)
-        port = instance.port or pick_free_port(*self.settings.daemon.instance_ports, self._ports_taken())
-        return with_command(plan, instance.settings, port, placement)
+        return with_command(plan, instance.settings, self._port_for(instance), placement)
 
     def claimed_mib(self) -> Mapping[int, int]:
         """MiB per GPU held by the servers that run (by their plans)."""
@@ -247,6 +252,8 @@ class Manager:
                 await self.start(name)
             except LauncherError as exc:
                 self.instances[name].refuse(exc)
+            except Exception as exc:  # a bug or a file nobody foresaw: that model fails, the daemon serves on
+                self.instances[name].refuse(LauncherError(f"unexpected error: {type(exc).__name__}: {exc}"))
 
     def autostart_names(self) -> list[str]:
         return [name for name, instance in self.instances.items() if instance.settings.autostart]

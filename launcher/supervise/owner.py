@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from launcher.errors import LauncherError
+from launcher.errors import ConfigError, LauncherError
 
 LOCK_NAME = "daemon.lock"
 
@@ -55,17 +55,22 @@ def read_owner(state_dir: Path) -> Owner | None:
 class StateDirLock:
     """Proof of ownership of a state directory, held until `release` or the process's end."""
 
-    def __init__(self, state_dir: Path, fd: int, owner: Owner) -> None:
+    def __init__(self, state_dir: Path, fd: int) -> None:
         self.state_dir = state_dir
-        self.owner = owner
         self._fd: int | None = fd
 
     @classmethod
     def claim(cls, state_dir: Path, url: str) -> StateDirLock:
         """Take the state directory, or raise OwnedError naming the daemon that has it."""
-        state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise ConfigError(
+                f"daemon.state_dir {state_dir} cannot be used: {exc.strerror}",
+                hint="give daemon.state_dir a folder this user can write (systemd: StateDirectory=)",
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -82,7 +87,7 @@ class StateDirLock:
         owner = Owner(pid=me.pid, create_time=me.create_time(), url=url)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(asdict(owner)).encode(), 0)
-        return cls(state_dir, fd, owner)
+        return cls(state_dir, fd)
 
     def release(self) -> None:
         if self._fd is None:

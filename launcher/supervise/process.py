@@ -12,18 +12,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.backends import LaunchSpec
 
-# Without setpriv (util-linux) servers still stop with the daemon in every orderly way, and leftovers of
-# a SIGKILLed daemon are stopped by the next one (leftovers.py); `launcher doctor` tells the user.
-SETPRIV = shutil.which("setpriv")
+
+@functools.cache
+def pdeathsig_prefix() -> tuple[str, ...]:
+    """What goes in front of a server's argv to give it its parent-death signal: util-linux's setpriv,
+    when it takes --pdeathsig (util-linux 2.33 and later; checked once, by running it). Without it servers
+    still stop with the daemon in every orderly way, and leftovers of a SIGKILLed daemon are stopped by the
+    next one (leftovers.py); `launcher doctor` tells the user."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return ()
+    prefix = (setpriv, "--pdeathsig", "KILL", "--")
+    try:
+        works = subprocess.run([*prefix, sys.executable, "-c", ""], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        works = False
+    return prefix if works else ()
 
 
 @dataclass(frozen=True)
@@ -50,7 +66,7 @@ class ExitStatus:
 
 def dying_with_parent(argv: list[str]) -> list[str]:
     """``argv`` run so that it gets SIGKILL when the thread that forked it ends."""
-    return [SETPRIV, "--pdeathsig", "KILL", "--", *argv] if SETPRIV else list(argv)
+    return [*pdeathsig_prefix(), *argv]
 
 
 class ServerProcess:

@@ -36,7 +36,8 @@ def judge(
     if sample.index in hot:
         if temperature <= limit_c - HYSTERESIS_C:
             return ThermalVerdict(hot - {sample.index}, f"{sample.name} back to {temperature:.0f} °C")
-        return ThermalVerdict(hot)
+        # Told once; but with `stop`, an instance started on the GPU during the episode is stopped too.
+        return ThermalVerdict(hot, stop=tuple(on_gpu) if action == "stop" else ())
     if temperature < limit_c:
         return ThermalVerdict(hot)
     names = tuple(on_gpu)
