@@ -282,6 +282,13 @@ def _start_background_daemon(settings: Settings, client: DaemonClient) -> Daemon
     return client
 
 
+def cmd_service(ctx: Context) -> int:
+    from launcher.service import install_from_environment
+
+    print(install_from_environment(user=ctx.args.user, print_only=ctx.args.print_only), end="")
+    return 0
+
+
 # ---- output -------------------------------------------------------------------------------------------
 
 
@@ -340,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     logs_cmd.add_argument("name", metavar="NAME")
     logs_cmd.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs_cmd.add_argument("-n", "--lines", type=_count, default=100, help="lines from the end (default 100)")
+    service = command("service", cmd_service, "run as a systemd service")
+    actions = service.add_subparsers(dest="action", required=True, metavar="ACTION")
+    install = actions.add_parser("install", help="write the systemd unit for this installation, print the commands")
+    install.add_argument("--user", action="store_true", help="a user service (~/.config/systemd/user)")
+    install.add_argument("--print", dest="print_only", action="store_true", help="only print the unit; write nothing")
     return parser
 
 

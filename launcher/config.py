@@ -25,6 +25,9 @@ class _Strict(BaseModel):
 
 
 def default_state_dir() -> Path:
+    # systemd's StateDirectory= (/var/lib/launcher, ~/.local/state/launcher for a user unit).
+    if state_directory := os.environ.get("STATE_DIRECTORY"):
+        return Path(state_directory.split(":")[0])
     if os.geteuid() == 0:
         return Path("/var/lib/launcher")
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -44,6 +47,9 @@ class DaemonSettings(_Strict):
     # Do reads (logs, plans, events, GPUs, metrics) need the token? auto: when the daemon listens
     # beyond loopback. /health never does.
     auth_reads: Literal["auto", "always", "never"] = "auto"
+    # When systemd hears READY=1: once the API listens and the autostart instances are launched, or once
+    # each of them is loaded (ready, or failed for good) so units ordered After= it find them serving.
+    ready_when: Literal["listening", "loaded"] = "listening"
 
     @field_validator("instance_ports")
     @classmethod

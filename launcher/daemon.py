@@ -10,25 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
+import os
 import signal
 import socket
+import sys
+import time
 from collections.abc import Callable, Iterator
 
 import uvicorn
 
-from launcher import systemd
 from launcher.api.app import create_app
 from launcher.config import Settings
 from launcher.errors import StartError
-from launcher.schema import Event
+from launcher.schema import Event, State
 from launcher.supervise.manager import Manager
+from launcher.systemd import JournalFormatter, Notifier, sampler_problem, status_line, under_journal
 from launcher.wiring import api_token, listen, supervision
 
 log = logging.getLogger("launcher")
 
 # Open `logs -f` streams must not hold the servers' shutdown up for long.
 _GRACEFUL_SHUTDOWN_S = 3
+# daemon.ready_when: loaded sends READY=1 once every autostart instance got here.
+_SETTLED = frozenset({State.READY, State.FAILED, State.STOPPED})
 
 
 class _Server(uvicorn.Server):
@@ -57,6 +63,8 @@ class Daemon:
         self._on_started = on_started
         self._server: _Server | None = None
         self._starting: asyncio.Task[None] | None = None  # the wiring's start, until the API serves
+        self._notifier = Notifier.from_environment()
+        self._waiting: asyncio.Task[None] | None = None  # READY=1 once loaded (daemon.ready_when)
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
         """End serving; the wiring then stops every instance. A second SIGINT hurries the API's end. Before
@@ -73,17 +81,28 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
+        notifier = self._notifier
+
+        def on_event(event: Event) -> None:
+            self._on_event(event)
+            notifier.changed()
+
         try:
-            async with supervision(self._settings, self._on_event) as wired:
+            async with supervision(self._settings, on_event) as wired:
                 log.info("GPUs: %s", wired.gpu_backend)
                 sock = listen(self._settings)  # after the lock: a second daemon is told who owns the directory
+                notifying = self._notify(wired.manager)
                 try:
                     await self._serve(wired.manager, sock)
                 finally:
                     sock.close()
                     log.info("stopping every instance")
-                    systemd.notify("STOPPING=1")
+                    for task in (notifying, self._waiting):
+                        if task is not None:
+                            task.cancel()
+                    notifier.send("STOPPING=1")
         finally:
+            notifier.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
@@ -93,11 +112,39 @@ class Daemon:
         with contextlib.suppress(asyncio.CancelledError):
             await self._starting
 
+    def _notify(self, manager: Manager) -> asyncio.Task[None]:
+        """Keep systemd's STATUS= line current and its watchdog fed while the loop and the sampler live."""
+        stale_after_s = 3 * self._settings.gpus.poll_interval + 1.0
+        manager.sampler.subscribe(lambda _sample: self._notifier.changed())
+
+        def problem() -> str | None:
+            return sampler_problem([s.time for s in manager.sampler.latest()], time.time(), stale_after_s)
+
+        def status() -> str:
+            return status_line(manager.statuses(), manager.gpu_samples())
+
+        return asyncio.create_task(self._notifier.run(status, problem), name="systemd-notify")
+
+    async def _ready_when_loaded(self, manager: Manager) -> None:
+        """READY=1 once every autostart instance is ready, or gave up (failed): one bad model must not keep
+        the daemon from starting, and `systemctl status` shows it in the status line."""
+        events = manager.subscribe()
+        try:
+            names = manager.autostart_names()
+            while not all(manager.instances[name].state in _SETTLED for name in names):
+                await events.get()
+        finally:
+            manager.unsubscribe(events)
+        self._notifier.ready()
+
     async def _serve(self, manager: Manager, sock: socket.socket) -> None:
         async def started() -> None:
             if self._autostart:
                 await manager.autostart()
-            systemd.notify("READY=1\nSTATUS=serving")
+            if self._settings.daemon.ready_when == "loaded" and self._autostart:
+                self._waiting = asyncio.create_task(self._ready_when_loaded(manager))
+            else:
+                self._notifier.ready()
             self._on_started(manager)
 
         app = create_app(manager, self._settings, token=self._token, on_started=started)
@@ -111,7 +158,14 @@ class Daemon:
 
 def serve(settings: Settings, *, autostart: bool = True) -> None:
     """`launcher serve`: run the daemon until SIGTERM or SIGINT."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    journal = under_journal(os.environ, sys.stderr.fileno())
+    # Under journald no time of our own (it stamps every line), and a priority `journalctl -p` reads.
+    handler.setFormatter(
+        JournalFormatter() if journal else logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+    )
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    faulthandler.enable()  # a hang the watchdog aborts (SIGABRT) leaves the stack of every thread in the log
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
 
     def log_event(event: Event) -> None:

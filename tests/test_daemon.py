@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -159,24 +158,6 @@ def test_second_daemon_on_the_same_port_says_so(
     assert result.returncode == 1
     assert "cannot listen on 127.0.0.1:" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_systemd_notify_and_no_socket_leak_to_children(
-    write_config: ConfigWriter, marked_env: dict[str, str], tmp_path: Path
-) -> None:
-    address = str(tmp_path / "notify.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
-        listener.bind(address)
-        listener.settimeout(30)
-        daemon = Daemon(write_config({"tiny": {"autostart": True}}), marked_env | {"NOTIFY_SOCKET": address})
-        try:
-            assert listener.recv(4096).decode().startswith("READY=1")
-            pid = daemon.wait_for("tiny", ready)["pid"]
-            assert "NOTIFY_SOCKET" not in psutil.Process(pid).environ()
-            daemon.stop()
-            assert listener.recv(4096).decode() == "STOPPING=1"
-        finally:
-            daemon.stop()
 
 
 def test_logs_command(write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]) -> None:

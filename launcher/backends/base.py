@@ -14,9 +14,11 @@ from launcher.config import ModelSettings
 from launcher.errors import ConfigError
 
 # Variables that belong to the daemon's own relationship with systemd, never to a child: a child that
-# inherits NOTIFY_SOCKET can tell systemd the daemon is ready or stopping.
+# inherits NOTIFY_SOCKET can tell systemd the daemon is ready or stopping (or feed its watchdog), and one
+# that inherits JOURNAL_STREAM may write journald's format into its log file.
 _DAEMON_ONLY_ENV = (
     "NOTIFY_SOCKET",
+    "JOURNAL_STREAM",
     "WATCHDOG_PID",
     "WATCHDOG_USEC",
     "LISTEN_FDS",
