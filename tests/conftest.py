@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psutil
@@ -123,6 +123,20 @@ def stop_process(proc: subprocess.Popen[str], sig: signal.Signals = signal.SIGTE
 
 
 READY_TIMEOUT_S = 60
+T = TypeVar("T")
+
+
+def poll_until(fetch: Callable[[], T], predicate: Callable[[T], bool], what: str, timeout_s: float) -> T:
+    """What ``fetch`` returns once ``predicate`` holds for it; AssertionError with the last one at the
+    deadline. For state owned by another process (a daemon, systemd), which tells no one when it changes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = fetch()
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} never matched; last: {value}")
+        time.sleep(0.05)
 
 
 class Daemon:
@@ -158,13 +172,7 @@ class Daemon:
         return body
 
     def wait_for(self, name: str, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            status = self.instance(name)
-            if predicate(status):
-                return status
-            time.sleep(0.05)
-        raise AssertionError(f"{name} never matched; last status {status}")
+        return poll_until(lambda: self.instance(name), predicate, name, READY_TIMEOUT_S)
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
         self.http.close()

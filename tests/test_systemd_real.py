@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 import launcher
-from tests.conftest import MARK, ConfigWriter, marked_processes
+from tests.conftest import MARK, ConfigWriter, marked_processes, poll_until
 
 REPO = Path(launcher.__file__).resolve().parent.parent
 SHIPPED_UNIT = REPO / "systemd" / "launcher.service"
@@ -146,13 +146,7 @@ class Namespace:
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def wait_show(self, unit: str, what: str, predicate: Callable[[dict[str, str]], bool]) -> dict[str, str]:
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            shown = self.show(unit)
-            if predicate(shown):
-                return shown
-            time.sleep(0.1)
-        raise AssertionError(f"{unit} never became {what}; last: {shown}")
+        return poll_until(lambda: self.show(unit), predicate, f"{unit} ({what})", WAIT_S)
 
     def host_pid(self, ns_pid: int) -> int:
         """The host's pid of the namespace's process ``ns_pid`` (the last NSpid of /proc/PID/status)."""
