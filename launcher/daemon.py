@@ -114,7 +114,7 @@ class Daemon:
 
     def _notify(self, manager: Manager) -> asyncio.Task[None]:
         """Keep systemd's STATUS= line current and its watchdog fed while the loop and the sampler live."""
-        stale_after_s = 3 * self._settings.gpus.poll_interval + 1.0
+        stale_after_s = manager.sampler.stale_after_s + 1.0  # a second's grace for a read under way
         manager.sampler.subscribe(lambda _sample: self._notifier.changed())
 
         def problem() -> str | None:

@@ -96,6 +96,11 @@ class Sampler:
         by_index = {g.index: g for g in self.identities}
         await asyncio.gather(*(self._poll(by_index[i], 1) for i in indices if i in by_index))
 
+    @property
+    def stale_after_s(self) -> float:
+        """A reading older than this is stale: the driver is not answering."""
+        return _STALE_AFTER_POLLS * self._interval
+
     def latest(self) -> list[GpuSample]:
         """The newest sample of every GPU; one not read for a while says so in its error."""
         now = time.time()
@@ -107,7 +112,7 @@ class Sampler:
                 continue
             sample = history[-1]
             age = now - sample.time
-            if age > _STALE_AFTER_POLLS * self._interval and sample.error is None:
+            if age > self.stale_after_s and sample.error is None:
                 sample = sample.model_copy(update={"error": f"no reading for {age:.0f}s: the driver is not answering"})
             result.append(sample)
         return result
