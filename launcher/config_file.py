@@ -110,7 +110,7 @@ def load_daemon_settings(explicit: Path | None = None) -> DaemonSettings:
     """Only the `daemon:` section, with its environment overrides: what a command that talks to the daemon
     needs (where it listens, its token, its state directory). The rest is the daemon's to validate."""
     path = find_config(explicit)
-    data = _read_yaml(path) if path is not None else {}
+    data = _read_yaml(path, section="daemon") if path is not None else {}
     sources: dict[str, str] = {}
     section = _with_environment({"daemon": data.get("daemon") or {}}, sources)["daemon"]
     try:
@@ -132,12 +132,12 @@ def parse_settings(text: str, path: Path) -> Settings:
     return _validate(_parse_yaml(text, path), path)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    return _parse_yaml(read_config_text(path), path)
+def _read_yaml(path: Path, section: str | None = None) -> dict[str, Any]:
+    return _parse_yaml(read_config_text(path), path, section)
 
 
-def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
-    data = parse_config_yaml(text, path)
+def _parse_yaml(text: str, path: Path, section: str | None = None) -> dict[str, Any]:
+    data = parse_config_yaml(text, path, section)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -10,7 +10,10 @@ given twice is an error rather than the last one silently winning: it is how a p
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import reprlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +86,23 @@ def read_config_text(path: Path) -> str:
         raise ConfigError(f"{path} at line {line}: not UTF-8 text") from None
 
 
-def parse_config_yaml(text: str, path: Path) -> Any:
-    """The YAML document in ``text``, or ConfigError naming the file, the line and the problem."""
+def parse_config_yaml(text: str, path: Path, section: str | None = None) -> Any:
+    """The YAML document in ``text``, or ConfigError naming the file, the line and the problem. With
+    ``section``, only that key of the top mapping is built (what a command that only talks to the daemon
+    needs: a fraction of the time on a file of thousands of models)."""
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path} is over {MAX_CONFIG_BYTES // 2**20} MiB, the most a configuration file may be")
     try:
-        _check_events(text, path)
-        loader = _ConfigLoader(text)
-        try:
-            return loader.get_single_data()
-        finally:
-            loader.dispose()
+        with _collector_paused():
+            _check_events(text, path)
+            loader = _ConfigLoader(text)
+            try:
+                node = loader.get_single_node()
+                if node is None:
+                    return None
+                return loader.construct_document(_only(node, section) if section is not None else node)
+            finally:
+                loader.dispose()
     except _DuplicateKey as exc:
         where = ".".join(_path_to(loader.root, exc.mapping))
         raise ConfigError(
@@ -105,6 +114,19 @@ def parse_config_yaml(text: str, path: Path) -> Any:
         line = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}{line}: {problem}") from None
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while the nodes are built: each of its passes walks every node made so
+    far, for nothing (they hold no cycles), and on twenty thousand models that was three quarters of the load."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _check_events(text: str, path: Path) -> None:
@@ -124,6 +146,14 @@ def _check_events(text: str, path: Path) -> None:
                 )
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
+
+
+def _only(root: Node, key: str) -> Node:
+    """The top mapping with only ``key`` in it (every time it is given, so that twice is still an error)."""
+    if not isinstance(root, MappingNode):
+        return root
+    pairs = [(k, v) for k, v in root.value if isinstance(k, ScalarNode) and k.value == key]
+    return MappingNode(root.tag, pairs, root.start_mark, root.end_mark, root.flow_style)
 
 
 def _line(mark: object) -> int | str:
