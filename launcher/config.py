@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from launcher.config_yaml import shown
+from launcher.config_yaml import clip
 from launcher.errors import NotFoundError
 from launcher.plan.args import check_args
 from launcher.rpc.address import reach
@@ -372,9 +372,10 @@ class Settings(_Strict):
             # A model's name names its log file, its replicas (NAME@N), URL paths and metric labels; an alias
             # only has to be a word.
             if not _MODEL_NAME.fullmatch(name):
+                length = f" ({len(name)} characters)" if len(name) > _MODEL_NAME_MAX else ""
                 raise ValueError(
-                    f"model name {shown(name)} does not follow the rule for names: 1 to {_MODEL_NAME_MAX} ASCII "
-                    "letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+                    f"model name {clip(repr(name), 80)}{length} does not follow the rule for names: 1 to "
+                    f"{_MODEL_NAME_MAX} ASCII letters, digits, '.', '_' or '-', not starting with '.' or '-'"
                 )
             for each in (name, *model.aliases):
                 if not each or any(c.isspace() for c in each):

@@ -24,6 +24,7 @@ from launcher.errors import ConfigError
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # twenty thousand models take about 2 MiB
 MAX_DEPTH = 64  # a real configuration nests five deep
+_TOO_DEEP = f"nested more than {MAX_DEPTH} deep, which no configuration needs"
 
 # libyaml's parser and composer are C; without it PyYAML's pure-Python ones are about three times slower.
 try:
@@ -113,6 +114,8 @@ def parse_config_yaml(text: str, path: Path, section: str | None = None) -> Any:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
+        if problem == "exceeded maximum nesting depth":  # libyaml's own limit (1,000), met before ours
+            problem = _TOO_DEEP
         raise ConfigError(f"{path}{line}: {problem}") from None
 
 
@@ -140,10 +143,7 @@ def _check_events(text: str, path: Path) -> None:
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH:
-                raise ConfigError(
-                    f"{path} at line {_line(event.start_mark)}: nested more than {MAX_DEPTH} deep, "
-                    "which no configuration needs"
-                )
+                raise ConfigError(f"{path} at line {_line(event.start_mark)}: {_TOO_DEEP}")
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
 
