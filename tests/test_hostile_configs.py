@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -215,7 +215,7 @@ BAD_ENTRIES: list[tuple[object, str]] = [
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Callable[[bytes], tuple[ChildRegistry, Path]]:
+def registry(tmp_path: Path) -> Iterator[Callable[[bytes], tuple[ChildRegistry, Path]]]:
     locks: list[StateDirLock] = []
 
     def make(content: bytes) -> tuple[ChildRegistry, Path]:
