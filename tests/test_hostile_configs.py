@@ -247,6 +247,11 @@ def test_children_json_entries_are_checked_one_by_one(
     [
         (b"{}", "{path} is not a list of servers, and is ignored"),
         (
+            b"[" * 100_000,
+            "{path} cannot be read, and is ignored: "
+            "maximum recursion depth exceeded while decoding a JSON array from a unicode string",
+        ),
+        (
             b"[{",
             "{path} cannot be read, and is ignored: "
             "Expecting property name enclosed in double quotes: line 1 column 3 (char 2)",

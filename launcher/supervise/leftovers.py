@@ -87,7 +87,7 @@ class ChildRegistry:
             entries = json.loads(self.path.read_text())
         except FileNotFoundError:
             return []
-        except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON, nested too deep
             log.warning("%s cannot be read, and is ignored: %s", self.path, getattr(exc, "strerror", None) or exc)
             return []
         if not isinstance(entries, list):
