@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from launcher.config import DaemonSettings, Settings
-from launcher.config_yaml import clip, parse_config_yaml, read_config_text, shown
+from launcher.config_yaml import clip, collector_paused, parse_config_yaml, read_config_text, shown
 from launcher.errors import ConfigError
 
 log = logging.getLogger("launcher")
@@ -180,10 +180,10 @@ def _with_environment(data: dict[str, Any], sources: dict[str, str]) -> dict[str
 def _validate(data: dict[str, Any], path: Path | None) -> Settings:
     sources: dict[str, str] = {}
     try:
-        settings = Settings(**_with_environment(data, sources))
+        with collector_paused():
+            settings = _resolve_paths(Settings(**_with_environment(data, sources)), path)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path, sources)) from None
-    settings = _resolve_paths(settings, path)
     secrets = {"daemon.token_file": settings.daemon.token_file}
     secrets.update({f"peers.{i}.token_file": peer.token_file for i, peer in enumerate(settings.peers)})
     _check_secret_files(secrets, settings.daemon, str(path or "configuration"))
