@@ -21,6 +21,7 @@ import psutil
 
 from launcher.backends.llama_server import find_llama_server
 from launcher.backends.ollama import OllamaBackend
+from launcher.backends.options import args_problems
 from launcher.backends.rpc_server import find_rpc_server
 from launcher.client import DaemonClient
 from launcher.config import ModelSettings, Settings
@@ -68,6 +69,7 @@ def examine(settings: Settings, machine: Machine, daemon_ports: set[int]) -> lis
         *_gpus(machine),
         *_links(machine),
         *_binaries(settings, machine),
+        *(Finding("fail", "args", p.message, p.hint) for p in args_problems(settings)),
         *_ports(settings, daemon_ports),
         *(f for name, model in settings.models.items() for f in _model(name, model, machine.gpus)),
     ]

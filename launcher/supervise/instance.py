@@ -22,13 +22,15 @@ from launcher.errors import ConflictError, LauncherError
 from launcher.schema import Event, InstanceStatus, Plan, State
 from launcher.supervise import logs
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
-from launcher.supervise.policy import RestartPolicy
+from launcher.supervise.policy import RestartPolicy, StartFailure
 from launcher.supervise.ports import ensure_port_free
 from launcher.supervise.process import ExitStatus, ServerProcess
+from launcher.supervise.server_errors import server_error
 
 _FIRST_LOAD_PROBE_S = 0.01  # a tiny model is ready in 50 ms; big ones back off to _MAX
 _MAX_LOAD_PROBE_S = 0.5
 _EVENTS_KEPT = 50
+_LOG_LINES_READ = 200  # of a server that ended: where its last error lines are looked for
 
 
 @dataclass(frozen=True)
@@ -199,17 +201,24 @@ class Instance:
             if self._proc is not None:  # cancelled: a stop or restart was asked for
                 await self._end(self._proc, " (stopped on request)")
 
-    async def _end(self, proc: ServerProcess, why: str) -> ExitStatus:
-        """Stop the server if it still runs, and record how it ended."""
+    async def _end(self, proc: ServerProcess, why: str) -> tuple[ExitStatus, str | None]:
+        """Stop the server if it still runs, and record how it ended: with the server's own error lines
+        when it ended by itself (read before the launcher's exit marker goes in)."""
+        error = None if proc.running else server_error(self._lines_of_last_run())
         status = await proc.stop(self.settings.stop_timeout)
         self._proc = None
         self._around.registry.remove(proc.pid)
         if self.placement.claims_mib:
             self._around.vacated(self.placement.claims_mib)
         self.last_exit = status
+        if error is not None and not (status.success and self._ready_since is not None):
+            self.last_error = error
         logs.write_marker(self.log_path, f"{self.name} {status.describe()}{why}")
-        self._emit("exit", f"server {status.describe()}{why}")
-        return status
+        self._emit("exit", f"server {status.describe()}{why}" + (f": {error}" if error else ""))
+        return status, error
+
+    def _lines_of_last_run(self) -> list[str]:
+        return logs.lines_of_last_run(self.log_path, _LOG_LINES_READ)
 
     async def _run_once(self) -> float | None:
         """Run the server once, until it ends; return the delay before the next start or None."""
@@ -224,7 +233,7 @@ class Instance:
             await self._around.await_vram(self.placement.claims_mib, self.name)
         spec.env[INSTANCE_ENV] = self.name  # how a later daemon recognises a leftover as ours
         logs.rotate_if_large(self.log_path, self._around.log_max_bytes, self._around.log_keep)
-        logs.write_marker(self.log_path, f"starting {self.name} (restart {self.restarts}): {' '.join(spec.argv)}")
+        logs.write_start_marker(self.log_path, f"{self.name} (restart {self.restarts}): {' '.join(spec.argv)}")
         proc = self._proc = await ServerProcess.spawn(spec, self.log_path)
         self._around.registry.add(self.name, proc.pid, spec.argv[0])
         self._set_state(State.LOADING, f"pid {proc.pid} on port {self.port}")
@@ -238,10 +247,18 @@ class Instance:
             self._ready_since = None
         elif proc.running:
             self._record_error(f"not ready within load_timeout ({self.settings.health.load_timeout:g}s)")
-        status = await self._end(proc, "")
+        status, error = await self._end(proc, "")
         reason = await self._around.blocked(self)
         if reason is not None:  # not the server's fault: no restart (and none of the policy's budget)
             self._set_state(State.DEGRADED, reason)
+            return None
+        # A server that ended by itself before it was ready, saying what it said last time with the same
+        # command and files: it will say it again, so retrying only delays the news.
+        start_failure = None
+        if ready_for_s is None and error is not None:
+            start_failure = StartFailure(error, _start_inputs(spec.argv, spec.env))
+        if self._policy.repeats(start_failure):
+            self._set_state(State.FAILED, "it failed to start twice in a row with the same error: not retried")
             return None
         failure = unhealthy or not status.success or ready_for_s is None
         return self._decide(failure=failure, ready_for_s=ready_for_s)
@@ -352,7 +369,8 @@ class Instance:
             uptime_s=round(now - self._ready_since, 3) if self._ready_since is not None else None,
             log_path=str(self.log_path),
             log_line=logs.last_line(self.log_path),
-            log_tail=logs.tail(self.log_path, 10) if self.state == State.FAILED else [],
+            # Why it is down, in the server's words: what it wrote before it last ended.
+            log_tail=self._lines_of_last_run()[-10:] if self.state in (State.FAILED, State.BACKOFF) else [],
             plan=self.plan,
             server_info=self.server_info,
             group=self.group,
@@ -361,3 +379,15 @@ class Instance:
             requests_queued=requests[1],
             degraded_reason=self.degraded_reason,
         )
+
+
+def _start_inputs(argv: list[str], env: Mapping[str, str]) -> tuple[object, ...]:
+    """What a start was made of, to tell a repeat from a retry that could go otherwise: the command, the
+    environment, and the size and modification time of every file the command names (binary, model)."""
+    files = []
+    for arg in argv:
+        if arg.startswith("/"):
+            with contextlib.suppress(OSError):
+                found = Path(arg).stat()
+                files.append((arg, found.st_size, found.st_mtime_ns))
+    return (tuple(argv), tuple(sorted(env.items())), tuple(files))
