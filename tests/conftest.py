@@ -40,6 +40,16 @@ def llama_server() -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama_server_without_help(llama_server: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real llama-server behind a script whose `--help` fails: a binary the launcher cannot ask for its
+    options, so what it is given reaches the server."""
+    path = tmp_path_factory.mktemp("bin") / "llama-server-no-help"
+    path.write_text(f'#!/bin/sh\n[ "$1" = --help ] && exit 1\nexec {llama_server} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf")
 

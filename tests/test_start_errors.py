@@ -22,14 +22,6 @@ from tests.conftest import ConfigWriter, Daemon, run_cli
 NO_MMAP_ERROR = "error: invalid argument: --no-mmap"
 
 
-def help_refusing_wrapper(folder: Path, binary: Path) -> Path:
-    """The real llama-server behind a script whose `--help` fails: a binary the launcher cannot ask."""
-    path = folder / "llama-server-no-help"
-    path.write_text(f'#!/bin/sh\n[ "$1" = --help ] && exit 1\nexec {binary} "$@"\n')
-    path.chmod(0o755)
-    return path
-
-
 def test_the_installed_llama_server_is_asked_for_its_options(llama_server: Path) -> None:
     options = server_options(llama_server)
     assert options is not None
@@ -74,11 +66,11 @@ def test_an_option_the_server_lacks_is_refused_at_load_with_the_one_that_replace
 
 
 def test_a_server_that_cannot_start_fails_at_once_and_says_why_everywhere(
-    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon], llama_server: Path, tmp_path: Path
+    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon], llama_server_without_help: Path
 ) -> None:
-    binary = help_refusing_wrapper(tmp_path, llama_server)
     restart = {"backoff_initial": 0.05, "backoff_max": 0.1, "burst": 10}
-    daemon = start_daemon(write_config({"tiny": {"args": ["--no-mmap"], "binary": str(binary), "restart": restart}}))
+    model = {"args": ["--no-mmap"], "binary": str(llama_server_without_help), "restart": restart}
+    daemon = start_daemon(write_config({"tiny": model}))
 
     up = daemon.cli("up", "tiny")
     assert up.returncode == 1

@@ -301,6 +301,17 @@ def test_without_gpus_the_panel_says_so(dashboard: Start) -> None:
     assert page.unexpected_errors() == []
 
 
+def test_a_server_that_cannot_start_shows_its_own_words_on_its_card(
+    dashboard: Start, llama_server_without_help: Path
+) -> None:
+    model = {"binary": str(llama_server_without_help), "args": ["--no-mmap"]}
+    page = dashboard({"tiny": model}, gpus={"backend": "none"}, ready=())
+    page.page.locator('[data-instance="tiny"] button.start').click()
+    page.page.wait_for_selector('[data-instance="tiny"] .state.failed')
+    page.shows('[data-instance="tiny"] .exit', "error: error: invalid argument: --no-mmap")
+    assert page.unexpected_errors() == []
+
+
 def test_remote_part_shows_the_peers_models_and_a_peer_going_away(
     write_config: ConfigWriter,
     start_daemon: Callable[[Path], Daemon],
