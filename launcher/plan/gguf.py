@@ -185,19 +185,30 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def regular_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being read as a model file, said after its name ("does not exist", "is
+    a FIFO, not a regular file"), or None when it is a regular file. Only stat: nothing is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except PermissionError:
+        return "cannot be read (permission denied)"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    return None if stat.S_ISREG(mode) else f"is {_kind(mode)}, not a regular file"
+
+
 def open_regular(path: Path, what: str) -> int:
     """A read-only descriptor of ``path`` (``what`` names it in errors: "model file", "the --mmproj
     file"), opened only if it is a regular file and without blocking: a FIFO would block the open (and the
     placement lock with it) forever, and opening a device may act on it, so neither is ever opened."""
+    problem = regular_problem(path)
+    if problem is not None:
+        raise ModelFileError(f"{what} {path} {problem}")
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ModelFileError(f"{what} {path} is {_kind(os.stat(path).st_mode)}, not a regular file")
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except FileNotFoundError:
-        raise ModelFileError(f"{what} {path} does not exist") from None
-    except PermissionError:
-        raise ModelFileError(f"{what} {path} cannot be read (permission denied)") from None
-    except OSError as exc:
+    except OSError as exc:  # gone or changed since the stat
         raise ModelFileError(f"{what} {path} cannot be read ({exc.strerror})") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):  # swapped for something else since the stat
@@ -270,14 +281,3 @@ def read_gguf(path: Path, what: str = "model file") -> GgufFile:
                 raise ModelFileError(f"{path} is split in {count} files but {sibling.name} is missing")
             tensors += _read_one(sibling, f"{what} part")[1]
     return GgufFile(path=path, metadata=metadata, tensors=tensors, file_bytes=file_bytes, data_end=data_end)
-
-
-def header_facts(path: Path) -> tuple[str, int | None] | None:
-    """The model's architecture and number of repeating layers (None where the file cannot tell), or None
-    when it is not a readable GGUF file."""
-    try:
-        model = read_gguf(path)
-    except ModelFileError:
-        return None
-    value = model.arch("block_count")
-    return model.architecture, int(value) if value is not None else None
