@@ -85,7 +85,7 @@ def hostile_models(folder: Path) -> dict[str, tuple[dict[str, Any], str]]:
     cut = write_tiny_llama(folder / "cut.gguf", TinyShape(extra_tokens=5000))
     cut.write_bytes(cut.read_bytes()[:20000])  # inside the vocabulary
     should = "it should be a whole number from"
-    models = {
+    models: dict[str, tuple[dict[str, Any], str]] = {
         "fifo-model": ({"model": str(fifo)}, f"model file {fifo} for 'fifo-model' is a FIFO, not a regular file"),
         "dir-model": (
             {"model": str(folder / "dir.gguf")},

@@ -30,7 +30,7 @@ MIB = 1024 * 1024
 # Head sizes for which llama.cpp's CUDA/ROCm flash-attention kernels exist: `-fa auto` turns it on.
 _FLASH_HEAD_SIZES = {64, 80, 96, 112, 128, 192, 256, 576}
 _CTX_PAD = 256
-_LAYER = re.compile(r"^blk\.(\d+)\.")
+_LAYER = re.compile(r"^blk\.(\d{1,9})\.")  # a longer number is no layer (and too long for int())
 
 
 @dataclass(frozen=True)
