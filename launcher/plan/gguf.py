@@ -259,7 +259,7 @@ def _parse(cursor: _Cursor) -> tuple[dict[str, Any], list[TensorInfo], int, int]
         tensors.append(TensorInfo(name, dims, ggml_type, _tensor_bytes(name, dims, ggml_type, cursor)))
         ends.append(offset + tensors[-1].n_bytes)
     alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or not 0 < alignment <= 1 << 20:
+    if not isinstance(alignment, int) or not 0 < alignment <= 1 << 20 or alignment & (alignment - 1):
         raise ModelFileError(f"{cursor.path}: general.alignment is {alignment!r}; it should be a power of two")
     data_start = -(-cursor.pos // alignment) * alignment
     return metadata, tensors, cursor.file_bytes, data_start + max(ends, default=0)
