@@ -145,7 +145,7 @@ def test_hostile_files_are_one_sentence_through_the_api_with_the_daemon_answerin
         started = daemon.http.post(f"/instances/{name}/start")
         assert (started.status_code, started.json()["detail"]) == (422, sentence), name
         status = daemon.instance(name)
-        assert (status["state"], status["last_error"]) == ("failed", sentence), name
+        assert (status["state"], status["last_error"]) == ("stopped", sentence), name
         assert daemon.http.get("/health").status_code == 200  # no autostart instance: all is well
     # and the daemon still stops (no thread or lock left holding it)
     assert daemon.stop() == 0

@@ -248,7 +248,7 @@ class Manager:
                     functools.partial(self.planner.place, instance.name, instance.settings, samples, claims, remote)
                 )
             except ModelFileError as exc:  # the caller hears it; the instance shows it
-                instance.refuse(exc)
+                instance.record_refusal(exc)
                 raise
             if self.peers is not None and placed.placement.rpc:  # the peers plan around it from now on
                 await self.peers.claim(instance.name, placed.plan)
