@@ -18,7 +18,9 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
+from fastapi import Request
 
+from launcher.api.disconnect import unless_gone
 from launcher.supervise.planning import PlanningThreads
 from launcher.tinymodel import TinyShape, write_tiny_llama
 from tests.conftest import ConfigWriter, Daemon, run_cli
@@ -249,3 +251,32 @@ async def test_a_plan_whose_callers_left_before_its_turn_never_starts() -> None:
     assert await first == "busy"
     assert await threads.run(lambda: "next", key="b") == "next"  # the turn it would have taken is free
     assert ran == []
+
+
+async def test_a_plan_request_whose_client_left_is_cancelled_and_one_that_stays_is_answered() -> None:
+    left = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:  # uvicorn's order: the (empty) body, then the disconnect
+        if not received:
+            received.append(1)
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    began = asyncio.Event()
+
+    async def plan(seconds: float) -> str:
+        began.set()
+        await asyncio.sleep(seconds)
+        return "plan"
+
+    received: list[int] = []
+    request = Request({"type": "http", "method": "GET", "path": "/plan/deep", "headers": []}, receive)
+    assert await unless_gone(request, plan(0)) == "plan"
+    received.clear()
+    began.clear()
+    waiting = asyncio.ensure_future(unless_gone(request, plan(60)))
+    await began.wait()
+    left.set()  # the client disconnects
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 10)
