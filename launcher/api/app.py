@@ -20,6 +20,7 @@ from pydantic import TypeAdapter
 
 import launcher
 from launcher.api.auth import UNAUTHORISED, ReadAuth, bearer_matches, reads_need_token
+from launcher.api.disconnect import unless_gone
 from launcher.api.metrics import LauncherCollector
 from launcher.api.ui import add_ui
 from launcher.config import Settings
@@ -174,9 +175,9 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/plan/{name}", response_model=Plan, responses={**read, **_errors(404, 422, 503)})
-    async def plan(name: InstanceName) -> Response:
+    async def plan(name: InstanceName, request: Request) -> Response:
         """What `launcher plan NAME` shows: GPUs, MiB per GPU by term, split, command line, environment."""
-        return _json((await manager.plan(name)).model_dump_json())
+        return _json((await unless_gone(request, manager.plan(name))).model_dump_json())
 
     @app.get("/gpus", response_model=list[GpuSample], responses=read)
     async def gpus() -> Response:

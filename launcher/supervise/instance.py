@@ -165,6 +165,11 @@ class Instance:
             ensure_port_free(self.port)
         return spec
 
+    def record_refusal(self, exc: LauncherError) -> None:
+        """Record why a start asked for was refused before anything ran: its caller hears it, the instance
+        shows it (`last_error`); the state stays what it was."""
+        self._record_error(exc.message)
+
     def refuse(self, exc: LauncherError) -> None:
         """Record a start that was refused before anything ran (autostart has no caller to tell)."""
         self._record_error(exc.message)

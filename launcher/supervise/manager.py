@@ -24,6 +24,7 @@ from launcher.backends import backend_for
 from launcher.config import Settings
 from launcher.errors import LauncherError
 from launcher.gpu.sampler import Sampler
+from launcher.plan.gguf import ModelFileError
 from launcher.plan.placer import Planner, freed, with_command
 from launcher.plan.planner import rooms
 from launcher.rpc.claims import ClaimBook
@@ -35,9 +36,13 @@ from launcher.supervise import thermal
 from launcher.supervise.degrade import Degrader
 from launcher.supervise.instance import Instance, Surroundings
 from launcher.supervise.leftovers import ChildRegistry
+from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
 
 _EVENTS_KEPT = 500
+# plans computing at once (threads): each is bounded (GGUF header checks, linear in the layers), and a
+# start waits for a turn behind at most this many
+_PLANNING_THREADS = 2
 
 
 def _sum_claims(instances: Iterable[Instance]) -> dict[int, int]:
@@ -82,6 +87,7 @@ class Manager:
         self._vacated: dict[int, tuple[int, float]] = {}  # GPU -> (MiB a stopped server held, until)
         self._released_at: dict[int, float] = {}  # GPU -> when a server on it last ended (epoch seconds)
         self._placing = asyncio.Lock()  # one placement at a time: each plans around the last one's claim
+        self._planning = PlanningThreads(_PLANNING_THREADS)
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
         self._tasks: set[asyncio.Task[None]] = set()
         around = Surroundings(
@@ -237,9 +243,13 @@ class Manager:
                         del self._vacated[index]
             instance.port = self._port_for(instance)
             samples, claims, remote = self.sampler.latest(), self._claims_besides(instance), self._remote(instance)
-            placed = await asyncio.to_thread(
-                self.planner.place, instance.name, instance.settings, samples, claims, remote
-            )
+            try:
+                placed = await self._planning.run(
+                    functools.partial(self.planner.place, instance.name, instance.settings, samples, claims, remote)
+                )
+            except ModelFileError as exc:  # the caller hears it; the instance shows it
+                instance.record_refusal(exc)
+                raise
             if self.peers is not None and placed.placement.rpc:  # the peers plan around it from now on
                 await self.peers.claim(instance.name, placed.plan)
             # The instance's supervision task starts right after this returns, with no await between:
@@ -261,7 +271,9 @@ class Manager:
             plan, placement = instance.plan, instance.placement
         else:
             samples, claims, remote = self.sampler.latest(), self._claims_besides(instance), self._remote(instance)
-            plan = await asyncio.to_thread(self.planner.plan, name, instance.settings, samples, claims, remote)
+            plan = await self._planning.run(
+                functools.partial(self.planner.plan, name, instance.settings, samples, claims, remote), key=name
+            )
             placement = self.planner.placement(plan)
         return with_command(plan, instance.backend, instance.settings, self._port_for(instance), placement)
 
