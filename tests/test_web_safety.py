@@ -23,11 +23,11 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import yaml
-from playwright.sync_api import Browser, Response
+from playwright.sync_api import Browser
 
 from launcher.api.origin import HostNames, from_another_page, split_host
 from launcher.config import DaemonSettings
-from tests.conftest import ConfigWriter, Daemon
+from tests.conftest import ConfigWriter, Daemon, poll_until
 from tests.test_ui import GPUS, WAIT_MS, Dashboard
 
 StartDaemon = Callable[[Path], Daemon]
@@ -138,11 +138,14 @@ def test_names_and_origins_are_checked_at_load() -> None:
 
 def test_the_probes_of_the_containers_pass(tmp_path: Path) -> None:
     """Kubernetes probes and Prometheus name a pod by its address; Docker's probe asks 127.0.0.1."""
-    for config in (ROOT / "kubernetes/base/launcher.yaml", ROOT / "docker/launcher.yaml"):
+    configs = (ROOT / "kubernetes/base/launcher.yaml", ROOT / "docker/launcher.yaml")
+    for config in configs:
         names = HostNames.of(DaemonSettings.model_validate(yaml.safe_load(config.read_text())["daemon"]))
         for probe in ("10.42.0.17:8400", "127.0.0.1:8400", "localhost"):
             assert names.admit(split_host(probe)[0]), (config, probe)  # type: ignore[index]
         assert not names.admit("evil.example"), config
+    in_cluster = HostNames.of(DaemonSettings.model_validate(yaml.safe_load(configs[0].read_text())["daemon"]))
+    assert all(in_cluster.admit(name) for name in ("launcher", "launcher.launcher.svc.cluster.local"))
 
 
 # ---- a daemon ------------------------------------------------------------------------------------------
@@ -343,101 +346,114 @@ def other_site() -> Iterator[int]:
     thread.join(timeout=10)
 
 
-# Each attempt: run in the page, it says what the page could read of the answer ("opaque": nothing, as a
-# no-cors request gets; "error: ...": the browser refused it; else the status and the first of its body).
-ATTEMPT = """async ([url, init]) => {
+# An attempt, run in the page: what the page could read of the answer ("opaque": nothing, as a no-cors
+# request gets; "error: ...": the browser refused it to the page; else the status and the body's start).
+FETCH = """async ([url, init]) => {
   try {
     const r = await fetch(url, init);
     return r.type === "opaque" ? "opaque" : `read ${r.status}: ${(await r.text()).slice(0, 80)}`;
   } catch (e) { return `error: ${e}`; }
 }"""
-FORM = """([action]) => new Promise((resolve) => {
-  const form = Object.assign(document.createElement("form"), {method: "post", action, target: "sink"});
+# A real form, posted into the page's frame.
+FORM = """([url]) => new Promise((resolve) => {
+  const form = Object.assign(document.createElement("form"), {method: "post", action: url, target: "sink"});
   form.innerHTML = '<input name="a" value="b">';
   document.body.append(form);
-  document.querySelector("iframe").addEventListener("load", () => resolve("submitted"), {once: true});
+  document.querySelector("iframe").addEventListener("load", () => resolve("opaque"), {once: true});
   form.submit();
 })"""
+TEXT = {"Content-Type": "text/plain"}
+FORM_BODY = {"Content-Type": "application/x-www-form-urlencoded"}
+# Each act and read of the hostile run: a name, the path, and fetch()'s init (None: a real form's POST).
+ATTEMPTS: list[tuple[str, str, dict[str, Any] | None]] = [
+    *(
+        (f"{verb}, {kind}", f"/instances/tiny/{verb}", {"method": "POST", "mode": "no-cors", **init})
+        for verb in ("stop", "start", "restart")
+        for kind, init in (
+            ("text/plain", {"body": "x", "headers": TEXT}),
+            ("a form's body", {"body": "a=b", "headers": FORM_BODY}),
+            ("no body", {}),
+        )
+    ),
+    ("restart, a real form", "/instances/tiny/restart", None),
+    (
+        "/v1 chat, text/plain, read",
+        "/v1/chat/completions",
+        {"method": "POST", "body": json.dumps(CHAT), "headers": TEXT},
+    ),
+    (
+        "/v1 chat of the on-demand model",
+        "/v1/chat/completions",
+        {"method": "POST", "body": json.dumps(CHAT | {"model": "od"}), "headers": TEXT},
+    ),
+    ("/upstream props, read", "/upstream/tiny/props", {}),
+    ("/upstream props of the on-demand model, no-cors", "/upstream/od/props", {"mode": "no-cors"}),
+    (
+        "/upstream completion, JSON (preflighted)",
+        "/upstream/tiny/completion",
+        {
+            "method": "POST",
+            "body": json.dumps({"prompt": "Hi", "n_predict": 2}),
+            "headers": {"Content-Type": "application/json"},
+        },
+    ),
+    ("/instances, read", "/instances", {}),
+    ("/plan, read", "/plan/tiny", {}),
+]
 
 
 def cross_site_attempts(chromium: Browser, page_url: str, daemon_url: str) -> dict[str, tuple[str, list[str]]]:
-    """Every act and read of the hostile run, from a page at ``page_url``: for each, what the page could
-    read and what the daemon answered (status, then its Access-Control-* headers) as the network saw it."""
+    """Each of ATTEMPTS from a page at ``page_url``: what the page could read, and what the daemon answered
+    to each request the browser sent for it (a preflight first, where one was asked), as "METHOD STATUS"
+    and any Access-Control-* header, read from the browser's network events (Chrome DevTools Protocol:
+    they carry answers the page itself is not shown)."""
     page = chromium.new_page()
     page.set_default_timeout(WAIT_MS)
-    answered: dict[str, list[str]] = {}
+    network = page.context.new_cdp_session(page)
+    network.send("Network.enable")
+    sent: dict[str, tuple[str, int]] = {}  # request id: its method, and the attempt it is for
+    answered: dict[int, list[str]] = {}
 
-    def seen(response: Response) -> None:
-        if response.url.startswith(daemon_url):
-            cors = [f"{k}: {v}" for k, v in response.all_headers().items() if k.startswith("access-control-")]
-            answered.setdefault(f"{response.request.method} {urlsplit(response.url).path}", []).append(
-                " ".join([str(response.status), *cors])
-            )
+    def request(event: dict[str, Any]) -> None:
+        url = event["request"]["url"]
+        if url.startswith(daemon_url) and "attempt=" in url:
+            sent[event["requestId"]] = (event["request"]["method"], int(url.rpartition("attempt=")[2]))
 
-    page.on("response", seen)
+    def response(event: dict[str, Any]) -> None:  # the answer as it arrived, before CORS decides on it
+        if event["requestId"] in sent:
+            method, index = sent[event["requestId"]]
+            cors = [f"{k}: {v}" for k, v in event["headers"].items() if k.lower().startswith("access-control-")]
+            answered.setdefault(index, []).append(" ".join([method, str(event["statusCode"]), *cors]))
+
+    network.on("Network.requestWillBeSent", request)
+    network.on("Network.responseReceivedExtraInfo", response)
     page.goto(page_url)
-    results: dict[str, tuple[str, list[str]]] = {}
+    read = []
+    for index, (_name, path, init) in enumerate(ATTEMPTS):
+        url = f"{daemon_url}{path}?attempt={index}"  # which attempt a request is for, in its network events
+        read.append(page.evaluate(FORM, [url]) if init is None else page.evaluate(FETCH, [url, init]))
 
-    def attempt(name: str, path: str, init: dict[str, Any], method: str = "POST") -> None:
-        read = page.evaluate(ATTEMPT, [daemon_url + path, init])
-        results[name] = (read, answered.pop(f"{method} {path}", []))
+    def unanswered() -> list[str]:
+        page.evaluate("0")  # the network events are handed over while the browser is asked something
+        return [name for index, (name, _path, _init) in enumerate(ATTEMPTS) if index not in answered]
 
-    chat = json.dumps(CHAT)
-    for verb in ("stop", "start", "restart"):
-        path = f"/instances/tiny/{verb}"
-        attempt(f"{verb}, text/plain", path, {"method": "POST", "mode": "no-cors", "body": "x"})
-        form = {
-            "method": "POST",
-            "mode": "no-cors",
-            "body": "a=b",
-            "headers": {"Content-Type": "application/x-www-form-urlencoded"},
-        }
-        attempt(f"{verb}, a form's body", path, form)
-        attempt(f"{verb}, no body", path, {"method": "POST", "mode": "no-cors"})
-    attempt(
-        "/v1 chat, text/plain",
-        "/v1/chat/completions",
-        {"method": "POST", "body": chat, "headers": {"Content-Type": "text/plain"}},
-    )
-    od = json.dumps(CHAT | {"model": "od"})
-    attempt(
-        "/v1 chat of an on-demand model",
-        "/v1/chat/completions",
-        {"method": "POST", "body": od, "headers": {"Content-Type": "text/plain"}},
-    )
-    attempt("/upstream props, read", "/upstream/tiny/props", {}, "GET")
-    attempt("/upstream props of an on-demand model, no-cors", "/upstream/od/props", {"mode": "no-cors"}, "GET")
-    preflighted = {
-        "method": "POST",
-        "body": json.dumps({"prompt": "Hi"}),
-        "headers": {"Content-Type": "application/json"},
-    }
-    attempt("/upstream completion, preflighted", "/upstream/tiny/completion", preflighted)
-    attempt("/instances, read", "/instances", {}, "GET")
-    attempt("/plan, read", "/plan/tiny", {}, "GET")
-    read = page.evaluate(FORM, [daemon_url + "/instances/tiny/restart"])
-    results["restart, a real form"] = (read, answered.pop("POST /instances/tiny/restart", []))
-    results["any other request"] = ("opaque", [a for answers in answered.values() for a in answers])
+    poll_until(unanswered, lambda missing: not missing, "the daemon's answer to every attempt", WAIT_MS / 1000)
     page.close()
-    return results
+    return {name: (read[index], answered[index]) for index, (name, _path, _init) in enumerate(ATTEMPTS)}
 
 
 def test_a_page_of_another_origin_neither_acts_nor_reads(
-    write_config: ConfigWriter,
-    start_daemon: StartDaemon,
-    browser: Browser,
-    other_site: int,
+    write_config: ConfigWriter, start_daemon: StartDaemon, browser: Browser, other_site: int
 ) -> None:
     models = {"tiny": {"autostart": True, "gpus": [0]}, "od": {"on_demand": True, "gpus": [0]}}
     daemon = start_daemon(write_config(models, gpus=GPUS))
     before = daemon.wait_for("tiny", lambda s: s["state"] == "ready")
     for page_url in (f"http://localhost:{other_site}/", f"http://127.0.0.1:{other_site}/"):
-        results = cross_site_attempts(browser, page_url, daemon.url)
-        for name, (read, answers) in results.items():
-            assert read in ("opaque", "submitted") or read.startswith("error: TypeError"), (page_url, name, read)
-            # What reached the daemon was refused, with no Access-Control-* header; a preflight the browser
-            # sends alone (its answer is not the page's to see): then nothing else went out.
-            assert all(a == "403" for a in answers), (page_url, name, answers)
+        for name, (read, answers) in cross_site_attempts(browser, page_url, daemon.url).items():
+            assert read == "opaque" or read.startswith("error: TypeError"), (page_url, name, read)
+            # One request reached the daemon, refused without any Access-Control-* header: a preflight,
+            # refused, keeps the request itself from going out.
+            assert len(answers) == 1 and answers[0].split()[1:] == ["403"], (page_url, name, answers)
         after = daemon.instance("tiny")
         assert (after["state"], after["pid"], after["restarts"]) == ("ready", before["pid"], 0), page_url
         assert daemon.instance("od")["state"] == "stopped", page_url
