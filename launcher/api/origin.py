@@ -10,10 +10,10 @@ without a token trusts every local caller. So, before anything else and on every
   `daemon.allowed_hosts`, with any port; after a wildcard bind (0.0.0.0, ::) any IP address: a rebinding
   page makes the browser send its own name, never an address. Otherwise 421.
 - A request with an Origin that is neither the daemon's own (the Host it came to) nor one of
-  `daemon.cors_origins` is refused (403); without an Origin, so is one whose Sec-Fetch-Site says another
-  site's page sent it (`<img src=/upstream/M/props>` would start an on-demand model), except a link
-  followed to the dashboard. Reads are refused too, not only acts: an answer is never written for a page it
-  was not meant for, whatever a server behind the front door would have allowed.
+  `daemon.cors_origins` is refused (403); so is one whose Sec-Fetch-Site says another site's page sent it,
+  with no Origin of those (a no-cors GET has none: `<img src=/upstream/M/props>` would start an on-demand
+  model), except a link followed to the dashboard. Reads are refused too, not only acts: an answer is never
+  written for a page it was not meant for, whatever a server behind the front door would have allowed.
 
 Requests without Origin or Sec-Fetch-* (curl, the OpenAI and Ollama clients, the CLI, peers) are not a
 browser's page's: they pass, and the token is what stands in their way. CORS headers are answered, for the
@@ -116,11 +116,11 @@ def from_another_page(
     cors_origins: frozenset[str],
 ) -> str | None:
     """Why a request some other web page's script, form or element sent is refused; None if it was not."""
-    if origin is not None:
-        if origin in cors_origins or same_origin(origin, host):
-            return None
+    if origin is not None and origin in cors_origins:
+        return None
+    if origin is not None and not same_origin(origin, host):
         return f"a page of another origin ({origin[:200]}) may not call this daemon"
-    if fetch_site in _OTHER_SITE:
+    if fetch_site in _OTHER_SITE:  # no Origin (a no-cors GET), or its own with another site's fetch: forged
         if fetch_mode == "navigate" and method in ("GET", "HEAD") and path in _DASHBOARD:
             return None  # a link to the dashboard: the page loads, and its own requests are same-origin
         return f"a page of another site may not call this daemon (Sec-Fetch-Site: {fetch_site})"
