@@ -197,6 +197,7 @@ def test_only_the_daemons_own_names_reach_it(
     for request, said in (
         (b"GET /health HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n", "an empty Host"),
         (b"GET /health HTTP/1.0\r\n\r\n", "a request without a Host"),
+        (b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n", "a request without a Host"),
         (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n", "several"),
     ):
         status, body = raw_answer(port, request)
