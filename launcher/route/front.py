@@ -66,6 +66,8 @@ class FrontDoor:
                 body = self._models(path.removeprefix("/v1/models").removeprefix("/") or None)
                 await _answer(send, 200, body if method == "GET" else b"", [(b"content-type", b"application/json")])
                 return
+            if method == "POST" and path.startswith("/v1/") and not _declares_json(scope["headers"]):
+                raise RouteError(415, "a POST to /v1 takes a Content-Type: application/json body", "unsupported_media")
             body = await _read_body(receive)
             upstream = path.startswith("/upstream/")
             # As the client sent it, still encoded: a %2F stays a character of its segment.
@@ -140,6 +142,15 @@ class FrontDoor:
         if found is None:
             self._router.place(one)  # raises: 404 naming the known ones
         return json.dumps(found).encode()
+
+
+def _declares_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the body is declared JSON: every OpenAI client sends it, and a page of another origin cannot
+    without asking the browser's preflight first, which the door refuses (launcher/api/origin.py)."""
+    for key, value in headers:
+        if key == b"content-type":
+            return value.partition(b";")[0].strip().lower() == b"application/json"
+    return False
 
 
 def _json_with_model(body: bytes) -> dict[str, Any]:
