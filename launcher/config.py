@@ -53,6 +53,11 @@ class DaemonSettings(_Strict):
     # When systemd hears READY=1: once the API listens and the autostart instances are launched, or once
     # each of them is loaded (ready, or failed for good) so units ordered After= it find them serving.
     ready_when: Literal["listening", "loaded"] = "listening"
+    # HTTP limits before any authentication: a request's head, and then its body, must arrive within this
+    # many seconds (else 408 and the connection closed); the request bodies the daemon holds at once, all
+    # connections together, stay under the budget (beyond it: 503 with Retry-After).
+    request_timeout_s: Positive = 30.0
+    body_budget_mib: Annotated[int, Field(ge=64)] = 256
 
     @field_validator("instance_ports")
     @classmethod

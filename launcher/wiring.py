@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import httpx
 from starlette.types import ASGIApp
 
+from launcher.api.limits import BodyBudget, BodyLimits
 from launcher.config import Settings
 from launcher.config_file import read_token
 from launcher.errors import ConfigError, StartError
@@ -86,8 +87,10 @@ def router_keys(settings: Settings, token: str | None) -> frozenset[str] | None:
 
 
 def front_door(api: ASGIApp, router: Router, settings: Settings, token: str | None) -> ASGIApp:
-    """What listens on the daemon's port: the front door (/v1, /upstream) before the REST API."""
-    return FrontDoor(api, router, router_keys(settings, token))
+    """What listens on the daemon's port: the front door (/v1, /upstream) before the REST API, behind the
+    limits on request bodies."""
+    budget = BodyBudget(settings.daemon.body_budget_mib * 2**20)
+    return BodyLimits(FrontDoor(api, router, router_keys(settings, token)), budget)
 
 
 @dataclass(frozen=True)
