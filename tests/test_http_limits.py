@@ -152,19 +152,19 @@ def test_bodies_beyond_the_budget_get_503_and_their_memory_comes_back(daemon: Da
     proc = psutil.Process(daemon.proc.pid)
     daemon.http.post("/v1/chat/completions", content=b'{"model": "none", "pad": "' + b"a" * MIB + b'"}')
     before_mib = proc.memory_info().rss / MIB
-    body = b'{"model": "none", "pad": "' + b"a" * (40 * MIB) + b'"}'
+    body = b'{"model": "none", "pad": "' + b"a" * (48 * MIB) + b'"}'
     head = b"POST /v1/chat/completions HTTP/1.1\r\n" + HEAD + b"Content-Length: %d\r\n\r\n" % len(body)
     with connect(daemon) as first, connect(daemon) as second:
-        first.sendall(head + body[: 20 * MIB])  # 40 MiB of the 64 MiB budget taken, half of it here
-        poll_until(lambda: proc.memory_info().rss / MIB, lambda mib: mib > before_mib + 15, "the held body", 10)
-        second.sendall(head)
+        first.sendall(head + body[: 40 * MIB])  # 40 MiB of the 64 MiB budget held
+        poll_until(lambda: proc.memory_info().rss / MIB, lambda mib: mib > before_mib + 30, "the held body", 10)
+        second.sendall(head + body)  # past 24 MiB of it, refused; the rest is read and dropped
         status, headers, refusal = read_answer(second)
         assert status == 503
         assert headers["retry-after"] == "2"
         error = json.loads(refusal)["error"]
         assert (error["type"], error["code"]) == ("unavailable_error", "body_budget_exceeded")
         assert "daemon.body_budget_mib 64" in error["message"]
-        first.sendall(body[20 * MIB :])
+        first.sendall(body[40 * MIB :])
         status, _, _ = read_answer(first)
         assert status == 404  # the whole body was taken: the model it names is unknown
     poll_until(lambda: proc.memory_info().rss / MIB, lambda mib: mib < before_mib + 8, "RSS after the bodies", 10)

@@ -246,8 +246,8 @@ class BodyLimits:
         """The whole body, and what it holds of the budget (given back here if it is refused)."""
         if declared_b > BODY_MAX_BYTES:
             raise _Refused(413, f"the body is over {BODY_MAX_BYTES // 2**20} MiB", "body_too_large")
-        self._take(declared_b)
-        taken_b = declared_b
+        # Taken as the bytes come, not as declared: a stranger's few bytes of headers must not hold the budget.
+        taken_b = 0
         try:
             chunks: list[bytes] = []
             size_b = 0
@@ -259,9 +259,8 @@ class BodyLimits:
                 size_b += len(chunk)
                 if size_b > BODY_MAX_BYTES:
                     raise _Refused(413, f"the body is over {BODY_MAX_BYTES // 2**20} MiB", "body_too_large")
-                if size_b > taken_b:  # chunked (or longer than declared): taken as it comes
-                    self._take(size_b - taken_b)
-                    taken_b = size_b
+                self._take(len(chunk))
+                taken_b = size_b
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     return b"".join(chunks), taken_b
