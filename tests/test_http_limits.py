@@ -118,6 +118,7 @@ def test_a_slow_request_is_closed_with_408_within_the_timeout(daemon: Daemon, st
     with connect(daemon) as sock:
         sock.sendall(start)
         begin = time.monotonic()
+        answers_health(daemon)  # others are served meanwhile
         answer = read_until_closed(sock)
         took_s = time.monotonic() - begin
     status, body = status_and_body(answer)
@@ -168,6 +169,14 @@ def test_bodies_beyond_the_budget_get_503_and_their_memory_comes_back(daemon: Da
         status, _, _ = read_answer(first)
         assert status == 404  # the whole body was taken: the model it names is unknown
     poll_until(lambda: proc.memory_info().rss / MIB, lambda mib: mib < before_mib + 8, "RSS after the bodies", 10)
+
+
+def test_a_body_declared_over_64_mib_is_413_before_any_of_it_is_read(daemon: Daemon) -> None:
+    with connect(daemon) as sock:
+        sock.sendall(b"POST /rpc/claims HTTP/1.1\r\n" + HEAD + b"Content-Length: %d\r\n\r\n" % (64 * MIB + 1))
+        status, _, body = read_answer(sock)
+    assert status == 413
+    assert json.loads(body) == {"detail": "the body is over 64 MiB"}
 
 
 def nested(depth: int) -> str:
