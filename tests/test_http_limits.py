@@ -89,6 +89,13 @@ def test_a_head_over_64_kib_is_refused_with_431_and_closed(daemon: Daemon) -> No
     assert body == {"detail": "the request line and headers are over 64 KiB"}
 
 
+def test_what_is_not_http_is_400_in_json(daemon: Daemon) -> None:
+    with connect(daemon) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nNo colon here\r\n\r\n")
+        status, body = status_and_body(read_until_closed(sock))
+    assert (status, body) == (400, {"detail": "the request is not valid HTTP/1.1"})
+
+
 def test_a_huge_unfinished_header_is_cut_off_and_not_held(daemon: Daemon) -> None:
     proc = psutil.Process(daemon.proc.pid)
     before_mib = proc.memory_info().rss / MIB

@@ -96,6 +96,10 @@ def limited_protocol(request_timeout_s: float) -> type[HttpToolsProtocol]:
                 if self.transport.is_closing() or self.transport.get_protocol() is not self:
                     return  # refused as malformed, or handed over (an upgrade)
 
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's answer to what httptools cannot parse is plain text: ours is JSON, as every other.
+            self._refuse(400, "the request is not valid HTTP/1.1", "invalid_http", self.url.decode("latin-1"))
+
         def handle_websocket_upgrade(self) -> None:
             self._disarm()  # the connection is the WebSocket protocol's from here
             super().handle_websocket_upgrade()
