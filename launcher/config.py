@@ -75,6 +75,11 @@ class DaemonSettings(_Strict):
     @classmethod
     def _origins(cls, value: list[str]) -> list[str]:
         return [_origin(origin) for origin in value]
+    # HTTP limits before any authentication: a request's head, and then its body, must arrive within this
+    # many seconds (else 408 and the connection closed); the request bodies the daemon holds at once, all
+    # connections together, stay under the budget (beyond it: 503 with Retry-After).
+    request_timeout_s: Positive = 30.0
+    body_budget_mib: Annotated[int, Field(ge=64)] = 256
 
     @field_validator("instance_ports")
     @classmethod

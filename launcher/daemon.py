@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import uvicorn
 
 from launcher.api.app import create_app
+from launcher.api.limits import limited_protocol
 from launcher.config import Settings
 from launcher.errors import StartError
 from launcher.schema import Event, State
@@ -151,7 +152,13 @@ class Daemon:
 
         api = create_app(manager, self._settings, token=self._token, on_started=started, router=wired.router)
         app = front_door(api, wired.router, self._settings, self._token)
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
+        config = uvicorn.Config(
+            app,
+            http=limited_protocol(self._settings.daemon.request_timeout_s),
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+        )
         self._server = _Server(config)
         self._starting = None  # from here a stop ends serving, and the wiring's exit stops every server
         await self._server.serve(sockets=[sock])
