@@ -20,6 +20,7 @@ from tests.conftest import ConfigWriter, Daemon, poll_until
 TIMEOUT_S = 1.0  # daemon.request_timeout_s in these tests
 MIB = 2**20
 HEAD = b"Host: 127.0.0.1\r\n"
+JSON = {"content-type": "application/json"}  # what every OpenAI client sends, and /v1 requires
 
 
 def connect(daemon: Daemon) -> socket.socket:
@@ -158,10 +159,11 @@ def test_a_stop_whose_body_never_arrives_stops_nothing(
 
 def test_bodies_beyond_the_budget_get_503_and_their_memory_comes_back(daemon: Daemon) -> None:
     proc = psutil.Process(daemon.proc.pid)
-    daemon.http.post("/v1/chat/completions", content=b'{"model": "none", "pad": "' + b"a" * MIB + b'"}')
+    daemon.http.post("/v1/chat/completions", content=b'{"model": "none", "pad": "' + b"a" * MIB + b'"}', headers=JSON)
     before_mib = proc.memory_info().rss / MIB
     body = b'{"model": "none", "pad": "' + b"a" * (48 * MIB) + b'"}'
-    head = b"POST /v1/chat/completions HTTP/1.1\r\n" + HEAD + b"Content-Length: %d\r\n\r\n" % len(body)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\n" + HEAD + b"Content-Type: application/json\r\n"
+    head += b"Content-Length: %d\r\n\r\n" % len(body)
     with connect(daemon) as first, connect(daemon) as second:
         first.sendall(head + body[: 40 * MIB])  # 40 MiB of the 64 MiB budget held
         poll_until(lambda: proc.memory_info().rss / MIB, lambda mib: mib > before_mib + 30, "the held body", 10)
@@ -193,7 +195,7 @@ def nested(depth: int) -> str:
 @pytest.mark.parametrize("depth", [65, 1000, 100_000])
 def test_json_nested_too_deep_is_400_in_openai_shape_and_recorded(daemon: Daemon, depth: int) -> None:
     body = '{"model": "none", "messages": ' + nested(depth - 1) + "}"
-    answer = daemon.http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    answer = daemon.http.post("/v1/chat/completions", content=body, headers=JSON)
     assert answer.status_code == 400
     assert answer.json() == {
         "error": {
@@ -209,12 +211,12 @@ def test_json_nested_too_deep_is_400_in_openai_shape_and_recorded(daemon: Daemon
 
 def test_json_64_levels_deep_is_parsed(daemon: Daemon) -> None:
     body = '{"model": "none", "messages": ' + nested(63) + "}"
-    answer = daemon.http.post("/v1/chat/completions", content=body)
+    answer = daemon.http.post("/v1/chat/completions", content=body, headers=JSON)
     assert answer.status_code == 404  # past the parse: no model is called "none"
 
 
 @pytest.mark.parametrize("depth", [65, 100_000])
 def test_json_nested_too_deep_is_400_on_the_api(daemon: Daemon, depth: int) -> None:
-    answer = daemon.http.post("/rpc/claims", content=nested(depth), headers={"content-type": "application/json"})
+    answer = daemon.http.post("/rpc/claims", content=nested(depth), headers=JSON)
     assert answer.status_code == 400
     assert answer.json() == {"detail": "the JSON body nests deeper than 64 levels"}
