@@ -5,6 +5,7 @@ llama-server; the full disk is a small tmpfs (root only: skipped with the reason
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -67,15 +68,6 @@ def fill_up(path: Path) -> None:
     raise AssertionError(f"{path}: the disk never filled")
 
 
-def fill(disk: Path) -> Path:
-    """Take all of ``disk``: a file of its free pages, and the room left in the server's log (which a server
-    writing on would take): no write there can go through. Returns the file to free it with."""
-    filler = disk / "filler"
-    fill_up(filler)
-    fill_up(disk / "logs" / "tiny.log")
-    return filler
-
-
 def write_errors(daemon: Daemon) -> float:
     for line in daemon.http.get("/metrics").text.splitlines():
         if line.startswith("launcher_state_write_errors_total "):
@@ -88,22 +80,33 @@ def storage_events(daemon: Daemon) -> list[str]:
     return [line for line in answer.text.splitlines() if line.startswith("data:") and '"kind":"storage"' in line]
 
 
-def grow_log(daemon: Daemon, disk: Path) -> None:
-    """The server's log past its rotation size (what a chatty server writes, without waiting for it)."""
-    with (disk / "logs" / "tiny.log").open("a") as log:
-        log.write("server output\n" * 300)
+def fill_over_a_grown_log(disk: Path, rotate_above_bytes: int) -> Path:
+    """The server's log grown past its rotation size (what a chatty server does, without waiting for it),
+    then all of ``disk`` taken: a file of its free pages, and the room left in the log's last page (which
+    the server writing on would take). No write there can go through, and the log can no longer be rotated
+    away. Returns the file to free the disk with."""
+    log, filler = disk / "logs" / "tiny.log", disk / "filler"
+    for _ in range(5):
+        with log.open("a") as out:
+            out.write("server output\n" * 300)
+        fill_up(filler)
+        fill_up(log)
+        if log.stat().st_size > rotate_above_bytes:
+            return filler
+        filler.unlink()  # a rotation came between: once more
+    raise AssertionError("the log was rotated away at every try")
 
 
 def test_a_full_state_dir_neither_kills_nor_abandons_a_server_and_health_never_lies(
     small_disk: Path, write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
 ) -> None:
     models = {"tiny": {"autostart": True, "health": {"interval": 0.2}}}
-    daemon = start_daemon(write_config(models, daemon={"state_dir": str(small_disk), "log_max_mib": 0.001}))
+    log_max_mib = 0.001
+    daemon = start_daemon(write_config(models, daemon={"state_dir": str(small_disk), "log_max_mib": log_max_mib}))
     first = daemon.wait_for("tiny", ready)["pid"]
 
     # Full while serving: each rotation of the grown log fails, is counted, and is told once.
-    grow_log(daemon, small_disk)
-    filler = fill(small_disk)
+    filler = fill_over_a_grown_log(small_disk, int(log_max_mib * 1024 * 1024))
     poll_until(lambda: write_errors(daemon), lambda n: n >= 3, "write errors", READY_TIMEOUT_S)
     serving = daemon.instance("tiny")
     assert (serving["state"], serving["pid"], alive(first)) == ("ready", first, True)
@@ -115,6 +118,8 @@ def test_a_full_state_dir_neither_kills_nor_abandons_a_server_and_health_never_l
     assert any(
         line.startswith("warning: cannot write") and FULL in line for line in daemon.cli("status").stdout.splitlines()
     )
+    doctor = json.loads(daemon.cli("doctor", "--json").stdout)
+    assert any(f["level"] == "warn" and FULL in f["message"] for f in doctor), doctor
 
     # Killed while full: restarted, and /health never says 200 while no server process lives.
     os.kill(first, signal.SIGKILL)
