@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from launcher.schema import State
+from launcher.supervise.manager import Manager
 from launcher.supervise.process import ExitStatus, ServerProcess
 from tests.conftest import READY_TIMEOUT_S, ConfigWriter, Daemon, OpenManager, free_port, poll_until, run_cli
 
@@ -182,27 +183,40 @@ def test_sighup_is_logged_and_ignored(write_config: ConfigWriter, start_daemon: 
     assert sum("SIGHUP" in line for line in daemon.log) == 1
 
 
-@pytest.mark.parametrize("faults", [1, 1000])
-async def test_a_supervision_fault_goes_through_the_policy_or_fails_never_ready(
-    write_config: ConfigWriter, open_manager: OpenManager, monkeypatch: pytest.MonkeyPatch, faults: int
-) -> None:
-    """A fault nobody foresaw (here: stopping a server raises). Once: the run counts as failed and the
-    restart policy starts it again. Every time: the instance ends failed, its server killed."""
-    manager = await open_manager(write_config())
-    instance = manager.get("tiny")
-    await manager.start("tiny")
-    await instance.wait_until(lambda i: i.state == State.READY, READY_TIMEOUT_S)
-    first = instance.status().pid
-    assert first is not None
+FAULT = "a fault nobody foresaw"
+
+
+def faulty_stops(monkeypatch: pytest.MonkeyPatch, faults: int) -> None:
+    """Stopping a server raises, the next ``faults`` times: a fault in supervision nobody foresaw."""
     stop, left = ServerProcess.stop, [faults]
 
     async def faulty_stop(proc: ServerProcess, timeout_s: float) -> ExitStatus:
         if left[0] > 0:
             left[0] -= 1
-            raise RuntimeError("a fault nobody foresaw")
+            raise RuntimeError(FAULT)
         return await stop(proc, timeout_s)
 
     monkeypatch.setattr(ServerProcess, "stop", faulty_stop)
+
+
+async def ready_manager(write_config: ConfigWriter, open_manager: OpenManager) -> tuple[Manager, int]:
+    manager = await open_manager(write_config())
+    await manager.start("tiny")
+    await manager.get("tiny").wait_until(lambda i: i.state == State.READY, READY_TIMEOUT_S)
+    pid = manager.get("tiny").status().pid
+    assert pid is not None
+    return manager, pid
+
+
+@pytest.mark.parametrize("faults", [1, 1000])
+async def test_a_supervision_fault_goes_through_the_policy_or_fails_never_ready(
+    write_config: ConfigWriter, open_manager: OpenManager, monkeypatch: pytest.MonkeyPatch, faults: int
+) -> None:
+    """Once: the run counts as failed and the restart policy starts it again. Every time: the instance
+    ends failed, with no server."""
+    manager, first = await ready_manager(write_config, open_manager)
+    instance = manager.get("tiny")
+    faulty_stops(monkeypatch, faults)
     os.kill(first, signal.SIGKILL)
     if faults == 1:
         await instance.wait_until(lambda i: i.state == State.READY and i.restarts == 1, READY_TIMEOUT_S)
@@ -210,6 +224,19 @@ async def test_a_supervision_fault_goes_through_the_policy_or_fails_never_ready(
     else:
         await instance.wait_until(lambda i: i.state == State.FAILED, READY_TIMEOUT_S)
         assert instance.status().pid is None
-        assert instance.last_error == "supervision ended by an error: RuntimeError: a fault nobody foresaw"
-    assert "supervision error: RuntimeError: a fault nobody foresaw" in [e.message for e in instance.events]
+        assert instance.last_error == f"supervision ended by an error: RuntimeError: {FAULT}"
+    assert f"supervision error: RuntimeError: {FAULT}" in [e.message for e in instance.events]
     assert manager.lost_servers() == []
+
+
+async def test_a_stop_whose_supervision_fails_still_stops_and_kills_the_server(
+    write_config: ConfigWriter, open_manager: OpenManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager, pid = await ready_manager(write_config, open_manager)
+    server = psutil.Process(pid)
+    faulty_stops(monkeypatch, 1000)
+    status = await manager.stop("tiny")
+    assert (status.state, status.pid) == (State.STOPPED, None)
+    assert status.last_error == f"supervision ended by an error: RuntimeError: {FAULT}"
+    _, alive_after = psutil.wait_procs([server], timeout=10)
+    assert alive_after == []

@@ -194,7 +194,7 @@ class Instance:
             self._set_state(State.STOPPING)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await asyncio.wait([task])  # an error it ended by is `_supervision_ended`'s to record
         self._set_state(final, why)
 
     # ---- supervision ----------------------------------------------------------------------------
