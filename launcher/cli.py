@@ -168,6 +168,9 @@ def cmd_status(ctx: Context) -> int:
         print(as_json(statuses))
         return 0
     print(format_statuses(statuses))
+    health = client.health()
+    for warning in health.warnings if health is not None else []:
+        print(f"warning: {warning}")
     remote = format_peer_models(client.peers())  # what the front door also routes to, on other hosts
     if remote:
         print("\n" + remote)

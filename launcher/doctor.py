@@ -333,7 +333,8 @@ def run_doctor(settings: Settings, problem: ConfigError | None, client: DaemonCl
         findings = [Finding("fail", "config", problem.message, problem.hint or "fix the configuration")]
     else:
         findings = [Finding("ok", "config", f"{settings.source}: {len(settings.models)} models")]
-    daemon_answers = client.reachable()
+    health = client.health()
+    daemon_answers = health is not None
     daemon_ports: set[int] = set()
     # rpc-server ports: the configured ones, and those the daemon's instances run on.
     rpc_ports = {m.port: n for n, m in settings.models.items() if m.backend == "rpc-server" and isinstance(m.port, int)}
@@ -348,6 +349,8 @@ def run_doctor(settings: Settings, problem: ConfigError | None, client: DaemonCl
             )
             daemon_ports = {settings.daemon.port}
     findings += _supervision(settings, client, daemon_answers)
+    for warning in health.warnings if health is not None else []:  # a lost server, a state dir it cannot write
+        findings.append(Finding("warn", "daemon", warning, "see the daemon's events (`launcher status`, its log)"))
     try:
         with local_gpus(settings) as gpus:
             machine = Machine(

@@ -136,12 +136,15 @@ def create_app(
     @app.get(
         "/health",
         response_model=Health,
-        responses={503: {"model": Health, "description": "an autostart instance is not ready"}},
+        responses={503: {"model": Health, "description": "an instance is not ready, or lost its server"}},
     )
     async def health() -> JSONResponse:
-        """200 when every autostart instance is ready, 503 otherwise; the state of every instance."""
-        ok = manager.all_ready(manager.autostart_names())
-        body = Health(status="ok" if ok else "degraded", instances={n: i.state for n, i in manager.instances.items()})
+        """200 when every autostart instance is ready with a live server process and no instance claims a
+        server that is gone, 503 otherwise; the state of every instance, and warnings (a lost server, a
+        state directory that cannot be written: that one alone keeps 200, the servers run on)."""
+        ok = manager.all_ready(manager.autostart_names()) and not manager.lost_servers()
+        states = {n: i.state for n, i in manager.instances.items()}
+        body = Health(status="ok" if ok else "degraded", instances=states, warnings=manager.health_warnings())
         return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)
 
     # The answers are ours, already typed: serialised once, not validated again against the response

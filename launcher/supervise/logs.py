@@ -51,7 +51,12 @@ def rotate_if_large(path: Path, max_bytes: int, keep: int) -> bool:
         older = path.with_name(f"{path.name}.{n}")
         if older.exists():
             os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
-    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    copy = path.with_name(f"{path.name}.1")
+    try:
+        shutil.copyfile(path, copy)
+    except OSError:  # a full disk: a partial copy would only take more of it; the log stays as it is
+        copy.unlink(missing_ok=True)
+        raise
     with path.open("r+b") as log:
         log.truncate(0)
     return True

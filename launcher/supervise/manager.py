@@ -38,11 +38,14 @@ from launcher.supervise.instance import Instance, Surroundings
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
+from launcher.supervise.writes import StateWrites
 
 _EVENTS_KEPT = 500
 # plans computing at once (threads): each is bounded (GGUF header checks, linear in the layers), and a
 # start waits for a turn behind at most this many
 _PLANNING_THREADS = 2
+# The states in which an instance's server process must be alive.
+_WITH_PROCESS = frozenset({State.LOADING, State.READY, State.UNHEALTHY})
 
 
 def _sum_claims(instances: Iterable[Instance]) -> dict[int, int]:
@@ -90,6 +93,7 @@ class Manager:
         self._planning = PlanningThreads(_PLANNING_THREADS)
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
         self._tasks: set[asyncio.Task[None]] = set()
+        self.writes = StateWrites()
         around = Surroundings(
             http=http,
             log_dir=log_dir,
@@ -99,6 +103,7 @@ class Manager:
             await_vram=self.await_vram,
             vacated=self.vacated,
             on_event=self.publish,
+            writes=self.writes,
             blocked=self._blocked,
         )
         # Front-door requests (in flight, queued) per instance: the router tells, when there is one.
@@ -354,7 +359,21 @@ class Manager:
         return [name for name, instance in self.instances.items() if instance.settings.autostart]
 
     def all_ready(self, names: list[str]) -> bool:
-        return all(self.instances[name].state == State.READY for name in names)
+        """Each is ready, and its server process lives (asked of the system, not of our own records)."""
+        return all(self.instances[name].state == State.READY and self.instances[name].alive for name in names)
+
+    def lost_servers(self) -> list[str]:
+        """The instances whose state says their server runs while no process lives (supervision lost it)."""
+        return [name for name, i in self.instances.items() if i.state in _WITH_PROCESS and not i.alive]
+
+    def health_warnings(self) -> list[str]:
+        """What `/health` warns of: a lost server (see `lost_servers`), a state directory that cannot be
+        written (the servers run on)."""
+        lost = [
+            f"{name} is {self.instances[name].state.value} but has no live server process"
+            for name in self.lost_servers()
+        ]
+        return lost + ([self.writes.warning] if self.writes.warning is not None else [])
 
     # ---- reports ----------------------------------------------------------------------------------------
 
