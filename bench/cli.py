@@ -115,7 +115,7 @@ class Connection:
         return cls(reader, writer)
 
     async def get(self, path: str) -> tuple[int, bytes]:
-        self._writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        self._writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         status, headers = await self.read_head(f"GET {path}")
         if b"content-length" not in headers:
             raise ConnectionError(f"GET {path}: an answer without Content-Length")

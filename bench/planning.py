@@ -1,15 +1,18 @@
 """Planning time: a 70B header with a 152k-token vocabulary, 20 models on 8 GPUs, and refusals on 8 GPUs of
-24 GiB (a 405B header; the 70B at a 1M-token context), with the ways out the planner works out for them.
+24 GiB (a 405B header; the 70B at a 1M-token context), with the ways out the planner works out for them;
+and headers of a few hundred bytes claiming 1,000 to 20,000 layers (planning must be linear in them).
 
-Usage: .venv/bin/python bench/planning.py [--runs N]
+Usage: .venv/bin/python bench/planning.py [--runs N] [--layers N ...] [--only-layers]
 
 The baseline is gguf.GGUFReader on the same header (read once: it takes seconds), which the planner's
-own header reader replaces.
+own header reader replaces. The layer rows run against any launcher tree (run this file with another
+tree's interpreter to measure it before a change): a header the planner refuses is timed to its refusal.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -57,10 +60,55 @@ def gpu(index: int, total: int | None = None) -> GpuSample:
     )  # fmt: skip
 
 
+def deep_header(path: Path, n_layer: int) -> Path:
+    """A header of a few hundred bytes: no tensors, ``n_layer`` layers of heads 16 wide, for which no
+    flash-attention kernel exists (so `-fa auto` is off on a GPU and the V cache is padded to the widest
+    layer's rows: the path that was quadratic)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    keys = {"block_count": n_layer, "embedding_length": 64, "attention.head_count": 4, "attention.head_count_kv": 2,
+            "context_length": 4096, "feed_forward_length": 128}  # fmt: skip
+    for key, value in keys.items():
+        writer.add_uint32(f"llama.{key}", value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return path
+
+
+def plan_deep(path: Path, gpus: list[GpuSample]) -> str:
+    """Read, estimate and plan ``path``; what came of it (a refusal is an outcome too)."""
+    try:
+        shape = ModelShape.of(read_gguf(path))
+        found = make_plan("deep", ModelSettings(model=path), shape, gpus, {}, {}, GpuSettings())
+    except Exception as exc:
+        return f"refused: {exc}".replace(str(path.parent), "TMP")
+    return f"fits: {found.fits}, {found.gpu_layers} units on {len(found.devices)} GPUs"
+
+
+def deep_rows(runs: int, layers: list[int]) -> None:
+    """Read + estimate + plan of each deep header on 8 GPUs: median ms, ms per 1,000 layers, outcome."""
+    gpus = [gpu(i) for i in range(8)]
+    print("| header | bytes | median ms | ms per 1,000 layers | outcome |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n_layer in layers:
+            path = deep_header(Path(tmp) / f"deep{n_layer}.gguf", n_layer)
+            ms = statistics.median(timed(runs, functools.partial(plan_deep, path, gpus))) * 1000
+            size, outcome = path.stat().st_size, plan_deep(path, gpus)
+            print(f"| {n_layer} layers | {size} | {ms:.1f} | {ms / n_layer * 1000:.1f} | {outcome} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=9)
-    runs = parser.parse_args().runs
+    parser.add_argument("--layers", type=int, nargs="*", default=[1000, 5000, 16384, 20000])
+    parser.add_argument("--only-layers", action="store_true")
+    options = parser.parse_args()
+    runs = options.runs
+    if options.only_layers:
+        deep_rows(runs, options.layers)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         big = write_tiny_llama(Path(tmp) / "big.gguf", BIG, header_only=True)
         small = write_tiny_llama(Path(tmp) / "small.gguf", SMALL, header_only=True)
@@ -122,6 +170,8 @@ def main() -> None:
     ):
         med = statistics.median(values)
         print(f"| {label} | {med * 1000:.1f} | {med / base:.4f}x |")
+    print()
+    deep_rows(runs, options.layers)
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ class Client(Connection):
 
     async def post(self, path: str, body: bytes, headers: bytes) -> tuple[int, bytes]:
         self._writer.write(
-            b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+            b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
             % (path.encode(), len(body), headers, body)
         )
         status, head = await self.read_head(f"POST {path}")

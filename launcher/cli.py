@@ -99,8 +99,11 @@ class Context:
 
 def cmd_serve(ctx: Context) -> int:
     from launcher import daemon  # FastAPI and uvicorn: imported only by the commands that serve
+    from launcher.backends.options import check_server_args
 
-    daemon.serve(ctx.settings(), autostart=not ctx.args.no_autostart)
+    settings = ctx.settings()
+    check_server_args(settings)
+    daemon.serve(settings, autostart=not ctx.args.no_autostart)
     return 0
 
 
@@ -120,6 +123,9 @@ def cmd_up(ctx: Context) -> int:
         settings = ctx.settings()
         for name in names:
             settings.model(name)  # unknown names are bad usage, before anything starts
+        from launcher.backends.options import check_server_args
+
+        check_server_args(settings)  # as the daemon it starts (or becomes) would, before it starts
         if not ctx.args.detach:
             import asyncio
 
@@ -162,6 +168,9 @@ def cmd_status(ctx: Context) -> int:
         print(as_json(statuses))
         return 0
     print(format_statuses(statuses))
+    health = client.health()
+    for warning in health.warnings if health is not None else []:
+        print(f"warning: {warning}")
     remote = format_peer_models(client.peers())  # what the front door also routes to, on other hosts
     if remote:
         print("\n" + remote)

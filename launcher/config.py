@@ -4,6 +4,7 @@ the YAML file and the environment is launcher/config_file.py's job.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -58,6 +59,32 @@ class DaemonSettings(_Strict):
     # A token file readable by others (or, if it is the user's own, by its group) is refused, as ssh refuses
     # such a key; true accepts one with a warning at every load.
     allow_readable_secrets: bool = False
+    # Names and addresses a request may give as its Host besides localhost, loopback addresses and the bind
+    # address (after a wildcard bind, any address): a page that rebinds its own name to this machine is
+    # refused. "*.example.com": every name under it; "*": any name (the check is off).
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # Origins (scheme://host[:port]) whose web pages may call the API (CORS); pages of any other origin
+    # are refused.
+    cors_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name != "*" and not _HOST_NAME.fullmatch(name.removeprefix("*.")) and not _is_address(name.strip("[]")):
+                raise ValueError(f"{name!r} should be a host name or an address without a port, *.DOMAIN or *")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        return [_origin(origin) for origin in value]
+
+    # HTTP limits before any authentication: a request's head, and then its body, must arrive within this
+    # many seconds (else 408 and the connection closed); the request bodies the daemon holds at once, all
+    # connections together, stay under the budget (beyond it: 503 with Retry-After).
+    request_timeout_s: Positive = 30.0
+    body_budget_mib: Annotated[int, Field(ge=64)] = 256
 
     @field_validator("instance_ports")
     @classmethod
@@ -76,6 +103,35 @@ class DaemonSettings(_Strict):
         """Where a client on this machine reaches it: a wildcard bind is reached on loopback."""
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
         return _http_url(host, self.port)
+
+
+_HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", re.IGNORECASE)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _origin(text: str) -> str:
+    """An origin as a browser writes it in its Origin header: lower case, without the scheme's own port."""
+    if text == "*":
+        raise ValueError("list each origin: '*' would let every web page act on the daemon")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not an origin: {exc}") from None
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or parts.username or parts.path not in ("", "/"):
+        raise ValueError(f"{text!r} should be an origin: http:// or https://, a host and an optional port, no path")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{text!r} should be an origin, without a query or fragment")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, _DEFAULT_PORTS[parts.scheme]) else "")
 
 
 def _http_url(host: str, port: int) -> str:

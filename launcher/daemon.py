@@ -3,7 +3,9 @@
 `launcher serve` runs it; `launcher up` without a daemon runs the same thing in the foreground, so
 `launcher status` works from another terminal either way. The daemon handles SIGTERM and SIGINT itself,
 from before it owns the state directory until its last server is stopped: they end serving, and the
-wiring's exit stops every server before the process exits.
+wiring's exit stops every server before the process exits. SIGHUP, the usual ask to reload, is logged and
+ignored until the daemon can reload (it must never end a serving daemon); in the foreground it means the
+terminal went away, and ends serving like SIGTERM.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterator
 import uvicorn
 
 from launcher.api.app import create_app
+from launcher.api.limits import limited_protocol
 from launcher.config import Settings
 from launcher.errors import StartError
 from launcher.schema import Event, State
@@ -55,12 +58,14 @@ class Daemon:
         autostart: bool,
         on_event: Callable[[Event], None] = lambda _e: None,
         on_started: Callable[[Manager], None] = lambda _m: None,
+        hangup_stops: bool = False,
     ) -> None:
         self._settings = settings
         self._token = api_token(settings)  # a public bind without a token is refused before anything runs
         self._autostart = autostart
         self._on_event = on_event
         self._on_started = on_started
+        self._hangup_stops = hangup_stops
         self._server: _Server | None = None
         self._starting: asyncio.Task[None] | None = None  # the wiring's start, until the API serves
         self._notifier = Notifier.from_environment()
@@ -77,10 +82,18 @@ class Daemon:
             self._server.force_exit = True
         self._server.should_exit = True
 
+    def _hangup(self) -> None:
+        if self._hangup_stops:
+            log.warning("SIGHUP: the terminal went away; stopping")
+            self.request_stop(signal.SIGHUP)
+        else:
+            log.warning("SIGHUP ignored: the daemon cannot reload its configuration yet (restart it to apply one)")
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._hangup)
         notifier = self._notifier
 
         def on_event(event: Event) -> None:
@@ -103,7 +116,7 @@ class Daemon:
                     notifier.send("STOPPING=1")
         finally:
             notifier.close()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
     async def run_until_stopped(self) -> None:
@@ -151,7 +164,13 @@ class Daemon:
 
         api = create_app(manager, self._settings, token=self._token, on_started=started, router=wired.router)
         app = front_door(api, wired.router, self._settings, self._token)
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
+        config = uvicorn.Config(
+            app,
+            http=limited_protocol(self._settings.daemon.request_timeout_s),
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+        )
         self._server = _Server(config)
         self._starting = None  # from here a stop ends serving, and the wiring's exit stops every server
         await self._server.serve(sockets=[sock])

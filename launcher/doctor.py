@@ -21,6 +21,7 @@ import psutil
 
 from launcher.backends.llama_server import find_llama_server
 from launcher.backends.ollama import OllamaBackend
+from launcher.backends.options import args_problems
 from launcher.backends.rpc_server import find_rpc_server
 from launcher.client import DaemonClient
 from launcher.config import ModelSettings, Settings
@@ -29,8 +30,9 @@ from launcher.gpu.sysfs import amd_cards
 from launcher.gpu.types import Link
 from launcher.local import local_gpus
 from launcher.plan.arch import rule_of
-from launcher.plan.args import GPU_LAYERS, TENSOR_SPLIT, arg_value, tensor_split
-from launcher.plan.gguf import header_facts
+from launcher.plan.args import GPU_LAYERS, MMPROJ, TENSOR_SPLIT, arg_value, tensor_split
+from launcher.plan.estimate import ModelShape
+from launcher.plan.gguf import GgufFile, ModelFileError, read_gguf, regular_problem
 from launcher.rpc.address import reach
 from launcher.rpc.sockets import sockets_on
 from launcher.schema import GpuSample
@@ -68,6 +70,7 @@ def examine(settings: Settings, machine: Machine, daemon_ports: set[int]) -> lis
         *_gpus(machine),
         *_links(machine),
         *_binaries(settings, machine),
+        *(Finding("fail", "args", p.message, p.hint) for p in args_problems(settings)),
         *_ports(settings, daemon_ports),
         *(f for name, model in settings.models.items() for f in _model(name, model, machine.gpus)),
     ]
@@ -194,13 +197,18 @@ def _model(name: str, model: ModelSettings, gpus: list[GpuSample]) -> Iterator[F
     if model.backend == "rpc-server":  # no model of its own: its binary and address are checked apart
         return
     if model.backend == "ollama":
+        backend = OllamaBackend(model)
         try:
-            OllamaBackend(model).check_model(model, name)
+            backend.check_model(model, name)
         except LauncherError as exc:
             yield Finding("fail", "models", exc.message, exc.hint)
+        blob = backend.model_file(model)
+        if blob is not None:
+            yield from _read_header(where, blob, "model file")[1]
         return
-    if model.model is None or not model.model.is_file():
-        yield Finding("fail", "models", f"{where}.model {model.model} does not exist", "fix the path")
+    problem = "does not exist" if model.model is None else regular_problem(model.model)
+    if model.model is None or problem is not None:
+        yield Finding("fail", "models", f"{where}.model {model.model} {problem}", "fix the path")
         return
     # The configuration checked -ts and -ngl when it was loaded: their values parse, and a split has a
     # positive proportion (as tensor_split must).
@@ -214,8 +222,14 @@ def _model(name: str, model: ModelSettings, gpus: list[GpuSample]) -> Iterator[F
             f"{where}: the tensor split has {len(split)} entries for {count} GPU(s)",
             "one proportion per GPU; they need not sum to 1 (llama.cpp normalises them)",
         )
-    facts = header_facts(model.model)
-    architecture, layers = facts if facts is not None else ("", None)
+    projector = arg_value(model.args, *MMPROJ)
+    if projector is not None:
+        yield from _read_header(where, Path(projector), "the --mmproj file")[1]
+    found, problems = _read_header(where, model.model, "model file")
+    yield from problems
+    if found is None:
+        return
+    architecture, layers = found.architecture, int(found.arch("block_count"))
     if architecture and rule_of(architecture) is None:
         yield Finding(
             "warn",
@@ -227,7 +241,7 @@ def _model(name: str, model: ModelSettings, gpus: list[GpuSample]) -> Iterator[F
     layers_arg = arg_value(model.args, *GPU_LAYERS)
     if layers_arg is not None and layers_arg not in ("auto", "all") and gpus:
         asked = int(layers_arg)
-        if layers is not None and asked < layers + 1:
+        if asked < layers + 1:
             yield Finding(
                 "warn",
                 "layers",
@@ -235,6 +249,28 @@ def _model(name: str, model: ModelSettings, gpus: list[GpuSample]) -> Iterator[F
                 "the rest run on the CPU, many times slower",
                 "drop -ngl from args: the launcher offloads every layer that fits and says when they do not",
             )
+
+
+def _read_header(where: str, path: Path, what: str) -> tuple[GgufFile | None, list[Finding]]:
+    """The header of ``path`` as the planner reads it (None when it cannot: a FIFO, a bad or cut header,
+    a value out of bounds), and what is wrong with the file: that, or tensor data that is not all there
+    (a file cut short: an unfinished download)."""
+    try:
+        found = read_gguf(path, what)
+        if what == "model file":
+            ModelShape.of(found)
+    except ModelFileError as exc:
+        return None, [Finding("fail", "models", f"{where}: {exc.message}", exc.hint or "fix or replace the file")]
+    if found.data_end > found.file_bytes:
+        cut = Finding(
+            "fail",
+            "models",
+            f"{where}: {what} {path} is cut short: its tensor data ends at byte {found.data_end} but the file "
+            f"has {found.file_bytes} bytes",
+            "an unfinished download or copy: fetch or copy it again",
+        )
+        return found, [cut]
+    return found, []
 
 
 def rpc_exposure(
@@ -297,7 +333,8 @@ def run_doctor(settings: Settings, problem: ConfigError | None, client: DaemonCl
         findings = [Finding("fail", "config", problem.message, problem.hint or "fix the configuration")]
     else:
         findings = [Finding("ok", "config", f"{settings.source}: {len(settings.models)} models")]
-    daemon_answers = client.reachable()
+    health = client.health()
+    daemon_answers = health is not None
     daemon_ports: set[int] = set()
     # rpc-server ports: the configured ones, and those the daemon's instances run on.
     rpc_ports = {m.port: n for n, m in settings.models.items() if m.backend == "rpc-server" and isinstance(m.port, int)}
@@ -312,6 +349,8 @@ def run_doctor(settings: Settings, problem: ConfigError | None, client: DaemonCl
             )
             daemon_ports = {settings.daemon.port}
     findings += _supervision(settings, client, daemon_answers)
+    for warning in health.warnings if health is not None else []:  # a lost server, a state dir it cannot write
+        findings.append(Finding("warn", "daemon", warning, "see the daemon's events (`launcher status`, its log)"))
     try:
         with local_gpus(settings) as gpus:
             machine = Machine(

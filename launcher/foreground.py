@@ -26,7 +26,7 @@ async def run(settings: Settings, names: list[str], *, as_json_output: bool) -> 
             print(f"{event.time} {event.describe()}", file=sys.stderr, flush=True)
 
     started: asyncio.Future[Manager] = asyncio.get_running_loop().create_future()
-    daemon = Daemon(settings, autostart=False, on_event=on_event, on_started=started.set_result)
+    daemon = Daemon(settings, autostart=False, on_event=on_event, on_started=started.set_result, hangup_stops=True)
     serving = asyncio.ensure_future(daemon.run_until_stopped())
     try:
         if not await _unless_stopped(started, serving):

@@ -54,9 +54,16 @@ def format_statuses(statuses: Sequence[InstanceStatus]) -> str:
         for s in statuses
     ]
     headers = ["NAME", "STATE", "PID", "PORT", "GPUS", "VRAM", "UPTIME", "RESTARTS", "REQS/QUEUED", "LAST EXIT"]
-    # A reason is a sentence: too long for a column, and the one thing an operator needs of a degraded one.
-    reasons = [f"{s.name}: degraded: {s.degraded_reason}" for s in statuses if s.degraded_reason]
+    # A reason is a sentence: too long for a column, and the one thing an operator needs of an instance
+    # that is down: why it waits (degraded), or what the server said before it failed (failed, backoff).
+    reasons = [f"{s.name}: {s.state}: {reason}" for s in statuses if (reason := _why_down(s))]
     return "\n".join([format_table(headers, rows), *reasons])
+
+
+def _why_down(status: InstanceStatus) -> str | None:
+    if status.state == State.DEGRADED:
+        return status.degraded_reason
+    return status.last_error if status.state in (State.FAILED, State.BACKOFF) else None
 
 
 def format_peer_models(peers: Sequence[PeerStatus]) -> str:
@@ -181,7 +188,9 @@ def all_ready(statuses: Sequence[InstanceStatus]) -> bool:
     for status in statuses:
         if status.state in (State.FAILED, State.STOPPED):
             reason = status.last_error or status.last_exit or status.state
-            last = f"; last log line: {status.log_line}" if status.log_line else ""
+            # The server's last words, unless the reason already is them.
+            said = status.log_tail[-1] if status.log_tail else status.log_line
+            last = f"; last log line: {said}" if said and said not in reason else ""
             raise LauncherError(
                 f"{status.name} did not become ready: {reason}{last}",
                 hint=f"`launcher logs {status.name}` shows the server's output",

@@ -160,10 +160,14 @@ class InstanceStatus(_Wire):
 
 
 class Health(_Wire):
-    """`GET /health`: ok when every autostart instance is ready (200), degraded otherwise (503)."""
+    """`GET /health`: ok (200) when every autostart instance is ready with a live server process and no
+    instance claims a server that is gone; degraded (503) otherwise."""
 
     status: Literal["ok", "degraded"]
     instances: dict[str, State]
+    # What is wrong besides: an instance that says it runs while its process is gone (then degraded), the
+    # state directory failing writes (the servers run on: no effect on status).
+    warnings: list[str] = []
 
 
 class ErrorBody(_Wire):

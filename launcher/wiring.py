@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import httpx
 from starlette.types import ASGIApp
 
+from launcher.api.limits import BodyBudget, BodyLimits
+from launcher.api.origin import BrowserGuard, HostNames
 from launcher.config import Settings
 from launcher.config_file import read_token
 from launcher.errors import ConfigError, StartError
@@ -86,8 +88,12 @@ def router_keys(settings: Settings, token: str | None) -> frozenset[str] | None:
 
 
 def front_door(api: ASGIApp, router: Router, settings: Settings, token: str | None) -> ASGIApp:
-    """What listens on the daemon's port: the front door (/v1, /upstream) before the REST API."""
-    return FrontDoor(api, router, router_keys(settings, token))
+    """What listens on the daemon's port: the Host and cross-site checks before everything (/health too:
+    the probes of Docker and Kubernetes name the daemon by an address, which passes), then the limits on
+    request bodies, then the front door (/v1, /upstream) before the REST API."""
+    budget = BodyBudget(settings.daemon.body_budget_mib * 2**20)
+    door = BodyLimits(FrontDoor(api, router, router_keys(settings, token)), budget)
+    return BrowserGuard(door, HostNames.of(settings.daemon), frozenset(settings.daemon.cors_origins))
 
 
 @dataclass(frozen=True)

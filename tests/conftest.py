@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import psutil
@@ -31,12 +32,26 @@ from launcher.supervise.manager import Manager
 from launcher.tinymodel import write_tiny_llama
 from launcher.wiring import supervision
 
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
 MARK = "LAUNCHER_TEST_MARK"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="session")
 def llama_server() -> Path:
     return find_llama_server(None)
+
+
+@pytest.fixture(scope="session")
+def llama_server_without_help(llama_server: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real llama-server behind a script whose `--help` fails: a binary the launcher cannot ask for its
+    options, so what it is given reaches the server."""
+    path = tmp_path_factory.mktemp("bin") / "llama-server-no-help"
+    path.write_text(f'#!/bin/sh\n[ "$1" = --help ] && exit 1\nexec {llama_server} "$@"\n')
+    path.chmod(0o755)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -266,3 +281,18 @@ async def open_manager() -> AsyncIterator[OpenManager]:
             return wired.manager
 
         yield open_one
+
+
+@pytest.fixture
+def browser(leaves_no_process: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Browser]:
+    """Headless chromium (Debian's, never Playwright's download). Its processes and Playwright's driver
+    carry the test's mark: the leftover check proves them gone too."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no chromium on this machine (scripts/setup installs Debian's package where apt-get can)")
+    from playwright.sync_api import sync_playwright  # only the browser tests pay for its import
+
+    monkeypatch.setenv(MARK, leaves_no_process)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()

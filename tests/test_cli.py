@@ -79,7 +79,7 @@ def test_bad_usage_exits_2(marked_env: dict[str, str]) -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the terminal went away
 def test_foreground_up_supervises_until_signalled(
     sig: signal.Signals, write_config: ConfigWriter, marked_env: dict[str, str], leaves_no_process: str
 ) -> None:

@@ -269,8 +269,10 @@ def test_errors_in_openai_shape(write_config: ConfigWriter, start_daemon: StartD
         daemon.wait_for(name, lambda s: s["state"] == "ready")
     post = daemon.http.post
 
-    not_json = post("/v1/chat/completions", content=b"{nope")
+    not_json = post("/v1/chat/completions", content=b"{nope", headers={"Content-Type": "application/json"})
     assert (not_json.status_code, error_of(not_json)["code"]) == (400, "invalid_json")
+    as_text = post("/v1/chat/completions", content=b'{"model": "one"}', headers={"Content-Type": "text/plain"})
+    assert (as_text.status_code, error_of(as_text)["code"]) == (415, "unsupported_media")
     no_model = post("/v1/chat/completions", json={"messages": CHAT})
     assert (no_model.status_code, error_of(no_model)["type"]) == (400, "invalid_request_error")
     unknown = post("/v1/chat/completions", json={"model": "gpt-9"})

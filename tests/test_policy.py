@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from launcher.config import RestartSettings
-from launcher.supervise.policy import RestartPolicy
+from launcher.supervise.policy import RestartPolicy, StartFailure
 
 
 def policy(**kw: object) -> RestartPolicy:
@@ -48,3 +48,27 @@ def test_policies() -> None:
     assert policy(policy="never").next_delay(failure=True, ready_for_s=5, now=0) is None
     assert policy(policy="on-failure").next_delay(failure=False, ready_for_s=5, now=0) is None
     assert policy(policy="always").next_delay(failure=False, ready_for_s=5, now=0) == 0
+
+
+def test_a_start_that_fails_the_same_way_twice_repeats() -> None:
+    p = policy()
+    bad_flag = StartFailure("error: invalid argument: --no-mmap", ("llama-server", "--no-mmap"))
+    assert not p.repeats(bad_flag)
+    assert p.repeats(StartFailure("error: invalid argument: --no-mmap", ("llama-server", "--no-mmap")))
+
+
+def test_another_error_or_a_changed_start_is_not_a_repeat() -> None:
+    p = policy()
+    assert not p.repeats(StartFailure("error loading model", ("m.gguf", 100)))
+    assert not p.repeats(StartFailure("error loading model", ("m.gguf", 200)))  # the file changed
+    assert not p.repeats(StartFailure("out of memory", ("m.gguf", 200)))
+
+
+def test_a_run_that_served_or_a_reset_ends_the_comparison() -> None:
+    p = policy()
+    failure = StartFailure("error: x", ())
+    assert not p.repeats(failure)
+    assert not p.repeats(None)
+    assert not p.repeats(failure)
+    p.reset()
+    assert not p.repeats(failure)

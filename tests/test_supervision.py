@@ -114,7 +114,7 @@ async def test_port_in_use_names_the_holder(write_config: ConfigWriter, open_man
             await manager.start("tiny")
 
 
-async def test_crash_at_load_backs_off_then_fails(
+async def test_a_model_file_the_server_rejects_fails_at_once_with_its_words(
     write_config: ConfigWriter, open_manager: OpenManager, tmp_path: Path
 ) -> None:
     broken = write_tiny_llama(tmp_path / "broken.gguf")
@@ -126,10 +126,16 @@ async def test_crash_at_load_backs_off_then_fails(
     await manager.start("tiny")
     await instance.wait_until(lambda i: i.state == State.FAILED, READY_TIMEOUT_S)
     status = instance.status()
-    assert status.restarts == 2
+    # The same error at two starts in a row, nothing changed: failed at once, not after the burst.
+    assert status.restarts == 1
     assert status.last_exit is not None
     assert status.last_exit != "killed by SIGTERM"
     assert status.last_error is not None
-    assert "gave up" in status.last_error
+    assert "failed to load model" in status.last_error  # llama-server's own words
+    assert status.last_error in status.events[-1].message or any(
+        status.last_error in e.message for e in status.events if e.kind == "exit"
+    )
+    assert any("failed to load model" in line for line in status.log_tail)
     backoffs = [e.message for e in status.events if e.state == State.BACKOFF and e.kind == "state"]
-    assert backoffs == ["restarting in 0.05s", "restarting in 0.10s"]
+    assert backoffs == ["restarting in 0.05s"]
+    assert status.events[-1].message == "it failed to start twice in a row with the same error: not retried"

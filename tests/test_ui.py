@@ -7,18 +7,16 @@ Nothing here sleeps: each step waits for the page (a selector, a function over t
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect
 
-from tests.conftest import MARK, ConfigWriter, Daemon, write_secret
+from tests.conftest import ConfigWriter, Daemon, write_secret
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 WAIT_MS = 30_000
 SIM: list[dict[str, Any]] = [
     {"name": "Sim 3090", "memory_mib": 24576, "used_mib": 300, "temperature_c": [40, 50, 60], "link_group": "a"},
@@ -28,19 +26,6 @@ GPUS = {"backend": "sim", "poll_interval": 0.1, "sim": SIM}
 # tiny runs on GPU 0; big cannot fit GPU 1 at that context.
 MODELS: dict[str, dict[str, Any]] = {"tiny": {"autostart": True, "gpus": [0]}, "big": {"gpus": [1], "ctx": 4_000_000}}
 TERMS = {"weights": "weights_mib", "kv": "kv_cache_mib", "compute": "compute_mib", "overhead": "overhead_mib"}
-
-
-@pytest.fixture
-def browser(leaves_no_process: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Browser]:
-    """Headless chromium. Its processes and Playwright's driver carry the test's mark: the leftover check
-    proves them gone too."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip("no chromium on this machine (scripts/setup installs Debian's package where apt-get can)")
-    monkeypatch.setenv(MARK, leaves_no_process)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM)
-        yield browser
-        browser.close()
 
 
 class Dashboard:
@@ -298,6 +283,17 @@ def test_without_gpus_the_panel_says_so(dashboard: Start) -> None:
     page.page.wait_for_selector("#gpus >> text=no GPU")
     assert page.page.query_selector_all("#gpus svg, #gpus .bar") == []
     page.page.wait_for_selector('[data-instance="tiny"] .state.stopped')
+    assert page.unexpected_errors() == []
+
+
+def test_a_server_that_cannot_start_shows_its_own_words_on_its_card(
+    dashboard: Start, llama_server_without_help: Path
+) -> None:
+    model = {"binary": str(llama_server_without_help), "args": ["--no-mmap"]}
+    page = dashboard({"tiny": model}, gpus={"backend": "none"}, ready=())
+    page.page.locator('[data-instance="tiny"] button.start').click()
+    page.page.wait_for_selector('[data-instance="tiny"] .state.failed')
+    page.shows('[data-instance="tiny"] .exit', "error: error: invalid argument: --no-mmap")
     assert page.unexpected_errors() == []
 
 

@@ -20,7 +20,9 @@ from pydantic import TypeAdapter
 
 import launcher
 from launcher.api.auth import UNAUTHORISED, ReadAuth, bearer_matches, reads_need_token
+from launcher.api.disconnect import unless_gone
 from launcher.api.metrics import LauncherCollector
+from launcher.api.redact import redacted_plan, without_log_lines
 from launcher.api.ui import add_ui
 from launcher.config import Settings
 from launcher.errors import LauncherError, NotFoundError
@@ -74,6 +76,7 @@ class _Unauthorised(Exception):
 
 
 InstanceName = Annotated[str, Path(description="an instance: a configured model, or a replica NAME@N")]
+Authorization = Annotated[str | None, Header(description="Bearer <the API token>")]
 
 
 def create_app(
@@ -92,7 +95,12 @@ def create_app(
             await on_started()
         yield
 
-    app = FastAPI(title="launcher", version=launcher.__version__, lifespan=lifespan)
+    # Every path answers these before anything else (launcher/api/origin.py, in front of the app).
+    refused: Responses = {
+        403: {"model": ErrorBody, "description": "sent by a page of another origin or site (Origin, Sec-Fetch-Site)"},
+        421: {"model": ErrorBody, "description": "the Host is not one of the daemon's names (daemon.allowed_hosts)"},
+    }
+    app = FastAPI(title="launcher", version=launcher.__version__, lifespan=lifespan, responses=refused)
     reads_locked = token is not None and reads_need_token(settings.daemon.auth_reads, is_loopback(settings.daemon.host))
     if reads_locked and token is not None:
         app.add_middleware(ReadAuth, token=token)
@@ -110,9 +118,16 @@ def create_app(
         )
         return JSONResponse(ErrorBody(detail=problems).model_dump(), status_code=422)
 
-    async def authorised(authorization: Annotated[str | None, Header()] = None) -> None:
+    async def authorised(authorization: Authorization = None) -> None:
         if token is not None and not bearer_matches(authorization, token):
             raise _Unauthorised()
+
+    def holds_token(authorization: str | None) -> bool:
+        """Whether the caller sent the API token: only then are secrets shown (launcher/api/redact.py)."""
+        return token is not None and bearer_matches(authorization, token)
+
+    def shown(status: InstanceStatus, authorization: str | None) -> InstanceStatus:
+        return status if token is None or holds_token(authorization) else without_log_lines(status)
 
     @app.exception_handler(_Unauthorised)
     async def unauthorised(_request: Request, _exc: _Unauthorised) -> JSONResponse:
@@ -121,12 +136,15 @@ def create_app(
     @app.get(
         "/health",
         response_model=Health,
-        responses={503: {"model": Health, "description": "an autostart instance is not ready"}},
+        responses={503: {"model": Health, "description": "an instance is not ready, or lost its server"}},
     )
     async def health() -> JSONResponse:
-        """200 when every autostart instance is ready, 503 otherwise; the state of every instance."""
-        ok = manager.all_ready(manager.autostart_names())
-        body = Health(status="ok" if ok else "degraded", instances={n: i.state for n, i in manager.instances.items()})
+        """200 when every autostart instance is ready with a live server process and no instance claims a
+        server that is gone, 503 otherwise; the state of every instance, and warnings (a lost server, a
+        state directory that cannot be written: that one alone keeps 200, the servers run on)."""
+        ok = manager.all_ready(manager.autostart_names()) and not manager.lost_servers()
+        states = {n: i.state for n, i in manager.instances.items()}
+        body = Health(status="ok" if ok else "degraded", instances=states, warnings=manager.health_warnings())
         return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)
 
     # The answers are ours, already typed: serialised once, not validated again against the response
@@ -134,12 +152,12 @@ def create_app(
     statuses_json, samples_json = TypeAdapter(list[InstanceStatus]), TypeAdapter(list[GpuSample])
 
     @app.get("/instances", response_model=list[InstanceStatus], responses=read)
-    async def list_instances() -> Response:
-        return _json(statuses_json.dump_json(manager.statuses()))
+    async def list_instances(authorization: Authorization = None) -> Response:
+        return _json(statuses_json.dump_json([shown(status, authorization) for status in manager.statuses()]))
 
     @app.get("/instances/{name}", response_model=InstanceStatus, responses={**read, **_errors(404)})
-    async def get_instance(name: InstanceName) -> Response:
-        return _json(manager.status(name).model_dump_json())
+    async def get_instance(name: InstanceName, authorization: Authorization = None) -> Response:
+        return _json(shown(manager.status(name), authorization).model_dump_json())
 
     def action(act: Callable[[str], Awaitable[InstanceStatus]]) -> Callable[[str], Awaitable[InstanceStatus]]:
         async def endpoint(name: InstanceName) -> InstanceStatus:
@@ -174,9 +192,12 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/plan/{name}", response_model=Plan, responses={**read, **_errors(404, 422, 503)})
-    async def plan(name: InstanceName) -> Response:
-        """What `launcher plan NAME` shows: GPUs, MiB per GPU by term, split, command line, environment."""
-        return _json((await manager.plan(name)).model_dump_json())
+    async def plan(name: InstanceName, request: Request, authorization: Authorization = None) -> Response:
+        """What `launcher plan NAME` shows: GPUs, MiB per GPU by term, split, command line, environment (the
+        configured environment's values and keys in the command line only with the token)."""
+        made = await unless_gone(request, manager.plan(name))
+        shown_plan = made if holds_token(authorization) else redacted_plan(made, manager.get(name).settings.env)
+        return _json(shown_plan.model_dump_json())
 
     @app.get("/gpus", response_model=list[GpuSample], responses=read)
     async def gpus() -> Response:
@@ -248,10 +269,12 @@ def create_app(
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
+    # A server's log may hold its environment and the prompts it served: only the token holder reads it.
     @app.get(
         "/instances/{name}/logs",
         response_class=StreamingResponse,  # no media type of its own: the error bodies are documented as JSON
-        responses={**_text("text/plain", "the server's log"), **read, **_errors(404, 422)},
+        dependencies=[Depends(authorised)],
+        responses={**_text("text/plain", "the server's log"), **read, **_errors(*([401] if token else []), 404, 422)},
     )
     async def instance_logs(
         name: InstanceName, tail: Annotated[int, Query(ge=0, le=100_000)] = 100, follow: bool = False

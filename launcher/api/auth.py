@@ -1,8 +1,8 @@
 """The API token: who may act (start, stop, restart) and, off loopback, who may read.
 
-Mutations check the token as a route dependency. Reads are checked by a small ASGI middleware in front of
-everything but `GET /health`, so nothing a daemon on a LAN shows (logs, plans, events, GPUs, metrics, the
-API's own description) answers without the token.
+Mutations, and the servers' logs wherever a token is configured, check the token as a route dependency.
+Reads are checked by a small ASGI middleware in front of everything but `GET /health`, so nothing a daemon
+on a LAN shows (logs, plans, events, GPUs, metrics, the API's own description) answers without the token.
 """
 
 from __future__ import annotations

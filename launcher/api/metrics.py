@@ -24,6 +24,12 @@ class LauncherCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._instances()
         yield from self._gpus()
+        writes = CounterMetricFamily(
+            "launcher_state_write_errors",
+            "writes to the state directory (log lines, the child registry) that failed and were dropped",
+        )
+        writes.add_metric([], float(self._manager.writes.failed_total))
+        yield writes
 
     def _instances(self) -> Iterator[Metric]:
         labels = ["instance", "group", "backend"]

@@ -12,6 +12,7 @@ import httpx
 
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
+from launcher.plan.gguf import ModelFileError, regular_problem
 
 # Variables that belong to the daemon's own relationship with systemd, never to a child: a child that
 # inherits NOTIFY_SOCKET can tell systemd the daemon is ready or stopping (or feed its watchdog), and one
@@ -98,10 +99,11 @@ def child_environment(*layers: Mapping[str, str]) -> dict[str, str]:
 
 
 def check_model_file(model: ModelSettings, name: str) -> None:
-    if model.model is None or not model.model.is_file():
-        raise ConfigError(
-            f"model file {model.model} for {name!r} does not exist",
-            hint=f"check models.{name}.model in the configuration",
+    """The model file must be a regular file (a FIFO or a device would block or never end its reading)."""
+    problem = "does not exist" if model.model is None else regular_problem(model.model)
+    if problem is not None:
+        raise ModelFileError(
+            f"model file {model.model} for {name!r} {problem}", hint=f"check models.{name}.model in the configuration"
         )
 
 

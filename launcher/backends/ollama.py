@@ -20,10 +20,12 @@ import httpx
 from launcher.backends.base import Health, LaunchSpec, Placement, child_environment, configured_binary
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
+from launcher.plan.gguf import ModelFileError, open_regular
 
 _MODEL_LAYER = "application/vnd.ollama.image.model"
 _REGISTRY = "registry.ollama.ai"
 _MIB = 1024 * 1024
+_MANIFEST_BYTES = _MIB
 
 
 def models_dir(model: ModelSettings) -> Path:
@@ -37,12 +39,15 @@ def blob_for(name: str, store: Path) -> Path | None:
     base, _, tag = name.partition(":")
     namespace, _, model = base.rpartition("/")
     manifest = store / "manifests" / _REGISTRY / (namespace or "library") / model / (tag or "latest")
-    try:
-        layers = json.loads(manifest.read_text()).get("layers", [])
-    except (OSError, ValueError):
+    try:  # a manifest is a few hundred bytes of JSON: only a regular file, and only its first MiB, is read
+        with os.fdopen(open_regular(manifest, "Ollama manifest"), "rb") as f:
+            layers = json.loads(f.read(_MANIFEST_BYTES)).get("layers", [])
+    except (OSError, ValueError, AttributeError, ModelFileError):
+        return None
+    if not isinstance(layers, list):
         return None
     for layer in layers:
-        if layer.get("mediaType") == _MODEL_LAYER and isinstance(layer.get("digest"), str):
+        if isinstance(layer, dict) and layer.get("mediaType") == _MODEL_LAYER and isinstance(layer.get("digest"), str):
             blob = store / "blobs" / layer["digest"].replace(":", "-")
             return blob if blob.is_file() else None
     return None

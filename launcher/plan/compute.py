@@ -16,6 +16,7 @@ b11434, RPC and CPU backends); bench/accuracy.py and bench/accuracy_arch.py chec
 from __future__ import annotations
 
 import functools
+import itertools
 
 from launcher.plan.arch import LayerWork
 from launcher.plan.estimate import ModelShape, Runtime, context_cells, window_cells
@@ -47,19 +48,25 @@ def _works(shape: ModelShape) -> tuple[LayerWork, ...]:
 
 class DeviceCompute:
     """The compute buffer of any run of layers of one model and runtime, each answer computed once and in
-    time independent of the run's length: per distinct `LayerWork` (a model has a handful), the prefix
-    counts of the layers that have it."""
+    time independent of the run's length (and all of them in time linear in the layer count): a sparse
+    table of range maxima over the layers' peaks, and per attention mask the prefix counts of the layers
+    that read it."""
 
     def __init__(self, shape: ModelShape, runtime: Runtime, copies: int) -> None:
         self.works = _works(shape)
         self.n_layer = shape.n_layer
         self.copies = copies
-        self.kinds = tuple(dict.fromkeys(self.works))
-        self.prefix = [[0] for _ in self.kinds]
-        for work in self.works:
-            for kind, counts in zip(self.kinds, self.prefix, strict=True):
-                counts.append(counts[-1] + (work == kind))
         self.ubatch, self.seqs = runtime.ubatch, max(1, runtime.parallel)
+        # level k: the largest peak of the 2^k layers from each one on
+        self.peaks = [[w.peak * self.ubatch * _F32 + w.per_seq * self.seqs * _F32 for w in self.works]]
+        while 2 ** len(self.peaks) <= len(self.works):
+            below, half = self.peaks[-1], 2 ** (len(self.peaks) - 1)
+            self.peaks.append(list(map(max, below[:-half], below[half:])))
+        self.readers: dict[str, list[int]] = {}  # mask -> how many of the first i layers read it
+        for attention in dict.fromkeys(w.attention for w in self.works if w.attention):
+            self.readers[attention] = [0, *itertools.accumulate(w.attention == attention for w in self.works)]
+        # a model whose layers hand nothing over: a device's buffer only grows with the layers it takes
+        self.growing = not any(w.handoff_out for w in self.works)
         self.cells = cells_seen(shape, runtime)
         self.mask_cell = runtime.ubatch * (2 if runtime.flash_attn else 4)  # one KV cell's mask column
         # without flash attention a layer also holds its n_kv x ubatch x n_head f32 scores
@@ -83,9 +90,9 @@ class DeviceCompute:
         return self.known[key]
 
     def _bytes(self, start: int, stop: int, first: bool) -> int:
-        held = [kind for kind, counts in zip(self.kinds, self.prefix, strict=True) if counts[stop] > counts[start]]
-        masks = {kind.attention for kind in held} - {""}
-        peak = max(kind.peak * self.ubatch * _F32 + kind.per_seq * self.seqs * _F32 for kind in held)
+        level = (stop - start).bit_length() - 1
+        peak: int = max(self.peaks[level][start], self.peaks[level][stop - 2**level])
+        masks = [mask for mask, readers in self.readers.items() if readers[stop] > readers[start]]
         peak = max(peak, max((self.cells[m] for m in masks), default=0) * self.score_cell)
         mask = sum(self.cells[m] for m in masks) * self.mask_cell
         handoff = self.works[start].handoff_in if not first and self._handoff(start) else 0

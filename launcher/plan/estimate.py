@@ -7,6 +7,7 @@ Compute buffers are `compute.py`'s, from each layer's `LayerWork` (arch.py) kept
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ MIB = 1024 * 1024
 # Head sizes for which llama.cpp's CUDA/ROCm flash-attention kernels exist: `-fa auto` turns it on.
 _FLASH_HEAD_SIZES = {64, 80, 96, 112, 128, 192, 256, 576}
 _CTX_PAD = 256
-_LAYER = re.compile(r"^blk\.(\d+)\.")
+_LAYER = re.compile(r"^blk\.(\d{1,9})\.")  # a longer number is no layer (and too long for int())
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,13 @@ class ModelShape:
     work: tuple[LayerWork, ...] = ()  # per layer, what it asks of the compute buffer (none: a plain FFN's)
     # (layer, name, bytes) of every repeating layer's tensors: what -ot and --cpu-moe keep on the host.
     layer_tensors: tuple[tuple[int, str, int], ...] = field(default=(), compare=False, repr=False)
+
+    @functools.cached_property
+    def widest_value_row(self) -> int:
+        """The widest layer's V row (n_head_kv x its value head size), worked out once per shape: a V
+        cache stored transposed (no flash attention) pads every layer's rows to it."""
+        values = self.value_lengths or (self.value_length,) * self.n_layer
+        return max(heads * value for heads, value in zip(self.n_head_kv, values, strict=False))
 
     @classmethod
     def of(cls, model: GgufFile) -> ModelShape:
@@ -249,11 +257,7 @@ def kv_bytes(shape: ModelShape, runtime: Runtime, layer: int) -> int:
         return 0
     key = shape.key_lengths[layer] if shape.key_lengths else shape.key_length
     value = shape.value_lengths[layer] if shape.value_lengths else shape.value_length
-    v_width = shape.n_head_kv[layer] * value
-    if not runtime.flash_attn and value:
-        widest = (shape.n_head_kv[il] * (shape.value_lengths[il] if shape.value_lengths else value)
-                  for il in range(shape.n_layer))  # fmt: skip
-        v_width = max(widest)
+    v_width = shape.widest_value_row if not runtime.flash_attn and value else shape.n_head_kv[layer] * value
     k = CACHE_TYPE_BYTES[runtime.cache_type_k] * shape.n_head_kv[layer] * key
     v = CACHE_TYPE_BYTES[runtime.cache_type_v] * v_width
     return int(kv_cells(shape, runtime, layer) * (k + v))

@@ -5,12 +5,18 @@ string: about 5 s for a 128k vocabulary (REFERENCE.md). Arrays of strings are sk
 only their length (the vocabulary size is all a planner needs of them). The `gguf` package still
 supplies the format's constants and the quantisation block sizes. Split models
 (`NAME-00001-of-00003.gguf`) are read whole: metadata from the first shard, tensors from all.
+
+Every file is hostile until checked: it is opened only if it is a regular file (a FIFO would block the
+reader forever, a device could be endless), and every count and size is checked against the format's limits
+and the file's own size before anything is built from it (`keys.py` checks the values the planner reads).
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +24,8 @@ from typing import Any
 
 import gguf
 
-from launcher.errors import ConfigError
+from launcher.plan.keys import ModelFileError as ModelFileError
+from launcher.plan.keys import check_metadata
 
 _MAGIC = b"GGUF"
 _SCALARS: dict[int, str] = {
@@ -34,11 +41,12 @@ _SCALARS: dict[int, str] = {
     gguf.GGUFValueType.INT64: "<q",
     gguf.GGUFValueType.FLOAT64: "<d",
 }
+_VERSIONS = (2, 3)  # what llama.cpp reads
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_ELEMENTS = 2**63 - 1  # ggml counts elements in an int64
+_MAX_ENTRIES = 1 << 20  # metadata keys or tensors in one file: real models have a few thousand at most
+_MAX_NUMBERS = 1 << 16  # numeric arrays kept (per-layer values); longer ones (token scores) are skipped
 _SHARD = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-
-
-class ModelFileError(ConfigError):
-    """A model file that is missing, not GGUF, or cut short."""
 
 
 @dataclass(frozen=True)
@@ -57,10 +65,19 @@ class StringArray:
 
 
 @dataclass(frozen=True)
+class SkippedArray:
+    """A long array of numbers (token scores or types), skipped: the planner needs none of it."""
+
+    length: int
+
+
+@dataclass(frozen=True)
 class GgufFile:
     path: Path
     metadata: dict[str, Any]
     tensors: list[TensorInfo]
+    file_bytes: int = 0  # the first file's size (apparent: a sparse hole counts)
+    data_end: int = 0  # where its last tensor's data ends: beyond file_bytes, the file is cut short
 
     @property
     def architecture(self) -> str:
@@ -79,10 +96,11 @@ class GgufFile:
 
 
 class _Cursor:
-    def __init__(self, data: memoryview, path: Path) -> None:
+    def __init__(self, data: memoryview, path: Path, file_bytes: int) -> None:
         self.data = data
         self.pos = 0
         self.path = path
+        self.file_bytes = file_bytes
 
     def take(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
@@ -127,6 +145,9 @@ class _Cursor:
             end = self.pos + size * count
             if end > len(self.data):
                 raise ModelFileError(f"{self.path}: the GGUF header is cut short (truncated file?)")
+            if count > _MAX_NUMBERS:
+                self.pos = end
+                return SkippedArray(count)
             values = list(struct.unpack_from(f"<{count}{fmt[1]}", self.data, self.pos))
             self.pos = end
             return values
@@ -136,61 +157,119 @@ class _Cursor:
         return self.take(fmt)
 
 
-def _tensor_bytes(shape: tuple[int, ...], ggml_type: int, path: Path) -> int:
+def _tensor_bytes(name: str, shape: tuple[int, ...], ggml_type: int, cursor: _Cursor) -> int:
+    """The tensor's bytes, refused where its element count is more than ggml can hold or its data more
+    than the whole file."""
     try:
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
     except (ValueError, KeyError):
-        raise ModelFileError(f"{path}: unknown tensor type {ggml_type}") from None
+        raise ModelFileError(f"{cursor.path}: tensor {name!r} has an unknown type {ggml_type}") from None
     elements = 1
     for dim in shape:
         elements *= dim
-    return elements // block * size
+    n_bytes = elements // block * size
+    if elements > _MAX_ELEMENTS or n_bytes > cursor.file_bytes:
+        raise ModelFileError(
+            f"{cursor.path}: tensor {name!r} claims {elements} elements ({n_bytes} bytes), more than the "
+            f"file's {cursor.file_bytes} bytes"
+        )
+    return n_bytes
 
 
-def _read_one(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
+def _kind(mode: int) -> str:
+    """What a path that is not a regular file is, in words."""
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):  # fmt: skip
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def regular_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being read as a model file, said after its name ("does not exist", "is
+    a FIFO, not a regular file"), or None when it is a regular file. Only stat: nothing is opened."""
     try:
-        with path.open("rb") as f:
-            if path.stat().st_size < 24:
-                raise ModelFileError(f"{path} is not a GGUF model (too short)")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                view = memoryview(mapped)
-                try:
-                    return _parse(_Cursor(view, path))
-                finally:
-                    view.release()
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise ModelFileError(f"model file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ModelFileError(f"model file {path} is a directory") from None
+        return "does not exist"
     except PermissionError:
-        raise ModelFileError(f"model file {path} cannot be read (permission denied)") from None
+        return "cannot be read (permission denied)"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    return None if stat.S_ISREG(mode) else f"is {_kind(mode)}, not a regular file"
 
 
-def _parse(cursor: _Cursor) -> tuple[dict[str, Any], list[TensorInfo]]:
+def open_regular(path: Path, what: str) -> int:
+    """A read-only descriptor of ``path`` (``what`` names it in errors: "model file", "the --mmproj
+    file"), opened only if it is a regular file and without blocking: a FIFO would block the open (and the
+    placement lock with it) forever, and opening a device may act on it, so neither is ever opened."""
+    problem = regular_problem(path)
+    if problem is not None:
+        raise ModelFileError(f"{what} {path} {problem}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:  # gone or changed since the stat
+        raise ModelFileError(f"{what} {path} cannot be read ({exc.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # swapped for something else since the stat
+        os.close(fd)
+        raise ModelFileError(f"{what} {path} is {_kind(mode)}, not a regular file")
+    return fd
+
+
+def _read_one(path: Path, what: str) -> tuple[dict[str, Any], list[TensorInfo], int, int]:
+    """Metadata, tensors, the file's size and where its tensor data ends."""
+    with os.fdopen(open_regular(path, what), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise ModelFileError(f"{what} {path} is not a GGUF model (too short)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                return _parse(_Cursor(view, path, size))
+            finally:
+                view.release()
+
+
+def _parse(cursor: _Cursor) -> tuple[dict[str, Any], list[TensorInfo], int, int]:
     if bytes(cursor.data[:4]) != _MAGIC:
         raise ModelFileError(f"{cursor.path} is not a GGUF model (no GGUF magic)")
     cursor.pos = 4
     version = cursor.take("<I")
-    if version < 2:
-        raise ModelFileError(f"{cursor.path}: GGUF version {version} is too old (need 2 or later)")
+    if version not in _VERSIONS:
+        raise ModelFileError(f"{cursor.path}: GGUF version {version} is not one llama.cpp reads (2 or 3)")
     n_tensors, n_kv = cursor.take("<Q"), cursor.take("<Q")
+    for count, what in ((n_tensors, "tensors"), (n_kv, "metadata keys")):
+        if count > _MAX_ENTRIES:
+            raise ModelFileError(f"{cursor.path}: the header claims {count} {what}, more than {_MAX_ENTRIES}")
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cursor.string()
         metadata[key] = cursor.value(cursor.take("<I"))
     tensors = []
+    ends = []
     for _ in range(n_tensors):
         name = cursor.string()
-        dims = tuple(cursor.take("<Q") for _ in range(cursor.take("<I")))
+        n_dims = cursor.take("<I")
+        if n_dims > _MAX_DIMS:
+            raise ModelFileError(f"{cursor.path}: tensor {name!r} has {n_dims} dimensions, more than {_MAX_DIMS}")
+        dims = tuple(cursor.take("<Q") for _ in range(n_dims))
         ggml_type = cursor.take("<I")
-        cursor.take("<Q")  # offset in the data section
-        tensors.append(TensorInfo(name, dims, ggml_type, _tensor_bytes(dims, ggml_type, cursor.path)))
-    return metadata, tensors
+        offset = cursor.take("<Q")  # in the data section
+        tensors.append(TensorInfo(name, dims, ggml_type, _tensor_bytes(name, dims, ggml_type, cursor)))
+        ends.append(offset + tensors[-1].n_bytes)
+    alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or not 0 < alignment <= 1 << 20 or alignment & (alignment - 1):
+        raise ModelFileError(f"{cursor.path}: general.alignment is {alignment!r}; it should be a power of two")
+    data_start = -(-cursor.pos // alignment) * alignment
+    return metadata, tensors, cursor.file_bytes, data_start + max(ends, default=0)
 
 
-def read_gguf(path: Path) -> GgufFile:
-    """The header of ``path`` (and of its sibling shards, for a split model)."""
-    metadata, tensors = _read_one(path)
+def read_gguf(path: Path, what: str = "model file") -> GgufFile:
+    """The header of ``path`` (and of its sibling shards, for a split model); ``what`` names the file in
+    errors."""
+    metadata, tensors, file_bytes, data_end = _read_one(path, what)
+    check_metadata(path, metadata)
     shard = _SHARD.match(path.name)
     count = int(metadata.get("split.count", 1))
     if count > 1:
@@ -198,18 +277,7 @@ def read_gguf(path: Path) -> GgufFile:
             raise ModelFileError(f"{path} is shard {metadata.get('split.no', '?')} of a split model: name the first")
         for no in range(2, count + 1):
             sibling = path.with_name(f"{shard['prefix']}-{no:05d}-of-{count:05d}.gguf")
-            if not sibling.is_file():
+            if not sibling.exists():
                 raise ModelFileError(f"{path} is split in {count} files but {sibling.name} is missing")
-            tensors += _read_one(sibling)[1]
-    return GgufFile(path=path, metadata=metadata, tensors=tensors)
-
-
-def header_facts(path: Path) -> tuple[str, int | None] | None:
-    """The model's architecture and number of repeating layers (None where the file cannot tell), or None
-    when it is not a readable GGUF file."""
-    try:
-        model = read_gguf(path)
-    except ModelFileError:
-        return None
-    value = model.arch("block_count")
-    return model.architecture, int(value) if value is not None else None
+            tensors += _read_one(sibling, f"{what} part")[1]
+    return GgufFile(path=path, metadata=metadata, tensors=tensors, file_bytes=file_bytes, data_end=data_end)

@@ -172,9 +172,11 @@ def counts_from_split(proportions: Sequence[float], units: int) -> list[int]:
 
 @dataclass(frozen=True)
 class _Costs:
-    """Bytes of each unit (repeating layers with their KV, then the output layer), computed once."""
+    """Bytes of each unit (repeating layers with their KV, then the output layer), computed once, and
+    their running totals."""
 
     units: tuple[int, ...]
+    totals: tuple[int, ...]  # totals[i]: the bytes of units[:i]
     compute: DeviceCompute
     projector: int  # the first GPU's, beside its compute buffer
 
@@ -185,29 +187,40 @@ class _Costs:
             device_weights(shape, runtime, u) + kv_bytes(shape, runtime, u) + state_bytes(shape, runtime, u)
             for u in range(shape.n_layer)
         ]
+        units = (*layers, shape.output_bytes)
         return cls(
-            tuple([*layers, shape.output_bytes]), DeviceCompute.of(shape, runtime, copies), runtime.projector_bytes
+            units,
+            (0, *itertools.accumulate(units)),
+            DeviceCompute.of(shape, runtime, copies),
+            runtime.projector_bytes,
         )
+
+    def overflows(self, start: int, last: int, first: bool, cap: float) -> bool:
+        """Whether a GPU overflows ``cap`` bytes holding units [start, last] (``first``: the first GPU)."""
+        held = self.totals[last + 1] - self.totals[start] + (self.projector if first else 0)
+        return held + self.compute.bytes(start, min(last + 1, len(self.units) - 1), first) > cap
 
 
 def _fill(costs: _Costs, rooms: Sequence[Room], units: int, overhead_b: int, ratio: float) -> list[int] | None:
     """Greedy, in order: each GPU takes consecutive units while it stays within ``ratio`` of its room,
-    its compute buffer counted for the layers it holds so far (and the projector on the first)."""
-    n = len(costs.units) - 1
-    unit = first_unit(n, units)
+    its compute buffer counted for the layers it holds so far (and the projector on the first). Where
+    the buffer only grows with the layers (no handoffs), so does what a GPU holds: the first unit that
+    overflows it is found by bisection instead of unit by unit."""
+    unit = first_unit(len(costs.units) - 1, units)
     end = unit + units
     counts: list[int] = []
     for room in rooms:
         cap = ratio * room.usable_mib * MIB - room.overhead(overhead_b)
-        first = not any(counts)
-        start, used, count = unit, 0, 0
-        while unit < end:
-            stop = min(unit + 1, n)
-            compute = costs.compute.bytes(start, stop, first) + (costs.projector if first else 0)
-            if used + costs.units[unit] + compute > cap:
-                break
-            used, count, unit = used + costs.units[unit], count + 1, unit + 1
-        counts.append(count)
+        first, start = not any(counts), unit
+        if costs.compute.growing:
+            high = end
+            while unit < high:
+                middle = (unit + high) // 2
+                unit, high = (unit, middle) if costs.overflows(start, middle, first, cap) else (middle + 1, high)
+        else:
+            while unit < end and not costs.overflows(start, unit, first, cap):
+                unit += 1
+        counts.append(unit - start)
     return counts if unit == end else None
 
 

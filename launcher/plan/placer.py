@@ -18,7 +18,7 @@ from launcher.gpu import visibility_env
 from launcher.gpu.types import GpuIdentity, Link
 from launcher.plan.args import MMPROJ, arg_value
 from launcher.plan.estimate import ModelShape, size_only
-from launcher.plan.gguf import ModelFileError, read_gguf
+from launcher.plan.gguf import ModelFileError, read_gguf, regular_problem
 from launcher.plan.planner import make_plan
 from launcher.rpc.plan import lending_plan
 from launcher.rpc.remote import NO_REMOTE, Remote
@@ -34,7 +34,7 @@ def _model_shape(path: Path, mtime_ns: int, size: int) -> ModelShape:
 @functools.lru_cache(maxsize=64)
 def _tensor_bytes(path: Path, mtime_ns: int, size: int) -> int:
     """All the weights of a file (a multimodal projector), read once per version of it."""
-    return sum(t.n_bytes for t in read_gguf(path).tensors)
+    return sum(t.n_bytes for t in read_gguf(path, "the --mmproj file").tensors)
 
 
 def projector_bytes(model: ModelSettings) -> int:
@@ -44,10 +44,10 @@ def projector_bytes(model: ModelSettings) -> int:
     if value is None:
         return 0
     path = Path(value)
-    try:
-        stat = path.stat()
-    except OSError:
-        raise ModelFileError(f"the --mmproj file {path} cannot be read", hint="fix the path in args") from None
+    problem = regular_problem(path)
+    if problem is not None:  # never opened then: a FIFO would block the placement forever
+        raise ModelFileError(f"the --mmproj file {path} {problem}", hint="fix the path in args")
+    stat = path.stat()
     return _tensor_bytes(path, stat.st_mtime_ns, stat.st_size)
 
 

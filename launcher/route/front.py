@@ -23,12 +23,21 @@ from launcher.route.where import OnPeer, peer_models
 
 T = TypeVar("T")
 _CLIENT_LEFT = 499  # nginx's code for a request whose client went away before its answer
-# Bodies are read whole (the `model` is in them) and wait in the queue: bounded, well above any prompt.
-BODY_MAX_BYTES = 64 * 2**20
+# Deeper JSON is refused: no client nests a request this deep, and Python's parser ends in RecursionError
+# (a traceback) somewhere below 1,000 levels.
+JSON_MAX_DEPTH = 64
 
 
 class _ClientLeft(Exception):
     pass
+
+
+class JsonTooDeep(ValueError):
+    pass
+
+
+def on_front_door(path: str) -> bool:
+    return path.startswith("/v1/") or path.startswith("/upstream/")
 
 
 class FrontDoor:
@@ -40,8 +49,7 @@ class FrontDoor:
         self._created = int(time.time())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and (path.startswith("/v1/") or path.startswith("/upstream/")):
+        if scope["type"] == "http" and on_front_door(scope.get("path", "")):
             await self._door(scope, receive, send)
         else:
             await self._api(scope, receive, send)
@@ -66,6 +74,8 @@ class FrontDoor:
                 body = self._models(path.removeprefix("/v1/models").removeprefix("/") or None)
                 await _answer(send, 200, body if method == "GET" else b"", [(b"content-type", b"application/json")])
                 return
+            if method == "POST" and path.startswith("/v1/") and not _declares_json(scope["headers"]):
+                raise RouteError(415, "a POST to /v1 takes a Content-Type: application/json body", "unsupported_media")
             body = await _read_body(receive)
             upstream = path.startswith("/upstream/")
             # As the client sent it, still encoded: a %2F stays a character of its segment.
@@ -142,9 +152,38 @@ class FrontDoor:
         return json.dumps(found).encode()
 
 
-def _json_with_model(body: bytes) -> dict[str, Any]:
+def _declares_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the body is declared JSON: every OpenAI client sends it, and a page of another origin cannot
+    without asking the browser's preflight first, which the door refuses (launcher/api/origin.py)."""
+    for key, value in headers:
+        if key == b"content-type":
+            return value.partition(b";")[0].strip().lower() == b"application/json"
+    return False
+
+
+def loads_json(body: bytes) -> Any:
+    """``body`` parsed as JSON; JsonTooDeep past `JSON_MAX_DEPTH` levels, ValueError when it is not JSON."""
     try:
         doc = json.loads(body)
+    except RecursionError:
+        raise JsonTooDeep() from None
+    level = [doc] if isinstance(doc, (dict, list)) else []
+    for _depth in range(JSON_MAX_DEPTH):
+        inner: list[Any] = []
+        for container in level:
+            items = container.values() if isinstance(container, dict) else container
+            inner += (item for item in items if isinstance(item, (dict, list)))
+        if not inner:
+            return doc
+        level = inner
+    raise JsonTooDeep()
+
+
+def _json_with_model(body: bytes) -> dict[str, Any]:
+    try:
+        doc = loads_json(body)
+    except JsonTooDeep:
+        raise RouteError(400, f"the JSON body nests deeper than {JSON_MAX_DEPTH} levels", "json_too_deep") from None
     except ValueError:
         raise RouteError(
             400, "the body is not JSON: it must be a JSON object that names a model", "invalid_json"
@@ -155,15 +194,13 @@ def _json_with_model(body: bytes) -> dict[str, Any]:
 
 
 async def _read_body(receive: Receive) -> bytes:
-    chunks, size_b = [], 0
+    """The body, already read whole and bounded in size by launcher/api/limits.py in front."""
+    chunks = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise _ClientLeft()
         chunks.append(message.get("body", b""))
-        size_b += len(chunks[-1])
-        if size_b > BODY_MAX_BYTES:
-            raise RouteError(413, f"the body is over {BODY_MAX_BYTES // 2**20} MiB", "body_too_large")
         if not message.get("more_body", False):
             return b"".join(chunks)
 

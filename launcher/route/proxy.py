@@ -34,9 +34,16 @@ _REQUEST_DROPPED = frozenset(
         b"authorization",
         b"x-api-key",
         b"expect",  # uvicorn answered the client's 100-continue already
+        # Which page sent it was decided at the door (launcher/api/origin.py): a server that sees an Origin
+        # answers CORS of its own (llama-server echoes it, with credentials), and a peer would decide again.
+        b"origin",
+        b"sec-fetch-site",
+        b"sec-fetch-mode",
     }
 )
-_RESPONSE_DROPPED = frozenset({"connection", "keep-alive", "transfer-encoding", "trailer", "upgrade"})
+_RESPONSE_DROPPED = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade"})
+# The servers' CORS answers: the daemon answers CORS itself, for daemon.cors_origins only.
+_CORS_PREFIX = b"access-control-"
 _STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
 _PLAIN_KEPT_BYTES = 4 * 1024 * 1024  # a plain answer's usage is read from its whole body, up to this size
 # Below llama-server's own keep-alive (cpp-httplib closes an idle connection after 5 s): a pooled connection
@@ -124,7 +131,9 @@ class Upstream:
         content_type = response.headers.get("Content-Type", "")
         streamed = content_type.startswith(_STREAM_TYPES)
         headers = [
-            (k.lower(), v) for k, v in response.raw_headers if k.decode("latin-1").lower() not in _RESPONSE_DROPPED
+            (name, v)
+            for k, v in response.raw_headers
+            if (name := k.lower()) not in _RESPONSE_DROPPED and not name.startswith(_CORS_PREFIX)
         ]
         if streamed:
             headers.append((b"x-accel-buffering", b"no"))  # nginx in front must not hold events back

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -22,13 +23,18 @@ from launcher.errors import ConflictError, LauncherError
 from launcher.schema import Event, InstanceStatus, Plan, State
 from launcher.supervise import logs
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
-from launcher.supervise.policy import RestartPolicy
+from launcher.supervise.policy import RestartPolicy, StartFailure
 from launcher.supervise.ports import ensure_port_free
 from launcher.supervise.process import ExitStatus, ServerProcess
+from launcher.supervise.server_errors import server_error
+from launcher.supervise.writes import StateWrites
+
+log = logging.getLogger("launcher")
 
 _FIRST_LOAD_PROBE_S = 0.01  # a tiny model is ready in 50 ms; big ones back off to _MAX
 _MAX_LOAD_PROBE_S = 0.5
 _EVENTS_KEPT = 50
+_LOG_LINES_READ = 200  # of a server that ended: where its last error lines are looked for
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,8 @@ class Surroundings:
     # Told the MiB per GPU a server held, when it ends.
     vacated: Callable[[Mapping[int, int]], None]
     on_event: Callable[[Event], None]
+    # Failed writes to the state directory, counted daemon-wide (see writes.py).
+    writes: StateWrites
     # Asked when a server ended: why it cannot run now (a peer's rpc-server its plan uses is away), or
     # None. Such an exit holds the instance degraded instead of going through the restart policy.
     blocked: Callable[[Instance], Awaitable[str | None]] = lambda _i: _nothing()
@@ -90,6 +98,12 @@ class Instance:
     def running(self) -> bool:
         """A server process of this instance is alive (it holds memory)."""
         return self._proc is not None and self._proc.running
+
+    @property
+    def alive(self) -> bool:
+        """`running`, asked of the system: false from the moment the process is dead (a zombie included),
+        before the event loop has reaped it."""
+        return self._proc is not None and self._proc.alive
 
     @property
     def restarting(self) -> bool:
@@ -163,6 +177,11 @@ class Instance:
             ensure_port_free(self.port)
         return spec
 
+    def record_refusal(self, exc: LauncherError) -> None:
+        """Record why a start asked for was refused before anything ran: its caller hears it, the instance
+        shows it (`last_error`); the state stays what it was."""
+        self._record_error(exc.message)
+
     def refuse(self, exc: LauncherError) -> None:
         """Record a start that was refused before anything ran (autostart has no caller to tell)."""
         self._record_error(exc.message)
@@ -174,6 +193,7 @@ class Instance:
         self.last_error = None
         self._set_state(State.STARTING)  # the answer to a start request already says so
         self._task = asyncio.create_task(self._supervise(), name=f"supervise:{self.name}")
+        self._task.add_done_callback(self._supervision_ended)
 
     async def _halt(self, final: State = State.STOPPED, why: str = "") -> None:
         task = self._task
@@ -181,7 +201,7 @@ class Instance:
             self._set_state(State.STOPPING)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await asyncio.wait([task])  # an error it ended by is `_supervision_ended`'s to record
         self._set_state(final, why)
 
     # ---- supervision ----------------------------------------------------------------------------
@@ -189,7 +209,10 @@ class Instance:
     async def _supervise(self) -> None:
         try:
             while True:
-                delay = await self._run_once()
+                try:
+                    delay = await self._run_once()
+                except Exception as exc:  # a fault nobody foresaw: this run failed, the restart policy decides
+                    delay = await self._run_raised(exc)
                 if delay is None:
                     return
                 self._set_state(State.BACKOFF, f"restarting in {delay:.2f}s")
@@ -199,17 +222,53 @@ class Instance:
             if self._proc is not None:  # cancelled: a stop or restart was asked for
                 await self._end(self._proc, " (stopped on request)")
 
-    async def _end(self, proc: ServerProcess, why: str) -> ExitStatus:
-        """Stop the server if it still runs, and record how it ended."""
+    async def _run_raised(self, exc: Exception) -> float | None:
+        """A run that raised: its server (if any) is stopped, and it counts as a failed run."""
+        log.error("%s: supervision error", self.name, exc_info=exc)
+        self._record_error(f"supervision error: {type(exc).__name__}: {exc}")
+        self._ready_since = None
+        if self._proc is not None:
+            await self._end(self._proc, "")
+        return self._decide(failure=True, ready_for_s=None)
+
+    def _supervision_ended(self, task: asyncio.Task[None]) -> None:
+        """The safety net: a supervision task that ended by an error (one in stopping its server, past
+        `_run_raised`) leaves the instance failed with its server killed, never claiming a state it lost."""
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        log.error("%s: supervision ended", self.name, exc_info=exc)
+        proc, self._proc, self._ready_since = self._proc, None, None
+        if proc is not None:
+            proc.kill()
+            self._write(self._around.registry.path, lambda: self._around.registry.remove(proc.pid))
+        self._record_error(f"supervision ended by an error: {type(exc).__name__}: {exc}")
+        self._set_state(State.FAILED)
+
+    def _write(self, what: Path, write: Callable[[], object]) -> None:
+        """A write to the state directory, which must never end supervision: a failure is counted and the
+        write dropped; the first failure of a streak and the write that ends it are told."""
+        notice = self._around.writes.attempt(str(what), write)
+        if notice is not None:
+            self._emit("storage", notice)
+
+    async def _end(self, proc: ServerProcess, why: str) -> tuple[ExitStatus, str | None]:
+        """Stop the server if it still runs, and record how it ended: with the server's own error lines
+        when it ended by itself (read before the launcher's exit marker goes in)."""
+        error = None if proc.running else server_error(self._lines_of_last_run())
         status = await proc.stop(self.settings.stop_timeout)
         self._proc = None
-        self._around.registry.remove(proc.pid)
+        self._write(self._around.registry.path, lambda: self._around.registry.remove(proc.pid))
         if self.placement.claims_mib:
             self._around.vacated(self.placement.claims_mib)
         self.last_exit = status
-        logs.write_marker(self.log_path, f"{self.name} {status.describe()}{why}")
-        self._emit("exit", f"server {status.describe()}{why}")
-        return status
+        if error is not None and not (status.success and self._ready_since is not None):
+            self.last_error = error
+        self._write(self.log_path, lambda: logs.write_marker(self.log_path, f"{self.name} {status.describe()}{why}"))
+        self._emit("exit", f"server {status.describe()}{why}" + (f": {error}" if error else ""))
+        return status, error
+
+    def _lines_of_last_run(self) -> list[str]:
+        return logs.lines_of_last_run(self.log_path, _LOG_LINES_READ)
 
     async def _run_once(self) -> float | None:
         """Run the server once, until it ends; return the delay before the next start or None."""
@@ -223,10 +282,11 @@ class Instance:
         if self.placement.claims_mib:
             await self._around.await_vram(self.placement.claims_mib, self.name)
         spec.env[INSTANCE_ENV] = self.name  # how a later daemon recognises a leftover as ours
-        logs.rotate_if_large(self.log_path, self._around.log_max_bytes, self._around.log_keep)
-        logs.write_marker(self.log_path, f"starting {self.name} (restart {self.restarts}): {' '.join(spec.argv)}")
+        self._rotate_log()
+        marker = f"{self.name} (restart {self.restarts}): {' '.join(spec.argv)}"
+        self._write(self.log_path, lambda: logs.write_start_marker(self.log_path, marker))
         proc = self._proc = await ServerProcess.spawn(spec, self.log_path)
-        self._around.registry.add(self.name, proc.pid, spec.argv[0])
+        self._write(self._around.registry.path, lambda: self._around.registry.add(self.name, proc.pid, spec.argv[0]))
         self._set_state(State.LOADING, f"pid {proc.pid} on port {self.port}")
         unhealthy = False
         ready_for_s: float | None = None
@@ -238,10 +298,18 @@ class Instance:
             self._ready_since = None
         elif proc.running:
             self._record_error(f"not ready within load_timeout ({self.settings.health.load_timeout:g}s)")
-        status = await self._end(proc, "")
+        status, error = await self._end(proc, "")
         reason = await self._around.blocked(self)
         if reason is not None:  # not the server's fault: no restart (and none of the policy's budget)
             self._set_state(State.DEGRADED, reason)
+            return None
+        # A server that ended by itself before it was ready, saying what it said last time with the same
+        # command and files: it will say it again, so retrying only delays the news.
+        start_failure = None
+        if ready_for_s is None and error is not None:
+            start_failure = StartFailure(error, _start_inputs(spec.argv, spec.env))
+        if self._policy.repeats(start_failure):
+            self._set_state(State.FAILED, "it failed to start twice in a row with the same error: not retried")
             return None
         failure = unhealthy or not status.success or ready_for_s is None
         return self._decide(failure=failure, ready_for_s=ready_for_s)
@@ -281,7 +349,7 @@ class Instance:
             done, _ = await asyncio.wait([proc.exited], timeout=health.interval)
             if done:
                 return False
-            logs.rotate_if_large(self.log_path, self._around.log_max_bytes, self._around.log_keep)
+            self._rotate_log()
             found = await self.backend.health(self._around.http, self.port, health.timeout)
             if found.ok:
                 failures = 0
@@ -296,6 +364,10 @@ class Instance:
             if failures >= health.failures:
                 self._record_error(f"killed after {failures} failed health checks")
                 return True
+
+    def _rotate_log(self) -> None:
+        around = self._around
+        self._write(self.log_path, lambda: logs.rotate_if_large(self.log_path, around.log_max_bytes, around.log_keep))
 
     def _take(self, found: Health) -> None:
         """Keep what a healthy probe reported, and tell once each new warning or reload."""
@@ -352,7 +424,8 @@ class Instance:
             uptime_s=round(now - self._ready_since, 3) if self._ready_since is not None else None,
             log_path=str(self.log_path),
             log_line=logs.last_line(self.log_path),
-            log_tail=logs.tail(self.log_path, 10) if self.state == State.FAILED else [],
+            # Why it is down, in the server's words: what it wrote before it last ended.
+            log_tail=self._lines_of_last_run()[-10:] if self.state in (State.FAILED, State.BACKOFF) else [],
             plan=self.plan,
             server_info=self.server_info,
             group=self.group,
@@ -361,3 +434,15 @@ class Instance:
             requests_queued=requests[1],
             degraded_reason=self.degraded_reason,
         )
+
+
+def _start_inputs(argv: list[str], env: Mapping[str, str]) -> tuple[object, ...]:
+    """What a start was made of, to tell a repeat from a retry that could go otherwise: the command, the
+    environment, and the size and modification time of every file the command names (binary, model)."""
+    files = []
+    for arg in argv:
+        if arg.startswith("/"):
+            with contextlib.suppress(OSError):
+                found = Path(arg).stat()
+                files.append((arg, found.st_size, found.st_mtime_ns))
+    return (tuple(argv), tuple(sorted(env.items())), tuple(files))

@@ -65,9 +65,15 @@ class ChildRegistry:
         self._records: dict[int, ChildRecord] = {}
 
     def _save(self) -> None:
+        """Write the records; an OSError (a full disk) is the caller's to count, and leaves the old file and
+        no partial temporary one. The records stay here: the next save that works writes them all."""
         temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps([asdict(r) for r in self._records.values()], indent=1))
-        os.replace(temporary, self.path)  # atomic: a reader sees the old file or the new one
+        try:
+            temporary.write_text(json.dumps([asdict(r) for r in self._records.values()], indent=1))
+            os.replace(temporary, self.path)  # atomic: a reader sees the old file or the new one
+        except OSError:
+            temporary.unlink(missing_ok=True)
+            raise
 
     def add(self, instance: str, pid: int, exe: str) -> None:
         try:

@@ -10,13 +10,32 @@ from datetime import datetime
 from pathlib import Path
 
 _TAIL_CHUNK = 64 * 1024
+_MARKER = "=== launcher "
+_START = "starting "
 
 
 def write_marker(path: Path, text: str) -> None:
     """Append a line that says what the launcher did, so the log reads as one story across restarts."""
     stamp = datetime.now().astimezone().isoformat(timespec="seconds")
     with path.open("a") as log:
-        log.write(f"=== launcher {stamp}: {text} ===\n")
+        log.write(f"{_MARKER}{stamp}: {text} ===\n")
+
+
+def write_start_marker(path: Path, text: str) -> None:
+    """The marker before a server's start: what `lines_of_last_run` looks for."""
+    write_marker(path, _START + text)
+
+
+def _is_start_marker(line: str) -> bool:
+    return line.startswith(_MARKER) and line.partition(": ")[2].startswith(_START)
+
+
+def lines_of_last_run(path: Path, lines: int) -> list[str]:
+    """What the server wrote since its last start (of the log's last ``lines``), without the launcher's
+    markers and blank lines."""
+    found = tail(path, lines)
+    start = max((i for i, line in enumerate(found) if _is_start_marker(line)), default=-1)
+    return [line.strip() for line in found[start + 1 :] if line.strip() and not line.startswith(_MARKER)]
 
 
 def rotate_if_large(path: Path, max_bytes: int, keep: int) -> bool:
@@ -32,7 +51,12 @@ def rotate_if_large(path: Path, max_bytes: int, keep: int) -> bool:
         older = path.with_name(f"{path.name}.{n}")
         if older.exists():
             os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
-    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    copy = path.with_name(f"{path.name}.1")
+    try:
+        shutil.copyfile(path, copy)
+    except OSError:  # a full disk: a partial copy would only take more of it; the log stays as it is
+        copy.unlink(missing_ok=True)
+        raise
     with path.open("r+b") as log:
         log.truncate(0)
     return True

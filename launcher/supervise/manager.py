@@ -24,6 +24,7 @@ from launcher.backends import backend_for
 from launcher.config import Settings
 from launcher.errors import LauncherError
 from launcher.gpu.sampler import Sampler
+from launcher.plan.gguf import ModelFileError
 from launcher.plan.placer import Planner, freed, with_command
 from launcher.plan.planner import rooms
 from launcher.rpc.claims import ClaimBook
@@ -35,9 +36,16 @@ from launcher.supervise import thermal
 from launcher.supervise.degrade import Degrader
 from launcher.supervise.instance import Instance, Surroundings
 from launcher.supervise.leftovers import ChildRegistry
+from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
+from launcher.supervise.writes import StateWrites
 
 _EVENTS_KEPT = 500
+# plans computing at once (threads): each is bounded (GGUF header checks, linear in the layers), and a
+# start waits for a turn behind at most this many
+_PLANNING_THREADS = 2
+# The states in which an instance's server process must be alive.
+_WITH_PROCESS = frozenset({State.LOADING, State.READY, State.UNHEALTHY})
 
 
 def _sum_claims(instances: Iterable[Instance]) -> dict[int, int]:
@@ -82,8 +90,10 @@ class Manager:
         self._vacated: dict[int, tuple[int, float]] = {}  # GPU -> (MiB a stopped server held, until)
         self._released_at: dict[int, float] = {}  # GPU -> when a server on it last ended (epoch seconds)
         self._placing = asyncio.Lock()  # one placement at a time: each plans around the last one's claim
+        self._planning = PlanningThreads(_PLANNING_THREADS)
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
         self._tasks: set[asyncio.Task[None]] = set()
+        self.writes = StateWrites()
         around = Surroundings(
             http=http,
             log_dir=log_dir,
@@ -93,6 +103,7 @@ class Manager:
             await_vram=self.await_vram,
             vacated=self.vacated,
             on_event=self.publish,
+            writes=self.writes,
             blocked=self._blocked,
         )
         # Front-door requests (in flight, queued) per instance: the router tells, when there is one.
@@ -240,9 +251,13 @@ class Manager:
                         del self._vacated[index]
             instance.port = self._port_for(instance)
             samples, claims, remote = self.sampler.latest(), self._claims_besides(instance), self._remote(instance)
-            placed = await asyncio.to_thread(
-                self.planner.place, instance.name, instance.settings, samples, claims, remote
-            )
+            try:
+                placed = await self._planning.run(
+                    functools.partial(self.planner.place, instance.name, instance.settings, samples, claims, remote)
+                )
+            except ModelFileError as exc:  # the caller hears it; the instance shows it
+                instance.record_refusal(exc)
+                raise
             if self.peers is not None and placed.placement.rpc:  # the peers plan around it from now on
                 await self.peers.claim(instance.name, placed.plan)
             # The instance's supervision task starts right after this returns, with no await between:
@@ -264,7 +279,9 @@ class Manager:
             plan, placement = instance.plan, instance.placement
         else:
             samples, claims, remote = self.sampler.latest(), self._claims_besides(instance), self._remote(instance)
-            plan = await asyncio.to_thread(self.planner.plan, name, instance.settings, samples, claims, remote)
+            plan = await self._planning.run(
+                functools.partial(self.planner.plan, name, instance.settings, samples, claims, remote), key=name
+            )
             placement = self.planner.placement(plan)
         return with_command(plan, instance.backend, instance.settings, self._port_for(instance), placement)
 
@@ -345,7 +362,21 @@ class Manager:
         return [name for name, instance in self.instances.items() if instance.settings.autostart]
 
     def all_ready(self, names: list[str]) -> bool:
-        return all(self.instances[name].state == State.READY for name in names)
+        """Each is ready, and its server process lives (asked of the system, not of our own records)."""
+        return all(self.instances[name].state == State.READY and self.instances[name].alive for name in names)
+
+    def lost_servers(self) -> list[str]:
+        """The instances whose state says their server runs while no process lives (supervision lost it)."""
+        return [name for name, i in self.instances.items() if i.state in _WITH_PROCESS and not i.alive]
+
+    def health_warnings(self) -> list[str]:
+        """What `/health` warns of: a lost server (see `lost_servers`), a state directory that cannot be
+        written (the servers run on)."""
+        lost = [
+            f"{name} is {self.instances[name].state.value} but has no live server process"
+            for name in self.lost_servers()
+        ]
+        return lost + ([self.writes.warning] if self.writes.warning is not None else [])
 
     # ---- reports ----------------------------------------------------------------------------------------
 

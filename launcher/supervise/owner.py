@@ -1,10 +1,14 @@
-"""One owner per state directory: the serving daemon holds an exclusive lock on STATE_DIR/daemon.lock for
-its whole life, and only the holder cleans leftovers or spawns servers (a `ChildRegistry` needs the lock).
+"""One owner per state directory: the serving daemon holds an exclusive lock on STATE_DIR itself and on
+STATE_DIR/daemon.lock for its whole life, and only the holder cleans leftovers or spawns servers (a
+`ChildRegistry` needs the lock).
 
 flock(2) belongs to the open file and dies with the process, so a daemon killed with SIGKILL never blocks
-the next one. The descriptor is close-on-exec (Python's default), so servers never inherit the lock. The
-holder writes its pid, start time and API URL into the file; `read_owner` reads them without locking, so
-a command that only reads never competes with a daemon that is starting.
+the next one. The lock on the directory is what deleting a file cannot break: with daemon.lock deleted, a
+second daemon would lock a new file of that name, but not the directory. The lock on the file is kept for
+a daemon of an earlier version, which locks only that. (Where the directory cannot be locked, as on some
+network filesystems, the file's lock alone stands.) The descriptors are close-on-exec, so servers never
+inherit the lock. The holder writes its pid, start time and API URL into the file; `read_owner` reads
+them without locking, so a command that only reads never competes with a daemon that is starting.
 """
 
 from __future__ import annotations
@@ -55,47 +59,70 @@ def read_owner(state_dir: Path) -> Owner | None:
 class StateDirLock:
     """Proof of ownership of a state directory, held until `release` or the process's end."""
 
-    def __init__(self, state_dir: Path, fd: int) -> None:
+    def __init__(self, state_dir: Path, fds: list[int]) -> None:
         self.state_dir = state_dir
-        self._fd: int | None = fd
+        self._fds = fds  # the directory's (where it could be locked), then daemon.lock's
 
     @classmethod
     def claim(cls, state_dir: Path, url: str) -> StateDirLock:
         """Take the state directory, or raise OwnedError naming the daemon that has it."""
-        path = state_dir / LOCK_NAME
+        fds: list[int] = []
         try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise ConfigError(
-                f"daemon.state_dir {state_dir} cannot be used: {exc.strerror}",
-                hint="give daemon.state_dir a folder this user can write (systemd: StateDirectory=)",
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            holder = read_owner(state_dir)
-            who = holder.describe() if holder is not None else "another daemon"
-            raise OwnedError(
-                f"{who} owns the state directory {state_dir}",
-                hint="act through it (`launcher status`, `up`, `down`), or give this one its own daemon.state_dir",
-            ) from None
-        import psutil
-
-        me = psutil.Process()
-        owner = Owner(pid=me.pid, create_time=me.create_time(), url=url)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(asdict(owner)).encode(), 0)
-        return cls(state_dir, fd)
+            try:
+                state_dir.mkdir(parents=True, exist_ok=True)
+                fds.append(os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+                if not _lock(fds[0], state_dir, required=False):
+                    os.close(fds.pop())
+                # The directory first: a daemon refused there creates no daemon.lock in place of a deleted one.
+                fds.append(os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                _lock(fds[-1], state_dir, required=True)
+                os.ftruncate(fds[-1], 0)
+                os.pwrite(fds[-1], json.dumps(asdict(_me(url))).encode(), 0)
+            except OSError as exc:
+                raise ConfigError(
+                    f"daemon.state_dir {state_dir} cannot be used: {exc.strerror}",
+                    hint="give daemon.state_dir a folder this user can write (systemd: StateDirectory=)",
+                ) from None
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return cls(state_dir, fds)
 
     def release(self) -> None:
-        if self._fd is None:
+        if not self._fds:
             return
         with contextlib.suppress(OSError):
-            os.ftruncate(self._fd, 0)  # a reader sees no owner rather than a stale one
-        os.close(self._fd)  # closing the only descriptor drops the lock
-        self._fd = None
+            os.ftruncate(self._fds[-1], 0)  # a reader sees no owner rather than a stale one
+        for fd in self._fds:
+            os.close(fd)  # closing the only descriptors drops the locks
+        self._fds = []
+
+
+def _me(url: str) -> Owner:
+    import psutil  # only for a daemon that starts: not on the path of every command
+
+    me = psutil.Process()
+    return Owner(pid=me.pid, create_time=me.create_time(), url=url)
+
+
+def _lock(fd: int, state_dir: Path, *, required: bool) -> bool:
+    """flock ``fd`` or raise OwnedError naming the daemon that holds it. False when this filesystem cannot
+    lock it (only where not ``required``; otherwise the OSError is raised)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = read_owner(state_dir)
+        who = holder.describe() if holder is not None else "another daemon"
+        raise OwnedError(
+            f"{who} owns the state directory {state_dir}",
+            hint="act through it (`launcher status`, `up`, `down`), or give this one its own daemon.state_dir",
+        ) from None
+    except OSError:
+        if required:
+            raise
+        return False
+    return True
 
 
 def unanswered(owner: Owner, url: str) -> LauncherError:

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from launcher.config import RestartSettings
+
+
+@dataclass(frozen=True)
+class StartFailure:
+    """A server that ended before it was ready: its own error, and what the start was made of (its
+    command line and environment, the size and time of each file the command names)."""
+
+    error: str
+    inputs: tuple[object, ...]
 
 
 class RestartPolicy:
@@ -14,6 +24,8 @@ class RestartPolicy:
     Each further crash (or a start that never became ready) within the streak doubles the delay from
     ``backoff_initial`` up to ``backoff_max``. Staying ready for ``reset_after`` ends the streak. More than
     ``burst`` restarts within ``interval`` seconds gives up: the instance is failed until an operator acts.
+    A start that fails before ready exactly as the one before it, with nothing changed between, gives up
+    at once (`repeats`): the same command on the same files says the same thing again.
     """
 
     def __init__(self, settings: RestartSettings) -> None:
@@ -21,6 +33,7 @@ class RestartPolicy:
         self._streak = 0
         self._streak_began_ready = False
         self._restarts: deque[float] = deque()
+        self._last_start_failure: StartFailure | None = None
 
     def next_delay(self, *, failure: bool, ready_for_s: float | None, now: float) -> float | None:
         """Seconds to wait before restarting, or None to stop restarting.
@@ -45,7 +58,15 @@ class RestartPolicy:
             return 0.0
         return float(min(s.backoff_initial * 2**doublings, s.backoff_max))
 
+    def repeats(self, failure: StartFailure | None) -> bool:
+        """Whether this run failed before ready exactly as the run before it did. ``failure`` is None for a
+        run that became ready (or was ended by the launcher), which ends the comparison."""
+        repeated = failure is not None and failure == self._last_start_failure
+        self._last_start_failure = failure
+        return repeated
+
     def reset(self) -> None:
         """An operator's start or restart: a fresh budget."""
         self._streak = 0
         self._restarts.clear()
+        self._last_start_failure = None

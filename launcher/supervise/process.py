@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from launcher.backends import LaunchSpec
 
 
@@ -94,6 +96,16 @@ class ServerProcess:
         return not self._exit.done()
 
     @property
+    def alive(self) -> bool:
+        """`running`, asked of the system: false as soon as the process is dead, a zombie included."""
+        if not self.running:
+            return False
+        try:
+            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    @property
     def exited(self) -> asyncio.Future[int]:
         """Resolves with the return code the moment the process ends (no polling)."""
         return self._exit
@@ -104,6 +116,10 @@ class ServerProcess:
     def _signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL to the group, not waiting: for where nothing can be awaited."""
+        self._signal_group(signal.SIGKILL)
 
     async def stop(self, timeout_s: float) -> ExitStatus:
         """SIGTERM to the group, wait up to ``timeout_s``, then SIGKILL; always reaps the group's members."""

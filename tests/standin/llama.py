@@ -1,9 +1,9 @@
 """A stand-in for llama-server that misbehaves on request, for the supervision tests.
 
-Takes llama-server's `--host` and `--port` (everything else is ignored) and answers `GET /health`:
+Takes llama-server's `--host` and `--port` (everything else is ignored; `--help` fails) and answers `GET /health`:
 503 while "loading", then 200. Told by environment variables to:
   STANDIN_LOAD_S=S          answer 503 for S seconds first
-  STANDIN_CRASH_AT_START=1  exit 1 before listening
+  STANDIN_CRASH_AT_START=1  exit 1 before listening (saying so with its pid: each crash a new error)
   STANDIN_CRASH_AFTER_S=S   exit 3, S seconds after it became ready
   STANDIN_HANG_AFTER_S=S    stop answering (requests hang), S seconds after it became ready
   STANDIN_IGNORE_TERM=1     ignore SIGTERM
@@ -42,6 +42,8 @@ def _arg(name: str, default: str) -> str:
 
 def main() -> None:
     env = os.environ
+    if "--help" in sys.argv:  # no options to tell: the launcher cannot check args against it
+        sys.exit("standin: no help here")
     if env.get("STANDIN_IGNORE_TERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if env.get("STANDIN_GRANDCHILD") and os.fork() == 0:
@@ -49,7 +51,7 @@ def main() -> None:
         while True:
             time.sleep(3600)
     if env.get("STANDIN_CRASH_AT_START"):
-        print("standin: crashing at start", flush=True)
+        print(f"standin: crashing at start (pid {os.getpid()})", flush=True)  # a new error each time
         sys.exit(1)
     started = time.monotonic()
     load_s = float(env.get("STANDIN_LOAD_S", "0"))

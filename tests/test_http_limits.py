@@ -1,0 +1,222 @@
+"""HTTP limits before any authentication, against a real daemon with raw sockets as the hostile clients:
+a bounded head, a deadline on each head and body (408), the daemon-wide budget for bodies (503 with
+Retry-After, memory given back), a bound on JSON depth (400, recorded), and acts that wait for their
+whole request. Every client is on loopback, few, and bounded in time."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import ConfigWriter, Daemon, poll_until
+
+TIMEOUT_S = 1.0  # daemon.request_timeout_s in these tests
+MIB = 2**20
+HEAD = b"Host: 127.0.0.1\r\n"
+JSON = {"content-type": "application/json"}  # what every OpenAI client sends, and /v1 requires
+
+
+def connect(daemon: Daemon) -> socket.socket:
+    host, _, port = daemon.url.removeprefix("http://").rpartition(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the daemon sends until it closes the connection (bounded by the socket's timeout)."""
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def status_and_body(answer: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body) if body else {}
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One answer's status, headers and (when it has a Content-Length) body, off a connection left open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        body += sock.recv(65536)
+    return int(lines[0].split(" ", 2)[1]), headers, body
+
+
+def send_until_cut(sock: socket.socket, limit_b: int) -> int:
+    """The bytes sent before the daemon cut the connection (``limit_b`` if it never did)."""
+    piece = b"a" * (256 * 1024)
+    sent_b = 0
+    try:
+        while sent_b < limit_b:
+            sock.sendall(piece)
+            sent_b += len(piece)
+    except (BrokenPipeError, ConnectionResetError):
+        return sent_b
+    return limit_b
+
+
+def answers_health(daemon: Daemon) -> None:
+    assert daemon.http.get("/health", timeout=5).status_code == 200
+
+
+@pytest.fixture
+def daemon(write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]) -> Iterator[Daemon]:
+    config = write_config(daemon={"request_timeout_s": TIMEOUT_S, "body_budget_mib": 64})
+    d = start_daemon(config)
+    yield d
+    answers_health(d)  # after every hostile client, the daemon still answers
+
+
+def test_a_head_over_64_kib_is_refused_with_431_and_closed(daemon: Daemon) -> None:
+    with connect(daemon) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\n" + HEAD + b"X-Big: " + b"a" * (65 * 1024))
+        status, body = status_and_body(read_until_closed(sock))
+    assert status == 431
+    assert body == {"detail": "the request line and headers are over 64 KiB"}
+
+
+def test_what_is_not_http_is_400_in_json(daemon: Daemon) -> None:
+    with connect(daemon) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nNo colon here\r\n\r\n")
+        status, body = status_and_body(read_until_closed(sock))
+    assert (status, body) == (400, {"detail": "the request is not valid HTTP/1.1"})
+
+
+def test_a_huge_unfinished_header_is_cut_off_and_not_held(daemon: Daemon) -> None:
+    proc = psutil.Process(daemon.proc.pid)
+    before_mib = proc.memory_info().rss / MIB
+    with connect(daemon) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\n" + HEAD + b"X-Big: ")
+        sent_b = send_until_cut(sock, 64 * MIB)
+    assert sent_b < 32 * MIB  # the socket buffers on the way hold a few MiB
+    assert proc.memory_info().rss / MIB < before_mib + 16
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        pytest.param(b"", id="nothing-sent"),
+        pytest.param(b"GET /health HTTP/1.1\r\n" + HEAD + b"X-Half: ", id="half-a-head"),
+        pytest.param(
+            b"POST /v1/chat/completions HTTP/1.1\r\n" + HEAD + b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"mod\r\n',
+            id="unfinished-chunked-body",
+        ),
+        pytest.param(
+            b"POST /v1/chat/completions HTTP/1.1\r\n" + HEAD + b'Content-Length: 100\r\n\r\n{"model"',
+            id="short-content-length",
+        ),
+    ],
+)
+def test_a_slow_request_is_closed_with_408_within_the_timeout(daemon: Daemon, start: bytes) -> None:
+    with connect(daemon) as sock:
+        sock.sendall(start)
+        begin = time.monotonic()
+        answers_health(daemon)  # others are served meanwhile
+        answer = read_until_closed(sock)
+        took_s = time.monotonic() - begin
+    status, body = status_and_body(answer)
+    assert status == 408
+    assert TIMEOUT_S * 0.9 <= took_s < TIMEOUT_S + 2.0
+    if start.startswith(b"POST /v1/"):  # the body's path is known: the front door's shape
+        assert body["error"]["code"] == "request_timeout"
+        assert "body did not arrive within 1 s" in body["error"]["message"]
+    else:
+        assert "did not arrive within 1 s" in body["detail"]
+
+
+def test_a_stop_whose_body_never_arrives_stops_nothing(
+    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon], standin: Path
+) -> None:
+    model = {"tiny": {"autostart": True, "binary": str(standin)}}  # a server's stand-in: the act is what counts
+    config = write_config(model, daemon={"request_timeout_s": TIMEOUT_S})
+    daemon = start_daemon(config)
+    pid = daemon.wait_for("tiny", lambda i: i["state"] == "ready")["pid"]
+    with connect(daemon) as sock:
+        sock.sendall(b"POST /instances/tiny/stop HTTP/1.1\r\n" + HEAD + b"Content-Length: 100\r\n\r\n{}")
+        status, _ = status_and_body(read_until_closed(sock))
+    assert status == 408
+    assert (daemon.instance("tiny")["state"], daemon.instance("tiny")["pid"]) == ("ready", pid)
+    answers_health(daemon)
+    # The same act with its whole body acts: the wait above was for the body, not a refusal.
+    assert daemon.http.post("/instances/tiny/stop", content=b"{}").status_code == 202
+    daemon.wait_for("tiny", lambda i: i["state"] == "stopped")
+
+
+def test_bodies_beyond_the_budget_get_503_and_their_memory_comes_back(daemon: Daemon) -> None:
+    proc = psutil.Process(daemon.proc.pid)
+    daemon.http.post("/v1/chat/completions", content=b'{"model": "none", "pad": "' + b"a" * MIB + b'"}', headers=JSON)
+    before_mib = proc.memory_info().rss / MIB
+    body = b'{"model": "none", "pad": "' + b"a" * (48 * MIB) + b'"}'
+    head = b"POST /v1/chat/completions HTTP/1.1\r\n" + HEAD + b"Content-Type: application/json\r\n"
+    head += b"Content-Length: %d\r\n\r\n" % len(body)
+    with connect(daemon) as first, connect(daemon) as second:
+        first.sendall(head + body[: 40 * MIB])  # 40 MiB of the 64 MiB budget held
+        poll_until(lambda: proc.memory_info().rss / MIB, lambda mib: mib > before_mib + 30, "the held body", 10)
+        second.sendall(head + body)  # past 24 MiB of it, refused; the rest is read and dropped
+        status, headers, refusal = read_answer(second)
+        assert status == 503
+        assert headers["retry-after"] == "2"
+        error = json.loads(refusal)["error"]
+        assert (error["type"], error["code"]) == ("unavailable_error", "body_budget_exceeded")
+        assert "daemon.body_budget_mib 64" in error["message"]
+        first.sendall(body[40 * MIB :])
+        status, _, _ = read_answer(first)
+        assert status == 404  # the whole body was taken: the model it names is unknown
+    poll_until(lambda: proc.memory_info().rss / MIB, lambda mib: mib < before_mib + 8, "RSS after the bodies", 10)
+
+
+def test_a_body_declared_over_64_mib_is_413_before_any_of_it_is_read(daemon: Daemon) -> None:
+    with connect(daemon) as sock:
+        sock.sendall(b"POST /rpc/claims HTTP/1.1\r\n" + HEAD + b"Content-Length: %d\r\n\r\n" % (64 * MIB + 1))
+        status, _, body = read_answer(sock)
+    assert status == 413
+    assert json.loads(body) == {"detail": "the body is over 64 MiB"}
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("depth", [65, 1000, 100_000])
+def test_json_nested_too_deep_is_400_in_openai_shape_and_recorded(daemon: Daemon, depth: int) -> None:
+    body = '{"model": "none", "messages": ' + nested(depth - 1) + "}"
+    answer = daemon.http.post("/v1/chat/completions", content=body, headers=JSON)
+    assert answer.status_code == 400
+    assert answer.json() == {
+        "error": {
+            "message": "the JSON body nests deeper than 64 levels",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "json_too_deep",
+        }
+    }
+    records = daemon.http.get("/requests").json()
+    assert [(r["path"], r["status"]) for r in records] == [("/v1/chat/completions", 400)]
+
+
+def test_json_64_levels_deep_is_parsed(daemon: Daemon) -> None:
+    body = '{"model": "none", "messages": ' + nested(63) + "}"
+    answer = daemon.http.post("/v1/chat/completions", content=body, headers=JSON)
+    assert answer.status_code == 404  # past the parse: no model is called "none"
+
+
+@pytest.mark.parametrize("depth", [65, 100_000])
+def test_json_nested_too_deep_is_400_on_the_api(daemon: Daemon, depth: int) -> None:
+    answer = daemon.http.post("/rpc/claims", content=nested(depth), headers=JSON)
+    assert answer.status_code == 400
+    assert answer.json() == {"detail": "the JSON body nests deeper than 64 levels"}
