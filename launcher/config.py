@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from launcher.config_yaml import clip
 from launcher.errors import NotFoundError
 from launcher.plan.args import check_args
 from launcher.rpc.address import reach
@@ -55,6 +56,9 @@ class DaemonSettings(_Strict):
     # When systemd hears READY=1: once the API listens and the autostart instances are launched, or once
     # each of them is loaded (ready, or failed for good) so units ordered After= it find them serving.
     ready_when: Literal["listening", "loaded"] = "listening"
+    # A token file readable by others (or, if it is the user's own, by its group) is refused, as ssh refuses
+    # such a key; true accepts one with a warning at every load.
+    allow_readable_secrets: bool = False
     # Names and addresses a request may give as its Host besides localhost, loopback addresses and the bind
     # address (after a wildcard bind, any address): a page that rebinds its own name to this machine is
     # refused. "*.example.com": every name under it; "*": any name (the check is off).
@@ -75,6 +79,7 @@ class DaemonSettings(_Strict):
     @classmethod
     def _origins(cls, value: list[str]) -> list[str]:
         return [_origin(origin) for origin in value]
+
     # HTTP limits before any authentication: a request's head, and then its body, must arrive within this
     # many seconds (else 408 and the connection closed); the request bodies the daemon holds at once, all
     # connections together, stay under the budget (beyond it: 503 with Retry-After).
@@ -378,6 +383,11 @@ class PeerSettings(_Strict):
         return self.name or urlsplit(self.url).netloc
 
 
+# What works everywhere a model's name goes: file names, URLs, Prometheus label values, shell words.
+_MODEL_NAME_MAX = 64
+_MODEL_NAME = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9._-]{{0,{_MODEL_NAME_MAX - 1}}}")
+
+
 class Settings(_Strict):
     """Everything the launcher is configured with. Build it with `load_settings`."""
 
@@ -415,9 +425,14 @@ class Settings(_Strict):
     def _names(cls, value: dict[str, ModelSettings]) -> dict[str, ModelSettings]:
         owners: dict[str, str] = {}  # every name the front door answers to -> its model
         for name, model in value.items():
-            # A model's name names its log file and its replicas (NAME@N); an alias only has to be a word.
-            if not name or not all(c.isalnum() or c in "-_." for c in name):
-                raise ValueError(f"model name {name!r} may hold only letters, digits, '-', '_' and '.'")
+            # A model's name names its log file, its replicas (NAME@N), URL paths and metric labels; an alias
+            # only has to be a word.
+            if not _MODEL_NAME.fullmatch(name):
+                length = f" ({len(name)} characters)" if len(name) > _MODEL_NAME_MAX else ""
+                raise ValueError(
+                    f"model name {clip(repr(name), 80)}{length} does not follow the rule for names: 1 to "
+                    f"{_MODEL_NAME_MAX} ASCII letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+                )
             for each in (name, *model.aliases):
                 if not each or any(c.isspace() for c in each):
                     raise ValueError(f"alias {each!r} of {name!r} must be a word without spaces")

@@ -13,16 +13,20 @@ than every other part of a `launcher status` together, and the rule is a few lin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from launcher.config import DaemonSettings, Settings
+from launcher.config_yaml import clip, collector_paused, parse_config_yaml, read_config_text, shown
 from launcher.errors import ConfigError
+
+log = logging.getLogger("launcher")
 
 
 def read_token(path: Path | None) -> str | None:
@@ -36,6 +40,36 @@ def read_token(path: Path | None) -> str | None:
     if not token:
         raise ConfigError(f"daemon.token_file {path} is empty")
     return token
+
+
+def secret_file_problem(path: Path) -> str | None:
+    """Why ``path`` is no place for a secret, judged as ssh judges a private key: a file of the user's own
+    must be open to the user alone; one another user owns (root, where Kubernetes mounts a Secret for the
+    pod's fsGroup) may be readable by its group, never by others. None when it is fine, or cannot be seen
+    (reading it says why)."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    ours = status.st_uid == os.geteuid()
+    open_bits = status.st_mode & (0o077 if ours else 0o007)
+    if not open_bits:
+        return None
+    how = "readable" if open_bits & 0o044 else "writable"
+    who = "others" if open_bits & 0o007 else "its group"
+    fix = f"chmod 600 {path}" if ours else f"chmod o-rwx {path}"
+    return f"{path} is {how} by {who} (mode {stat.S_IMODE(status.st_mode):04o}): run {fix}"
+
+
+def _check_secret_files(files: dict[str, Path | None], daemon: DaemonSettings, where: str) -> None:
+    """Refuse a token file others can read, or warn where daemon.allow_readable_secrets accepts it."""
+    for key, file in files.items():
+        problem = secret_file_problem(file) if file is not None else None
+        if problem is None:
+            continue
+        if not daemon.allow_readable_secrets:
+            raise ConfigError(f"{where}: {key}: {problem}")
+        log.warning("%s: %s: %s (accepted: daemon.allow_readable_secrets is true)", where, key, problem)
 
 
 def search_path(explicit: Path | None) -> list[Path]:
@@ -76,14 +110,16 @@ def load_daemon_settings(explicit: Path | None = None) -> DaemonSettings:
     """Only the `daemon:` section, with its environment overrides: what a command that talks to the daemon
     needs (where it listens, its token, its state directory). The rest is the daemon's to validate."""
     path = find_config(explicit)
-    data = _read_yaml(path) if path is not None else {}
+    data = _read_yaml(path, section="daemon") if path is not None else {}
     sources: dict[str, str] = {}
     section = _with_environment({"daemon": data.get("daemon") or {}}, sources)["daemon"]
     try:
         daemon = DaemonSettings.model_validate(section)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path, sources, within="daemon")) from None
-    return _resolve_daemon(daemon, _base(path))
+    daemon = _resolve_daemon(daemon, _base(path))
+    _check_secret_files({"daemon.token_file": daemon.token_file}, daemon, str(path or "configuration"))
+    return daemon
 
 
 def default_settings() -> Settings:
@@ -96,22 +132,12 @@ def parse_settings(text: str, path: Path) -> Settings:
     return _validate(_parse_yaml(text, path), path)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
-    return _parse_yaml(text, path)
+def _read_yaml(path: Path, section: str | None = None) -> dict[str, Any]:
+    return _parse_yaml(read_config_text(path), path, section)
 
 
-def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}{line}: {problem}") from None
+def _parse_yaml(text: str, path: Path, section: str | None = None) -> dict[str, Any]:
+    data = parse_config_yaml(text, path, section)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -154,15 +180,24 @@ def _with_environment(data: dict[str, Any], sources: dict[str, str]) -> dict[str
 def _validate(data: dict[str, Any], path: Path | None) -> Settings:
     sources: dict[str, str] = {}
     try:
-        settings = Settings(**_with_environment(data, sources))
+        with collector_paused():
+            settings = _resolve_paths(Settings(**_with_environment(data, sources)), path)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path, sources)) from None
-    return _resolve_paths(settings, path)
+    secrets = {"daemon.token_file": settings.daemon.token_file}
+    secrets.update({f"peers.{i}.token_file": peer.token_file for i, peer in enumerate(settings.peers)})
+    _check_secret_files(secrets, settings.daemon, str(path or "configuration"))
+    return settings
 
 
 # Pydantic names the member of a union that failed (`literal['auto']`, `constrained-int`) in the
 # error location; users know keys, not union members.
 _UNION_MEMBER = re.compile(r"^(literal\[.*\]|constrained-\w+|list\[.*\]|dict\[.*\]|int|str|float|bool)$")
+
+
+# What an error shows, however large the configuration: each message cut, and the first problems only.
+_MAX_MESSAGE = 400
+_MAX_PROBLEMS = 20
 
 
 def _describe(exc: ValidationError, path: Path | None, sources: dict[str, str], within: str = "") -> str:
@@ -171,7 +206,7 @@ def _describe(exc: ValidationError, path: Path | None, sources: dict[str, str], 
     auto_keys: set[str] = set()  # keys that also accept 'auto'
     for error in exc.errors():
         loc = [within] if within else []
-        loc += [str(p) for p in error["loc"] if not _UNION_MEMBER.match(str(p))]
+        loc += [clip(str(p), 60) for p in error["loc"] if not _UNION_MEMBER.match(str(p))]
         key = ".".join(loc) or "(top level)"
         if error["type"] == "literal_error" and error.get("ctx", {}).get("expected") == "'auto'":
             auto_keys.add(key)
@@ -180,18 +215,22 @@ def _describe(exc: ValidationError, path: Path | None, sources: dict[str, str], 
             message = "unknown key"
         else:
             message = error["msg"].removeprefix("Value error, ").replace("Input should be", "should be")
+            message = clip(message, _MAX_MESSAGE)
             if not isinstance(error.get("input"), dict) and error["type"] != "missing" and "(got " not in message:
-                message = f"{message} (got {error['input']!r})"
+                message = f"{message} (got {shown(error['input'])})"
         by_key.setdefault(key, message)
     for key in auto_keys:
         if key in by_key:
             by_key[key] = by_key[key].replace("should be", "should be 'auto' or", 1)
         elif not any(k.startswith(key + ".") for k in by_key):
             by_key[key] = "should be 'auto'"
-    return "\n".join(
+    lines = [
         f"{where}: {key}{f' (from {sources[key]})' if key in sources else ''}: {message}"
         for key, message in by_key.items()
-    )
+    ]
+    if len(lines) > _MAX_PROBLEMS:
+        lines[_MAX_PROBLEMS:] = [f"{where}: and {len(lines) - _MAX_PROBLEMS} more problems"]
+    return "\n".join(lines)
 
 
 def _base(path: Path | None) -> Path:

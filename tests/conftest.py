@@ -137,6 +137,13 @@ def write_config(tmp_path: Path, tiny_model: Path, leaves_no_process: str) -> Co
     return write
 
 
+def write_secret(path: Path, text: str) -> Path:
+    """A token file as it should be: readable by its owner only (the launcher refuses one others can read)."""
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
 def run_cli(
     *args: str, env: dict[str, str], timeout: float = 60, prefix: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:

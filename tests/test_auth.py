@@ -12,7 +12,7 @@ import pytest
 from launcher.api.app import create_app
 from launcher.api.auth import reads_need_token
 from launcher.config_file import parse_settings
-from tests.conftest import OpenManager
+from tests.conftest import OpenManager, write_secret
 
 TOKEN = "t0ken-for-reads"
 READS = ["/instances", "/instances/tiny", "/gpus", "/plan/tiny", "/metrics", "/openapi.json", "/docs", "/nowhere"]
@@ -27,7 +27,7 @@ def test_when_reads_need_the_token(auth_reads: Any, loopback: bool, needed: bool
 
 
 async def client_for(tmp_path: Path, open_manager: OpenManager, auth_reads: str) -> httpx.AsyncClient:
-    (tmp_path / "token").write_text(TOKEN)
+    write_secret(tmp_path / "token", TOKEN)
     text = (
         f"daemon: {{state_dir: {tmp_path / 'state'}, token_file: token, auth_reads: {auth_reads}}}\n"
         f"models: {{tiny: {{model: {tmp_path / 'absent.gguf'}}}}}"

@@ -47,7 +47,7 @@ def test_examples_load(path: Path) -> None:
         ("models: {m: {model: a.gguf, ctx: lots}}", "models.m.ctx: should be a valid integer"),
         ("models: {m: {ctx: 10}}", "models.m.model: Field required"),
         ("models: {m: {model: a.gguf, restart: {policy: sometimes}}}", "models.m.restart.policy: should be"),
-        ("models: {'bad name': {model: a.gguf}}", "may hold only letters"),
+        ("models: {'bad name': {model: a.gguf}}", "does not follow the rule for names"),
         ("gpus: {backend: cuda}", "gpus.backend: should be 'auto', 'nvml'"),
         ("- a list", "expected a mapping"),
     ],

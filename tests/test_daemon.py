@@ -16,7 +16,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import ConfigWriter, Daemon, marked_processes, run_cli, stop_process
+from tests.conftest import ConfigWriter, Daemon, marked_processes, run_cli, stop_process, write_secret
 
 
 def ready(status: dict[str, Any]) -> bool:
@@ -126,7 +126,7 @@ def test_api_errors_and_health(write_config: ConfigWriter, start_daemon: Callabl
 def test_token_guards_mutations(
     write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon], tmp_path: Path
 ) -> None:
-    (tmp_path / "token").write_text("s3cret\n")
+    write_secret(tmp_path / "token", "s3cret\n")
     daemon = start_daemon(write_config(daemon={"token_file": str(tmp_path / "token")}))
     assert daemon.http.get("/instances").status_code == 200  # reading needs no token
     refused = daemon.http.post("/instances/tiny/start")

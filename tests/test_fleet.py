@@ -14,7 +14,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from launcher.route.errors import RouteError
 from launcher.route.where import Local, OnPeer, peer_models, where
 from launcher.schema import PeerStatus, ServedModel
-from tests.conftest import ConfigWriter, Daemon, free_port, poll_until
+from tests.conftest import ConfigWriter, Daemon, free_port, poll_until, write_secret
 
 StartDaemon = Callable[[Path], Daemon]
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
@@ -57,7 +57,7 @@ def test_a_peers_model_is_listed_and_served_through_this_front_door(
     write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path, tmp_path: Path
 ) -> None:
     # The peer: its own state directory and port, a key-protected front door (its token is one of the keys).
-    (tmp_path / "b.token").write_text("peer-token")
+    write_secret(tmp_path / "b.token", "peer-token")
     b_dir = tmp_path / "b"
     b_dir.mkdir()
     served = {"binary": str(standin), "autostart": True}

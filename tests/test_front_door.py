@@ -20,7 +20,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import ConfigWriter, Daemon, poll_until
+from tests.conftest import ConfigWriter, Daemon, poll_until, write_secret
 from tests.test_ollama import ollama_model, sim_gpus
 
 StartDaemon = Callable[[Path], Daemon]
@@ -297,7 +297,7 @@ def test_keys_on_a_public_bind(
     write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path, tmp_path: Path
 ) -> None:
     token_file = tmp_path / "token"
-    token_file.write_text("admin-token\n")
+    write_secret(token_file, "admin-token\n")
     daemon_settings = {"host": "0.0.0.0", "token_file": str(token_file)}
     config = write_config({"m": {"binary": str(standin)}}, daemon=daemon_settings, router={"api_keys": ["user-key"]})
     daemon = start_daemon(config)

@@ -198,6 +198,17 @@ def test_config_token_and_ports_agree(rendered: tuple[str, list[Doc]], tmp_path:
     assert endpoint["authorization"]["credentials"] == {"name": secret["secretName"], "key": token.name}
 
 
+def test_token_secret_is_readable_by_the_pods_group_only(rendered: tuple[str, list[Doc]]) -> None:
+    """The kubelet mounts a Secret's files as root's, group the pod's fsGroup: the launcher (uid 10001)
+    reads the token through the group, and refuses it if others can read it too (as ssh would)."""
+    _, docs = rendered
+    pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]["securityContext"]
+    mode = volume(docs, "token")["secret"]["defaultMode"]
+    assert pod["fsGroup"] == pod["runAsGroup"] != 0
+    assert mode & 0o040, f"{mode:04o}: the pod's user reads the root-owned token through its group"
+    assert not mode & 0o007, f"{mode:04o}: the launcher refuses a token file others can read"
+
+
 def test_models_come_from_the_host_or_the_claim(rendered: tuple[str, list[Doc]]) -> None:
     _, docs = rendered
     models = volume(docs, "models")

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tests.conftest import ConfigWriter, Daemon
+from tests.conftest import ConfigWriter, Daemon, write_secret
 
 SCHEMATHESIS_CONFIG = """
 [[operations]]
@@ -82,7 +82,7 @@ def test_schemathesis_finds_nothing_and_touches_no_instance(
     write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon], tmp_path: Path
 ) -> None:
     token = "fuzz-token-1234"
-    (tmp_path / "token").write_text(token)
+    write_secret(tmp_path / "token", token)
     config = write_config({CANARY: {"autostart": True}}, gpus=GPUS, daemon={"token_file": str(tmp_path / "token")})
     daemon = start_daemon(config)
     before = daemon.wait_for(CANARY, lambda s: s["state"] == "ready")

@@ -23,7 +23,7 @@ from launcher.rpc.claims import ClaimBook
 from launcher.rpc.remote import Remote, remote_for
 from launcher.schema import ClaimDevice, ClaimRequest, GpuSample, PeerStatus, Plan, RpcClaim, RpcDevice, RpcEndpoint
 from launcher.tinymodel import TinyShape, write_tiny_llama
-from tests.conftest import ConfigWriter, Daemon, poll_until
+from tests.conftest import ConfigWriter, Daemon, poll_until, write_secret
 
 # 8 layers of q8_0, n_embd 512: 49.5 MiB on one device at ctx 512; 45.4 and 37.6 over two (each device
 # of a pipeline has its own, larger, compute buffer).
@@ -176,7 +176,7 @@ def _worker_host(
 ) -> Path:
     """A peer: one simulated GPU of GPU_MIB, lent through a real ggml-rpc-server (on ``port``), its API
     behind a token; both on ``host`` (its address in a network namespace of its own, or loopback)."""
-    (tmp_path / f"{name}.token").write_text(TOKEN)
+    write_secret(tmp_path / f"{name}.token", TOKEN)
     worker: dict[str, Any] = {
         "backend": "rpc-server",
         "model": None,

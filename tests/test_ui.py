@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect
 
-from tests.conftest import ConfigWriter, Daemon
+from tests.conftest import ConfigWriter, Daemon, write_secret
 
 WAIT_MS = 30_000
 SIM: list[dict[str, Any]] = [
@@ -226,7 +226,7 @@ TOKEN = "s3cret-token"
 
 
 def token_config(tmp_path: Path, auth_reads: str) -> dict[str, Any]:
-    (tmp_path / "token").write_text(TOKEN)
+    write_secret(tmp_path / "token", TOKEN)
     return {"token_file": str(tmp_path / "token"), "auth_reads": auth_reads}
 
 
@@ -305,7 +305,7 @@ def test_remote_part_shows_the_peers_models_and_a_peer_going_away(
     tmp_path: Path,
 ) -> None:
     # The peer: its own state directory, port and token, serving one model through its front door.
-    (tmp_path / "b.token").write_text(TOKEN)
+    write_secret(tmp_path / "b.token", TOKEN)
     (tmp_path / "b").mkdir()
     b_config = write_config(
         {"far": {"binary": str(standin), "autostart": True}},

@@ -14,7 +14,7 @@ from launcher.api.app import create_app
 from launcher.config_file import parse_settings
 from launcher.schema import GpuSample, GpuTopology
 from launcher.supervise.manager import Manager
-from tests.conftest import OpenManager
+from tests.conftest import OpenManager, write_secret
 
 TOKEN = "t0ken-for-the-page"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -27,7 +27,7 @@ PAGE_FILES = {"index.html", "app.js", "api.js", "draw.js", "panels.js", "style.c
 
 
 async def client_for(tmp_path: Path, open_manager: OpenManager) -> tuple[httpx.AsyncClient, Manager]:
-    (tmp_path / "token").write_text(TOKEN)
+    write_secret(tmp_path / "token", TOKEN)
     text = (
         f"daemon: {{state_dir: {tmp_path / 'state'}, token_file: token, auth_reads: always}}\n"
         f"gpus: {SIM}\n"

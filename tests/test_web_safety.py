@@ -19,7 +19,7 @@ import yaml
 
 from launcher.api.origin import HostNames, from_another_page, split_host
 from launcher.config import DaemonSettings
-from tests.conftest import ConfigWriter, Daemon
+from tests.conftest import ConfigWriter, Daemon, write_secret
 
 StartDaemon = Callable[[Path], Daemon]
 ROOT = Path(__file__).parent.parent
@@ -287,7 +287,7 @@ def test_secrets_only_to_the_token_holder(
     open_daemon.stop()
 
     # A token configured, on loopback (reads open): the values and log lines to its holder only.
-    (tmp_path / "token").write_text("t0ken")
+    write_secret(tmp_path / "token", "t0ken")
     (tmp_path / "b").mkdir()
     config = write_config({"m": model}, daemon={"token_file": str(tmp_path / "token")})
     daemon = start_daemon(config.rename(tmp_path / "b" / "launcher.yaml"))

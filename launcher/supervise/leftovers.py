@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
+import reprlib
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import psutil
 
 from launcher.supervise.owner import StateDirLock
+
+log = logging.getLogger("launcher")
 
 # Set in every server's environment: which instance it belongs to.
 INSTANCE_ENV = "LAUNCHER_INSTANCE"
@@ -29,6 +34,27 @@ class ChildRecord:
     pid: int
     create_time: float
     exe: str  # argv[0]
+
+
+_FIELDS = tuple(field.name for field in fields(ChildRecord))
+
+
+def _record(entry: object) -> ChildRecord | str:
+    """The record ``entry`` spells, or what is wrong with it. The file is read back after a crash, or after
+    anyone edited it: a pid of -1 or "123" must not reach os.killpg."""
+    if not isinstance(entry, dict):
+        return "not a mapping"
+    missing = [key for key in _FIELDS if key not in entry]
+    if missing:
+        return f"no {', '.join(missing)}"
+    instance, pid, created, exe = (entry[key] for key in _FIELDS)
+    if not isinstance(instance, str) or not isinstance(exe, str):
+        return "instance and exe should be strings"
+    if type(pid) is not int or not 0 < pid < 2**31:
+        return f"pid {reprlib.repr(pid)} is not a process id"
+    if type(created) not in (int, float) or not 0 <= created < math.inf:
+        return f"create_time {reprlib.repr(created)} is not a time"
+    return ChildRecord(instance, pid, float(created), exe)
 
 
 class ChildRegistry:
@@ -62,10 +88,25 @@ class ChildRegistry:
             self._save()
 
     def _load(self) -> list[ChildRecord]:
+        """The records of the file, each one checked; what cannot be used is logged and skipped."""
         try:
-            return [ChildRecord(**entry) for entry in json.loads(self.path.read_text())]
-        except (OSError, ValueError, TypeError):
+            entries = json.loads(self.path.read_text())
+        except FileNotFoundError:
             return []
+        except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON, nested too deep
+            log.warning("%s cannot be read, and is ignored: %s", self.path, getattr(exc, "strerror", None) or exc)
+            return []
+        if not isinstance(entries, list):
+            log.warning("%s is not a list of servers, and is ignored", self.path)
+            return []
+        records = []
+        for index, entry in enumerate(entries):
+            record = _record(entry)
+            if isinstance(record, str):
+                log.warning("%s: entry %d is skipped, not a server's record: %s", self.path, index, record)
+            else:
+                records.append(record)
+        return records
 
     def clean_leftovers(self, timeout_s: float = 5.0) -> list[str]:
         """Stop the recorded servers that still run (TERM to the group, wait, KILL); describe each."""

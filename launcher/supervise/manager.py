@@ -113,6 +113,9 @@ class Manager:
             name: Instance(name, model, backend=backend_for(model, settings.rpc), around=around, group=group)
             for name, (group, model) in self._configured.items()
         }
+        self._groups: dict[str, list[str]] = {}  # configured model -> its instances: asked once per model
+        for name, instance in self.instances.items():
+            self._groups.setdefault(instance.group, []).append(name)
         self._degrader: Degrader | None = None
         if peers is not None:
             self._degrader = Degrader(peers, self.instances, self._preparer, self._spawn)
@@ -219,7 +222,7 @@ class Manager:
 
     def group(self, name: str) -> list[str]:
         """The instances of configured model ``name`` (its replicas, or itself)."""
-        return [n for n, i in self.instances.items() if i.group == name]
+        return list(self._groups.get(name, ()))
 
     # ---- placement --------------------------------------------------------------------------------------
 
