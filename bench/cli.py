@@ -36,9 +36,9 @@ from typing import Any
 
 import gguf
 import numpy as np
-import yaml
 
 from bench.startup import bare_once
+from launcher.config_yaml import dump_config_yaml
 from launcher.tinymodel import write_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -339,7 +339,7 @@ def write_config(tmp: Path, tiny: Path, big: Path, port: int) -> Path:
         "models": models,
     }
     path = tmp / "launcher.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(dump_config_yaml(config))
     return path
 
 

@@ -28,8 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
-import yaml
 
+from launcher.config_yaml import dump_config_yaml
 from launcher.supervise.ports import pick_free_port
 
 MIB = 2**20
@@ -39,7 +39,7 @@ MIB = 2**20
 def daemon(tmp: Path) -> Iterator[tuple[int, psutil.Process]]:
     port = pick_free_port(18800, 18899, [])
     config = tmp / "launcher.yaml"
-    config.write_text(yaml.safe_dump({"daemon": {"port": port, "state_dir": str(tmp / "state")}, "models": {}}))
+    config.write_text(dump_config_yaml({"daemon": {"port": port, "state_dir": str(tmp / "state")}, "models": {}}))
     log = tmp / "daemon.log"
     with log.open("w") as out:
         proc = subprocess.Popen(

@@ -55,6 +55,7 @@ import launcher.wiring
 from bench.cli import ENV, PYTHON, Connection, Daemon, free_port, free_port_range, wait_healthy
 from launcher.backends.llama_server import find_llama_server
 from launcher.config_file import load_settings
+from launcher.config_yaml import dump_config_yaml
 from launcher.daemon import serve
 from launcher.route.proxy import Answer, Upstream, UpstreamFailed, outgoing_headers
 from launcher.route.usage import of_body
@@ -429,7 +430,7 @@ def write_config(tmp: Path, tiny: Path, api_port: int, server_port: int, threads
         "models": {MODEL: model},
     }
     path = tmp / "launcher.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(dump_config_yaml(config))
     return path
 
 

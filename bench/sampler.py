@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 import psutil
-import yaml
 
+from launcher.config_yaml import dump_config_yaml
 from launcher.supervise.ports import pick_free_port
 
 
 def start(tmp: Path, name: str, gpus: dict[str, object], port: int) -> subprocess.Popen[str]:
     config = tmp / f"{name}.yaml"
-    config.write_text(yaml.safe_dump({"daemon": {"port": port, "state_dir": str(tmp / name)}, "gpus": gpus}))
+    config.write_text(dump_config_yaml({"daemon": {"port": port, "state_dir": str(tmp / name)}, "gpus": gpus}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher", "--config", str(config), "serve"],
         stdout=subprocess.PIPE,

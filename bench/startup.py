@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import yaml
 
 from launcher.backends import Placement
 from launcher.backends.llama_server import LlamaServerBackend
 from launcher.config_file import load_settings
+from launcher.config_yaml import dump_config_yaml
 from launcher.schema import State
 from launcher.supervise.instance import Instance
 from launcher.supervise.ports import pick_free_port
@@ -118,7 +118,7 @@ def main() -> None:
         config = Path(tmp) / "launcher.yaml"
         port = pick_free_port(18400, 18499, [])
         config.write_text(
-            yaml.safe_dump(
+            dump_config_yaml(
                 {
                     "daemon": {"port": port, "state_dir": str(Path(tmp) / "state"), "instance_ports": [18500, 18599]},
                     "models": {

@@ -17,9 +17,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-
 from launcher.config_file import load_settings
+from launcher.config_yaml import dump_config_yaml
 from launcher.schema import State
 from launcher.supervise.instance import Instance
 from launcher.tinymodel import write_tiny_llama
@@ -34,7 +33,7 @@ def stamp(text: str) -> float:
 
 def config(tmp: Path, models: dict[str, dict[str, object]]) -> Path:
     path = tmp / "launcher.yaml"
-    path.write_text(yaml.safe_dump({"daemon": {"state_dir": str(tmp / "state"), "port": 18480}, "models": models}))
+    path.write_text(dump_config_yaml({"daemon": {"state_dir": str(tmp / "state"), "port": 18480}, "models": models}))
     return path
 
 

@@ -110,6 +110,8 @@ def parse_config_yaml(text: str, path: Path, section: str | None = None) -> Any:
             f"{path}: {where + ': ' if where else ''}key {shown(exc.key)} given twice "
             f"(lines {exc.first_line} and {exc.line})"
         ) from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:  # a scalar YAML's types cannot hold
+        raise ConfigError(f"{path}: a value cannot be read: {clip(str(exc), 120)}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
@@ -117,6 +119,19 @@ def parse_config_yaml(text: str, path: Path, section: str | None = None) -> Any:
         if problem == "exceeded maximum nesting depth":  # libyaml's own limit (1,000), met before ours
             problem = _TOO_DEEP
         raise ConfigError(f"{path}{line}: {problem}") from None
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Writes every value out where it is used: a configuration may hold no aliases (the loader refuses
+    them), and PyYAML would write one for an object that appears twice."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_config_yaml(data: Any) -> str:
+    """``data`` as YAML the loader takes back."""
+    return yaml.dump(data, Dumper=_ConfigDumper)
 
 
 @contextlib.contextmanager

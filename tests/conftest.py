@@ -28,6 +28,7 @@ import yaml
 from launcher.backends.llama_server import find_llama_server
 from launcher.config import DaemonSettings, Settings
 from launcher.config_file import load_settings
+from launcher.config_yaml import dump_config_yaml
 from launcher.supervise.manager import Manager
 from launcher.tinymodel import write_tiny_llama
 from launcher.wiring import supervision
@@ -131,7 +132,7 @@ def write_config(tmp_path: Path, tiny_model: Path, leaves_no_process: str) -> Co
         daemon.update(top.pop("daemon", {}))
         top.setdefault("gpus", {"backend": "none"})  # never the host's GPUs: a test names the GPUs it means
         path = tmp_path / "launcher.yaml"
-        path.write_text(yaml.safe_dump({"daemon": daemon, "models": entries, **top}))
+        path.write_text(dump_config_yaml({"daemon": daemon, "models": entries, **top}))
         return path
 
     return write

@@ -16,6 +16,7 @@ import psutil
 import pytest
 import yaml
 
+from launcher.config_yaml import dump_config_yaml
 from tests.conftest import ConfigWriter, Daemon, marked_processes, run_cli, stop_process, write_secret
 
 
@@ -153,7 +154,7 @@ def test_second_daemon_on_the_same_port_says_so(
     other = yaml.safe_load(daemon.config.read_text())
     other["daemon"]["state_dir"] = str(tmp_path / "other-state")  # its own state directory, the same port
     config = tmp_path / "other.yaml"
-    config.write_text(yaml.safe_dump(other))
+    config.write_text(dump_config_yaml(other))
     result = run_cli("--config", str(config), "serve", env=daemon.env)
     assert result.returncode == 1
     assert "cannot listen on 127.0.0.1:" in result.stderr

@@ -18,6 +18,7 @@ import psutil
 import pytest
 import yaml
 
+from launcher.config_yaml import dump_config_yaml
 from launcher.schema import State
 from launcher.supervise.manager import Manager
 from launcher.supervise.process import ExitStatus, ServerProcess
@@ -161,7 +162,7 @@ def test_a_deleted_lock_file_does_not_let_a_second_daemon_in(
     second = tmp_path / "second.yaml"  # another port: only the state directory is shared
     settings = yaml.safe_load(config.read_text())
     settings["daemon"]["port"] = free_port()
-    second.write_text(yaml.safe_dump(settings))
+    second.write_text(dump_config_yaml(settings))
     result = run_cli("--config", str(second), "serve", env=marked_env)
     assert result.returncode == 1
     assert f"owns the state directory {tmp_path / 'state'}" in result.stderr

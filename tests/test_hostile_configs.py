@@ -60,6 +60,19 @@ HOSTILE_YAML: dict[str, tuple[str, str]] = {
         f"models:\n  {'a' * 300}:\n    model: x.gguf\n",
         f"{{path}}: models: model name '{'a' * 78}… (300 characters) {RULE}",
     ),
+    "a number too long for Python": (
+        "daemon:\n  port: " + "9" * 5000 + "\n",
+        "{path}: a value cannot be read: Exceeds the limit (4300 digits) for integer string conversion: value has "
+        "5000 digits; use sys.set_int_max_str_digits() …",
+    ),
+    "a date that is none": (
+        "models:\n  tiny:\n    model: 2024-13-45\n",
+        "{path}: a value cannot be read: month must be in 1..12",
+    ),
+    "a timestamp tag on a word": (
+        "models: !!timestamp abc\n",
+        "{path}: a value cannot be read: 'NoneType' object has no attribute 'groupdict'",
+    ),
     "huge value": (
         "models: [" + ",".join(["[1,2,3,4,5,6,7,8]"] * 100_000) + "]",
         "{path}: models: should be a valid dictionary "
@@ -78,7 +91,9 @@ def test_hostile_yaml_is_one_sentence(case: str, tmp_path: Path) -> None:
     assert str(caught.value) == sentence.format(path=path)
 
 
-@pytest.mark.parametrize("case", ["alias bomb", "key twice", "flow nesting", "too large", "long name"])
+@pytest.mark.parametrize(
+    "case", ["alias bomb", "key twice", "flow nesting", "too large", "long name", "a date that is none"]
+)
 def test_hostile_yaml_through_the_cli(case: str, tmp_path: Path, marked_env: dict[str, str]) -> None:
     text, sentence = HOSTILE_YAML[case]
     path = tmp_path / "launcher.yaml"

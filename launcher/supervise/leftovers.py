@@ -122,7 +122,10 @@ class ChildRegistry:
                 os.killpg(record.pid, signal.SIGKILL)  # the group: grandchildren too
             stopped.append(f"{record.instance} (pid {record.pid}{', killed' if alive else ''})")
         self._records.clear()
-        self._save()
+        try:
+            self._save()
+        except OSError as exc:  # a full disk must not keep the daemon from starting: the next save rewrites it
+            log.warning("%s cannot be written now (%s): the servers it lists are stopped", self.path, exc.strerror)
         return stopped
 
 
