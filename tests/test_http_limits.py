@@ -139,6 +139,31 @@ def test_a_slow_request_is_closed_with_408_within_the_timeout(daemon: Daemon, st
         assert "did not arrive within 1 s" in body["detail"]
 
 
+def test_blank_lines_between_requests_do_not_hold_the_connection(daemon: Daemon) -> None:
+    """HTTP lets a client send CRLFs before a request line; they start no request, and must not keep the
+    connection open past the deadline of the head they stand for."""
+    with connect(daemon) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\n" + HEAD + b"\r\n")
+        assert read_answer(sock)[0] == 200
+        begin = time.monotonic()
+        sock.settimeout(TIMEOUT_S / 4)
+        answer = b""
+        for _ in range(int(8 / (TIMEOUT_S / 4))):  # bounded: 8 s of blank lines at most
+            try:
+                sock.sendall(b"\r\n")
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            answer += chunk
+        took_s = time.monotonic() - begin
+    assert status_and_body(answer)[0] == 408
+    assert took_s < TIMEOUT_S + 2.0
+
+
 def test_a_stop_whose_body_never_arrives_stops_nothing(
     write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon], standin: Path
 ) -> None:

@@ -78,6 +78,11 @@ def limited_protocol(request_timeout_s: float) -> type[HttpToolsProtocol]:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            # Bytes between requests (the blank lines HTTP lets a client send there, which start no message
+            # and stop uvicorn's keep-alive timer) start the next head's deadline: a client cannot hold the
+            # connection by dribbling them.
+            if self._deadline is None and not self._in_body:
+                self._arm()
             # A body goes to the parser as it comes (uvicorn's flow control bounds it); a head only up to
             # what is left of its bound, so the parser never holds more of it.
             while data:
@@ -116,6 +121,7 @@ def limited_protocol(request_timeout_s: float) -> type[HttpToolsProtocol]:
         def on_message_complete(self) -> None:
             self._in_body = False
             self._head_b = 0
+            self.url = b""  # the next head's, once it begins
             self._disarm()  # the answer takes as long as it takes (a stream may run for minutes)
             super().on_message_complete()
 
@@ -132,16 +138,19 @@ def limited_protocol(request_timeout_s: float) -> type[HttpToolsProtocol]:
             self._deadline = None
             if self.transport.is_closing():
                 return
-            current = self.cycle if self.cycle is not None and self.cycle.scope is self.scope else None
-            if self.pipeline or (current is None and self.cycle is not None and not self.cycle.response_complete):
-                self.transport.close()  # an answer to an earlier request is still going: no place for ours
+            cycle = self.cycle
+            if not self._in_body and cycle is not None and not cycle.response_complete:
+                # An answer is still going (a stream, its request whole): the next head is timed from its end.
+                self._arm()
                 return
-            if current is not None:
+            if self.pipeline:
+                self.transport.close()  # requests wait behind an answer still going: no place for ours
+                return
+            if self._in_body and cycle is not None and cycle.scope is self.scope:
                 # The app waits for the rest of the body: it hears the client is gone, and writes nothing.
-                answered = current.response_started
-                current.disconnected = True
-                current.message_event.set()
-                if answered:
+                cycle.disconnected = True
+                cycle.message_event.set()
+                if cycle.response_started:
                     self.transport.close()
                     return
             what = "body" if self._in_body else "request line and headers"
