@@ -87,6 +87,10 @@ async def test_a_crash_loop_follows_the_backoff_and_fails_without_using_cpu(
     assert (cpu.user + cpu.system) - (cpu_before.user + cpu_before.system) < 0.5 * elapsed
     assert status.last_exit == "exited with code 1"
     assert any("crashing at start" in line for line in status.log_tail)
+    # Its last words first, then why it is not tried again.
+    assert status.last_error is not None
+    assert status.last_error.startswith("standin: crashing at start (pid ")
+    assert status.last_error.endswith(") (gave up after more than 4 restarts in 60s)")
     started = await manager.start("crashy")  # an operator's start leaves failed, and the answer says so
     assert (started.state, started.last_error) == (State.STARTING, None)
 

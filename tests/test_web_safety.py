@@ -19,7 +19,7 @@ import yaml
 
 from launcher.api.origin import HostNames, from_another_page, split_host
 from launcher.config import DaemonSettings
-from tests.conftest import ConfigWriter, Daemon, write_secret
+from tests.conftest import ConfigWriter, Daemon, poll_until, write_secret
 
 StartDaemon = Callable[[Path], Daemon]
 ROOT = Path(__file__).parent.parent
@@ -308,3 +308,30 @@ def test_secrets_only_to_the_token_holder(
     assert "CUDA_DEVICE_ORDER" not in secret
     cli = daemon.cli("plan", "m")  # the CLI reads the token file: it holds the token
     assert "HF_TOKEN=hf_s3cret" in cli.stdout, cli.stdout + cli.stderr
+
+
+def test_what_a_server_said_as_it_ended_is_for_the_token_holder(
+    write_config: ConfigWriter, start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A server's last words go into its last error and exit events (issue 19); they may echo its
+    environment, so with a token configured they are the holder's alone, as its log is."""
+    leaky = tmp_path / "leaky-server"
+    leaky.write_text('#!/bin/sh\necho "loading with HF_TOKEN=$HF_TOKEN"\nexit 1\n')
+    leaky.chmod(0o755)
+    write_secret(tmp_path / "token", "t0ken")
+    model = {"binary": str(leaky), "env": {"HF_TOKEN": "hf_s3cret"}, "restart": {"policy": "never"}}
+    daemon = start_daemon(write_config({"m": model}, daemon={"token_file": str(tmp_path / "token")}))
+    holder = {"Authorization": "Bearer t0ken"}
+    assert daemon.http.post("/instances/m/start", headers=holder).status_code == 202
+    shown = poll_until(
+        lambda: daemon.http.get("/instances/m", headers=holder).json(), lambda s: s["state"] == "failed", "m", 30
+    )
+    assert shown["last_error"] == "loading with HF_TOKEN=hf_s3cret"
+    stranger = daemon.http.get("/instances/m").json()
+    hidden = "<the server's words: shown with the API token>"
+    assert stranger["last_error"] == hidden
+    assert [e["message"] for e in stranger["events"] if e["kind"] == "exit"] == [f"server exited with code 1: {hidden}"]
+    for headers in ({}, holder):
+        events = daemon.http.get("/events", params={"recent": 50, "follow": "false"}, headers=headers).text
+        assert ("hf_s3cret" in events) is (headers == holder)
+    assert "hf_s3cret" not in daemon.http.get("/instances").text

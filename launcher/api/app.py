@@ -22,7 +22,7 @@ import launcher
 from launcher.api.auth import UNAUTHORISED, ReadAuth, bearer_matches, reads_need_token
 from launcher.api.disconnect import unless_gone
 from launcher.api.metrics import LauncherCollector
-from launcher.api.redact import redacted_plan, without_log_lines
+from launcher.api.redact import redacted_plan, without_log_lines, without_server_words
 from launcher.api.ui import add_ui
 from launcher.config import Settings
 from launcher.errors import LauncherError, NotFoundError
@@ -127,7 +127,9 @@ def create_app(
         return token is not None and bearer_matches(authorization, token)
 
     def shown(status: InstanceStatus, authorization: str | None) -> InstanceStatus:
-        return status if token is None or holds_token(authorization) else without_log_lines(status)
+        if token is None or holds_token(authorization):
+            return status
+        return without_log_lines(status, manager.get(status.name).server_words)
 
     @app.exception_handler(_Unauthorised)
     async def unauthorised(_request: Request, _exc: _Unauthorised) -> JSONResponse:
@@ -251,18 +253,26 @@ def create_app(
             **_errors(422),
         },
     )
-    async def events(recent: Annotated[int, Query(ge=0, le=500)] = 0, follow: bool = True) -> StreamingResponse:
+    async def events(
+        recent: Annotated[int, Query(ge=0, le=500)] = 0, follow: bool = True, authorization: Authorization = None
+    ) -> StreamingResponse:
         """Server-sent events: state changes, exits, errors, thermal warnings; ``recent`` past ones first.
         With ``follow=false`` the stream ends after those (a script's look at what just happened)."""
         queue = manager.subscribe() if follow else None
         past = list(manager.events)[-recent:] if recent else []
+        hide_server_words = token is not None and not holds_token(authorization)
+
+        def shown_event(event: Event) -> Event:
+            if not hide_server_words or event.instance is None:
+                return event
+            return without_server_words(event, manager.get(event.instance).server_words)
 
         async def stream() -> AsyncIterator[str]:
             try:
                 for event in past:
-                    yield _sse(event)
+                    yield _sse(shown_event(event))
                 while queue is not None:
-                    yield _sse(await queue.get())
+                    yield _sse(shown_event(await queue.get()))
             finally:
                 if queue is not None:
                     manager.unsubscribe(queue)

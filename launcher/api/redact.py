@@ -4,18 +4,20 @@ command line; the servers' log lines may hold them too (Ollama prints its enviro
 served.
 
 So without the token: the values of the configured environment and of the key options in the command
-line read "<redacted>"; and where a token is configured, no log line is shown (on loopback without one,
+line read "<redacted>"; and where a token is configured, no log line is shown, nor the server's own words
+in an instance's last error and exit events (on loopback without one,
 nobody holds a token and every local caller may act anyway: log lines stay readable there; a web page is
 kept out by launcher/api/origin.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 
-from launcher.schema import InstanceStatus, Plan
+from launcher.schema import Event, InstanceStatus, Plan
 
 REDACTED = "<redacted>"
+SERVER_WORDS_HIDDEN = "<the server's words: shown with the API token>"
 # llama-server's options whose value is a secret.
 _SECRET_OPTIONS = frozenset({"--api-key", "--hf-token", "-hft"})
 
@@ -29,11 +31,30 @@ def redacted_plan(plan: Plan, configured_env: Collection[str]) -> Plan:
     return plan.model_copy(update={"env": env, "command": command})
 
 
-def without_log_lines(status: InstanceStatus) -> InstanceStatus:
-    """``status`` less the server's log lines (its plan is the placement alone: no environment, no command)."""
-    if status.log_line is None and not status.log_tail:
-        return status
-    return status.model_copy(update={"log_line": None, "log_tail": []})
+def without_log_lines(status: InstanceStatus, server_words: Iterable[str]) -> InstanceStatus:
+    """``status`` less the server's log lines and its words (``server_words``: what its last exits said) in
+    its last error and events (its plan is the placement alone: no environment, no command)."""
+    words = list(server_words)
+    return status.model_copy(
+        update={
+            "log_line": None,
+            "log_tail": [],
+            "last_error": None if status.last_error is None else without_words(status.last_error, words),
+            "events": [without_server_words(event, words) for event in status.events],
+        }
+    )
+
+
+def without_server_words(event: Event, server_words: Iterable[str]) -> Event:
+    """``event`` with what a server said replaced by a note that the token shows it."""
+    message = without_words(event.message, server_words)
+    return event if message == event.message else event.model_copy(update={"message": message})
+
+
+def without_words(text: str, words: Iterable[str]) -> str:
+    for word in words:
+        text = text.replace(word, SERVER_WORDS_HIDDEN)
+    return text
 
 
 def _hidden(part: str, before: str) -> str:

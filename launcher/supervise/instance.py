@@ -35,6 +35,7 @@ _FIRST_LOAD_PROBE_S = 0.01  # a tiny model is ready in 50 ms; big ones back off 
 _MAX_LOAD_PROBE_S = 0.5
 _EVENTS_KEPT = 50
 _LOG_LINES_READ = 200  # of a server that ended: where its last error lines are looked for
+_LINES_AT_THE_END = 20  # of a server that served before it ended: where why it ended is looked for
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ class Instance:
         self.last_exit: ExitStatus | None = None
         self.last_error: str | None = None
         self.events: deque[Event] = deque(maxlen=_EVENTS_KEPT)
+        # What the server said as its last runs ended (in last_error and exit events): shown to the holder
+        # of the API token alone, as its log is (launcher/api/redact.py).
+        self.server_words: deque[str] = deque(maxlen=_EVENTS_KEPT)
         self.server_info: dict[str, int] = {}  # what the server reports of itself (Ollama: sizes)
         self._last_notice: str | None = None
         self.degraded_reason: str | None = None
@@ -251,17 +255,20 @@ class Instance:
         if notice is not None:
             self._emit("storage", notice)
 
-    async def _end(self, proc: ServerProcess, why: str) -> tuple[ExitStatus, str | None]:
+    async def _end(self, proc: ServerProcess, why: str, *, served: bool = False) -> tuple[ExitStatus, str | None]:
         """Stop the server if it still runs, and record how it ended: with the server's own error lines
-        when it ended by itself (read before the launcher's exit marker goes in)."""
-        error = None if proc.running else server_error(self._lines_of_last_run())
+        when it ended by itself (read before the launcher's exit marker goes in). Of a server that
+        ``served``, its last lines alone: an error it answered a request with hours ago is not why it ended."""
+        lines = [] if proc.running else self._lines_of_last_run()
+        error = server_error(lines[-_LINES_AT_THE_END:] if served else lines)
         status = await proc.stop(self.settings.stop_timeout)
         self._proc = None
         self._write(self._around.registry.path, lambda: self._around.registry.remove(proc.pid))
         if self.placement.claims_mib:
             self._around.vacated(self.placement.claims_mib)
         self.last_exit = status
-        if error is not None and not (status.success and self._ready_since is not None):
+        if error is not None:
+            self.server_words.append(error)
             self.last_error = error
         self._write(self.log_path, lambda: logs.write_marker(self.log_path, f"{self.name} {status.describe()}{why}"))
         self._emit("exit", f"server {status.describe()}{why}" + (f": {error}" if error else ""))
@@ -298,7 +305,7 @@ class Instance:
             self._ready_since = None
         elif proc.running:
             self._record_error(f"not ready within load_timeout ({self.settings.health.load_timeout:g}s)")
-        status, error = await self._end(proc, "")
+        status, error = await self._end(proc, "", served=ready_for_s is not None)
         reason = await self._around.blocked(self)
         if reason is not None:  # not the server's fault: no restart (and none of the policy's budget)
             self._set_state(State.DEGRADED, reason)
@@ -312,16 +319,19 @@ class Instance:
             self._set_state(State.FAILED, "it failed to start twice in a row with the same error: not retried")
             return None
         failure = unhealthy or not status.success or ready_for_s is None
-        return self._decide(failure=failure, ready_for_s=ready_for_s)
+        return self._decide(failure=failure, ready_for_s=ready_for_s, said=error)
 
-    def _decide(self, *, failure: bool, ready_for_s: float | None) -> float | None:
+    def _decide(self, *, failure: bool, ready_for_s: float | None, said: str | None = None) -> float | None:
+        """What the policy makes of a run's end; ``said``: the server's words as it ended, kept first in the
+        error when the policy gives up."""
         delay = self._policy.next_delay(failure=failure, ready_for_s=ready_for_s, now=time.monotonic())
         if delay is None:
             if failure and self.settings.restart.policy != "never":
-                self._record_error(
+                gave_up = (
                     f"gave up after more than {self.settings.restart.burst} restarts "
                     f"in {self.settings.restart.interval:g}s"
                 )
+                self._record_error(gave_up if said is None else f"{said} ({gave_up})")
             self._set_state(State.FAILED if failure else State.STOPPED)
         return delay
 
