@@ -253,6 +253,27 @@ async def test_a_plan_whose_callers_left_before_its_turn_never_starts() -> None:
     assert ran == []
 
 
+async def test_a_caller_that_comes_as_the_last_one_leaves_gets_its_own_plan() -> None:
+    threads = PlanningThreads(limit=1)
+    release, began = threading.Event(), threading.Event()
+
+    def busy() -> str:
+        began.set()
+        release.wait(30)
+        return "busy"
+
+    first = asyncio.ensure_future(threads.run(busy, key="a"))
+    await asyncio.to_thread(began.wait, 30)
+    left = asyncio.ensure_future(threads.run(lambda: "m", key="m"))
+    await asyncio.sleep(0)
+    left.cancel()  # the last caller of "m" leaves before its turn: that computation is dropped...
+    stays = asyncio.ensure_future(threads.run(lambda: "m again", key="m"))  # ...and one more comes at once
+    await asyncio.sleep(0)
+    release.set()
+    assert await first == "busy"
+    assert await stays == "m again"  # its own computation, never the dropped one's cancellation
+
+
 async def test_a_plan_request_whose_client_left_is_cancelled_and_one_that_stays_is_answered() -> None:
     left = asyncio.Event()
 

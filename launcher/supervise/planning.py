@@ -49,6 +49,8 @@ class PlanningThreads:
             shared.waiting -= 1
             if not shared.waiting and not shared.began:  # every caller left before its turn: drop it
                 shared.task.cancel()
+                if key is not None:
+                    self._forget(key, shared)  # now: a caller coming before the task ends starts anew
 
     async def _compute(self, shared: _Shared[T], work: Callable[[], T]) -> T:
         async with self._turns:
