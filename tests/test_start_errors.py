@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from launcher.backends import options
 from launcher.backends.options import closest_option, options_in_help, server_options, unknown_option
 from launcher.tinymodel import write_tiny_llama
-from tests.conftest import ConfigWriter, Daemon, run_cli
+from tests.conftest import MARK, ConfigWriter, Daemon, run_cli
 
 NO_MMAP_ERROR = "error: invalid argument: --no-mmap"
 
@@ -25,8 +26,10 @@ NO_MMAP_ERROR = "error: invalid argument: --no-mmap"
 def test_the_installed_llama_server_is_asked_for_its_options(llama_server: Path) -> None:
     options = server_options(llama_server)
     assert options is not None
-    assert {"--ctx-size", "-c", "--load-mode", "--tensor-split", "-ngl"} <= set(options)
+    assert {"--ctx-size", "-c", "--load-mode", "--tensor-split", "-ngl"} <= set(options.descriptions)
     assert unknown_option(["-c", "512", "--seed", "-1", "--ctx-size=64", "-ngl", "99"], options) is None
+    # Values that look like options: a key, a small negative number, a reverse prompt.
+    assert unknown_option(["--api-key", "-Xy9secret", "--temp", "-1e-3", "-r", "- User:"], options) is None
     assert unknown_option(["-fa", "on", "--no-mmap"], options) == "--no-mmap"
     assert closest_option("--no-mmap", options) == "--load-mode"
     assert closest_option("--ctx-sise", options) == "--ctx-size"
@@ -42,9 +45,10 @@ def test_help_text_entries_and_their_descriptions() -> None:
         "  -H, --host HOST       host to bind to\n"
     )
     found = options_in_help(text)
-    assert set(found) == {"-t", "--threads", "-fa", "--flash-attn", "--mmap", "--no-mmap", "-H", "--host"}
-    assert found["--flash-attn"] == "set Flash Attention use (env: LLAMA_ARG_FLASH_ATTN)"
-    assert found["-H"] == "host to bind to"
+    assert set(found.descriptions) == {"-t", "--threads", "-fa", "--flash-attn", "--mmap", "--no-mmap", "-H", "--host"}
+    assert found.descriptions["--flash-attn"] == "set Flash Attention use (env: LLAMA_ARG_FLASH_ATTN)"
+    assert found.descriptions["-H"] == "host to bind to"
+    assert found.with_value == {"-t", "--threads", "-fa", "--flash-attn", "-H", "--host"}
 
 
 def test_an_option_the_server_lacks_is_refused_at_load_with_the_one_that_replaced_it(
@@ -116,3 +120,16 @@ def test_a_port_taken_by_another_process_is_named(
     assert up.returncode == 1
     (said,) = [line for line in up.stderr.splitlines() if line.startswith("launcher: ")]
     assert said.startswith(f"launcher: port {port} is already in use by ")
+
+
+def test_a_binary_that_serves_instead_of_helping_is_stopped_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, leaves_no_process: str
+) -> None:
+    """A wrapper that ignores `--help` and starts a server (with a child of its own) is not waited for past
+    the time allowed, and leaves nothing running: it cannot be asked, which is no error."""
+    monkeypatch.setenv(MARK, leaves_no_process)  # what it starts is covered by the leftover check
+    monkeypatch.setattr(options, "_HELP_TIMEOUT_S", 0.5)
+    serves = tmp_path / "serves-forever"
+    serves.write_text("#!/bin/sh\nsleep 300 &\nsleep 300\n")
+    serves.chmod(0o755)
+    assert options.server_options(serves) is None

@@ -9,11 +9,15 @@ asked (no `--help`, a stand-in, a crash) is not an error here: the server will s
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import os
 import re
+import signal
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.backends import backend_for
@@ -25,14 +29,23 @@ _CHECKED_BACKENDS = ("llama-server", "rpc-server")
 _HELP_TIMEOUT_S = 10.0
 # An option as llama.cpp's help spells it: `-c,`, `--ctx-size`, `--no-mmap`, `-ngl`.
 _OPTION = re.compile(r"--?[A-Za-z][\w.-]*")
-_NEGATIVE_NUMBER = re.compile(r"-\d*\.?\d+")
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 # llama.cpp starts an entry at the margin, ggml-rpc-server two spaces in; descriptions go on 40 in.
 _MAX_ENTRY_INDENT = 8
 # Fewer options than this in what a binary printed means it was not a llama.cpp help text.
 _MIN_OPTIONS = 3
 
 
-def options_in_help(help_text: str) -> dict[str, str]:
+@dataclass(frozen=True)
+class ServerOptions:
+    """What a server's help lists: each option with the description of its entry, and which options are
+    followed by a value (`--api-key KEY`: the next word is the key, whatever it looks like)."""
+
+    descriptions: Mapping[str, str]
+    with_value: frozenset[str]
+
+
+def options_in_help(help_text: str) -> ServerOptions:
     """Each option a llama.cpp help text lists, with the description of its entry.
 
     An entry starts near the left margin with its options and their value names (`-t,    --threads N`);
@@ -40,6 +53,7 @@ def options_in_help(help_text: str) -> dict[str, str]:
     may start with `-` too: `- auto: mmap, unless ...`).
     """
     found: dict[str, str] = {}
+    with_value: set[str] = set()
     current: list[str] = []
     for line in help_text.splitlines():
         stripped = line.strip()
@@ -49,43 +63,58 @@ def options_in_help(help_text: str) -> dict[str, str]:
                 found[name] = f"{found[name]} {stripped}".strip()
             current = current if stripped else []
             continue
-        current, description = _entry(stripped)
+        current, takes_value, description = _entry(stripped)
         for name in current:
             found[name] = description
-    return found
+        with_value.update(current if takes_value else [])
+    return ServerOptions(found, frozenset(with_value))
 
 
-def _entry(line: str) -> tuple[list[str], str]:
-    """The options of one help line and the start of its description."""
+def _entry(line: str) -> tuple[list[str], bool, str]:
+    """The options of one help line, whether they take a value (a value name follows them), and the
+    start of its description."""
     names: list[str] = []
+    takes_value = False
     for match in re.finditer(r"(\s*)(\S+)", line):
         gap, token = match.group(1), match.group(2)
         option = _OPTION.fullmatch(token.rstrip(","))
         if option is not None:
             names.append(option.group(0))
         elif len(gap) >= 2 and names:  # past the option column
-            return names, line[match.start(2) :]
-    return names, ""
+            return names, takes_value, line[match.start(2) :]
+        elif names:
+            takes_value = True  # `N`, `FNAME`, `[on|off|auto]`
+    return names, takes_value, ""
 
 
 @functools.cache
-def _options_of(path: str, size: int, mtime_ns: int) -> Mapping[str, str] | None:
+def _options_of(path: str, size: int, mtime_ns: int) -> ServerOptions | None:
     try:
-        done = subprocess.run(
+        # A group of its own: a "binary" that ignores --help and starts serving (a wrapper script) goes
+        # whole, children too, when it does not answer in time.
+        with subprocess.Popen(
             [path, "--help"],
             stdin=subprocess.DEVNULL,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             errors="replace",
-            timeout=_HELP_TIMEOUT_S,
-        )
-    except (OSError, subprocess.SubprocessError):
+            start_new_session=True,
+        ) as asked:
+            try:
+                out, err = asked.communicate(timeout=_HELP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(asked.pid, signal.SIGKILL)
+                asked.communicate()
+                return None
+    except OSError:
         return None
-    options = options_in_help(done.stdout + "\n" + done.stderr)
-    return options if done.returncode == 0 and len(options) >= _MIN_OPTIONS else None
+    options = options_in_help(out + "\n" + err)
+    return options if asked.returncode == 0 and len(options.descriptions) >= _MIN_OPTIONS else None
 
 
-def server_options(binary: Path) -> Mapping[str, str] | None:
+def server_options(binary: Path) -> ServerOptions | None:
     """The options ``binary`` accepts with their descriptions, or None when it cannot be asked."""
     try:
         found = binary.stat()
@@ -94,23 +123,28 @@ def server_options(binary: Path) -> Mapping[str, str] | None:
     return _options_of(str(binary), found.st_size, found.st_mtime_ns)
 
 
-def options_given(args: Iterable[str]) -> list[str]:
-    """The options in a server's ``args`` (`--name=value` counts as `--name`; `-1` is a value)."""
-    return [
-        arg.partition("=")[0]
-        for arg in args
-        if arg.startswith("-") and arg != "-" and not _NEGATIVE_NUMBER.fullmatch(arg)
-    ]
+def options_given(args: Sequence[str], options: ServerOptions) -> Iterator[str]:
+    """The options in a server's ``args``: `--name=value` counts as `--name`, and the word after an option
+    that takes a value is that value (`--api-key -Xy`, `--temp -1e-3`, `-r "- User:"`), as is a number."""
+    words = iter(args)
+    for word in words:
+        if not word.startswith("-") or word == "-" or _NEGATIVE_NUMBER.fullmatch(word):
+            continue
+        name, equals, _value = word.partition("=")
+        yield name
+        if not equals and name in options.with_value:
+            next(words, None)
 
 
-def unknown_option(args: Sequence[str], options: Mapping[str, str]) -> str | None:
-    """The first option in ``args`` that ``options`` does not have."""
-    return next((given for given in options_given(args) if given not in options), None)
+def unknown_option(args: Sequence[str], options: ServerOptions) -> str | None:
+    """The first option in ``args`` that the server does not have."""
+    return next((given for given in options_given(args, options) if given not in options.descriptions), None)
 
 
-def closest_option(unknown: str, options: Mapping[str, str]) -> str | None:
+def closest_option(unknown: str, server: ServerOptions) -> str | None:
     """What the user most likely meant: the option whose description names the unknown one's word most
     often (`--load-mode` says `mmap` four times), else the nearest spelling."""
+    options = server.descriptions
     word = re.compile(rf"(?<![\w-]){re.escape(unknown.lstrip('-').removeprefix('no-'))}(?![\w-])")
     mentions = {name: len(word.findall(text)) for name, text in options.items() if name.startswith("--")}
     most = max(mentions.values(), default=0)
