@@ -106,7 +106,7 @@ class DaemonSettings(_Strict):
 
 
 _HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", re.IGNORECASE)
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+DEFAULT_PORTS = {"http": 80, "https": 443}  # a URL's port when it names none (origins here and in api/origin.py)
 
 
 def _is_address(text: str) -> bool:
@@ -126,12 +126,12 @@ def _origin(text: str) -> str:
         port = parts.port
     except ValueError as exc:
         raise ValueError(f"{text!r} is not an origin: {exc}") from None
-    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or parts.username or parts.path not in ("", "/"):
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.username or parts.path not in ("", "/"):
         raise ValueError(f"{text!r} should be an origin: http:// or https://, a host and an optional port, no path")
     if parts.query or parts.fragment:
         raise ValueError(f"{text!r} should be an origin, without a query or fragment")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, _DEFAULT_PORTS[parts.scheme]) else "")
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, DEFAULT_PORTS[parts.scheme]) else "")
 
 
 def _http_url(host: str, port: int) -> str:

@@ -24,7 +24,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from launcher.route.errors import RouteError
-from launcher.route.front import JSON_MAX_DEPTH, JsonTooDeep, loads_json, on_front_door
+from launcher.route.front import JSON_MAX_DEPTH, JsonTooDeep, loads_json, media_type, on_front_door
 from launcher.schema import ErrorBody
 
 # A request line and its headers: real clients send a few KiB (browsers' cookies included).
@@ -38,17 +38,18 @@ _JSON_TYPES = (b"application/json", b"")
 
 
 def error_answer(
-    path: str, status: int, message: str, code: str, *, retry_after_s: int | None = None
+    path: str, status: int, message: str, code: str, *, retry_after_s: int | None = None, hint: str | None = None
 ) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """Headers and body of an error in the shape of the part of the daemon ``path`` is for: OpenAI's on
-    the front door, `ErrorBody` on the API."""
+    the front door (the hint in the message), `ErrorBody` on the API."""
     if on_front_door(path):
-        error = RouteError(status, message, code, retry_after_s=retry_after_s)
+        said = message if hint is None else f"{message} ({hint})"
+        error = RouteError(status, said, code, retry_after_s=retry_after_s)
         return error.headers(), error.body()
     headers = [(b"content-type", b"application/json")]
     if retry_after_s is not None:
         headers.append((b"retry-after", str(retry_after_s).encode()))
-    return headers, ErrorBody(detail=message).model_dump_json(exclude_none=True).encode()
+    return headers, ErrorBody(detail=message, hint=hint).model_dump_json(exclude_none=True).encode()
 
 
 def limited_protocol(request_timeout_s: float) -> type[HttpToolsProtocol]:
@@ -305,14 +306,13 @@ async def _answer(send: Send, path: str, refused: _Refused) -> None:
 def _body_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool, bool]:
     """The declared Content-Length (0 without one; httptools has refused a malformed one), whether the
     body comes chunked, and whether it is JSON as FastAPI reads it (declared so, or undeclared)."""
-    declared_b, chunked, content_type = 0, False, b""
+    declared_b, chunked = 0, False
     for name, value in headers:
         if name == b"content-length":
             declared_b = int(value) if value.isdigit() else 0
         elif name == b"transfer-encoding":
             chunked = True
-        elif name == b"content-type":
-            content_type = value.partition(b";")[0].strip().lower()
+    content_type = media_type(headers)
     return declared_b, chunked, content_type in _JSON_TYPES or content_type.endswith(b"+json")
 
 

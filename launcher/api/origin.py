@@ -23,7 +23,6 @@ configured origins only, by Starlette's middleware; the servers' own are dropped
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -31,18 +30,15 @@ from urllib.parse import urlsplit
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from launcher.config import DaemonSettings
-from launcher.route.errors import RouteError
-from launcher.schema import ErrorBody
+from launcher.api.limits import error_answer
+from launcher.config import DEFAULT_PORTS, DaemonSettings
 
 _WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})
 # A Host header: a name or IPv4 address, or an IPv6 address in brackets; then an optional port.
 _HOST = re.compile(r"(?:\[(?P<ip6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9.-]+))(?::(?P<port>[0-9]{1,5}))?")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 # Sec-Fetch-Site values of a request another page sent ("same-site" includes every other port of localhost).
 _OTHER_SITE = frozenset({"cross-site", "same-site"})
 _DASHBOARD = frozenset({"/ui", "/ui/"})
-_FRONT_DOOR = ("/v1/", "/upstream/")  # its errors are OpenAI's shape
 
 
 def split_host(value: str) -> tuple[str, int | None] | None:
@@ -101,7 +97,7 @@ def same_origin(origin: str, host: tuple[str, int | None]) -> bool:
         port = parts.port
     except ValueError:
         return False
-    default = _DEFAULT_PORTS.get(parts.scheme)
+    default = DEFAULT_PORTS.get(parts.scheme)
     return default is not None and parts.hostname == host[0] and (port or default) == (host[1] or default)
 
 
@@ -185,10 +181,7 @@ def _named(hosts: list[str]) -> str:
 
 async def _refuse(scope: Scope, send: Send, status: int, why: str, code: str, hint: str) -> None:
     """The refusal in the shape of the path's other errors: OpenAI's on the front door, ErrorBody elsewhere."""
-    if scope["path"].startswith(_FRONT_DOOR):
-        body = RouteError(status, f"{why} ({hint})", code).body()
-    else:
-        body = json.dumps(ErrorBody(detail=why, hint=hint).model_dump()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers, body = error_answer(scope["path"], status, why, code, hint=hint)
+    headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})

@@ -152,13 +152,17 @@ class FrontDoor:
         return json.dumps(found).encode()
 
 
+def media_type(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The body's declared media type, lower case and without parameters (b"" when none is declared). The
+    first Content-Type counts, as Starlette reads it for the API: every check of the daemon reads it so."""
+    found = next((value for key, value in headers if key == b"content-type"), b"")
+    return found.partition(b";")[0].strip().lower()
+
+
 def _declares_json(headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether the body is declared JSON: every OpenAI client sends it, and a page of another origin cannot
     without asking the browser's preflight first, which the door refuses (launcher/api/origin.py)."""
-    for key, value in headers:
-        if key == b"content-type":
-            return value.partition(b";")[0].strip().lower() == b"application/json"
-    return False
+    return media_type(headers) == b"application/json"
 
 
 def loads_json(body: bytes) -> Any:
