@@ -1,1 +1,4 @@
-"""The REST control API. It reaches processes only through the Manager."""
+"""The REST control API (app.py; it reaches processes only through the Manager), and what stands in front
+of it: the Host and cross-site checks (origin.py), the HTTP limits (limits.py), the token (auth.py),
+secrets kept from callers without it (redact.py), requests whose client left (disconnect.py); the
+dashboard's files and streams (ui.py) and the Prometheus metrics (metrics.py)."""
