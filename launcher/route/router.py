@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -268,9 +269,9 @@ class Router:
         def fits(stopped: Sequence[str]) -> bool:
             return plan_without([i for name in stopped for i in instances[name]]).fits
 
-        victims = await asyncio.to_thread(choose.make_room, idle, fits)
+        victims = await self._manager.in_planning_thread(functools.partial(choose.make_room, idle, fits))
         if victims is None:
-            plan = await asyncio.to_thread(plan_without, [])
+            plan = await self._manager.in_planning_thread(functools.partial(plan_without, []))
             reason = plan.reason or f"{model} does not fit the GPUs"
             raise RouteError(
                 503, f"no room on the GPUs for {model}: {reason}", "no_room", retry_after_s=_NO_ROOM_RETRY_S

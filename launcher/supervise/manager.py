@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -41,6 +41,7 @@ from launcher.supervise.ports import pick_free_port
 from launcher.supervise.writes import StateWrites
 
 _EVENTS_KEPT = 500
+T = TypeVar("T")
 # plans computing at once (threads): each is bounded (GGUF header checks, linear in the layers), and a
 # start waits for a turn behind at most this many
 _PLANNING_THREADS = 2
@@ -284,6 +285,11 @@ class Manager:
             )
             placement = self.planner.placement(plan)
         return with_command(plan, instance.backend, instance.settings, self._port_for(instance), placement)
+
+    async def in_planning_thread(self, work: Callable[[], T]) -> T:
+        """``work`` (planning) in one of the planning threads, within their bound: the router's plans for
+        an on-demand start wait their turn as a start's and `GET /plan`'s do."""
+        return await self._planning.run(work)
 
     def planner_with_stopped(self, name: str) -> Callable[[Collection[str]], Plan]:
         """A function of instance names: the plan for ``name`` were those stopped, against the GPUs and
