@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Not part of the source: the checkout's environment, caches and generated files.
+# Not part of the source: the checkout's environment, caches and generated files (site: the built docs).
 _NOT_SOURCE = shutil.ignore_patterns(
-    ".git", ".venv", "*.egg-info", "build", "dist", "models", ".state", "__pycache__", ".*_cache"
+    ".git", ".venv", "*.egg-info", "build", "dist", "site", "models", ".state", "__pycache__", ".*_cache"
 )
 # What pip says when the package index cannot be reached or lacks setuptools; any other failure fails the test.
 _INDEX_UNREACHABLE = ("No matching distribution found", "NewConnectionError", "Network is unreachable")
