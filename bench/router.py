@@ -39,13 +39,12 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from unittest import mock
 
-import aiohttp
 import httpx
 import psutil
 import yaml
@@ -57,7 +56,7 @@ from launcher.backends.llama_server import find_llama_server
 from launcher.config_file import load_settings
 from launcher.config_yaml import dump_config_yaml
 from launcher.daemon import serve
-from launcher.route.proxy import Answer, Upstream, UpstreamFailed, outgoing_headers
+from launcher.route.proxy import Answer, Upstream, UpstreamClient, UpstreamFailed, outgoing_headers, relay
 from launcher.route.usage import of_body
 from launcher.tinymodel import write_tiny_llama
 
@@ -81,26 +80,10 @@ TARGET_P50_MS, TARGET_P99_MS, TARGET_FRACTION = 2.0, 5.0, 0.97
 # ---- the httpx variant of the upstream client (bench-only) --------------------------------------------
 
 
-class _HttpxAsAiohttp:
-    """An httpx response in the shape the production relay reads (status, headers, raw headers and
-    `content.iter_any()`), so both clients run the very same relay code and only the client differs."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self.status = response.status_code
-        self.headers = response.headers
-        self.raw_headers = response.headers.raw
-        self.content = self
-        self._response = response
-
-    def iter_any(self) -> AsyncIterator[bytes]:
-        return self._response.aiter_raw()
-
-
-class HttpxUpstream(Upstream):
+class HttpxUpstream:
     """The production Upstream on httpx: the same headers out, the same relay back."""
 
     def __init__(self) -> None:
-        super().__init__()
         self._client = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=30),
             timeout=httpx.Timeout(None, connect=10),  # as the aiohttp one: only the connect is bounded
@@ -129,23 +112,30 @@ class HttpxUpstream(Upstream):
         except (httpx.HTTPError, OSError) as exc:
             raise UpstreamFailed(f"cannot reach it: {exc or type(exc).__name__}", sent=False) from None
         try:
-            return await self._relay(cast(aiohttp.ClientResponse, _HttpxAsAiohttp(response)), send, arrived_s)
+            return await relay(  # the production's
+                response.status_code,
+                response.headers.raw,
+                response.aiter_raw(),
+                send,
+                arrived_s,
+                broke_off=(httpx.HTTPError, OSError),
+            )
         finally:
             await response.aclose()
 
 
-class Switch(Upstream):
+class Switch:
     """The production Upstream, or HttpxUpstream for requests that carry `x-bench-upstream: httpx`: one
     daemon and one server for both, the clients taking turns request by request. The header check (a
     microsecond) is paid by both, so the production path is measured as it runs."""
 
     def __init__(self) -> None:
-        super().__init__()
+        self._aiohttp = Upstream()
         self._httpx = HttpxUpstream()
 
     async def close(self) -> None:
         await self._httpx.close()
-        await super().close()
+        await self._aiohttp.close()
 
     async def forward(
         self,
@@ -158,9 +148,8 @@ class Switch(Upstream):
         *,
         extra: Sequence[tuple[str, str]] = (),
     ) -> Answer:
-        if (SWITCH, b"httpx") in headers:
-            return await self._httpx.forward(method, url, headers, body, send, arrived_s, extra=extra)
-        return await super().forward(method, url, headers, body, send, arrived_s, extra=extra)
+        client: UpstreamClient = self._httpx if (SWITCH, b"httpx") in headers else self._aiohttp
+        return await client.forward(method, url, headers, body, send, arrived_s, extra=extra)
 
 
 def serve_daemon(config: Path, profile_to: Path | None) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from starlette.types import Send
 
 from launcher.route.errors import RouteError
-from launcher.route.proxy import Upstream, UpstreamFailed
+from launcher.route.proxy import UpstreamClient, UpstreamFailed
 from launcher.route.served import Served
 from launcher.route.where import PEER_RETRY_S, OnPeer
 from launcher.rpc.peers import Peers
@@ -19,7 +19,7 @@ from launcher.schema import PeerStatus
 
 
 class PeerDoor:
-    def __init__(self, peers: Peers | None, upstream: Upstream) -> None:
+    def __init__(self, peers: Peers | None, upstream: UpstreamClient) -> None:
         self._peers = peers
         self._upstream = upstream
 

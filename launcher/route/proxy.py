@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from starlette.types import Send
@@ -24,6 +25,7 @@ _REQUEST_DROPPED = frozenset(
     {
         b"connection",
         b"keep-alive",
+        b"proxy-connection",
         b"proxy-authorization",
         b"te",
         b"trailer",
@@ -36,15 +38,15 @@ _REQUEST_DROPPED = frozenset(
         b"expect",  # uvicorn answered the client's 100-continue already
         # Which page sent it was decided at the door (launcher/api/origin.py): a server that sees an Origin
         # answers CORS of its own (llama-server echoes it, with credentials), and a peer would decide again.
+        # The page's other fetch metadata (Sec-Fetch-*) goes with it.
         b"origin",
-        b"sec-fetch-site",
-        b"sec-fetch-mode",
     }
 )
+_FETCH_METADATA_PREFIX = b"sec-fetch-"
 _RESPONSE_DROPPED = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade"})
 # The servers' CORS answers: the daemon answers CORS itself, for daemon.cors_origins only.
 _CORS_PREFIX = b"access-control-"
-_STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
+_STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson")
 _PLAIN_KEPT_BYTES = 4 * 1024 * 1024  # a plain answer's usage is read from its whole body, up to this size
 # Below llama-server's own keep-alive (cpp-httplib closes an idle connection after 5 s): a pooled connection
 # the server is closing at that moment would fail a request that never reached it.
@@ -57,7 +59,11 @@ def outgoing_headers(headers: list[tuple[bytes, bytes]], extra: Sequence[tuple[s
     Connection: names as its connection's own, plus ``extra`` (a peer's key)."""
     named = {t.strip().lower() for k, v in headers if k.lower() == b"connection" for t in v.split(b",")}
     dropped = _REQUEST_DROPPED | named
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k.lower() not in dropped] + list(extra)
+    return [
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in headers
+        if (name := k.lower()) not in dropped and not name.startswith(_FETCH_METADATA_PREFIX)
+    ] + list(extra)
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,24 @@ class UpstreamFailed(Exception):
         self.reason = reason
         self.sent = sent
         self.reached = reached  # False: no connection was made (nothing listens there, or no route)
+
+
+class UpstreamClient(Protocol):
+    """What the front door needs of its client to the servers: ``Upstream`` here, or the bench's httpx one."""
+
+    async def forward(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        send: Send,
+        arrived_s: float,
+        *,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> Answer: ...
+
+    async def close(self) -> None: ...
 
 
 class Upstream:
@@ -123,45 +147,65 @@ class Upstream:
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamFailed(f"cannot reach it: {exc or type(exc).__name__}", sent=False) from None
         try:
-            return await self._relay(response, send, arrived_s)
+            return await relay(
+                response.status,
+                response.raw_headers,
+                response.content.iter_any(),
+                send,
+                arrived_s,
+                broke_off=(aiohttp.ClientError, OSError),
+            )
         finally:
             response.close()  # a stream cut short (the client left) must not go back to the pool
 
-    async def _relay(self, response: aiohttp.ClientResponse, send: Send, arrived_s: float) -> Answer:
-        content_type = response.headers.get("Content-Type", "")
-        streamed = content_type.startswith(_STREAM_TYPES)
-        headers = [
-            (name, v)
-            for k, v in response.raw_headers
-            if (name := k.lower()) not in _RESPONSE_DROPPED and not name.startswith(_CORS_PREFIX)
-        ]
-        if streamed:
-            headers.append((b"x-accel-buffering", b"no"))  # nginx in front must not hold events back
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        kept = bytearray()
-        ttfb_s: float | None = None
-        try:
-            async for chunk in response.content.iter_any():
-                if ttfb_s is None:
-                    ttfb_s = time.monotonic() - arrived_s
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                kept += chunk
-                if streamed and len(kept) > 2 * TAIL_BYTES:
-                    del kept[:-TAIL_BYTES]
-                elif not streamed and len(kept) > _PLAIN_KEPT_BYTES:
-                    kept.clear()  # too big to read usage from: pass it on, keep nothing
-        except (aiohttp.ClientError, OSError) as exc:
-            reason = f"broke off in the middle of its answer: {exc or type(exc).__name__}"
-            if content_type.startswith("text/event-stream"):
-                error = {"error": {"message": reason, "type": "server_error", "code": "upstream_failed"}}
-                with contextlib.suppress(OSError):
-                    event = f"data: {json.dumps(error)}\n\n".encode()
-                    await send({"type": "http.response.body", "body": event, "more_body": False})
-            raise UpstreamFailed(reason, sent=True) from None
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return Answer(
-            status=response.status,
-            streamed=streamed,
-            ttfb_s=ttfb_s,
-            kept=bytes(kept[-TAIL_BYTES:]) if streamed else bytes(kept),
-        )
+
+async def relay(
+    status: int,
+    raw_headers: Sequence[tuple[bytes, bytes]],
+    body: AsyncIterable[bytes],
+    send: Send,
+    arrived_s: float,
+    *,
+    broke_off: tuple[type[Exception], ...],
+) -> Answer:
+    """Pass a server's answer (its status, headers as sent and body as it comes) on to ``send``, less the
+    connection's headers and the server's CORS answers. ``broke_off``: what the HTTP client raises when the
+    server breaks off (UpstreamFailed then; a stream of events is told so in a last event first)."""
+    # The first Content-Type, as the rest of the daemon reads it.
+    content_type = next((v for k, v in raw_headers if k.lower() == b"content-type"), b"")
+    streamed = content_type.startswith(_STREAM_TYPES)
+    headers = [
+        (name, v)
+        for k, v in raw_headers
+        if (name := k.lower()) not in _RESPONSE_DROPPED and not name.startswith(_CORS_PREFIX)
+    ]
+    if streamed:
+        headers.append((b"x-accel-buffering", b"no"))  # nginx in front must not hold events back
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    kept = bytearray()
+    ttfb_s: float | None = None
+    try:
+        async for chunk in body:
+            if ttfb_s is None:
+                ttfb_s = time.monotonic() - arrived_s
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            kept += chunk
+            if streamed and len(kept) > 2 * TAIL_BYTES:
+                del kept[:-TAIL_BYTES]
+            elif not streamed and len(kept) > _PLAIN_KEPT_BYTES:
+                kept.clear()  # too big to read usage from: pass it on, keep nothing
+    except broke_off as exc:
+        reason = f"broke off in the middle of its answer: {exc or type(exc).__name__}"
+        if content_type.startswith(b"text/event-stream"):
+            error = {"error": {"message": reason, "type": "server_error", "code": "upstream_failed"}}
+            with contextlib.suppress(OSError):
+                event = f"data: {json.dumps(error)}\n\n".encode()
+                await send({"type": "http.response.body", "body": event, "more_body": False})
+        raise UpstreamFailed(reason, sent=True) from None
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return Answer(
+        status=status,
+        streamed=streamed,
+        ttfb_s=ttfb_s,
+        kept=bytes(kept[-TAIL_BYTES:]) if streamed else bytes(kept),
+    )

@@ -30,7 +30,7 @@ from launcher.route.errors import RouteError
 from launcher.route.lanes import Lanes
 from launcher.route.metrics import RequestMetrics
 from launcher.route.peer import PeerDoor
-from launcher.route.proxy import Upstream, UpstreamFailed
+from launcher.route.proxy import UpstreamClient, UpstreamFailed
 from launcher.route.served import Served
 from launcher.route.usage import Tokens, of_body
 from launcher.route.where import Local, OnPeer, where
@@ -56,7 +56,7 @@ class _Book:
 
 
 class Router:
-    def __init__(self, settings: Settings, manager: Manager, http: httpx.AsyncClient, upstream: Upstream) -> None:
+    def __init__(self, settings: Settings, manager: Manager, http: httpx.AsyncClient, upstream: UpstreamClient) -> None:
         self._settings = settings
         self._manager = manager
         self._http = http
