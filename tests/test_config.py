@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,3 +193,46 @@ def test_environment_overrides_the_file_and_names_itself_in_errors(
     with pytest.raises(ConfigError) as caught:
         parse_settings("", tmp_path / "l.yaml")
     assert str(caught.value) == f"{tmp_path / 'l.yaml'}: daemon.prot (from LAUNCHER_DAEMON__PROT): unknown key"
+
+
+def test_environment_value_that_is_not_json_names_its_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAUNCHER_DAEMON__PORT", "9100")
+    monkeypatch.setenv("LAUNCHER_DAEMON__INSTANCE_PORTS", "[9110,")
+    with pytest.raises(ConfigError) as caught:
+        parse_settings("", tmp_path / "l.yaml")
+    assert str(caught.value) == "environment LAUNCHER_DAEMON__INSTANCE_PORTS: not valid JSON: '[9110,'"
+    monkeypatch.setenv("LAUNCHER_DAEMON__INSTANCE_PORTS", "[" * 100_000)  # past the recursion limit
+    with pytest.raises(ConfigError) as caught:
+        parse_settings("", tmp_path / "l.yaml")
+    assert str(caught.value) == f"environment LAUNCHER_DAEMON__INSTANCE_PORTS: not valid JSON: '{'[' * 79}…'"
+
+
+def test_environment_nests_deeper_than_a_section_and_keeps_the_file_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAUNCHER_GPUS__MARGIN_MIB", "128")
+    settings = parse_settings("gpus: {margin_mib: 512}\ndaemon: {port: 8500}", tmp_path / "l.yaml")
+    assert (settings.gpus.margin_mib, settings.daemon.port) == (128, 8500)
+
+
+# What a configuration load imports, in a fresh interpreter: pydantic-settings only when a variable is set.
+_LOADS = (
+    "import sys; from launcher.config_file import parse_settings; from pathlib import Path; "
+    "s = parse_settings('', Path('l.yaml')); print(s.daemon.port, 'pydantic_settings' in sys.modules)"
+)
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [({}, "8400 False"), ({"LAUNCHER_DAEMON__PORT": "9100", "LAUNCHER_TEST_ONLY": "x"}, "9100 True")],
+    ids=["plain", "with-a-variable"],
+)
+def test_pydantic_settings_is_imported_only_when_a_settings_variable_is_set(
+    variables: dict[str, str], expected: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAUNCHER_DAEMON", "LAUNCHER_GPUS"))}
+    done = subprocess.run(
+        [sys.executable, "-c", _LOADS], env=env | variables, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == expected.split()
