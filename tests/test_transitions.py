@@ -7,7 +7,9 @@ import itertools
 import pytest
 
 from launcher.schema import State
+from launcher.supervise import transitions
 from launcher.supervise.transitions import ALLOWED, IllegalTransition, check_transition
+from tests.conftest import READY_TIMEOUT_S, ConfigWriter, OpenManager
 
 _MOVES = {
     (State.STOPPED, State.STARTING),
@@ -67,3 +69,21 @@ def test_serving_needs_a_start_first() -> None:
         with pytest.raises(IllegalTransition):
             check_transition(old, State.READY)
     assert issubclass(IllegalTransition, AssertionError)  # a bug, never an answer to a user
+
+
+async def test_an_illegal_move_in_supervision_fails_the_run_and_never_claims_the_state(
+    write_config: ConfigWriter, open_manager: OpenManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table that lacks loading -> ready stands for a bug: the move raises inside the run, which fails
+    (told as a supervision error); the instance never says ready and keeps no server."""
+    monkeypatch.setattr(transitions, "ALLOWED", {**ALLOWED, State.LOADING: ALLOWED[State.LOADING] - {State.READY}})
+    manager = await open_manager(write_config({"tiny": {"restart": {"policy": "never"}}}))
+    await manager.start("tiny")
+    instance = manager.get("tiny")
+    await instance.wait_until(lambda i: i.state == State.FAILED, READY_TIMEOUT_S)
+    assert State.READY not in [e.state for e in instance.events]
+    assert "supervision error: IllegalTransition: illegal state transition loading -> ready" in [
+        e.message for e in instance.events
+    ]
+    assert instance.status().pid is None
+    assert manager.lost_servers() == []
