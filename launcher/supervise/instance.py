@@ -27,6 +27,7 @@ from launcher.supervise.policy import RestartPolicy, StartFailure
 from launcher.supervise.ports import ensure_port_free
 from launcher.supervise.process import ExitStatus, ServerProcess
 from launcher.supervise.server_errors import server_error
+from launcher.supervise.transitions import check_transition
 from launcher.supervise.writes import StateWrites
 
 log = logging.getLogger("launcher")
@@ -391,6 +392,9 @@ class Instance:
     # ---- reporting ------------------------------------------------------------------------------
 
     def _set_state(self, state: State, message: str = "") -> None:
+        # A bug raises: in a run, as a failed run (`_run_raised`); elsewhere in the task, the safety net
+        # (`_supervision_ended`) leaves it failed; in a request, the request fails.
+        check_transition(self.state, state)
         self.degraded_reason = message if state == State.DEGRADED else None
         if state != self.state:
             self.state = state

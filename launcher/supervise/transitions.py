@@ -1,0 +1,44 @@
+"""The moves an instance's state may make, as data: `Instance._set_state` checks each one against it.
+
+Derived from what supervision does (instance.py): a start request or a restart after backoff starts; a
+started server loads, then serves (unhealthy while its health checks fail); a run that ends goes to
+backoff, stopped, failed (the restart policy) or degraded (a peer its plan uses went away); a stop or hold
+goes through stopping. Failed is reachable from every state: it is where a refused start and the
+supervision task's safety net land, wherever the fault struck. The same state again is no move: it
+re-announces the state with a new message (each failed health check, a degraded reason that changed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from launcher.schema import State
+
+ALLOWED: Mapping[State, frozenset[State]] = MappingProxyType(
+    {
+        State.STOPPED: frozenset({State.STARTING, State.DEGRADED, State.FAILED}),
+        State.STARTING: frozenset({State.LOADING, State.BACKOFF, State.STOPPING, State.FAILED}),
+        State.LOADING: frozenset({State.READY, State.BACKOFF, State.DEGRADED, State.STOPPING, State.FAILED}),
+        State.READY: frozenset(
+            {State.UNHEALTHY, State.BACKOFF, State.STOPPED, State.DEGRADED, State.STOPPING, State.FAILED}
+        ),
+        State.UNHEALTHY: frozenset(
+            {State.READY, State.BACKOFF, State.STOPPED, State.DEGRADED, State.STOPPING, State.FAILED}
+        ),
+        State.BACKOFF: frozenset({State.STARTING, State.STOPPING, State.FAILED}),
+        State.FAILED: frozenset({State.STARTING, State.STOPPED, State.DEGRADED}),
+        State.STOPPING: frozenset({State.STOPPED, State.DEGRADED, State.FAILED}),
+        State.DEGRADED: frozenset({State.STARTING, State.STOPPED, State.FAILED}),
+    }
+)
+
+
+class IllegalTransition(AssertionError):
+    """A state change the table does not allow: a bug in supervision, never a user's error."""
+
+
+def check_transition(old: State, new: State) -> None:
+    """Raise IllegalTransition unless ``old`` may move to ``new`` (the same state always may)."""
+    if new != old and new not in ALLOWED[old]:
+        raise IllegalTransition(f"illegal state transition {old} -> {new}")
