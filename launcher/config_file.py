@@ -99,7 +99,7 @@ def load_settings(explicit: Path | None = None, *, required: bool = True) -> Set
             looked = ", ".join(str(p) for p in search_path(None))
             raise ConfigError(
                 f"no configuration file found (looked at {looked})",
-                hint="pass --config FILE or start from configs/demo.yaml",
+                hint="pass --config FILE (examples: configs/ in the source, or what `launcher service install` writes)",
             )
         return default_settings()
     return _validate(_read_yaml(path), path)
