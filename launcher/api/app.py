@@ -126,8 +126,12 @@ def create_app(
         """Whether the caller sent the API token: only then are secrets shown (launcher/api/redact.py)."""
         return token is not None and bearer_matches(authorization, token)
 
+    def hides_server_output(authorization: str | None) -> bool:
+        """A token is configured and the caller lacks it: no log line, nor a server's words, for it."""
+        return token is not None and not holds_token(authorization)
+
     def shown(status: InstanceStatus, authorization: str | None) -> InstanceStatus:
-        if token is None or holds_token(authorization):
+        if not hides_server_output(authorization):
             return status
         return without_log_lines(status, manager.get(status.name).server_words)
 
@@ -260,7 +264,7 @@ def create_app(
         With ``follow=false`` the stream ends after those (a script's look at what just happened)."""
         queue = manager.subscribe() if follow else None
         past = list(manager.events)[-recent:] if recent else []
-        hide_server_words = token is not None and not holds_token(authorization)
+        hide_server_words = hides_server_output(authorization)
 
         def shown_event(event: Event) -> Event:
             if not hide_server_words or event.instance is None:

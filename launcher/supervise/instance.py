@@ -188,8 +188,8 @@ class Instance:
         self._record_error(exc.message)
 
     def refuse(self, exc: LauncherError) -> None:
-        """Record a start that was refused before anything ran (autostart has no caller to tell)."""
-        self._record_error(exc.message)
+        """Record a start that was refused before anything ran (autostart has no caller to tell), and fail."""
+        self.record_refusal(exc)
         self._set_state(State.FAILED)
 
     def _begin(self) -> None:

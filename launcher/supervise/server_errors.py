@@ -3,9 +3,8 @@
 A server that cannot start says why on its way out (llama-server: `error: invalid argument: --no-mmap`,
 `llama_model_load: error loading model: ...`, `couldn't bind HTTP server socket`; Ollama: `Error: listen
 tcp ...`; a missing library: the loader's `error while loading shared libraries`; C++: `what(): ...`). The
-launcher repeats that sentence wherever it reports the exit, instead of only the exit code. Pure: lines in,
-a sentence out
-(the lines are `logs.lines_of_last_run`).
+launcher repeats that sentence wherever it reports the exit, instead of only the exit code. Pure: lines in
+(`logs.lines_of_last_run`), a sentence out.
 """
 
 from __future__ import annotations
@@ -31,11 +30,7 @@ def server_error(run_lines: Sequence[str]) -> str | None:
     lines when none is an error; None when it wrote nothing."""
     lines = [_without_prefix(line) for line in run_lines]
     errors = [text for text, level in lines if level == "E" or _ERROR_LINE.search(text)]
-    chosen = (
-        _first_and_last(errors, _KEPT_LINES)
-        if errors
-        else _first_and_last([t for t, _ in lines][-_KEPT_LINES:], _KEPT_LINES)
-    )
+    chosen = _first_and_last(errors or [text for text, _ in lines][-_KEPT_LINES:], _KEPT_LINES)
     if not chosen:
         return None
     return "; ".join(_shorten(line) for line in chosen)
