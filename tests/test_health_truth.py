@@ -124,8 +124,9 @@ def test_a_full_state_dir_neither_kills_nor_abandons_a_server_and_health_never_l
     assert any(f["level"] == "warn" and FULL in f["message"] for f in doctor), doctor
 
     # Killed while full: restarted, and /health never says 200 while no server process lives.
+    victim = psutil.Process(first)  # taken before the kill: the daemon may reap it before we look
     os.kill(first, signal.SIGKILL)
-    psutil.wait_procs([psutil.Process(first)], timeout=10)  # until the daemon has reaped it
+    psutil.wait_procs([victim], timeout=10)  # until the daemon has reaped it
     seen = []
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:

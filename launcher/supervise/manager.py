@@ -77,8 +77,11 @@ class Manager:
         self.sampler = sampler
         self.planner = planner
         self.peers = peers
+        # The instance being placed: its claims on peers are taken before its supervision starts, and a
+        # renewal meanwhile must not take them for a stopped instance's and release them.
+        self._being_placed: str | None = None
         if peers is not None:
-            peers.active = lambda: [n for n, i in self.instances.items() if i.active]
+            peers.active = lambda: [n for n, i in self.instances.items() if i.active or n == self._being_placed]
             peers.publish = self.publish
         # Peers' claims on the GPUs this host's rpc-servers lend.
         self.claims = ClaimBook(
@@ -243,27 +246,35 @@ class Manager:
     async def _prepare(self, instance: Instance) -> None:
         """Port and placement of a start, under the placement lock (runs under the instance's own lock)."""
         async with self._placing:
-            now = time.monotonic()
-            recent = {i: entry for i, entry in self._vacated.items() if entry[1] > now}
-            if recent:  # plan on the memory a stopped server is giving back, not without it
-                await self.await_vram({i: mib for i, (mib, _until) in recent.items()}, instance.name)
-                for index, entry in recent.items():  # a server that stopped meanwhile is still being waited for
-                    if self._vacated.get(index) == entry:
-                        del self._vacated[index]
-            instance.port = self._port_for(instance)
-            samples, claims, remote = self.sampler.latest(), self._claims_besides(instance), self._remote(instance)
+            self._being_placed = instance.name
             try:
-                placed = await self._planning.run(
-                    functools.partial(self.planner.place, instance.name, instance.settings, samples, claims, remote)
-                )
-            except ModelFileError as exc:  # the caller hears it; the instance shows it
-                instance.record_refusal(exc)
-                raise
-            if self.peers is not None and placed.placement.rpc:  # the peers plan around it from now on
-                await self.peers.claim(instance.name, placed.plan)
-            # The instance's supervision task starts right after this returns, with no await between:
-            # the next placement sees this one's claim.
-            instance.placement, instance.plan = placed.placement, placed.plan
+                await self._place(instance)
+            finally:
+                self._being_placed = None  # the supervision task starts with no await after this: active
+
+    async def _place(self, instance: Instance) -> None:
+        """`_prepare`'s work, under the placement lock."""
+        now = time.monotonic()
+        recent = {i: entry for i, entry in self._vacated.items() if entry[1] > now}
+        if recent:  # plan on the memory a stopped server is giving back, not without it
+            await self.await_vram({i: mib for i, (mib, _until) in recent.items()}, instance.name)
+            for index, entry in recent.items():  # a server that stopped meanwhile is still being waited for
+                if self._vacated.get(index) == entry:
+                    del self._vacated[index]
+        instance.port = self._port_for(instance)
+        samples, claims, remote = self.sampler.latest(), self._claims_besides(instance), self._remote(instance)
+        try:
+            placed = await self._planning.run(
+                functools.partial(self.planner.place, instance.name, instance.settings, samples, claims, remote)
+            )
+        except ModelFileError as exc:  # the caller hears it; the instance shows it
+            instance.record_refusal(exc)
+            raise
+        if self.peers is not None and placed.placement.rpc:  # the peers plan around it from now on
+            await self.peers.claim(instance.name, placed.plan)
+        # The instance's supervision task starts right after this returns, with no await between:
+        # the next placement sees this one's claim.
+        instance.placement, instance.plan = placed.placement, placed.plan
 
     def _port_for(self, instance: Instance) -> int:
         """The instance's port: configured, kept from an earlier start, or the first free one of the range."""
