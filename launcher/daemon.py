@@ -19,9 +19,10 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import uvicorn
+from fastapi import FastAPI
 
 from launcher.api.app import create_app
 from launcher.api.limits import limited_protocol
@@ -104,7 +105,7 @@ class Daemon:
             async with supervision(self._settings, on_event) as wired:
                 log.info("GPUs: %s", wired.gpu_backend)
                 sock = listen(self._settings)  # after the lock: a second daemon is told who owns the directory
-                notifying = self._notify(wired.manager)
+                notifying = self._notify(wired)
                 try:
                     await self._serve(wired, sock)
                 finally:
@@ -125,29 +126,30 @@ class Daemon:
         with contextlib.suppress(asyncio.CancelledError):
             await self._starting
 
-    def _notify(self, manager: Manager) -> asyncio.Task[None]:
+    def _notify(self, wired: Wired) -> asyncio.Task[None]:
         """Keep systemd's STATUS= line current and its watchdog fed while the loop and the sampler live."""
-        stale_after_s = manager.sampler.stale_after_s + 1.0  # a second's grace for a read under way
-        manager.sampler.subscribe(lambda _sample: self._notifier.changed())
+        manager, sampler = wired.manager, wired.sampler
+        stale_after_s = sampler.stale_after_s + 1.0  # a second's grace for a read under way
+        sampler.subscribe(lambda _sample: self._notifier.changed())
 
         def problem() -> str | None:
-            return sampler_problem([s.time for s in manager.sampler.latest()], time.time(), stale_after_s)
+            return sampler_problem([s.time for s in sampler.latest()], time.time(), stale_after_s)
 
         def status() -> str:
             return status_line(manager.statuses(), manager.gpu_samples())
 
         return asyncio.create_task(self._notifier.run(status, problem), name="systemd-notify")
 
-    async def _ready_when_loaded(self, manager: Manager) -> None:
+    async def _ready_when_loaded(self, wired: Wired) -> None:
         """READY=1 once every autostart instance is ready, or gave up (failed): one bad model must not keep
         the daemon from starting, and `systemctl status` shows it in the status line."""
-        events = manager.subscribe()
+        events, instances = wired.events.subscribe(), wired.table.view
         try:
-            names = manager.autostart_names()
-            while not all(manager.instances[name].state in _SETTLED for name in names):
+            names = wired.manager.autostart_names()
+            while not all(instances[name].state in _SETTLED for name in names):
                 await events.get()
         finally:
-            manager.unsubscribe(events)
+            wired.events.unsubscribe(events)
         self._notifier.ready()
 
     async def _serve(self, wired: Wired, sock: socket.socket) -> None:
@@ -157,12 +159,12 @@ class Daemon:
             if self._autostart:
                 await manager.autostart()
             if self._settings.daemon.ready_when == "loaded" and self._autostart:
-                self._waiting = asyncio.create_task(self._ready_when_loaded(manager))
+                self._waiting = asyncio.create_task(self._ready_when_loaded(wired))
             else:
                 self._notifier.ready()
             self._on_started(manager)
 
-        api = create_app(manager, self._settings, token=self._token, on_started=started, router=wired.router)
+        api = rest_api(wired, self._settings, token=self._token, on_started=started)
         app = front_door(api, wired.router, self._settings, self._token)
         config = uvicorn.Config(
             app,
@@ -176,6 +178,28 @@ class Daemon:
         await self._server.serve(sockets=[sock])
         if not self._server.started:  # the app's startup failed: uvicorn logged why and returned
             raise StartError("the daemon's API did not start", hint="see the log lines above")
+
+
+def rest_api(
+    wired: Wired,
+    settings: Settings,
+    *,
+    token: str | None = None,
+    on_started: Callable[[], Awaitable[None]] | None = None,
+) -> FastAPI:
+    """The REST API over the wired parts."""
+    return create_app(
+        settings,
+        manager=wired.manager,
+        table=wired.table,
+        sampler=wired.sampler,
+        peer_reader=wired.peers,
+        claims=wired.claims,
+        event_bus=wired.events,
+        router=wired.router,
+        token=token,
+        on_started=on_started,
+    )
 
 
 def serve(settings: Settings, *, autostart: bool = True) -> None:

@@ -1,6 +1,13 @@
 """The daemon's parts, wired in one place: the state directory's lock, the leftover cleanup, the child
-registry, the log directory, the GPU sampler (and the simulated GPUs' usage hook), the planner, the HTTP
-client, the manager and the front door's router; and the API's listening socket.
+registry, the event bus, the instance table, the peers' claims on this host, the GPU sampler, the log
+directory, the HTTP client, the planner, the peers, the manager and the front door's router; and the
+API's listening socket.
+
+Each part is given what it needs when it is made (`supervision` makes them in that order, each from those
+before it); none is changed afterwards. What several parts share about the instances is the instance table
+(supervise/table.py), made empty first: the manager fills it, the router writes its requests in it, the
+API, the router, the peers and the simulated GPUs read it. Two parts are told of news by subscribing: the
+manager to every GPU sample and to every read of the peers.
 
 Only this module makes them, and only after the state directory's lock is held: a command that only
 reads (`plan`, `gpus`, `status`, `doctor`) never gets here, so it can never stop, start or record a
@@ -14,6 +21,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import httpx
 from starlette.types import ASGIApp
@@ -23,18 +31,23 @@ from launcher.api.origin import BrowserGuard, HostNames
 from launcher.config import Settings
 from launcher.config_file import read_token
 from launcher.errors import ConfigError, StartError
-from launcher.gpu.sampler import open_sampler
-from launcher.gpu.sim import SimBackend
+from launcher.events import Bus
+from launcher.gpu.sampler import Sampler, open_sampler
 from launcher.plan.placer import Planner
 from launcher.route.front import FrontDoor
 from launcher.route.proxy import Upstream
 from launcher.route.router import Router
+from launcher.rpc.claims import ClaimBook
 from launcher.rpc.peers import Peers
 from launcher.schema import Event
 from launcher.supervise.leftovers import ChildRegistry
-from launcher.supervise.manager import Manager
+from launcher.supervise.manager import Manager, claimed_mib
 from launcher.supervise.owner import StateDirLock
 from launcher.supervise.ports import port_holder
+from launcher.supervise.table import InstanceTable
+
+# The events kept for `GET /events?recent=`, and how far a reader of the stream may fall behind.
+_EVENTS_KEPT = 500
 
 
 def is_loopback(host: str) -> bool:
@@ -92,14 +105,21 @@ def front_door(api: ASGIApp, router: Router, settings: Settings, token: str | No
     the probes of Docker and Kubernetes name the daemon by an address, which passes), then the limits on
     request bodies, then the front door (/v1, /upstream) before the REST API."""
     budget = BodyBudget(settings.daemon.body_budget_mib * 2**20)
-    door = BodyLimits(FrontDoor(api, router, router_keys(settings, token)), budget)
-    return BrowserGuard(door, HostNames.of(settings.daemon), frozenset(settings.daemon.cors_origins))
+    limited = BodyLimits(FrontDoor(api, router, router_keys(settings, token)), budget)
+    return BrowserGuard(limited, HostNames.of(settings.daemon), frozenset(settings.daemon.cors_origins))
 
 
 @dataclass(frozen=True)
 class Wired:
+    """The parts the API and the daemon are given."""
+
     manager: Manager
     router: Router
+    table: InstanceTable
+    events: Bus[Event]
+    sampler: Sampler
+    peers: Peers | None
+    claims: ClaimBook
     gpu_backend: str  # which GPU backend and why
 
 
@@ -111,33 +131,44 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
     try:
         registry = ChildRegistry(lock)
         leftovers = registry.clean_leftovers()
-        sampler, gpu_backend = open_sampler(settings)
+        events = Bus[Event](_EVENTS_KEPT, keep=_EVENTS_KEPT, listener=on_event)
+        for leftover in leftovers:
+            events.publish(Event.now("error", f"stopped a server an earlier daemon left running: {leftover}"))
+        table = InstanceTable()
+        claims = ClaimBook(
+            on_expired=lambda r: events.publish(Event.now("peer", f"the claim of {r.holder} on {r.endpoint} lapsed"))
+        )
+        # Simulated GPUs show as used what our servers and the peers' claims hold.
+        sampler, gpu_backend = open_sampler(settings, partial(claimed_mib, table, claims))
         log_dir = lock.state_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         async with httpx.AsyncClient() as http:
             planner = Planner(settings.gpus, sampler.identities, sampler.links)
-            peers = Peers(settings) if settings.peers else None
+            peers = Peers(settings, events=events, active=table.active_names) if settings.peers else None
             manager = Manager(
                 settings,
+                table=table,
+                events=events,
                 sampler=sampler,
                 registry=registry,
                 planner=planner,
                 http=http,
                 log_dir=log_dir,
-                on_event=on_event,
+                claims=claims,
                 peers=peers,
             )
-            for leftover in leftovers:
-                manager.publish(Event.now("error", f"stopped a server an earlier daemon left running: {leftover}"))
-            if isinstance(sampler.backend, SimBackend):
-                sampler.backend.usage = manager.claimed_mib  # simulated memory follows our instances
             sampler.subscribe(manager.observe)
+            if peers is not None:
+                peers.subscribe(manager.after_peers_read)
             await sampler.start()
             try:
                 if peers is not None:
                     await peers.start()
-                async with Router(settings, manager, http, Upstream()) as router:
-                    yield Wired(manager, router, gpu_backend)
+                router = Router(
+                    settings, manager=manager, table=table, events=events, peers=peers, http=http, upstream=Upstream()
+                )
+                async with router:
+                    yield Wired(manager, router, table, events, sampler, peers, claims, gpu_backend)
             finally:
                 await manager.stop_all()
                 if peers is not None:

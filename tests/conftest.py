@@ -31,7 +31,7 @@ from launcher.config_file import load_settings
 from launcher.config_yaml import dump_config_yaml
 from launcher.supervise.manager import Manager
 from launcher.tinymodel import write_tiny_llama
-from launcher.wiring import supervision
+from launcher.wiring import Wired, supervision
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
@@ -267,21 +267,31 @@ def ollama_standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _executable(tmp_path_factory.mktemp("bin"), "ollama.py")
 
 
+OpenWired = Callable[[Path | Settings], Awaitable[Wired]]
 OpenManager = Callable[[Path | Settings], Awaitable[Manager]]
 
 
 @pytest.fixture
-async def open_manager() -> AsyncIterator[OpenManager]:
-    """Managers wired as the daemon wires them (state directory lock, leftovers, GPU sampler), each shut
-    down at the end of the test (every server stopped, the lock released)."""
+async def open_wired() -> AsyncIterator[OpenWired]:
+    """The daemon's parts wired as the daemon wires them (state directory lock, leftovers, GPU sampler,
+    manager, router), each shut down at the end of the test (every server stopped, the lock released)."""
     async with contextlib.AsyncExitStack() as stack:
 
-        async def open_one(config: Path | Settings) -> Manager:
+        async def open_one(config: Path | Settings) -> Wired:
             settings = config if isinstance(config, Settings) else load_settings(config)
-            wired = await stack.enter_async_context(supervision(settings, lambda _event: None))
-            return wired.manager
+            return await stack.enter_async_context(supervision(settings, lambda _event: None))
 
         yield open_one
+
+
+@pytest.fixture
+async def open_manager(open_wired: OpenWired) -> OpenManager:
+    """`open_wired`'s manager."""
+
+    async def open_one(config: Path | Settings) -> Manager:
+        return (await open_wired(config)).manager
+
+    return open_one
 
 
 @pytest.fixture

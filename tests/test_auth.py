@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from launcher.api.app import create_app
 from launcher.api.auth import reads_need_token
 from launcher.config_file import parse_settings
-from tests.conftest import OpenManager, write_secret
+from launcher.daemon import rest_api
+from tests.conftest import OpenWired, write_secret
 
 TOKEN = "t0ken-for-reads"
 READS = ["/instances", "/instances/tiny", "/gpus", "/plan/tiny", "/metrics", "/openapi.json", "/docs", "/nowhere"]
@@ -26,19 +26,19 @@ def test_when_reads_need_the_token(auth_reads: Any, loopback: bool, needed: bool
     assert reads_need_token(auth_reads, loopback) is needed
 
 
-async def client_for(tmp_path: Path, open_manager: OpenManager, auth_reads: str) -> httpx.AsyncClient:
+async def client_for(tmp_path: Path, open_wired: OpenWired, auth_reads: str) -> httpx.AsyncClient:
     write_secret(tmp_path / "token", TOKEN)
     text = (
         f"daemon: {{state_dir: {tmp_path / 'state'}, token_file: token, auth_reads: {auth_reads}}}\n"
         f"models: {{tiny: {{model: {tmp_path / 'absent.gguf'}}}}}"
     )
     settings = parse_settings(text, tmp_path / "launcher.yaml")
-    app = create_app(await open_manager(settings), settings, token=TOKEN)
+    app = rest_api(await open_wired(settings), settings, token=TOKEN)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://launcher")
 
 
-async def test_locked_reads_answer_401_without_the_token(tmp_path: Path, open_manager: OpenManager) -> None:
-    async with await client_for(tmp_path, open_manager, "always") as client:
+async def test_locked_reads_answer_401_without_the_token(tmp_path: Path, open_wired: OpenWired) -> None:
+    async with await client_for(tmp_path, open_wired, "always") as client:
         assert (await client.get("/health")).status_code == 200  # probes never need it
         for path in READS:
             refused = await client.get(path)
@@ -56,8 +56,8 @@ async def test_locked_reads_answer_401_without_the_token(tmp_path: Path, open_ma
         assert "401" not in document["paths"]["/health"]["get"]["responses"]
 
 
-async def test_open_reads_on_loopback_but_acts_need_the_token(tmp_path: Path, open_manager: OpenManager) -> None:
-    async with await client_for(tmp_path, open_manager, "auto") as client:
+async def test_open_reads_on_loopback_but_acts_need_the_token(tmp_path: Path, open_wired: OpenWired) -> None:
+    async with await client_for(tmp_path, open_wired, "auto") as client:
         assert (await client.get("/instances")).status_code == 200
         assert (await client.get("/gpus")).status_code == 200
         document = (await client.get("/openapi.json")).json()

@@ -17,10 +17,10 @@ from pathlib import Path
 import psutil
 
 from launcher.config_file import load_settings
+from launcher.gpu.sampler import Sampler
 from launcher.schema import GpuSample, State
 from launcher.supervise.instance import Instance
-from launcher.supervise.manager import Manager
-from tests.conftest import ConfigWriter, Daemon, OpenManager, marked_processes
+from tests.conftest import ConfigWriter, Daemon, OpenManager, OpenWired, marked_processes
 
 FAST_RESTART = {"policy": "on-failure", "backoff_initial": 0.01, "backoff_max": 0.05, "burst": 1000, "interval": 60}
 
@@ -149,7 +149,7 @@ async def test_one_hundred_concurrent_restarts_make_one(
     assert len(marked_processes(leaves_no_process)) == 1
 
 
-async def test_memory_a_killed_server_held_is_waited_for(write_config: ConfigWriter, open_manager: OpenManager) -> None:
+async def test_memory_a_killed_server_held_is_waited_for(write_config: ConfigWriter, open_wired: OpenWired) -> None:
     gpus = {
         "backend": "sim",
         "poll_interval": 0.05,
@@ -158,12 +158,13 @@ async def test_memory_a_killed_server_held_is_waited_for(write_config: ConfigWri
         "sim": [{"name": "Sim", "memory_mib": 900, "release_delay_s": 1.0}],
     }
     settings = load_settings(write_config({"tiny": {"restart": FAST_RESTART}}, gpus=gpus))
-    manager = await open_manager(settings)  # with the simulated GPUs
+    wired = await open_wired(settings)  # with the simulated GPUs
+    manager = wired.manager
     instance = manager.get("tiny")
     await manager.start("tiny")
     await instance.wait_until(is_ready, 30)
     claim = instance.placement.claims_mib[0]
-    await gpu_reading(manager, lambda s: (s.memory_used_mib or 0) >= claim)  # the card holds the server's memory
+    await gpu_reading(wired.sampler, lambda s: (s.memory_used_mib or 0) >= claim)  # the card holds the server's memory
     pid = instance.status().pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
@@ -173,10 +174,11 @@ async def test_memory_a_killed_server_held_is_waited_for(write_config: ConfigWri
     loading = [e for e in events if e.state == State.LOADING][-1]
     waited = _seconds(loading.time) - _seconds(exited.time)
     assert waited >= 0.8  # the memory came back after 1 s, and the new server started after it
-    assert any(e.kind == "vram" and "waiting for memory to come back on GPU 0" in e.message for e in manager.events)
+    waits = [e.message for e in wired.events.recent(500) if e.kind == "vram"]
+    assert any("waiting for memory to come back on GPU 0" in message for message in waits)
 
 
-async def gpu_reading(manager: Manager, matches: Callable[[GpuSample], bool]) -> GpuSample:
+async def gpu_reading(sampler: Sampler, matches: Callable[[GpuSample], bool]) -> GpuSample:
     """The first GPU sample, from now on, that ``matches`` (the sampler calls its listeners on the loop)."""
     found: asyncio.Future[GpuSample] = asyncio.get_running_loop().create_future()
 
@@ -184,7 +186,7 @@ async def gpu_reading(manager: Manager, matches: Callable[[GpuSample], bool]) ->
         if matches(sample) and not found.done():
             found.set_result(sample)
 
-    manager.sampler.subscribe(listener)
+    sampler.subscribe(listener)
     return await asyncio.wait_for(found, 10)
 
 

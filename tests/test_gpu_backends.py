@@ -165,15 +165,17 @@ def test_sysfs_maps_values_and_units(tmp_path: Path) -> None:
 
 
 def test_sim_memory_follows_usage_temperatures_script_and_faults() -> None:
+    held: dict[int, int] = {}  # what the launcher's servers hold: none, then 8000 MiB on GPU 0
     sim = SimBackend(
         [
             SimGpu(name="A", memory_mib=24576, used_mib=1000, temperature_c=[40, 95, 60], link_group="x"),
             SimGpu(name="B", memory_mib=16384, link_group="x"),
             SimGpu(name="C", memory_mib=16384),
-        ]
+        ],
+        usage=lambda: held,
     )
     assert sim.read(0, processes=False).memory_used_mib == 1000
-    sim.usage = lambda: {0: 8000}
+    held[0] = 8000
     assert sim.read(0, processes=False).memory_used_mib == 9000
     assert [sim.read(0, processes=False).temperature_c for _ in range(2)] == [60, 60]  # script ran out
     sim.inject(1, error="GPU is lost")

@@ -9,10 +9,11 @@ import json
 import pytest
 
 from launcher.config import Settings
+from launcher.route.admission import Admission
 from launcher.route.choose import Idle, Replica, Use, expired, make_room, pick
 from launcher.route.errors import RouteError
-from launcher.route.lanes import Lanes
 from launcher.route.usage import Tokens, of_body
+from launcher.supervise.table import RequestLoad
 from launcher.wiring import router_keys
 
 
@@ -79,35 +80,39 @@ def test_tokens_of_ollama_and_of_answers_that_say_nothing() -> None:
     assert of_body(b'data: {"choices": []}\n\n', streamed=True) == Tokens()
 
 
-async def test_lanes_serve_in_arrival_order_and_bound_the_queue() -> None:
+async def test_admission_serves_in_arrival_order_and_bounds_the_queue() -> None:
     replicas = {"m": [Replica("m@0", True, 0, 1)]}
-    lanes = Lanes(lambda model: [Replica(r.name, r.serving, lanes.in_flight(r.name), r.limit) for r in replicas[model]])
-    assert lanes.try_take("m") == "m@0"
-    assert lanes.try_take("m") is None  # its one slot is taken
-    first = asyncio.create_task(lanes.wait("m", queue_max=2, timeout_s=5))
-    second = asyncio.create_task(lanes.wait("m", queue_max=2, timeout_s=5))
+    load = RequestLoad()  # where the statuses read the counts
+    admission = Admission(
+        lambda model: [Replica(r.name, r.serving, admission.in_flight(r.name), r.limit) for r in replicas[model]], load
+    )
+    assert admission.try_take("m") == "m@0"
+    assert admission.try_take("m") is None  # its one slot is taken
+    first = asyncio.create_task(admission.wait("m", queue_max=2, timeout_s=5))
+    second = asyncio.create_task(admission.wait("m", queue_max=2, timeout_s=5))
     await asyncio.sleep(0)  # both are queued now
-    assert lanes.queued("m") == 2
+    assert admission.queued("m") == 2 and load == RequestLoad(in_flight={"m@0": 1}, queued={"m": 2})
     with pytest.raises(RouteError) as full:
-        await lanes.wait("m", queue_max=2, timeout_s=5)
+        await admission.wait("m", queue_max=2, timeout_s=5)
     assert (full.value.status, full.value.code, full.value.retry_after_s) == (429, "queue_full", 1)
-    lanes.release("m@0")
-    lanes.dispatch("m")
+    admission.release("m@0")
+    admission.dispatch("m")
     assert await first == "m@0" and not second.done()  # the older one first
-    assert lanes.try_take("m") is None  # one waits: a newcomer does not jump the queue
-    lanes.fail("m", RouteError(503, "m stopped", "model_not_running"))
+    assert admission.try_take("m") is None  # one waits: a newcomer does not jump the queue
+    admission.fail("m", RouteError(503, "m stopped", "model_not_running"))
     with pytest.raises(RouteError, match="m stopped"):
         await second
-    assert lanes.queued("m") == 0 and lanes.in_flight("m@0") == 1
+    assert admission.queued("m") == 0 and admission.in_flight("m@0") == 1
+    assert load == RequestLoad(in_flight={"m@0": 1}, queued={"m": 0})
 
 
 async def test_a_wait_that_times_out_is_429_and_leaves_no_count_behind() -> None:
-    lanes = Lanes(lambda model: [Replica("m@0", True, lanes.in_flight("m@0"), 1)])
-    assert lanes.try_take("m") == "m@0"
+    admission = Admission(lambda model: [Replica("m@0", True, admission.in_flight("m@0"), 1)], RequestLoad())
+    assert admission.try_take("m") == "m@0"
     with pytest.raises(RouteError) as late:
-        await lanes.wait("m", queue_max=5, timeout_s=0.01)
+        await admission.wait("m", queue_max=5, timeout_s=0.01)
     assert (late.value.status, late.value.code) == (429, "queue_timeout")
-    assert lanes.queued("m") == 0 and lanes.in_flight("m@0") == 1
+    assert admission.queued("m") == 0 and admission.in_flight("m@0") == 1
 
 
 def test_route_errors_are_openai_shaped() -> None:

@@ -13,13 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from launcher.api.app import create_app
 from launcher.config import SimGpu
 from launcher.config_file import parse_settings
+from launcher.daemon import rest_api
 from launcher.gpu.sampler import Sampler
 from launcher.gpu.sim import Hold, SimBackend
 from launcher.schema import GpuSample
-from tests.conftest import OpenManager
+from tests.conftest import OpenWired
 
 POLL_S = 0.05
 STALE_AFTER_S = 3 * POLL_S  # a sample older than three polls is marked stale
@@ -102,13 +102,13 @@ async def test_history_is_bounded(sim_sampler: tuple[SimBackend, Sampler]) -> No
     assert [s.time for s in history] == sorted(s.time for s in history)
 
 
-async def test_api_latency_is_unaffected_by_a_hung_backend(tmp_path: Path, open_manager: OpenManager) -> None:
+async def test_api_latency_is_unaffected_by_a_hung_backend(tmp_path: Path, open_wired: OpenWired) -> None:
     config = {"daemon": {"state_dir": str(tmp_path / "state")}, "gpus": {"backend": "sim", "sim": [SIM_A]}}
     settings = parse_settings(json.dumps(config), tmp_path / "l.yaml")
-    manager = await open_manager(settings)
-    sim = manager.sampler.backend
+    wired = await open_wired(settings)
+    sim = wired.sampler.backend
     assert isinstance(sim, SimBackend)
-    app = create_app(manager, settings)
+    app = rest_api(wired, settings)
     hold = Hold()
     sim.inject(0, hold=hold)
     try:

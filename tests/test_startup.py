@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,8 @@ async def test_a_stop_during_a_hung_first_gpu_reading_ends_the_daemon(
 ) -> None:
     hold = Hold()
 
-    def hung_sampler(settings: Settings) -> tuple[Sampler, str]:
-        sampler, why = open_sampler(settings)
+    def hung_sampler(settings: Settings, sim_usage: Callable[[], Mapping[int, int]]) -> tuple[Sampler, str]:
+        sampler, why = open_sampler(settings, sim_usage)
         assert isinstance(sampler.backend, SimBackend)
         sampler.backend.inject(0, hold=hold)  # the first reading never returns by itself
         return sampler, why

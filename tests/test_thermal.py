@@ -8,7 +8,7 @@ from typing import Any
 from launcher.config_file import load_settings
 from launcher.schema import GpuSample, State
 from launcher.supervise.thermal import ThermalVerdict, judge
-from tests.conftest import ConfigWriter, OpenManager
+from tests.conftest import ConfigWriter, OpenManager, OpenWired
 
 LIMIT_C = 90.0
 
@@ -57,15 +57,14 @@ def test_stop_names_what_it_stops() -> None:
 SIM_GPUS: dict[str, Any] = {"backend": "sim", "sim": [{"name": "Sim 3090", "memory_mib": 24576}]}
 
 
-async def test_the_manager_warns_the_instance_and_keeps_it(
-    write_config: ConfigWriter, open_manager: OpenManager
-) -> None:
-    manager = await open_manager(load_settings(write_config(gpus=SIM_GPUS)))
+async def test_the_manager_warns_the_instance_and_keeps_it(write_config: ConfigWriter, open_wired: OpenWired) -> None:
+    wired = await open_wired(load_settings(write_config(gpus=SIM_GPUS)))
+    manager = wired.manager
     instance = manager.get("tiny")
     await manager.start("tiny")
     await instance.wait_until(lambda i: i.state == State.READY, 60)
     manager.observe(sample(93.0))
-    [event] = [e for e in manager.events if e.kind == "thermal" and e.instance is None]  # the GPU's own
+    [event] = [e for e in wired.events.recent(500) if e.kind == "thermal" and e.instance is None]  # the GPU's own
     assert (event.gpu, event.message) == (0, "Sim 3090 at 93 °C, at or above the 90 °C limit; running on it: tiny")
     assert [e.message for e in instance.events if e.kind == "thermal"] == [f"GPU 0: {event.message}"]
     assert instance.state == State.READY
@@ -85,15 +84,16 @@ async def test_the_manager_stops_the_instances_of_a_hot_gpu(
 
 
 async def test_the_sampler_feeds_the_guard_a_server_started_on_a_hot_gpu_is_stopped(
-    write_config: ConfigWriter, open_manager: OpenManager
+    write_config: ConfigWriter, open_wired: OpenWired
 ) -> None:
     # The GPU is hot from its first reading on: the episode begins with no instance on it; the server
     # started during it is stopped at the next reading (poll 0.1 s). No temperature script, no clock.
     hot = {**SIM_GPUS, "poll_interval": 0.1, "thermal_action": "stop"}
     hot["sim"] = [{**SIM_GPUS["sim"][0], "temperature_c": 95}]
-    manager = await open_manager(load_settings(write_config(gpus=hot)))
+    wired = await open_wired(load_settings(write_config(gpus=hot)))
+    manager = wired.manager
     instance = manager.get("tiny")
     await manager.start("tiny")
     await instance.wait_until(lambda i: i.state == State.STOPPED, 30)
-    [event] = [e for e in manager.events if e.kind == "thermal"]
+    [event] = [e for e in wired.events.recent(500) if e.kind == "thermal"]
     assert event.message == "Sim 3090 at 95 °C, at or above the 90 °C limit; running on it: no instance"

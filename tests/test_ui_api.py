@@ -10,11 +10,11 @@ from pathlib import Path
 
 import httpx
 
-from launcher.api.app import create_app
 from launcher.config_file import parse_settings
+from launcher.daemon import rest_api
 from launcher.schema import GpuSample, GpuTopology
-from launcher.supervise.manager import Manager
-from tests.conftest import OpenManager, write_secret
+from launcher.wiring import Wired
+from tests.conftest import OpenWired, write_secret
 
 TOKEN = "t0ken-for-the-page"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -26,7 +26,7 @@ SIM = (
 PAGE_FILES = {"index.html", "app.js", "api.js", "draw.js", "panels.js", "style.css"}
 
 
-async def client_for(tmp_path: Path, open_manager: OpenManager) -> tuple[httpx.AsyncClient, Manager]:
+async def client_for(tmp_path: Path, open_wired: OpenWired) -> tuple[httpx.AsyncClient, Wired]:
     write_secret(tmp_path / "token", TOKEN)
     text = (
         f"daemon: {{state_dir: {tmp_path / 'state'}, token_file: token, auth_reads: always}}\n"
@@ -34,15 +34,13 @@ async def client_for(tmp_path: Path, open_manager: OpenManager) -> tuple[httpx.A
         f"models: {{tiny: {{model: {tmp_path / 'absent.gguf'}}}}}"
     )
     settings = parse_settings(text, tmp_path / "launcher.yaml")
-    manager = await open_manager(settings)
-    app = create_app(manager, settings, token=TOKEN)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://launcher"), manager
+    wired = await open_wired(settings)
+    app = rest_api(wired, settings, token=TOKEN)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://launcher"), wired
 
 
-async def test_the_page_loads_without_the_token_and_only_from_the_daemon(
-    tmp_path: Path, open_manager: OpenManager
-) -> None:
-    client, _ = await client_for(tmp_path, open_manager)
+async def test_the_page_loads_without_the_token_and_only_from_the_daemon(tmp_path: Path, open_wired: OpenWired) -> None:
+    client, _ = await client_for(tmp_path, open_wired)
     async with client:
         page = await client.get("/ui")
         assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
@@ -72,11 +70,11 @@ def test_the_page_references_only_its_own_files() -> None:
 
 
 async def test_the_gpu_stream_sends_each_gpus_recent_samples_oldest_first(
-    tmp_path: Path, open_manager: OpenManager
+    tmp_path: Path, open_wired: OpenWired
 ) -> None:
-    client, manager = await client_for(tmp_path, open_manager)
-    await manager.sampler.read_now([0, 1, 2])
-    await manager.sampler.read_now([0, 1, 2])
+    client, wired = await client_for(tmp_path, open_wired)
+    await wired.sampler.read_now([0, 1, 2])
+    await wired.sampler.read_now([0, 1, 2])
     async with client:
         answer = await client.get("/gpus/stream?recent=2&follow=false", headers=BEARER)
         assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/event-stream")
@@ -90,8 +88,8 @@ async def test_the_gpu_stream_sends_each_gpus_recent_samples_oldest_first(
         assert refused.status_code == 422 and refused.json()["detail"].startswith("query.recent:")
 
 
-async def test_topology_names_each_pair_once_and_the_limits(tmp_path: Path, open_manager: OpenManager) -> None:
-    client, _ = await client_for(tmp_path, open_manager)
+async def test_topology_names_each_pair_once_and_the_limits(tmp_path: Path, open_wired: OpenWired) -> None:
+    client, _ = await client_for(tmp_path, open_wired)
     async with client:
         topology = GpuTopology.model_validate_json((await client.get("/gpus/topology", headers=BEARER)).content)
     assert [(link.gpus, link.link, link.direct) for link in topology.links] == [

@@ -1,4 +1,5 @@
-"""The REST control API (app.py; it reaches processes only through the Manager), and what stands in front
-of it: the Host and cross-site checks (origin.py), the HTTP limits (limits.py), the token (auth.py),
-secrets kept from callers without it (redact.py), requests whose client left (disconnect.py); the
-dashboard's files and streams (ui.py) and the Prometheus metrics (metrics.py)."""
+"""The REST control API (app.py; it acts only through the Manager and reads the instance table, the GPU
+sampler, the peers and the event bus the wiring hands it), and what stands in front of it: the Host and
+cross-site checks (origin.py), the HTTP limits (limits.py), the token (auth.py), secrets kept from callers
+without it (redact.py), requests whose client left (disconnect.py); the dashboard's files and streams
+(ui.py) and the Prometheus metrics (metrics.py)."""

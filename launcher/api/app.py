@@ -1,6 +1,9 @@
 """The REST API: health, instances and their acts, plans, GPUs, RPC endpoints, events, logs, the front
 door's recent requests and metrics. (The front door itself, /v1 and /upstream, is launcher/route/front.py.)
 
+The API acts through the Manager (start, stop, plans, claims) and reads what the wiring hands it: the
+instance table, the GPU sampler, the peers, the peers' claims on this host and the event bus.
+
 Every answer, errors included, is a type of launcher.schema, and every path declares each status it can
 answer with its body and content type: the OpenAPI document at /openapi.json is the truth (a schemathesis
 run over it is part of the tests).
@@ -26,7 +29,11 @@ from launcher.api.redact import redacted_plan, without_log_lines, without_server
 from launcher.api.ui import add_ui
 from launcher.config import Settings
 from launcher.errors import LauncherError, NotFoundError
+from launcher.events import Bus
+from launcher.gpu.sampler import Sampler
 from launcher.route.router import Router
+from launcher.rpc.claims import ClaimBook
+from launcher.rpc.peers import Peers
 from launcher.schema import (
     ClaimRequest,
     ErrorBody,
@@ -42,6 +49,7 @@ from launcher.schema import (
 )
 from launcher.supervise import logs
 from launcher.supervise.manager import Manager
+from launcher.supervise.table import InstanceTable
 from launcher.wiring import is_loopback
 
 Responses = dict[int | str, dict[str, Any]]
@@ -80,14 +88,20 @@ Authorization = Annotated[str | None, Header(description="Bearer <the API token>
 
 
 def create_app(
-    manager: Manager,
     settings: Settings,
     *,
+    manager: Manager,
+    table: InstanceTable,
+    sampler: Sampler,
+    peer_reader: Peers | None,
+    claims: ClaimBook,
+    event_bus: Bus[Event],
+    router: Router | None = None,
     token: str | None = None,
     on_started: Callable[[], Awaitable[None]] | None = None,
-    router: Router | None = None,
 ) -> FastAPI:
     """The REST API. ``router``: the front door's, whose requests `/requests` and `/metrics` report."""
+    instances = table.view
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -149,7 +163,7 @@ def create_app(
         server that is gone, 503 otherwise; the state of every instance, and warnings (a lost server, a
         state directory that cannot be written: that one alone keeps 200, the servers run on)."""
         ok = manager.all_ready(manager.autostart_names()) and not manager.lost_servers()
-        states = {n: i.state for n, i in manager.instances.items()}
+        states = {n: i.state for n, i in instances.items()}
         body = Health(status="ok" if ok else "degraded", instances=states, warnings=manager.health_warnings())
         return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)
 
@@ -211,9 +225,9 @@ def create_app(
 
     @app.get("/gpus/{index}/history", response_model=list[GpuSample], responses={**read, **_errors(404, 422)})
     async def gpu_history(index: int, limit: Annotated[int, Query(ge=1, le=100_000)] = 600) -> Response:
-        if not 0 <= index < len(manager.sampler.identities):
-            raise NotFoundError(f"no GPU {index}", hint=f"{len(manager.sampler.identities)} GPUs are seen")
-        return _json(samples_json.dump_json(manager.sampler.history(index)[-limit:]))
+        if not 0 <= index < len(sampler.identities):
+            raise NotFoundError(f"no GPU {index}", hint=f"{len(sampler.identities)} GPUs are seen")
+        return _json(samples_json.dump_json(sampler.history(index)[-limit:]))
 
     @app.get("/rpc", response_model=RpcReport, responses=read)
     async def rpc() -> Response:
@@ -239,13 +253,13 @@ def create_app(
     @app.delete("/rpc/claims/{holder:path}", status_code=204, dependencies=[Depends(authorised)], responses=acting)
     async def release(holder: Annotated[str, Path(description="the holder the claim was taken for")]) -> Response:
         """Release ``holder``'s claim (already gone is fine: it may have lapsed)."""
-        manager.claims.release(holder)
+        claims.release(holder)
         return Response(status_code=204)
 
     @app.get("/peers", response_model=list[PeerStatus], responses=read)
     async def peers() -> Response:
         """What this daemon last read of each peer's `GET /rpc`, and whether it answers."""
-        statuses = manager.peers.statuses() if manager.peers is not None else []
+        statuses = peer_reader.statuses() if peer_reader is not None else []
         return _json(peers_json.dump_json(statuses))
 
     @app.get(
@@ -262,8 +276,8 @@ def create_app(
     ) -> StreamingResponse:
         """Server-sent events: state changes, exits, errors, thermal warnings; ``recent`` past ones first.
         With ``follow=false`` the stream ends after those (a script's look at what just happened)."""
-        queue = manager.subscribe() if follow else None
-        past = list(manager.events)[-recent:] if recent else []
+        queue = event_bus.subscribe() if follow else None
+        past = event_bus.recent(recent)
         hide_server_words = hides_server_output(authorization)
 
         def shown_event(event: Event) -> Event:
@@ -279,7 +293,7 @@ def create_app(
                     yield _sse(shown_event(await queue.get()))
             finally:
                 if queue is not None:
-                    manager.unsubscribe(queue)
+                    event_bus.unsubscribe(queue)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -305,7 +319,7 @@ def create_app(
 
         return StreamingResponse(stream(), media_type="text/plain")
 
-    add_ui(app, manager, read=read, invalid=_errors(422))
+    add_ui(app, settings, sampler, table, read=read, invalid=_errors(422))
     return app
 
 

@@ -7,8 +7,6 @@ The page reads everything else through the API like any client; it sends the tok
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Annotated, Any
@@ -16,9 +14,12 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query
 from fastapi.responses import Response, StreamingResponse
 
+from launcher.config import Settings
 from launcher.errors import NotFoundError
+from launcher.events import Bus
+from launcher.gpu.sampler import Sampler
 from launcher.schema import GpuLink, GpuSample, GpuTopology
-from launcher.supervise.manager import Manager
+from launcher.supervise.table import InstanceTable
 
 Responses = dict[int | str, dict[str, Any]]
 
@@ -47,40 +48,23 @@ _SAMPLE_EVENT = {
 }
 
 
-class _SampleFeed:
-    """Hands every GPU sample, with the instances on that GPU now, to each open stream as its event text
-    (written once, however many pages are open)."""
-
-    def __init__(self, manager: Manager) -> None:
-        self._manager = manager
-        self._queues: set[asyncio.Queue[str]] = set()
-        manager.sampler.subscribe(self._publish)
-
-    def _publish(self, sample: GpuSample) -> None:
-        if not self._queues:
-            return
-        event = _sse(sample.model_copy(update={"instances": self._manager.instances_on(sample.index)}))
-        for queue in self._queues:
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(event)
-
-    def subscribe(self) -> asyncio.Queue[str]:
-        """A queue that receives every sample's event from now on; `unsubscribe` it when done."""
-        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=_QUEUE_SAMPLES)
-        self._queues.add(queue)
-        return queue
-
-    def unsubscribe(self, queue: asyncio.Queue[str]) -> None:
-        self._queues.discard(queue)
-
-
-def add_ui(app: FastAPI, manager: Manager, *, read: Responses, invalid: Responses) -> None:
+def add_ui(
+    app: FastAPI, settings: Settings, sampler: Sampler, table: InstanceTable, *, read: Responses, invalid: Responses
+) -> None:
     """Add the dashboard's routes to ``app``: ``read`` declares the answers of a locked read (401),
     ``invalid`` those of a bad parameter (422)."""
     page = resources.files("launcher") / "ui"
     files = {name: (page / name).read_bytes() for name in _FILES}  # 40 KiB, served from memory
-    feed = _SampleFeed(manager)
-    settings = manager.settings.gpus
+    gpus = settings.gpus
+    # Every GPU sample, with the instances on that GPU now, as the event text each open stream is sent
+    # (written once, however many pages are open; not at all while none is).
+    feed = Bus[str](_QUEUE_SAMPLES)
+
+    def publish(sample: GpuSample) -> None:
+        if feed.read:
+            feed.publish(_sse(sample.model_copy(update={"instances": table.on_gpu(sample.index)})))
+
+    sampler.subscribe(publish)
 
     @app.get("/ui", include_in_schema=False)
     async def dashboard() -> Response:
@@ -96,12 +80,9 @@ def add_ui(app: FastAPI, manager: Manager, *, read: Responses, invalid: Response
     async def gpu_topology() -> GpuTopology:
         """How the GPUs are joined (each pair once), the thermal limit and how often each GPU is read."""
         links = [
-            GpuLink(gpus=pair, link=link.value, direct=link.direct)
-            for pair, link in sorted(manager.sampler.links.items())
+            GpuLink(gpus=pair, link=link.value, direct=link.direct) for pair, link in sorted(sampler.links.items())
         ]
-        return GpuTopology(
-            links=links, thermal_limit_c=settings.thermal_limit_c, poll_interval_s=settings.poll_interval
-        )
+        return GpuTopology(links=links, thermal_limit_c=gpus.thermal_limit_c, poll_interval_s=gpus.poll_interval)
 
     @app.get(
         "/gpus/stream",
@@ -122,7 +103,7 @@ def add_ui(app: FastAPI, manager: Manager, *, read: Responses, invalid: Response
         # No await between subscribing and taking the history: no sample is missed or sent twice.
         queue = feed.subscribe() if follow else None
         past = sorted(
-            (s for g in manager.sampler.identities for s in manager.sampler.history(g.index)[-recent:] if recent),
+            (s for g in sampler.identities for s in sampler.history(g.index)[-recent:] if recent),
             key=lambda s: s.time,
         )
 

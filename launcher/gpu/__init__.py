@@ -3,7 +3,7 @@ sampler. `open_backend` picks the backend the configuration asks for, or the fir
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from launcher.config import GpuSettings
 from launcher.errors import StartError
@@ -32,12 +32,20 @@ def _sysfs() -> GpuBackend:
 _REAL: dict[str, Callable[[], GpuBackend]] = {"nvml": _nvml, "amdsmi": _amdsmi, "sysfs": _sysfs}
 
 
-def open_backend(settings: GpuSettings) -> tuple[GpuBackend, str]:
-    """The backend, and a sentence that says which one and why."""
+def _nothing_used() -> Mapping[int, int]:
+    return {}
+
+
+def open_backend(
+    settings: GpuSettings, sim_usage: Callable[[], Mapping[int, int]] = _nothing_used
+) -> tuple[GpuBackend, str]:
+    """The backend, and a sentence that says which one and why. ``sim_usage``: MiB per GPU index that the
+    launcher's servers hold, which simulated GPUs show as used."""
     if settings.backend == "sim":
         from launcher.gpu.sim import SimBackend
 
-        return SimBackend(settings.sim), f"sim: {len(settings.sim)} simulated GPUs from the configuration"
+        described = f"sim: {len(settings.sim)} simulated GPUs from the configuration"
+        return SimBackend(settings.sim, usage=sim_usage), described
     if settings.backend == "none":
         return NoGpus(), "none: configured; servers run on the CPU"
     if settings.backend != "auto":

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -131,9 +131,10 @@ def read_sample(backend: GpuBackend, gpu: GpuIdentity, *, processes: bool) -> Gp
         return sample_of(gpu, None, began, error=f"{type(exc).__name__}: {exc}")
 
 
-def open_sampler(settings: Settings) -> tuple[Sampler, str]:
-    """A sampler over the GPU backend the configuration asks for, and which backend and why."""
-    backend, reason = open_backend(settings.gpus)
+def open_sampler(settings: Settings, sim_usage: Callable[[], Mapping[int, int]]) -> tuple[Sampler, str]:
+    """A sampler over the GPU backend the configuration asks for, and which backend and why. ``sim_usage``:
+    MiB per GPU that the launcher's servers hold, which simulated GPUs show as used."""
+    backend, reason = open_backend(settings.gpus, sim_usage)
     gpus = settings.gpus
     sampler = Sampler(
         backend, poll_interval_s=gpus.poll_interval, history=gpus.history, process_every=gpus.process_every

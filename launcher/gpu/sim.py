@@ -49,10 +49,10 @@ class Hold:
 class SimBackend:
     name = "sim"
 
-    def __init__(self, gpus: list[SimGpu]) -> None:
+    def __init__(self, gpus: list[SimGpu], *, usage: UsageSource = _no_usage) -> None:
+        """``usage``: MiB per GPU index that the launcher's running instances hold (what they use here)."""
         self._gpus = gpus
-        # MiB per GPU index that the launcher's running instances hold (set by the manager).
-        self.usage: UsageSource = _no_usage
+        self._usage = usage
         self._temperatures: list[Iterator[float]] = [_script(g.temperature_c) for g in gpus]
         self._faults: dict[int, tuple[str | None, Hold | None]] = {}
         self._lock = threading.Lock()
@@ -110,7 +110,7 @@ class SimBackend:
     def _held(self, index: int, delay_s: float) -> int:
         """MiB our servers hold on GPU ``index``: what runs, plus what stopped less than ``delay_s`` ago."""
         now = time.monotonic()
-        claimed = self.usage().get(index, 0)
+        claimed = self._usage().get(index, 0)
         with self._lock:
             dropped = self._claimed.get(index, 0) - claimed
             self._claimed[index] = claimed

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible front door: the ASGI door before the API (front.py), routing by model with
-replicas, queueing, on-demand loading by VRAM and eviction (router.py; its decisions pure in choose.py, in
-flight and queued in lanes.py), where a model lives, here or on a peer (where.py, peer.py), the upstream
-relay (proxy.py), token counts (usage.py), request records (served.py), metrics and errors."""
+"""The OpenAI-compatible front door: the ASGI app before the API (front.py: keys, bodies, disconnects),
+routing by model with replicas, queueing, on-demand loading by VRAM and eviction (router.py), its
+decisions pure (choose.py), requests in flight and queued (admission.py), where a model lives, here or on
+a peer (where.py, peer.py), the upstream relay (proxy.py), token counts (usage.py), what a request got
+(served.py), request metrics (metrics.py) and OpenAI-shaped errors (errors.py)."""

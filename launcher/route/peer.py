@@ -32,7 +32,7 @@ class PeerDoor:
     ) -> Served:  # fmt: skip
         """``path``: as the client sent it (with its query), which the peer's front door routes again."""
         assert self._peers is not None  # where() names a peer only when there are some
-        url, token = self._peers.door(place.peer)
+        url, token = self._peers.front_door(place.peer)
         instance = f"peer:{place.peer}"
         naming = _NamingErrors(place.peer, send)
         auth = [("Authorization", f"Bearer {token}")] if token else []

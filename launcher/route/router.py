@@ -2,8 +2,9 @@
 the planner's VRAM arithmetic and stopping idle ones to make room, the idle timer, taking a replica that
 failed out until it answers again, and the record of what was served.
 
-Decisions are launcher/route/choose.py's pure functions; the counts and the queue are route/lanes.py's;
-this object gathers the facts and carries out the acts through the manager, the only way to a process.
+Decisions are launcher/route/choose.py's pure functions; the counts and the queue are route/admission.py's;
+this object gathers the facts (the instances read through the instance table, the events from the bus)
+and carries out the acts through the manager, the only way to a process.
 """
 
 from __future__ import annotations
@@ -25,17 +26,20 @@ from starlette.types import Send
 
 from launcher.config import ModelSettings, Settings
 from launcher.errors import ConflictError, LauncherError, StartError
+from launcher.events import Bus
 from launcher.route import choose
+from launcher.route.admission import Admission
 from launcher.route.errors import RouteError
-from launcher.route.lanes import Lanes
 from launcher.route.metrics import RequestMetrics
 from launcher.route.peer import PeerDoor
 from launcher.route.proxy import UpstreamClient, UpstreamFailed
 from launcher.route.served import Served
 from launcher.route.usage import Tokens, of_body
 from launcher.route.where import Local, OnPeer, where
+from launcher.rpc.peers import Peers
 from launcher.schema import Event, RequestRecord, State
 from launcher.supervise.manager import Manager
+from launcher.supervise.table import InstanceTable
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ _SERVING = (State.READY,)
 
 
 @dataclass
-class _Book:
+class _RoutedModel:
     """What the router keeps of one configured model."""
 
     settings: ModelSettings
@@ -56,27 +60,43 @@ class _Book:
 
 
 class Router:
-    def __init__(self, settings: Settings, manager: Manager, http: httpx.AsyncClient, upstream: UpstreamClient) -> None:
+    """``manager``: the acts (start, stop, a note in an instance's history, planning); ``table``: the
+    instances, read, and where the router writes its requests in flight and queued."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        manager: Manager,
+        table: InstanceTable,
+        events: Bus[Event],
+        peers: Peers | None,
+        http: httpx.AsyncClient,
+        upstream: UpstreamClient,
+    ) -> None:
         self._settings = settings
         self._manager = manager
+        self._instances = table.view
+        self._events = events
         self._http = http
         self._upstream = upstream
         # What serves a model; an rpc-server lends GPUs, and is neither listed nor routed to.
         self.configured = {name: m for name, m in settings.models.items() if m.backend != "rpc-server"}
-        self._books = {name: _Book(model, manager.group(name)) for name, model in self.configured.items()}
+        self._models = {
+            name: _RoutedModel(model, list(table.groups.get(name, ()))) for name, model in self.configured.items()
+        }
         self.names = {alias: name for name, m in self.configured.items() for alias in (name, *m.aliases)}
-        self._group = {i: name for name, book in self._books.items() for i in book.instances}
-        self.lanes = Lanes(self._replicas)
+        self._group = {i: name for name, routed in self._models.items() for i in routed.instances}
+        self.admission = Admission(self._replicas, table.requests)
         self._slots: dict[str, int] = {}  # instance -> requests its server takes at once, read when ready
-        self._benched: dict[str, asyncio.Task[None]] = {}  # instance -> the probe that brings it back
+        self._taken_out: dict[str, asyncio.Task[None]] = {}  # instance -> the probe that puts it back
         self._placing = asyncio.Lock()  # one on-demand decision at a time: each sees the last one's start
         self._closing: set[str] = set()  # models the router is stopping (idle, evicted): given no new request
         self._wake_timer = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.records: deque[RequestRecord] = deque(maxlen=_RECORDS_KEPT)
         self.metrics = RequestMetrics(self._load)
-        self.fleet = PeerDoor(manager.peers, upstream)  # the peers' models, through the same connections
-        manager.requests = self.requests
+        self.fleet = PeerDoor(peers, upstream)  # the peers' models, through the same connections
 
     # ---- life -------------------------------------------------------------------------------------------
 
@@ -86,12 +106,12 @@ class Router:
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
-        for task in [*self._tasks, *self._benched.values()]:
+        for task in [*self._tasks, *self._taken_out.values()]:
             task.cancel()
-        for book in self._books.values():
-            if book.bringing_up is not None:
-                book.bringing_up.cancel()
-        await asyncio.gather(*self._tasks, *self._benched.values(), return_exceptions=True)
+        for routed in self._models.values():
+            if routed.bringing_up is not None:
+                routed.bringing_up.cancel()
+        await asyncio.gather(*self._tasks, *self._taken_out.values(), return_exceptions=True)
         await self._upstream.close()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -101,18 +121,14 @@ class Router:
 
     # ---- reports ----------------------------------------------------------------------------------------
 
-    def requests(self, instance: str) -> tuple[int, int]:
-        """(in flight on ``instance``, queued for its model)."""
-        return self.lanes.in_flight(instance), self.lanes.queued(self._group.get(instance, instance))
-
     def _load(self) -> Iterator[tuple[str, str, int, int]]:
-        for model, book in self._books.items():
-            for instance in book.instances:
-                yield model, instance, self.lanes.in_flight(instance), self.lanes.queued(model)
+        for model, routed in self._models.items():
+            for instance in routed.instances:
+                yield model, instance, self.admission.in_flight(instance), self.admission.queued(model)
 
     def state_of(self, model: str) -> State:
         """The model's state as /v1/models shows it: its best instance's."""
-        states = [self._manager.instances[i].state for i in self._books[model].instances]
+        states = [self._instances[i].state for i in self._models[model].instances]
         order = list(State)  # stopped first, then starting, loading, ready, ...
         return State.READY if State.READY in states else max(states, key=order.index)
 
@@ -130,7 +146,7 @@ class Router:
 
     def body_for(self, model: str, doc: dict[str, Any], body: bytes) -> bytes:
         """The request's body as the model's server needs it: Ollama knows the model by its own name."""
-        upstream = self._manager.instances[self._books[model].instances[0]].backend.upstream_model()
+        upstream = self._instances[self._models[model].instances[0]].backend.upstream_model()
         if upstream is None or doc["model"] == upstream:
             return body
         return json.dumps({**doc, "model": upstream}).encode()
@@ -152,87 +168,87 @@ class Router:
         """Pass the request to an instance of ``model`` (waiting for one, starting it on demand) and its
         answer back; one retry on another replica when the first could not be reached. ``queued=False``:
         a pass-through to the server (/upstream) that its limit and queue do not hold back, once it serves."""
-        book = self._books[model]
+        routed = self._models[model]
         for attempt in (1, 2):
-            instance = await self._lease(model, book, queued)
+            instance = await self._lease(model, routed, queued)
             try:
-                port = self._manager.instances[instance].port
+                port = self._instances[instance].port
                 url = f"http://127.0.0.1:{port}{path}"
                 answer = await self._upstream.forward(method, url, headers, body, send, arrived_s)
             except UpstreamFailed as exc:
-                self._bench(instance, exc.reason)
+                self._take_out(instance, exc.reason)
                 if exc.sent:  # the client has the server's status already; the request failed all the same
                     return Served(status=502, instance=instance)
-                if attempt == 2 or not self._other_serving(book, instance):
+                if attempt == 2 or not self._other_serving(routed, instance):
                     raise RouteError(
                         502, f"instance {instance} of {model} failed: {exc.reason}", "upstream_failed"
                     ) from None
                 continue
             finally:
-                self.lanes.release(instance)
-                book.last_used_s = time.monotonic()
-                self.lanes.dispatch(model)
+                self.admission.release(instance)
+                routed.last_used_s = time.monotonic()
+                self.admission.dispatch(model)
                 self._wake_timer.set()
             return Served(status=answer.status, instance=instance, answer=answer)
         raise AssertionError("unreachable: the second attempt returns or raises")
 
-    def _other_serving(self, book: _Book, failed: str) -> bool:
-        return any(self._serving(i) for i in book.instances if i != failed)
+    def _other_serving(self, routed: _RoutedModel, failed: str) -> bool:
+        return any(self._serving(i) for i in routed.instances if i != failed)
 
     def _serving(self, instance: str) -> bool:
         return (
-            self._manager.instances[instance].state in _SERVING
-            and instance not in self._benched
+            self._instances[instance].state in _SERVING
+            and instance not in self._taken_out
             and self._group[instance] not in self._closing
         )
 
     def _replicas(self, model: str) -> Sequence[choose.Replica]:
-        book = self._books[model]
-        limit = book.settings.max_concurrency
+        routed = self._models[model]
+        limit = routed.settings.max_concurrency
         return [
-            choose.Replica(i, self._serving(i), self.lanes.in_flight(i), limit or self._slots.get(i, 1))
-            for i in book.instances
+            choose.Replica(i, self._serving(i), self.admission.in_flight(i), limit or self._slots.get(i, 1))
+            for i in routed.instances
         ]
 
-    def _active(self, book: _Book) -> bool:
+    def _active(self, routed: _RoutedModel) -> bool:
         """Something of the model runs or is on its way (a start, a restart, a restart's backoff)."""
-        return book.bringing_up is not None or any(
-            self._manager.instances[i].active or self._manager.instances[i].restarting for i in book.instances
+        return routed.bringing_up is not None or any(
+            self._instances[i].active or self._instances[i].restarting for i in routed.instances
         )
 
-    async def _lease(self, model: str, book: _Book, queued: bool) -> str:
+    async def _lease(self, model: str, routed: _RoutedModel, queued: bool) -> str:
         """An instance that takes the request, counted in flight: now, or after a wait in the queue."""
-        taken = self.lanes.try_take(model, unbounded=not queued)
+        taken = self.admission.try_take(model, unbounded=not queued)
         if taken is not None:
             return taken
-        loading = not any(self._serving(i) for i in book.instances)
-        states = [self._manager.instances[i].state for i in book.instances]
+        loading = not any(self._serving(i) for i in routed.instances)
+        states = [self._instances[i].state for i in routed.instances]
         if all(state == State.DEGRADED for state in states):  # waits for a peer: no point queueing behind it
             raise self._gone(model)
-        if not self._active(book):
-            if not book.settings.on_demand:
+        if not self._active(routed):
+            if not routed.settings.on_demand:
                 raise RouteError(
                     503, f"{model} is not running ({self.state_of(model).value}); `launcher up {model}` starts it",
                     "model_not_running", retry_after_s=_NO_ROOM_RETRY_S,
                 )  # fmt: skip
-            book.bringing_up = asyncio.create_task(self._bring_up(model, book))
+            routed.bringing_up = asyncio.create_task(self._bring_up(model, routed))
         # Waiting for a load may take as long as the load may; a queue behind busy replicas, queue_timeout_s.
-        timeout_s = book.settings.queue_timeout_s + (book.settings.health.load_timeout if loading else 0.0)
-        return await self.lanes.wait(model, book.settings.queue_max, timeout_s)
+        timeout_s = routed.settings.queue_timeout_s + (routed.settings.health.load_timeout if loading else 0.0)
+        return await self.admission.wait(model, routed.settings.queue_max, timeout_s)
 
     # ---- on demand --------------------------------------------------------------------------------------
 
-    async def _bring_up(self, model: str, book: _Book) -> None:
+    async def _bring_up(self, model: str, routed: _RoutedModel) -> None:
         """Start ``model`` for a request, making room first when the router may; the waiting requests get
         the reason when it cannot start."""
         failure: RouteError | None = None
         try:
             async with self._placing:
-                await self._make_room(model, book)
-                self._manager.publish(Event.now("on-demand", f"starting {model} for a request", instance=model))
-                for instance in book.instances:
+                await self._make_room(model, routed)
+                self._events.publish(Event.now("on-demand", f"starting {model} for a request", instance=model))
+                for instance in routed.instances:
                     try:
-                        if not self._manager.instances[instance].active:
+                        if not self._instances[instance].active:
                             await self._manager.start(instance)
                     except ConflictError:
                         pass  # started meanwhile (a start through the API): what the requests wait for
@@ -246,25 +262,25 @@ class Router:
             log.exception("starting %s on demand", model)
             failure = RouteError(503, f"{model} could not start: {type(exc).__name__}: {exc}", "start_failed")
         finally:
-            book.bringing_up = None
-        if failure is not None and not self._active(book):
-            self.lanes.fail(model, failure)
+            routed.bringing_up = None
+        if failure is not None and not self._active(routed):
+            self.admission.fail(model, failure)
 
-    async def _make_room(self, model: str, book: _Book) -> None:
+    async def _make_room(self, model: str, routed: _RoutedModel) -> None:
         """Stop the least recently used idle on-demand models until ``model`` fits beside what runs."""
-        plan_without = self._manager.planner_with_stopped(book.instances[0])
+        plan_without = self._manager.planner_with_stopped(routed.instances[0])
         idle = [
             choose.Idle(other, b.last_used_s)
-            for other, b in self._books.items()
+            for other, b in self._models.items()
             if other != model
             and b.settings.on_demand
             and b.bringing_up is None
-            and any(self._manager.instances[i].active for i in b.instances)
-            and not self.lanes.busy(other, b.instances)
+            and any(self._instances[i].active for i in b.instances)
+            and not self.admission.busy(other, b.instances)
         ]
         if self._settings.router.evict == "never":
             idle = []
-        instances = {b_name: self._books[b_name].instances for b_name in (i.name for i in idle)}
+        instances = {i.name: self._models[i.name].instances for i in idle}
 
         def fits(stopped: Sequence[str]) -> bool:
             return plan_without([i for name in stopped for i in instances[name]]).fits
@@ -277,7 +293,7 @@ class Router:
                 503, f"no room on the GPUs for {model}: {reason}", "no_room", retry_after_s=_NO_ROOM_RETRY_S
             )
         for victim in victims:
-            if self.lanes.busy(victim, self._books[victim].instances):  # a request came while the planner ran
+            if self.admission.busy(victim, self._models[victim].instances):  # a request came while the planner ran
                 why = f"no room on the GPUs for {model}: {victim} got a request meanwhile"
                 raise RouteError(503, why, "no_room", retry_after_s=_NO_ROOM_RETRY_S)
             await self._stop_model(victim, f"stopping idle {victim} to make room for {model}", "evict")
@@ -290,31 +306,31 @@ class Router:
         meanwhile wait, and start it again when it is on demand (see _follow_events)."""
         self._closing.add(model)
         try:
-            self._manager.publish(Event.now(kind, why, instance=model))
-            for instance in self._books[model].instances:
+            self._events.publish(Event.now(kind, why, instance=model))
+            for instance in self._models[model].instances:
                 with contextlib.suppress(LauncherError):  # stopped meanwhile
                     await self._manager.stop(instance)
         finally:
             self._closing.discard(model)
-            self.lanes.dispatch(model)
+            self.admission.dispatch(model)
 
     async def _idle_timer(self) -> None:
         while True:
             self._wake_timer.clear()  # before looking: a change from here on wakes the wait below
             now = time.monotonic()
             uses = [
-                choose.Use(name, b.settings.idle_ttl_s, self.lanes.busy(name, b.instances), b.last_used_s)
-                for name, b in self._books.items()
+                choose.Use(name, b.settings.idle_ttl_s, self.admission.busy(name, b.instances), b.last_used_s)
+                for name, b in self._models.items()
                 if b.settings.idle_ttl_s is not None and any(self._serving(i) for i in b.instances)
             ]
             due, next_s = choose.expired(uses, now)
             for name in due:
-                book = self._books[name]
-                if self.lanes.busy(name, book.instances):  # a request came while an earlier one stopped
+                routed = self._models[name]
+                if self.admission.busy(name, routed.instances):  # a request came while an earlier one stopped
                     continue
                 try:
                     await self._stop_model(
-                        name, f"stopping {name}: no request for {book.settings.idle_ttl_s:g}s", "idle"
+                        name, f"stopping {name}: no request for {routed.settings.idle_ttl_s:g}s", "idle"
                     )
                 except Exception:  # the timer must outlive one bad stop
                     log.exception("stopping idle %s", name)
@@ -325,56 +341,56 @@ class Router:
     # ---- what happens to the instances ------------------------------------------------------------------
 
     async def _follow_events(self) -> None:
-        queue = self._manager.subscribe()
+        queue = self._events.subscribe()
         try:
             while True:
                 event = await queue.get()
                 model = self._group.get(event.instance or "")
                 if model is None or event.kind != "state":
                     continue
-                book = self._books[model]
+                routed = self._models[model]
                 if event.state == State.READY:
-                    book.last_used_s = time.monotonic()
-                    self._unbench(event.instance or "")
+                    routed.last_used_s = time.monotonic()
+                    self._put_back(event.instance or "")
                     self._spawn(self._read_slots(model, event.instance or ""))
-                if not self._active(book) and self.lanes.queued(model):
-                    if book.settings.on_demand:  # stopped (idle, evicted) while requests came: start again
-                        book.bringing_up = asyncio.create_task(self._bring_up(model, book))
+                if not self._active(routed) and self.admission.queued(model):
+                    if routed.settings.on_demand:  # stopped (idle, evicted) while requests came: start again
+                        routed.bringing_up = asyncio.create_task(self._bring_up(model, routed))
                     else:
-                        self.lanes.fail(model, self._gone(model))
-                self.lanes.dispatch(model)
+                        self.admission.fail(model, self._gone(model))
+                self.admission.dispatch(model)
                 self._wake_timer.set()
         finally:
-            self._manager.unsubscribe(queue)
+            self._events.unsubscribe(queue)
 
     def _gone(self, model: str) -> RouteError:
         state = self.state_of(model)
-        instances = [self._manager.instances[i] for i in self._books[model].instances]
+        instances = [self._instances[i] for i in self._models[model].instances]
         why = next((e for i in instances for e in (i.degraded_reason, i.last_error) if e), None)
         text = f"{model} is {state.value}" + (f": {why}" if why else "")
         return RouteError(503, text, "model_not_running", retry_after_s=_NO_ROOM_RETRY_S)
 
     async def _read_slots(self, model: str, instance: str) -> None:
         """Ask a server that just became ready how many requests it takes at once (one until it says)."""
-        it = self._manager.instances[instance]
+        it = self._instances[instance]
         if it.port is not None:
             self._slots[instance] = await it.backend.slots(self._http, it.port, it.settings.health.timeout)
-            self.lanes.dispatch(model)
+            self.admission.dispatch(model)
 
-    def _bench(self, instance: str, reason: str) -> None:
+    def _take_out(self, instance: str, reason: str) -> None:
         """Take a replica that failed a request out until it answers its health check again."""
-        if instance in self._benched:
+        if instance in self._taken_out:
             return
-        self._manager.instances[instance].note("warning", f"taken out of the front door: {reason}")
-        self._benched[instance] = asyncio.create_task(self._probe(instance))
+        self._manager.note(instance, "warning", f"taken out of the front door: {reason}")
+        self._taken_out[instance] = asyncio.create_task(self._probe(instance))
 
-    def _unbench(self, instance: str) -> None:
-        probe = self._benched.pop(instance, None)
+    def _put_back(self, instance: str) -> None:
+        probe = self._taken_out.pop(instance, None)
         if probe is not None and probe is not asyncio.current_task():
             probe.cancel()
 
     async def _probe(self, instance: str) -> None:
-        it = self._manager.instances[instance]
+        it = self._instances[instance]
         delay_s = _PROBE_S[0]
         while True:
             await asyncio.sleep(delay_s)
@@ -382,8 +398,8 @@ class Router:
             if serving and await it.backend.is_ready(self._http, it.port or 0, it.settings.health.timeout):
                 break
             delay_s = min(delay_s * 2, _PROBE_S[1])
-        self._unbench(instance)
-        self.lanes.dispatch(self._group[instance])
+        self._put_back(instance)
+        self.admission.dispatch(self._group[instance])
 
     # ---- records ----------------------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@ on their rpc-servers, renewed on the same beat, released when the instance stops
 
 A peer that does not answer is an event and a status (`GET /peers`), never an error of this daemon: its
 endpoints are not planned onto until it answers again. (What happens to an instance already running on
-a peer that went away is the manager's to decide, with launcher/rpc/failover.py, after each read.)
+a peer that went away is the manager's to decide, with launcher/rpc/failover.py: it subscribes to be told
+after each read.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from launcher.client import DaemonClient
 from launcher.config import PeerSettings, Settings
 from launcher.config_file import read_token
 from launcher.errors import LauncherError, StartError
+from launcher.events import Bus
 from launcher.schema import ClaimDevice, ClaimRequest, Event, PeerStatus, Plan, RpcEndpoint, RpcReport, ServedModel
 
 _READ_TIMEOUT_S = 5.0
@@ -37,19 +39,28 @@ class _Seen:
 
 
 class Peers:
-    def __init__(self, settings: Settings) -> None:
+    """``events``: where news of the peers goes; ``active``: the instances that run here (only their claims
+    are renewed)."""
+
+    def __init__(self, settings: Settings, *, events: Bus[Event], active: Callable[[], Collection[str]]) -> None:
         self._me = settings.daemon.client_url
         self._interval_s = settings.rpc.peer_interval_s
         self._ttl_s = settings.rpc.claim_ttl_s
         self._peers = {peer.label: peer for peer in settings.peers}
         self._seen = {name: _Seen() for name in self._peers}
         self._held: dict[str, list[tuple[str, ClaimRequest]]] = {}  # instance -> (peer, claim) it holds
+        # Instances whose claims are being taken: not running yet, and a renewal meanwhile must not take
+        # them for a stopped instance's and release them (the instance runs as soon as they are taken).
+        self._claiming: set[str] = set()
         self._task: asyncio.Task[None] | None = None
-        # Set by the manager: the instances that run (only their claims are renewed), and where events go.
-        self.active: Callable[[], Collection[str]] = lambda: ()
-        self.publish: Callable[[Event], None] = lambda _e: None
-        # Called after each read of every peer: the manager judges the instances that use their endpoints.
-        self.after_read: Callable[[], None] = lambda: None
+        self._events = events
+        self._active = active
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after each read of every peer (the manager judges the instances that use their
+        endpoints), before the claims are renewed."""
+        self._listeners.append(listener)
 
     def holder(self, instance: str) -> str:
         """How a peer knows this daemon's ``instance``: the daemon's URL and the instance."""
@@ -70,7 +81,7 @@ class Peers:
             for name, seen in self._seen.items()
         ]
 
-    def door(self, name: str) -> tuple[str, str | None]:
+    def front_door(self, name: str) -> tuple[str, str | None]:
         """Peer ``name``'s URL and the token its front door takes: as of the last read (a rotated token is
         picked up on the next beat; no file is read on a request's path)."""
         return self._peers[name].url, self._seen[name].token
@@ -94,7 +105,8 @@ class Peers:
         while True:
             await asyncio.sleep(self._interval_s)
             await self._read_all()
-            self.after_read()
+            for listener in self._listeners:
+                listener()
             await self._renew()
 
     async def _read_all(self) -> None:
@@ -107,11 +119,11 @@ class Peers:
             token = read_token(self._peers[name].token_file)
         except LauncherError as exc:
             if seen.reachable or seen.error == "not read yet":  # news: down, or down from the start
-                self.publish(Event.now("peer", f"peer {name} is not reachable: {exc.message}"))
+                self._events.publish(Event.now("peer", f"peer {name} is not reachable: {exc.message}"))
             seen.reachable, seen.error = False, exc.message
             return
         if not seen.reachable and seen.read_at is not None:
-            self.publish(Event.now("peer", f"peer {name} is reachable again"))
+            self._events.publish(Event.now("peer", f"peer {name} is reachable again"))
         seen.reachable, seen.error, seen.read_at, seen.endpoints = True, None, time.monotonic(), tuple(report.endpoints)
         # Only what the peer serves itself: a peer's peers are its business, and a model listed back and
         # forth between two launchers would send its requests round in a loop.
@@ -131,6 +143,13 @@ class Peers:
     async def claim(self, instance: str, plan: Plan) -> None:
         """Register with each peer what ``plan`` puts on its devices (one claim per endpoint), or release
         what was taken and raise StartError naming the peer that refused."""
+        self._claiming.add(instance)
+        try:
+            await self._claim(instance, plan)
+        finally:
+            self._claiming.discard(instance)
+
+    async def _claim(self, instance: str, plan: Plan) -> None:
         await self.release(instance)  # a new plan replaces the last one's claims
         wanted: dict[tuple[str, str], list[ClaimDevice]] = {}
         for device in plan.devices:
@@ -155,10 +174,10 @@ class Peers:
                 await asyncio.to_thread(self._ask, peer, DaemonClient.release, request.holder)
             except LauncherError as exc:
                 message = f"could not release the claim on {request.endpoint} ({exc.message}): it lapses by its lease"
-                self.publish(Event.now("peer", f"peer {peer}: {message}", instance=instance))
+                self._events.publish(Event.now("peer", f"peer {peer}: {message}", instance=instance))
 
     async def _renew(self) -> None:
-        active = set(self.active())
+        active = {*self._active(), *self._claiming}
         for instance in [i for i in self._held if i not in active]:
             await self.release(instance)
         for instance, held in list(self._held.items()):
@@ -167,7 +186,7 @@ class Peers:
                     await asyncio.to_thread(self._ask, peer, DaemonClient.claim, request)
                 except LauncherError as exc:
                     message = f"peer {peer}: renewing the claim on {request.endpoint} failed: {exc.message}"
-                    self.publish(Event.now("peer", message, instance=instance))
+                    self._events.publish(Event.now("peer", message, instance=instance))
 
 
 def _rpc_and_models(client: DaemonClient) -> tuple[RpcReport, list[ServedModel]]:

@@ -1,5 +1,6 @@
 """Process supervision: one server process (process.py: spawn, group stop, parent death), one instance's
-lifecycle (instance.py), all of them (manager.py), and beside them: the restart policy (policy.py), the
+lifecycle (instance.py), all of them (manager.py) and the table the daemon's parts share them by
+(table.py), and beside them: the restart policy (policy.py), the
 moves between states (transitions.py), a server's last words (server_errors.py) and the thermal guard's
 verdict (thermal.py), all four pure;
 the state directory's lock and owner record (owner.py), the child registry (leftovers.py), the per-instance

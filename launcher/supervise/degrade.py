@@ -33,7 +33,11 @@ class Degrader:
         self._attempts: dict[str, int] = {}  # starts since it was last seen ready
         self._not_before: dict[str, float] = {}  # monotonic: the next start's earliest time
         self._busy: set[str] = set()  # a stop or start of ours is under way
-        self.closed = False  # the daemon is stopping: start nothing more
+        self._closed = False  # the daemon is stopping: start nothing more
+
+    def close(self) -> None:
+        """The daemon is stopping: stop or start nothing more."""
+        self._closed = True
 
     async def blocked(self, instance: Instance) -> str | None:
         """Asked when ``instance``'s server ended: why it cannot run now, or None. The rpc-servers are
@@ -51,7 +55,7 @@ class Degrader:
     def judge_all(self) -> None:
         """After each read of the peers: stop what runs on an endpoint that went away, start what waits
         for endpoints that are all back."""
-        if self.closed:
+        if self._closed:
             return
         statuses, now = self._peers.statuses(), time.monotonic()
         for name, instance in self._instances.items():
@@ -82,7 +86,7 @@ class Degrader:
         self._spawn(run())
 
     async def _resume(self, instance: Instance) -> None:
-        if self.closed:
+        if self._closed:
             return
         attempts = self._attempts[instance.name] = self._attempts.get(instance.name, 0) + 1
         restart = instance.settings.restart

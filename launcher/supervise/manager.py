@@ -1,9 +1,10 @@
 """All instances of a configuration: lookup, ports, placement on GPUs, start/stop/restart, events, and the
 thermal guard's verdicts carried out.
 
-The manager is built by the daemon's wiring (launcher/wiring.py) from parts made there: the GPU sampler,
-the child registry (which only the owner of the state directory can have), the planner and the HTTP
-client. Planning runs in a worker thread: a refusal's suggestions must not stall the API.
+The manager is built by the daemon's wiring (launcher/wiring.py) from parts made there: the instance table
+it fills (supervise/table.py), the event bus, the GPU sampler, the child registry (which only the owner of
+the state directory can have), the planner, the HTTP client, the peers' claims on this host's GPUs and the
+peers. Planning runs in a worker thread: a refusal's suggestions must not stall the API.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +23,7 @@ from launcher import replicas
 from launcher.backends import backend_for
 from launcher.config import Settings
 from launcher.errors import LauncherError
+from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
 from launcher.plan.gguf import ModelFileError
 from launcher.plan.placer import Planner, freed, with_command
@@ -38,9 +39,9 @@ from launcher.supervise.instance import Instance, Surroundings
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
+from launcher.supervise.table import InstanceTable
 from launcher.supervise.writes import StateWrites
 
-_EVENTS_KEPT = 500
 T = TypeVar("T")
 # plans computing at once (threads): each is bounded (GGUF header checks, linear in the layers), and a
 # start waits for a turn behind at most this many
@@ -65,31 +66,25 @@ class Manager:
         self,
         settings: Settings,
         *,
+        table: InstanceTable,
+        events: Bus[Event],
         sampler: Sampler,
         registry: ChildRegistry,
         planner: Planner,
         http: httpx.AsyncClient,
         log_dir: Path,
-        on_event: Callable[[Event], None] = lambda _e: None,
+        claims: ClaimBook,
         peers: Peers | None = None,
     ) -> None:
+        """``table``: empty; the manager fills it with the configuration's instances. ``claims``: peers'
+        claims on the GPUs this host's rpc-servers lend."""
         self.settings = settings
         self.sampler = sampler
         self.planner = planner
         self.peers = peers
-        # The instance being placed: its claims on peers are taken before its supervision starts, and a
-        # renewal meanwhile must not take them for a stopped instance's and release them.
-        self._being_placed: str | None = None
-        if peers is not None:
-            peers.active = lambda: [n for n, i in self.instances.items() if i.active or n == self._being_placed]
-            peers.publish = self.publish
-        # Peers' claims on the GPUs this host's rpc-servers lend.
-        self.claims = ClaimBook(
-            on_expired=lambda r: self.publish(Event.now("peer", f"the claim of {r.holder} on {r.endpoint} lapsed"))
-        )
-        self.events: deque[Event] = deque(maxlen=_EVENTS_KEPT)
-        self._on_event = on_event
-        self._subscribers: set[asyncio.Queue[Event]] = set()
+        self.claims = claims
+        self._table = table
+        self._events = events
         self._samples = asyncio.Event()  # set at every GPU sample: what the VRAM wait awaits
         self._vacated: dict[int, tuple[int, float]] = {}  # GPU -> (MiB a stopped server held, until)
         self._released_at: dict[int, float] = {}  # GPU -> when a server on it last ended (epoch seconds)
@@ -106,42 +101,25 @@ class Manager:
             log_keep=settings.daemon.log_keep,
             await_vram=self.await_vram,
             vacated=self.vacated,
-            on_event=self.publish,
+            on_event=events.publish,
             writes=self.writes,
             blocked=self._blocked,
         )
-        # Front-door requests (in flight, queued) per instance: the router tells, when there is one.
-        self.requests: Callable[[str], tuple[int, int]] = lambda _name: (0, 0)
         self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
-        self.instances = {
-            name: Instance(name, model, backend=backend_for(model, settings.rpc), around=around, group=group)
-            for name, (group, model) in self._configured.items()
-        }
-        self._groups: dict[str, list[str]] = {}  # configured model -> its instances: asked once per model
-        for name, instance in self.instances.items():
-            self._groups.setdefault(instance.group, []).append(name)
-        self._degrader: Degrader | None = None
-        if peers is not None:
-            self._degrader = Degrader(peers, self.instances, self._preparer, self._spawn)
-            peers.after_read = self._degrader.judge_all
+        for name, (group, model) in self._configured.items():
+            table.add(Instance(name, model, backend=backend_for(model, settings.rpc), around=around, group=group))
+        self.instances = table.instances
+        self._degrader = None if peers is None else Degrader(peers, self.instances, self._preparer, self._spawn)
 
     # ---- events ---------------------------------------------------------------------------------------
 
     def publish(self, event: Event) -> None:
-        self.events.append(event)
-        self._on_event(event)
-        for queue in self._subscribers:
-            with contextlib.suppress(asyncio.QueueFull):  # a reader that does not keep up loses events
-                queue.put_nowait(event)
+        self._events.publish(event)
 
-    def subscribe(self) -> asyncio.Queue[Event]:
-        """A queue that receives every event from now on; `unsubscribe` it when done."""
-        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=_EVENTS_KEPT)
-        self._subscribers.add(queue)
-        return queue
-
-    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
-        self._subscribers.discard(queue)
+    def after_peers_read(self) -> None:
+        """After each read of the peers: judge the instances that use their endpoints."""
+        if self._degrader is not None:
+            self._degrader.judge_all()
 
     def observe(self, sample: GpuSample) -> None:
         """Every GPU sample: wake what waits for memory, and carry out the thermal guard's verdict."""
@@ -226,7 +204,7 @@ class Manager:
 
     def group(self, name: str) -> list[str]:
         """The instances of configured model ``name`` (its replicas, or itself)."""
-        return list(self._groups.get(name, ()))
+        return list(self._table.groups.get(name, ()))
 
     # ---- placement --------------------------------------------------------------------------------------
 
@@ -246,11 +224,7 @@ class Manager:
     async def _prepare(self, instance: Instance) -> None:
         """Port and placement of a start, under the placement lock (runs under the instance's own lock)."""
         async with self._placing:
-            self._being_placed = instance.name
-            try:
-                await self._place(instance)
-            finally:
-                self._being_placed = None  # the supervision task starts with no await after this: active
+            await self._place(instance)
 
     async def _place(self, instance: Instance) -> None:
         """`_prepare`'s work, under the placement lock."""
@@ -316,14 +290,6 @@ class Manager:
 
         return plan_without
 
-    def claimed_mib(self) -> Mapping[int, int]:
-        """MiB per GPU held by the servers that run (by their plans) and by peers' llama-servers on the GPUs
-        this host lends (by their claims)."""
-        totals = _sum_claims(i for i in self.instances.values() if i.running)
-        for index, mib in self.claims.claims_mib().items():
-            totals[index] = totals.get(index, 0) + mib
-        return totals
-
     # ---- lending to peers -------------------------------------------------------------------------------
 
     def _lendable_mib(self, besides: str | None = None) -> dict[int, int]:
@@ -341,12 +307,16 @@ class Manager:
         return self.claims.register(request, endpoints, self._lendable_mib)
 
     def instances_on(self, index: int) -> list[str]:
-        return [name for name, i in self.instances.items() if i.active and index in i.placement.gpus]
+        return self._table.on_gpu(index)
 
     # ---- acts -------------------------------------------------------------------------------------------
 
     def _preparer(self, instance: Instance) -> Callable[[], Awaitable[None]]:
         return functools.partial(self._prepare, instance)
+
+    def note(self, name: str, kind: str, message: str) -> None:
+        """Write ``message`` in instance ``name``'s history (the front door's word on it)."""
+        self.instances[name].note(kind, message)
 
     async def start(self, name: str) -> InstanceStatus:
         instance = self.get(name)
@@ -398,10 +368,10 @@ class Manager:
     # ---- reports ----------------------------------------------------------------------------------------
 
     def status(self, name: str, events: int = 50) -> InstanceStatus:
-        return self.get(name).status(events=events, requests=self.requests(name))
+        return self.get(name).status(events=events, requests=self._table.requests_on(name))
 
     def statuses(self) -> list[InstanceStatus]:
-        return [i.status(events=0, requests=self.requests(n)) for n, i in self.instances.items()]
+        return [i.status(events=0, requests=self._table.requests_on(n)) for n, i in self.instances.items()]
 
     def gpu_samples(self) -> list[GpuSample]:
         return [s.model_copy(update={"instances": self.instances_on(s.index)}) for s in self.sampler.latest()]
@@ -409,8 +379,17 @@ class Manager:
     async def stop_all(self) -> None:
         """Stop every server (TERM, wait, KILL), concurrently."""
         if self._degrader is not None:
-            self._degrader.closed = True  # a degraded instance is not started again on the way out
+            self._degrader.close()  # a degraded instance is not started again on the way out
         for task in list(self._tasks):  # first: one of them may be starting a degraded instance again
             with contextlib.suppress(asyncio.CancelledError, LauncherError):
                 await task
         await asyncio.gather(*(i.stop() for i in self.instances.values() if i.active))
+
+
+def claimed_mib(table: InstanceTable, claims: ClaimBook) -> Mapping[int, int]:
+    """MiB per GPU held by the servers that run (by their plans) and by peers' llama-servers on the GPUs
+    this host lends (by their claims): what the simulated GPUs show as used."""
+    totals = _sum_claims(i for i in table.instances.values() if i.running)
+    for index, mib in claims.claims_mib().items():
+        totals[index] = totals.get(index, 0) + mib
+    return totals

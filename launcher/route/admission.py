@@ -1,5 +1,6 @@
-"""Requests in flight per instance and the bounded queue per model: who is served now, who waits, in the
-order they came. Which replica is chosen is `choose.pick`'s decision; this object keeps the counts."""
+"""Admission to the instances: requests in flight per instance and the bounded queue per model, who is
+served now, who waits, in the order they came. Which replica is chosen is `choose.pick`'s decision; this
+object keeps the counts, in the instance table's `RequestLoad` where the statuses read them."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from collections.abc import Callable, Sequence
 
 from launcher.route.choose import Replica, pick
 from launcher.route.errors import RouteError
+from launcher.supervise.table import RequestLoad
 
 
-class Lanes:
-    def __init__(self, replicas: Callable[[str], Sequence[Replica]]) -> None:
+class Admission:
+    def __init__(self, replicas: Callable[[str], Sequence[Replica]], load: RequestLoad) -> None:
         self._replicas = replicas  # a model's instances as they are now
-        self._in_flight: dict[str, int] = {}  # instance -> requests it serves now
+        self._in_flight = load.in_flight  # instance -> requests it serves now
+        self._queued = load.queued  # model -> requests waiting (len of its _waiting, for the statuses)
         self._waiting: dict[str, deque[asyncio.Future[str]]] = {}  # model -> requests waiting, oldest first
         self._turn: dict[str, int] = {}  # model -> round-robin position among equals
 
@@ -24,6 +27,10 @@ class Lanes:
 
     def queued(self, model: str) -> int:
         return len(self._waiting.get(model, ()))
+
+    def _counted(self, model: str) -> None:
+        """Copy ``model``'s queue length where the statuses read it."""
+        self._queued[model] = self.queued(model)
 
     def busy(self, model: str, instances: Sequence[str]) -> bool:
         """A request of ``model`` is in flight on one of its ``instances`` or waits for one."""
@@ -55,6 +62,7 @@ class Lanes:
             raise RouteError(429, f"{model}: {len(waiting)} requests are queued already", "queue_full", retry_after_s=1)
         turn: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         waiting.append(turn)
+        self._counted(model)
         given: str | None = None
         try:
             async with asyncio.timeout(timeout_s):
@@ -69,6 +77,7 @@ class Lanes:
         finally:
             if turn in waiting:
                 waiting.remove(turn)
+                self._counted(model)
             if given is None and turn.done() and not turn.cancelled() and turn.exception() is None:
                 self.release(turn.result())  # given an instance just as the wait ended: give it back
         return given
@@ -84,6 +93,7 @@ class Lanes:
             if name is None:
                 return
             turn = waiting.popleft()
+            self._counted(model)
             if turn.done():  # its wait ended meanwhile
                 self.release(name)
                 continue
@@ -91,6 +101,8 @@ class Lanes:
 
     def fail(self, model: str, error: RouteError) -> None:
         """End every wait for ``model`` with ``error`` (it stopped, failed or cannot start)."""
-        for turn in self._waiting.pop(model, deque()):
+        waiting = self._waiting.pop(model, deque())
+        self._counted(model)
+        for turn in waiting:
             if not turn.done():
                 turn.set_exception(error)

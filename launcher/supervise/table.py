@@ -1,0 +1,82 @@
+"""The instances of the configuration, as the daemon's parts share them: made empty first by the wiring and
+handed to each part that shares it (uvicorn's ServerState is the model). The manager fills it with the
+instances it owns and acts on; the front door writes the requests it has in flight and queued on each;
+the statuses, the API, the peers' claim renewal and the simulated GPUs read it.
+
+Readers outside supervision see an instance through `InstanceView`, read-only: every act (start, stop,
+a note in its history) goes through the manager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from launcher.backends import ServerBackend
+from launcher.config import ModelSettings
+from launcher.schema import State
+from launcher.supervise.instance import Instance
+
+
+class InstanceView(Protocol):
+    """What the front door and the API read of an instance."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def group(self) -> str: ...  # the configured model it is (a replica NAME@N's is NAME)
+    @property
+    def settings(self) -> ModelSettings: ...
+    @property
+    def backend(self) -> ServerBackend: ...  # its server's model name, readiness and slots
+    @property
+    def state(self) -> State: ...
+    @property
+    def port(self) -> int | None: ...
+    @property
+    def active(self) -> bool: ...
+    @property
+    def restarting(self) -> bool: ...
+    @property
+    def degraded_reason(self) -> str | None: ...
+    @property
+    def last_error(self) -> str | None: ...
+
+
+@dataclass
+class RequestLoad:
+    """The front door's requests, written by it (route/admission.py) and read by the statuses."""
+
+    in_flight: dict[str, int] = field(default_factory=dict)  # instance -> requests its server serves now
+    queued: dict[str, int] = field(default_factory=dict)  # configured model -> requests waiting for one
+
+
+@dataclass
+class InstanceTable:
+    instances: dict[str, Instance] = field(default_factory=dict)  # name -> instance, in configured order
+    groups: dict[str, list[str]] = field(default_factory=dict)  # configured model -> its instances
+    requests: RequestLoad = field(default_factory=RequestLoad)
+
+    def add(self, instance: Instance) -> None:
+        """Put ``instance`` in the table (the manager, as it makes them)."""
+        self.instances[instance.name] = instance
+        self.groups.setdefault(instance.group, []).append(instance.name)
+
+    @property
+    def view(self) -> Mapping[str, InstanceView]:
+        """The instances, read-only, for the parts outside supervision."""
+        return self.instances
+
+    def requests_on(self, name: str) -> tuple[int, int]:
+        """(the front door's requests in flight on instance ``name``, those queued for its model)."""
+        group = self.instances[name].group
+        return self.requests.in_flight.get(name, 0), self.requests.queued.get(group, 0)
+
+    def active_names(self) -> list[str]:
+        """The instances whose supervision runs (from starting to backoff)."""
+        return [name for name, instance in self.instances.items() if instance.active]
+
+    def on_gpu(self, index: int) -> list[str]:
+        """The active instances placed on GPU ``index``."""
+        return [name for name, i in self.instances.items() if i.active and index in i.placement.gpus]
