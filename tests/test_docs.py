@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 from launcher.cli import build_parser
 from launcher.config import Settings
 from launcher.config_file import parse_settings
-from scripts.docs_hooks import cli_reference, configuration_reference, layout_reference
+from scripts.docs_hooks import api_reference, cli_reference, configuration_reference, layout_reference, openapi_document
+from tests.conftest import MARK
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -84,6 +85,19 @@ def test_the_command_line_page_covers_every_command() -> None:
         assert any(f"`{name}" in row for row in table), name  # the hand-written table
         assert f"### `launcher {name}`" in help_text, name  # the generated help
     assert "### `launcher service install`" in help_text
+
+
+def test_the_api_reference_is_a_real_daemons_document(leaves_no_process: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MARK, leaves_no_process)  # the daemon it starts carries the mark: proven gone after
+    document = openapi_document()
+    assert "401" in document["paths"]["/gpus"]["get"]["responses"]  # started with a token, reads locked
+    reference = api_reference(document)
+    for path, methods in document["paths"].items():
+        for method in methods:
+            assert f"### {method.upper()} `{path}`" in reference
+    for schema in document["components"]["schemas"]:
+        assert f"### {schema}\n" in reference
+    assert "| `authorization` | header | string or null | no | Bearer &lt;the API token&gt; |" in reference
 
 
 def test_the_layout_lists_every_subpackage() -> None:
