@@ -36,12 +36,14 @@ def planned_launch(model: ModelSettings, devices: int) -> PlannedLaunch:
     outweigh the model)."""
     assert model.model is not None  # a llama-server entry
     shape = ModelShape.of(read_gguf(model.model))
-    rooms = plan_for(shape, runtime_for(model, shape, projector_bytes=projector_bytes(model)), devices).devices
+    devices_planned = plan_for(
+        shape, runtime_for(model, shape, projector_bytes=projector_bytes(model)), devices
+    ).devices
     gpu_settings = GpuSettings(
         backend="sim",
         margin_mib=0,
         overhead_mib=0,
-        sim=[SimGpu(name=f"sim{r.gpu}", memory_mib=r.usable_mib) for r in rooms],
+        sim=[SimGpu(name=f"sim{r.gpu}", memory_mib=r.usable_mib) for r in devices_planned],
     )
     gpus = SimBackend(gpu_settings.sim)
     samples = [read_sample(gpus, gpu, processes=False) for gpu in gpus.identities()]

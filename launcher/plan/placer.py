@@ -11,18 +11,19 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.backends import Placement, ServerBackend, model_backend
+from launcher.backends import ServerBackend, model_backend
 from launcher.config import GpuSettings, ModelSettings
 from launcher.errors import ConfigError, StartError
 from launcher.gpu import visibility_env
 from launcher.gpu.types import GpuIdentity, Link
-from launcher.plan.args import MMPROJ, arg_value
 from launcher.plan.estimate import ModelShape, size_only
 from launcher.plan.gguf import ModelFileError, read_gguf, regular_problem
-from launcher.plan.planner import make_plan
-from launcher.rpc.plan import lending_plan
-from launcher.rpc.remote import NO_REMOTE, Remote
+from launcher.plan.lending import lending_plan
+from launcher.plan.model_plan import make_plan
+from launcher.plan.placement import Placement
+from launcher.plan.remote import NO_REMOTE, Remote
 from launcher.schema import GpuSample, Plan
+from launcher.server_args import MMPROJ, arg_value
 
 
 @functools.lru_cache(maxsize=64)

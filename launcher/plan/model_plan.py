@@ -8,10 +8,10 @@ from collections.abc import Mapping, Sequence
 from launcher.config import GpuSettings, ModelSettings
 from launcher.gpu.types import Link
 from launcher.plan.estimate import MIB, ModelShape, Runtime, kv_bytes, padded_ctx
-from launcher.plan.place import (
+from launcher.plan.layout import (
     DeviceLoad,
     Layout,
-    Room,
+    UsableGpu,
     candidate_sets,
     counts_from_split,
     fewest_gpus,
@@ -19,8 +19,8 @@ from launcher.plan.place import (
     layout,
     most_layers,
 )
+from launcher.plan.remote import NO_REMOTE, Remote, across_hosts, network_cost
 from launcher.plan.runtime import not_modelled, runtime_for
-from launcher.rpc.remote import NO_REMOTE, Remote, across_hosts, network_cost
 from launcher.schema import DevicePlan, GpuSample, HostPlan, Plan
 
 GIB = 1024 * MIB
@@ -35,20 +35,20 @@ def _gib(b: float) -> str:
     return f"{b / GIB:.1f} GiB" if b >= GIB else f"{round(b / MIB)} MiB"
 
 
-def rooms(samples: Sequence[GpuSample], claims_mib: Mapping[int, int], gpus: GpuSettings) -> list[Room]:
+def usable_gpus(samples: Sequence[GpuSample], claims_mib: Mapping[int, int], gpus: GpuSettings) -> list[UsableGpu]:
     """What each readable GPU can give this instance: min(free now, total - other instances' claims)
     less the margin and the GPU's reserve."""
     result = []
     for s in samples:
         if s.error is not None or s.memory_total_mib is None or s.memory_free_mib is None:
             continue
-        room = min(s.memory_free_mib, s.memory_total_mib - claims_mib.get(s.index, 0))
-        usable = room - gpus.margin_mib - gpus.reserve_mib.get(s.index, 0)
-        result.append(Room(s.index, s.uuid, s.name, s.memory_total_mib, max(0, usable)))
+        available_mib = min(s.memory_free_mib, s.memory_total_mib - claims_mib.get(s.index, 0))
+        usable = available_mib - gpus.margin_mib - gpus.reserve_mib.get(s.index, 0)
+        result.append(UsableGpu(s.index, s.uuid, s.name, s.memory_total_mib, max(0, usable)))
     return result
 
 
-def _allowed(model: ModelSettings, available: list[Room]) -> list[Room]:
+def _allowed(model: ModelSettings, available: list[UsableGpu]) -> list[UsableGpu]:
     if model.gpus == "auto":
         return available
     by_ref = {ref: r for r in available for ref in (r.index, r.uuid)}
@@ -69,7 +69,7 @@ def make_plan(
     """The plan; ``projector_bytes`` are the weights of the model's --mmproj file, if it has one;
     ``remote`` the peers' endpoints it may also use, when this host's GPUs do not hold it."""
     runtime = runtime_for(model, shape, on_gpu=bool(samples or remote.endpoints), projector_bytes=projector_bytes)
-    allowed = _allowed(model, rooms(samples, claims_mib, gpus))
+    allowed = _allowed(model, usable_gpus(samples, claims_mib, gpus))
     overhead_b = gpus.overhead_mib * MIB
     if not samples and not remote.endpoints:  # no GPU at all: everything in host memory
         chosen: Layout | None = layout(shape, runtime, [], [], overhead_b)
@@ -158,7 +158,7 @@ def _device(load: DeviceLoad) -> DevicePlan:
 def _explicit_split(
     shape: ModelShape,
     runtime: Runtime,
-    allowed: list[Room],
+    allowed: list[UsableGpu],
     split: list[float],
     links: dict[tuple[int, int], Link],
     overhead_b: int,
@@ -171,7 +171,7 @@ def _explicit_split(
     return found if found.fits else None
 
 
-def _spread(shape: ModelShape, runtime: Runtime, allowed: list[Room], overhead_b: int) -> Layout:
+def _spread(shape: ModelShape, runtime: Runtime, allowed: list[UsableGpu], overhead_b: int) -> Layout:
     """Every layer over every allowed GPU in proportion to its room, fitting or not: the need to report."""
     if not allowed:
         return layout(shape, runtime, [], [], overhead_b)
@@ -179,7 +179,7 @@ def _spread(shape: ModelShape, runtime: Runtime, allowed: list[Room], overhead_b
     return layout(shape, runtime, allowed, counts_from_split(weights, shape.n_layer + 1), overhead_b)
 
 
-def _reason(need: Layout, allowed: list[Room], name: str) -> str:
+def _reason(need: Layout, allowed: list[UsableGpu], name: str) -> str:
     if not allowed:
         return f"{name} needs GPUs but none is usable (every GPU is full, in error, or not in `gpus:`)"
     total = sum(d.total_b for d in need.devices)
@@ -206,7 +206,7 @@ def _suggestions(
     model: ModelSettings,
     shape: ModelShape,
     runtime: Runtime,
-    allowed: list[Room],
+    allowed: list[UsableGpu],
     overhead_b: int,
 ) -> list[str]:
     if not allowed:
@@ -236,7 +236,7 @@ def _suggestions(
             )
     largest = max(allowed, key=lambda r: r.total_mib)
     for count in range(len(allowed) + 1, 17):
-        clones = [Room(i, f"GPU-{i}", largest.name, largest.total_mib, largest.usable_mib) for i in range(count)]
+        clones = [UsableGpu(i, f"GPU-{i}", largest.name, largest.total_mib, largest.usable_mib) for i in range(count)]
         if holds(shape, runtime, clones, overhead_b):
             result.append(f"it would fit on {count} GPUs of {largest.total_mib / 1024:.0f} GiB like {largest.name}")
             break
