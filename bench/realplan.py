@@ -18,7 +18,7 @@ from launcher.gpu.sampler import read_sample
 from launcher.gpu.sim import SimBackend
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import read_gguf
-from launcher.plan.placer import Placed, Planner, projector_bytes
+from launcher.plan.planner import Placed, Planner, projector_bytes
 from launcher.plan.runtime import runtime_for
 
 

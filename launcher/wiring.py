@@ -25,7 +25,7 @@ from launcher.config_file import read_token
 from launcher.errors import ConfigError, StartError
 from launcher.gpu.sampler import open_sampler
 from launcher.gpu.sim import SimBackend
-from launcher.plan.placer import Planner
+from launcher.plan.planner import Planner
 from launcher.route.front import FrontDoor
 from launcher.route.proxy import Upstream
 from launcher.route.router import Router

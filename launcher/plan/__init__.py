@@ -6,4 +6,4 @@ rules per architecture), the GPUs chosen and the split (layout.py, over each GPU
 plan of one model with its reasons and suggestions (model_plan.py), the plan of an rpc-server lending this
 host's GPUs (lending.py), planning over peers' lent GPUs and what a split across hosts sends over the
 network (remote.py), the output a server is started with (placement.py's `Placement`), and the seam the
-daemon and the CLI call (placer.py's `Planner`). Nothing here runs a process."""
+daemon and the CLI call (planner.py's `Planner`). Nothing here runs a process."""

@@ -26,7 +26,7 @@ from launcher.errors import LauncherError
 from launcher.gpu.sampler import Sampler
 from launcher.plan.gguf import ModelFileError
 from launcher.plan.model_plan import usable_gpus
-from launcher.plan.placer import Planner, freed, with_command
+from launcher.plan.planner import Planner, freed, with_command
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.claims import ClaimBook
 from launcher.rpc.peers import Peers
