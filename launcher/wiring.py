@@ -16,7 +16,6 @@ process.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +25,7 @@ from functools import partial
 import httpx
 from starlette.types import ASGIApp
 
+from launcher.address import is_loopback
 from launcher.api.limits import BodyBudget, BodyLimits
 from launcher.api.origin import BrowserGuard, HostNames
 from launcher.config import Settings
@@ -33,7 +33,7 @@ from launcher.config_file import read_token
 from launcher.errors import ConfigError, StartError
 from launcher.events import Bus
 from launcher.gpu.sampler import Sampler, open_sampler
-from launcher.plan.placer import Planner
+from launcher.plan.planner import Planner
 from launcher.route.front import FrontDoor
 from launcher.route.proxy import Upstream
 from launcher.route.router import Router
@@ -48,15 +48,6 @@ from launcher.supervise.table import InstanceTable
 
 # The events kept for `GET /events?recent=`, and how far a reader of the stream may fall behind.
 _EVENTS_KEPT = 500
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def api_token(settings: Settings) -> str | None:
