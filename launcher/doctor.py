@@ -36,7 +36,7 @@ from launcher.plan.gguf import GgufFile, ModelFileError, read_gguf, regular_prob
 from launcher.rpc.address import reach
 from launcher.rpc.sockets import sockets_on
 from launcher.schema import GpuSample
-from launcher.supervise.owner import read_owner, unanswered
+from launcher.statedir.owner import read_owner, unanswered
 from launcher.supervise.ports import port_holder, port_is_free
 from launcher.supervise.process import pdeathsig_prefix
 

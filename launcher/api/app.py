@@ -40,7 +40,7 @@ from launcher.schema import (
     RpcClaim,
     RpcReport,
 )
-from launcher.supervise import logs
+from launcher.statedir import logs
 from launcher.supervise.manager import Manager
 from launcher.wiring import is_loopback
 

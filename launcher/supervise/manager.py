@@ -14,7 +14,6 @@ import functools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -32,6 +31,7 @@ from launcher.rpc.peers import Peers
 from launcher.rpc.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.report import lent, rpc_report
 from launcher.schema import ClaimRequest, Event, GpuSample, InstanceStatus, Plan, RpcClaim, RpcReport, State
+from launcher.statedir.layout import StateDir
 from launcher.supervise import thermal
 from launcher.supervise.degrade import Degrader
 from launcher.supervise.instance import Instance, Surroundings
@@ -69,7 +69,7 @@ class Manager:
         registry: ChildRegistry,
         planner: Planner,
         http: httpx.AsyncClient,
-        log_dir: Path,
+        state_dir: StateDir,
         on_event: Callable[[Event], None] = lambda _e: None,
         peers: Peers | None = None,
     ) -> None:
@@ -100,7 +100,7 @@ class Manager:
         self.writes = StateWrites()
         around = Surroundings(
             http=http,
-            log_dir=log_dir,
+            state_dir=state_dir,
             registry=registry,
             log_max_bytes=int(settings.daemon.log_max_mib * 1024 * 1024),
             log_keep=settings.daemon.log_keep,
