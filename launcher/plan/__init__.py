@@ -6,4 +6,6 @@ rules per architecture), the GPUs chosen and the split (layout.py, over each GPU
 plan of one model with its reasons and suggestions (model_plan.py), the plan of an rpc-server lending this
 host's GPUs (lending.py), planning over peers' lent GPUs and what a split across hosts sends over the
 network (remote.py), the output a server is started with (placement.py's `Placement`), and the seam the
-daemon and the CLI call (planner.py's `Planner`). Nothing here runs a process."""
+daemon and the CLI call (planner.py's `Planner`). Pure of servers: the model file comes in from the
+caller (its backend found it), the placement goes out to the backend, which makes the command line and
+the child's environment of it; nothing here asks a backend anything or runs a process."""
