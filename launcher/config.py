@@ -14,10 +14,10 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from launcher.address import reach
 from launcher.config_yaml import clip
 from launcher.errors import NotFoundError
-from launcher.plan.args import check_args
-from launcher.rpc.address import reach
+from launcher.server_args import check_args
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 NonNegative = Annotated[float, Field(ge=0)]

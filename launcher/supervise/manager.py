@@ -25,12 +25,11 @@ from launcher.config import Settings
 from launcher.errors import LauncherError
 from launcher.gpu.sampler import Sampler
 from launcher.plan.gguf import ModelFileError
-from launcher.plan.placer import Planner, freed, with_command
-from launcher.plan.planner import rooms
+from launcher.plan.model_plan import usable_gpus
+from launcher.plan.planner import Planner, freed, with_command
+from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.claims import ClaimBook
 from launcher.rpc.peers import Peers
-from launcher.rpc.remote import NO_REMOTE, Remote, remote_for
-from launcher.rpc.report import lent, rpc_report
 from launcher.schema import ClaimRequest, Event, GpuSample, InstanceStatus, Plan, RpcClaim, RpcReport, State
 from launcher.supervise import thermal
 from launcher.supervise.degrade import Degrader
@@ -38,6 +37,7 @@ from launcher.supervise.instance import Instance, Surroundings
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
+from launcher.supervise.rpc_report import lent, rpc_report
 from launcher.supervise.writes import StateWrites
 
 _EVENTS_KEPT = 500
@@ -331,7 +331,7 @@ class Manager:
         claims = _sum_claims(i for i in self.instances.values() if i.active)
         for index, mib in self.claims.claims_mib(besides).items():
             claims[index] = claims.get(index, 0) + mib
-        return {r.index: r.usable_mib for r in rooms(self.sampler.latest(), claims, self.settings.gpus)}
+        return {r.index: r.usable_mib for r in usable_gpus(self.sampler.latest(), claims, self.settings.gpus)}
 
     def rpc_report(self) -> RpcReport:
         return rpc_report(self.instances.values(), self.sampler.latest(), self.claims, self._lendable_mib())
