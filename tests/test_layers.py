@@ -1,4 +1,4 @@
-"""Every import in launcher/ points down the layers (/work's LAYERS table, kept here as data), no two
+"""Every import in launcher/ points down the layers (issue 21's table, kept here as data in LAYERS), no two
 packages import each other, and no modules import each other round a cycle.
 
 Read from the source with `ast`, not from `sys.modules`: every import statement counts, at module level,
