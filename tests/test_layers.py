@@ -85,6 +85,12 @@ def _known(name: str) -> str | None:
     return name or None
 
 
+def _imported(base: str, name: str) -> str:
+    """What `from base import name` imports: the module base.name when there is one (`from launcher.plan
+    import layout`), else base (a name defined in it)."""
+    return f"{base}.{name}" if _known(f"{base}.{name}") != _known(base) else base
+
+
 def _imports() -> Iterator[Import]:
     for module, path in MODULES.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
@@ -98,9 +104,7 @@ def _imports() -> Iterator[Import]:
                     anchor = package.split(".")
                     anchor = anchor[: len(anchor) - node.level + 1]
                     base = ".".join([*anchor, base] if base else anchor)
-                # `from launcher.plan import layout` imports the module launcher.plan.layout
-                names = [f"{base}.{alias.name}" if _known(f"{base}.{alias.name}") != _known(base) else base
-                         for alias in node.names]  # fmt: skip
+                names = [_imported(base, alias.name) for alias in node.names]
             where = f"{path.relative_to(ROOT.parent)}:{getattr(node, 'lineno', 0)}"
             for name in names:
                 target = _known(name) if name.split(".")[0] == "launcher" else None
