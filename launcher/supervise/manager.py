@@ -19,13 +19,13 @@ from typing import Any, TypeVar
 import httpx
 
 from launcher import replicas
-from launcher.backends import backend_for
+from launcher.backends import backend_for, planned_file, with_command
 from launcher.config import Settings
 from launcher.errors import LauncherError
 from launcher.gpu.sampler import Sampler
 from launcher.plan.gguf import ModelFileError
 from launcher.plan.model_plan import usable_gpus
-from launcher.plan.planner import Planner, freed, with_command
+from launcher.plan.planner import Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.claims import ClaimBook
 from launcher.rpc.peers import Peers
@@ -263,10 +263,13 @@ class Manager:
                     del self._vacated[index]
         instance.port = self._port_for(instance)
         samples, claims, remote = self.sampler.latest(), self._claims_besides(instance), self._remote(instance)
+
+        def place() -> Placed:
+            found = planned_file(instance.backend, instance.settings, instance.name)
+            return self.planner.place(instance.name, instance.settings, found, samples, claims, remote)
+
         try:
-            placed = await self._planning.run(
-                functools.partial(self.planner.place, instance.name, instance.settings, samples, claims, remote)
-            )
+            placed = await self._planning.run(place)
         except ModelFileError as exc:  # the caller hears it; the instance shows it
             instance.record_refusal(exc)
             raise
@@ -291,9 +294,12 @@ class Manager:
             plan, placement = instance.plan, instance.placement
         else:
             samples, claims, remote = self.sampler.latest(), self._claims_besides(instance), self._remote(instance)
-            plan = await self._planning.run(
-                functools.partial(self.planner.plan, name, instance.settings, samples, claims, remote), key=name
-            )
+
+            def make() -> Plan:
+                found = planned_file(instance.backend, instance.settings, name)
+                return self.planner.plan(name, instance.settings, found, samples, claims, remote)
+
+            plan = await self._planning.run(make, key=name)
             placement = self.planner.placement(plan)
         return with_command(plan, instance.backend, instance.settings, self._port_for(instance), placement)
 
@@ -312,7 +318,8 @@ class Manager:
 
         def plan_without(stopped: Collection[str]) -> Plan:
             after, kept = freed(samples, claims, stopped)
-            return self.planner.plan(name, instance.settings, after, kept, remote)
+            found = planned_file(instance.backend, instance.settings, name)
+            return self.planner.plan(name, instance.settings, found, after, kept, remote)
 
         return plan_without
 
