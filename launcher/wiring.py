@@ -40,9 +40,9 @@ from launcher.route.router import Router
 from launcher.rpc.claims import ClaimBook
 from launcher.rpc.peers import Peers
 from launcher.schema import Event
+from launcher.statedir.owner import StateDirLock
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.manager import Manager, claimed_mib
-from launcher.supervise.owner import StateDirLock
 from launcher.supervise.ports import port_holder
 from launcher.supervise.table import InstanceTable
 
@@ -131,8 +131,7 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
         )
         # Simulated GPUs show as used what our servers and the peers' claims hold.
         sampler, gpu_backend = open_sampler(settings, partial(claimed_mib, table, claims))
-        log_dir = lock.state_dir / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
+        lock.state_dir.logs_dir.mkdir(parents=True, exist_ok=True)
         async with httpx.AsyncClient() as http:
             planner = Planner(settings.gpus, sampler.identities, sampler.links)
             peers = Peers(settings, events=events, active=table.active_names) if settings.peers else None
@@ -144,7 +143,7 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
                 registry=registry,
                 planner=planner,
                 http=http,
-                log_dir=log_dir,
+                state_dir=lock.state_dir,
                 claims=claims,
                 peers=peers,
             )

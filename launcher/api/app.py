@@ -48,7 +48,7 @@ from launcher.schema import (
     RpcClaim,
     RpcReport,
 )
-from launcher.supervise import logs
+from launcher.statedir import logs
 from launcher.supervise.manager import Manager
 from launcher.supervise.table import InstanceTable
 

@@ -14,24 +14,24 @@ import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 
 from launcher import replicas
-from launcher.backends import backend_for
+from launcher.backends import backend_for, planned_file, with_command
 from launcher.config import Settings
 from launcher.errors import LauncherError
 from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
 from launcher.plan.gguf import ModelFileError
 from launcher.plan.model_plan import usable_gpus
-from launcher.plan.planner import Planner, freed, with_command
+from launcher.plan.planner import Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.claims import ClaimBook
 from launcher.rpc.peers import Peers
 from launcher.schema import ClaimRequest, Event, GpuSample, InstanceStatus, Plan, RpcClaim, RpcReport, State
+from launcher.statedir.layout import StateDir
 from launcher.supervise import thermal
 from launcher.supervise.degrade import Degrader
 from launcher.supervise.instance import Instance, Surroundings
@@ -72,7 +72,7 @@ class Manager:
         registry: ChildRegistry,
         planner: Planner,
         http: httpx.AsyncClient,
-        log_dir: Path,
+        state_dir: StateDir,
         claims: ClaimBook,
         peers: Peers | None = None,
     ) -> None:
@@ -95,7 +95,7 @@ class Manager:
         self.writes = StateWrites()
         around = Surroundings(
             http=http,
-            log_dir=log_dir,
+            state_dir=state_dir,
             registry=registry,
             log_max_bytes=int(settings.daemon.log_max_mib * 1024 * 1024),
             log_keep=settings.daemon.log_keep,
@@ -237,10 +237,13 @@ class Manager:
                     del self._vacated[index]
         instance.port = self._port_for(instance)
         samples, claims, remote = self.sampler.latest(), self._claims_besides(instance), self._remote(instance)
+
+        def place() -> Placed:
+            found = planned_file(instance.backend, instance.settings, instance.name)
+            return self.planner.place(instance.name, instance.settings, found, samples, claims, remote)
+
         try:
-            placed = await self._planning.run(
-                functools.partial(self.planner.place, instance.name, instance.settings, samples, claims, remote)
-            )
+            placed = await self._planning.run(place)
         except ModelFileError as exc:  # the caller hears it; the instance shows it
             instance.record_refusal(exc)
             raise
@@ -265,9 +268,12 @@ class Manager:
             plan, placement = instance.plan, instance.placement
         else:
             samples, claims, remote = self.sampler.latest(), self._claims_besides(instance), self._remote(instance)
-            plan = await self._planning.run(
-                functools.partial(self.planner.plan, name, instance.settings, samples, claims, remote), key=name
-            )
+
+            def make() -> Plan:
+                found = planned_file(instance.backend, instance.settings, name)
+                return self.planner.plan(name, instance.settings, found, samples, claims, remote)
+
+            plan = await self._planning.run(make, key=name)
             placement = self.planner.placement(plan)
         return with_command(plan, instance.backend, instance.settings, self._port_for(instance), placement)
 
@@ -286,7 +292,8 @@ class Manager:
 
         def plan_without(stopped: Collection[str]) -> Plan:
             after, kept = freed(samples, claims, stopped)
-            return self.planner.plan(name, instance.settings, after, kept, remote)
+            found = planned_file(instance.backend, instance.settings, name)
+            return self.planner.plan(name, instance.settings, found, after, kept, remote)
 
         return plan_without
 
