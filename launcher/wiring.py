@@ -6,8 +6,8 @@ API's listening socket.
 Each part is given what it needs when it is made (`supervision` makes them in that order, each from those
 before it); none is changed afterwards. What several parts share about the instances is the instance table
 (supervise/table.py), made empty first: the manager fills it, the router writes its requests in it, the
-API, the router, the peers and the simulated GPUs read it. Two parts are told of news by subscribing: the
-manager to every GPU sample and to every read of the peers.
+API, the router, the peers and the simulated GPUs read it. The manager hears of news by subscribing, in
+the wiring's sight: to every GPU sample and to every read of the peers.
 
 Only this module makes them, and only after the state directory's lock is held: a command that only
 reads (`plan`, `gpus`, `status`, `doctor`) never gets here, so it can never stop, start or record a
