@@ -219,7 +219,7 @@ def create_app(
     async def rpc() -> Response:
         """This host's ready rpc-servers: the endpoint for `llama-server --rpc`, the GPUs each lends with
         their free MiB, who is connected, and the claims peers registered on them."""
-        return _json(manager.rpc_report().model_dump_json())
+        return _json(manager.lending.report().model_dump_json())
 
     claims_json, peers_json = TypeAdapter(list[RpcClaim]), TypeAdapter(list[PeerStatus])
     acting = _errors(*([401] if token is not None else []), 404, 409, 422)
@@ -234,12 +234,12 @@ def create_app(
         """Take or renew a peer's claim on one rpc-server's GPUs for ``ttl_s`` seconds (a lease: renew it
         before then); the claims on that endpoint after. 409 when another holds the endpoint (it serves one
         llama-server at a time) or the MiB are not there."""
-        return _json(claims_json.dump_json(manager.claim(request)))
+        return _json(claims_json.dump_json(manager.lending.claim(request)))
 
     @app.delete("/rpc/claims/{holder:path}", status_code=204, dependencies=[Depends(authorised)], responses=acting)
     async def release(holder: Annotated[str, Path(description="the holder the claim was taken for")]) -> Response:
         """Release ``holder``'s claim (already gone is fine: it may have lapsed)."""
-        manager.claims.release(holder)
+        manager.lending.release(holder)
         return Response(status_code=204)
 
     @app.get("/peers", response_model=list[PeerStatus], responses=read)

@@ -59,7 +59,7 @@ class _SampleFeed:
     def _publish(self, sample: GpuSample) -> None:
         if not self._queues:
             return
-        event = _sse(sample.model_copy(update={"instances": self._manager.instances_on(sample.index)}))
+        event = _sse(self._manager.with_instances(sample))
         for queue in self._queues:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(event)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Collection, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,18 +25,17 @@ from launcher.errors import LauncherError
 from launcher.gpu.sampler import Sampler
 from launcher.plan.gguf import ModelFileError
 from launcher.plan.placer import Planner, freed, with_command
-from launcher.plan.planner import rooms
-from launcher.rpc.claims import ClaimBook
 from launcher.rpc.peers import Peers
 from launcher.rpc.remote import NO_REMOTE, Remote, remote_for
-from launcher.rpc.report import lent, rpc_report
-from launcher.schema import ClaimRequest, Event, GpuSample, InstanceStatus, Plan, RpcClaim, RpcReport, State
+from launcher.schema import Event, GpuSample, InstanceStatus, Plan, State
 from launcher.supervise import thermal
 from launcher.supervise.degrade import Degrader
-from launcher.supervise.instance import Instance, Surroundings
+from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
+from launcher.supervise.lending import Lending, claims_total
 from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
+from launcher.supervise.vram import VramGate
 from launcher.supervise.writes import StateWrites
 
 _EVENTS_KEPT = 500
@@ -47,15 +45,6 @@ T = TypeVar("T")
 _PLANNING_THREADS = 2
 # The states in which an instance's server process must be alive.
 _WITH_PROCESS = frozenset({State.LOADING, State.READY, State.UNHEALTHY})
-
-
-def _sum_claims(instances: Iterable[Instance]) -> dict[int, int]:
-    """MiB per GPU index that the plans of ``instances`` take, added up."""
-    totals: dict[int, int] = {}
-    for instance in instances:
-        for index, mib in instance.placement.claims_mib.items():
-            totals[index] = totals.get(index, 0) + mib
-    return totals
 
 
 class Manager:
@@ -83,47 +72,43 @@ class Manager:
         if peers is not None:
             peers.active = lambda: [n for n, i in self.instances.items() if i.active or n == self._being_placed]
             peers.publish = self.publish
-        # Peers' claims on the GPUs this host's rpc-servers lend.
-        self.claims = ClaimBook(
-            on_expired=lambda r: self.publish(Event.now("peer", f"the claim of {r.holder} on {r.endpoint} lapsed"))
-        )
         self.events: deque[Event] = deque(maxlen=_EVENTS_KEPT)
         self._on_event = on_event
         self._subscribers: set[asyncio.Queue[Event]] = set()
-        self._samples = asyncio.Event()  # set at every GPU sample: what the VRAM wait awaits
-        self._vacated: dict[int, tuple[int, float]] = {}  # GPU -> (MiB a stopped server held, until)
-        self._released_at: dict[int, float] = {}  # GPU -> when a server on it last ended (epoch seconds)
+        self.vram = VramGate(settings.gpus, sampler, self.publish)
         self._placing = asyncio.Lock()  # one placement at a time: each plans around the last one's claim
         self._planning = PlanningThreads(_PLANNING_THREADS)
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
         self._tasks: set[asyncio.Task[None]] = set()
         self.writes = StateWrites()
-        around = Surroundings(
+        # Front-door requests (in flight, queued) per instance: the router tells, when there is one.
+        self.requests: Callable[[str], tuple[int, int]] = lambda _name: (0, 0)
+        self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
+        self.instances: dict[str, Instance] = {}  # filled below: the degrader and the lending read it
+        self._degrader: Degrader | None = None
+        if peers is not None:
+            self._degrader = Degrader(peers, self.instances, self._place, self._spawn)
+            peers.after_read = self._degrader.judge_all
+        # Peers' claims on the GPUs this host's rpc-servers lend, and what may be lent.
+        self.lending = Lending(self.instances, sampler, settings.gpus, self.publish)
+        parts = DaemonParts(
             http=http,
             log_dir=log_dir,
             registry=registry,
             log_max_bytes=int(settings.daemon.log_max_mib * 1024 * 1024),
             log_keep=settings.daemon.log_keep,
-            await_vram=self.await_vram,
-            vacated=self.vacated,
+            vram=self.vram,
             on_event=self.publish,
             writes=self.writes,
-            blocked=self._blocked,
+            blocked=self._degrader,
         )
-        # Front-door requests (in flight, queued) per instance: the router tells, when there is one.
-        self.requests: Callable[[str], tuple[int, int]] = lambda _name: (0, 0)
-        self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
-        self.instances = {
-            name: Instance(name, model, backend=backend_for(model, settings.rpc), around=around, group=group)
-            for name, (group, model) in self._configured.items()
-        }
+        for name, (group, model) in self._configured.items():
+            self.instances[name] = Instance(
+                name, model, backend=backend_for(model, settings.rpc), parts=parts, group=group
+            )
         self._groups: dict[str, list[str]] = {}  # configured model -> its instances: asked once per model
         for name, instance in self.instances.items():
             self._groups.setdefault(instance.group, []).append(name)
-        self._degrader: Degrader | None = None
-        if peers is not None:
-            self._degrader = Degrader(peers, self.instances, self._preparer, self._spawn)
-            peers.after_read = self._degrader.judge_all
 
     # ---- events ---------------------------------------------------------------------------------------
 
@@ -145,11 +130,10 @@ class Manager:
 
     def observe(self, sample: GpuSample) -> None:
         """Every GPU sample: wake what waits for memory, and carry out the thermal guard's verdict."""
-        self._samples.set()
+        self.vram.sampled()
         gpus = self.settings.gpus
-        verdict = thermal.judge(
-            sample, self._hot, self.instances_on(sample.index), gpus.thermal_limit_c, gpus.thermal_action
-        )
+        on_gpu = self.with_instances(sample).instances
+        verdict = thermal.judge(sample, self._hot, on_gpu, gpus.thermal_limit_c, gpus.thermal_action)
         self._hot = verdict.hot
         if verdict.message is not None:
             self.publish(Event.now("thermal", verdict.message, gpu=sample.index))
@@ -166,57 +150,9 @@ class Manager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _blocked(self, instance: Instance) -> str | None:
-        return None if self._degrader is None else await self._degrader.blocked(instance)
-
     async def _stop_quietly(self, name: str) -> None:
         with contextlib.suppress(LauncherError):  # already stopped meanwhile
             await self.stop(name)
-
-    # ---- GPU memory coming back -------------------------------------------------------------------------
-
-    async def await_vram(self, claims: Mapping[int, int], who: str) -> None:
-        """Return once each GPU in ``claims`` has that many MiB free, or after `gpus.vram_wait_s`: memory a
-        killed server held can take a moment to come back, and a start before it does runs out of it. Only
-        a reading taken after the last server on a GPU ended counts: an older one still shows the memory
-        as it was, or (read before that server took it) as free when it is not."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.gpus.vram_wait_s
-        told = False
-        while True:
-            free = {
-                s.index: s.memory_free_mib
-                for s in self.sampler.latest()
-                if s.time > self._released_at.get(s.index, 0.0)
-            }
-            gpus = self.settings.gpus
-            # What the plan needs there: its claim, with the margin and the GPU's reserve kept free.
-            needed = {i: mib + gpus.margin_mib + gpus.reserve_mib.get(i, 0) for i, mib in claims.items()}
-            short = {i: mib for i, mib in needed.items() if (free.get(i) or 0) < mib}
-            if not short:
-                return
-            if not told:
-                what = ", ".join(
-                    f"GPU {i} ({free[i]} of {mib} MiB free)" if i in free else f"GPU {i} (no reading since)"
-                    for i, mib in short.items()
-                )
-                self.publish(Event.now("vram", f"{who}: waiting for memory to come back on {what}"))
-                told = True
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                self.publish(Event.now("vram", f"{who}: memory not back after {self.settings.gpus.vram_wait_s:g}s"))
-                return
-            unread = [i for i in claims if i not in free]  # no reading since the release: take one now
-            self._samples.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.sampler.read_now(unread) if unread else self._samples.wait(), remaining)
-
-    def vacated(self, claims: Mapping[int, int]) -> None:
-        """Note the memory a stopped server held: the next start there waits for it (see await_vram)."""
-        until, now = time.monotonic() + self.settings.gpus.vram_wait_s, time.time()
-        for index, mib in claims.items():
-            self._vacated[index] = (mib, until)
-            self._released_at[index] = now
 
     # ---- lookup -----------------------------------------------------------------------------------------
 
@@ -230,12 +166,10 @@ class Manager:
 
     # ---- placement --------------------------------------------------------------------------------------
 
-    def _claims_besides(self, instance: Instance) -> dict[int, int]:
-        """MiB per GPU that the other instances' plans and the peers' claims hold."""
-        totals = _sum_claims(i for i in self.instances.values() if i is not instance and i.active)
-        for index, mib in self.claims.claims_mib().items():
-            totals[index] = totals.get(index, 0) + mib
-        return totals
+    def _others(self, instance: Instance) -> list[Instance]:
+        """The other instances whose plans hold memory (their supervision runs): a plan for ``instance``
+        goes around their claims."""
+        return [i for i in self.instances.values() if i is not instance and i.active]
 
     def _remote(self, instance: Instance) -> Remote:
         """The peers' endpoints ``instance`` may be planned onto (none for `hosts: local`)."""
@@ -243,38 +177,31 @@ class Manager:
             return NO_REMOTE
         return remote_for(self.peers.statuses(), instance.settings.hosts, self.peers.holder(instance.name))
 
-    async def _prepare(self, instance: Instance) -> None:
-        """Port and placement of a start, under the placement lock (runs under the instance's own lock)."""
+    async def _place(self, instance: Instance) -> None:
+        """Port and placement of a start, one at a time: each plans around the last one's claim (runs under
+        the instance's own lock)."""
         async with self._placing:
             self._being_placed = instance.name
             try:
-                await self._place(instance)
+                # plan on the memory a stopped server is giving back, not without it
+                await self.vram.await_vacated(instance.name)
+                instance.port = self._port_for(instance)
+                samples, remote = self.sampler.latest(), self._remote(instance)
+                claims = self.lending.claimed_mib(self._others(instance))
+                try:
+                    placed = await self._planning.run(
+                        functools.partial(self.planner.place, instance.name, instance.settings, samples, claims, remote)
+                    )
+                except ModelFileError as exc:  # the caller hears it; the instance shows it
+                    instance.record_refusal(exc)
+                    raise
+                if self.peers is not None and placed.placement.rpc:  # the peers plan around it from now on
+                    await self.peers.claim(instance.name, placed.plan)
+                # The instance's supervision task starts right after this returns, with no await between:
+                # the next placement sees this one's claim.
+                instance.placement, instance.plan = placed.placement, placed.plan
             finally:
                 self._being_placed = None  # the supervision task starts with no await after this: active
-
-    async def _place(self, instance: Instance) -> None:
-        """`_prepare`'s work, under the placement lock."""
-        now = time.monotonic()
-        recent = {i: entry for i, entry in self._vacated.items() if entry[1] > now}
-        if recent:  # plan on the memory a stopped server is giving back, not without it
-            await self.await_vram({i: mib for i, (mib, _until) in recent.items()}, instance.name)
-            for index, entry in recent.items():  # a server that stopped meanwhile is still being waited for
-                if self._vacated.get(index) == entry:
-                    del self._vacated[index]
-        instance.port = self._port_for(instance)
-        samples, claims, remote = self.sampler.latest(), self._claims_besides(instance), self._remote(instance)
-        try:
-            placed = await self._planning.run(
-                functools.partial(self.planner.place, instance.name, instance.settings, samples, claims, remote)
-            )
-        except ModelFileError as exc:  # the caller hears it; the instance shows it
-            instance.record_refusal(exc)
-            raise
-        if self.peers is not None and placed.placement.rpc:  # the peers plan around it from now on
-            await self.peers.claim(instance.name, placed.plan)
-        # The instance's supervision task starts right after this returns, with no await between:
-        # the next placement sees this one's claim.
-        instance.placement, instance.plan = placed.placement, placed.plan
 
     def _port_for(self, instance: Instance) -> int:
         """The instance's port: configured, kept from an earlier start, or the first free one of the range."""
@@ -287,15 +214,15 @@ class Manager:
         """The plan for ``name``, with the command line and the environment: for a running instance the
         plan it runs with; otherwise one made now, against the GPUs and the other instances' claims."""
         instance = self.get(name)
-        if instance.active and instance.plan is not None:
-            plan, placement = instance.plan, instance.placement
-        else:
-            samples, claims, remote = self.sampler.latest(), self._claims_besides(instance), self._remote(instance)
-            plan = await self._planning.run(
-                functools.partial(self.planner.plan, name, instance.settings, samples, claims, remote), key=name
-            )
-            placement = self.planner.placement(plan)
-        return with_command(plan, instance.backend, instance.settings, self._port_for(instance), placement)
+        if instance.active and instance.plan is not None and instance.spec is not None:
+            return with_command(instance.plan, instance.spec)  # the command its run was started with
+        samples, remote = self.sampler.latest(), self._remote(instance)
+        claims = self.lending.claimed_mib(self._others(instance))
+        plan = await self._planning.run(
+            functools.partial(self.planner.plan, name, instance.settings, samples, claims, remote), key=name
+        )
+        spec = instance.backend.launch_spec(instance.settings, self._port_for(instance), self.planner.placement(plan))
+        return with_command(plan, spec)
 
     async def in_planning_thread(self, work: Callable[[], T]) -> T:
         """``work`` (planning) in one of the planning threads, within their bound: the router's plans for
@@ -307,50 +234,26 @@ class Manager:
         claims as they are now (read here, on the loop; the function may run in a worker thread)."""
         instance = self.get(name)
         samples, remote = self.sampler.latest(), self._remote(instance)
-        claims = {n: dict(i.placement.claims_mib) for n, i in self.instances.items() if i is not instance and i.active}
-        claims[""] = self.claims.claims_mib()  # the peers' (no instance here is named "")
+        held = {i.name: i.placement.claims_mib for i in self._others(instance)}
+        peers_mib = self.lending.claimed_mib(())
 
         def plan_without(stopped: Collection[str]) -> Plan:
-            after, kept = freed(samples, claims, stopped)
-            return self.planner.plan(name, instance.settings, after, kept, remote)
+            back = claims_total(mib for n, mib in held.items() if n in stopped)
+            kept = claims_total([*(mib for n, mib in held.items() if n not in stopped), peers_mib])
+            return self.planner.plan(name, instance.settings, freed(samples, back), kept, remote)
 
         return plan_without
 
-    def claimed_mib(self) -> Mapping[int, int]:
+    def claimed_mib(self) -> dict[int, int]:
         """MiB per GPU held by the servers that run (by their plans) and by peers' llama-servers on the GPUs
         this host lends (by their claims)."""
-        totals = _sum_claims(i for i in self.instances.values() if i.running)
-        for index, mib in self.claims.claims_mib().items():
-            totals[index] = totals.get(index, 0) + mib
-        return totals
-
-    # ---- lending to peers -------------------------------------------------------------------------------
-
-    def _lendable_mib(self, besides: str | None = None) -> dict[int, int]:
-        """What a llama-server elsewhere may use of each GPU, with every claim but ``besides``'s counted."""
-        claims = _sum_claims(i for i in self.instances.values() if i.active)
-        for index, mib in self.claims.claims_mib(besides).items():
-            claims[index] = claims.get(index, 0) + mib
-        return {r.index: r.usable_mib for r in rooms(self.sampler.latest(), claims, self.settings.gpus)}
-
-    def rpc_report(self) -> RpcReport:
-        return rpc_report(self.instances.values(), self.sampler.latest(), self.claims, self._lendable_mib())
-
-    def claim(self, request: ClaimRequest) -> list[RpcClaim]:
-        endpoints = {address: i.placement.gpus for address, (i, _b) in lent(self.instances.values()).items()}
-        return self.claims.register(request, endpoints, self._lendable_mib)
-
-    def instances_on(self, index: int) -> list[str]:
-        return [name for name, i in self.instances.items() if i.active and index in i.placement.gpus]
+        return self.lending.claimed_mib(i for i in self.instances.values() if i.running)
 
     # ---- acts -------------------------------------------------------------------------------------------
 
-    def _preparer(self, instance: Instance) -> Callable[[], Awaitable[None]]:
-        return functools.partial(self._prepare, instance)
-
     async def start(self, name: str) -> InstanceStatus:
         instance = self.get(name)
-        await instance.start(prepare=self._preparer(instance))
+        await instance.start(prepare=self._place)
         return instance.status()
 
     async def stop(self, name: str) -> InstanceStatus:
@@ -362,7 +265,7 @@ class Manager:
 
     async def restart(self, name: str) -> InstanceStatus:
         instance = self.get(name)
-        await instance.restart(prepare=self._preparer(instance))
+        await instance.restart(prepare=self._place)
         return instance.status()
 
     async def autostart(self) -> None:
@@ -403,8 +306,13 @@ class Manager:
     def statuses(self) -> list[InstanceStatus]:
         return [i.status(events=0, requests=self.requests(n)) for n, i in self.instances.items()]
 
+    def with_instances(self, sample: GpuSample) -> GpuSample:
+        """``sample`` with the instances placed on its GPU now (those whose supervision runs)."""
+        on_gpu = [name for name, i in self.instances.items() if i.active and sample.index in i.placement.gpus]
+        return sample.model_copy(update={"instances": on_gpu})
+
     def gpu_samples(self) -> list[GpuSample]:
-        return [s.model_copy(update={"instances": self.instances_on(s.index)}) for s in self.sampler.latest()]
+        return [self.with_instances(s) for s in self.sampler.latest()]
 
     async def stop_all(self) -> None:
         """Stop every server (TERM, wait, KILL), concurrently."""
