@@ -22,7 +22,7 @@ from launcher.backends.llama_server import find_llama_server
 from launcher.plan.compute import DeviceCompute, pipeline_copies
 from launcher.plan.estimate import MIB, ModelShape, Runtime
 from launcher.plan.gguf import read_gguf
-from launcher.plan.place import Layout, Room, fewest_gpus
+from launcher.plan.layout import Layout, UsableGpu, fewest_gpus
 from launcher.tinymodel import TinyShape, write_tiny_llama
 
 SHAPES = {
@@ -61,7 +61,7 @@ def cases(quick: bool) -> list[Case]:
 def plan_for(shape: ModelShape, runtime: Runtime, devices: int) -> Layout:
     """Size `devices` simulated GPUs just above what the model needs (3:2:1, or even where a 3:2:1 split
     lets the planner take fewer), and plan on them: a layout on exactly `devices` GPUs."""
-    whole = fewest_gpus(shape, runtime, [Room(0, "GPU-0", "big", 1 << 20, 1 << 20)], {}, 0)
+    whole = fewest_gpus(shape, runtime, [UsableGpu(0, "GPU-0", "big", 1 << 20, 1 << 20)], {}, 0)
     assert whole is not None
     # everything the planner's own plan puts on a GPU but its compute buffer (projector and state included)
     need_mib = (whole.devices[0].total_b - whole.devices[0].compute_b) / MIB
@@ -75,8 +75,8 @@ def plan_for(shape: ModelShape, runtime: Runtime, devices: int) -> Layout:
     for weights in ([3, 2, 1][:devices], [1] * devices):
         # Just enough room: the planner has to use all of them (layers are whole, so a little slack).
         for slack in (1.02, 1.05, 1.1, 1.2, 1.4, 2.0, 3.0):
-            rooms = [
-                Room(
+            gpus = [
+                UsableGpu(
                     i,
                     f"GPU-{i}",
                     f"sim{i}",
@@ -85,7 +85,7 @@ def plan_for(shape: ModelShape, runtime: Runtime, devices: int) -> Layout:
                 )
                 for i, w in enumerate(weights)
             ]
-            found = fewest_gpus(shape, runtime, rooms, {}, 0)
+            found = fewest_gpus(shape, runtime, gpus, {}, 0)
             if found is not None and len(found.devices) == devices:
                 return found
     raise AssertionError(f"no plan for {devices} devices")

@@ -24,7 +24,7 @@ from launcher.config import GpuSettings, ModelSettings
 from launcher.gpu.types import Link
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import read_gguf
-from launcher.plan.planner import make_plan
+from launcher.plan.model_plan import make_plan
 from launcher.schema import GpuSample
 from launcher.tinymodel import TinyShape, write_tiny_llama
 

@@ -18,7 +18,7 @@ from launcher.gpu.sampler import read_sample
 from launcher.gpu.sim import SimBackend
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import read_gguf
-from launcher.plan.placer import Placed, Planner, projector_bytes
+from launcher.plan.planner import Placed, Planner, projector_bytes
 from launcher.plan.runtime import runtime_for
 
 
@@ -36,12 +36,14 @@ def planned_launch(model: ModelSettings, devices: int) -> PlannedLaunch:
     outweigh the model)."""
     assert model.model is not None  # a llama-server entry
     shape = ModelShape.of(read_gguf(model.model))
-    rooms = plan_for(shape, runtime_for(model, shape, projector_bytes=projector_bytes(model)), devices).devices
+    devices_planned = plan_for(
+        shape, runtime_for(model, shape, projector_bytes=projector_bytes(model)), devices
+    ).devices
     gpu_settings = GpuSettings(
         backend="sim",
         margin_mib=0,
         overhead_mib=0,
-        sim=[SimGpu(name=f"sim{r.gpu}", memory_mib=r.usable_mib) for r in rooms],
+        sim=[SimGpu(name=f"sim{r.gpu}", memory_mib=r.usable_mib) for r in devices_planned],
     )
     gpus = SimBackend(gpu_settings.sim)
     samples = [read_sample(gpus, gpu, processes=False) for gpu in gpus.identities()]

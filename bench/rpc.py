@@ -31,9 +31,9 @@ from launcher.backends.llama_server import find_llama_server
 from launcher.config import ModelSettings
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import read_gguf
-from launcher.plan.place import Layout, Room
+from launcher.plan.layout import Layout, UsableGpu
+from launcher.plan.remote import Endpoint, Remote, across_hosts, network_cost
 from launcher.plan.runtime import runtime_for
-from launcher.rpc.remote import Endpoint, Remote, across_hosts, network_cost
 from launcher.tinymodel import TinyShape, write_tiny_llama
 
 SHAPE = TinyShape(n_layer=8, n_embd=512, n_head=8, n_head_kv=2, n_ff=2048, weight_type="q8_0")  # the test's
@@ -117,7 +117,9 @@ def main() -> None:
                 room_mib = 47 if count > 1 else 999  # one device takes it all; two split it as two hosts would
                 remote = Remote(
                     tuple(
-                        Endpoint(f"h{i}", a, (Room(0, f"u{i}", "sim", room_mib, room_mib, host=f"h{i}", endpoint=a),))
+                        Endpoint(
+                            f"h{i}", a, (UsableGpu(0, f"u{i}", "sim", room_mib, room_mib, host=f"h{i}", endpoint=a),)
+                        )
                         for i, a in enumerate(addresses)
                     )
                 )

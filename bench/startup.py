@@ -25,10 +25,10 @@ from pathlib import Path
 
 import httpx
 
-from launcher.backends import Placement
 from launcher.backends.llama_server import LlamaServerBackend
 from launcher.config_file import load_settings
 from launcher.config_yaml import dump_config_yaml
+from launcher.plan.placement import Placement
 from launcher.schema import State
 from launcher.supervise.instance import Instance
 from launcher.supervise.ports import pick_free_port

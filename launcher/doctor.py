@@ -19,6 +19,7 @@ from typing import Literal
 
 import psutil
 
+from launcher.address import reach
 from launcher.backends.llama_server import find_llama_server
 from launcher.backends.ollama import OllamaBackend
 from launcher.backends.options import args_problems
@@ -30,12 +31,11 @@ from launcher.gpu.sysfs import amd_cards
 from launcher.gpu.types import Link
 from launcher.local import local_gpus
 from launcher.plan.arch import rule_of
-from launcher.plan.args import GPU_LAYERS, MMPROJ, TENSOR_SPLIT, arg_value, tensor_split
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import GgufFile, ModelFileError, read_gguf, regular_problem
-from launcher.rpc.address import reach
 from launcher.rpc.sockets import sockets_on
 from launcher.schema import GpuSample
+from launcher.server_args import GPU_LAYERS, MMPROJ, TENSOR_SPLIT, arg_value, tensor_split
 from launcher.supervise.owner import read_owner, unanswered
 from launcher.supervise.ports import port_holder, port_is_free
 from launcher.supervise.process import pdeathsig_prefix

@@ -16,7 +16,7 @@ from launcher.config import Settings
 from launcher.gpu import open_backend
 from launcher.gpu.base import GpuBackend
 from launcher.gpu.sampler import read_sample
-from launcher.plan.placer import Planner, with_command
+from launcher.plan.planner import Planner, with_command
 from launcher.schema import GpuSample, Plan
 from launcher.supervise.ports import pick_free_port
 

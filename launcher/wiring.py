@@ -9,7 +9,6 @@ process.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 import httpx
 from starlette.types import ASGIApp
 
+from launcher.address import is_loopback
 from launcher.api.limits import BodyBudget, BodyLimits
 from launcher.api.origin import BrowserGuard, HostNames
 from launcher.config import Settings
@@ -25,7 +25,7 @@ from launcher.config_file import read_token
 from launcher.errors import ConfigError, StartError
 from launcher.gpu.sampler import open_sampler
 from launcher.gpu.sim import SimBackend
-from launcher.plan.placer import Planner
+from launcher.plan.planner import Planner
 from launcher.route.front import FrontDoor
 from launcher.route.proxy import Upstream
 from launcher.route.router import Router
@@ -35,15 +35,6 @@ from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.manager import Manager
 from launcher.supervise.owner import StateDirLock
 from launcher.supervise.ports import port_holder
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def api_token(settings: Settings) -> str | None:

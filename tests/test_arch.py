@@ -11,8 +11,8 @@ from launcher.config import GpuSettings, ModelSettings
 from launcher.plan.arch import RULES, StateWidths, kv_layers, recurrent_layers, rule_of, sliding_window, state_widths
 from launcher.plan.estimate import MIB, ModelShape, Runtime, context_cells, kv_bytes, window_cells
 from launcher.plan.gguf import read_gguf
-from launcher.plan.placer import projector_bytes
-from launcher.plan.planner import make_plan
+from launcher.plan.model_plan import make_plan
+from launcher.plan.planner import projector_bytes
 from launcher.plan.runtime import not_modelled, runtime_for
 from launcher.progress import format_plan
 from launcher.tinymodel import TinyShape, write_tiny_llama

@@ -12,7 +12,7 @@ import pytest
 from launcher.config import GpuSettings, ModelSettings, SimGpu
 from launcher.gpu.sampler import read_sample
 from launcher.gpu.sim import SimBackend
-from launcher.plan.placer import Planner
+from launcher.plan.planner import Planner
 from tests import archcorpus
 from tests.conftest import MARK
 from tests.test_plan_real import check_devices

@@ -11,8 +11,8 @@ from launcher.config import GpuSettings, ModelSettings
 from launcher.gpu.types import Link
 from launcher.plan.estimate import MIB, ModelShape, Runtime, kv_bytes
 from launcher.plan.gguf import ModelFileError, read_gguf
-from launcher.plan.place import Layout, Room, balanced, candidate_sets, counts_from_split, fewest_gpus, holds
-from launcher.plan.planner import make_plan
+from launcher.plan.layout import Layout, UsableGpu, balanced, candidate_sets, counts_from_split, fewest_gpus, holds
+from launcher.plan.model_plan import make_plan
 from launcher.plan.runtime import runtime_for
 from launcher.schema import GpuSample, Plan
 from launcher.tinymodel import TinyShape, write_tiny_llama
@@ -224,7 +224,7 @@ def test_explicit_gpus_and_split_are_honoured(big_shape: ModelShape) -> None:
 def every_set(
     shape: ModelShape,
     runtime: Runtime,
-    rooms: list[Room],
+    rooms: list[UsableGpu],
     links: dict[tuple[int, int], Link],
     overhead_b: int = 512 * MIB,
 ) -> Layout | None:
@@ -238,7 +238,7 @@ def every_set(
     return None
 
 
-def choices(shape: ModelShape, rooms: list[Room], links: dict[tuple[int, int], Link]) -> list[list[int] | None]:
+def choices(shape: ModelShape, rooms: list[UsableGpu], links: dict[tuple[int, int], Link]) -> list[list[int] | None]:
     """The GPUs fewest_gpus picks at a range of contexts, checked against every_set's whole choice."""
     picked: list[list[int] | None] = []
     for ctx in (2048, 8192, 32768, 131072, 400000):
@@ -250,8 +250,8 @@ def choices(shape: ModelShape, rooms: list[Room], links: dict[tuple[int, int], L
     return picked
 
 
-def rooms_of(*usable_gib: float) -> list[Room]:
-    return [Room(i, f"GPU-{i}", "GPU", 80 * GIB, int(gib * GIB)) for i, gib in enumerate(usable_gib)]
+def rooms_of(*usable_gib: float) -> list[UsableGpu]:
+    return [UsableGpu(i, f"GPU-{i}", "GPU", 80 * GIB, int(gib * GIB)) for i, gib in enumerate(usable_gib)]
 
 
 def test_identical_gpus_get_the_same_choice(big_shape: ModelShape) -> None:

@@ -18,9 +18,9 @@ from launcher.config import GpuSettings, ModelSettings
 from launcher.errors import ConflictError
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import read_gguf
-from launcher.plan.planner import make_plan
+from launcher.plan.model_plan import make_plan
+from launcher.plan.remote import Remote, remote_for
 from launcher.rpc.claims import ClaimBook
-from launcher.rpc.remote import Remote, remote_for
 from launcher.schema import ClaimDevice, ClaimRequest, GpuSample, PeerStatus, Plan, RpcClaim, RpcDevice, RpcEndpoint
 from launcher.tinymodel import TinyShape, write_tiny_llama
 from tests.conftest import ConfigWriter, Daemon, poll_until, write_secret
@@ -132,7 +132,7 @@ def test_endpoints_held_by_others_or_of_peers_not_allowed_are_left_out(split_mod
     assert remote_for(peers, ["b"], me).endpoints == () and remote_for(peers, "local", me) == Remote()
     # An endpoint this instance claims itself is its own again, with its claim counted as room.
     mine = [_peer("b", ("10.0.0.2:50052", 3), claims=[RpcClaim(holder=me, gpu=0, memory_mib=40)])]
-    assert [r.usable_mib for e in remote_for(mine, "auto", me).endpoints for r in e.rooms] == [43]
+    assert [r.usable_mib for e in remote_for(mine, "auto", me).endpoints for r in e.gpus] == [43]
     plan = _plan(split_model, [], remote)
     assert not plan.fits and plan.reason is not None and "nor with the RPC devices of c" in plan.reason
     assert f"not planned onto: b 10.0.0.2:50052: claimed by {other}" in plan.warnings

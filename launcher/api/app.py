@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import TypeAdapter
 
 import launcher
+from launcher.address import is_loopback
 from launcher.api.auth import UNAUTHORISED, ReadAuth, bearer_matches, reads_need_token
 from launcher.api.disconnect import unless_gone
 from launcher.api.metrics import LauncherCollector
@@ -42,7 +43,6 @@ from launcher.schema import (
 )
 from launcher.supervise import logs
 from launcher.supervise.manager import Manager
-from launcher.wiring import is_loopback
 
 Responses = dict[int | str, dict[str, Any]]
 

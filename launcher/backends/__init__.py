@@ -6,13 +6,13 @@ about the server it runs.
 
 from __future__ import annotations
 
-from launcher.backends.base import Health, LaunchSpec, Placement, ServerBackend
+from launcher.backends.base import Health, LaunchSpec, ServerBackend
 from launcher.backends.llama_server import LlamaServerBackend
 from launcher.backends.ollama import OllamaBackend
 from launcher.backends.rpc_server import RpcServerBackend
 from launcher.config import ModelSettings, RpcSettings
 
-__all__ = ["Health", "LaunchSpec", "Placement", "ServerBackend", "backend_for", "model_backend"]
+__all__ = ["Health", "LaunchSpec", "ServerBackend", "backend_for", "model_backend"]
 
 
 def backend_for(model: ModelSettings, rpc: RpcSettings) -> ServerBackend:

@@ -13,6 +13,7 @@ import httpx
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
 from launcher.plan.gguf import ModelFileError, regular_problem
+from launcher.plan.placement import Placement
 
 # Variables that belong to the daemon's own relationship with systemd, never to a child: a child that
 # inherits NOTIFY_SOCKET can tell systemd the daemon is ready or stopping (or feed its watchdog), and one
@@ -26,18 +27,6 @@ _DAEMON_ONLY_ENV = (
     "LISTEN_PID",
     "LISTEN_FDNAMES",
 )
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a server's layers go. Without GPUs everything stays on the CPU."""
-
-    gpu_layers: int = 0
-    tensor_split: tuple[float, ...] = ()
-    gpus: tuple[int, ...] = ()  # indices of the GPUs used, in the order the child sees them
-    claims_mib: Mapping[int, int] = field(default_factory=dict)  # planned MiB per GPU index
-    env: Mapping[str, str] = field(default_factory=dict)  # device visibility for the child
-    rpc: tuple[str, ...] = ()  # peers' rpc-servers (HOST:PORT), whose devices come before this host's GPUs
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,14 @@ import httpx
 from launcher.backends.base import (
     Health,
     LaunchSpec,
-    Placement,
     check_model_file,
     child_environment,
     configured_binary,
 )
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
-from launcher.plan.args import PARALLEL, arg_value
+from launcher.plan.placement import Placement
+from launcher.server_args import PARALLEL, arg_value
 
 BINARY_NAME = "llama-server"
 

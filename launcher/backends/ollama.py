@@ -17,10 +17,11 @@ from typing import Any
 
 import httpx
 
-from launcher.backends.base import Health, LaunchSpec, Placement, child_environment, configured_binary
+from launcher.backends.base import Health, LaunchSpec, child_environment, configured_binary
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
 from launcher.plan.gguf import ModelFileError, open_regular
+from launcher.plan.placement import Placement
 
 _MODEL_LAYER = "application/vnd.ollama.image.model"
 _REGISTRY = "registry.ollama.ai"

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import httpx
 
-from launcher.backends.base import Health, LaunchSpec, Placement, child_environment, configured_binary
+from launcher.backends.base import Health, LaunchSpec, child_environment, configured_binary
 from launcher.backends.llama_server import find_llama_server
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError, LauncherError
+from launcher.plan.placement import Placement
 from launcher.rpc.sockets import sockets_on
 from launcher.rpc.wire import Hello, say_hello
 

@@ -23,8 +23,8 @@ from launcher.plan.arch import (
     sliding_window,
     state_widths,
 )
-from launcher.plan.args import CACHE_TYPE_BYTES
 from launcher.plan.gguf import GgufFile, ModelFileError
+from launcher.server_args import CACHE_TYPE_BYTES
 
 MIB = 1024 * 1024
 # Head sizes for which llama.cpp's CUDA/ROCm flash-attention kernels exist: `-fa auto` turns it on.

@@ -1,251 +1,152 @@
-"""The plan for one model: which GPUs, how many MiB of what on each, the split, or why it does not fit
-and what would. A pure function of (model file, model settings, GPU samples, other instances' claims)."""
+"""The placement seam: a plan for a model given GPU samples and the other instances' claims, and the
+`Placement` a server is launched with, or a refusal. Nothing here runs or records a process, so both the
+daemon (off its event loop) and a command that only reads (`launcher plan` without a daemon) use it.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
+from launcher.backends import LaunchSpec, model_backend
 from launcher.config import GpuSettings, ModelSettings
-from launcher.gpu.types import Link
-from launcher.plan.estimate import MIB, ModelShape, Runtime, kv_bytes, padded_ctx
-from launcher.plan.place import (
-    DeviceLoad,
-    Layout,
-    Room,
-    candidate_sets,
-    counts_from_split,
-    fewest_gpus,
-    holds,
-    layout,
-    most_layers,
-)
-from launcher.plan.runtime import not_modelled, runtime_for
-from launcher.rpc.remote import NO_REMOTE, Remote, across_hosts, network_cost
-from launcher.schema import DevicePlan, GpuSample, HostPlan, Plan
-
-GIB = 1024 * MIB
+from launcher.errors import ConfigError, StartError
+from launcher.gpu import visibility_env
+from launcher.gpu.types import GpuIdentity, Link
+from launcher.plan.estimate import ModelShape, size_only
+from launcher.plan.gguf import ModelFileError, read_gguf, regular_problem
+from launcher.plan.lending import lending_plan
+from launcher.plan.model_plan import make_plan
+from launcher.plan.placement import Placement
+from launcher.plan.remote import NO_REMOTE, Remote
+from launcher.schema import GpuSample, Plan
+from launcher.server_args import MMPROJ, arg_value
 
 
-def _mib(b: int | float) -> int:
-    return -(-int(b) // MIB)  # rounded up: a plan never claims less than it needs
+@functools.lru_cache(maxsize=64)
+def _model_shape(path: Path, mtime_ns: int, size: int) -> ModelShape:
+    """The model's shape, read once per version of the file (mtime and size are part of the key)."""
+    return ModelShape.of(read_gguf(path))
 
 
-def _gib(b: float) -> str:
-    """A size as people read it: GiB with one decimal, MiB below 1 GiB."""
-    return f"{b / GIB:.1f} GiB" if b >= GIB else f"{round(b / MIB)} MiB"
+@functools.lru_cache(maxsize=64)
+def _tensor_bytes(path: Path, mtime_ns: int, size: int) -> int:
+    """All the weights of a file (a multimodal projector), read once per version of it."""
+    return sum(t.n_bytes for t in read_gguf(path, "the --mmproj file").tensors)
 
 
-def rooms(samples: Sequence[GpuSample], claims_mib: Mapping[int, int], gpus: GpuSettings) -> list[Room]:
-    """What each readable GPU can give this instance: min(free now, total - other instances' claims)
-    less the margin and the GPU's reserve."""
-    result = []
-    for s in samples:
-        if s.error is not None or s.memory_total_mib is None or s.memory_free_mib is None:
-            continue
-        room = min(s.memory_free_mib, s.memory_total_mib - claims_mib.get(s.index, 0))
-        usable = room - gpus.margin_mib - gpus.reserve_mib.get(s.index, 0)
-        result.append(Room(s.index, s.uuid, s.name, s.memory_total_mib, max(0, usable)))
-    return result
+def projector_bytes(model: ModelSettings) -> int:
+    """The weights of the model's --mmproj file (0 without one). The path is relative to where the server
+    runs, as llama-server reads it."""
+    value = arg_value(model.args, *MMPROJ)
+    if value is None:
+        return 0
+    path = Path(value)
+    problem = regular_problem(path)
+    if problem is not None:  # never opened then: a FIFO would block the placement forever
+        raise ModelFileError(f"the --mmproj file {path} {problem}", hint="fix the path in args")
+    stat = path.stat()
+    return _tensor_bytes(path, stat.st_mtime_ns, stat.st_size)
 
 
-def _allowed(model: ModelSettings, available: list[Room]) -> list[Room]:
-    if model.gpus == "auto":
-        return available
-    by_ref = {ref: r for r in available for ref in (r.index, r.uuid)}
-    return [by_ref[ref] for ref in model.gpus if ref in by_ref]
+@dataclass(frozen=True)
+class Placed:
+    """A start the GPUs can take: the plan, and what the server is launched with."""
+
+    plan: Plan
+    placement: Placement
 
 
-def make_plan(
-    name: str,
-    model: ModelSettings,
-    shape: ModelShape,
-    samples: Sequence[GpuSample],
-    links: dict[tuple[int, int], Link],
-    claims_mib: Mapping[int, int],
-    gpus: GpuSettings,
-    projector_bytes: int = 0,
-    remote: Remote = NO_REMOTE,
-) -> Plan:
-    """The plan; ``projector_bytes`` are the weights of the model's --mmproj file, if it has one;
-    ``remote`` the peers' endpoints it may also use, when this host's GPUs do not hold it."""
-    runtime = runtime_for(model, shape, on_gpu=bool(samples or remote.endpoints), projector_bytes=projector_bytes)
-    allowed = _allowed(model, rooms(samples, claims_mib, gpus))
-    overhead_b = gpus.overhead_mib * MIB
-    if not samples and not remote.endpoints:  # no GPU at all: everything in host memory
-        chosen: Layout | None = layout(shape, runtime, [], [], overhead_b)
-    elif isinstance(model.tensor_split, list):
-        chosen = _explicit_split(shape, runtime, allowed, model.tensor_split, links, overhead_b)
-    else:
-        chosen = fewest_gpus(shape, runtime, allowed, links, overhead_b)
-        if chosen is None and remote.endpoints:  # remote devices are slower: only when local ones do not do
-            chosen = across_hosts(shape, runtime, allowed, remote, overhead_b)
-    if chosen is None and model.allow_cpu_offload and allowed:
-        chosen = most_layers(shape, runtime, allowed, overhead_b)
-    fits = chosen is not None
-    if chosen is None:  # show what it would take on every allowed GPU
-        chosen = _spread(shape, runtime, allowed, overhead_b)
-    plan = Plan(
-        model=str(model.model),
-        backend=model.backend,
-        fits=fits,
-        reason=None if fits else _reason(chosen, allowed, name) + _remote_reason(remote),
-        suggestions=[] if fits else _suggestions(model, shape, runtime, allowed, overhead_b),
-        ctx=runtime.ctx,
-        flash_attn=runtime.flash_attn,
-        cache_type_k=runtime.cache_type_k,
-        cache_type_v=runtime.cache_type_v,
-        gpu_layers=chosen.gpu_layers,
-        devices=[_device(d) for d in chosen.devices],
-        host=HostPlan(
-            weights_mib=_mib(chosen.host.weights_b),
-            kv_cache_mib=_mib(chosen.host.kv_b),
-            compute_mib=_mib(chosen.host.compute_b),
-            recurrent_mib=_mib(chosen.host.state_b),
-            projector_mib=_mib(chosen.host.projector_b + projector_bytes - runtime.projector_bytes),
-        ),
-        tensor_split=list(chosen.split),
-        architecture=shape.architecture,
-        parallel=runtime.parallel,
-        kv_unified=runtime.kv_unified,
-        swa_full=runtime.swa_full,
-        ubatch=runtime.ubatch,
-        sliding_window=shape.sliding_window,
-        swa_layers=len(shape.swa_layers),
-        recurrent_layers=len(shape.recurrent_layers),
-        warnings=architecture_warnings(shape) + [f"not planned onto: {why}" for why in remote.left_out],
-        not_modelled=not_modelled(model.args),
-        network=network_cost(shape, chosen) if fits else None,
-    )
-    if fits and chosen.gpu_layers and chosen.gpu_layers < shape.n_layer + 1:
-        plan.suggestions.append(
-            f"partial offload: {shape.n_layer - chosen.gpu_layers} of {shape.n_layer} layers run on the CPU"
+class Planner:
+    """Plans models on the GPUs of one machine (identities and links do not change while it runs)."""
+
+    def __init__(
+        self, gpus: GpuSettings, identities: Sequence[GpuIdentity], links: Mapping[tuple[int, int], Link]
+    ) -> None:
+        self._gpus = gpus
+        self._identities = list(identities)
+        self._links = dict(links)
+
+    def plan(
+        self,
+        name: str,
+        model: ModelSettings,
+        samples: Sequence[GpuSample],
+        claims: Mapping[int, int],
+        remote: Remote = NO_REMOTE,
+    ) -> Plan:
+        """The plan for ``model`` against ``samples``, around the MiB per GPU that ``claims`` hold, also
+        over the peers' endpoints in ``remote`` when the model's `hosts:` allows them."""
+        if model.backend == "rpc-server":  # no model: the GPUs it lends
+            self._check_gpu_refs(name, model)
+            return lending_plan(name, model, samples, claims, self._gpus)
+        backend = model_backend(model)
+        backend.check_model(model, name)
+        self._check_gpu_refs(name, model)
+        found = backend.model_file(model)
+        if found is not None:
+            stat = found.stat()
+            shape = _model_shape(found, stat.st_mtime_ns, stat.st_size)
+        else:  # checked above: a size is configured
+            shape = size_only((model.ollama.size_mib or 0) * 1024 * 1024)
+        projector = projector_bytes(model) if model.backend == "llama-server" else 0
+        return make_plan(name, model, shape, samples, self._links, claims, self._gpus, projector, remote)
+
+    def place(
+        self,
+        name: str,
+        model: ModelSettings,
+        samples: Sequence[GpuSample],
+        claims: Mapping[int, int],
+        remote: Remote = NO_REMOTE,
+    ) -> Placed:
+        """The plan and placement of a start, or StartError with the numbers and the ways out."""
+        plan = self.plan(name, model, samples, claims, remote)
+        if not plan.fits:
+            raise StartError(plan.reason or f"{name} does not fit", hint="; ".join(plan.suggestions) or None)
+        return Placed(plan, self.placement(plan))
+
+    def placement(self, plan: Plan) -> Placement:
+        if not plan.devices:
+            return Placement()
+        by_index = {g.index: g for g in self._identities}
+        local = [d.gpu for d in plan.devices if d.endpoint is None]
+        return Placement(
+            gpu_layers=plan.gpu_layers,
+            tensor_split=tuple(plan.tensor_split),
+            gpus=tuple(local),
+            claims_mib=plan.claims_mib,
+            env=visibility_env([by_index[index] for index in local]),
+            rpc=tuple(dict.fromkeys(d.endpoint for d in plan.devices if d.endpoint is not None)),
         )
-    return plan
+
+    def _check_gpu_refs(self, name: str, model: ModelSettings) -> None:
+        """The model's `gpus:` must name GPUs that are there (by index or UUID)."""
+        if model.gpus == "auto":
+            return
+        for ref in model.gpus:
+            if not any(ref in (g.index, g.uuid) for g in self._identities):
+                known = ", ".join(f"{g.index} ({g.uuid})" for g in self._identities) or "none"
+                raise ConfigError(
+                    f"models.{name}.gpus names GPU {ref!r}, which is not there", hint=f"GPUs seen: {known}"
+                )
 
 
-def architecture_warnings(shape: ModelShape) -> list[str]:
-    """What the plan says about an architecture it has no rule for."""
-    if shape.known_architecture:
-        return []
+def freed(samples: Sequence[GpuSample], back_mib: Mapping[int, int]) -> list[GpuSample]:
+    """The GPUs as they would be with some servers gone: the samples with the MiB per GPU those servers
+    claimed (``back_mib``) free again."""
     return [
-        f"architecture {shape.architecture!r} has no rule in the planner: planned as a plain transformer "
-        "(full attention and a KV cache on every layer); compare with llama-server's -lv 4 buffer sizes"
+        s.model_copy(update={"memory_free_mib": min(s.memory_total_mib, s.memory_free_mib + back_mib[s.index])})
+        if s.index in back_mib and s.memory_free_mib is not None and s.memory_total_mib is not None
+        else s
+        for s in samples
     ]
 
 
-def _device(load: DeviceLoad) -> DevicePlan:
-    total = _mib(load.total_b)
-    return DevicePlan(
-        gpu=load.gpu,
-        uuid=load.uuid,
-        name=load.name,
-        layers=load.layers,
-        output_layer=load.output,
-        weights_mib=_mib(load.weights_b),
-        kv_cache_mib=_mib(load.kv_b),
-        compute_mib=_mib(load.compute_b),
-        overhead_mib=_mib(load.overhead_b),
-        recurrent_mib=_mib(load.state_b),
-        projector_mib=_mib(load.projector_b),
-        total_mib=total,
-        usable_mib=load.usable_mib,
-        free_after_mib=load.usable_mib - total,
-        host=load.host,
-        endpoint=load.endpoint or None,
-    )
-
-
-def _explicit_split(
-    shape: ModelShape,
-    runtime: Runtime,
-    allowed: list[Room],
-    split: list[float],
-    links: dict[tuple[int, int], Link],
-    overhead_b: int,
-) -> Layout | None:
-    """The user's proportions, on the first GPUs of the `gpus:` list or the best set of that many."""
-    if len(allowed) < len(split):
-        return None
-    group = allowed[: len(split)] if len(allowed) == len(split) else candidate_sets(allowed, len(split), links)[0]
-    found = layout(shape, runtime, group, counts_from_split(split, shape.n_layer + 1), overhead_b)
-    return found if found.fits else None
-
-
-def _spread(shape: ModelShape, runtime: Runtime, allowed: list[Room], overhead_b: int) -> Layout:
-    """Every layer over every allowed GPU in proportion to its room, fitting or not: the need to report."""
-    if not allowed:
-        return layout(shape, runtime, [], [], overhead_b)
-    weights = [max(1, r.usable_mib) for r in allowed]
-    return layout(shape, runtime, allowed, counts_from_split(weights, shape.n_layer + 1), overhead_b)
-
-
-def _reason(need: Layout, allowed: list[Room], name: str) -> str:
-    if not allowed:
-        return f"{name} needs GPUs but none is usable (every GPU is full, in error, or not in `gpus:`)"
-    total = sum(d.total_b for d in need.devices)
-    weights = sum(d.weights_b + d.projector_b for d in need.devices)
-    kv = sum(d.kv_b + d.state_b for d in need.devices)
-    compute = sum(d.compute_b + d.overhead_b for d in need.devices)
-    usable = sum(r.usable_mib for r in allowed) * MIB
-    n = len(allowed)
-    return (
-        f"{name} needs {_gib(total)} on {n} GPU{'s' if n > 1 else ''} (weights {_gib(weights)}, KV cache "
-        f"{_gib(kv)}, compute and overhead {_gib(compute)}) but only {_gib(usable)} is usable there"
-    )
-
-
-def _remote_reason(remote: Remote) -> str:
-    if not remote.endpoints:
-        return ""
-    usable = sum(e.usable_mib for e in remote.endpoints)
-    hosts = ", ".join(dict.fromkeys(e.host for e in remote.endpoints))
-    return f"; nor with the RPC devices of {hosts} ({_gib(usable * MIB)} usable there)"
-
-
-def _suggestions(
-    model: ModelSettings,
-    shape: ModelShape,
-    runtime: Runtime,
-    allowed: list[Room],
-    overhead_b: int,
-) -> list[str]:
-    if not allowed:
-        return ["free a GPU (stop what runs on it) or add one to `gpus:`"]
-    result = []
-
-    def fits(r: Runtime) -> bool:
-        return holds(shape, r, allowed, overhead_b)
-
-    low, high = 1, padded_ctx(runtime.ctx) // 256 - 1  # contexts in steps of 256
-    best = 0
-    while low <= high:
-        middle = (low + high) // 2
-        if fits(Runtime(**{**vars(runtime), "ctx": middle * 256})):
-            best, low = middle * 256, middle + 1
-        else:
-            high = middle - 1
-    if best:
-        result.append(f"the largest context that fits is {best} (ctx: {best})")
-    if (runtime.cache_type_k, runtime.cache_type_v) != ("q8_0", "q8_0"):
-        q8 = Runtime(**{**vars(runtime), "cache_type_k": "q8_0", "cache_type_v": "q8_0"})
-        saved = sum(kv_bytes(shape, runtime, u) - kv_bytes(shape, q8, u) for u in range(shape.n_layer))
-        if saved >= MIB:
-            outcome = "and then it fits" if fits(q8) else "but that is not enough on its own"
-            result.append(
-                f"a q8_0 KV cache (args: [--cache-type-k, q8_0, --cache-type-v, q8_0]) saves {_gib(saved)}, {outcome}"
-            )
-    largest = max(allowed, key=lambda r: r.total_mib)
-    for count in range(len(allowed) + 1, 17):
-        clones = [Room(i, f"GPU-{i}", largest.name, largest.total_mib, largest.usable_mib) for i in range(count)]
-        if holds(shape, runtime, clones, overhead_b):
-            result.append(f"it would fit on {count} GPUs of {largest.total_mib / 1024:.0f} GiB like {largest.name}")
-            break
-    if not model.allow_cpu_offload:
-        partial = most_layers(shape, runtime, allowed, overhead_b)
-        if partial is not None:
-            on_gpu = partial.gpu_layers
-            result.append(
-                f"with allow_cpu_offload: true, {on_gpu} of {shape.n_layer} layers run on the GPUs and "
-                f"{shape.n_layer - on_gpu} on the CPU (much slower)"
-            )
-    return result
+def with_command(plan: Plan, spec: LaunchSpec) -> Plan:
+    """The plan with the exact command line and the environment the launcher sets (what differs from its own)."""
+    env = {k: v for k, v in spec.env.items() if os.environ.get(k) != v}
+    return plan.model_copy(update={"command": spec.argv, "env": env})

@@ -14,7 +14,8 @@ import re
 from collections.abc import Sequence
 
 from launcher.config import ModelSettings
-from launcher.plan.args import (
+from launcher.plan.estimate import ModelShape, Runtime, flash_attention_default
+from launcher.server_args import (
     BATCH,
     CACHE_TYPE_K,
     CACHE_TYPE_V,
@@ -30,7 +31,6 @@ from launcher.plan.args import (
     last_switch,
     tensor_overrides,
 )
-from launcher.plan.estimate import ModelShape, Runtime, flash_attention_default
 
 AUTO_SLOTS = 4
 # llama.cpp's pattern for expert tensors (common/common.h LLM_FFN_EXPS_REGEX), for --cpu-moe and --n-cpu-moe.

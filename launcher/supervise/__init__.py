@@ -4,5 +4,6 @@ moves between states (transitions.py), a server's last words (server_errors.py) 
 verdict (thermal.py), all four pure;
 the state directory's lock and owner record (owner.py), the child registry (leftovers.py), the per-instance
 logs (logs.py), failed writes to the state directory counted (writes.py), ports (ports.py), planning in
-bounded threads (planning.py), and failover's verdicts carried out (degrade.py);
-the GPU memory a start waits for (vram.py), and what this host's GPUs hold and lend to peers (lending.py)."""
+bounded threads (planning.py), failover's verdicts carried out (degrade.py), what `GET /rpc` reports of
+this host's rpc-servers (rpc_report.py), the GPU memory a start waits for (vram.py), and what this host's
+GPUs hold and lend to peers (lending.py)."""

@@ -18,9 +18,10 @@ from typing import Protocol
 
 import httpx
 
-from launcher.backends import Health, LaunchSpec, Placement, ServerBackend
+from launcher.backends import Health, LaunchSpec, ServerBackend
 from launcher.config import ModelSettings
 from launcher.errors import ConflictError, LauncherError
+from launcher.plan.placement import Placement
 from launcher.schema import Event, InstanceStatus, Plan, State
 from launcher.supervise import logs
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry

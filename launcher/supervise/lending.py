@@ -9,11 +9,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from launcher.config import GpuSettings
-from launcher.plan.planner import rooms
+from launcher.plan.model_plan import usable_gpus
 from launcher.rpc.claims import ClaimBook
-from launcher.rpc.report import ready_rpc_servers, rpc_report
 from launcher.schema import ClaimRequest, Event, GpuSample, RpcClaim, RpcReport
 from launcher.supervise.instance import Instance
+from launcher.supervise.rpc_report import ready_rpc_servers, rpc_report
 
 
 class LatestReadings(Protocol):
@@ -58,7 +58,7 @@ class Lending:
         """What a llama-server elsewhere may use of each GPU, with every claim but ``besides_holder``'s
         counted."""
         claims = self.claimed_mib((i for i in self._instances.values() if i.active), besides_holder=besides_holder)
-        return {r.index: r.usable_mib for r in rooms(self._readings.latest(), claims, self._gpus)}
+        return {r.index: r.usable_mib for r in usable_gpus(self._readings.latest(), claims, self._gpus)}
 
     def endpoint_gpus(self) -> dict[str, tuple[int, ...]]:
         """Each ready rpc-server's endpoint (HOST:PORT), with the GPUs it lends."""

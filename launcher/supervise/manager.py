@@ -24,9 +24,9 @@ from launcher.config import Settings
 from launcher.errors import LauncherError
 from launcher.gpu.sampler import Sampler
 from launcher.plan.gguf import ModelFileError
-from launcher.plan.placer import Planner, freed, with_command
+from launcher.plan.planner import Planner, freed, with_command
+from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
-from launcher.rpc.remote import NO_REMOTE, Remote, remote_for
 from launcher.schema import Event, GpuSample, InstanceStatus, Plan, State
 from launcher.supervise import thermal
 from launcher.supervise.degrade import Degrader

@@ -21,7 +21,7 @@ LOCAL = "local"
 
 
 @dataclass(frozen=True)
-class Room:
+class UsableGpu:
     """A GPU as the planner sees it: how much of it this instance may use. A peer's GPU, lent through
     its rpc-server at ``endpoint``, has that peer as ``host`` and the peer's index."""
 
@@ -100,33 +100,33 @@ def device_weights(shape: ModelShape, runtime: Runtime, layer: int) -> int:
 def layout(
     shape: ModelShape,
     runtime: Runtime,
-    rooms: Sequence[Room],
+    gpus: Sequence[UsableGpu],
     counts: Sequence[int],
     overhead_b: int,
 ) -> Layout:
-    """The loads when ``counts[d]`` consecutive units go to ``rooms[d]``: the last units of the model
-    (the offloaded ones), the output layer among them when all of n_layer+1 are offloaded. A room that
+    """The loads when ``counts[d]`` consecutive units go to ``gpus[d]``: the last units of the model
+    (the offloaded ones), the output layer among them when all of n_layer+1 are offloaded. A GPU that
     gets no unit is no device. The projector goes with the first device (mtmd loads it on the first GPU
     it is shown), or stays on the host without one."""
-    kept = [(room, count) for room, count in zip(rooms, counts, strict=True) if count]
-    rooms, counts = [r for r, _ in kept], [c for _, c in kept]
+    kept = [(gpu, count) for gpu, count in zip(gpus, counts, strict=True) if count]
+    gpus, counts = [r for r, _ in kept], [c for _, c in kept]
     n = shape.n_layer
     offloaded = sum(counts)
     full = offloaded == n + 1
-    copies = pipeline_copies(len(rooms), full)
+    copies = pipeline_copies(len(gpus), full)
     first = first_unit(n, offloaded)
     compute = DeviceCompute.of(shape, runtime, copies)
     devices: list[DeviceLoad] = []
     unit = first
-    for room, count in zip(rooms, counts, strict=True):
+    for gpu, count in zip(gpus, counts, strict=True):
         units = range(unit, unit + count)
         repeating = [u for u in units if u < n]
         holds_output = n in units
         devices.append(
             DeviceLoad(
-                gpu=room.index,
-                uuid=room.uuid,
-                name=room.name,
+                gpu=gpu.index,
+                uuid=gpu.uuid,
+                name=gpu.name,
                 layers=len(repeating),
                 output=holds_output,
                 weights_b=sum(device_weights(shape, runtime, u) for u in repeating)
@@ -135,10 +135,10 @@ def layout(
                 state_b=sum(state_bytes(shape, runtime, u) for u in repeating),
                 projector_b=0 if devices else runtime.projector_bytes,
                 compute_b=compute.bytes(unit, min(unit + count, n), first=not devices),
-                overhead_b=room.overhead(overhead_b),
-                usable_mib=room.usable_mib,
-                host=room.host,
-                endpoint=room.endpoint,
+                overhead_b=gpu.overhead(overhead_b),
+                usable_mib=gpu.usable_mib,
+                host=gpu.host,
+                endpoint=gpu.endpoint,
             )
         )
         unit += count
@@ -201,16 +201,16 @@ class _Costs:
         return held + self.compute.bytes(start, min(last + 1, len(self.units) - 1), first) > cap
 
 
-def _fill(costs: _Costs, rooms: Sequence[Room], units: int, overhead_b: int, ratio: float) -> list[int] | None:
-    """Greedy, in order: each GPU takes consecutive units while it stays within ``ratio`` of its room,
+def _fill(costs: _Costs, gpus: Sequence[UsableGpu], units: int, overhead_b: int, ratio: float) -> list[int] | None:
+    """Greedy, in order: each GPU takes consecutive units while it stays within ``ratio`` of its usable memory,
     its compute buffer counted for the layers it holds so far (and the projector on the first). Where
     the buffer only grows with the layers (no handoffs), so does what a GPU holds: the first unit that
     overflows it is found by bisection instead of unit by unit."""
     unit = first_unit(len(costs.units) - 1, units)
     end = unit + units
     counts: list[int] = []
-    for room in rooms:
-        cap = ratio * room.usable_mib * MIB - room.overhead(overhead_b)
+    for gpu in gpus:
+        cap = ratio * gpu.usable_mib * MIB - gpu.overhead(overhead_b)
         first, start = not any(counts), unit
         if costs.compute.growing:
             high = end
@@ -224,42 +224,46 @@ def _fill(costs: _Costs, rooms: Sequence[Room], units: int, overhead_b: int, rat
     return counts if unit == end else None
 
 
-def balanced(shape: ModelShape, runtime: Runtime, rooms: Sequence[Room], units: int, overhead_b: int) -> Layout | None:
-    """The split that fills every GPU to the same fraction of its room, or None when they cannot hold it.
+def balanced(
+    shape: ModelShape, runtime: Runtime, gpus: Sequence[UsableGpu], units: int, overhead_b: int
+) -> Layout | None:
+    """The split that fills every GPU to the same fraction of its usable memory, or None when they cannot hold it.
 
     The smallest common fill ratio for which the greedy fill succeeds is found by bisection; each GPU
     then carries load in proportion to what it can hold, so a 16 GB card is not filled like a 24 GB one.
     """
-    costs = _Costs.of(shape, runtime, pipeline_copies(len(rooms), units == shape.n_layer + 1))
-    if _fill(costs, rooms, units, overhead_b, 1.0) is None:
+    costs = _Costs.of(shape, runtime, pipeline_copies(len(gpus), units == shape.n_layer + 1))
+    if _fill(costs, gpus, units, overhead_b, 1.0) is None:
         return None
     low, high = 0.0, 1.0
     for _ in range(30):
         middle = (low + high) / 2
-        if _fill(costs, rooms, units, overhead_b, middle) is None:
+        if _fill(costs, gpus, units, overhead_b, middle) is None:
             low = middle
         else:
             high = middle
-    counts = _fill(costs, rooms, units, overhead_b, high)
+    counts = _fill(costs, gpus, units, overhead_b, high)
     assert counts is not None
-    result = layout(shape, runtime, rooms, counts, overhead_b)
+    result = layout(shape, runtime, gpus, counts, overhead_b)
     return result if result.fits else None
 
 
-def candidate_sets(rooms: Sequence[Room], size: int, links: dict[tuple[int, int], Link]) -> list[tuple[Room, ...]]:
-    """Sets of ``size`` GPUs, best first: all directly linked, then the most room, then the lowest indices."""
+def candidate_sets(
+    gpus: Sequence[UsableGpu], size: int, links: dict[tuple[int, int], Link]
+) -> list[tuple[UsableGpu, ...]]:
+    """Sets of ``size`` GPUs, best first: all directly linked, then the most usable memory, then the lowest indices."""
 
-    def direct(group: tuple[Room, ...]) -> bool:
+    def direct(group: tuple[UsableGpu, ...]) -> bool:
         pairs = itertools.combinations(sorted(r.index for r in group), 2)
         return all(links.get(pair, Link.CPU).direct for pair in pairs)
 
-    groups = list(itertools.combinations(rooms, size))
+    groups = list(itertools.combinations(gpus, size))
     groups.sort(key=lambda g: (not direct(g), -sum(r.usable_mib for r in g), [r.index for r in g]))
     return groups
 
 
-def _sizes(shape: ModelShape, runtime: Runtime, usable: Sequence[Room], overhead_b: int) -> range:
-    """The set sizes worth trying for full offload: from the first whose largest rooms, less each GPU's
+def _sizes(shape: ModelShape, runtime: Runtime, usable: Sequence[UsableGpu], overhead_b: int) -> range:
+    """The set sizes worth trying for full offload: from the first whose largest usable memories, less each GPU's
     overhead, could hold every unit and one compute buffer. No placement needs less than that, so the
     smaller sets are skipped without placing anything on them."""
     costs = _Costs.of(shape, runtime, 1)
@@ -274,25 +278,29 @@ def _sizes(shape: ModelShape, runtime: Runtime, usable: Sequence[Room], overhead
     return range(0)
 
 
-def _distinct_sets(rooms: Sequence[Room], size: int) -> Iterator[tuple[Room, ...]]:
-    """One set of ``size`` rooms (in their order) for each distinct sequence of usable MiB: for N identical
-    GPUs, one set per size instead of every subset. Each next room is the first of its size after the last."""
+def _distinct_sets(gpus: Sequence[UsableGpu], size: int) -> Iterator[tuple[UsableGpu, ...]]:
+    """One set of ``size`` GPUs (in their order) for each distinct sequence of usable MiB: for N identical
+    GPUs, one set per size instead of every subset. Each next GPU is the first of its size after the last."""
     if size == 0:
         yield ()
         return
     seen: set[int] = set()
-    for i in range(len(rooms) - size + 1):
-        if rooms[i].usable_mib not in seen:
-            seen.add(rooms[i].usable_mib)
-            for rest in _distinct_sets(rooms[i + 1 :], size - 1):
-                yield (rooms[i], *rest)
+    for i in range(len(gpus) - size + 1):
+        if gpus[i].usable_mib not in seen:
+            seen.add(gpus[i].usable_mib)
+            for rest in _distinct_sets(gpus[i + 1 :], size - 1):
+                yield (gpus[i], *rest)
 
 
 def _brimming(
-    shape: ModelShape, runtime: Runtime, usable: Sequence[Room], overhead_b: int, filled: dict[tuple[int, ...], bool]
-) -> Iterator[tuple[Room, ...]]:
-    """Sets of rooms, smallest first, that hold every unit when filled to the brim: `balanced`'s first test,
-    so the only sets it can place the model on. Whether a set passes depends only on its rooms' usable MiB
+    shape: ModelShape,
+    runtime: Runtime,
+    usable: Sequence[UsableGpu],
+    overhead_b: int,
+    filled: dict[tuple[int, ...], bool],
+) -> Iterator[tuple[UsableGpu, ...]]:
+    """Sets of GPUs, smallest first, that hold every unit when filled to the brim: `balanced`'s first test,
+    so the only sets it can place the model on. Whether a set passes depends only on its GPUs' usable MiB
     in order (links merely order the sets): one set per distinct sequence is tried, ``filled`` keeps the
     answers."""
     for size in _sizes(shape, runtime, usable, overhead_b):
@@ -306,12 +314,12 @@ def _brimming(
 
 
 def fewest_gpus(
-    shape: ModelShape, runtime: Runtime, rooms: Sequence[Room], links: dict[tuple[int, int], Link], overhead_b: int
+    shape: ModelShape, runtime: Runtime, gpus: Sequence[UsableGpu], links: dict[tuple[int, int], Link], overhead_b: int
 ) -> Layout | None:
     """Full offload on the fewest GPUs that hold the model: one GPU when one does (splitting costs speed);
     of the sets of that many, the first in `candidate_sets`' order. Sizes where no set passes `balanced`'s
     first test are skipped without listing their sets; sets that fail it are not placed."""
-    usable = [r for r in rooms if r.usable_mib > 0]
+    usable = [r for r in gpus if r.usable_mib > 0]
     filled: dict[tuple[int, ...], bool] = {}
     for size, _ in itertools.groupby(_brimming(shape, runtime, usable, overhead_b, filled), key=len):
         for group in candidate_sets(usable, size, links):
@@ -322,21 +330,21 @@ def fewest_gpus(
     return None
 
 
-def holds(shape: ModelShape, runtime: Runtime, rooms: Sequence[Room], overhead_b: int) -> bool:
+def holds(shape: ModelShape, runtime: Runtime, gpus: Sequence[UsableGpu], overhead_b: int) -> bool:
     """Whether `fewest_gpus` finds a set, without working out which (what refusals ask, many times over)."""
-    usable = [r for r in rooms if r.usable_mib > 0]
+    usable = [r for r in gpus if r.usable_mib > 0]
     return any(
         balanced(shape, runtime, group, shape.n_layer + 1, overhead_b) is not None
         for group in _brimming(shape, runtime, usable, overhead_b, {})
     )
 
 
-def most_layers(shape: ModelShape, runtime: Runtime, rooms: Sequence[Room], overhead_b: int) -> Layout | None:
+def most_layers(shape: ModelShape, runtime: Runtime, gpus: Sequence[UsableGpu], overhead_b: int) -> Layout | None:
     """Partial offload: the most repeating layers the GPUs hold, the rest (and the output) on the CPU."""
     low, high, best = 1, shape.n_layer, None
     while low <= high:
         middle = (low + high) // 2
-        found = balanced(shape, runtime, rooms, middle, overhead_b)
+        found = balanced(shape, runtime, gpus, middle, overhead_b)
         if found is None:
             high = middle - 1
         else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from launcher.config import GpuSettings, ModelSettings
-from launcher.plan.planner import rooms
+from launcher.plan.model_plan import usable_gpus
 from launcher.schema import DevicePlan, GpuSample, HostPlan, Plan
 
 _LENDS = "lends these GPUs over RPC: what a llama-server puts on them is that llama-server's plan"
@@ -20,20 +20,20 @@ def lending_plan(
 ) -> Plan:
     """The plan of rpc-server entry ``name``: every readable GPU for `gpus: auto`, else the ones it names,
     in its order (the order its devices have for the client)."""
-    readable = rooms(samples, claims, gpus)
+    readable = usable_gpus(samples, claims, gpus)
     if model.gpus == "auto":
         lent = readable
         missing = []
     else:
-        by_ref = {ref: room for room in readable for ref in (room.index, room.uuid)}
+        by_ref = {ref: gpu for gpu in readable for ref in (gpu.index, gpu.uuid)}
         lent = [by_ref[ref] for ref in model.gpus if ref in by_ref]
         missing = [str(ref) for ref in model.gpus if ref not in by_ref]
     overhead = gpus.overhead_mib
     devices = [
         DevicePlan(
-            gpu=room.index,
-            uuid=room.uuid,
-            name=room.name,
+            gpu=gpu.index,
+            uuid=gpu.uuid,
+            name=gpu.name,
             layers=0,
             output_layer=False,
             weights_mib=0,
@@ -41,10 +41,10 @@ def lending_plan(
             compute_mib=0,
             overhead_mib=overhead,
             total_mib=overhead,
-            usable_mib=room.usable_mib,
-            free_after_mib=room.usable_mib - overhead,
+            usable_mib=gpu.usable_mib,
+            free_after_mib=gpu.usable_mib - overhead,
         )
-        for room in lent
+        for gpu in lent
     ]
     full = [str(d.gpu) for d in devices if d.free_after_mib < 0]
     reason = None

@@ -1,6 +1,7 @@
-"""Where an RPC server may listen. It has no authentication and hands out its GPUs' memory to anyone who
-connects (llama.cpp: "never run the RPC server on an open network"), so only loopback and private
-networks are allowed without saying so."""
+"""Who can reach a listening address: the daemon's API (a token is required off loopback) and an RPC
+server, which has no authentication and hands out its GPUs' memory to anyone who connects (llama.cpp:
+"never run the RPC server on an open network"), so only loopback and private networks are allowed for it
+without saying so. Standard library only: the configuration imports it."""
 
 from __future__ import annotations
 
@@ -25,3 +26,14 @@ def reach(address: str) -> Reach:
     if ip.is_loopback:
         return "loopback"
     return "private" if any(ip in network for network in _PRIVATE) else "public"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a server bound to ``host`` (a name or an IPv4 or IPv6 address) is reachable from this
+    machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from launcher.plan.estimate import ModelShape, Runtime
-from launcher.plan.place import LOCAL, Layout, Room, balanced
+from launcher.plan.layout import LOCAL, Layout, UsableGpu, balanced
 from launcher.schema import NetworkCost, PeerStatus, RpcEndpoint
 
 _F32_B = 4  # activations and logits cross as f32
@@ -24,15 +24,15 @@ _F32_B = 4  # activations and logits cross as f32
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A peer's rpc-server this instance may use: its devices as rooms, in the server's order."""
+    """A peer's rpc-server this instance may use: its devices as usable GPUs, in the server's order."""
 
     host: str
     address: str
-    rooms: tuple[Room, ...]
+    gpus: tuple[UsableGpu, ...]
 
     @property
     def usable_mib(self) -> int:
-        return sum(r.usable_mib for r in self.rooms)
+        return sum(r.usable_mib for r in self.gpus)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ NO_REMOTE = Remote()  # `hosts: local`, or no peers
 
 def remote_for(peers: Sequence[PeerStatus], hosts: str | Sequence[str], holder: str) -> Remote:
     """The endpoints of ``peers`` that `hosts:` allows and that are free for ``holder`` (an endpoint it
-    already claims is free for it, with its own claim counted as room again)."""
+    already claims is free for it, with its own claim counted as usable again)."""
     if hosts == "local":
         return NO_REMOTE
     endpoints, left_out = [], []
@@ -64,8 +64,8 @@ def remote_for(peers: Sequence[PeerStatus], hosts: str | Sequence[str], holder: 
                 left_out.append(f"{peer.name} {endpoint.endpoint}: {why}")
                 continue
             ours = {c.gpu: c.memory_mib for c in endpoint.claims if c.holder == holder}
-            rooms = tuple(
-                Room(
+            gpus = tuple(
+                UsableGpu(
                     d.gpu,
                     d.uuid,
                     d.name,
@@ -76,7 +76,7 @@ def remote_for(peers: Sequence[PeerStatus], hosts: str | Sequence[str], holder: 
                 )
                 for d in endpoint.devices
             )
-            endpoints.append(Endpoint(peer.name, endpoint.endpoint, rooms))
+            endpoints.append(Endpoint(peer.name, endpoint.endpoint, gpus))
     return Remote(tuple(endpoints), tuple(left_out))
 
 
@@ -97,10 +97,10 @@ def _busy(endpoint: RpcEndpoint, holder: str) -> str | None:
 
 
 def across_hosts(
-    shape: ModelShape, runtime: Runtime, local: Sequence[Room], remote: Remote, overhead_b: int
+    shape: ModelShape, runtime: Runtime, local: Sequence[UsableGpu], remote: Remote, overhead_b: int
 ) -> Layout | None:
     """Full offload over this host's GPUs and the fewest peers, then the fewest endpoints of those peers
-    (the most room first): the first set on which every device takes a share. This host's usable GPUs
+    (the most usable memory first): the first set on which every device takes a share. This host's usable GPUs
     are all used (what stays here is what does not cross the network); it is called when they alone do
     not hold the model."""
     local = [r for r in local if r.usable_mib > 0]
@@ -117,11 +117,11 @@ def across_hosts(
                 sets = [s for s in itertools.combinations(offered, size) if {e.host for e in s} == set(combo)]
                 sets.sort(key=lambda s: -sum(e.usable_mib for e in s))
                 for chosen in sets:
-                    rooms = [room for e in chosen for room in e.rooms] + local
-                    found = balanced(shape, runtime, rooms, shape.n_layer + 1, overhead_b)
+                    gpus = [gpu for e in chosen for gpu in e.gpus] + local
+                    found = balanced(shape, runtime, gpus, shape.n_layer + 1, overhead_b)
                     # Every device of a chosen server is one of llama-server's: each needs its entry.
-                    remote_rooms = sum(len(e.rooms) for e in chosen)
-                    if found is not None and sum(1 for d in found.devices if d.endpoint) == remote_rooms:
+                    remote_gpus = sum(len(e.gpus) for e in chosen)
+                    if found is not None and sum(1 for d in found.devices if d.endpoint) == remote_gpus:
                         return found
     return None
 
