@@ -75,7 +75,7 @@ class Manager:
         self.events: deque[Event] = deque(maxlen=_EVENTS_KEPT)
         self._on_event = on_event
         self._subscribers: set[asyncio.Queue[Event]] = set()
-        self.vram = VramGate(settings.gpus, sampler, self.publish)
+        self._vram = VramGate(settings.gpus, sampler, self.publish)
         self._placing = asyncio.Lock()  # one placement at a time: each plans around the last one's claim
         self._planning = PlanningThreads(_PLANNING_THREADS)
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
@@ -97,7 +97,7 @@ class Manager:
             registry=registry,
             log_max_bytes=int(settings.daemon.log_max_mib * 1024 * 1024),
             log_keep=settings.daemon.log_keep,
-            vram=self.vram,
+            vram=self._vram,
             on_event=self.publish,
             writes=self.writes,
             blocked=self._degrader,
@@ -130,7 +130,7 @@ class Manager:
 
     def observe(self, sample: GpuSample) -> None:
         """Every GPU sample: wake what waits for memory, and carry out the thermal guard's verdict."""
-        self.vram.sampled()
+        self._vram.sampled()
         gpus = self.settings.gpus
         on_gpu = self.with_instances(sample).instances
         verdict = thermal.judge(sample, self._hot, on_gpu, gpus.thermal_limit_c, gpus.thermal_action)
@@ -184,7 +184,7 @@ class Manager:
             self._being_placed = instance.name
             try:
                 # plan on the memory a stopped server is giving back, not without it
-                await self.vram.await_vacated(instance.name)
+                await self._vram.await_vacated(instance.name)
                 instance.port = self._port_for(instance)
                 samples, remote = self.sampler.latest(), self._remote(instance)
                 claims = self.lending.claimed_mib(self._others(instance))
@@ -235,7 +235,7 @@ class Manager:
         instance = self.get(name)
         samples, remote = self.sampler.latest(), self._remote(instance)
         held = {i.name: i.placement.claims_mib for i in self._others(instance)}
-        peers_mib = self.lending.claimed_mib(())
+        peers_mib = self.lending.claimed_mib(())  # the peers' claims alone
 
         def plan_without(stopped: Collection[str]) -> Plan:
             back = claims_total(mib for n, mib in held.items() if n in stopped)
