@@ -47,7 +47,7 @@ def planned_launch(model: ModelSettings, devices: int) -> PlannedLaunch:
     )
     gpus = SimBackend(gpu_settings.sim)
     samples = [read_sample(gpus, gpu, processes=False) for gpu in gpus.identities()]
-    placed = Planner(gpu_settings, gpus.identities(), gpus.links()).place("m", model, samples, {})
+    placed = Planner(gpu_settings, gpus.identities(), gpus.links()).place("m", model, model.model, samples, {})
     port = free_port()
     spec = LlamaServerBackend(model).launch_spec(model, port, placed.placement)
     return PlannedLaunch(placed, spec.argv, spec.env, port)

@@ -11,12 +11,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from launcher import replicas
-from launcher.backends import backend_for
+from launcher.backends import backend_for, planned_file, with_command
 from launcher.config import Settings
 from launcher.gpu import open_backend
 from launcher.gpu.base import GpuBackend
 from launcher.gpu.sampler import read_sample
-from launcher.plan.planner import Planner, with_command
+from launcher.plan.planner import Planner
 from launcher.schema import GpuSample, Plan
 from launcher.supervise.ports import pick_free_port
 
@@ -47,12 +47,13 @@ def plan_here(settings: Settings, name: str) -> Plan:
         samples = gpus.read()
         identities, links = gpus.backend.identities(), gpus.backend.links()
     model = replicas.lookup(replicas.expand(settings, [g.index for g in identities]), settings, name)
+    backend = backend_for(model, settings.rpc)
     planner = Planner(settings.gpus, identities, links)
-    plan = planner.plan(name, model, samples, {})
+    plan = planner.plan(name, model, planned_file(backend, model, name), samples, {})
     # The port a start would take: the configured one, or the first free one (a test bind, nothing held).
     port = (
         model.port
         if isinstance(model.port, int)
         else pick_free_port(*settings.daemon.instance_ports, [settings.daemon.port])
     )
-    return with_command(plan, backend_for(model, settings.rpc).launch_spec(model, port, planner.placement(plan)))
+    return with_command(plan, backend.launch_spec(model, port, planner.placement(plan)))

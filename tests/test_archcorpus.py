@@ -29,7 +29,9 @@ def test_every_architecture_is_planned(name: str, scale: int, tmp_path: Path) ->
     gpus = GpuSettings(backend="sim", sim=[SimGpu(name="big", memory_mib=1 << 22)])
     sim = SimBackend(gpus.sim)
     samples = [read_sample(sim, g, processes=False) for g in sim.identities()]
-    plan = Planner(gpus, sim.identities(), sim.links()).plan(name, ModelSettings(model=path, ctx=32768), samples, {})
+    plan = Planner(gpus, sim.identities(), sim.links()).plan(
+        name, ModelSettings(model=path, ctx=32768), path, samples, {}
+    )
     assert plan.fits
     (device,) = plan.devices
     assert device.weights_mib > 0

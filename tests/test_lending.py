@@ -85,8 +85,8 @@ def test_the_sum_adds_each_gpus_claims() -> None:
 
 def test_what_is_claimed_counts_the_instances_passed_in(instances: dict[str, Instance]) -> None:
     a, b = instances["a"], instances["b"]
-    a.placement = replace(a.placement, gpus=(0, 1), claims_mib={0: 300, 1: 100})
-    b.placement = replace(b.placement, gpus=(0,), claims_mib={0: 200})
+    a.placement = replace(a.placement, claims_mib={0: 300, 1: 100})
+    b.placement = replace(b.placement, claims_mib={0: 200})
     lending = Lending(instances, Readings(), _GPUS, lambda _e: None)
     assert lending.claimed_mib([a, b]) == {0: 500, 1: 100}
     assert lending.claimed_mib([b]) == {0: 200}
@@ -97,7 +97,7 @@ def test_what_may_be_lent_is_each_readable_gpu_less_the_margin_and_its_reserve(
     instances: dict[str, Instance],
 ) -> None:
     a = instances["a"]
-    a.placement = replace(a.placement, gpus=(0,), claims_mib={0: 300})  # not started: not counted
+    a.placement = replace(a.placement, claims_mib={0: 300})  # not started: not counted
     readings = Readings(_sample(0, 900), _sample(1, 1000), _sample(2, 1000, error="the driver is not answering"))
     lending = Lending(instances, readings, _GPUS, lambda _e: None)
     assert lending.usable_mib() == {0: 885, 1: 990}

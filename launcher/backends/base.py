@@ -1,4 +1,5 @@
-"""The server seam: argv and environment from a model and its placement, and a readiness probe."""
+"""The server seam: argv and environment from a model and its placement (the GPUs the child sees
+included), the model file the planner reads, and a readiness probe."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import httpx
 
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
+from launcher.gpu import visibility_env
 from launcher.plan.gguf import ModelFileError, regular_problem
 from launcher.plan.placement import Placement
+from launcher.schema import Plan
 
 # Variables that belong to the daemon's own relationship with systemd, never to a child: a child that
 # inherits NOTIFY_SOCKET can tell systemd the daemon is ready or stopping (or feed its watchdog), and one
@@ -79,9 +82,12 @@ class ServerBackend(Protocol):
         ...
 
 
-def child_environment(*layers: Mapping[str, str]) -> dict[str, str]:
-    """The daemon's environment less what belongs to the daemon alone, with ``layers`` applied in order."""
+def child_environment(placement: Placement, *layers: Mapping[str, str]) -> dict[str, str]:
+    """The daemon's environment less what belongs to the daemon alone, then the variables that show the
+    child exactly the GPUs of ``placement`` in its order, then ``layers`` applied in order (a model's own
+    `env:` last, so the user has the last word)."""
     env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}
+    env.update(visibility_env(placement.devices))
     for layer in layers:
         env.update(layer)
     return env
@@ -101,3 +107,17 @@ def configured_binary(path: Path, what: str) -> Path:
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise ConfigError(f"{what} binary {path} does not exist or is not executable")
     return path
+
+
+def planned_file(backend: ServerBackend, model: ModelSettings, name: str) -> Path | None:
+    """The model file the planner reads, once ``backend`` has checked that the model can be there
+    (ConfigError, ModelFileError when not). None: there is no file to read (an rpc-server, or an Ollama
+    model planned by its `ollama.size_mib`). It reads the disk: call it off the event loop."""
+    backend.check_model(model, name)
+    return backend.model_file(model)
+
+
+def with_command(plan: Plan, spec: LaunchSpec) -> Plan:
+    """The plan with the exact command line and the environment the launcher sets (what differs from its own)."""
+    env = {k: v for k, v in spec.env.items() if os.environ.get(k) != v}
+    return plan.model_copy(update={"command": spec.argv, "env": env})

@@ -89,7 +89,7 @@ class LlamaServerBackend:
             # The plan decided layers and context; --fit (on by default) would re-decide at load time.
             argv += ["--fit", "off"]
         argv += model.args
-        return LaunchSpec(argv=argv, env=child_environment(placement.env, model.env))
+        return LaunchSpec(argv=argv, env=child_environment(placement, model.env))
 
     async def is_ready(self, client: httpx.AsyncClient, port: int, timeout_s: float) -> bool:
         # 503 while the model loads, 200 once it can serve.

@@ -102,7 +102,7 @@ class OllamaBackend:
         }
         env |= {key: str(value) for key, value in optional.items() if value is not None}
         argv = [str(self.binary(model)), "serve", *model.args]
-        return LaunchSpec(argv=argv, env=child_environment(placement.env, env, model.env))
+        return LaunchSpec(argv=argv, env=child_environment(placement, env, model.env))
 
     async def _get(self, client: httpx.AsyncClient, port: int, path: str, timeout_s: float) -> Any:
         try:

@@ -61,7 +61,7 @@ class RpcServerBackend:
 
     def launch_spec(self, model: ModelSettings, port: int, placement: Placement) -> LaunchSpec:
         argv = [str(self.binary(model)), "--host", self.listen, "--port", str(port), *model.args]
-        return LaunchSpec(argv=argv, env=child_environment(placement.env, model.env))
+        return LaunchSpec(argv=argv, env=child_environment(placement, model.env))
 
     async def is_ready(self, client: httpx.AsyncClient, port: int, timeout_s: float) -> bool:
         hello = await say_hello(self.listen, port, timeout_s)

@@ -1,20 +1,18 @@
-"""The placement seam: a plan for a model given GPU samples and the other instances' claims, and the
-`Placement` a server is launched with, or a refusal. Nothing here runs or records a process, so both the
-daemon (off its event loop) and a command that only reads (`launcher plan` without a daemon) use it.
+"""The planning seam: a plan for a model given its file, GPU samples and the other instances' claims, and
+the `Placement` a server is launched with, or a refusal. Nothing here runs or records a process or asks a
+server backend anything: the caller hands in the model file its backend found, so both the daemon (off
+its event loop) and a command that only reads (`launcher plan` without a daemon) use it.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.backends import LaunchSpec, model_backend
 from launcher.config import GpuSettings, ModelSettings
 from launcher.errors import ConfigError, StartError
-from launcher.gpu import visibility_env
 from launcher.gpu.types import GpuIdentity, Link
 from launcher.plan.estimate import ModelShape, size_only
 from launcher.plan.gguf import ModelFileError, read_gguf, regular_problem
@@ -74,23 +72,22 @@ class Planner:
         self,
         name: str,
         model: ModelSettings,
+        model_file: Path | None,
         samples: Sequence[GpuSample],
         claims: Mapping[int, int],
         remote: Remote = NO_REMOTE,
     ) -> Plan:
         """The plan for ``model`` against ``samples``, around the MiB per GPU that ``claims`` hold, also
-        over the peers' endpoints in ``remote`` when the model's `hosts:` allows them."""
-        if model.backend == "rpc-server":  # no model: the GPUs it lends
-            self._check_gpu_refs(name, model)
-            return lending_plan(name, model, samples, claims, self._gpus)
-        backend = model_backend(model)
-        backend.check_model(model, name)
+        over the peers' endpoints in ``remote`` when the model's `hosts:` allows them. ``model_file`` is
+        the GGUF file its backend found (backends.planned_file), None for an rpc-server, which has no
+        model, and for an Ollama model that is planned by its configured `ollama.size_mib`."""
         self._check_gpu_refs(name, model)
-        found = backend.model_file(model)
-        if found is not None:
-            stat = found.stat()
-            shape = _model_shape(found, stat.st_mtime_ns, stat.st_size)
-        else:  # checked above: a size is configured
+        if model.backend == "rpc-server":  # no model: the GPUs it lends
+            return lending_plan(name, model, samples, claims, self._gpus)
+        if model_file is not None:
+            stat = model_file.stat()
+            shape = _model_shape(model_file, stat.st_mtime_ns, stat.st_size)
+        else:  # the backend checked that a size is configured
             shape = size_only((model.ollama.size_mib or 0) * 1024 * 1024)
         projector = projector_bytes(model) if model.backend == "llama-server" else 0
         return make_plan(name, model, shape, samples, self._links, claims, self._gpus, projector, remote)
@@ -99,12 +96,13 @@ class Planner:
         self,
         name: str,
         model: ModelSettings,
+        model_file: Path | None,
         samples: Sequence[GpuSample],
         claims: Mapping[int, int],
         remote: Remote = NO_REMOTE,
     ) -> Placed:
         """The plan and placement of a start, or StartError with the numbers and the ways out."""
-        plan = self.plan(name, model, samples, claims, remote)
+        plan = self.plan(name, model, model_file, samples, claims, remote)
         if not plan.fits:
             raise StartError(plan.reason or f"{name} does not fit", hint="; ".join(plan.suggestions) or None)
         return Placed(plan, self.placement(plan))
@@ -117,9 +115,8 @@ class Planner:
         return Placement(
             gpu_layers=plan.gpu_layers,
             tensor_split=tuple(plan.tensor_split),
-            gpus=tuple(local),
+            devices=tuple(by_index[index] for index in local),
             claims_mib=plan.claims_mib,
-            env=visibility_env([by_index[index] for index in local]),
             rpc=tuple(dict.fromkeys(d.endpoint for d in plan.devices if d.endpoint is not None)),
         )
 
@@ -144,9 +141,3 @@ def freed(samples: Sequence[GpuSample], back_mib: Mapping[int, int]) -> list[Gpu
         else s
         for s in samples
     ]
-
-
-def with_command(plan: Plan, spec: LaunchSpec) -> Plan:
-    """The plan with the exact command line and the environment the launcher sets (what differs from its own)."""
-    env = {k: v for k, v in spec.env.items() if os.environ.get(k) != v}
-    return plan.model_copy(update={"command": spec.argv, "env": env})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections import deque
 from collections.abc import Callable, Collection, Coroutine
 from pathlib import Path
@@ -19,12 +18,12 @@ from typing import Any, TypeVar
 import httpx
 
 from launcher import replicas
-from launcher.backends import backend_for
+from launcher.backends import backend_for, planned_file, with_command
 from launcher.config import Settings
 from launcher.errors import LauncherError
 from launcher.gpu.sampler import Sampler
 from launcher.plan.gguf import ModelFileError
-from launcher.plan.planner import Planner, freed, with_command
+from launcher.plan.planner import Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
 from launcher.schema import Event, GpuSample, InstanceStatus, Plan, State
@@ -188,10 +187,13 @@ class Manager:
                 instance.port = self._port_for(instance)
                 samples, remote = self.sampler.latest(), self._remote(instance)
                 claims = self.lending.claimed_mib(self._others(instance))
+
+                def place() -> Placed:
+                    found = planned_file(instance.backend, instance.settings, instance.name)
+                    return self.planner.place(instance.name, instance.settings, found, samples, claims, remote)
+
                 try:
-                    placed = await self._planning.run(
-                        functools.partial(self.planner.place, instance.name, instance.settings, samples, claims, remote)
-                    )
+                    placed = await self._planning.run(place)
                 except ModelFileError as exc:  # the caller hears it; the instance shows it
                     instance.record_refusal(exc)
                     raise
@@ -218,9 +220,12 @@ class Manager:
             return with_command(instance.plan, instance.spec)  # the command its run was started with
         samples, remote = self.sampler.latest(), self._remote(instance)
         claims = self.lending.claimed_mib(self._others(instance))
-        plan = await self._planning.run(
-            functools.partial(self.planner.plan, name, instance.settings, samples, claims, remote), key=name
-        )
+
+        def make() -> Plan:
+            found = planned_file(instance.backend, instance.settings, name)
+            return self.planner.plan(name, instance.settings, found, samples, claims, remote)
+
+        plan = await self._planning.run(make, key=name)
         spec = instance.backend.launch_spec(instance.settings, self._port_for(instance), self.planner.placement(plan))
         return with_command(plan, spec)
 
@@ -240,7 +245,8 @@ class Manager:
         def plan_without(stopped: Collection[str]) -> Plan:
             back = claims_total(mib for n, mib in held.items() if n in stopped)
             kept = claims_total([*(mib for n, mib in held.items() if n not in stopped), peers_mib])
-            return self.planner.plan(name, instance.settings, freed(samples, back), kept, remote)
+            found = planned_file(instance.backend, instance.settings, name)
+            return self.planner.plan(name, instance.settings, found, freed(samples, back), kept, remote)
 
         return plan_without
 
