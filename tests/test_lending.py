@@ -22,23 +22,9 @@ from launcher.supervise.lending import Lending, claims_total
 from launcher.supervise.owner import StateDirLock
 from launcher.supervise.vram import VramGate
 from launcher.supervise.writes import StateWrites
-from tests.conftest import ConfigWriter
+from tests.conftest import ConfigWriter, gpu_sample
 
 _GPUS = GpuSettings(margin_mib=10, reserve_mib={0: 5})
-
-
-def _sample(index: int, free_mib: int, error: str | None = None) -> GpuSample:
-    return GpuSample(
-        index=index,
-        uuid=f"GPU-{index}",
-        name="Stand-in",
-        pci_bus_id=None,
-        vendor="sim",
-        time=1.0,
-        memory_total_mib=1000,
-        memory_free_mib=free_mib,
-        error=error,
-    )
 
 
 class Readings:
@@ -98,13 +84,15 @@ def test_what_may_be_lent_is_each_readable_gpu_less_the_margin_and_its_reserve(
 ) -> None:
     a = instances["a"]
     a.placement = replace(a.placement, claims_mib={0: 300})  # not started: not counted
-    readings = Readings(_sample(0, 900), _sample(1, 1000), _sample(2, 1000, error="the driver is not answering"))
+    readings = Readings(
+        gpu_sample(0, 900), gpu_sample(1, 1000), gpu_sample(2, 1000, error="the driver is not answering")
+    )
     lending = Lending(instances, readings, _GPUS, lambda _e: None)
     assert lending.usable_mib() == {0: 885, 1: 990}
 
 
 def test_a_claim_needs_a_ready_rpc_server_at_its_endpoint(instances: dict[str, Instance]) -> None:
-    lending = Lending(instances, Readings(_sample(0, 1000)), _GPUS, lambda _e: None)
+    lending = Lending(instances, Readings(gpu_sample(0, 1000)), _GPUS, lambda _e: None)
     assert lending.endpoint_gpus() == {}  # llama-servers lend nothing
     request = ClaimRequest(
         holder="http://b:8400#big", endpoint="h:1", devices=[ClaimDevice(gpu=0, memory_mib=1)], ttl_s=5

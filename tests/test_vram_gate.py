@@ -9,21 +9,9 @@ from collections.abc import Iterable
 from launcher.config import GpuSettings
 from launcher.schema import Event, GpuSample
 from launcher.supervise.vram import VramGate
+from tests.conftest import gpu_sample
 
 _ENDED_AT = 100.0  # the gate's clock (epoch seconds) when a server ends in these tests
-
-
-def _sample(index: int, free_mib: int, time: float) -> GpuSample:
-    return GpuSample(
-        index=index,
-        uuid=f"GPU-{index}",
-        name="Stand-in",
-        pci_bus_id=None,
-        vendor="sim",
-        time=time,
-        memory_total_mib=1000,
-        memory_free_mib=free_mib,
-    )
 
 
 class Readings:
@@ -67,13 +55,13 @@ def _gate(readings: Readings, told: Told, vram_wait_s: float = 30.0) -> VramGate
 
 
 async def test_memory_that_is_free_with_the_margin_and_reserve_lets_a_start_through_at_once() -> None:
-    readings, told = Readings(_sample(0, 115, time=1.0)), Told()
+    readings, told = Readings(gpu_sample(0, 115, time=1.0)), Told()
     await _gate(readings, told).await_vram({0: 100}, "a")
     assert told.messages == [] and readings.reads == []
 
 
 async def test_a_wait_that_is_not_met_ends_at_its_bound_and_says_so() -> None:
-    readings, told = Readings(_sample(0, 114, time=1.0)), Told()  # one MiB short of 100 + 10 + 5
+    readings, told = Readings(gpu_sample(0, 114, time=1.0)), Told()  # one MiB short of 100 + 10 + 5
     await _gate(readings, told, vram_wait_s=0).await_vram({0: 100}, "a")
     assert told.messages == [
         "a: waiting for memory to come back on GPU 0 (114 of 115 MiB free)",
@@ -83,8 +71,8 @@ async def test_a_wait_that_is_not_met_ends_at_its_bound_and_says_so() -> None:
 
 async def test_after_a_server_ended_only_a_reading_taken_since_counts() -> None:
     # Read before the server ended: it shows the memory free that the server was still holding.
-    readings, told = Readings(_sample(0, 900, time=_ENDED_AT - 1)), Told()
-    readings.queued[0] = _sample(0, 600, time=_ENDED_AT + 1)
+    readings, told = Readings(gpu_sample(0, 900, time=_ENDED_AT - 1)), Told()
+    readings.queued[0] = gpu_sample(0, 600, time=_ENDED_AT + 1)
     gate = _gate(readings, told)
     gate.vacated({0: 500})
     await gate.await_vram({0: 500}, "b")
@@ -92,8 +80,8 @@ async def test_after_a_server_ended_only_a_reading_taken_since_counts() -> None:
     assert told.messages == ["b: waiting for memory to come back on GPU 0 (no reading since)"]
 
 
-async def test_a_wait_looks_again_at_each_sample() -> None:
-    readings, told = Readings(_sample(0, 100, time=1.0)), Told()
+async def test_a_wait_looks_again_at_eachgpu_sample() -> None:
+    readings, told = Readings(gpu_sample(0, 100, time=1.0)), Told()
     gate = _gate(readings, told)
     waiting = asyncio.create_task(gate.await_vram({0: 500}, "c"))
     await asyncio.wait_for(told.waiting.wait(), 5)
@@ -101,7 +89,7 @@ async def test_a_wait_looks_again_at_each_sample() -> None:
     gate.sampled()  # a sample that still shows too little: it looks, and waits on
     await asyncio.wait_for(readings.looked.wait(), 5)
     assert not waiting.done()
-    readings.samples[0] = _sample(0, 515, time=2.0)
+    readings.samples[0] = gpu_sample(0, 515, time=2.0)
     gate.sampled()
     await asyncio.wait_for(waiting, 5)
     assert told.messages == ["c: waiting for memory to come back on GPU 0 (100 of 515 MiB free)"]
@@ -109,8 +97,8 @@ async def test_a_wait_looks_again_at_each_sample() -> None:
 
 
 async def test_a_placement_waits_for_what_ended_servers_held_once() -> None:
-    readings, told = Readings(_sample(0, 1000, time=_ENDED_AT - 1)), Told()
-    readings.queued[0] = _sample(0, 415, time=_ENDED_AT + 1)
+    readings, told = Readings(gpu_sample(0, 1000, time=_ENDED_AT - 1)), Told()
+    readings.queued[0] = gpu_sample(0, 415, time=_ENDED_AT + 1)
     gate = _gate(readings, told)
     await gate.await_vacated("d")  # nothing ended: nothing to wait for
     assert readings.reads == [] and told.messages == []
