@@ -20,22 +20,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from launcher.cli_output import as_json, format_gpus, format_peer_models, format_plan, format_statuses
+from launcher.cli_progress import ProgressPrinter, all_ready, ready_report
 from launcher.client import DaemonClient
 from launcher.config import DaemonSettings, Settings
 from launcher.config_file import default_settings, load_daemon_settings, load_settings, read_token
 from launcher.errors import ConfigError, ConflictError, LauncherError
-from launcher.progress import (
-    ProgressPrinter,
-    all_ready,
-    as_json,
-    format_gpus,
-    format_peer_models,
-    format_plan,
-    format_statuses,
-    ready_report,
-)
 from launcher.schema import GpuSample, InstanceStatus
-from launcher.supervise.owner import read_owner, unanswered
+from launcher.statedir.layout import StateDir
+from launcher.statedir.owner import read_owner, unanswered
 
 # A tiny model is ready 50 ms after its start: look often at first, then every 100 ms (a request on the
 # kept-alive connection costs about a millisecond).
@@ -234,11 +227,11 @@ def cmd_logs(ctx: Context) -> int:
         for line in client.log_lines(ctx.args.name, ctx.args.lines, ctx.args.follow):
             print(line, flush=True)
         return 0
-    from launcher.supervise import logs  # asyncio: only the commands that read log files need it
+    from launcher.statedir import logs  # asyncio: only the commands that read log files need it
 
     settings = ctx.settings()
     settings.model(ctx.args.name.partition("@")[0])
-    path = settings.daemon.state_dir / "logs" / f"{ctx.args.name}.log"
+    path = StateDir(settings.daemon.state_dir).server_log(ctx.args.name)
     for line in logs.tail(path, ctx.args.lines):
         print(line)
     if ctx.args.follow:
@@ -249,7 +242,7 @@ def cmd_logs(ctx: Context) -> int:
 
 
 async def _follow_file(path: Path) -> None:
-    from launcher.supervise import logs
+    from launcher.statedir import logs
 
     async for line in logs.follow(path):
         print(line, flush=True)
@@ -280,7 +273,7 @@ def _report_ready(ctx: Context, statuses: list[InstanceStatus], through: str) ->
 
 def _start_background_daemon(settings: Settings, client: DaemonClient) -> DaemonClient:
     assert settings.source is not None
-    log_path = settings.daemon.state_dir / "daemon.log"
+    log_path = StateDir(settings.daemon.state_dir).daemon_log
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "launcher", "--config", str(settings.source), "serve", "--no-autostart"]
     with log_path.open("ab") as log:
@@ -290,7 +283,7 @@ def _start_background_daemon(settings: Settings, client: DaemonClient) -> Daemon
     deadline = time.monotonic() + _DAEMON_START_TIMEOUT_S
     while not client.reachable():
         if proc.poll() is not None or time.monotonic() > deadline:
-            from launcher.supervise import logs
+            from launcher.statedir import logs
 
             last = logs.last_line(log_path) or "no output"
             raise LauncherError(f"the background daemon did not start: {last}", hint=f"see {log_path}")

@@ -36,7 +36,7 @@ from launcher.plan.gguf import GgufFile, ModelFileError, read_gguf, regular_prob
 from launcher.rpc.sockets import sockets_on
 from launcher.schema import GpuSample
 from launcher.server_args import GPU_LAYERS, MMPROJ, TENSOR_SPLIT, arg_value, tensor_split
-from launcher.supervise.owner import read_owner, unanswered
+from launcher.statedir.owner import read_owner, unanswered
 from launcher.supervise.ports import port_holder, port_is_free
 from launcher.supervise.process import pdeathsig_prefix
 

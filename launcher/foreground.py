@@ -8,9 +8,10 @@ import asyncio
 import sys
 from typing import Any
 
+from launcher.cli_output import as_json
+from launcher.cli_progress import ProgressPrinter, all_ready, ready_report
 from launcher.config import Settings
 from launcher.daemon import Daemon
-from launcher.progress import ProgressPrinter, all_ready, as_json, ready_report
 from launcher.schema import Event, InstanceStatus
 from launcher.supervise.manager import Manager
 

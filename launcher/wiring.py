@@ -31,9 +31,9 @@ from launcher.route.proxy import Upstream
 from launcher.route.router import Router
 from launcher.rpc.peers import Peers
 from launcher.schema import Event
+from launcher.statedir.owner import StateDirLock
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.manager import Manager
-from launcher.supervise.owner import StateDirLock
 from launcher.supervise.ports import port_holder
 
 
@@ -103,8 +103,7 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
         registry = ChildRegistry(lock)
         leftovers = registry.clean_leftovers()
         sampler, gpu_backend = open_sampler(settings)
-        log_dir = lock.state_dir / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
+        lock.state_dir.logs_dir.mkdir(parents=True, exist_ok=True)
         async with httpx.AsyncClient() as http:
             planner = Planner(settings.gpus, sampler.identities, sampler.links)
             peers = Peers(settings) if settings.peers else None
@@ -114,7 +113,7 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
                 registry=registry,
                 planner=planner,
                 http=http,
-                log_dir=log_dir,
+                state_dir=lock.state_dir,
                 on_event=on_event,
                 peers=peers,
             )

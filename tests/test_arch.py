@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.cli_output import format_plan
 from launcher.config import GpuSettings, ModelSettings
 from launcher.plan.arch import RULES, StateWidths, kv_layers, recurrent_layers, rule_of, sliding_window, state_widths
 from launcher.plan.estimate import MIB, ModelShape, Runtime, context_cells, kv_bytes, window_cells
@@ -14,7 +15,6 @@ from launcher.plan.gguf import read_gguf
 from launcher.plan.model_plan import make_plan
 from launcher.plan.planner import projector_bytes
 from launcher.plan.runtime import not_modelled, runtime_for
-from launcher.progress import format_plan
 from launcher.tinymodel import TinyShape, write_tiny_llama
 from tests.archmodels import write_gemma3, write_mamba, write_qwen3moe, write_unknown_architecture
 from tests.test_planner import gpu, plan

@@ -102,7 +102,7 @@ def test_the_api_reference_is_a_real_daemons_document(leaves_no_process: str, mo
 
 def test_the_layout_lists_every_subpackage() -> None:
     layout = layout_reference()
-    for package in ("api", "gpu", "plan", "route", "rpc", "supervise"):
+    for package in ("api", "gpu", "plan", "route", "rpc", "statedir", "supervise"):
         assert re.search(rf"^\| `launcher/{package}/` \| \S", layout, re.MULTILINE), package
 
 

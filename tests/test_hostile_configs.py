@@ -14,8 +14,8 @@ import pytest
 
 from launcher.config_file import load_settings
 from launcher.errors import ConfigError
+from launcher.statedir.owner import StateDirLock
 from launcher.supervise.leftovers import ChildRegistry
-from launcher.supervise.owner import StateDirLock
 from tests.conftest import ConfigWriter, Daemon, free_port, run_cli, write_secret
 
 TOO_DEEP = "nested more than 64 deep, which no configuration needs"

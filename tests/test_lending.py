@@ -16,10 +16,10 @@ from launcher.config import GpuSettings
 from launcher.config_file import load_settings
 from launcher.errors import NotFoundError
 from launcher.schema import ClaimDevice, ClaimRequest, Event, GpuSample, RpcReport
+from launcher.statedir.owner import StateDirLock
 from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
-from launcher.supervise.owner import StateDirLock
 from launcher.supervise.vram import VramGate
 from launcher.supervise.writes import StateWrites
 from tests.conftest import ConfigWriter, gpu_sample
@@ -48,7 +48,7 @@ async def instances(tmp_path: Path, write_config: ConfigWriter) -> AsyncIterator
         async with httpx.AsyncClient() as http:
             parts = DaemonParts(
                 http=http,
-                log_dir=tmp_path,
+                state_dir=lock.state_dir,
                 registry=ChildRegistry(lock),
                 log_max_bytes=2**20,
                 log_keep=1,

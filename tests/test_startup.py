@@ -17,7 +17,7 @@ from launcher.errors import StartError
 from launcher.gpu.sampler import Sampler, open_sampler
 from launcher.gpu.sim import Hold, SimBackend
 from launcher.schema import State
-from launcher.supervise.owner import read_owner
+from launcher.statedir.owner import read_owner
 from tests.conftest import ConfigWriter, OpenManager, run_cli
 
 SIM = {"backend": "sim", "sim": [{"name": "Sim", "memory_mib": 24576}]}

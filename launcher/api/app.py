@@ -41,7 +41,7 @@ from launcher.schema import (
     RpcClaim,
     RpcReport,
 )
-from launcher.supervise import logs
+from launcher.statedir import logs
 from launcher.supervise.manager import Manager
 
 Responses = dict[int | str, dict[str, Any]]

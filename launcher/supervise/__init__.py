@@ -2,8 +2,8 @@
 lifecycle (instance.py), all of them (manager.py), and beside them: the restart policy (policy.py), the
 moves between states (transitions.py), a server's last words (server_errors.py) and the thermal guard's
 verdict (thermal.py), all four pure;
-the state directory's lock and owner record (owner.py), the child registry (leftovers.py), the per-instance
-logs (logs.py), failed writes to the state directory counted (writes.py), ports (ports.py), planning in
-bounded threads (planning.py), failover's verdicts carried out (degrade.py), what `GET /rpc` reports of
-this host's rpc-servers (rpc_report.py), the GPU memory a start waits for (vram.py), and what this host's
-GPUs hold and lend to peers (lending.py)."""
+the servers an earlier daemon left running, stopped (leftovers.py; the files are launcher/statedir's),
+failed writes to the state directory counted (writes.py), ports (ports.py), planning in bounded threads
+(planning.py), failover's verdicts carried out (degrade.py), what `GET /rpc` reports of this host's
+rpc-servers (rpc_report.py), the GPU memory a start waits for (vram.py), and what this host's GPUs hold
+and lend to peers (lending.py)."""

@@ -23,7 +23,8 @@ from launcher.config import ModelSettings
 from launcher.errors import ConflictError, LauncherError
 from launcher.plan.placement import Placement
 from launcher.schema import Event, InstanceStatus, Plan, State
-from launcher.supervise import logs
+from launcher.statedir import logs
+from launcher.statedir.layout import StateDir
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
 from launcher.supervise.policy import RestartPolicy, StartFailure
 from launcher.supervise.ports import ensure_port_free
@@ -54,7 +55,7 @@ class DaemonParts:
     """The parts of the daemon every instance uses, handed over when it is made."""
 
     http: httpx.AsyncClient
-    log_dir: Path
+    state_dir: StateDir
     registry: ChildRegistry
     log_max_bytes: int
     log_keep: int
@@ -75,7 +76,7 @@ class Instance:
         self.group = group or name
         self.settings = settings
         self.backend = backend
-        self.log_path = parts.log_dir / f"{name}.log"
+        self.log_path = parts.state_dir.server_log(name)
         self.port: int | None = settings.port if isinstance(settings.port, int) else None
         self.placement = Placement()
         self.plan: Plan | None = None  # the plan of the current (or last) start

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable, Collection, Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -27,6 +26,7 @@ from launcher.plan.planner import Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
 from launcher.schema import Event, GpuSample, InstanceStatus, Plan, State
+from launcher.statedir.layout import StateDir
 from launcher.supervise import thermal
 from launcher.supervise.degrade import Degrader
 from launcher.supervise.instance import DaemonParts, Instance
@@ -57,7 +57,7 @@ class Manager:
         registry: ChildRegistry,
         planner: Planner,
         http: httpx.AsyncClient,
-        log_dir: Path,
+        state_dir: StateDir,
         on_event: Callable[[Event], None] = lambda _e: None,
         peers: Peers | None = None,
     ) -> None:
@@ -92,7 +92,7 @@ class Manager:
         self.lending = Lending(self.instances, sampler, settings.gpus, self.publish)
         parts = DaemonParts(
             http=http,
-            log_dir=log_dir,
+            state_dir=state_dir,
             registry=registry,
             log_max_bytes=int(settings.daemon.log_max_mib * 1024 * 1024),
             log_keep=settings.daemon.log_keep,

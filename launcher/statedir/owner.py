@@ -1,6 +1,6 @@
 """One owner per state directory: the serving daemon holds an exclusive lock on STATE_DIR itself and on
-STATE_DIR/daemon.lock for its whole life, and only the holder cleans leftovers or spawns servers (a
-`ChildRegistry` needs the lock).
+its lock file (STATE_DIR/daemon.lock, layout.py) for its whole life, and only the holder cleans leftovers
+or spawns servers (the children file, children.py, needs the lock).
 
 flock(2) belongs to the open file and dies with the process, so a daemon killed with SIGKILL never blocks
 the next one. The lock on the directory is what deleting a file cannot break: with daemon.lock deleted, a
@@ -21,8 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launcher.errors import ConfigError, LauncherError
-
-LOCK_NAME = "daemon.lock"
+from launcher.statedir.layout import StateDir
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class OwnedError(LauncherError):
 def read_owner(state_dir: Path) -> Owner | None:
     """The daemon that holds ``state_dir`` now, or None. Reads only: no lock is taken, nothing is written."""
     try:
-        owner = Owner(**json.loads((state_dir / LOCK_NAME).read_text()))
+        owner = Owner(**json.loads(StateDir(state_dir).lock_file.read_text()))
     except (OSError, ValueError, TypeError):
         return None  # no daemon ever ran here, one is writing the file this instant, or it was not ours
     import psutil  # only when no daemon answered: not on the path of every command
@@ -60,7 +59,7 @@ class StateDirLock:
     """Proof of ownership of a state directory, held until `release` or the process's end."""
 
     def __init__(self, state_dir: Path, fds: list[int]) -> None:
-        self.state_dir = state_dir
+        self.state_dir = StateDir(state_dir)  # its files: only the holder of the lock may write them
         self._fds = fds  # the directory's (where it could be locked), then daemon.lock's
 
     @classmethod
@@ -74,7 +73,7 @@ class StateDirLock:
                 if not _lock(fds[0], state_dir, required=False):
                     os.close(fds.pop())
                 # The directory first: a daemon refused there creates no daemon.lock in place of a deleted one.
-                fds.append(os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                fds.append(os.open(StateDir(state_dir).lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
                 _lock(fds[-1], state_dir, required=True)
                 os.ftruncate(fds[-1], 0)
                 os.pwrite(fds[-1], json.dumps(asdict(_me(url))).encode(), 0)

@@ -1,0 +1,39 @@
+"""Where each file of a state directory is: the one place its layout is spelled.
+
+STATE_DIR/daemon.lock      the owner record, locked by the daemon that owns the directory (owner.py)
+STATE_DIR/children.json    the servers that daemon runs (children.py)
+STATE_DIR/logs/NAME.log    each instance's server output, NAME.log.1.. its rotated copies (logs.py)
+STATE_DIR/daemon.log       the output of a daemon `launcher up --detach` started in the background
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StateDir:
+    """A state directory's files, by what they hold. Naming a path creates nothing."""
+
+    root: Path
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "daemon.lock"
+
+    @property
+    def children_file(self) -> Path:
+        return self.root / "children.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def server_log(self, instance: str) -> Path:
+        """The log file of the instance ``instance`` (a configured name, checked to be a file name)."""
+        return self.logs_dir / f"{instance}.log"
+
+    @property
+    def daemon_log(self) -> Path:
+        return self.root / "daemon.log"
