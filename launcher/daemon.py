@@ -194,7 +194,7 @@ def rest_api(
         table=wired.table,
         sampler=wired.sampler,
         peer_reader=wired.peers,
-        claims=wired.claims,
+        lending=wired.lending,
         event_bus=wired.events,
         router=wired.router,
         token=token,

@@ -56,4 +56,4 @@ def plan_here(settings: Settings, name: str) -> Plan:
         if isinstance(model.port, int)
         else pick_free_port(*settings.daemon.instance_ports, [settings.daemon.port])
     )
-    return with_command(plan, backend, model, port, planner.placement(plan))
+    return with_command(plan, backend.launch_spec(model, port, planner.placement(plan)))

@@ -1,7 +1,7 @@
 """The daemon's parts, wired in one place: the state directory's lock, the leftover cleanup, the child
 registry, the event bus, the instance table, the peers' claims on this host, the GPU sampler, the log
-directory, the HTTP client, the planner, the peers, the manager and the front door's router; and the
-API's listening socket.
+directory, what this host lends, the HTTP client, the planner, the peers, the manager and the front door's
+router; and the API's listening socket.
 
 Each part is given what it needs when it is made (`supervision` makes them in that order, each from those
 before it); none is changed afterwards. What several parts share about the instances is the instance table
@@ -42,7 +42,8 @@ from launcher.rpc.peers import Peers
 from launcher.schema import Event
 from launcher.statedir.owner import StateDirLock
 from launcher.supervise.leftovers import ChildRegistry
-from launcher.supervise.manager import Manager, claimed_mib
+from launcher.supervise.lending import Lending, held_mib
+from launcher.supervise.manager import Manager
 from launcher.supervise.ports import port_holder
 from launcher.supervise.table import InstanceTable
 
@@ -110,7 +111,7 @@ class Wired:
     events: Bus[Event]
     sampler: Sampler
     peers: Peers | None
-    claims: ClaimBook
+    lending: Lending
     gpu_backend: str  # which GPU backend and why
 
 
@@ -130,8 +131,9 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
             on_expired=lambda r: events.publish(Event.now("peer", f"the claim of {r.holder} on {r.endpoint} lapsed"))
         )
         # Simulated GPUs show as used what our servers and the peers' claims hold.
-        sampler, gpu_backend = open_sampler(settings, partial(claimed_mib, table, claims))
+        sampler, gpu_backend = open_sampler(settings, partial(held_mib, table.instances, claims))
         lock.state_dir.logs_dir.mkdir(parents=True, exist_ok=True)
+        lending = Lending(table.instances, sampler, settings.gpus, claims)
         async with httpx.AsyncClient() as http:
             planner = Planner(settings.gpus, sampler.identities, sampler.links)
             peers = Peers(settings, events=events, active=table.active_names) if settings.peers else None
@@ -144,7 +146,7 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
                 planner=planner,
                 http=http,
                 state_dir=lock.state_dir,
-                claims=claims,
+                lending=lending,
                 peers=peers,
             )
             sampler.subscribe(manager.observe)
@@ -158,7 +160,7 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
                     settings, manager=manager, table=table, events=events, peers=peers, http=http, upstream=Upstream()
                 )
                 async with router:
-                    yield Wired(manager, router, table, events, sampler, peers, claims, gpu_backend)
+                    yield Wired(manager, router, table, events, sampler, peers, lending, gpu_backend)
             finally:
                 await manager.stop_all()
                 if peers is not None:

@@ -29,6 +29,7 @@ from launcher.backends.llama_server import find_llama_server
 from launcher.config import DaemonSettings, Settings
 from launcher.config_file import load_settings
 from launcher.config_yaml import dump_config_yaml
+from launcher.schema import GpuSample
 from launcher.supervise.manager import Manager
 from launcher.tinymodel import write_tiny_llama
 from launcher.wiring import Wired, supervision
@@ -166,6 +167,21 @@ def stop_process(proc: subprocess.Popen[str], sig: signal.Signals = signal.SIGTE
 
 READY_TIMEOUT_S = 60
 T = TypeVar("T")
+
+
+def gpu_sample(index: int, free_mib: int, *, time: float = 1.0, error: str | None = None) -> GpuSample:
+    """A reading of a 1000 MiB stand-in GPU with ``free_mib`` free, taken at ``time`` (epoch seconds)."""
+    return GpuSample(
+        index=index,
+        uuid=f"GPU-{index}",
+        name="Stand-in",
+        pci_bus_id=None,
+        vendor="sim",
+        time=time,
+        memory_total_mib=1000,
+        memory_free_mib=free_mib,
+        error=error,
+    )
 
 
 def poll_until(fetch: Callable[[], T], predicate: Callable[[T], bool], what: str, timeout_s: float) -> T:

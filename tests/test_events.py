@@ -43,7 +43,7 @@ async def test_the_wired_parts_carry_no_hook_to_set(write_config: ConfigWriter, 
     gpus = {"backend": "sim", "sim": [{"name": "Sim", "memory_mib": 8192}]}
     wired = await open_wired(load_settings(write_config(gpus=gpus, peers=[peer])))
     assert wired.peers is not None
-    parts = [wired.manager, wired.router, wired.sampler, wired.sampler.backend, wired.peers, wired.claims]
+    parts = [wired.manager, wired.router, wired.sampler, wired.sampler.backend, wired.peers, wired.lending]
     hooks = [
         f"{type(part).__name__}.{name}"
         for part in parts

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import Counter
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
+from launcher.backends.llama_server import LlamaServerBackend
 from launcher.errors import ConfigError, ConflictError, StartError
 from launcher.schema import State
+from launcher.supervise import instance as instance_module
 from launcher.supervise.manager import Manager
 from launcher.tinymodel import write_tiny_llama
 from tests.conftest import ConfigWriter, OpenManager, free_port
@@ -71,6 +74,53 @@ async def test_kill_9_is_noticed_and_restarted(manager: Manager) -> None:
     assert status.last_exit_signal == signal.SIGKILL
     kinds = [e.kind for e in status.events]
     assert "exit" in kinds
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, calls: Counter[str]) -> None:
+    """Count the calls of ``owner.name`` (a method of a class, or a function of a module) in ``calls``."""
+    real = getattr(owner, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls[name] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+
+
+async def test_one_start_computes_its_command_once(
+    write_config: ConfigWriter, open_manager: OpenManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start is the start of one server process: one asked for (start, restart) or one the restart
+    policy makes after a crash. Each checks the model file and the port, and computes the command
+    (launch_spec, which looks the binary up) once; `GET /plan` of the running instance shows that command."""
+    fast = {"policy": "on-failure", "backoff_initial": 0.01, "backoff_max": 0.05, "burst": 100, "interval": 60}
+    manager = await open_manager(write_config({"tiny": {"restart": fast}}))
+    calls: Counter[str] = Counter()
+    for name in ("launch_spec", "binary", "check_model"):
+        _count_calls(monkeypatch, LlamaServerBackend, name, calls)
+    _count_calls(monkeypatch, instance_module, "ensure_port_free", calls)
+    instance = manager.get("tiny")
+
+    await manager.start("tiny")
+    await instance.wait_until(is_ready, READY_TIMEOUT_S)
+    # The model file: checked by the planner and before the spawn.
+    assert calls == {"launch_spec": 1, "binary": 1, "check_model": 2, "ensure_port_free": 1}
+    plan = await manager.plan("tiny")
+    assert instance.spec is not None and plan.command == instance.spec.argv
+    assert calls["launch_spec"] == 1
+
+    pid = instance.status().pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # the policy starts a new process: checked and computed again
+    await instance.wait_until(lambda i: i.restarts == 1 and is_ready(i), READY_TIMEOUT_S)
+    assert calls == {"launch_spec": 2, "binary": 2, "check_model": 3, "ensure_port_free": 2}
+
+    calls.clear()
+    await manager.restart("tiny")
+    await instance.wait_until(is_ready, READY_TIMEOUT_S)
+    # Before the stop, what would keep the server from coming back (model file, binary) is checked;
+    # the port is its own until then.
+    assert calls == {"launch_spec": 1, "binary": 2, "check_model": 3, "ensure_port_free": 1}
 
 
 async def test_log_has_markers_and_server_output(manager: Manager) -> None:

@@ -1,8 +1,9 @@
 """The REST API: health, instances and their acts, plans, GPUs, RPC endpoints, events, logs, the front
 door's recent requests and metrics. (The front door itself, /v1 and /upstream, is launcher/route/front.py.)
 
-The API acts through the Manager (start, stop, plans, claims) and reads what the wiring hands it: the
-instance table, the GPU sampler, the peers, the peers' claims on this host and the event bus.
+The API acts on instances through the Manager (start, stop, plans) and on peers' claims through what this
+host lends (supervise/lending.py); it reads what the wiring hands it: the instance table, the GPU sampler,
+the peers and the event bus.
 
 Every answer, errors included, is a type of launcher.schema, and every path declares each status it can
 answer with its body and content type: the OpenAPI document at /openapi.json is the truth (a schemathesis
@@ -33,7 +34,6 @@ from launcher.errors import LauncherError, NotFoundError
 from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
 from launcher.route.router import Router
-from launcher.rpc.claims import ClaimBook
 from launcher.rpc.peers import Peers
 from launcher.schema import (
     ClaimRequest,
@@ -49,6 +49,7 @@ from launcher.schema import (
     RpcReport,
 )
 from launcher.statedir import logs
+from launcher.supervise.lending import Lending
 from launcher.supervise.manager import Manager
 from launcher.supervise.table import InstanceTable
 
@@ -94,7 +95,7 @@ def create_app(
     table: InstanceTable,
     sampler: Sampler,
     peer_reader: Peers | None,
-    claims: ClaimBook,
+    lending: Lending,
     event_bus: Bus[Event],
     router: Router | None = None,
     token: str | None = None,
@@ -233,7 +234,7 @@ def create_app(
     async def rpc() -> Response:
         """This host's ready rpc-servers: the endpoint for `llama-server --rpc`, the GPUs each lends with
         their free MiB, who is connected, and the claims peers registered on them."""
-        return _json(manager.rpc_report().model_dump_json())
+        return _json(lending.report().model_dump_json())
 
     claims_json, peers_json = TypeAdapter(list[RpcClaim]), TypeAdapter(list[PeerStatus])
     acting = _errors(*([401] if token is not None else []), 404, 409, 422)
@@ -248,12 +249,12 @@ def create_app(
         """Take or renew a peer's claim on one rpc-server's GPUs for ``ttl_s`` seconds (a lease: renew it
         before then); the claims on that endpoint after. 409 when another holds the endpoint (it serves one
         llama-server at a time) or the MiB are not there."""
-        return _json(claims_json.dump_json(manager.claim(request)))
+        return _json(claims_json.dump_json(lending.claim(request)))
 
     @app.delete("/rpc/claims/{holder:path}", status_code=204, dependencies=[Depends(authorised)], responses=acting)
     async def release(holder: Annotated[str, Path(description="the holder the claim was taken for")]) -> Response:
         """Release ``holder``'s claim (already gone is fine: it may have lapsed)."""
-        claims.release(holder)
+        lending.release(holder)
         return Response(status_code=204)
 
     @app.get("/peers", response_model=list[PeerStatus], responses=read)

@@ -117,8 +117,7 @@ def planned_file(backend: ServerBackend, model: ModelSettings, name: str) -> Pat
     return backend.model_file(model)
 
 
-def with_command(plan: Plan, backend: ServerBackend, model: ModelSettings, port: int, placement: Placement) -> Plan:
+def with_command(plan: Plan, spec: LaunchSpec) -> Plan:
     """The plan with the exact command line and the environment the launcher sets (what differs from its own)."""
-    spec = backend.launch_spec(model, port, placement)
     env = {k: v for k, v in spec.env.items() if os.environ.get(k) != v}
     return plan.model_copy(update={"command": spec.argv, "env": env})

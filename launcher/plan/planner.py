@@ -7,7 +7,7 @@ its event loop) and a command that only reads (`launcher plan` without a daemon)
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,21 +132,12 @@ class Planner:
                 )
 
 
-def freed(
-    samples: Sequence[GpuSample], claims: Mapping[str, Mapping[int, int]], stopped: Collection[str]
-) -> tuple[list[GpuSample], dict[int, int]]:
-    """The GPUs as they would be with the servers of ``stopped`` gone: the samples with the memory those
-    claimed (MiB per GPU, by instance) free again, and the claims of the others added up."""
-    back: dict[int, int] = {}
-    kept: dict[int, int] = {}
-    for name, by_gpu in claims.items():
-        into = back if name in stopped else kept
-        for index, mib in by_gpu.items():
-            into[index] = into.get(index, 0) + mib
-    after = [
-        s.model_copy(update={"memory_free_mib": min(s.memory_total_mib, s.memory_free_mib + back[s.index])})
-        if s.index in back and s.memory_free_mib is not None and s.memory_total_mib is not None
+def freed(samples: Sequence[GpuSample], back_mib: Mapping[int, int]) -> list[GpuSample]:
+    """The GPUs as they would be with some servers gone: the samples with the MiB per GPU those servers
+    claimed (``back_mib``) free again."""
+    return [
+        s.model_copy(update={"memory_free_mib": min(s.memory_total_mib, s.memory_free_mib + back_mib[s.index])})
+        if s.index in back_mib and s.memory_free_mib is not None and s.memory_total_mib is not None
         else s
         for s in samples
     ]
-    return after, kept

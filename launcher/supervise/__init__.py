@@ -5,5 +5,6 @@ moves between states (transitions.py), a server's last words (server_errors.py) 
 verdict (thermal.py), all four pure;
 the servers an earlier daemon left running, stopped (leftovers.py; the files are launcher/statedir's),
 failed writes to the state directory counted (writes.py), ports (ports.py), planning in bounded threads
-(planning.py), failover's verdicts carried out (degrade.py), and what `GET /rpc` reports of this host's
-rpc-servers (rpc_report.py)."""
+(planning.py), failover's verdicts carried out (degrade.py), what `GET /rpc` reports of this host's
+rpc-servers (rpc_report.py), the GPU memory a start waits for (vram.py), and what this host's GPUs hold
+and lend to peers (lending.py)."""

@@ -23,7 +23,7 @@ class Degrader:
         self,
         peers: Peers,
         instances: Mapping[str, Instance],
-        prepare: Callable[[Instance], Callable[[], Awaitable[None]]],
+        prepare: Callable[[Instance], Awaitable[None]],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
     ) -> None:
         self._peers = peers
@@ -93,6 +93,6 @@ class Degrader:
         delay_s = retry_delay_s(attempts, restart.backoff_initial, restart.backoff_max)
         self._not_before[instance.name] = time.monotonic() + delay_s
         try:
-            await instance.restart(self._prepare(instance))
+            await instance.restart(self._prepare)
         except LauncherError as exc:  # the plan no longer fits, a claim was refused: wait, and try again
             await instance.hold(f"could not start again (next try in {delay_s:g}s): {exc.message}")

@@ -12,8 +12,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -30,6 +31,7 @@ from launcher.supervise.ports import ensure_port_free
 from launcher.supervise.process import ExitStatus, ServerProcess
 from launcher.supervise.server_errors import server_error
 from launcher.supervise.transitions import check_transition
+from launcher.supervise.vram import VramGate
 from launcher.supervise.writes import StateWrites
 
 log = logging.getLogger("launcher")
@@ -41,44 +43,45 @@ _LOG_LINES_READ = 200  # of a server that ended: where its last error lines are 
 _LINES_AT_THE_END = 20  # of a server that served before it ended: where why it ended is looked for
 
 
+class BlockedCheck(Protocol):
+    """Asked when a server ended: why it cannot run now (a peer's rpc-server its plan uses is away), or
+    None. Such an exit holds the instance degraded instead of going through the restart policy."""
+
+    async def blocked(self, instance: Instance) -> str | None: ...
+
+
 @dataclass(frozen=True)
-class Surroundings:
-    """What an instance needs from the daemon around it."""
+class DaemonParts:
+    """The parts of the daemon every instance uses, handed over when it is made."""
 
     http: httpx.AsyncClient
     state_dir: StateDir
     registry: ChildRegistry
     log_max_bytes: int
     log_keep: int
-    # Returns once the GPUs have the given MiB free again (or a bound passed).
-    await_vram: Callable[[Mapping[int, int], str], Awaitable[None]]
-    # Told the MiB per GPU a server held, when it ends.
-    vacated: Callable[[Mapping[int, int]], None]
+    # A spawn waits at it for the memory its plan claims; a server that ended tells it what it held.
+    vram: VramGate
     on_event: Callable[[Event], None]
     # Failed writes to the state directory, counted daemon-wide (see writes.py).
     writes: StateWrites
-    # Asked when a server ended: why it cannot run now (a peer's rpc-server its plan uses is away), or
-    # None. Such an exit holds the instance degraded instead of going through the restart policy.
-    blocked: Callable[[Instance], Awaitable[str | None]] = lambda _i: _nothing()
-
-
-async def _nothing() -> str | None:
-    return None
+    # None: no peers, so nothing outside this host can keep a server from running.
+    blocked: BlockedCheck | None = None
 
 
 class Instance:
     def __init__(
-        self, name: str, settings: ModelSettings, *, backend: ServerBackend, around: Surroundings, group: str = ""
+        self, name: str, settings: ModelSettings, *, backend: ServerBackend, parts: DaemonParts, group: str = ""
     ) -> None:
         self.name = name
         self.group = group or name
         self.settings = settings
         self.backend = backend
-        self.log_path = around.state_dir.server_log(name)
+        self.log_path = parts.state_dir.server_log(name)
         self.port: int | None = settings.port if isinstance(settings.port, int) else None
         self.placement = Placement()
         self.plan: Plan | None = None  # the plan of the current (or last) start
-        self._around = around
+        self.spec: LaunchSpec | None = None  # the command line and environment of the current (or last) run
+        self._parts = parts
         self._policy = RestartPolicy(settings.restart)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -122,13 +125,13 @@ class Instance:
         """A supervision task runs (from starting to backoff)."""
         return self._task is not None and not self._task.done()
 
-    async def start(self, prepare: Callable[[], Awaitable[None]]) -> None:
-        """Start supervising; ``prepare`` (placement) runs first, under the instance's lock."""
+    async def start(self, prepare: Callable[[Instance], Awaitable[None]]) -> None:
+        """Start supervising; ``prepare`` (port and placement) runs first, under the instance's lock."""
         async with self._lock:
             if self.active:
                 raise ConflictError(f"{self.name} is already {self.state}")
-            await prepare()
-            self._begin()
+            await prepare(self)
+            self._begin(self.preflight())
 
     async def stop(self) -> None:
         async with self._lock:
@@ -146,21 +149,25 @@ class Instance:
         """Seconds it has been ready (unhealthy counts), None when not."""
         return None if self._ready_since is None else time.monotonic() - self._ready_since
 
-    async def restart(self, prepare: Callable[[], Awaitable[None]]) -> None:
+    async def restart(self, prepare: Callable[[Instance], Awaitable[None]]) -> None:
         """Stop (if running) and start again; concurrent requests join the restart under way."""
         if self._restarting is None:
             self._restarting = asyncio.ensure_future(self._restart_once(prepare))
         await asyncio.shield(self._restarting)
 
-    async def _restart_once(self, prepare: Callable[[], Awaitable[None]]) -> None:
+    async def _restart_once(self, prepare: Callable[[Instance], Awaitable[None]]) -> None:
         try:
             async with self._lock:
                 # Refuse before stopping a running server that could not come back (its port is its own).
-                self.preflight(check_port=not self.active)
+                # Its command waits for the new placement, made once the old server's memory is back.
+                port = self._startable_port()
+                self.backend.binary(self.settings)
                 if self.active:
                     await self._halt()
-                await prepare()
-                self._begin()
+                else:
+                    ensure_port_free(port)
+                await prepare(self)
+                self._begin(self.preflight())
         finally:
             self._restarting = None
 
@@ -174,15 +181,20 @@ class Instance:
     def check_model_file(self) -> None:
         self.backend.check_model(self.settings, self.name)
 
-    def preflight(self, *, check_port: bool = True) -> LaunchSpec:
-        """Everything that can be checked before spawning; raises with the reason."""
+    def preflight(self) -> LaunchSpec:
+        """Everything that can be checked before spawning, and the command to spawn (computed once per
+        start of a process); raises with the reason."""
+        port = self._startable_port()
+        spec = self.backend.launch_spec(self.settings, port, self.placement)
+        ensure_port_free(port)
+        return spec
+
+    def _startable_port(self) -> int:
+        """The port assigned, once the model file is seen to be there."""
         self.check_model_file()
         if self.port is None:
             raise ConflictError(f"{self.name} has no port assigned")
-        spec = self.backend.launch_spec(self.settings, self.port, self.placement)
-        if check_port:
-            ensure_port_free(self.port)
-        return spec
+        return self.port
 
     def record_refusal(self, exc: LauncherError) -> None:
         """Record why a start asked for was refused before anything ran: its caller hears it, the instance
@@ -194,12 +206,13 @@ class Instance:
         self.record_refusal(exc)
         self._set_state(State.FAILED)
 
-    def _begin(self) -> None:
-        self.preflight()
+    def _begin(self, spec: LaunchSpec) -> None:
+        """Supervise from now on, the first run with ``spec`` (the start's, checked as it was asked for)."""
         self._policy.reset()
         self.last_error = None
+        self.spec = spec
         self._set_state(State.STARTING)  # the answer to a start request already says so
-        self._task = asyncio.create_task(self._supervise(), name=f"supervise:{self.name}")
+        self._task = asyncio.create_task(self._supervise(spec), name=f"supervise:{self.name}")
         self._task.add_done_callback(self._supervision_ended)
 
     async def _halt(self, final: State = State.STOPPED, why: str = "") -> None:
@@ -213,15 +226,17 @@ class Instance:
 
     # ---- supervision ----------------------------------------------------------------------------
 
-    async def _supervise(self) -> None:
+    async def _supervise(self, first: LaunchSpec) -> None:
+        spec: LaunchSpec | None = first
         try:
             while True:
                 try:
-                    delay = await self._run_once()
+                    delay = await self._run_once(spec)
                 except Exception as exc:  # a fault nobody foresaw: this run failed, the restart policy decides
                     delay = await self._run_raised(exc)
                 if delay is None:
                     return
+                spec = None  # the next run is a new start of the process: checked and computed again
                 self._set_state(State.BACKOFF, f"restarting in {delay:.2f}s")
                 await asyncio.sleep(delay)
                 self.restarts += 1
@@ -247,14 +262,14 @@ class Instance:
         proc, self._proc, self._ready_since = self._proc, None, None
         if proc is not None:
             proc.kill()
-            self._write(self._around.registry.path, lambda: self._around.registry.remove(proc.pid))
+            self._write(self._parts.registry.path, lambda: self._parts.registry.remove(proc.pid))
         self._record_error(f"supervision ended by an error: {type(exc).__name__}: {exc}")
         self._set_state(State.FAILED)
 
     def _write(self, what: Path, write: Callable[[], object]) -> None:
         """A write to the state directory, which must never end supervision: a failure is counted and the
         write dropped; the first failure of a streak and the write that ends it are told."""
-        notice = self._around.writes.attempt(str(what), write)
+        notice = self._parts.writes.attempt(str(what), write)
         if notice is not None:
             self._emit("storage", notice)
 
@@ -266,9 +281,9 @@ class Instance:
         error = server_error(lines[-_LINES_AT_THE_END:] if served else lines)
         status = await proc.stop(self.settings.stop_timeout)
         self._proc = None
-        self._write(self._around.registry.path, lambda: self._around.registry.remove(proc.pid))
+        self._write(self._parts.registry.path, lambda: self._parts.registry.remove(proc.pid))
         if self.placement.claims_mib:
-            self._around.vacated(self.placement.claims_mib)
+            self._parts.vram.vacated(self.placement.claims_mib)
         self.last_exit = status
         if error is not None:
             self.server_words.append(error)
@@ -280,23 +295,28 @@ class Instance:
     def _lines_of_last_run(self) -> list[str]:
         return logs.lines_of_last_run(self.log_path, _LOG_LINES_READ)
 
-    async def _run_once(self) -> float | None:
-        """Run the server once, until it ends; return the delay before the next start or None."""
+    async def _run_once(self, spec: LaunchSpec | None) -> float | None:
+        """Run the server once, until it ends; return the delay before the next start or None. ``spec``:
+        the command of a start asked for; None after a restart by the policy, which checks again."""
         if self.state != State.STARTING:
             self._set_state(State.STARTING)
-        try:
-            spec = self.preflight()
-        except LauncherError as exc:
-            self._record_error(exc.message)
-            return self._decide(failure=True, ready_for_s=None)
+        if spec is None:
+            try:
+                spec = self.spec = self.preflight()
+            except LauncherError as exc:
+                self._record_error(exc.message)
+                return self._decide(failure=True, ready_for_s=None)
         if self.placement.claims_mib:
-            await self._around.await_vram(self.placement.claims_mib, self.name)
-        spec.env[INSTANCE_ENV] = self.name  # how a later daemon recognises a leftover as ours
+            await self._parts.vram.await_vram(self.placement.claims_mib, self.name)
         self._rotate_log()
         marker = f"{self.name} (restart {self.restarts}): {' '.join(spec.argv)}"
         self._write(self.log_path, lambda: logs.write_start_marker(self.log_path, marker))
-        proc = self._proc = await ServerProcess.spawn(spec, self.log_path)
-        self._write(self._around.registry.path, lambda: self._around.registry.add(self.name, proc.pid, spec.argv[0]))
+        # The instance's name in the environment: how a later daemon recognises a leftover as ours.
+        proc = self._proc = await ServerProcess.spawn(
+            replace(spec, env={**spec.env, INSTANCE_ENV: self.name}), self.log_path
+        )
+        argv0 = spec.argv[0]
+        self._write(self._parts.registry.path, lambda: self._parts.registry.add(self.name, proc.pid, argv0))
         self._set_state(State.LOADING, f"pid {proc.pid} on port {self.port}")
         unhealthy = False
         ready_for_s: float | None = None
@@ -309,7 +329,7 @@ class Instance:
         elif proc.running:
             self._record_error(f"not ready within load_timeout ({self.settings.health.load_timeout:g}s)")
         status, error = await self._end(proc, "", served=ready_for_s is not None)
-        reason = await self._around.blocked(self)
+        reason = None if self._parts.blocked is None else await self._parts.blocked.blocked(self)
         if reason is not None:  # not the server's fault: no restart (and none of the policy's budget)
             self._set_state(State.DEGRADED, reason)
             return None
@@ -344,7 +364,7 @@ class Instance:
         interval = _FIRST_LOAD_PROBE_S
         assert self.port is not None
         while proc.running:
-            if await self.backend.is_ready(self._around.http, self.port, self.settings.health.timeout):
+            if await self.backend.is_ready(self._parts.http, self.port, self.settings.health.timeout):
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -363,7 +383,7 @@ class Instance:
             if done:
                 return False
             self._rotate_log()
-            found = await self.backend.health(self._around.http, self.port, health.timeout)
+            found = await self.backend.health(self._parts.http, self.port, health.timeout)
             if found.ok:
                 failures = 0
                 self._take(found)
@@ -379,8 +399,8 @@ class Instance:
                 return True
 
     def _rotate_log(self) -> None:
-        around = self._around
-        self._write(self.log_path, lambda: logs.rotate_if_large(self.log_path, around.log_max_bytes, around.log_keep))
+        parts = self._parts
+        self._write(self.log_path, lambda: logs.rotate_if_large(self.log_path, parts.log_max_bytes, parts.log_keep))
 
     def _take(self, found: Health) -> None:
         """Keep what a healthy probe reported, and tell once each new warning or reload."""
@@ -415,7 +435,7 @@ class Instance:
         event = Event.now(kind, message, instance=self.name, state=self.state)
         self.events.append(event)
         self._changed.set()
-        self._around.on_event(event)
+        self._parts.on_event(event)
 
     def status(self, events: int = 10, requests: tuple[int, int] = (0, 0)) -> InstanceStatus:
         """What the API shows of it; ``requests``: the front door's requests in flight and queued."""

@@ -13,8 +13,8 @@ from launcher.schema import GpuSample, RpcDevice, RpcEndpoint, RpcReport, State
 from launcher.supervise.instance import Instance
 
 
-def lent(instances: Iterable[Instance]) -> dict[str, tuple[Instance, RpcServerBackend]]:
-    """The ready rpc-server instances by endpoint (HOST:PORT)."""
+def ready_rpc_servers(instances: Iterable[Instance]) -> dict[str, tuple[Instance, RpcServerBackend]]:
+    """The ready rpc-server instances by the endpoint (HOST:PORT) they lend their GPUs at."""
     found = {}
     for instance in instances:
         backend = instance.backend
@@ -29,8 +29,8 @@ def rpc_report(
     """``usable_mib``: per GPU, what a llama-server elsewhere may use with every claim counted."""
     by_index = {s.index: s for s in samples}
     endpoints = []
-    for address, (instance, backend) in lent(instances).items():
-        assert instance.port is not None  # lent() keeps only instances with a port
+    for address, (instance, backend) in ready_rpc_servers(instances).items():
+        assert instance.port is not None  # ready_rpc_servers() keeps only instances with a port
         hello = backend.hellos[instance.port]  # ready: it answered a HELLO on this port
         devices = [
             RpcDevice(
