@@ -1,8 +1,7 @@
 """Process supervision: one server process (process.py: spawn, group stop, parent death), one instance's
 lifecycle (instance.py), all of them (manager.py) and the table the daemon's parts share them by
-(table.py), and beside them: the restart policy (policy.py), the
-moves between states (transitions.py), a server's last words (server_errors.py) and the thermal guard's
-verdict (thermal.py), all four pure;
+(table.py), and beside them: the restart policy (policy.py), the moves between states (transitions.py),
+a server's last words (server_errors.py) and the thermal guard's verdict (thermal.py), all four pure;
 the servers an earlier daemon left running, stopped (leftovers.py; the files are launcher/statedir's),
 failed writes to the state directory counted (writes.py), ports (ports.py), planning in bounded threads
 (planning.py), failover's verdicts carried out (degrade.py), what `GET /rpc` reports of this host's
