@@ -61,6 +61,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf")
 
 
+# The instance ports of this test run: a slice of 20000-29999 of its own, chosen by the run's pid, so that
+# two runs on one machine (worktrees, CI beside a developer) rarely pick the same port at the same moment;
+# every test of a run takes its ports from the slice's start, one test at a time.
+_SLICE = 250
+_FIRST = 20000 + os.getpid() % 40 * _SLICE
+INSTANCE_PORTS = (_FIRST, _FIRST + _SLICE - 1)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -129,7 +137,7 @@ def write_config(tmp_path: Path, tiny_model: Path, leaves_no_process: str) -> Co
             entry.update(overrides)
             entry["env"] = {MARK: leaves_no_process, **overrides.get("env", {})}
             entries[name] = {key: value for key, value in entry.items() if value is not None}
-        daemon = {"port": free_port(), "state_dir": str(tmp_path / "state"), "instance_ports": [20000, 29999]}
+        daemon = {"port": free_port(), "state_dir": str(tmp_path / "state"), "instance_ports": list(INSTANCE_PORTS)}
         daemon.update(top.pop("daemon", {}))
         top.setdefault("gpus", {"backend": "none"})  # never the host's GPUs: a test names the GPUs it means
         path = tmp_path / "launcher.yaml"
