@@ -71,17 +71,22 @@ class Daemon:
         self._starting: asyncio.Task[None] | None = None  # the wiring's start, until the API serves
         self._notifier = Notifier.from_environment()
         self._waiting: asyncio.Task[None] | None = None  # READY=1 once loaded (daemon.ready_when)
+        self._stop_asked = asyncio.Event()  # the servers drain, then the API ends (see `_serve`)
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
-        """End serving; the wiring then stops every instance. A second SIGINT hurries the API's end. Before
-        the API serves (cleaning leftovers, a first GPU reading), the start itself is cancelled."""
+        """End serving: every server drains (the front door's requests in flight finish, new ones wait),
+        then the API ends and the wiring stops every instance. A second SIGINT ends the API without waiting
+        for the drain, a third hurries the API's end. Before the API serves (cleaning leftovers, a first
+        GPU reading), the start itself is cancelled."""
         if self._server is None:
             if self._starting is not None:
                 self._starting.cancel()
             return
-        if self._server.should_exit and sig == signal.SIGINT:
-            self._server.force_exit = True
-        self._server.should_exit = True
+        if self._stop_asked.is_set() and sig == signal.SIGINT:
+            if self._server.should_exit:
+                self._server.force_exit = True
+            self._server.should_exit = True
+        self._stop_asked.set()
 
     def _hangup(self) -> None:
         if self._hangup_stops:
@@ -173,9 +178,19 @@ class Daemon:
             lifespan="on",
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
         )
-        self._server = _Server(config)
+        server = self._server = _Server(config)
         self._starting = None  # from here a stop ends serving, and the wiring's exit stops every server
-        await self._server.serve(sockets=[sock])
+
+        async def drain_then_exit() -> None:
+            await self._stop_asked.wait()
+            await manager.drain_all()  # the API still answers meanwhile: the statuses say draining
+            server.should_exit = True
+
+        ending = asyncio.create_task(drain_then_exit(), name="drain-then-exit")
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            ending.cancel()
         if not self._server.started:  # the app's startup failed: uvicorn logged why and returned
             raise StartError("the daemon's API did not start", hint="see the log lines above")
 
