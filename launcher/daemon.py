@@ -19,14 +19,14 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import uvicorn
 from fastapi import FastAPI
 
 from launcher.api.app import create_app
 from launcher.api.limits import limited_protocol
-from launcher.config import Settings
+from launcher.config import ModelSettings, Settings
 from launcher.errors import StartError
 from launcher.schema import Event, State
 from launcher.supervise.manager import Manager
@@ -39,6 +39,15 @@ log = logging.getLogger("launcher")
 _GRACEFUL_SHUTDOWN_S = 3
 # daemon.ready_when: loaded sends READY=1 once every autostart instance got here.
 _SETTLED = frozenset({State.READY, State.FAILED, State.STOPPED})
+
+
+def longest_stop_s(models: Iterable[ModelSettings]) -> float:
+    """The longest the daemon's own stop may take (SIGTERM): every server drains at once, the API ends,
+    every server stops at once. What a service manager's stop timeout must exceed (the units' TimeoutStopSec,
+    Kubernetes' grace period, the containers' stop timeout)."""
+    listed = list(models)
+    drain_s = max((m.drain_timeout_s for m in listed), default=0.0)
+    return drain_s + _GRACEFUL_SHUTDOWN_S + max((m.stop_timeout for m in listed), default=0.0)
 
 
 class _Server(uvicorn.Server):

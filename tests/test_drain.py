@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from launcher.schema import State
+from launcher.supervise import drain
 from tests.conftest import ConfigWriter, Daemon, poll_until
 from tests.test_front_door import first_event, held
 
@@ -68,6 +70,20 @@ def serving(write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path
     daemon = start_daemon(write_config({"m": {"binary": str(standin), "autostart": True, **model}}))
     daemon.wait_for("m", lambda s: s["state"] == "ready")
     return daemon
+
+
+def test_a_drain_is_needed_only_for_a_serving_server_with_requests_and_a_wait_allowed() -> None:
+    assert drain.needed(State.READY, 1, 30) and drain.needed(State.UNHEALTHY, 2, 0.5)
+    assert not drain.needed(State.READY, 0, 30)  # nothing in flight: stopped at once
+    assert not drain.needed(State.READY, 1, 0)  # drain_timeout_s: 0
+    for state in (State.LOADING, State.BACKOFF, State.DRAINING, State.STOPPING, State.STOPPED):
+        assert not drain.needed(state, 1, 30), state  # not serving, or drained already
+
+
+def test_a_drains_end_says_what_finished_or_was_cut() -> None:
+    assert drain.ended(2, 0, 4.104, 30) == "drained: all 2 requests finished in 4.10s"
+    assert drain.ended(2, 1, 30.01, 30) == "drain timed out after 30s: 1 request of 2 cut"
+    assert drain.began(1, 0.5) == "draining: no new requests; waiting for 1 request in flight, 0.5s at most"
 
 
 def test_a_stream_survives_a_stop_to_its_last_token_then_the_server_stops(
