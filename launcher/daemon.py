@@ -192,8 +192,10 @@ class Daemon:
 
         async def drain_then_exit() -> None:
             await self._stop_asked.wait()
-            await manager.drain_all()  # the API still answers meanwhile: the statuses say draining
-            server.should_exit = True
+            try:
+                await manager.drain_all()  # the API still answers meanwhile: the statuses say draining
+            finally:
+                server.should_exit = True  # a drain that failed must not keep the daemon from ending
 
         ending = asyncio.create_task(drain_then_exit(), name="drain-then-exit")
         try:
