@@ -97,16 +97,16 @@ def idle_stops(python: str, model_file: Path, stops: int) -> list[float]:
         return took
 
 
-def busy_stops(python: str, stops: int, remaining_s: float) -> list[float]:
+def busy_stops(python: str, model_file: Path, stops: int, remaining_s: float) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         binary = Path(tmp) / "llama-standin"
         binary.write_text(f'#!/bin/sh\nexec {sys.executable} {STANDIN} "$@"\n')
         binary.chmod(0o755)
-        return _busy_stops(python, Path(tmp), binary, stops, remaining_s)
+        return _busy_stops(python, Path(tmp), {"model": str(model_file), "binary": str(binary)}, stops, remaining_s)
 
 
-def _busy_stops(python: str, tmp: Path, binary: Path, stops: int, remaining_s: float) -> list[float]:
-    with daemon(python, tmp, {"binary": str(binary)}) as http:
+def _busy_stops(python: str, tmp: Path, model: dict[str, Any], stops: int, remaining_s: float) -> list[float]:
+    with daemon(python, tmp, model) as http:
         took = []
         for _ in range(stops):
             http.post("/instances/m/start")
@@ -145,7 +145,8 @@ def main() -> None:
         if args.baseline:
             base = show("stop, nothing in flight (baseline)", idle_stops(args.baseline, model_file, args.stops))
             print(f"ratio this/baseline: {this / base:.3f}")
-    show(f"stop, 1 in flight ending {args.remaining:g}s later", busy_stops(sys.executable, args.stops, args.remaining))
+        busy = busy_stops(sys.executable, model_file, args.stops, args.remaining)
+        show(f"stop, 1 in flight ending {args.remaining:g}s later", busy)
 
 
 if __name__ == "__main__":
