@@ -148,7 +148,7 @@ def create_app(
     def shown(status: InstanceStatus, authorization: str | None) -> InstanceStatus:
         if not hides_server_output(authorization):
             return status
-        return without_log_lines(status, manager.get(status.name).server_words)
+        return without_log_lines(status, instances[status.name].server_words)
 
     @app.exception_handler(_Unauthorised)
     async def unauthorised(_request: Request, _exc: _Unauthorised) -> JSONResponse:
@@ -217,7 +217,7 @@ def create_app(
         """What `launcher plan NAME` shows: GPUs, MiB per GPU by term, split, command line, environment (the
         configured environment's values and keys in the command line only with the token)."""
         made = await unless_gone(request, manager.plan(name))
-        shown_plan = made if holds_token(authorization) else redacted_plan(made, manager.get(name).settings.env)
+        shown_plan = made if holds_token(authorization) else redacted_plan(made, instances[name].settings.env)
         return _json(shown_plan.model_dump_json())
 
     @app.get("/gpus", response_model=list[GpuSample], responses=read)
@@ -284,7 +284,8 @@ def create_app(
         def shown_event(event: Event) -> Event:
             if not hide_server_words or event.instance is None:
                 return event
-            return without_server_words(event, manager.get(event.instance).server_words)
+            about = instances.get(event.instance)
+            return without_server_words(event, about.server_words if about is not None else ())
 
         async def stream() -> AsyncIterator[str]:
             try:

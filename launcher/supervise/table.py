@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,6 +44,8 @@ class InstanceView(Protocol):
     def degraded_reason(self) -> str | None: ...
     @property
     def last_error(self) -> str | None: ...
+    @property
+    def server_words(self) -> Collection[str]: ...  # what its server said as its runs ended (redact.py)
 
 
 @dataclass
