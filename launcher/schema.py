@@ -129,6 +129,40 @@ class Plan(_Wire):
         return {d.gpu: d.total_mib for d in self.devices if d.host == "local"}
 
 
+class TermCheck(_Wire):
+    """One term of one device: what the plan said, what the server reports allocating, and the difference."""
+
+    planned_mib: float
+    actual_mib: float
+    difference_mib: float  # actual - planned: above zero, the plan was short
+
+
+class DeviceCheck(_Wire):
+    """One device of a running server, planned against what the server reports allocating there."""
+
+    device: str  # as the server names it (CUDA0, RPC0[HOST:PORT], CPU for the host); the plan's name if unseen
+    host: str = "local"  # the peer whose RPC device it is (the plan's DevicePlan.host)
+    gpu: int | None = None  # the plan's GPU index there; None: the host's memory (CPU)
+    endpoint: str | None = None  # a remote device's rpc-server, HOST:PORT
+    seen: bool  # the server's log names it: False, it allocated nothing there (or its log says nothing)
+    # weights (model buffers and the projector), kv, state (recurrent), compute, output, other (a buffer
+    # of a kind the launcher does not know). The driver's share (the plan's overhead_mib) is not in it:
+    # the server's log cannot see it.
+    terms: dict[str, TermCheck]
+    planned_mib: float
+    actual_mib: float
+    difference_mib: float
+
+
+class PlanCheck(_Wire):
+    """A ready server's plan against what it reports allocating, per device and term (llama-server's load
+    log; issue 23)."""
+
+    source: str  # where the actual figures come from
+    devices: list[DeviceCheck]  # the plan's devices in llama.cpp's order, then the host
+    unmatched: list[str] = []  # buffers the server named on a device the plan does not have
+
+
 class InstanceStatus(_Wire):
     name: str
     model: str
@@ -157,6 +191,10 @@ class InstanceStatus(_Wire):
     requests_in_flight: int = 0  # front-door requests this instance is serving now
     requests_queued: int = 0  # front-door requests for its model waiting for a free instance
     degraded_reason: str | None = None  # while degraded: which peer or rpc-server is away
+    # Once ready: the plan against what the server reports allocating; None before, or when the server
+    # does not say (Ollama; a llama-server that logs below -lv 4, see actual_missing).
+    actual: PlanCheck | None = None
+    actual_missing: str | None = None  # why there is no `actual` for a ready server
 
 
 class Health(_Wire):

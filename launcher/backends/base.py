@@ -16,7 +16,7 @@ from launcher.errors import ConfigError
 from launcher.gpu import visibility_env
 from launcher.plan.gguf import ModelFileError, regular_problem
 from launcher.plan.placement import Placement
-from launcher.schema import Plan
+from launcher.schema import Plan, PlanCheck
 
 # Variables that belong to the daemon's own relationship with systemd, never to a child: a child that
 # inherits NOTIFY_SOCKET can tell systemd the daemon is ready or stopping (or feed its watchdog), and one
@@ -79,6 +79,11 @@ class ServerBackend(Protocol):
 
     def upstream_model(self) -> str | None:
         """The name the server knows the model by in an OpenAI request's `model`; None: any name does."""
+        ...
+
+    def check_plan(self, plan: Plan, log_lines: list[str]) -> PlanCheck | str:
+        """``plan`` against what the ready server reports allocating in ``log_lines`` (its output since
+        its start), or why it cannot be checked."""
         ...
 
 
