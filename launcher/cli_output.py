@@ -58,6 +58,33 @@ def format_statuses(statuses: Sequence[InstanceStatus]) -> str:
     return "\n".join([format_table(headers, rows), *reasons])
 
 
+def format_check(status: InstanceStatus) -> str:
+    """A running instance's plan against what its server reports allocating, MiB per device and term
+    (terms both sides call zero left out), each device's total last; or why there is none."""
+    check = status.actual
+    if check is None:
+        why = status.actual_missing or f"{status.name} is {status.state}: a check is made once its server is ready"
+        return f"planned against actual: none ({why})"
+    rows: list[list[object]] = []
+    for device in check.devices:
+        where = device.device if device.seen else f"{device.device} (not in the log)"
+        for term, found in device.terms.items():
+            if found.planned_mib or found.actual_mib:
+                rows.append(
+                    [where, term, f"{found.planned_mib:g}", f"{found.actual_mib:g}", f"{found.difference_mib:+g}"]
+                )
+                where = ""
+        rows.append(
+            [where, "total", f"{device.planned_mib:g}", f"{device.actual_mib:g}", f"{device.difference_mib:+g}"]
+        )
+    lines = [
+        f"planned against actual ({check.source}), MiB:",
+        format_table(["DEVICE", "TERM", "PLANNED", "ACTUAL", "DIFF"], rows),
+    ]
+    lines += [f"not in the plan: {name}" for name in check.unmatched]
+    return "\n".join(lines)
+
+
 def _why_down(status: InstanceStatus) -> str | None:
     if status.state == State.DEGRADED:
         return status.degraded_reason
