@@ -78,6 +78,14 @@ def test_a_recurrent_models_state_is_its_own_term() -> None:
     assert reported.of(Where()) == _terms(weights=1.00, output=0.03, compute=2.01)
 
 
+def test_a_projector_counts_with_the_weights_of_its_device() -> None:
+    reported = parse((LOGS / "gemma3_mmproj_rpc.log").read_text())
+    # The model's 9.15 and the projector's 0.78 (`CLIP using ... backend`, then `model size:`); the KV
+    # of the sliding-window and the full layers; the model's and the projector's compute buffers.
+    assert reported.of(Where(rpc=B)) == _terms(weights=9.15 + 0.78, kv=0.50 + 2.50, compute=5.02 + 0.86)
+    assert reported.of(Where()) == _terms(weights=0.33, output=0.02, compute=3.03 + 0.57)
+
+
 def test_local_gpus_by_their_number_pinned_and_repacked_host_buffers_and_unknown_names() -> None:
     reported = parse((LOGS / "cuda_formats.log").read_text())
     assert reported.of(Where(local_gpu=0)) == _terms(weights=2048.25 + 100.00, kv=272.00, compute=296.01, other=1.50)
@@ -139,6 +147,9 @@ def test_a_device_the_plan_has_and_the_server_not_and_the_other_way_round() -> N
         "x: CUDA0 model buffer size = 1e999 MiB",
         "x: CUDA0 model buffer size = " + "9" * 400 + " MiB",
         "\x00\xff" * 1000,
+        # A model's metadata as llama.cpp prints it at -lv 4 can say anything, but is no buffer line.
+        "llama_model_loader: - kv   0: general.name str = x: CUDA0 model buffer size = 9 MiB",
+        "0.00.061 I llama_model_loader: - kv   1: general.name str = CLIP using CUDA0 backend",
     ],
 )
 def test_a_log_that_says_nothing_usable_is_no_check_and_says_why(log: str) -> None:

@@ -32,9 +32,16 @@ TERMS = ("weights", "kv", "state", "compute", "output", "other")
 SOURCE = "llama-server's load log"
 HOST = "CPU"  # what the host's memory is called in a check
 
-_BUFFER = re.compile(r"(?P<buffer>\S*[^\s:])\s+(?P<kind>[A-Za-z_]+) buffer size\s*=\s*(?P<mib>\d+(?:\.\d+)?) MiB")
-# A multimodal projector (--mmproj) names its device, then its weights' size (its compute buffer is a _BUFFER).
-_PROJECTOR = re.compile(r"CLIP using (?P<buffer>\S+) backend.*?model size:\s*(?P<mib>\d+(?:\.\d+)?) MiB", re.S)
+# A whole line: this build's time and level (`0.00.090.180 I `), llama.cpp's function and the message. Only
+# a line of that shape counts: a model's metadata printed in the log (`- kv 3: general.name str = ...`)
+# can say anything, but not in that place.
+_PREFIX = r"(?:\S+ [A-Z] )?\w+:\s+"
+_MIB = r"(?P<mib>\d+(?:\.\d+)?) MiB"
+_BUFFER = re.compile(_PREFIX + r"(?P<buffer>\S*[^\s:])\s+(?P<kind>[A-Za-z_]+) buffer size\s*=\s*" + _MIB)
+# A multimodal projector (--mmproj) names its device, then its weights' size a few lines on (its compute
+# buffers are _BUFFER lines).
+_PROJECTOR_DEVICE = re.compile(_PREFIX + r"CLIP using (?P<buffer>\S+) backend")
+_PROJECTOR_SIZE = re.compile(_PREFIX + r"model size:\s*" + _MIB)
 _TERM_OF_KIND = {"model": "weights", "KV": "kv", "RS": "state", "compute": "compute", "output": "output"}
 _RPC = re.compile(r"RPC\d+\[(?P<address>.+)\]")
 _LOCAL_GPU = re.compile(r"(?P<kind>[A-Za-z]+)(?P<index>\d+)")
@@ -96,12 +103,16 @@ def _where(buffer: str) -> Where | None:
 def parse(log: str) -> Reported:
     """Every buffer the server reported in ``log`` (one run's output), summed per device and term."""
     reported = Reported()
+    projector: str | None = None  # the device a projector just said it loads on
     # The regular expressions only on the lines that can match: over a whole -lv 4 log they cost 40 times more.
     for line in log.splitlines():
-        if " buffer size" in line and (found := _BUFFER.search(line)):
+        if " buffer size" in line and (found := _BUFFER.fullmatch(line.strip())):
             reported._add(found["buffer"], _TERM_OF_KIND.get(found["kind"], "other"), float(found["mib"]))
-    for found in _PROJECTOR.finditer(log) if "CLIP using" in log else ():
-        reported._add(found["buffer"], "weights", float(found["mib"]))
+        elif "CLIP using" in line and (found := _PROJECTOR_DEVICE.fullmatch(line.strip())):
+            projector = found["buffer"]
+        elif projector is not None and "model size:" in line and (found := _PROJECTOR_SIZE.fullmatch(line.strip())):
+            reported._add(projector, "weights", float(found["mib"]))
+            projector = None
     return reported
 
 
