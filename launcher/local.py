@@ -67,13 +67,8 @@ def _plan_from_hub(
     settings: Settings, planner: Planner, name: str, model: ModelSettings, samples: list[GpuSample]
 ) -> Plan:
     """A hub model's plan from its files' headers (the hub's library is imported only here)."""
-    from launcher.config_file import read_token
-    from launcher.hub.headers import HubReader
+    from launcher.hub.headers import hub_reader
     from launcher.hub.planning import plan_from_hub
 
-    reader = HubReader(
-        StateDir(settings.daemon.state_dir).hub_headers_dir,
-        read_token(settings.hub.token_file, "hub.token_file"),
-        settings.hub.max_header_mib * 1024 * 1024,
-    )
+    reader = hub_reader(settings.hub, StateDir(settings.daemon.state_dir).hub_headers_dir)
     return plan_from_hub(planner, reader, name, model, samples, {})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ from launcher.hub_ref import HubRef, parse_hub_ref
 from launcher.plan.gguf import HeaderIncomplete, parse_header
 from launcher.plan.planner import Planner
 from launcher.tinymodel import TinyShape, write_tiny_llama
-from tests.conftest import ConfigWriter, run_cli, write_secret
+from tests.conftest import ConfigWriter, Daemon, run_cli, write_secret
 from tests.hubstandin import Repo, StandInHub, serving
 
 # A 70B-shaped llama (Llama 3 70B's layers, widths and a 128k vocabulary), Q8_0, split in three files.
@@ -266,3 +266,26 @@ def test_a_hub_model_cannot_start_before_it_is_downloaded(
     model = ModelSettings(model=parse_hub_ref("hf:org/repo:Q4_K_M"))
     with pytest.raises(ConfigError, match="not downloaded"):
         planned_file(backend_for(model, RpcSettings()), model, "m")
+
+
+def test_a_daemon_plans_a_hub_model_from_its_headers_too(
+    hub: StandInHub,
+    write_config: ConfigWriter,
+    start_daemon: Callable[[Path], Daemon],
+    marked_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    env = _env(marked_env, hub, tmp_path)  # the daemon's (start_daemon gives it marked_env)
+    marked_env.clear()
+    marked_env.update(env)
+    config = write_config({"m": {"model": "hf:org/Llama-8B-GGUF", "ctx": 4096}}, gpus=ONE_GPU_24G)
+    daemon = start_daemon(config)
+    answer = daemon.http.get("/plan/m")
+    assert answer.status_code == 200, answer.text
+    plan = answer.json()
+    assert plan["fits"] and plan["command"] == []  # no command before its files are downloaded
+    assert [q["quant"] for q in plan["hub"]["quants"] if q["chosen"]] == ["F16"]
+    assert plan["hub"]["fetched_bytes"] == hub.total_sent > 0
+    result = daemon.cli("plan", "m")
+    assert result.returncode == 0 and "* F16" in result.stdout
+    assert "0 of them fetched from the hub" in result.stdout  # the daemon's header cache

@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx2
-
+from launcher.config import HubSettings
+from launcher.config_file import read_token
 from launcher.errors import LauncherError
 from launcher.hub.repo import HubFile, Listing, listing_of
 from launcher.plan.gguf import HeaderIncomplete, HeaderPart, ModelFileError, parse_header
@@ -155,6 +155,7 @@ class HubReader:
 @contextmanager
 def _said(what: str, repo: str) -> Iterator[None]:
     """The library's errors, and the network's, as one sentence that says what to do."""
+    import httpx2  # the library's HTTP client
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -189,3 +190,9 @@ def _first_line(text: str) -> str:
 def _range_start(content_range: str | None) -> int | None:
     match = _CONTENT_RANGE.match(content_range or "")
     return int(match[1]) if match else None
+
+
+def hub_reader(settings: HubSettings, headers_dir: Path) -> HubReader:
+    """The reader the configuration's `hub:` section asks for, caching headers in ``headers_dir``."""
+    token = read_token(settings.token_file, "hub.token_file")
+    return HubReader(headers_dir, token, settings.max_header_mib * 1024 * 1024)

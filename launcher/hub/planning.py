@@ -16,6 +16,7 @@ from launcher.hub_ref import HubRef
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import ModelFileError, assemble, split_siblings
 from launcher.plan.planner import Planner
+from launcher.plan.remote import NO_REMOTE, Remote
 from launcher.schema import GpuSample, HubPlan, Plan, QuantPlan
 
 
@@ -46,6 +47,7 @@ def plan_from_hub(
     model: ModelSettings,
     samples: Sequence[GpuSample],
     claims: Mapping[int, int],
+    remote: Remote = NO_REMOTE,
 ) -> Plan:
     """The plan of the hub model ``model`` (its chosen quant's, or the smallest's when none fits), with the
     headers' bytes and, for a reference without a quant, every quant's verdict."""
@@ -60,7 +62,7 @@ def plan_from_hub(
     headers: list[list[Header]] = []
     for candidate in candidates:
         read = [reader.header(listing, f) for f in candidate.files]
-        plan = planner.plan(name, model, model_shape(listing, candidate, read), samples, claims)
+        plan = planner.plan(name, model, model_shape(listing, candidate, read), samples, claims, remote)
         headers.append(read)
         plans.append(plan)
         quants.append(
