@@ -25,6 +25,7 @@ _CHUNK = 64 * 1024
 class Repo:
     files: dict[str, Path]  # path in the repo -> file on disk
     token: str | None = None  # gated: files need this bearer token
+    ranges: bool = True  # False: a Range header is ignored and the whole file sent
     commit: str = ""
 
     def __post_init__(self) -> None:
@@ -101,7 +102,7 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
             disk = repo.files[name]
             size = disk.stat().st_size
             start, end = 0, size - 1
-            match = _RANGE.match(self.headers.get("Range", ""))
+            match = _RANGE.match(self.headers.get("Range", "")) if repo.ranges else None
             if match:
                 start, end = int(match[1]), min(int(match[2] or size - 1), size - 1)
             self.send_response(206 if match else 200)

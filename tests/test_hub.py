@@ -71,6 +71,7 @@ def hub_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Repo]:
         "org/Llama-8B-GGUF": Repo({**quants, "README.md": tiny, "mmproj-llama-8b-F16.gguf": tiny}),
         "org/gated-GGUF": Repo({"tiny-F16.gguf": tiny}, token=TOKEN),
         "org/hostile-GGUF": Repo(_hostile(root / "hostile")),
+        "org/no-ranges-GGUF": Repo({"llama-8b-F16.gguf": quants["llama-8b-F16.gguf"]}, ranges=False),
     }
 
 
@@ -209,6 +210,19 @@ def test_a_reference_the_hub_cannot_answer_is_one_sentence(
     assert said in err.splitlines()[0] and "Traceback" not in err
     if "quant Q2_K" in said:
         assert "quants there: Q8_0, F16, F32" in err  # the ones there are, smallest first
+
+
+def test_a_hub_that_ignores_ranges_is_read_no_further_than_the_header(
+    hub: StandInHub, write_config: ConfigWriter, marked_env: dict[str, str], tmp_path: Path
+) -> None:
+    model = {"model": "hf:org/no-ranges-GGUF:F16", "ctx": 4096}
+    code, out, err = _plan(write_config, _env(marked_env, hub, tmp_path), model, ONE_GPU_24G)
+    assert code == 0, err
+    assert "m: fits on 1 GPU" in out
+    size = hub.repos["org/no-ranges-GGUF"].files["llama-8b-F16.gguf"].stat().st_size
+    # The whole file was offered each time; the client read the header and closed (the socket's buffers
+    # take a few MiB more than it read).
+    assert hub.total_sent < 64 << 20 and hub.total_sent < size / 200
 
 
 def test_a_hostile_header_is_refused_at_the_limit_without_reading_past_it(

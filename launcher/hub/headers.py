@@ -77,7 +77,10 @@ class HubReader:
         want = min(FIRST_RANGE_BYTES, file.size_bytes)
         name = Path(f"hf:{listing.repo}/{file.path}")
         while True:
+            asked = want - len(data)
             data += self._fetch(listing, file, len(data), want)
+            if len(data) < want:
+                raise HubError(f"the hub sent {asked - (want - len(data))} of the {asked} bytes asked of {name}")
             try:
                 part = parse_header(data, name, file.size_bytes)
             except HeaderIncomplete:
