@@ -22,7 +22,7 @@ from launcher.hub_ref import HubRef, parse_hub_ref
 from launcher.plan.gguf import HeaderIncomplete, parse_header
 from launcher.plan.planner import Planner
 from launcher.tinymodel import TinyShape, write_tiny_llama
-from tests.conftest import ConfigWriter, Daemon, run_cli, write_secret
+from tests.conftest import ConfigWriter, Daemon, free_port, run_cli, write_secret
 from tests.hubstandin import Repo, StandInHub, serving
 
 # A 70B-shaped llama (Llama 3 70B's layers, widths and a 128k vocabulary), Q8_0, split in three files.
@@ -223,6 +223,26 @@ def test_a_hub_that_ignores_ranges_is_read_no_further_than_the_header(
     # The whole file was offered each time; the client read the header and closed (the socket's buffers
     # take a few MiB more than it read).
     assert hub.total_sent < 64 << 20 and hub.total_sent < size / 200
+
+
+def test_offline_mode_is_said_and_asks_nothing(
+    hub: StandInHub, write_config: ConfigWriter, marked_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = _env(marked_env, hub, tmp_path, HF_HUB_OFFLINE="1")
+    code, out, err = _plan(write_config, env, {"model": "hf:org/Llama-8B-GGUF:F16"}, ONE_GPU_24G)
+    assert code == 1 and out == ""
+    assert err.startswith("launcher: HF_HUB_OFFLINE is set") and "Traceback" not in err
+    assert hub.requests == []
+
+
+def test_a_hub_that_does_not_answer_is_one_sentence(
+    write_config: ConfigWriter, marked_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {k: v for k, v in marked_env.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf-home"))
+    code, out, err = _plan(write_config, env, {"model": "hf:org/Llama-8B-GGUF:F16"}, ONE_GPU_24G)
+    assert code == 1 and out == ""
+    assert "cannot be reached for org/Llama-8B-GGUF at main" in err.splitlines()[0] and "Traceback" not in err
 
 
 def test_a_hostile_header_is_refused_at_the_limit_without_reading_past_it(

@@ -160,10 +160,21 @@ def _said(what: str, repo: str) -> Iterator[None]:
     """The library's errors, and the network's, as one sentence that says what to do."""
     import httpx2  # the library's HTTP client
     from huggingface_hub import constants
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         yield
+    except OfflineModeIsEnabled:
+        raise HubError(
+            f"HF_HUB_OFFLINE is set: the hub is not asked for {what}, so it cannot be planned yet",
+            hint="unset HF_HUB_OFFLINE to plan it from its headers",
+        ) from None
     except GatedRepoError:
         raise HubError(
             f"{repo} is a gated repo: {what} needs access",
