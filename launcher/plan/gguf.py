@@ -9,6 +9,8 @@ supplies the format's constants and the quantisation block sizes. Split models
 Every file is hostile until checked: it is opened only if it is a regular file (a FIFO would block the
 reader forever, a device could be endless), and every count and size is checked against the format's limits
 and the file's own size before anything is built from it (`keys.py` checks the values the planner reads).
+The same reader parses the start of a file fetched from elsewhere (`parse_header`: a hub model's, with the
+file's size the hub gives), saying when the header goes on past the bytes at hand.
 """
 
 from __future__ import annotations
@@ -301,7 +303,8 @@ def read_gguf(path: Path, what: str = "model file") -> GgufFile:
 
 
 def split_siblings(path: Path, metadata: dict[str, Any]) -> list[Path]:
-    """The other files of a split model whose first file is ``path`` (none for a model in one file)."""
+    """The other files of a split model whose first file is ``path`` (none for a model in one file), once
+    the metadata the planner reads is checked (keys.py): the first file's header says how many there are."""
     check_metadata(path, metadata)
     shard = _SHARD.match(path.name)
     count = int(metadata.get("split.count", 1))
