@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from launcher.schema import GpuSample, InstanceStatus, PeerStatus, Plan, State
+from launcher.schema import GpuSample, HubPlan, InstanceStatus, PeerStatus, Plan, State
 
 
 def as_json(items: BaseModel | Sequence[BaseModel]) -> str:
@@ -136,6 +136,33 @@ def format_gpus(gpus: Sequence[GpuSample]) -> str:
     return format_table(headers, rows)
 
 
+def _hub_lines(hub: HubPlan) -> list[str]:
+    """Where a hub model's plan came from, and the table of its quants when the launcher chose one."""
+    files = hub.files[0] + (f" (+{len(hub.files) - 1} parts)" if len(hub.files) > 1 else "")
+    lines = [
+        f"hub: {hub.repo} at {hub.revision} (commit {hub.commit[:12]}), {files}, {_size(hub.size_bytes)}",
+        f"planned from the headers: {hub.header_bytes} bytes, {hub.fetched_bytes} of them fetched from the hub now "
+        "(the rest from the header cache); no weights downloaded",
+    ]
+    if hub.quants:
+        rows = [
+            [
+                ("* " if q.chosen else "  ") + (q.quant or "?"),
+                _size(q.size_bytes),
+                "fits" if q.fits else "does not fit",
+                q.files[0] + (f" (+{len(q.files) - 1})" if len(q.files) > 1 else ""),
+                "" if q.fits else (q.reason or ""),
+            ]
+            for q in hub.quants
+        ]
+        lines += ["", format_table(["QUANT", "SIZE", "VERDICT", "FILE", "WHY NOT"], rows), ""]
+    return lines
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
 def format_plan(name: str, plan: Plan) -> str:
     """`launcher plan` for people: the verdict, a row per GPU, the host's share, the command."""
     devices = plan.devices
@@ -145,6 +172,8 @@ def format_plan(name: str, plan: Plan) -> str:
     kv = f"KV {plan.cache_type_k}/{plan.cache_type_v}"
     settings = f"ctx {plan.ctx}, flash attention {'on' if plan.flash_attn else 'off'}, {kv}"
     lines = [f"{name}: {'fits on ' + where if plan.fits else 'does not fit'} ({settings})"]
+    if plan.hub is not None:
+        lines += _hub_lines(plan.hub)
     if plan.architecture:
         lines.append(_shape_line(plan))
     lines += [f"warning: {w}" for w in plan.warnings]

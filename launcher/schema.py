@@ -95,6 +95,31 @@ class HostPlan(_Wire):
     projector_mib: int = 0
 
 
+class QuantPlan(_Wire):
+    """One model of a hub repo planned from its header: its quant, whether it fits and why not."""
+
+    quant: str | None  # None: its file names no quant
+    files: list[str]
+    size_bytes: int
+    fits: bool
+    reason: str | None
+    chosen: bool = False
+
+
+class HubPlan(_Wire):
+    """Where a hub model's plan came from: the commit, the files, the header bytes read to plan them."""
+
+    reference: str  # hf:ORG/REPO[:QUANT]
+    repo: str
+    revision: str
+    commit: str
+    files: list[str]  # of the model planned (a split model's all)
+    size_bytes: int
+    header_bytes: int  # the start of each file read to plan, summed
+    fetched_bytes: int  # of them, fetched from the hub now (the rest came from the header cache)
+    quants: list[QuantPlan] = []  # every quant planned, smallest first (a reference without a quant)
+
+
 class Plan(_Wire):
     model: str
     backend: str
@@ -122,6 +147,7 @@ class Plan(_Wire):
     warnings: list[str] = []
     not_modelled: list[str] = []  # flags in args whose effect on memory the plan does not follow
     network: NetworkCost | None = None  # None: every device is this host's
+    hub: HubPlan | None = None  # a hub model planned from its headers before download
 
     @property
     def claims_mib(self) -> dict[int, int]:

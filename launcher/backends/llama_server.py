@@ -68,7 +68,7 @@ class LlamaServerBackend:
         check_model_file(model, name)
 
     def model_file(self, model: ModelSettings) -> Path | None:
-        return model.model
+        return model.model if isinstance(model.model, Path) else None  # a hub model: planned from its headers
 
     def launch_spec(self, model: ModelSettings, port: int, placement: Placement) -> LaunchSpec:
         argv = [
