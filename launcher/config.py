@@ -388,7 +388,7 @@ class ModelSettings(_Strict):
     ollama: OllamaSettings = Field(default_factory=OllamaSettings)
     replicas: Literal["per-gpu"] | Annotated[int, Field(ge=1)] = Field(
         default=1,
-        description="Ollama: one instance per GPU (`per-gpu`) or N instances, each on its own GPU and port, "
+        description="One instance per GPU (`per-gpu`) or N instances, each on its own GPU and port, "
         "named `NAME@0`, `NAME@1`, ...",
     )
     aliases: list[str] = Field(default_factory=list, description="Other names the front door answers to for it.")
