@@ -81,7 +81,7 @@ def test_openai_client_by_name_and_alias_over_two_replicas(
 
     records = daemon.http.get("/requests").json()
     served_by = {r["instance"] for r in records if r["model"] == "tiny"}
-    assert served_by == {"tiny@0", "tiny@1"}  # both replicas take requests
+    assert served_by == {"tiny@0", "tiny@1"}, records  # both replicas take requests
     streamed = next(r for r in records if r["streamed"])
     assert streamed["generated_tokens"] == 6 and streamed["tokens_per_s"] > 0 and streamed["ttfb_ms"] > 0
     metrics = daemon.http.get("/metrics").text

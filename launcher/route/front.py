@@ -10,7 +10,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Awaitable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -59,12 +59,13 @@ class FrontDoor:
         arrived = datetime.now().astimezone().isoformat(timespec="milliseconds")
         method, path = scope["method"], scope["path"]
         model = ""
-        started = False
+        started = answered = False
 
         async def tracked(message: MutableMapping[str, Any]) -> None:
-            nonlocal started
+            nonlocal started, answered
             started = True
             await send(message)
+            answered = message["type"] == "http.response.body" and not message.get("more_body", False)
 
         try:
             self._check_key(scope["headers"])
@@ -103,7 +104,7 @@ class FrontDoor:
                 serving = self._router.serve(
                     model, method, target + query, scope["headers"], body, tracked, arrived_s, queued=not upstream
                 )
-            served = await _until_client_leaves(receive, serving)
+            served = await _until_client_leaves(receive, serving, lambda: answered)
         except RouteError as exc:
             if not started:
                 await _answer(send, exc.status, exc.body() if method != "HEAD" else b"", exc.headers())
@@ -209,9 +210,11 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-async def _until_client_leaves(receive: Receive, serving: Awaitable[T]) -> T:
+async def _until_client_leaves(receive: Receive, serving: Awaitable[T], answered: Callable[[], bool]) -> T:
     """``serving``'s result; cancelled (its upstream request closed, its queue place given up) when the
-    client disconnects first: the server then stops generating and frees its slot."""
+    client disconnects first: the server then stops generating and frees its slot. A client that leaves
+    once its whole answer was sent (a stream's reader closes the connection at its end) did not leave
+    early: the request is recorded as served."""
     work = asyncio.ensure_future(serving)
     left = asyncio.ensure_future(_disconnect(receive))
     try:
@@ -221,6 +224,8 @@ async def _until_client_leaves(receive: Receive, serving: Awaitable[T]) -> T:
         raise
     finally:
         left.cancel()
+    if not work.done() and answered():
+        return await work
     if not work.done():
         work.cancel()
         with contextlib.suppress(asyncio.CancelledError):
