@@ -177,6 +177,36 @@ class ErrorBody(_Wire):
     hint: str | None = None
 
 
+# ---- reloads ----------------------------------------------------------------------------------------
+
+
+class Change(StrEnum):
+    """What a reload does to one instance."""
+
+    KEPT = "kept"  # settings unchanged: not touched
+    RESTARTED = "restarted"  # a key that the server's command depends on changed
+    LIVE_UPDATED = "live-updated"  # only keys the daemon applies without a restart changed
+    STOPPED = "stopped"  # gone from the configuration: stopped and removed
+    ADDED = "added"  # new in the configuration (started when autostart)
+
+
+class InstanceChange(_Wire):
+    name: str  # the instance: a configured model, or a replica NAME@N
+    model: str  # the configured model it is
+    change: Change
+    keys: list[str] = []  # the model's keys that differ (dotted), for restarted and live-updated
+
+
+class ReloadReport(_Wire):
+    """What a reload did, or would do (``dry_run``), per instance and to the daemon's own settings."""
+
+    dry_run: bool
+    source: str  # the configuration file read
+    instances: list[InstanceChange]
+    applied: list[str] = []  # the daemon-level keys (dotted) that changed and were applied live
+    waiting: list[str] = []  # the daemon-level keys that changed and wait for a restart of the daemon
+
+
 # ---- the front door ---------------------------------------------------------------------------------
 
 

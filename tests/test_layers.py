@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent / "launcher"
 # import of a launcher module runs it first, so it can only be the ground floor (it holds the version).
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("launcher", "errors", "schema", "config_yaml", "address", "server_args", "events"),  # standard library leaves
-    1: ("config", "config_env", "config_file", "replicas"),  # the settings
+    1: ("config", "config_env", "config_file", "config_change", "replicas"),  # the settings
     2: ("client", "gpu"),  # readers: the daemon's HTTP client, the GPUs
     3: ("rpc",),  # the wire protocol and the peers' reader
     4: ("plan",),  # pure planning, owning its output type
