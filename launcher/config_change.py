@@ -147,3 +147,18 @@ def plan_reload(old: Settings, new: Settings, gpu_indices: Sequence[int], *, dry
         applied=[key for key in daemon if DAEMON_KEYS[key] == "live"],
         waiting=[key for key in daemon if DAEMON_KEYS[key] == "restart"],
     )
+
+
+def in_effect(old: Settings, new: Settings, report: ReloadReport) -> Settings:
+    """The settings a daemon runs with after applying ``report``: ``new``'s models and daemon-level keys
+    applied live, ``old``'s values of the keys that wait for a restart."""
+    sections: dict[str, BaseModel] = {}
+    for section in ("daemon", "gpus", "router", "rpc"):
+        live = {
+            key.partition(".")[2]: getattr(getattr(new, section), key.partition(".")[2])
+            for key in report.applied
+            if key.startswith(f"{section}.")
+        }
+        sections[section] = getattr(old, section).model_copy(update=live)
+    peers = new.peers if "peers" in report.applied else old.peers
+    return new.model_copy(update={**sections, "peers": peers})

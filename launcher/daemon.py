@@ -3,9 +3,9 @@
 `launcher serve` runs it; `launcher up` without a daemon runs the same thing in the foreground, so
 `launcher status` works from another terminal either way. The daemon handles SIGTERM and SIGINT itself,
 from before it owns the state directory until its last server is stopped: they end serving, and the
-wiring's exit stops every server before the process exits. SIGHUP, the usual ask to reload, is logged and
-ignored until the daemon can reload (it must never end a serving daemon); in the foreground it means the
-terminal went away, and ends serving like SIGTERM.
+wiring's exit stops every server before the process exits. SIGHUP, the usual ask to reload, reloads the
+configuration as `POST /config/reload` does (launcher/reloading.py) and logs what it did, or why it
+changed nothing; in the foreground it means the terminal went away, and ends serving like SIGTERM.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from fastapi import FastAPI
 from launcher.api.app import create_app
 from launcher.api.limits import limited_protocol
 from launcher.config import Settings
-from launcher.errors import StartError
-from launcher.schema import Event, State
+from launcher.errors import LauncherError, StartError
+from launcher.reloading import Reloader
+from launcher.schema import Event, ReloadReport, State
 from launcher.supervise.manager import Manager
 from launcher.systemd import JournalFormatter, Notifier, sampler_problem, status_line, under_journal
 from launcher.wiring import Wired, api_token, front_door, listen, supervision
@@ -71,6 +72,8 @@ class Daemon:
         self._starting: asyncio.Task[None] | None = None  # the wiring's start, until the API serves
         self._notifier = Notifier.from_environment()
         self._waiting: asyncio.Task[None] | None = None  # READY=1 once loaded (daemon.ready_when)
+        self._reloader: Reloader | None = None  # once wired
+        self._reloads: set[asyncio.Task[None]] = set()  # reloads asked for by SIGHUP
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
         """End serving; the wiring then stops every instance. A second SIGINT hurries the API's end. Before
@@ -87,8 +90,23 @@ class Daemon:
         if self._hangup_stops:
             log.warning("SIGHUP: the terminal went away; stopping")
             self.request_stop(signal.SIGHUP)
+        elif self._reloader is None:
+            log.warning("SIGHUP ignored: the daemon is still starting (send it again once it serves)")
         else:
-            log.warning("SIGHUP ignored: the daemon cannot reload its configuration yet (restart it to apply one)")
+            log.info("SIGHUP: reloading the configuration")
+            task = asyncio.create_task(self._reload(self._reloader))
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+
+    @staticmethod
+    async def _reload(reloader: Reloader) -> None:
+        """A reload nobody waits for: its outcome is an event (logged), its error a log line."""
+        try:
+            await reloader.reload()
+        except LauncherError as exc:
+            log.error("SIGHUP: the configuration was not reloaded: %s", exc)
+        except Exception:  # a bug: the daemon serves on as it was, and the log has where it happened
+            log.exception("SIGHUP: the reload failed unexpectedly")
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -104,14 +122,16 @@ class Daemon:
         try:
             async with supervision(self._settings, on_event) as wired:
                 log.info("GPUs: %s", wired.gpu_backend)
+                self._reloader = Reloader(self._settings, wired)
                 sock = listen(self._settings)  # after the lock: a second daemon is told who owns the directory
                 notifying = self._notify(wired)
                 try:
                     await self._serve(wired, sock)
                 finally:
                     sock.close()
+                    self._reloader = None
                     log.info("stopping every instance")
-                    for task in (notifying, self._waiting):
+                    for task in (notifying, self._waiting, *self._reloads):
                         if task is not None:
                             task.cancel()
                     notifier.send("STOPPING=1")
@@ -164,7 +184,9 @@ class Daemon:
                 self._notifier.ready()
             self._on_started(manager)
 
-        api = rest_api(wired, self._settings, token=self._token, on_started=started)
+        reloader = self._reloader
+        reload = None if reloader is None else (lambda dry_run: reloader.reload(dry_run=dry_run))
+        api = rest_api(wired, self._settings, token=self._token, on_started=started, reload=reload)
         app = front_door(api, wired.router, self._settings, self._token)
         config = uvicorn.Config(
             app,
@@ -186,6 +208,7 @@ def rest_api(
     *,
     token: str | None = None,
     on_started: Callable[[], Awaitable[None]] | None = None,
+    reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
 ) -> FastAPI:
     """The REST API over the wired parts."""
     return create_app(
@@ -199,6 +222,7 @@ def rest_api(
         router=wired.router,
         token=token,
         on_started=on_started,
+        reload=reload,
     )
 
 

@@ -206,6 +206,23 @@ class ReloadReport(_Wire):
     applied: list[str] = []  # the daemon-level keys (dotted) that changed and were applied live
     waiting: list[str] = []  # the daemon-level keys that changed and wait for a restart of the daemon
 
+    def describe(self) -> str:
+        """One line: the instances by what was (or would be) done to them, then the daemon-level keys."""
+        done = [
+            f"{change.value} {', '.join(_with_keys(i) for i in self.instances if i.change == change)}"
+            for change in Change
+            if any(i.change == change for i in self.instances)
+        ]
+        if self.applied:
+            done.append(f"applied {', '.join(self.applied)}")
+        if self.waiting:
+            done.append(f"waiting for a restart of the daemon: {', '.join(self.waiting)}")
+        return ("would reload: " if self.dry_run else "reloaded: ") + ("; ".join(done) or "no model configured")
+
+
+def _with_keys(change: InstanceChange) -> str:
+    return f"{change.name} ({', '.join(change.keys)})" if change.keys else change.name
+
 
 # ---- the front door ---------------------------------------------------------------------------------
 

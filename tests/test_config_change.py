@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from launcher.config import DaemonSettings, GpuSettings, ModelSettings, RouterSettings, RpcSettings, Settings
-from launcher.config_change import DAEMON_KEYS, MODEL_KEYS, plan_reload
+from launcher.config_change import DAEMON_KEYS, MODEL_KEYS, in_effect, plan_reload
 from launcher.config_file import parse_settings
 from launcher.errors import ConfigError
 from launcher.schema import Change
@@ -140,3 +140,19 @@ def test_nothing_changed_is_all_kept() -> None:
     report = plan_reload(settings(text), settings(text), GPUS)
     assert {i.change for i in report.instances} == {Change.KEPT}
     assert (report.applied, report.waiting) == ([], [])
+
+
+def test_in_effect_takes_the_live_keys_and_keeps_the_waiting_ones() -> None:
+    old = settings("models: {a: {model: a.gguf}}")
+    new = settings(
+        """
+daemon: {port: 9000}
+gpus: {thermal_limit_c: 80, margin_mib: 2048}
+models: {b: {model: b.gguf}}
+peers: [{url: 'http://10.0.0.2:8400'}]
+"""
+    )
+    now = in_effect(old, new, plan_reload(old, new, GPUS))
+    assert list(now.models) == ["b"]
+    assert now.gpus.thermal_limit_c == 80
+    assert (now.daemon.port, now.gpus.margin_mib, now.peers) == (8400, 1024, [])

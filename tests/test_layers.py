@@ -36,6 +36,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     9: ("api",),
     10: (
         "wiring",
+        "reloading",
         "daemon",
         "local",
         "doctor",
