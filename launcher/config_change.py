@@ -75,22 +75,24 @@ DAEMON_KEYS: dict[str, Applied] = {
             "body_budget_mib",
         )
     },
-    "gpus.thermal_limit_c": "live",  # judged at every sample by the manager
-    "gpus.thermal_action": "live",
+    # the manager hands them to the sampler, the planner, the lending and the VRAM gate; the thermal guard
+    # judges by them at every sample. Which GPUs are read, and how, is fixed when the daemon starts.
     **{
-        f"gpus.{key}": "restart"
+        f"gpus.{key}": "live"
         for key in (
-            "backend",
             "poll_interval",
             "margin_mib",
             "overhead_mib",
             "reserve_mib",
+            "thermal_limit_c",
+            "thermal_action",
             "history",
             "process_every",
             "vram_wait_s",
-            "sim",
         )
     },
+    "gpus.backend": "restart",
+    "gpus.sim": "restart",
     "router.evict": "live",  # read by the router at each decision
     "router.api_keys": "restart",
     "rpc.allow_public": "restart",

@@ -149,10 +149,12 @@ class Daemon:
     def _notify(self, wired: Wired) -> asyncio.Task[None]:
         """Keep systemd's STATUS= line current and its watchdog fed while the loop and the sampler live."""
         manager, sampler = wired.manager, wired.sampler
-        stale_after_s = sampler.stale_after_s + 1.0  # a second's grace for a read under way
         sampler.subscribe(lambda _sample: self._notifier.changed())
 
         def problem() -> str | None:
+            stale_after_s = (
+                sampler.stale_after_s + 1.0
+            )  # a second's grace for a read under way (a reload may change it)
             return sampler_problem([s.time for s in sampler.latest()], time.time(), stale_after_s)
 
         def status() -> str:

@@ -130,8 +130,8 @@ router: {evict: never}
     report = plan_reload(old, new, GPUS, dry_run=True)
     assert report.dry_run
     assert report.instances == []
-    assert report.applied == ["gpus.thermal_limit_c", "router.evict"]
-    assert report.waiting == ["daemon.port", "daemon.state_dir", "gpus.margin_mib"]
+    assert report.applied == ["gpus.margin_mib", "gpus.thermal_limit_c", "router.evict"]
+    assert report.waiting == ["daemon.port", "daemon.state_dir"]
     assert report.source == "/etc/launcher/launcher.yaml"
 
 
@@ -147,7 +147,8 @@ def test_in_effect_takes_the_live_keys_and_keeps_the_waiting_ones() -> None:
     new = settings(
         """
 daemon: {port: 9000}
-gpus: {thermal_limit_c: 80, margin_mib: 2048}
+gpus: {thermal_limit_c: 80}
+router: {api_keys: [k]}
 models: {b: {model: b.gguf}}
 peers: [{url: 'http://10.0.0.2:8400'}]
 """
@@ -155,4 +156,4 @@ peers: [{url: 'http://10.0.0.2:8400'}]
     now = in_effect(old, new, plan_reload(old, new, GPUS))
     assert list(now.models) == ["b"]
     assert now.gpus.thermal_limit_c == 80
-    assert (now.daemon.port, now.gpus.margin_mib, now.peers) == (8400, 1024, [])
+    assert (now.daemon.port, now.router.api_keys, now.peers) == (8400, [], [])

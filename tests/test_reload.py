@@ -4,6 +4,7 @@ ones stop and leave the API, added ones appear; a file that does not load change
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -149,3 +150,30 @@ def test_dry_run_changes_nothing(write_config: ConfigWriter, start_daemon: Start
     assert [s["name"] for s in daemon.http.get("/instances").json()] == ["tiny"]
     status = daemon.instance("tiny")
     assert (status["pid"], status["restarts"]) == (pid, 0)
+
+
+def test_gpu_keys_apply_live_and_the_listening_port_waits(
+    write_config: ConfigWriter, start_daemon: StartDaemon
+) -> None:
+    sim = {"backend": "sim", "sim": [{"name": "Sim", "memory_mib": 24576, "temperature_c": 85}]}
+    config = write_config({"tiny": {"autostart": True}}, gpus=sim)
+    daemon = start_daemon(config)
+    pid = daemon.wait_for("tiny", ready)["pid"]
+
+    moved = {**same_daemon(config), "port": same_daemon(config)["port"] + 1}
+    write_config({"tiny": {"autostart": True}}, gpus={**sim, "thermal_limit_c": 80}, daemon=moved)
+    elsewhere = daemon.cli("reload")  # the CLI looks where the file says: it is told where the daemon listens
+    assert elsewhere.returncode == 1 and f"it listens at {daemon.url}" in elsewhere.stderr
+    done = daemon.cli("--url", daemon.url, "reload", "--json")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["applied"], answer["waiting"]) == (["gpus.thermal_limit_c"], ["daemon.port"])
+    poll_until(
+        lambda: reload_events(daemon) + thermal_events(daemon), lambda e: bool(thermal_events(daemon)), "hot", 10
+    )
+    assert daemon.instance("tiny")["pid"] == pid
+
+
+def thermal_events(daemon: Daemon) -> list[str]:
+    with daemon.http.stream("GET", "/events", params={"recent": 500, "follow": "false"}) as response:
+        return [line for line in response.iter_lines() if line.startswith("event: thermal")]

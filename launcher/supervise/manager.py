@@ -19,7 +19,7 @@ import httpx
 
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, with_command
-from launcher.config import ModelSettings, Settings
+from launcher.config import GpuSettings, ModelSettings, Settings
 from launcher.errors import ConflictError, LauncherError
 from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
@@ -297,6 +297,8 @@ class Manager:
         longer sees them) but stay known until `carry_out` has stopped them."""
         before = self._configured
         after = replicas.expand(settings, [g.index for g in self.sampler.identities])
+        if settings.gpus != self.settings.gpus:
+            self._use_gpu_settings(settings.gpus)
         self.settings = settings
         for change in report.instances:
             if change.change == Change.ADDED:
@@ -308,6 +310,15 @@ class Manager:
                 self._table.ungroup(change.name)
         removed = {c.name: before[c.name] for c in report.instances if c.change == Change.STOPPED}
         self._configured = {**after, **removed}
+
+    def _use_gpu_settings(self, gpus: GpuSettings) -> None:
+        """The parts that read `gpus:` take the reload's (the thermal guard reads it from `settings`)."""
+        self.sampler.reconfigure(
+            poll_interval_s=gpus.poll_interval, history=gpus.history, process_every=gpus.process_every
+        )
+        self.planner.reconfigure(gpus)
+        self.lending.reconfigure(gpus)
+        self._vram.reconfigure(gpus)
 
     async def carry_out(self, report: ReloadReport) -> None:
         """The acts of a reload, after `reconfigure`: removed instances stopped and forgotten and changed ones
