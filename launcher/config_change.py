@@ -94,7 +94,7 @@ DAEMON_KEYS: dict[str, Applied] = {
     "gpus.backend": "restart",
     "gpus.sim": "restart",
     "router.evict": "live",  # read by the router at each decision
-    "router.api_keys": "restart",
+    "router.api_keys": "live",  # the front door takes them
     "rpc.allow_public": "restart",
     "rpc.listen": "restart",
     "rpc.peer_interval_s": "restart",

@@ -29,10 +29,11 @@ from launcher.api.limits import limited_protocol
 from launcher.config import Settings
 from launcher.errors import LauncherError, StartError
 from launcher.reloading import Reloader
+from launcher.route.front import FrontDoor
 from launcher.schema import Event, ReloadReport, State
 from launcher.supervise.manager import Manager
 from launcher.systemd import JournalFormatter, Notifier, sampler_problem, status_line, under_journal
-from launcher.wiring import Wired, api_token, front_door, listen, supervision
+from launcher.wiring import Wired, api_token, front_door, listen, router_keys, supervision
 
 log = logging.getLogger("launcher")
 
@@ -189,7 +190,10 @@ class Daemon:
         reloader = self._reloader
         reload = None if reloader is None else (lambda dry_run: reloader.reload(dry_run=dry_run))
         api = rest_api(wired, self._settings, token=self._token, on_started=started, reload=reload)
-        app = front_door(api, wired.router, self._settings, self._token)
+        door = FrontDoor(api, wired.router, router_keys(self._settings, self._token))
+        if reloader is not None:  # the API token waits for a restart: the keys of a reload come with it
+            reloader.subscribe(lambda settings: door.use_keys(router_keys(settings, self._token)))
+        app = front_door(door, self._settings)
         config = uvicorn.Config(
             app,
             http=limited_protocol(self._settings.daemon.request_timeout_s),

@@ -11,6 +11,7 @@ records it. Reloads run one at a time.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 from launcher.backends import backend_for
@@ -39,6 +40,12 @@ class Reloader:
         self._settings = settings
         self._wired = wired
         self._lock = asyncio.Lock()
+        self._listeners: list[Callable[[Settings], None]] = []
+
+    def subscribe(self, listener: Callable[[Settings], None]) -> None:
+        """Call ``listener`` with the settings in effect after each reload (a part built outside the wiring:
+        the front door takes its keys)."""
+        self._listeners.append(listener)
 
     async def reload(self, *, dry_run: bool = False) -> ReloadReport:
         """What the reload did (or, ``dry_run``, would do); raises the configuration's error, changing nothing."""
@@ -56,6 +63,8 @@ class Reloader:
             settings = in_effect(self._settings, new, report)
             self._wired.manager.reconfigure(settings, report)
             self._wired.router.reconfigure(settings)
+            for listener in self._listeners:
+                listener(settings)
             self._settings = settings
             self._publish("reload", report.describe())
             await self._wired.manager.carry_out(report)

@@ -148,7 +148,7 @@ def test_in_effect_takes_the_live_keys_and_keeps_the_waiting_ones() -> None:
         """
 daemon: {port: 9000}
 gpus: {thermal_limit_c: 80}
-router: {api_keys: [k]}
+rpc: {peer_interval_s: 9}
 models: {b: {model: b.gguf}}
 peers: [{url: 'http://10.0.0.2:8400'}]
 """
@@ -156,4 +156,4 @@ peers: [{url: 'http://10.0.0.2:8400'}]
     now = in_effect(old, new, plan_reload(old, new, GPUS))
     assert list(now.models) == ["b"]
     assert now.gpus.thermal_limit_c == 80
-    assert (now.daemon.port, now.router.api_keys, now.peers) == (8400, [], [])
+    assert (now.daemon.port, now.rpc.peer_interval_s, now.peers) == (8400, 5.0, [])

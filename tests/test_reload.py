@@ -83,14 +83,21 @@ def test_live_keys_apply_without_a_restart(write_config: ConfigWriter, start_dae
     daemon = start_daemon(config)
     pid = daemon.wait_for("tiny", ready)["pid"]
 
-    write_config({"tiny": {"autostart": True, "aliases": ["small"], "idle_ttl_s": 600}}, daemon=same_daemon(config))
+    write_config(
+        {"tiny": {"autostart": True, "aliases": ["small"], "idle_ttl_s": 600}},
+        daemon=same_daemon(config),
+        router={"api_keys": ["sesame"]},
+    )
     done = daemon.http.post("/config/reload")
     assert done.status_code == 200, done.text
     assert done.json()["instances"] == [
         {"name": "tiny", "model": "tiny", "change": "live-updated", "keys": ["aliases", "idle_ttl_s"]}
     ]
-    served = daemon.http.post("/v1/completions", json={"model": "small", "prompt": "Hi", "max_tokens": 2})
-    assert served.status_code == 200, served.text  # the front door answers to the new alias
+    assert done.json()["applied"] == ["router.api_keys"]
+    request = {"model": "small", "prompt": "Hi", "max_tokens": 2}
+    assert daemon.http.post("/v1/completions", json=request).status_code == 401  # the new key is asked for
+    served = daemon.http.post("/v1/completions", json=request, headers={"Authorization": "Bearer sesame"})
+    assert served.status_code == 200, served.text  # and the front door answers to the new alias
     status = daemon.instance("tiny")
     assert (status["pid"], status["restarts"]) == (pid, 0)
 
