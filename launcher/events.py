@@ -46,7 +46,7 @@ class Bus(Generic[T]):
         self._queues.discard(queue)
 
     @property
-    def read(self) -> bool:
+    def has_readers(self) -> bool:
         """Whether anyone subscribes: a publisher may skip the work of an item nobody reads."""
         return bool(self._queues)
 

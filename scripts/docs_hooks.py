@@ -6,6 +6,7 @@ cannot drift from it. A page asks for one with a line of its own, `<!-- generate
 - `cli`: the help of every command of the CLI's argparse parser;
 - `api`: the REST API from the OpenAPI document of a real daemon (`launcher serve` on a free loopback
   port, with a token and `auth_reads: always`, so the 401 answers are in it too);
+- `metrics`: every metric family the same daemon serves on `/metrics`, with its type, labels and help;
 - `layout`: the package's modules, each with the first paragraph of its docstring.
 """
 
@@ -29,6 +30,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import httpx
 from mkdocs.exceptions import PluginError
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
@@ -45,6 +47,7 @@ def _generate(name: str) -> str:
         "cli": cli_reference,
         "api": api_reference,
         "layout": layout_reference,
+        "metrics": metrics_reference,
     }
     if name not in generators:
         raise PluginError(f"<!-- generated: {name} -->: no such generator (known: {', '.join(generators)})")
@@ -193,8 +196,10 @@ def cli_reference() -> str:
 # The REST API ------------------------------------------------------------------------------------------
 
 
-def openapi_document(timeout_s: float = 60.0) -> dict[str, Any]:
-    """The OpenAPI document of a real daemon with no model, started for this and stopped."""
+def daemon_answers(paths: tuple[str, ...] = ("/openapi.json", "/metrics"), timeout_s: float = 60.0) -> dict[str, str]:
+    """What a real daemon answers at ``paths``, started for this and stopped: with a token and
+    `auth_reads: always` (so every read lists its 401), one simulated GPU and one model that is not started
+    (so that the instance and GPU metrics have their labels)."""
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -202,13 +207,17 @@ def openapi_document(timeout_s: float = 60.0) -> dict[str, Any]:
         token = Path(tmp, "token")
         token.write_text("docs-token\n")
         token.chmod(0o600)
+        from launcher.tinymodel import write_tiny_llama
+
+        model = write_tiny_llama(Path(tmp, "model.gguf"), header_only=True)
         config = Path(tmp, "launcher.yaml")
         config.write_text(
             json.dumps(
                 {
                     "daemon": {"port": port, "state_dir": f"{tmp}/state", "token_file": str(token)}
                     | {"auth_reads": "always"},
-                    "gpus": {"backend": "none"},
+                    "gpus": {"backend": "sim", "sim": [{"name": "Simulated GPU", "memory_mib": 24576}]},
+                    "models": {"example": {"model": str(model), "autostart": False}},
                 }
             )
         )
@@ -222,13 +231,21 @@ def openapi_document(timeout_s: float = 60.0) -> dict[str, Any]:
             ) as http:
                 while time.monotonic() < deadline and daemon.poll() is None:
                     try:
-                        return dict(http.get("/openapi.json").raise_for_status().json())
+                        # One request to the front door first: its metrics then show their labels.
+                        http.post("/v1/chat/completions", json={"model": "example", "messages": []})
+                        return {path: http.get(path).raise_for_status().text for path in paths}
                     except httpx.TransportError:
                         time.sleep(0.1)
         finally:
             daemon.terminate()
             _, stderr = daemon.communicate(timeout=30)
-    raise PluginError(f"the daemon gave no OpenAPI document (exit {daemon.returncode}): {stderr.strip()[-2000:]}")
+    raise PluginError(f"the daemon did not answer (exit {daemon.returncode}): {stderr.strip()[-2000:]}")
+
+
+@functools.cache
+def _served() -> dict[str, str]:
+    """One daemon per build for every page that needs one."""
+    return daemon_answers()
 
 
 def _schema_type(schema: dict[str, Any]) -> str:
@@ -256,7 +273,7 @@ def _cell(text: str | None) -> str:
 
 def api_reference(document: dict[str, Any] | None = None) -> str:
     """Every path and method with its parameters, body and answers, then every schema with its fields."""
-    document = document if document is not None else openapi_document()
+    document = document if document is not None else json.loads(_served()["/openapi.json"])
     lines: list[str] = []
     for path, methods in document["paths"].items():
         for method, operation in methods.items():
@@ -298,6 +315,23 @@ def api_reference(document: dict[str, Any] | None = None) -> str:
             lines.append("")
         elif "enum" in schema:
             lines += [f"One of {_schema_type(schema)}.", ""]
+    return "\n".join(lines)
+
+
+# The metrics ---------------------------------------------------------------------------------------------
+
+
+def metrics_reference(exposition: str | None = None) -> str:
+    """Every metric family a daemon exposes on `/metrics`: its name, type, labels and help, as served."""
+    exposition = exposition if exposition is not None else _served()["/metrics"]
+    lines = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for family in text_string_to_metric_families(exposition):
+        if family.name.startswith(("python_", "process_")):
+            continue  # prometheus_client's own, the same in every program
+        labels = sorted({label for sample in family.samples for label in sample.labels} - {"le", "quantile"})
+        shown = ", ".join(f"`{label}`" for label in labels) or ("none" if family.samples else "—")
+        suffix = "_total" if family.type == "counter" else ""
+        lines.append(f"| `{family.name}{suffix}` | {family.type} | {shown} | {_cell(family.documentation)} |")
     return "\n".join(lines)
 
 

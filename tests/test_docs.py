@@ -5,18 +5,27 @@ is built with `mkdocs build --strict` by scripts/test."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
 import pytest
 from mkdocs.exceptions import PluginError
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
 
 from launcher.cli import build_parser
 from launcher.config import Settings
 from launcher.config_file import parse_settings
-from scripts.docs_hooks import api_reference, cli_reference, configuration_reference, layout_reference, openapi_document
+from scripts.docs_hooks import (
+    api_reference,
+    cli_reference,
+    configuration_reference,
+    daemon_answers,
+    layout_reference,
+    metrics_reference,
+)
 from tests.conftest import MARK
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,9 +96,12 @@ def test_the_command_line_page_covers_every_command() -> None:
     assert "### `launcher service install`" in help_text
 
 
-def test_the_api_reference_is_a_real_daemons_document(leaves_no_process: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_api_and_metrics_references_are_a_real_daemons(
+    leaves_no_process: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(MARK, leaves_no_process)  # the daemon it starts carries the mark: proven gone after
-    document = openapi_document()
+    answers = daemon_answers()
+    document = json.loads(answers["/openapi.json"])
     assert "401" in document["paths"]["/gpus"]["get"]["responses"]  # started with a token, reads locked
     reference = api_reference(document)
     for path, methods in document["paths"].items():
@@ -98,6 +110,11 @@ def test_the_api_reference_is_a_real_daemons_document(leaves_no_process: str, mo
     for schema in document["components"]["schemas"]:
         assert f"### {schema}\n" in reference
     assert "| `authorization` | header | string or null | no | Bearer &lt;the API token&gt; |" in reference
+    metrics = metrics_reference(answers["/metrics"])
+    for family in text_string_to_metric_families(answers["/metrics"]):
+        if family.name.startswith("launcher_"):
+            assert f"| `{family.name}" in metrics, family.name
+    assert "| `launcher_requests_total` | counter | `code`, `instance`, `model` |" in metrics
 
 
 def test_the_layout_lists_every_subpackage() -> None:

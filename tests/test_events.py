@@ -26,14 +26,14 @@ async def test_a_slow_reader_loses_items_and_the_others_get_them() -> None:
 
 async def test_an_unsubscribed_queue_gets_nothing_more() -> None:
     bus = Bus[str](10)
-    assert not bus.read  # nobody subscribes: a publisher may skip the work
+    assert not bus.has_readers  # nobody subscribes: a publisher may skip the work
     queue = bus.subscribe()
-    assert bus.read
+    assert bus.has_readers
     bus.publish("a")
     bus.unsubscribe(queue)
     bus.publish("b")
     assert queue.get_nowait() == "a" and queue.empty()
-    assert not bus.read and bus.recent(5) == []  # keeps nothing unless asked to
+    assert not bus.has_readers and bus.recent(5) == []  # keeps nothing unless asked to
 
 
 async def test_the_wired_parts_carry_no_hook_to_set(write_config: ConfigWriter, open_wired: OpenWired) -> None:

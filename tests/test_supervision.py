@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from collections import Counter
 from pathlib import Path
@@ -121,6 +122,29 @@ async def test_one_start_computes_its_command_once(
     # Before the stop, what would keep the server from coming back (model file, binary) is checked;
     # the port is its own until then.
     assert calls == {"launch_spec": 1, "binary": 2, "check_model": 3, "ensure_port_free": 1}
+
+
+async def test_the_plan_of_an_instance_between_runs_is_what_its_next_run_gets(
+    write_config: ConfigWriter, open_manager: OpenManager, standin: Path, tmp_path: Path
+) -> None:
+    """`GET /plan` of an instance in backoff shows the command its next run gets, or why there is none: a
+    binary removed after its server crashed is said, not hidden behind the last run's command."""
+    binary = tmp_path / "server"
+    shutil.copy(standin, binary)  # with its mode: executable
+    slow = {"policy": "on-failure", "backoff_initial": 60, "backoff_max": 60, "burst": 100, "interval": 60}
+    manager = await open_manager(write_config({"tiny": {"binary": str(binary), "restart": slow}}))
+    instance = manager.get("tiny")
+    await manager.start("tiny")
+    await instance.wait_until(is_ready, READY_TIMEOUT_S)
+    ran_with = (await manager.plan("tiny")).command
+    pid = instance.status().pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await instance.wait_until(lambda i: i.state == State.BACKOFF, READY_TIMEOUT_S)
+    assert (await manager.plan("tiny")).command == ran_with
+    binary.unlink()
+    with pytest.raises(ConfigError, match=r"server does not exist or is not executable"):
+        await manager.plan("tiny")
 
 
 async def test_log_has_markers_and_server_output(manager: Manager) -> None:

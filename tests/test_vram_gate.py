@@ -80,7 +80,7 @@ async def test_after_a_server_ended_only_a_reading_taken_since_counts() -> None:
     assert told.messages == ["b: waiting for memory to come back on GPU 0 (no reading since)"]
 
 
-async def test_a_wait_looks_again_at_eachgpu_sample() -> None:
+async def test_a_wait_looks_again_at_each_gpu_sample() -> None:
     readings, told = Readings(gpu_sample(0, 100, time=1.0)), Told()
     gate = _gate(readings, told)
     waiting = asyncio.create_task(gate.await_vram({0: 500}, "c"))

@@ -151,7 +151,7 @@ def create_app(
     def shown(status: InstanceStatus, authorization: str | None) -> InstanceStatus:
         if not hides_server_output(authorization):
             return status
-        return without_log_lines(status, manager.get(status.name).server_words)
+        return without_log_lines(status, instances[status.name].server_words)
 
     @app.exception_handler(_Unauthorised)
     async def unauthorised(_request: Request, _exc: _Unauthorised) -> JSONResponse:
@@ -235,7 +235,7 @@ def create_app(
         """What `launcher plan NAME` shows: GPUs, MiB per GPU by term, split, command line, environment (the
         configured environment's values and keys in the command line only with the token)."""
         made = await unless_gone(request, manager.plan(name))
-        shown_plan = made if holds_token(authorization) else redacted_plan(made, manager.get(name).settings.env)
+        shown_plan = made if holds_token(authorization) else redacted_plan(made, instances[name].settings.env)
         return _json(shown_plan.model_dump_json())
 
     @app.get("/gpus", response_model=list[GpuSample], responses=read)
@@ -302,10 +302,10 @@ def create_app(
         def shown_event(event: Event) -> Event:
             if not hide_server_words or event.instance is None:
                 return event
-            instance = manager.instances.get(event.instance)
-            if instance is None:  # removed by a reload, and what its server said with it: show none of it
+            about = instances.get(event.instance)
+            if about is None:  # removed by a reload, and what its server said with it: show none of the message
                 return event.model_copy(update={"message": SERVER_WORDS_HIDDEN})
-            return without_server_words(event, instance.server_words)
+            return without_server_words(event, about.server_words)
 
         async def stream() -> AsyncIterator[str]:
             try:

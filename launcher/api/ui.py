@@ -61,7 +61,7 @@ def add_ui(
     feed = Bus[str](_QUEUE_SAMPLES)
 
     def publish(sample: GpuSample) -> None:
-        if feed.read:
+        if feed.has_readers:
             feed.publish(_sse(sample.model_copy(update={"instances": table.on_gpu(sample.index)})))
 
     sampler.subscribe(publish)

@@ -3,12 +3,12 @@ sampler. `open_backend` picks the backend the configuration asks for, or the fir
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 from launcher.config import GpuSettings
 from launcher.errors import StartError
 from launcher.gpu.base import GpuBackend, NoGpus
-from launcher.gpu.types import GpuIdentity
+from launcher.gpu.types import GpuIdentity, HeldMib, nothing_held
 
 
 def _nvml() -> GpuBackend:
@@ -32,13 +32,7 @@ def _sysfs() -> GpuBackend:
 _REAL: dict[str, Callable[[], GpuBackend]] = {"nvml": _nvml, "amdsmi": _amdsmi, "sysfs": _sysfs}
 
 
-def _nothing_used() -> Mapping[int, int]:
-    return {}
-
-
-def open_backend(
-    settings: GpuSettings, sim_usage: Callable[[], Mapping[int, int]] = _nothing_used
-) -> tuple[GpuBackend, str]:
+def open_backend(settings: GpuSettings, sim_usage: HeldMib = nothing_held) -> tuple[GpuBackend, str]:
     """The backend, and a sentence that says which one and why. ``sim_usage``: MiB per GPU index that the
     launcher's servers hold, which simulated GPUs show as used."""
     if settings.backend == "sim":

@@ -7,17 +7,11 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 
 from launcher.config import SimGpu
-from launcher.gpu.types import GpuError, GpuIdentity, Link
+from launcher.gpu.types import GpuError, GpuIdentity, HeldMib, Link, nothing_held
 from launcher.schema import GpuReading
-
-UsageSource = Callable[[], Mapping[int, int]]
-
-
-def _no_usage() -> Mapping[int, int]:
-    return {}
 
 
 class Hold:
@@ -49,7 +43,7 @@ class Hold:
 class SimBackend:
     name = "sim"
 
-    def __init__(self, gpus: list[SimGpu], *, usage: UsageSource = _no_usage) -> None:
+    def __init__(self, gpus: list[SimGpu], *, usage: HeldMib = nothing_held) -> None:
         """``usage``: MiB per GPU index that the launcher's running instances hold (what they use here)."""
         self._gpus = gpus
         self._usage = usage

@@ -3,6 +3,7 @@ themselves are wire types (launcher.schema): the API and the CLI show them as re
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -54,3 +55,11 @@ def sample_of(identity: GpuIdentity, reading: GpuReading | None, now: float, err
         error=error,
         **values,
     )
+
+
+# MiB per GPU index that the launcher's servers hold: what simulated GPUs show as used.
+HeldMib = Callable[[], Mapping[int, int]]
+
+
+def nothing_held() -> Mapping[int, int]:
+    return {}

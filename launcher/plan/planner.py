@@ -16,10 +16,10 @@ from launcher.errors import ConfigError, StartError
 from launcher.gpu.types import GpuIdentity, Link
 from launcher.plan.estimate import ModelShape, size_only
 from launcher.plan.gguf import ModelFileError, read_gguf, regular_problem
-from launcher.plan.lending import lending_plan
 from launcher.plan.model_plan import make_plan
 from launcher.plan.placement import Placement
 from launcher.plan.remote import NO_REMOTE, Remote
+from launcher.plan.rpc_server import lending_plan
 from launcher.schema import GpuSample, Plan
 from launcher.server_args import MMPROJ, arg_value
 

@@ -98,7 +98,7 @@ class FrontDoor:
                 target = path
             model = place.model
             if isinstance(place, OnPeer):  # the peer's front door routes the same path again
-                serving = self._router.fleet.serve(
+                serving = self._router.to_peers.serve(
                     place, method, raw + query, scope["headers"], body, tracked, arrived_s
                 )
             else:
@@ -139,7 +139,7 @@ class FrontDoor:
             entry = {"object": "model", "created": self._created, "owned_by": "launcher", "state": state}
             data.append({"id": name, **entry, "aliases": list(model.aliases)})
             data += [{"id": alias, **entry, "alias_of": name} for alias in model.aliases]
-        for name, (peer, served) in peer_models(self._router.names, self._router.fleet.statuses()).items():
+        for name, (peer, served) in peer_models(self._router.names, self._router.to_peers.statuses()).items():
             entry = {
                 "object": "model",
                 "created": self._created,

@@ -18,7 +18,7 @@ from launcher.rpc.peers import Peers
 from launcher.schema import PeerStatus
 
 
-class PeerDoor:
+class PeerForwarder:
     def __init__(self, peers: Peers | None, upstream: UpstreamClient) -> None:
         self._peers = peers
         self._upstream = upstream

@@ -31,7 +31,7 @@ from launcher.route import choose
 from launcher.route.admission import Admission
 from launcher.route.errors import RouteError
 from launcher.route.metrics import RequestMetrics
-from launcher.route.peer import PeerDoor
+from launcher.route.peer import PeerForwarder
 from launcher.route.proxy import UpstreamClient, UpstreamFailed
 from launcher.route.served import Served
 from launcher.route.usage import Tokens, of_body
@@ -97,7 +97,7 @@ class Router:
         self._tasks: set[asyncio.Task[None]] = set()
         self.records: deque[RequestRecord] = deque(maxlen=_RECORDS_KEPT)
         self.metrics = RequestMetrics(self._load)
-        self.fleet = PeerDoor(peers, upstream)  # the peers' models, through the same connections
+        self.to_peers = PeerForwarder(peers, upstream)  # the peers' models, through the same connections
 
     def reconfigure(self, settings: Settings) -> None:
         """Take the settings of a reload, after the manager took them (its instance table says which
@@ -165,7 +165,7 @@ class Router:
 
     def place(self, name: str) -> Local | OnPeer:
         """Where a request's `model` is served: here (a local name or alias wins) or on a peer."""
-        return where(name, self.names, self.fleet.statuses())
+        return where(name, self.names, self.to_peers.statuses())
 
     def body_for(self, model: str, doc: dict[str, Any], body: bytes) -> bytes:
         """The request's body as the model's server needs it: Ollama knows the model by its own name."""

@@ -52,6 +52,9 @@ class Peers:
         # Instances whose claims are being taken: not running yet, and a renewal meanwhile must not take
         # them for a stopped instance's and release them (the instance runs as soon as they are taken).
         self._claiming: set[str] = set()
+        # One claim operation at a time per instance: a peer releases by holder, so a release still on its
+        # way must reach the peer before the same holder's next claim does, or it would release that one.
+        self._serial: dict[str, asyncio.Lock] = {}
         self._task: asyncio.Task[None] | None = None
         self._events = events
         self._active = active
@@ -145,12 +148,16 @@ class Peers:
         what was taken and raise StartError naming the peer that refused."""
         self._claiming.add(instance)
         try:
-            await self._claim(instance, plan)
+            async with self._one_at_a_time(instance):
+                await self._claim(instance, plan)
         finally:
             self._claiming.discard(instance)
 
+    def _one_at_a_time(self, instance: str) -> asyncio.Lock:
+        return self._serial.setdefault(instance, asyncio.Lock())
+
     async def _claim(self, instance: str, plan: Plan) -> None:
-        await self.release(instance)  # a new plan replaces the last one's claims
+        await self._release(instance)  # a new plan replaces the last one's claims
         wanted: dict[tuple[str, str], list[ClaimDevice]] = {}
         for device in plan.devices:
             if device.endpoint is not None:
@@ -163,12 +170,16 @@ class Peers:
             try:
                 await asyncio.to_thread(self._ask, peer, DaemonClient.claim, request)
             except LauncherError as exc:
-                await self.release(instance)
+                await self._release(instance)
                 raise StartError(f"peer {peer} refused the claim on {endpoint}: {exc.message}", hint=exc.hint) from None
             held.append((peer, request))
 
     async def release(self, instance: str) -> None:
         """Release ``instance``'s claims; a peer that cannot be told lets the lease run out (an event)."""
+        async with self._one_at_a_time(instance):
+            await self._release(instance)
+
+    async def _release(self, instance: str) -> None:
         for peer, request in self._held.pop(instance, []):
             try:
                 await asyncio.to_thread(self._ask, peer, DaemonClient.release, request.holder)
@@ -177,16 +188,25 @@ class Peers:
                 self._events.publish(Event.now("peer", f"peer {peer}: {message}", instance=instance))
 
     async def _renew(self) -> None:
-        active = {*self._active(), *self._claiming}
-        for instance in [i for i in self._held if i not in active]:
-            await self.release(instance)
-        for instance, held in list(self._held.items()):
-            for peer, request in held:
-                try:
-                    await asyncio.to_thread(self._ask, peer, DaemonClient.claim, request)
-                except LauncherError as exc:
-                    message = f"peer {peer}: renewing the claim on {request.endpoint} failed: {exc.message}"
-                    self._events.publish(Event.now("peer", message, instance=instance))
+        """Renew the claims of the instances that run (or are taking theirs), release the others'. Each
+        instance is judged as its turn comes, not from a list taken before the first release: a release
+        waits on the network, and an instance may start meanwhile."""
+        for instance in list(self._held):
+            async with self._one_at_a_time(instance):
+                if instance not in self._held:  # released meanwhile
+                    continue
+                if instance in self._claiming or instance in self._active():
+                    await self._renew_claims(instance)
+                else:
+                    await self._release(instance)
+
+    async def _renew_claims(self, instance: str) -> None:
+        for peer, request in self._held[instance]:
+            try:
+                await asyncio.to_thread(self._ask, peer, DaemonClient.claim, request)
+            except LauncherError as exc:
+                message = f"peer {peer}: renewing the claim on {request.endpoint} failed: {exc.message}"
+                self._events.publish(Event.now("peer", message, instance=instance))
 
 
 def _rpc_and_models(client: DaemonClient) -> tuple[RpcReport, list[ServedModel]]:

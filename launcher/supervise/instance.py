@@ -209,6 +209,11 @@ class Instance:
             raise ConflictError(f"{self.name} has no port assigned")
         return self.port
 
+    def placed(self, port: int, placement: Placement, plan: Plan) -> None:
+        """Where the next start runs: its port, and its placement on the GPUs by ``plan`` (the manager's
+        placement, just before the start)."""
+        self.port, self.placement, self.plan = port, placement, plan
+
     def record_refusal(self, exc: LauncherError) -> None:
         """Record why a start asked for was refused before anything ran: its caller hears it, the instance
         shows it (`last_error`); the state stays what it was."""

@@ -165,7 +165,7 @@ class Manager:
         async with self._placing:
             # plan on the memory a stopped server is giving back, not without it
             await self._vram.await_vacated(instance.name)
-            instance.port = self._port_for(instance)
+            port = self._port_for(instance)
             samples, remote = self.sampler.latest(), self._remote(instance)
             claims = self.lending.claimed_mib(self._others(instance))
 
@@ -182,7 +182,7 @@ class Manager:
                 await self.peers.claim(instance.name, placed.plan)
             # The instance's supervision task starts right after this returns, with no await between:
             # the next placement sees this one's claim.
-            instance.placement, instance.plan = placed.placement, placed.plan
+            instance.placed(port, placed.placement, placed.plan)
 
     def _port_for(self, instance: Instance) -> int:
         """The instance's port: configured, kept from an earlier start, or the first free one of the range."""
@@ -195,8 +195,13 @@ class Manager:
         """The plan for ``name``, with the command line and the environment: for a running instance the
         plan it runs with; otherwise one made now, against the GPUs and the other instances' claims."""
         instance = self.get(name)
-        if instance.active and instance.plan is not None and instance.spec is not None:
-            return with_command(instance.plan, instance.spec)  # the command its run was started with
+        if instance.active and instance.plan is not None:
+            # The command its server was started with; between runs (backoff) the one the next run gets,
+            # or why it cannot run (a binary removed meanwhile).
+            if instance.running and instance.spec is not None:
+                return with_command(instance.plan, instance.spec)
+            spec = instance.backend.launch_spec(instance.settings, self._port_for(instance), instance.placement)
+            return with_command(instance.plan, spec)
         samples, remote = self.sampler.latest(), self._remote(instance)
         claims = self.lending.claimed_mib(self._others(instance))
 

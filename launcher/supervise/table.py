@@ -9,7 +9,7 @@ a note in its history) goes through the manager.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +42,8 @@ class InstanceView(Protocol):
     def degraded_reason(self) -> str | None: ...
     @property
     def last_error(self) -> str | None: ...
+    @property
+    def server_words(self) -> Collection[str]: ...  # what its server said as its runs ended (redact.py)
 
 
 @dataclass
