@@ -68,6 +68,7 @@ DAEMON_KEYS: dict[str, Applied] = {
             "log_keep",
             "auth_reads",
             "ready_when",
+            "watch_config",
             "allow_readable_secrets",
             "allowed_hosts",
             "cors_origins",

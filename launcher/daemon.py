@@ -20,10 +20,12 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI
 
+from launcher import config_watch
 from launcher.api.app import create_app
 from launcher.api.limits import limited_protocol
 from launcher.config import Settings
@@ -49,6 +51,19 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+@dataclass(frozen=True)
+class _Watching:
+    """The watcher of the configuration file, and how it is told to end."""
+
+    task: asyncio.Task[None]
+    stop_event: asyncio.Event
+
+    async def stop(self) -> None:
+        self.stop_event.set()  # the watcher sees it within a step, and its thread ends with it
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
 
 
 class Daemon:
@@ -99,6 +114,16 @@ class Daemon:
             self._reloads.add(task)
             task.add_done_callback(self._reloads.discard)
 
+    def _watch_config(self, reloader: Reloader) -> _Watching | None:
+        """daemon.watch_config: reload as the file changes, until the daemon stops."""
+        source = self._settings.source
+        if not self._settings.daemon.watch_config or source is None:
+            return None
+        stop = asyncio.Event()
+        task = asyncio.create_task(config_watch.watch(source, reloader, stop), name="watch-config")
+        log.info("watching %s: a change reloads it", source)
+        return _Watching(task, stop)
+
     @staticmethod
     async def _reload(reloader: Reloader) -> None:
         """A reload nobody waits for: its outcome is an event (logged), its error a log line."""
@@ -126,11 +151,14 @@ class Daemon:
                 self._reloader = Reloader(self._settings, wired)
                 sock = listen(self._settings)  # after the lock: a second daemon is told who owns the directory
                 notifying = self._notify(wired)
+                watching = self._watch_config(self._reloader)
                 try:
                     await self._serve(wired, sock)
                 finally:
                     sock.close()
                     self._reloader = None
+                    if watching is not None:
+                        await watching.stop()
                     log.info("stopping every instance")
                     for task in (notifying, self._waiting, *self._reloads):
                         if task is not None:

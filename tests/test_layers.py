@@ -37,6 +37,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     10: (
         "wiring",
         "reloading",
+        "config_watch",
         "daemon",
         "local",
         "doctor",

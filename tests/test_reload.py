@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -184,3 +185,29 @@ def test_gpu_keys_apply_live_and_the_listening_port_waits(
 def thermal_events(daemon: Daemon) -> list[str]:
     with daemon.http.stream("GET", "/events", params={"recent": 500, "follow": "false"}) as response:
         return [line for line in response.iter_lines() if line.startswith("event: thermal")]
+
+
+def test_the_watcher_applies_a_saved_file_once(write_config: ConfigWriter, start_daemon: StartDaemon) -> None:
+    config = write_config({"tiny": {"autostart": True}}, daemon={"watch_config": True})
+    daemon = start_daemon(config)
+    pid = daemon.wait_for("tiny", ready)["pid"]
+    whole = config.read_text()
+    write_config({"tiny": {"autostart": True}, "more": {}}, daemon=same_daemon(config))
+    edited = config.read_text()
+
+    config.write_text(edited[: len(edited) // 2])  # written in two pieces: the watcher reads it whole
+    config.write_text(edited)
+    poll_until(lambda: daemon.http.get("/instances/more").status_code, lambda code: code == 200, "more", 10)
+    config.write_text(edited)  # saved again unchanged, and another file of the folder: nothing to reload
+    (config.parent / "notes.txt").write_text("hello")
+    # An absence has no event to await: give the watcher its quiet time and then some (debounce 0.5 s), so
+    # these writes are a batch of their own, before the real change.
+    time.sleep(2.0)
+    config.write_text(whole)  # then a real change: the last reload
+    poll_until(lambda: daemon.http.get("/instances/more").status_code, lambda code: code == 404, "more gone", 10)
+
+    events = reload_events(daemon)
+    assert [e for e in events if "reloaded:" in e and "added more" in e], events
+    assert len([e for e in events if "reloaded:" in e]) == 2, events  # one per change, none for the rest
+    assert not [e for e in events if "not reloaded" in e], events  # the half-written file was never read
+    assert daemon.instance("tiny")["pid"] == pid
