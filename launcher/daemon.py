@@ -148,7 +148,7 @@ class Daemon:
         try:
             async with supervision(self._settings, on_event) as wired:
                 log.info("GPUs: %s", wired.gpu_backend)
-                self._reloader = Reloader(self._settings, wired)
+                self._reloader = Reloader(self._settings, wired, autostart=self._autostart)
                 sock = listen(self._settings)  # after the lock: a second daemon is told who owns the directory
                 notifying = self._notify(wired)
                 watching = self._watch_config(self._reloader)

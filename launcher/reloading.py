@@ -34,11 +34,13 @@ def read_like_serve(source: Path | None) -> Settings:
 
 
 class Reloader:
-    """Reloads the configuration of the daemon wired in ``wired``, which runs with ``settings``."""
+    """Reloads the configuration of the daemon wired in ``wired``, which runs with ``settings``; ``autostart``:
+    whether added autostart models start (not in a daemon started without, `serve --no-autostart`, `up`)."""
 
-    def __init__(self, settings: Settings, wired: Wired) -> None:
+    def __init__(self, settings: Settings, wired: Wired, *, autostart: bool = True) -> None:
         self._settings = settings
         self._wired = wired
+        self._autostart = autostart
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[Settings], None]] = []
 
@@ -67,7 +69,7 @@ class Reloader:
                 listener(settings)
             self._settings = settings
             self._publish("reload", report.describe())
-            await self._wired.manager.carry_out(report)
+            await self._wired.manager.carry_out(report, autostart=self._autostart)
             return report
 
     def _publish(self, kind: str, message: str) -> None:

@@ -325,17 +325,18 @@ class Manager:
         self.lending.reconfigure(gpus)
         self._vram.reconfigure(gpus)
 
-    async def carry_out(self, report: ReloadReport) -> None:
+    async def carry_out(self, report: ReloadReport, *, autostart: bool = True) -> None:
         """The acts of a reload, after `reconfigure`: removed instances stopped and forgotten and changed ones
-        restarted with their new settings (those that ran), together; then added autostart ones started. A
-        start that fails marks its instance failed, as at the daemon's start."""
+        restarted with their new settings (those that ran), together; then added autostart ones started
+        (unless not ``autostart``: a daemon started without). A start that fails marks its instance failed,
+        as at the daemon's start."""
         changes = report.instances
         await asyncio.gather(
             *(self._remove(c.name) for c in changes if c.change == Change.STOPPED),
             *(self._restart_with(c.name, self._configured[c.name][1]) for c in changes if c.change == Change.RESTARTED),
         )
         for change in changes:
-            if change.change == Change.ADDED and self.instances[change.name].settings.autostart:
+            if autostart and change.change == Change.ADDED and self.instances[change.name].settings.autostart:
                 await self._start_or_refuse(change.name)
 
     async def _remove(self, name: str) -> None:
