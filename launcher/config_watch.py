@@ -3,7 +3,7 @@
 The file's folder is watched (watchfiles, the watcher uvicorn's --reload uses: inotify on Linux), not the
 file: an editor that saves by renaming a new file over the old one, or Kubernetes swapping the symlink of a
 mounted ConfigMap, replaces the file a watch of it would hold. Changes are debounced: a reload follows
-only once the folder has been quiet for `_DEBOUNCE_S`, so a file written in pieces is read whole; and only
+only once the folder has been quiet for `_QUIET_S`, so a file written in pieces is read whole; and only
 when the file's content differs from the one last seen, so a save without a change, a touch, or another
 file of the folder reloads nothing. A file read half-written all the same does not load (or names what is
 missing) and changes nothing, as any reload of a bad file: the next save is read again.
@@ -21,8 +21,11 @@ from launcher.reloading import Reloader
 
 log = logging.getLogger("launcher")
 
-_DEBOUNCE_S = 0.5
-_STEP_S = 0.05  # how often the watcher looks at its stop event and at the quiet time
+# watchfiles yields a batch of changes once none came for `step` (the quiet time: also how often it looks at
+# its stop event), or once it has grouped them for `debounce` (a file written without pause for longer is
+# read all the same, and most likely does not load).
+_QUIET_S = 0.5
+_GROUPED_AT_MOST_S = 10.0
 
 
 def _digest(path: Path) -> bytes | None:
@@ -39,7 +42,11 @@ async def watch(path: Path, reloader: Reloader, stop: asyncio.Event) -> None:
     seen = _digest(path)
     try:
         async for _changes in awatch(
-            path.parent, debounce=int(_DEBOUNCE_S * 1000), step=int(_STEP_S * 1000), stop_event=stop, recursive=False
+            path.parent,
+            debounce=int(_GROUPED_AT_MOST_S * 1000),
+            step=int(_QUIET_S * 1000),
+            stop_event=stop,
+            recursive=False,
         ):
             now = _digest(path)
             if now is None or now == seen:

@@ -196,12 +196,13 @@ def test_the_watcher_applies_a_saved_file_once(write_config: ConfigWriter, start
     edited = config.read_text()
 
     config.write_text(edited[: len(edited) // 2])  # written in two pieces: the watcher reads it whole
+    time.sleep(0.2)  # a pause within the watcher's quiet time (0.5 s), as a slow writer makes
     config.write_text(edited)
     poll_until(lambda: daemon.http.get("/instances/more").status_code, lambda code: code == 200, "more", 10)
     config.write_text(edited)  # saved again unchanged, and another file of the folder: nothing to reload
     (config.parent / "notes.txt").write_text("hello")
-    # An absence has no event to await: give the watcher its quiet time and then some (debounce 0.5 s), so
-    # these writes are a batch of their own, before the real change.
+    # An absence has no event to await: give the watcher its quiet time and then some, so
+    # these writes are a batch of their own, before the real change (quiet time 0.5 s).
     time.sleep(2.0)
     config.write_text(whole)  # then a real change: the last reload
     poll_until(lambda: daemon.http.get("/instances/more").status_code, lambda code: code == 404, "more gone", 10)

@@ -219,10 +219,12 @@ class Router:
         return any(self._serving(i) for i in routed.instances if i != failed)
 
     def _serving(self, instance: str) -> bool:
+        it = self._instances.get(instance)  # None: removed by a reload while a request on it was under way
         return (
-            self._instances[instance].state in _SERVING
+            it is not None
+            and it.state in _SERVING
             and instance not in self._taken_out
-            and self._group[instance] not in self._closing
+            and self._group.get(instance) not in self._closing
         )
 
     def _replicas(self, model: str) -> Sequence[choose.Replica]:

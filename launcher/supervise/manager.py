@@ -238,7 +238,9 @@ class Manager:
 
     def note(self, name: str, kind: str, message: str) -> None:
         """Write ``message`` in instance ``name``'s history (the front door's word on it)."""
-        self.instances[name].note(kind, message)
+        instance = self.instances.get(name)
+        if instance is not None:  # else a reload removed it while the front door had a request on it
+            instance.note(kind, message)
 
     async def start(self, name: str) -> InstanceStatus:
         instance = self.get(name)
