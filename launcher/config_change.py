@@ -96,10 +96,10 @@ DAEMON_KEYS: dict[str, Applied] = {
     "gpus.sim": "restart",
     "router.evict": "live",  # read by the router at each decision
     "router.api_keys": "live",  # the front door takes them
-    "rpc.allow_public": "restart",
-    "rpc.listen": "restart",
-    "rpc.peer_interval_s": "restart",
-    "rpc.claim_ttl_s": "restart",
+    "rpc.allow_public": "live",  # only a check of `listen`, made as the file loads
+    "rpc.listen": "live",  # the rpc-servers are restarted on it (their command binds it)
+    "rpc.peer_interval_s": "live",  # the peers' reader takes them
+    "rpc.claim_ttl_s": "live",
     "peers": "restart",
 }
 
@@ -116,11 +116,15 @@ def _daemon_changes(old: Settings, new: Settings) -> list[str]:
     return sorted(changed, key=list(DAEMON_KEYS).index)
 
 
-def _instance_change(name: str, group: str, old: ModelSettings, new: ModelSettings) -> InstanceChange:
+def _instance_change(
+    name: str, group: str, old: ModelSettings, new: ModelSettings, *, listen_moved: bool
+) -> InstanceChange:
     keys = changed_keys(old, new)
+    if listen_moved and new.backend == "rpc-server":
+        keys.append("rpc.listen")  # an rpc-server binds it: its command changes
     if not keys:
         change = Change.KEPT
-    elif all(MODEL_KEYS[key] == "live" for key in keys):
+    elif all(MODEL_KEYS.get(key) == "live" for key in keys):
         change = Change.LIVE_UPDATED
     else:
         change = Change.RESTARTED
@@ -131,10 +135,11 @@ def plan_reload(old: Settings, new: Settings, gpu_indices: Sequence[int], *, dry
     """What reloading from ``old`` to ``new`` does, instance by instance (in ``new``'s order, then those
     removed). Raises ConfigError when ``new``'s replicas ask for more GPUs than there are."""
     before, after = replicas.expand(old, gpu_indices), replicas.expand(new, gpu_indices)
+    listen_moved = old.rpc.listen != new.rpc.listen
     instances = [
         InstanceChange(name=name, model=group, change=Change.ADDED)
         if name not in before
-        else _instance_change(name, group, before[name][1], model)
+        else _instance_change(name, group, before[name][1], model, listen_moved=listen_moved)
         for name, (group, model) in after.items()
     ]
     instances += [

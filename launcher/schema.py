@@ -194,7 +194,7 @@ class InstanceChange(_Wire):
     name: str  # the instance: a configured model, or a replica NAME@N
     model: str  # the configured model it is
     change: Change
-    keys: list[str] = []  # the model's keys that differ (dotted), for restarted and live-updated
+    keys: list[str] = []  # the model's keys that differ, for restarted and live-updated (rpc.listen: an rpc-server's)
 
 
 class ReloadReport(_Wire):

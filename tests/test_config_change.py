@@ -135,6 +135,17 @@ router: {evict: never}
     assert report.source == "/etc/launcher/launcher.yaml"
 
 
+def test_a_new_rpc_listen_restarts_the_rpc_servers_alone() -> None:
+    models = "models: {w: {backend: rpc-server}, m: {model: a.gguf}}"
+    old, new = settings(models), settings(models + "\nrpc: {listen: 10.0.0.5, peer_interval_s: 2}")
+    report = plan_reload(old, new, GPUS)
+    assert [(i.name, i.change, i.keys) for i in report.instances] == [
+        ("w", Change.RESTARTED, ["rpc.listen"]),
+        ("m", Change.KEPT, []),
+    ]
+    assert (report.applied, report.waiting) == (["rpc.listen", "rpc.peer_interval_s"], [])
+
+
 def test_nothing_changed_is_all_kept() -> None:
     text = "models: {a: {model: a.gguf}, b: {model: b.gguf, replicas: 2}}\npeers: [{url: 'http://10.0.0.2:8400'}]"
     report = plan_reload(settings(text), settings(text), GPUS)
@@ -147,8 +158,7 @@ def test_in_effect_takes_the_live_keys_and_keeps_the_waiting_ones() -> None:
     new = settings(
         """
 daemon: {port: 9000}
-gpus: {thermal_limit_c: 80}
-rpc: {peer_interval_s: 9}
+gpus: {thermal_limit_c: 80, backend: none}
 models: {b: {model: b.gguf}}
 peers: [{url: 'http://10.0.0.2:8400'}]
 """
@@ -156,4 +166,4 @@ peers: [{url: 'http://10.0.0.2:8400'}]
     now = in_effect(old, new, plan_reload(old, new, GPUS))
     assert list(now.models) == ["b"]
     assert now.gpus.thermal_limit_c == 80
-    assert (now.daemon.port, now.rpc.peer_interval_s, now.peers) == (8400, 5.0, [])
+    assert (now.daemon.port, now.gpus.backend, now.peers) == (8400, "auto", [])

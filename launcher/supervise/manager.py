@@ -306,6 +306,8 @@ class Manager:
         after = replicas.expand(settings, [g.index for g in self.sampler.identities])
         if settings.gpus != self.settings.gpus:
             self._use_gpu_settings(settings.gpus)
+        if self.peers is not None and settings.rpc != self.settings.rpc:
+            self.peers.reconfigure(settings.rpc)
         self.settings = settings
         for change in report.instances:
             if change.change == Change.ADDED:
