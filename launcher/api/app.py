@@ -341,7 +341,7 @@ def create_app(
 
         return StreamingResponse(stream(), media_type="text/plain")
 
-    add_ui(app, settings, sampler, table, read=read, invalid=_errors(422))
+    add_ui(app, lambda: manager.settings.gpus, sampler, table, read=read, invalid=_errors(422))
     return app
 
 
