@@ -8,7 +8,6 @@ compared with `model buffer size`, `KV buffer size` and `compute buffer size` of
 from __future__ import annotations
 
 import contextlib
-import re
 import socket
 import subprocess
 import time
@@ -19,15 +18,7 @@ from pathlib import Path
 import httpx
 
 from bench.netns import Namespace
-
-_LINE = re.compile(
-    r"(?P<device>CPU_Mapped|CPU|RPC\d+\[(?P<address>[^\]]+)\])\s+(?P<what>model|KV|RS|compute) buffer size\s*=\s*"
-    r"(?P<mib>[\d.]+) MiB"
-)
-# A multimodal projector (--mmproj) names its device, then its weights' size (its compute buffer is a _LINE).
-_PROJECTOR = re.compile(
-    r"CLIP using (?P<device>CPU|RPC\d+\[(?P<address>[^\]]+)\]) backend.*?model size:\s*(?P<mib>[\d.]+) MiB", re.S
-)
+from launcher.backends import llama_log
 
 
 @dataclass
@@ -51,23 +42,15 @@ class Reported:
 
 
 def parse(log: str) -> Reported:
+    """The server's buffers by RPC address and on the host: the launcher's own reader of its log
+    (launcher/backends/llama_log.py), in the benchmark's terms."""
     reported = Reported()
-    for found in _LINE.finditer(log):
-        address = found["address"]
-        target = reported.devices.setdefault(address, Buffers()) if address else reported.host
-        mib = float(found["mib"])
-        if found["what"] == "model":
-            target.model += mib
-        elif found["what"] == "KV":
-            target.kv += mib
-        elif found["what"] == "RS":
-            target.state += mib
-        else:
-            target.compute += mib
-    for found in _PROJECTOR.finditer(log):
-        address = found["address"]
-        target = reported.devices.setdefault(address, Buffers()) if address else reported.host
-        target.model += float(found["mib"])
+    for where, mib in llama_log.parse(log).mib.items():
+        buffers = Buffers(model=mib["weights"], kv=mib["kv"], compute=mib["compute"], state=mib["state"])
+        if where.rpc is not None:
+            reported.devices[where.rpc] = buffers
+        elif where.host:
+            reported.host = buffers
     return reported
 
 

@@ -9,6 +9,7 @@ exactly what the daemon would run, the caller adding only `--rpc` for the device
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench.accuracy import plan_for
 from bench.realbuffers import free_port
@@ -34,7 +35,7 @@ def planned_launch(model: ModelSettings, devices: int) -> PlannedLaunch:
     """The plan for ``model`` on ``devices`` simulated GPUs that it must all use, and its launch.
     AssertionError when no room sizes make the planner use that many (a split's compute buffers
     outweigh the model)."""
-    assert model.model is not None  # a llama-server entry
+    assert isinstance(model.model, Path)  # a llama-server entry of a local file
     shape = ModelShape.of(read_gguf(model.model))
     devices_planned = plan_for(
         shape, runtime_for(model, shape, projector_bytes=projector_bytes(model)), devices

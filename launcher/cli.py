@@ -20,7 +20,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from launcher.cli_output import as_json, format_gpus, format_peer_models, format_plan, format_reload, format_statuses
+from launcher.cli_output import (
+    as_json,
+    format_check,
+    format_gpus,
+    format_peer_models,
+    format_plan,
+    format_reload,
+    format_statuses,
+)
 from launcher.cli_progress import ProgressPrinter, all_ready, ready_report
 from launcher.client import DaemonClient
 from launcher.config import DaemonSettings, Settings
@@ -165,6 +173,10 @@ def cmd_reload(ctx: Context) -> int:
 
 def cmd_status(ctx: Context) -> int:
     client = ctx.required_daemon()
+    if ctx.args.name is not None:  # one instance: its row, then its plan against what its server allocated
+        status = client.instance(ctx.args.name)
+        print(as_json(status) if ctx.json else format_statuses([status]) + "\n\n" + format_check(status))
+        return 0
     statuses = client.instances()
     if ctx.json:
         print(as_json(statuses))
@@ -358,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     restart.add_argument("name", metavar="NAME")
     reload = command("reload", cmd_reload, "read the configuration again and apply the difference to the daemon")
     reload.add_argument("--dry-run", action="store_true", help="only show what would be done")
-    command("status", cmd_status, "table of instances")
+    status = command("status", cmd_status, "table of instances; of one: its plan against what its server allocated")
+    status.add_argument("name", nargs="?", metavar="NAME")
     plan = command("plan", cmd_plan, "dry run: the GPUs, MiB per GPU, split, command line; exit 1 if it does not fit")
     plan.add_argument("name", metavar="NAME")
     gpus = command("gpus", cmd_gpus, "table of GPUs: memory, temperature, utilisation, power, PCIe, instances")

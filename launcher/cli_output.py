@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from launcher.schema import GpuSample, InstanceStatus, PeerStatus, Plan, ReloadReport, State
+from launcher.schema import GpuSample, HubPlan, InstanceStatus, PeerStatus, Plan, ReloadReport, State
 
 
 def as_json(items: BaseModel | Sequence[BaseModel]) -> str:
@@ -71,6 +71,33 @@ def format_statuses(statuses: Sequence[InstanceStatus]) -> str:
     return "\n".join([format_table(headers, rows), *reasons])
 
 
+def format_check(status: InstanceStatus) -> str:
+    """A running instance's plan against what its server reports allocating, MiB per device and term
+    (terms both sides call zero left out), each device's total last; or why there is none."""
+    check = status.actual
+    if check is None:
+        why = status.actual_missing or f"{status.name} is {status.state}: a check is made once its server is ready"
+        return f"planned against actual: none ({why})"
+    rows: list[list[object]] = []
+    for device in check.devices:
+        where = device.device if device.seen else f"{device.device} (not in the log)"
+        for term, found in device.terms.items():
+            if found.planned_mib or found.actual_mib:
+                rows.append(
+                    [where, term, f"{found.planned_mib:g}", f"{found.actual_mib:g}", f"{found.difference_mib:+g}"]
+                )
+                where = ""
+        rows.append(
+            [where, "total", f"{device.planned_mib:g}", f"{device.actual_mib:g}", f"{device.difference_mib:+g}"]
+        )
+    lines = [
+        f"planned against actual ({check.source}), MiB:",
+        format_table(["DEVICE", "TERM", "PLANNED", "ACTUAL", "DIFF"], rows),
+    ]
+    lines += [f"not in the plan: {name}" for name in check.unmatched]
+    return "\n".join(lines)
+
+
 def _why_down(status: InstanceStatus) -> str | None:
     if status.state == State.DEGRADED:
         return status.degraded_reason
@@ -122,6 +149,33 @@ def format_gpus(gpus: Sequence[GpuSample]) -> str:
     return format_table(headers, rows)
 
 
+def _hub_lines(hub: HubPlan) -> list[str]:
+    """Where a hub model's plan came from, and the table of its quants when the launcher chose one."""
+    files = hub.files[0] + (f" (+{len(hub.files) - 1} parts)" if len(hub.files) > 1 else "")
+    lines = [
+        f"hub: {hub.repo} at {hub.revision} (commit {hub.commit[:12]}), {files}, {_size(hub.size_bytes)}",
+        f"planned from the headers: {hub.header_bytes} bytes, {hub.fetched_bytes} of them fetched from the hub now "
+        "(the rest from the header cache); no weights downloaded",
+    ]
+    if hub.quants:
+        rows = [
+            [
+                ("* " if q.chosen else "  ") + (q.quant or "?"),
+                _size(q.size_bytes),
+                "fits" if q.fits else "does not fit",
+                q.files[0] + (f" (+{len(q.files) - 1})" if len(q.files) > 1 else ""),
+                "" if q.fits else (q.reason or ""),
+            ]
+            for q in hub.quants
+        ]
+        lines += ["", format_table(["QUANT", "SIZE", "VERDICT", "FILE", "WHY NOT"], rows), ""]
+    return lines
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
 def format_plan(name: str, plan: Plan) -> str:
     """`launcher plan` for people: the verdict, a row per GPU, the host's share, the command."""
     devices = plan.devices
@@ -131,6 +185,8 @@ def format_plan(name: str, plan: Plan) -> str:
     kv = f"KV {plan.cache_type_k}/{plan.cache_type_v}"
     settings = f"ctx {plan.ctx}, flash attention {'on' if plan.flash_attn else 'off'}, {kv}"
     lines = [f"{name}: {'fits on ' + where if plan.fits else 'does not fit'} ({settings})"]
+    if plan.hub is not None:
+        lines += _hub_lines(plan.hub)
     if plan.architecture:
         lines.append(_shape_line(plan))
     lines += [f"warning: {w}" for w in plan.warnings]

@@ -11,17 +11,28 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from launcher.address import reach
 from launcher.config_yaml import clip
 from launcher.errors import NotFoundError
+from launcher.hub_ref import HubRef, check_revision, is_hub_ref, parse_hub_ref
 from launcher.server_args import check_args
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 NonNegative = Annotated[float, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
+# A hub model is written and shown as its reference (`hf:ORG/REPO:QUANT`).
+HubModel = Annotated[HubRef, PlainSerializer(str, return_type=str)]
 
 
 class _Strict(BaseModel):
@@ -331,11 +342,16 @@ class ModelSettings(_Strict):
         description="The server: llama.cpp's llama-server, Ollama, or llama.cpp's ggml-rpc-server, lending the "
         "entry's GPUs to a llama-server elsewhere.",
     )
-    model: Path | None = Field(
+    model: HubModel | Path | None = Field(
         default=None,
         validate_default=True,
-        description="llama-server: the GGUF file; ollama: the model's name in Ollama (`qwen2.5:72b`); "
-        "rpc-server: none.",
+        description="llama-server: the GGUF file, or a model on the Hugging Face hub: `hf:ORG/REPO:QUANT`, "
+        "`hf:ORG/REPO/FILE.gguf` (a split model by its first file), or `hf:ORG/REPO` for the largest quant that "
+        "fits; ollama: the model's name in Ollama (`qwen2.5:72b`); rpc-server: none.",
+    )
+    revision: str | None = Field(
+        default=None,
+        description="A hub model's branch, tag or commit; default `main`. Planned from the commit it resolves to.",
     )
     binary: Path | None = Field(
         default=None,
@@ -376,7 +392,7 @@ class ModelSettings(_Strict):
     ollama: OllamaSettings = Field(default_factory=OllamaSettings)
     replicas: Literal["per-gpu"] | Annotated[int, Field(ge=1)] = Field(
         default=1,
-        description="Ollama: one instance per GPU (`per-gpu`) or N instances, each on its own GPU and port, "
+        description="One instance per GPU (`per-gpu`) or N instances, each on its own GPU and port, "
         "named `NAME@0`, `NAME@1`, ...",
     )
     aliases: list[str] = Field(default_factory=list, description="Other names the front door answers to for it.")
@@ -401,12 +417,30 @@ class ModelSettings(_Strict):
         "(`auto`: any peer; or a list of peers by name or URL), local GPUs first, then the fewest hosts.",
     )
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _hub_reference(cls, value: object, info: ValidationInfo) -> object:
+        """`hf:...` names a model on the hub (checked here, one sentence when malformed); anything else is a
+        path (or an Ollama name)."""
+        if isinstance(value, str) and is_hub_ref(value):
+            if info.data.get("backend") != "llama-server":
+                raise ValueError("a hub model (hf:...) is served by llama-server only")
+            return parse_hub_ref(value)
+        return value
+
     @field_validator("model")
     @classmethod
-    def _model_for_servers(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+    def _model_for_servers(cls, value: HubRef | Path | None, info: ValidationInfo) -> HubRef | Path | None:
         if value is None and info.data.get("backend") in ("llama-server", "ollama"):
             raise PydanticCustomError("missing", "Field required")
         return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_of_hub_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not isinstance(info.data.get("model"), HubRef):
+            raise ValueError("revision: only a hub model (model: hf:...) has one")
+        return None if value is None else check_revision(value)
 
     @field_validator("args", mode="before")
     @classmethod
@@ -457,6 +491,20 @@ class ModelSettings(_Strict):
         if isinstance(split, list) and isinstance(gpus, list) and len(split) > len(gpus):
             raise ValueError(f"tensor_split has {len(split)} entries but gpus lists {len(gpus)}")
         return self
+
+
+class HubSettings(_Strict):
+    """The Hugging Face hub, for models written `hf:...`. Its address is `HF_ENDPOINT`, and its token
+    `HF_TOKEN` (or the library's login) unless `token_file` names one: the `huggingface_hub` library's own."""
+
+    token_file: Path | None = Field(
+        default=None, description="A file holding the hub token, for gated repos; default `HF_TOKEN` or the login."
+    )
+    max_header_mib: Annotated[int, Field(ge=1, le=4096)] = Field(
+        default=64,
+        description="The most of a GGUF file's header read to plan it (a 128k-token vocabulary takes a few "
+        "MiB); a larger header is refused.",
+    )
 
 
 class RouterSettings(_Strict):
@@ -540,6 +588,7 @@ class Settings(_Strict):
         default_factory=dict, description="The models and RPC workers, by name (which names logs, URLs and metrics)."
     )
     router: RouterSettings = Field(default_factory=RouterSettings)
+    hub: HubSettings = Field(default_factory=HubSettings)
     rpc: RpcSettings = Field(default_factory=RpcSettings)
     peers: list[PeerSettings] = Field(
         default_factory=list, description="Other launchers, whose RPC workers and models this one may use."

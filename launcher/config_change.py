@@ -39,6 +39,7 @@ MODEL_KEYS: dict[str, Applied] = {
     "autostart": "live",
     "backend": "restart",
     "model": "restart",
+    "revision": "restart",  # a hub model's: another commit is other files
     "binary": "restart",
     "ctx": "restart",
     "gpus": "restart",
@@ -96,12 +97,17 @@ DAEMON_KEYS: dict[str, Applied] = {
     "gpus.sim": "restart",
     "router.evict": "live",  # read by the router at each decision
     "router.api_keys": "live",  # the front door takes them
+    "hub.token_file": "live",  # the manager reads `hub:` at each plan of a hub model
+    "hub.max_header_mib": "live",
     "rpc.allow_public": "live",  # only a check of `listen`, made as the file loads
     "rpc.listen": "live",  # the rpc-servers are restarted on it (their command binds it)
     "rpc.peer_interval_s": "live",  # the peers' reader takes them
     "rpc.claim_ttl_s": "live",
     "peers": "restart",
 }
+
+
+_SECTIONS = ("daemon", "gpus", "router", "hub", "rpc")  # the daemon-level sections of the settings
 
 
 def changed_keys(old: BaseModel, new: BaseModel) -> list[str]:
@@ -111,7 +117,7 @@ def changed_keys(old: BaseModel, new: BaseModel) -> list[str]:
 
 def _daemon_changes(old: Settings, new: Settings) -> list[str]:
     changed = ["peers"] if old.peers != new.peers else []
-    for section in ("daemon", "gpus", "router", "rpc"):
+    for section in _SECTIONS:
         changed += [f"{section}.{key}" for key in changed_keys(getattr(old, section), getattr(new, section))]
     return sorted(changed, key=list(DAEMON_KEYS).index)
 
@@ -161,7 +167,7 @@ def in_effect(old: Settings, new: Settings, report: ReloadReport) -> Settings:
     """The settings a daemon runs with after applying ``report``: ``new``'s models and daemon-level keys
     applied live, ``old``'s values of the keys that wait for a restart."""
     sections: dict[str, BaseModel] = {}
-    for section in ("daemon", "gpus", "router", "rpc"):
+    for section in _SECTIONS:
         live = {
             key.partition(".")[2]: getattr(getattr(new, section), key.partition(".")[2])
             for key in report.applied

@@ -28,16 +28,16 @@ from launcher.errors import ConfigError
 log = logging.getLogger("launcher")
 
 
-def read_token(path: Path | None) -> str | None:
-    """The API token from daemon.token_file (None when none is configured)."""
+def read_token(path: Path | None, key: str = "daemon.token_file") -> str | None:
+    """The token in the file the configuration's ``key`` names (None when none is configured)."""
     if path is None:
         return None
     try:
         token = path.read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read daemon.token_file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {key} {path}: {exc.strerror}") from None
     if not token:
-        raise ConfigError(f"daemon.token_file {path} is empty")
+        raise ConfigError(f"{key} {path} is empty")
     return token
 
 
@@ -184,7 +184,7 @@ def _validate(data: dict[str, Any], path: Path | None) -> Settings:
             settings = _resolve_paths(Settings(**_with_environment(data, sources)), path)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path, sources)) from None
-    secrets = {"daemon.token_file": settings.daemon.token_file}
+    secrets = {"daemon.token_file": settings.daemon.token_file, "hub.token_file": settings.hub.token_file}
     secrets.update({f"peers.{i}.token_file": peer.token_file for i, peer in enumerate(settings.peers)})
     _check_secret_files(secrets, settings.daemon, str(path or "configuration"))
     return settings
@@ -255,11 +255,14 @@ def _resolve_paths(settings: Settings, path: Path | None) -> Settings:
         return _absolute(p, base)
 
     daemon = _resolve_daemon(settings.daemon, base)
+    hub = settings.hub.model_copy(
+        update={"token_file": absolute(settings.hub.token_file) if settings.hub.token_file else None}
+    )
     models = {
         name: m.model_copy(
             update={
                 # An Ollama model is a name, not a path.
-                "model": absolute(m.model) if m.backend == "llama-server" and m.model is not None else m.model,
+                "model": absolute(m.model) if m.backend == "llama-server" and isinstance(m.model, Path) else m.model,
                 "binary": absolute(m.binary) if m.binary else None,
                 "ollama": m.ollama.model_copy(
                     update={"models_dir": absolute(m.ollama.models_dir) if m.ollama.models_dir else None}
@@ -271,4 +274,4 @@ def _resolve_paths(settings: Settings, path: Path | None) -> Settings:
     peers = [
         p.model_copy(update={"token_file": absolute(p.token_file) if p.token_file else None}) for p in settings.peers
     ]
-    return settings.model_copy(update={"daemon": daemon, "models": models, "peers": peers, "source": path})
+    return settings.model_copy(update={"daemon": daemon, "hub": hub, "models": models, "peers": peers, "source": path})

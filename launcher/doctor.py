@@ -29,6 +29,7 @@ from launcher.config import ModelSettings, Settings
 from launcher.errors import ConfigError, LauncherError
 from launcher.gpu.sysfs import amd_cards
 from launcher.gpu.types import Link
+from launcher.hub_ref import HubRef
 from launcher.local import local_gpus
 from launcher.plan.arch import rule_of
 from launcher.plan.estimate import ModelShape
@@ -205,6 +206,9 @@ def _model(name: str, model: ModelSettings, gpus: list[GpuSample]) -> Iterator[F
         blob = backend.model_file(model)
         if blob is not None:
             yield from _read_header(where, blob, "model file")[1]
+        return
+    if isinstance(model.model, HubRef):  # nothing local to read until it is downloaded
+        yield Finding("ok", "models", f"{where}.model: {model.model} on the hub; `launcher plan {name}` plans it")
         return
     problem = "does not exist" if model.model is None else regular_problem(model.model)
     if model.model is None or problem is not None:

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, with_command
-from launcher.config import Settings
+from launcher.config import ModelSettings, Settings
 from launcher.gpu import open_backend
 from launcher.gpu.base import GpuBackend
 from launcher.gpu.sampler import read_sample
+from launcher.hub_ref import HubRef
 from launcher.plan.planner import Planner
 from launcher.schema import GpuSample, Plan
+from launcher.statedir.layout import StateDir
 from launcher.supervise.ports import pick_free_port
 
 
@@ -49,6 +51,8 @@ def plan_here(settings: Settings, name: str) -> Plan:
     model = replicas.lookup(replicas.expand(settings, [g.index for g in identities]), settings, name)
     backend = backend_for(model, settings.rpc)
     planner = Planner(settings.gpus, identities, links)
+    if isinstance(model.model, HubRef):  # planned from its headers; its command comes with its download
+        return _plan_from_hub(settings, planner, name, model, samples)
     plan = planner.plan(name, model, planned_file(backend, model, name), samples, {})
     # The port a start would take: the configured one, or the first free one (a test bind, nothing held).
     port = (
@@ -57,3 +61,14 @@ def plan_here(settings: Settings, name: str) -> Plan:
         else pick_free_port(*settings.daemon.instance_ports, [settings.daemon.port])
     )
     return with_command(plan, backend.launch_spec(model, port, planner.placement(plan)))
+
+
+def _plan_from_hub(
+    settings: Settings, planner: Planner, name: str, model: ModelSettings, samples: list[GpuSample]
+) -> Plan:
+    """A hub model's plan from its files' headers (the hub's library is imported only here)."""
+    from launcher.hub.headers import hub_reader
+    from launcher.hub.planning import plan_from_hub
+
+    reader = hub_reader(settings.hub, StateDir(settings.daemon.state_dir).hub_headers_dir)
+    return plan_from_hub(planner, reader, name, model, samples, {})

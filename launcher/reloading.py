@@ -23,8 +23,6 @@ from launcher.errors import LauncherError
 from launcher.schema import Change, Event, ReloadReport
 from launcher.wiring import Wired
 
-_CHECKED = frozenset({Change.ADDED, Change.RESTARTED})  # the instances whose model file must be there now
-
 
 def read_like_serve(source: Path | None) -> Settings:
     """The configuration as `launcher serve` reads it: the file (and the environment), its servers' args."""
@@ -56,10 +54,14 @@ class Reloader:
                 new = await asyncio.to_thread(read_like_serve, self._settings.source)
                 gpus = [gpu.index for gpu in self._wired.sampler.identities]
                 report = plan_reload(self._settings, new, gpus, dry_run=dry_run)
-                _check_model_files(new, report)
+                self._check_model_files(new, report)
             except LauncherError as exc:
                 self._publish("error", f"the configuration was not reloaded: {exc.message}")
                 raise
+            except Exception as exc:  # a bug or a file nobody foresaw: nothing changed, and the caller hears why
+                message = f"the configuration was not reloaded: unexpected error: {type(exc).__name__}: {exc}"
+                self._publish("error", message)
+                raise LauncherError(message) from exc
             if dry_run:
                 return report
             settings = in_effect(self._settings, new, report)
@@ -75,10 +77,14 @@ class Reloader:
     def _publish(self, kind: str, message: str) -> None:
         self._wired.events.publish(Event.now(kind, message))
 
-
-def _check_model_files(settings: Settings, report: ReloadReport) -> None:
-    """Each model file an added or restarted instance will start from is there (ConfigError if not)."""
-    for change in report.instances:
-        if change.change in _CHECKED:
+    def _check_model_files(self, settings: Settings, report: ReloadReport) -> None:
+        """The model file of each instance the reload starts (an added autostart one, a changed one that
+        runs) is there (ModelFileError, a ConfigError, if not): a running server is never stopped for a
+        file that is not there."""
+        running = self._wired.table.view
+        for change in report.instances:
+            if change.change not in (Change.ADDED, Change.RESTARTED):
+                continue
             model = settings.models[change.model]
-            backend_for(model, settings.rpc).check_model(model, change.name)
+            if (model.autostart and self._autostart) if change.change == Change.ADDED else running[change.name].active:
+                backend_for(model, settings.rpc).check_model(model, change.name)

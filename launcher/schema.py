@@ -95,6 +95,31 @@ class HostPlan(_Wire):
     projector_mib: int = 0
 
 
+class QuantPlan(_Wire):
+    """One model of a hub repo planned from its header: its quant, whether it fits and why not."""
+
+    quant: str | None  # None: its file names no quant
+    files: list[str]
+    size_bytes: int
+    fits: bool
+    reason: str | None
+    chosen: bool = False
+
+
+class HubPlan(_Wire):
+    """Where a hub model's plan came from: the commit, the files, the header bytes read to plan them."""
+
+    reference: str  # hf:ORG/REPO[:QUANT]
+    repo: str
+    revision: str
+    commit: str
+    files: list[str]  # of the model planned (a split model's all)
+    size_bytes: int
+    header_bytes: int  # the start of each file read to plan, summed
+    fetched_bytes: int  # of them, fetched from the hub now (the rest came from the header cache)
+    quants: list[QuantPlan] = []  # every quant planned, smallest first (a reference without a quant)
+
+
 class Plan(_Wire):
     model: str
     backend: str
@@ -122,11 +147,46 @@ class Plan(_Wire):
     warnings: list[str] = []
     not_modelled: list[str] = []  # flags in args whose effect on memory the plan does not follow
     network: NetworkCost | None = None  # None: every device is this host's
+    hub: HubPlan | None = None  # a hub model planned from its headers before download
 
     @property
     def claims_mib(self) -> dict[int, int]:
         """MiB this plan takes on each of this host's GPUs (what other instances must plan around)."""
         return {d.gpu: d.total_mib for d in self.devices if d.host == "local"}
+
+
+class TermCheck(_Wire):
+    """One term of one device: what the plan said, what the server reports allocating, and the difference."""
+
+    planned_mib: float
+    actual_mib: float
+    difference_mib: float  # actual - planned: above zero, the plan was short
+
+
+class DeviceCheck(_Wire):
+    """One device of a running server, planned against what the server reports allocating there."""
+
+    device: str  # as the server names it (CUDA0, RPC0[HOST:PORT], CPU for the host); the plan's name if unseen
+    host: str = "local"  # the peer whose RPC device it is (the plan's DevicePlan.host)
+    gpu: int | None = None  # the plan's GPU index there; None: the host's memory (CPU)
+    endpoint: str | None = None  # a remote device's rpc-server, HOST:PORT
+    seen: bool  # the server's log names it: False, it allocated nothing there (or its log says nothing)
+    # weights (model buffers and the projector), kv, state (recurrent), compute, output, other (a buffer
+    # of a kind the launcher does not know). The driver's share (the plan's overhead_mib) is not in it:
+    # the server's log cannot see it.
+    terms: dict[str, TermCheck]
+    planned_mib: float
+    actual_mib: float
+    difference_mib: float
+
+
+class PlanCheck(_Wire):
+    """A ready server's plan against what it reports allocating, per device and term (llama-server's load
+    log; issue 23)."""
+
+    source: str  # where the actual figures come from
+    devices: list[DeviceCheck]  # the plan's devices in llama.cpp's order, then the host
+    unmatched: list[str] = []  # buffers the server named on a device the plan does not have
 
 
 class InstanceStatus(_Wire):
@@ -157,6 +217,10 @@ class InstanceStatus(_Wire):
     requests_in_flight: int = 0  # front-door requests this instance is serving now
     requests_queued: int = 0  # front-door requests for its model waiting for a free instance
     degraded_reason: str | None = None  # while degraded: which peer or rpc-server is away
+    # Once ready: the plan against what the server reports allocating; None before, or when the server
+    # does not say (Ollama; a llama-server that logs below -lv 4, see actual_missing).
+    actual: PlanCheck | None = None
+    actual_missing: str | None = None  # why there is no `actual` for a ready server
 
 
 class Health(_Wire):

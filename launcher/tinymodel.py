@@ -16,6 +16,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from launcher.plan.gguf import parse_header
+
 _SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 _TYPES = {
     "f32": gguf.GGMLQuantizationType.F32,
@@ -97,6 +99,20 @@ def close_with_hole(writer: gguf.GGUFWriter, path: Path, data_bytes: int) -> Non
         f.truncate(_aligned(f.seek(0, os.SEEK_END)) + data_bytes)
 
 
+def _close_split_with_holes(writer: gguf.GGUFWriter, path: Path, shards: int) -> None:
+    """Each part of a split model: its header, then its tensors' data as a sparse hole (where the header
+    says that data ends)."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    for no in range(1, shards + 1):
+        part = path.with_name(f"{path.stem}-{no:05d}-of-{shards:05d}.gguf")
+        data_end = parse_header(part.read_bytes(), part, 2**62)[3]  # any size: the part is its header yet
+        with part.open("r+b") as f:
+            f.truncate(data_end)
+
+
 def _tensors(shape: TinyShape) -> list[tuple[str, tuple[int, ...], bool]]:
     """(name, numpy shape, quantisable) for every tensor of the model."""
     e, f, v = shape.n_embd, shape.n_ff, shape.n_vocab
@@ -162,7 +178,9 @@ def write_tiny_llama(
         else:
             writer.add_tensor(name, values)
 
-    if header_only:
+    if header_only and shards > 1:
+        _close_split_with_holes(writer, path, shards)
+    elif header_only:
         close_with_hole(writer, path, total)
     else:
         writer.write_header_to_file()

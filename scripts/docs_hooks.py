@@ -34,6 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from launcher.hub_ref import HubRef
+
 _MARKER = re.compile(r"^<!-- generated: ([a-z]+) -->$", re.MULTILINE)
 
 
@@ -56,7 +58,15 @@ def _generate(name: str) -> str:
 
 # The configuration -------------------------------------------------------------------------------------
 
-_NAMES = {int: "integer", float: "number", str: "string", bool: "boolean", Path: "path", type(None): "null"}
+_NAMES = {
+    int: "integer",
+    float: "number",
+    str: "string",
+    bool: "boolean",
+    Path: "path",
+    type(None): "null",
+    HubRef: "hub reference (`hf:...`)",
+}
 _BOUNDS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤", "min_length": "length ≥"}
 
 

@@ -34,7 +34,7 @@ def test_examples_load(path: Path) -> None:
     settings = load_settings(path)
     assert settings.models
     for model in settings.models.values():
-        assert model.model is not None
+        assert isinstance(model.model, Path)
         assert model.model.is_absolute() == (model.backend == "llama-server")  # an Ollama model is a name
 
 

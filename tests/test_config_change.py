@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from launcher.config import DaemonSettings, GpuSettings, ModelSettings, RouterSettings, RpcSettings, Settings
+from launcher.config import (
+    DaemonSettings,
+    GpuSettings,
+    HubSettings,
+    ModelSettings,
+    RouterSettings,
+    RpcSettings,
+    Settings,
+)
 from launcher.config_change import DAEMON_KEYS, MODEL_KEYS, in_effect, plan_reload
 from launcher.config_file import parse_settings
 from launcher.errors import ConfigError
@@ -35,6 +43,7 @@ def test_every_daemon_level_key_is_classified() -> None:
         "daemon": DaemonSettings,
         "gpus": GpuSettings,
         "router": RouterSettings,
+        "hub": HubSettings,
         "rpc": RpcSettings,
     }
     expected = {f"{name}.{key}" for name, model in sections.items() for key in model.model_fields} | {"peers"}

@@ -243,7 +243,7 @@ def test_every_service_mounts_models_config_and_token(compose: dict[str, Any]) -
         targets = set(mounts(service))
         assert str(settings.daemon.state_dir) in targets, name
         for model in settings.models.values():
-            assert model.model is not None
+            assert isinstance(model.model, Path)
             where = model.ollama.models_dir if model.backend == "ollama" else model.model.parent
             assert str(where) in targets, f"{name}: the models at {where} are not mounted"
             ports = {int(p.split(":")[1]) for p in service["ports"]}

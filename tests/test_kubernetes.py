@@ -192,7 +192,7 @@ def test_config_token_and_ports_agree(rendered: tuple[str, list[Doc]], tmp_path:
     assert {m.port for m in config.models.values()} == {port_number(docs, "model")}
     assert str(config.daemon.state_dir) in {m["mountPath"] for m in container(docs)["volumeMounts"]}
     for model in config.models.values():
-        assert model.model is not None and model.model.parent == mount_path(docs, "models")
+        assert isinstance(model.model, Path) and model.model.parent == mount_path(docs, "models")
     # The ServiceMonitor sends the same token the daemon reads.
     endpoint = one(docs, "ServiceMonitor")["spec"]["endpoints"][0]
     assert endpoint["authorization"]["credentials"] == {"name": secret["secretName"], "key": token.name}

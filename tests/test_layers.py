@@ -24,12 +24,21 @@ ROOT = Path(__file__).resolve().parent.parent / "launcher"
 # launcher/ or a package (its modules take its layer). `launcher` is the package's own __init__: every
 # import of a launcher module runs it first, so it can only be the ground floor (it holds the version).
 LAYERS: dict[int, tuple[str, ...]] = {
-    0: ("launcher", "errors", "schema", "config_yaml", "address", "server_args", "events"),  # standard library leaves
+    0: (
+        "launcher",
+        "errors",
+        "schema",
+        "config_yaml",
+        "address",
+        "server_args",
+        "events",
+        "hub_ref",
+    ),  # standard library leaves
     1: ("config", "config_env", "config_file", "config_change", "replicas"),  # the settings
     2: ("client", "gpu"),  # readers: the daemon's HTTP client, the GPUs
     3: ("rpc",),  # the wire protocol and the peers' reader
     4: ("plan",),  # pure planning, owning its output type
-    5: ("backends",),  # command line and environment from a model and its placement
+    5: ("backends", "hub"),  # command line and environment from a model and its placement; hub models' headers
     6: ("statedir",),  # the state directory's layout and files
     7: ("supervise",),
     8: ("route",),

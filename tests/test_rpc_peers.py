@@ -250,7 +250,9 @@ def test_a_model_that_fits_no_host_is_split_over_two_peers_and_served_through_th
 
     # What each peer's device really holds (llama-server -lv 4) against the plan: weights and KV within
     # 2 % or the 1 MiB a plan rounds up to, the total within 5 % or 64 MiB (issue 4's targets).
-    reported = parse(Path(a.instance("split")["log_path"]).read_text()).devices
+    log_text = Path(a.instance("split")["log_path"]).read_text()
+    reported = parse(log_text).devices
+    _the_running_check_is_the_servers_own(a, plan, log_text)
     for device in plan["devices"]:
         real = reported[device["endpoint"]]
         assert abs(real.model - device["weights_mib"]) <= max(0.02 * real.model, 1), (device, real)
@@ -269,3 +271,38 @@ def test_a_model_that_fits_no_host_is_split_over_two_peers_and_served_through_th
     again = a.http.get("/plan/split").json()
     assert not again["fits"] and "not planned onto: peer c is not reachable" in " ".join(again["warnings"])
     assert a.http.get("/health").status_code == 200
+
+
+def _logged_mib(log_text: str, buffer: str, kind: str) -> float:
+    """The sum of the server's own lines `<buffer> <kind> buffer size = X MiB`, read without the launcher."""
+    marker = f"{buffer} {kind} buffer size ="
+    return sum(float(line.split(marker)[1].split()[0]) for line in log_text.splitlines() if marker in line)
+
+
+def _the_running_check_is_the_servers_own(a: Daemon, plan: dict[str, Any], log_text: str) -> None:
+    """Once ready, the daemon's `actual` (issue 23) holds per device and term the server's own figures and
+    the plan's; `launcher status split` prints the table."""
+    shown = a.http.get("/instances/split").json()
+    check = shown["actual"]
+    assert check is not None, shown["actual_missing"]
+    assert [d["endpoint"] for d in check["devices"]] == [d["endpoint"] for d in plan["devices"]] + [None]
+    for device, planned in zip(check["devices"], plan["devices"], strict=False):
+        name = f"RPC0[{planned['endpoint']}]"
+        assert device["device"] == name and device["seen"]
+        terms = device["terms"]
+        for term, kind, plan_key in (("weights", "model", "weights_mib"), ("kv", "KV", "kv_cache_mib")):
+            assert terms[term]["actual_mib"] == pytest.approx(_logged_mib(log_text, name, kind)), term
+            assert terms[term]["planned_mib"] == planned[plan_key], term
+        assert terms["compute"]["actual_mib"] == pytest.approx(_logged_mib(log_text, name, "compute"))
+        assert terms["compute"]["planned_mib"] == planned["compute_mib"]
+        difference = round(device["actual_mib"] - device["planned_mib"], 2)
+        assert device["difference_mib"] == pytest.approx(difference)
+    host = check["devices"][-1]
+    assert host["device"] == "CPU" and host["terms"]["weights"]["planned_mib"] == plan["host"]["weights_mib"]
+    assert host["terms"]["weights"]["actual_mib"] == pytest.approx(_logged_mib(log_text, "CPU_Mapped", "model"))
+    table = a.cli("status", "split")
+    assert table.returncode == 0, table.stdout + table.stderr
+    assert "planned against actual (llama-server's load log), MiB:" in table.stdout
+    first, weights = check["devices"][0], check["devices"][0]["terms"]["weights"]
+    row = [first["device"], "weights", f"{weights['planned_mib']:g}", f"{weights['actual_mib']:g}"]
+    assert [*row, f"{weights['difference_mib']:+g}"] in [line.split() for line in table.stdout.splitlines()]

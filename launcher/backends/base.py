@@ -14,9 +14,10 @@ import httpx
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
 from launcher.gpu import visibility_env
+from launcher.hub_ref import HubRef
 from launcher.plan.gguf import ModelFileError, regular_problem
 from launcher.plan.placement import Placement
-from launcher.schema import Plan
+from launcher.schema import Plan, PlanCheck
 
 # Variables that belong to the daemon's own relationship with systemd, never to a child: a child that
 # inherits NOTIFY_SOCKET can tell systemd the daemon is ready or stopping (or feed its watchdog), and one
@@ -81,6 +82,11 @@ class ServerBackend(Protocol):
         """The name the server knows the model by in an OpenAI request's `model`; None: any name does."""
         ...
 
+    def check_plan(self, plan: Plan, log_lines: list[str]) -> PlanCheck | str:
+        """``plan`` against what the ready server reports allocating in ``log_lines`` (its output since
+        its start), or why it cannot be checked."""
+        ...
+
 
 def child_environment(placement: Placement, *layers: Mapping[str, str]) -> dict[str, str]:
     """The daemon's environment less what belongs to the daemon alone, then the variables that show the
@@ -94,7 +100,13 @@ def child_environment(placement: Placement, *layers: Mapping[str, str]) -> dict[
 
 
 def check_model_file(model: ModelSettings, name: str) -> None:
-    """The model file must be a regular file (a FIFO or a device would block or never end its reading)."""
+    """The model file must be a regular file (a FIFO or a device would block or never end its reading); a
+    hub model must have been downloaded, which this version does not do yet."""
+    if isinstance(model.model, HubRef):
+        raise ModelFileError(
+            f"{name}: the hub model {model.model} is not downloaded, and downloading is not there yet",
+            hint=f"`launcher plan {name}` (without a daemon) plans it from its headers",
+        )
     problem = "does not exist" if model.model is None else regular_problem(model.model)
     if problem is not None:
         raise ModelFileError(

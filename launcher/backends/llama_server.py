@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 
+from launcher.backends import llama_log
 from launcher.backends.base import (
     Health,
     LaunchSpec,
@@ -18,6 +19,7 @@ from launcher.backends.base import (
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
 from launcher.plan.placement import Placement
+from launcher.schema import Plan, PlanCheck
 from launcher.server_args import PARALLEL, arg_value
 
 BINARY_NAME = "llama-server"
@@ -66,7 +68,7 @@ class LlamaServerBackend:
         check_model_file(model, name)
 
     def model_file(self, model: ModelSettings) -> Path | None:
-        return model.model
+        return model.model if isinstance(model.model, Path) else None  # a hub model: planned from its headers
 
     def launch_spec(self, model: ModelSettings, port: int, placement: Placement) -> LaunchSpec:
         argv = [
@@ -115,3 +117,10 @@ class LlamaServerBackend:
 
     def upstream_model(self) -> str | None:
         return None  # one model per server: it answers to any name
+
+    def check_plan(self, plan: Plan, log_lines: list[str]) -> PlanCheck | str:
+        reported = llama_log.parse_lines(log_lines)
+        if reported.empty:
+            # This llama.cpp logs its buffers at verbosity 4 only; the default (3) says nothing of them.
+            return "llama-server logged no buffer sizes (it does from -lv 4: add it to the model's args)"
+        return llama_log.check(plan, reported)

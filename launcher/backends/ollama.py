@@ -22,6 +22,7 @@ from launcher.config import ModelSettings
 from launcher.errors import ConfigError
 from launcher.plan.gguf import ModelFileError, open_regular
 from launcher.plan.placement import Placement
+from launcher.schema import Plan, PlanCheck
 
 _MODEL_LAYER = "application/vnd.ollama.image.model"
 _REGISTRY = "registry.ollama.ai"
@@ -162,3 +163,6 @@ class OllamaBackend:
 
     def upstream_model(self) -> str | None:
         return self._name  # the front door's name for it is the launcher's; Ollama's is `model:`
+
+    def check_plan(self, plan: Plan, log_lines: list[str]) -> PlanCheck | str:
+        return "Ollama reports its sizes through /api/ps (server_info), not per device and term"

@@ -19,6 +19,7 @@ from launcher.errors import ConfigError, LauncherError
 from launcher.plan.placement import Placement
 from launcher.rpc.sockets import sockets_on
 from launcher.rpc.wire import Hello, say_hello
+from launcher.schema import Plan, PlanCheck
 
 # The name CMake gives it since the tools were renamed; llama.cpp's own build used to call it rpc-server.
 BINARY_NAMES = ("ggml-rpc-server", "rpc-server")
@@ -80,3 +81,6 @@ class RpcServerBackend:
 
     def upstream_model(self) -> str | None:
         return None  # never routed to: it serves devices, not a model
+
+    def check_plan(self, plan: Plan, log_lines: list[str]) -> PlanCheck | str:
+        return "an rpc-server has no plan of a model: the llama-server using it reports its buffers"

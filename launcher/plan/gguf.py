@@ -9,6 +9,8 @@ supplies the format's constants and the quantisation block sizes. Split models
 Every file is hostile until checked: it is opened only if it is a regular file (a FIFO would block the
 reader forever, a device could be endless), and every count and size is checked against the format's limits
 and the file's own size before anything is built from it (`keys.py` checks the values the planner reads).
+The same reader parses the start of a file fetched from elsewhere (`parse_header`: a hub model's, with the
+file's size the hub gives), saying when the header goes on past the bytes at hand.
 """
 
 from __future__ import annotations
@@ -95,6 +97,14 @@ class GgufFile:
         return int(self.arch("vocab_size", 0))
 
 
+class HeaderIncomplete(ModelFileError):
+    """The bytes at hand end inside the header and the file goes on: read more of it."""
+
+
+# A file's header as parsed: metadata, tensors, the file's size and where its tensor data ends.
+HeaderPart = tuple[dict[str, Any], list[TensorInfo], int, int]
+
+
 class _Cursor:
     def __init__(self, data: memoryview, path: Path, file_bytes: int) -> None:
         self.data = data
@@ -102,10 +112,16 @@ class _Cursor:
         self.path = path
         self.file_bytes = file_bytes
 
+    def cut_short(self) -> ModelFileError:
+        """The data ends inside the header: the file is cut short, or only its start was fetched."""
+        if len(self.data) < self.file_bytes:
+            return HeaderIncomplete(f"{self.path}: the GGUF header goes on past the first {len(self.data)} bytes")
+        return ModelFileError(f"{self.path}: the GGUF header is cut short (truncated file?)")
+
     def take(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
         if self.pos + size > len(self.data):
-            raise ModelFileError(f"{self.path}: the GGUF header is cut short (truncated file?)")
+            raise self.cut_short()
         (value,) = struct.unpack_from(fmt, self.data, self.pos)
         self.pos += size
         return value
@@ -114,7 +130,7 @@ class _Cursor:
         length = self.take("<Q")
         end = self.pos + length
         if end > len(self.data):
-            raise ModelFileError(f"{self.path}: the GGUF header is cut short (truncated file?)")
+            raise self.cut_short()
         text = bytes(self.data[self.pos : end]).decode("utf-8", errors="replace")
         self.pos = end
         return text
@@ -124,10 +140,10 @@ class _Cursor:
         unpack = struct.Struct("<Q").unpack_from
         for _ in range(count):
             if pos + 8 > limit:
-                raise ModelFileError(f"{self.path}: the GGUF header is cut short (truncated file?)")
+                raise self.cut_short()
             pos += 8 + unpack(data, pos)[0]
         if pos > limit:
-            raise ModelFileError(f"{self.path}: the GGUF header is cut short (truncated file?)")
+            raise self.cut_short()
         self.pos = pos
 
     def value(self, kind: int) -> Any:
@@ -144,7 +160,7 @@ class _Cursor:
             size = struct.calcsize(fmt)
             end = self.pos + size * count
             if end > len(self.data):
-                raise ModelFileError(f"{self.path}: the GGUF header is cut short (truncated file?)")
+                raise self.cut_short()
             if count > _MAX_NUMBERS:
                 self.pos = end
                 return SkippedArray(count)
@@ -217,8 +233,7 @@ def open_regular(path: Path, what: str) -> int:
     return fd
 
 
-def _read_one(path: Path, what: str) -> tuple[dict[str, Any], list[TensorInfo], int, int]:
-    """Metadata, tensors, the file's size and where its tensor data ends."""
+def _read_one(path: Path, what: str) -> HeaderPart:
     with os.fdopen(open_regular(path, what), "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 24:
@@ -231,7 +246,16 @@ def _read_one(path: Path, what: str) -> tuple[dict[str, Any], list[TensorInfo], 
                 view.release()
 
 
-def _parse(cursor: _Cursor) -> tuple[dict[str, Any], list[TensorInfo], int, int]:
+def parse_header(data: bytes, name: Path, file_bytes: int) -> HeaderPart:
+    """The header in ``data``, the start of a file of ``file_bytes`` bytes named ``name`` in errors (a file
+    fetched in part): HeaderIncomplete when the header goes on past ``data``."""
+    if len(data) < 24:
+        raise ModelFileError(f"{name} is not a GGUF model (too short)")
+    with memoryview(data) as view:
+        return _parse(_Cursor(view, name, file_bytes))
+
+
+def _parse(cursor: _Cursor) -> HeaderPart:
     if bytes(cursor.data[:4]) != _MAGIC:
         raise ModelFileError(f"{cursor.path} is not a GGUF model (no GGUF magic)")
     cursor.pos = 4
@@ -268,16 +292,36 @@ def _parse(cursor: _Cursor) -> tuple[dict[str, Any], list[TensorInfo], int, int]
 def read_gguf(path: Path, what: str = "model file") -> GgufFile:
     """The header of ``path`` (and of its sibling shards, for a split model); ``what`` names the file in
     errors."""
-    metadata, tensors, file_bytes, data_end = _read_one(path, what)
+    first = _read_one(path, what)
+    rest = []
+    siblings = split_siblings(path, first[0])
+    for sibling in siblings:
+        if not sibling.exists():
+            raise ModelFileError(f"{path} is split in {len(siblings) + 1} files but {sibling.name} is missing")
+        rest.append(_read_one(sibling, f"{what} part"))
+    return assemble(path, first, rest)
+
+
+def split_siblings(path: Path, metadata: dict[str, Any]) -> list[Path]:
+    """The other files of a split model whose first file is ``path`` (none for a model in one file), once
+    the metadata the planner reads is checked (keys.py): the first file's header says how many there are."""
     check_metadata(path, metadata)
     shard = _SHARD.match(path.name)
     count = int(metadata.get("split.count", 1))
-    if count > 1:
-        if shard is None or int(shard["no"]) != 1:
-            raise ModelFileError(f"{path} is shard {metadata.get('split.no', '?')} of a split model: name the first")
-        for no in range(2, count + 1):
-            sibling = path.with_name(f"{shard['prefix']}-{no:05d}-of-{count:05d}.gguf")
-            if not sibling.exists():
-                raise ModelFileError(f"{path} is split in {count} files but {sibling.name} is missing")
-            tensors += _read_one(sibling, f"{what} part")[1]
-    return GgufFile(path=path, metadata=metadata, tensors=tensors, file_bytes=file_bytes, data_end=data_end)
+    if count <= 1:
+        return []
+    if shard is None or int(shard["no"]) != 1:
+        raise ModelFileError(f"{path} is shard {metadata.get('split.no', '?')} of a split model: name the first")
+    return [path.with_name(f"{shard['prefix']}-{no:05d}-of-{count:05d}.gguf") for no in range(2, count + 1)]
+
+
+def assemble(path: Path, first: HeaderPart, rest: list[HeaderPart]) -> GgufFile:
+    """The model of a file's header and, for a split model, its other files' (split_siblings checked)."""
+    metadata, tensors, file_bytes, data_end = first
+    return GgufFile(
+        path=path,
+        metadata=metadata,
+        tensors=[*tensors, *(t for part in rest for t in part[1])],
+        file_bytes=file_bytes,
+        data_end=data_end,
+    )

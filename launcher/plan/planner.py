@@ -76,7 +76,7 @@ class Planner:
         self,
         name: str,
         model: ModelSettings,
-        model_file: Path | None,
+        model_file: Path | ModelShape | None,
         samples: Sequence[GpuSample],
         claims: Mapping[int, int],
         remote: Remote = NO_REMOTE,
@@ -84,11 +84,14 @@ class Planner:
         """The plan for ``model`` against ``samples``, around the MiB per GPU that ``claims`` hold, also
         over the peers' endpoints in ``remote`` when the model's `hosts:` allows them. ``model_file`` is
         the GGUF file its backend found (backends.planned_file), None for an rpc-server, which has no
-        model, and for an Ollama model that is planned by its configured `ollama.size_mib`."""
+        model, and for an Ollama model that is planned by its configured `ollama.size_mib`; or the model's
+        shape, read by the caller from elsewhere (a hub model's headers, launcher/hub/)."""
         self._check_gpu_refs(name, model)
         if model.backend == "rpc-server":  # no model: the GPUs it lends
             return lending_plan(name, model, samples, claims, self._gpus)
-        if model_file is not None:
+        if isinstance(model_file, ModelShape):
+            shape = model_file
+        elif model_file is not None:
             stat = model_file.stat()
             shape = _model_shape(model_file, stat.st_mtime_ns, stat.st_size)
         else:  # the backend checked that a size is configured

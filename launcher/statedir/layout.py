@@ -4,6 +4,8 @@ STATE_DIR/daemon.lock      the owner record, locked by the daemon that owns the 
 STATE_DIR/children.json    the servers that daemon runs (children.py)
 STATE_DIR/logs/NAME.log    each instance's server output, NAME.log.1.. its rotated copies (logs.py)
 STATE_DIR/daemon.log       the output of a daemon `launcher up --detach` started in the background
+STATE_DIR/hub-headers/ORG--REPO/COMMIT/FILE.header
+                           the start of a hub model's file, its GGUF header (launcher/hub/headers.py)
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class StateDir:
     def server_log(self, instance: str) -> Path:
         """The log file of the instance ``instance`` (a configured name, checked to be a file name)."""
         return self.logs_dir / f"{instance}.log"
+
+    @property
+    def hub_headers_dir(self) -> Path:
+        return self.root / "hub-headers"
 
     @property
     def daemon_log(self) -> Path:

@@ -22,7 +22,7 @@ from launcher.backends import Health, LaunchSpec, ServerBackend
 from launcher.config import ModelSettings
 from launcher.errors import ConflictError, LauncherError
 from launcher.plan.placement import Placement
-from launcher.schema import Event, InstanceStatus, Plan, State
+from launcher.schema import Event, InstanceStatus, Plan, PlanCheck, State
 from launcher.statedir import logs
 from launcher.statedir.layout import StateDir
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
@@ -41,6 +41,9 @@ _MAX_LOAD_PROBE_S = 0.5
 _EVENTS_KEPT = 50
 _LOG_LINES_READ = 200  # of a server that ended: where its last error lines are looked for
 _LINES_AT_THE_END = 20  # of a server that served before it ended: where why it ended is looked for
+# Of a server just ready: where its load log (what it allocated per device) is looked for. A -lv 4 load
+# of a large model writes a few hundred lines; the start marker bounds it first.
+_LOAD_LINES_READ = 5000
 
 
 class BlockedCheck(Protocol):
@@ -101,6 +104,9 @@ class Instance:
         self.server_info: dict[str, int] = {}  # what the server reports of itself (Ollama: sizes)
         self._last_notice: str | None = None
         self.degraded_reason: str | None = None
+        # The plan of the running server against what it reports allocating: read once it is ready.
+        self.actual: PlanCheck | None = None
+        self.actual_missing: str | None = None
 
     def reconfigure(self, settings: ModelSettings, backend: ServerBackend) -> None:
         """Take the settings of a reload. What supervision reads as it goes (restart policy, health probes,
@@ -310,8 +316,8 @@ class Instance:
         self._emit("exit", f"server {status.describe()}{why}" + (f": {error}" if error else ""))
         return status, error
 
-    def _lines_of_last_run(self) -> list[str]:
-        return logs.lines_of_last_run(self.log_path, _LOG_LINES_READ)
+    def _lines_of_last_run(self, lines: int = _LOG_LINES_READ) -> list[str]:
+        return logs.lines_of_last_run(self.log_path, lines)
 
     async def _run_once(self, spec: LaunchSpec | None) -> float | None:
         """Run the server once, until it ends; return the delay before the next start or None. ``spec``:
@@ -327,6 +333,7 @@ class Instance:
         if self.placement.claims_mib:
             await self._parts.vram.await_vram(self.placement.claims_mib, self.name)
         self._rotate_log()
+        self.actual, self.actual_missing = None, None
         marker = f"{self.name} (restart {self.restarts}): {' '.join(spec.argv)}"
         self._write(self.log_path, lambda: logs.write_start_marker(self.log_path, marker))
         # The instance's name in the environment: how a later daemon recognises a leftover as ours.
@@ -341,6 +348,7 @@ class Instance:
         if await self._await_ready(proc):
             self._ready_since = time.monotonic()
             self._set_state(State.READY)
+            await self._check_plan()
             unhealthy = await self._watch(proc)
             ready_for_s = time.monotonic() - self._ready_since
             self._ready_since = None
@@ -416,6 +424,20 @@ class Instance:
                 self._record_error(f"killed after {failures} failed health checks")
                 return True
 
+    async def _check_plan(self) -> None:
+        """Once, after ready (never delaying it): the plan against what the server says it allocated, from
+        its output since its start. A log that cannot be read is a missing check, never a failed run."""
+        if self.plan is None:
+            self.actual_missing = "the start had no plan"
+            return
+        try:
+            lines = await asyncio.to_thread(self._lines_of_last_run, _LOAD_LINES_READ)
+        except OSError as exc:
+            self.actual_missing = f"the server's log could not be read: {exc.strerror or exc}"
+            return
+        found = self.backend.check_plan(self.plan, lines)
+        self.actual, self.actual_missing = (None, found) if isinstance(found, str) else (found, None)
+
     def _rotate_log(self) -> None:
         parts = self._parts
         self._write(self.log_path, lambda: logs.rotate_if_large(self.log_path, parts.log_max_bytes, parts.log_keep))
@@ -487,6 +509,8 @@ class Instance:
             requests_in_flight=requests[0],
             requests_queued=requests[1],
             degraded_reason=self.degraded_reason,
+            actual=self.actual if self.running else None,
+            actual_missing=self.actual_missing if self.running else None,
         )
 
 

@@ -23,6 +23,9 @@ from launcher.config import GpuSettings, ModelSettings, Settings
 from launcher.errors import ConflictError, LauncherError
 from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
+from launcher.hub.headers import hub_reader
+from launcher.hub.planning import plan_from_hub
+from launcher.hub_ref import HubRef
 from launcher.plan.gguf import ModelFileError
 from launcher.plan.planner import Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
@@ -72,6 +75,7 @@ class Manager:
         self.planner = planner
         self.peers = peers
         self.lending = lending
+        self._hub_headers_dir = state_dir.hub_headers_dir
         self._table = table
         self._events = events
         self._vram = VramGate(settings.gpus, sampler, self.publish)
@@ -206,10 +210,15 @@ class Manager:
         claims = self.lending.claimed_mib(self._others(instance))
 
         def make() -> Plan:
+            if isinstance(instance.settings.model, HubRef):  # from its headers, before any download
+                reader = hub_reader(self.settings.hub, self._hub_headers_dir)
+                return plan_from_hub(self.planner, reader, name, instance.settings, samples, claims, remote)
             found = planned_file(instance.backend, instance.settings, name)
             return self.planner.plan(name, instance.settings, found, samples, claims, remote)
 
         plan = await self._planning.run(make, key=name)
+        if plan.hub is not None:  # no command until its files are downloaded
+            return plan
         spec = instance.backend.launch_spec(instance.settings, self._port_for(instance), self.planner.placement(plan))
         return with_command(plan, spec)
 

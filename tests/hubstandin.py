@@ -1,0 +1,146 @@
+"""A stand-in for the Hugging Face hub on loopback: the routes the `huggingface_hub` client uses to list a
+repo (`/api/models/ORG/REPO[/revision/REV]?blobs=true`) and to read a file (`/ORG/REPO/resolve/REV/PATH`,
+with Range), serving files from disk, gating repos behind a token, and counting the bytes of every file
+it sends (only what it writes to the socket counts)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_CHUNK = 64 * 1024
+
+
+@dataclass
+class Repo:
+    files: dict[str, Path]  # path in the repo -> file on disk
+    token: str | None = None  # gated: files need this bearer token
+    ranges: bool = True  # False: a Range header is ignored and the whole file sent
+    commit: str = ""
+
+    def __post_init__(self) -> None:
+        self.commit = self.commit or hashlib.sha1(json.dumps(sorted(self.files)).encode()).hexdigest()
+
+
+@dataclass
+class StandInHub:
+    repos: dict[str, Repo]
+    sent_bytes: Counter[str] = field(default_factory=Counter)  # "ORG/REPO/PATH" -> file bytes sent
+    requests: list[str] = field(default_factory=list)
+    url: str = ""
+
+    @property
+    def total_sent(self) -> int:
+        return sum(self.sent_bytes.values())
+
+
+def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:  # quiet
+            return
+
+        def _error(self, status: int, code: str, message: str) -> None:
+            body = json.dumps({"error": message}).encode()
+            self.send_response(status)
+            self.send_header("X-Error-Code", code)
+            self.send_header("X-Error-Message", message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            path = unquote(urlsplit(self.path).path)
+            hub.requests.append(path)
+            if path.startswith("/api/models/"):
+                self._info(path.removeprefix("/api/models/"))
+            elif (match := re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)) is not None:
+                self._file(match[1], match[2], match[3])
+            else:
+                self._error(404, "EntryNotFound", f"no route {path}")
+
+        def _info(self, rest: str) -> None:
+            repo_id, _, revision = rest.partition("/revision/")
+            repo = hub.repos.get(repo_id)
+            if repo is None:
+                self._error(401, "RepoNotFound", "Repository not found")
+                return
+            if revision not in ("", "main", repo.commit):
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+                return
+            siblings = [{"rfilename": name, "size": disk.stat().st_size} for name, disk in sorted(repo.files.items())]
+            body = json.dumps({"id": repo_id, "sha": repo.commit, "siblings": siblings}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _file(self, repo_id: str, revision: str, name: str) -> None:
+            repo = hub.repos.get(repo_id)
+            if repo is None:
+                self._error(401, "RepoNotFound", "Repository not found")
+                return
+            if repo.token is not None and self.headers.get("Authorization") != f"Bearer {repo.token}":
+                self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted.")
+                return
+            if revision not in ("main", repo.commit) or name not in repo.files:
+                self._error(404, "EntryNotFound", f"{name} not found")
+                return
+            disk = repo.files[name]
+            size = disk.stat().st_size
+            start, end = 0, size - 1
+            match = _RANGE.match(self.headers.get("Range", "")) if repo.ranges else None
+            if match:
+                start, end = int(match[1]), min(int(match[2] or size - 1), size - 1)
+            self.send_response(206 if match else 200)
+            if match:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("X-Repo-Commit", repo.commit)
+            self.end_headers()
+            with disk.open("rb") as f:
+                f.seek(start)
+                left = end - start + 1
+                while left > 0:
+                    chunk = f.read(min(_CHUNK, left))
+                    if not chunk:
+                        break
+                    try:
+                        self.wfile.write(chunk)
+                    except OSError:  # the client had enough
+                        return
+                    hub.sent_bytes[f"{repo_id}/{name}"] += len(chunk)
+                    left -= len(chunk)
+
+    return Handler
+
+
+@contextmanager
+def serving(repos: dict[str, Repo]) -> Iterator[StandInHub]:
+    """The hub on a free loopback port for the block's length."""
+    hub = StandInHub(repos)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
+    server.daemon_threads = True
+    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield hub
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
