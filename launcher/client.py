@@ -38,7 +38,8 @@ _ERRORS_BY_STATUS: dict[int, type[LauncherError]] = {
     503: StartError,
 }
 _REACH_TIMEOUT_S = 2.0
-# An act answers once the old server is stopped (stop_timeout) and the memory it held is back (vram_wait_s).
+# An act answers once the old server has drained (drain_timeout_s) and is stopped (stop_timeout) and the
+# memory it held is back (vram_wait_s).
 _ACT_TIMEOUT_S = 300.0
 
 M = TypeVar("M", bound=BaseModel)

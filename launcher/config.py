@@ -331,6 +331,7 @@ _MODEL_ONLY = (
     "max_concurrency",
     "queue_max",
     "queue_timeout_s",
+    "drain_timeout_s",
 )
 
 
@@ -410,6 +411,12 @@ class ModelSettings(_Strict):
     )
     queue_timeout_s: Positive = Field(
         default=60.0, description="Seconds a request may wait in the queue; beyond it 429."
+    )
+    drain_timeout_s: NonNegative = Field(
+        default=30.0,
+        description="Before a planned stop (stop, restart, idle, eviction, thermal, the daemon's own stop) the "
+        "front door gives the server no new request and waits this many seconds at most for those in flight "
+        "to finish; what is still running then is cut. 0: no wait.",
     )
     hosts: Literal["local", "auto"] | list[str] = Field(
         default="local",

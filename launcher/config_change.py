@@ -36,6 +36,7 @@ MODEL_KEYS: dict[str, Applied] = {
     "restart": "live",
     "health": "live",
     "stop_timeout": "live",
+    "drain_timeout_s": "live",  # read at each planned stop
     "autostart": "live",
     "backend": "restart",
     "model": "restart",

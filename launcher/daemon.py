@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import uvicorn
@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from launcher import config_watch
 from launcher.api.app import create_app
 from launcher.api.limits import limited_protocol
-from launcher.config import Settings
+from launcher.config import ModelSettings, Settings
 from launcher.errors import LauncherError, StartError
 from launcher.reloading import Reloader
 from launcher.route.front import FrontDoor
@@ -43,6 +43,15 @@ log = logging.getLogger("launcher")
 _GRACEFUL_SHUTDOWN_S = 3
 # daemon.ready_when: loaded sends READY=1 once every autostart instance got here.
 _SETTLED = frozenset({State.READY, State.FAILED, State.STOPPED})
+
+
+def longest_stop_s(models: Iterable[ModelSettings]) -> float:
+    """The longest the daemon's own stop may take (SIGTERM): every server drains at once, the API ends,
+    every server stops at once. What a service manager's stop timeout must exceed (the units' TimeoutStopSec,
+    Kubernetes' grace period, the containers' stop timeout)."""
+    listed = list(models)
+    drain_s = max((m.drain_timeout_s for m in listed), default=0.0)
+    return drain_s + _GRACEFUL_SHUTDOWN_S + max((m.stop_timeout for m in listed), default=0.0)
 
 
 class _Server(uvicorn.Server):
@@ -90,17 +99,22 @@ class Daemon:
         self._waiting: asyncio.Task[None] | None = None  # READY=1 once loaded (daemon.ready_when)
         self._reloader: Reloader | None = None  # once wired
         self._reloads: set[asyncio.Task[None]] = set()  # reloads asked for by SIGHUP
+        self._stop_asked = asyncio.Event()  # the servers drain, then the API ends (see `_serve`)
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
-        """End serving; the wiring then stops every instance. A second SIGINT hurries the API's end. Before
-        the API serves (cleaning leftovers, a first GPU reading), the start itself is cancelled."""
+        """End serving: every server drains (the front door's requests in flight finish, new ones wait),
+        then the API ends and the wiring stops every instance. A second SIGINT ends the API without waiting
+        for the drain, a third hurries the API's end. Before the API serves (cleaning leftovers, a first
+        GPU reading), the start itself is cancelled."""
         if self._server is None:
             if self._starting is not None:
                 self._starting.cancel()
             return
-        if self._server.should_exit and sig == signal.SIGINT:
-            self._server.force_exit = True
-        self._server.should_exit = True
+        if self._stop_asked.is_set() and sig == signal.SIGINT:
+            if self._server.should_exit:
+                self._server.force_exit = True
+            self._server.should_exit = True
+        self._stop_asked.set()
 
     def _hangup(self) -> None:
         if self._hangup_stops:
@@ -229,9 +243,21 @@ class Daemon:
             lifespan="on",
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
         )
-        self._server = _Server(config)
+        server = self._server = _Server(config)
         self._starting = None  # from here a stop ends serving, and the wiring's exit stops every server
-        await self._server.serve(sockets=[sock])
+
+        async def drain_then_exit() -> None:
+            await self._stop_asked.wait()
+            try:
+                await manager.drain_all()  # the API still answers meanwhile: the statuses say draining
+            finally:
+                server.should_exit = True  # a drain that failed must not keep the daemon from ending
+
+        ending = asyncio.create_task(drain_then_exit(), name="drain-then-exit")
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            ending.cancel()
         if not self._server.started:  # the app's startup failed: uvicorn logged why and returned
             raise StartError("the daemon's API did not start", hint="see the log lines above")
 

@@ -27,6 +27,7 @@ class State(StrEnum):
     LOADING = "loading"  # process up, health not yet 200
     READY = "ready"
     UNHEALTHY = "unhealthy"  # health probes failing
+    DRAINING = "draining"  # a planned stop waits for the front door's requests in flight; given no new one
     BACKOFF = "backoff"  # waiting to restart
     FAILED = "failed"  # gave up; needs a start or restart
     STOPPING = "stopping"
@@ -35,7 +36,7 @@ class State(StrEnum):
 
 class Event(_Wire):
     time: str
-    kind: str  # state | exit | error | warning | thermal | vram | on-demand | evict | idle
+    kind: str  # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain
     message: str
     instance: str | None = None
     state: State | None = None  # the instance's state after the event

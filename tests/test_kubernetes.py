@@ -19,6 +19,7 @@ import yaml
 
 from launcher.config import Settings
 from launcher.config_file import load_settings
+from launcher.daemon import longest_stop_s
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "kubernetes"
@@ -238,8 +239,7 @@ def test_probes_readiness_follows_models_liveness_does_not(rendered: tuple[str, 
 def test_grace_period_outlasts_the_servers_stop(rendered: tuple[str, list[Doc]], tmp_path: Path) -> None:
     _, docs = rendered
     grace = one(docs, "DaemonSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    longest = max(model.stop_timeout for model in settings(docs, tmp_path).models.values())
-    assert grace >= longest + 3 + 10  # the API's 3 s drain, the servers at once, a margin
+    assert grace >= longest_stop_s(settings(docs, tmp_path).models.values()) + 10  # and a margin
 
 
 def test_servicemonitor_scrapes_every_launcher(rendered: tuple[str, list[Doc]]) -> None:

@@ -21,6 +21,7 @@ from launcher.statedir.owner import StateDirLock
 from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
+from launcher.supervise.table import RequestLoad
 from launcher.supervise.vram import VramGate
 from launcher.supervise.writes import StateWrites
 from tests.conftest import ConfigWriter, gpu_sample
@@ -56,6 +57,7 @@ async def instances(tmp_path: Path, write_config: ConfigWriter) -> AsyncIterator
                 vram=VramGate(_GPUS, Readings(), events.append),
                 on_event=events.append,
                 writes=StateWrites(),
+                requests=RequestLoad(),
             )
             yield {
                 name: Instance(name, model, backend=backend_for(model, settings.rpc), parts=parts)

@@ -22,7 +22,6 @@ from launcher.schema import GpuSample
 from tests.conftest import OpenWired
 
 POLL_S = 0.05
-STALE_AFTER_S = 3 * POLL_S  # a sample older than three polls is marked stale
 SIM_A = {"name": "A", "memory_mib": 1000}
 
 
@@ -81,7 +80,7 @@ async def test_a_hung_gpu_stalls_only_itself(sim_sampler: tuple[SimBackend, Samp
     # GPU 1 goes on being read meanwhile: wait for its readings until GPU 0's is older than the stale limit.
     async with asyncio.timeout(5):
         other = await next_sample(sampler, 1)
-        while other.time - last.time <= STALE_AFTER_S:
+        while other.time - last.time <= sampler.stale_after_s:
             other = await next_sample(sampler, 1)
     assert other.error is None
     stale = sampler.latest()[0]

@@ -20,6 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from launcher.config import ModelSettings
+from launcher.daemon import longest_stop_s
 from launcher.schema import GpuSample, InstanceStatus, State
 from launcher.systemd import (
     JournalFormatter,
@@ -230,6 +232,14 @@ def test_daemon_notifies_ready_status_watchdog_stopping_and_logs_for_journald(
 
 
 # ---- the shipped units --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unit", ["launcher.service", "launcher-user.service"])
+def test_the_units_stop_timeout_outlasts_a_drain_and_the_servers_stop(unit: str) -> None:
+    """With the models' defaults; a configuration that drains or stops for longer raises it (docs/service.md)."""
+    stop_s = [line for line in (REPO / "systemd" / unit).read_text().splitlines() if line.startswith("TimeoutStopSec=")]
+    assert len(stop_s) == 1
+    assert float(stop_s[0].removeprefix("TimeoutStopSec=")) >= longest_stop_s([ModelSettings.model_construct()]) + 10
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="no systemd-analyze")

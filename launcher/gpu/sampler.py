@@ -23,6 +23,9 @@ from launcher.schema import GpuSample
 
 Listener = Callable[[GpuSample], None]
 _STALE_AFTER_POLLS = 3
+# ... and never sooner than this: a daemon busy spawning servers can hold its event loop for a few hundred
+# ms, and readings late by that are not a hung driver (with a 0.1 s poll every GPU looked unusable then).
+_STALE_FLOOR_S = 2.0
 # The daemon starts with one reading of every GPU, but a driver that hangs must not hold its start (or its
 # SIGTERM) hostage: past this the GPU shows "not read yet" and its reading arrives when it arrives.
 _FIRST_READING_TIMEOUT_S = 5.0
@@ -105,7 +108,7 @@ class Sampler:
     @property
     def stale_after_s(self) -> float:
         """A reading older than this is stale: the driver is not answering."""
-        return _STALE_AFTER_POLLS * self._interval
+        return max(_STALE_AFTER_POLLS * self._interval, _STALE_FLOOR_S)
 
     def latest(self) -> list[GpuSample]:
         """The newest sample of every GPU; one not read for a while says so in its error."""

@@ -17,13 +17,13 @@ from launcher.supervise.table import RequestLoad
 class Admission:
     def __init__(self, replicas: Callable[[str], Sequence[Replica]], load: RequestLoad) -> None:
         self._replicas = replicas  # a model's instances as they are now
-        self._in_flight = load.in_flight  # instance -> requests it serves now
+        self._load = load  # instance -> requests it serves now
         self._queued = load.queued  # model -> requests waiting (len of its _waiting, for the statuses)
         self._waiting: dict[str, deque[asyncio.Future[str]]] = {}  # model -> requests waiting, oldest first
         self._turn: dict[str, int] = {}  # model -> round-robin position among equals
 
     def in_flight(self, instance: str) -> int:
-        return self._in_flight.get(instance, 0)
+        return self._load.on(instance)
 
     def queued(self, model: str) -> int:
         return len(self._waiting.get(model, ()))
@@ -44,7 +44,7 @@ class Admission:
         name = pick(replicas, turn)
         if name is not None:
             self._turn[model] = turn + 1
-            self._in_flight[name] = self._in_flight.get(name, 0) + 1
+            self._load.take(name)
         return name
 
     def try_take(self, model: str, *, unbounded: bool = False) -> str | None:
@@ -83,7 +83,7 @@ class Admission:
         return given
 
     def release(self, instance: str) -> None:
-        self._in_flight[instance] -= 1
+        self._load.release(instance)
 
     def dispatch(self, model: str) -> None:
         """Give free instances to the waiting requests, oldest first."""

@@ -25,6 +25,7 @@ from launcher.plan.placement import Placement
 from launcher.schema import Event, InstanceStatus, Plan, PlanCheck, State
 from launcher.statedir import logs
 from launcher.statedir.layout import StateDir
+from launcher.supervise import drain
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
 from launcher.supervise.policy import RestartPolicy, StartFailure
 from launcher.supervise.ports import ensure_port_free
@@ -67,6 +68,8 @@ class DaemonParts:
     on_event: Callable[[Event], None]
     # Failed writes to the state directory, counted daemon-wide (see writes.py).
     writes: StateWrites
+    # The front door's requests in flight on each instance, which a planned stop waits for (drain.py).
+    requests: drain.InFlight
     # None: no peers, so nothing outside this host can keep a server from running.
     blocked: BlockedCheck | None = None
 
@@ -156,7 +159,14 @@ class Instance:
         async with self._lock:
             if not self.active and self.state == State.STOPPED:
                 raise ConflictError(f"{self.name} is not running")
+            await self._drain()
             await self._halt()
+
+    async def drain(self) -> None:
+        """Take the server out of the front door and wait for its requests in flight (the first half of a
+        planned stop: the daemon's own stop drains every instance at once before the API closes)."""
+        async with self._lock:
+            await self._drain()
 
     async def hold(self, reason: str) -> None:
         """Stop the server (if it runs) and wait degraded: an endpoint its plan uses went away."""
@@ -182,6 +192,7 @@ class Instance:
                 port = self._startable_port()
                 self.backend.binary(self.settings)
                 if self.active:
+                    await self._drain()
                     await self._halt()
                 else:
                     ensure_port_free(port)
@@ -238,6 +249,17 @@ class Instance:
         self._set_state(State.STARTING)  # the answer to a start request already says so
         self._task = asyncio.create_task(self._supervise(spec), name=f"supervise:{self.name}")
         self._task.add_done_callback(self._supervision_ended)
+
+    async def _drain(self) -> None:
+        """Wait for the front door's requests in flight on the server, ``drain_timeout_s`` at most, given no
+        new one meanwhile (the router serves only a ready instance); a drain's end is an event."""
+        in_flight, timeout_s = self._parts.requests.on(self.name), self.settings.drain_timeout_s
+        if not self.active or not drain.needed(self.state, in_flight, timeout_s):
+            return
+        self._set_state(State.DRAINING, drain.began(in_flight, timeout_s))
+        began_s = time.monotonic()
+        left = await self._parts.requests.finished(self.name, timeout_s)
+        self._emit("drain", drain.ended(in_flight, left, time.monotonic() - began_s, timeout_s))
 
     async def _halt(self, final: State = State.STOPPED, why: str = "") -> None:
         task = self._task
@@ -419,7 +441,8 @@ class Instance:
             if not proc.running:
                 return False
             failures += 1
-            self._set_state(State.UNHEALTHY, f"health check failed {failures}/{health.failures}")
+            if self.state != State.DRAINING:  # a draining server is on its way out, served or not
+                self._set_state(State.UNHEALTHY, f"health check failed {failures}/{health.failures}")
             if failures >= health.failures:
                 self._record_error(f"killed after {failures} failed health checks")
                 return True

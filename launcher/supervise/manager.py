@@ -48,7 +48,7 @@ T = TypeVar("T")
 # start waits for a turn behind at most this many
 _PLANNING_THREADS = 2
 # The states in which an instance's server process must be alive.
-_WITH_PROCESS = frozenset({State.LOADING, State.READY, State.UNHEALTHY})
+_WITH_PROCESS = frozenset({State.LOADING, State.READY, State.UNHEALTHY, State.DRAINING})
 
 
 class Manager:
@@ -96,6 +96,7 @@ class Manager:
             vram=self._vram,
             on_event=events.publish,
             writes=self.writes,
+            requests=table.requests,
             blocked=self._degrader,
         )
         for name, (group, model) in self._configured.items():
@@ -126,7 +127,7 @@ class Manager:
             for name in verdict.warned:
                 self.instances[name].note("thermal", f"GPU {sample.index}: {verdict.message}")
         for name in verdict.stop:
-            if self.instances[name].state == State.STOPPING:
+            if self.instances[name].state in (State.DRAINING, State.STOPPING):
                 continue  # already on its way: one stop at a time
             self._spawn(self._stop_quietly(name))
 
@@ -383,6 +384,11 @@ class Manager:
 
     def gpu_samples(self) -> list[GpuSample]:
         return [self.with_instances(s) for s in self.sampler.latest()]
+
+    async def drain_all(self) -> None:
+        """Drain every server at once (the daemon's own stop, before its API closes); each then waits
+        draining, given no new request, for `stop_all`."""
+        await asyncio.gather(*(i.drain() for i in self.instances.values() if i.active))
 
     async def stop_all(self) -> None:
         """Stop every server (TERM, wait, KILL), concurrently."""

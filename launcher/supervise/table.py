@@ -9,6 +9,8 @@ a note in its history) goes through the manager.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -48,10 +50,31 @@ class InstanceView(Protocol):
 
 @dataclass
 class RequestLoad:
-    """The front door's requests, written by it (route/admission.py) and read by the statuses."""
+    """The front door's requests, written by it (route/admission.py) and read by the statuses and by an
+    instance that drains (supervise/drain.py's `InFlight`)."""
 
     in_flight: dict[str, int] = field(default_factory=dict)  # instance -> requests its server serves now
     queued: dict[str, int] = field(default_factory=dict)  # configured model -> requests waiting for one
+    _released: asyncio.Event = field(default_factory=asyncio.Event, compare=False, repr=False)
+
+    def take(self, instance: str) -> None:
+        self.in_flight[instance] = self.in_flight.get(instance, 0) + 1
+
+    def release(self, instance: str) -> None:
+        self.in_flight[instance] -= 1
+        self._released.set()  # wakes every drain; each looks at its own count again
+
+    def on(self, instance: str) -> int:
+        return self.in_flight.get(instance, 0)
+
+    async def finished(self, instance: str, timeout_s: float) -> int:
+        """Wait until no request is in flight on ``instance``, ``timeout_s`` at most; the requests left."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self.on(instance):
+                    self._released.clear()  # no await since the count was read: no release is missed
+                    await self._released.wait()
+        return self.on(instance)
 
 
 @dataclass

@@ -3,9 +3,10 @@
 Derived from what supervision does (instance.py): a start request or a restart after backoff starts; a
 started server loads, then serves (unhealthy while its health checks fail); a run that ends goes to
 backoff, stopped, failed (the restart policy) or degraded (a peer its plan uses went away); a stop or hold
-goes through stopping. Failed is reachable from every state: it is where a refused start and the
-supervision task's safety net land, wherever the fault struck. The same state again is no move: it
-re-announces the state with a new message (each failed health check, a degraded reason that changed).
+goes through stopping, a planned stop of a serving server through draining first (supervise/drain.py).
+Failed is reachable from every state: it is where a refused start and the supervision task's safety net
+land, wherever the fault struck. The same state again is no move: it re-announces the state with a new
+message (each failed health check, a degraded reason that changed).
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ from types import MappingProxyType
 
 from launcher.schema import State
 
+# Where a server that serves may go.
+_FROM_SERVING = frozenset({State.BACKOFF, State.STOPPED, State.DEGRADED, State.DRAINING, State.STOPPING, State.FAILED})
+
 ALLOWED: Mapping[State, frozenset[State]] = MappingProxyType(
     {
         State.STOPPED: frozenset({State.STARTING, State.DEGRADED, State.FAILED}),
         State.STARTING: frozenset({State.LOADING, State.BACKOFF, State.STOPPING, State.FAILED}),
         State.LOADING: frozenset({State.READY, State.BACKOFF, State.DEGRADED, State.STOPPING, State.FAILED}),
-        State.READY: frozenset(
-            {State.UNHEALTHY, State.BACKOFF, State.STOPPED, State.DEGRADED, State.STOPPING, State.FAILED}
-        ),
-        State.UNHEALTHY: frozenset(
-            {State.READY, State.BACKOFF, State.STOPPED, State.DEGRADED, State.STOPPING, State.FAILED}
-        ),
+        State.READY: _FROM_SERVING | {State.UNHEALTHY},
+        State.UNHEALTHY: _FROM_SERVING | {State.READY},
+        # A drain's server may still end by itself (the restart policy decides) or lose its peer.
+        State.DRAINING: frozenset({State.STOPPING, State.BACKOFF, State.STOPPED, State.DEGRADED, State.FAILED}),
         State.BACKOFF: frozenset({State.STARTING, State.STOPPING, State.FAILED}),
         State.FAILED: frozenset({State.STARTING, State.STOPPED, State.DEGRADED}),
         State.STOPPING: frozenset({State.STOPPED, State.DEGRADED, State.FAILED}),

@@ -11,7 +11,7 @@ const WINDOW_S = 300; // the charts show up to the last five minutes
 const REFRESH_MS = 2000;
 const EVENTS_KEPT = 200;
 // States in which an instance's plan holds memory on its GPUs.
-const HOLDING = new Set(["starting", "loading", "ready", "unhealthy", "stopping"]);
+const HOLDING = new Set(["starting", "loading", "ready", "unhealthy", "draining", "stopping"]);
 const CAN_START = new Set(["stopped", "failed", "backoff"]);
 
 const gpus = new Map(); // index -> {charts, samples, latest, parts}
