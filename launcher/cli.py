@@ -20,7 +20,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from launcher.cli_output import as_json, format_check, format_gpus, format_peer_models, format_plan, format_statuses
+from launcher.cli_output import (
+    as_json,
+    format_check,
+    format_gpus,
+    format_peer_models,
+    format_plan,
+    format_reload,
+    format_statuses,
+)
 from launcher.cli_progress import ProgressPrinter, all_ready, ready_report
 from launcher.client import DaemonClient
 from launcher.config import DaemonSettings, Settings
@@ -151,6 +159,15 @@ def cmd_restart(ctx: Context) -> int:
     for name in names:
         client.act(name, "restart")
     _report_ready(ctx, _wait_ready(ctx, client, names), through=client.url)
+    return 0
+
+
+def cmd_reload(ctx: Context) -> int:
+    try:
+        report = ctx.required_daemon().reload(ctx.args.dry_run)
+    except ConfigError as exc:  # the file does not load: the daemon changed nothing; a refused act exits 1
+        raise LauncherError(exc.message, exc.hint) from None
+    print(as_json(report) if ctx.json else format_reload(report))
     return 0
 
 
@@ -351,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("names", nargs="+", metavar="NAME")
     restart = command("restart", cmd_restart, "restart a model and wait until it is ready")
     restart.add_argument("name", metavar="NAME")
+    reload = command("reload", cmd_reload, "read the configuration again and apply the difference to the daemon")
+    reload.add_argument("--dry-run", action="store_true", help="only show what would be done")
     status = command("status", cmd_status, "table of instances; of one: its plan against what its server allocated")
     status.add_argument("name", nargs="?", metavar="NAME")
     plan = command("plan", cmd_plan, "dry run: the GPUs, MiB per GPU, split, command line; exit 1 if it does not fit")

@@ -9,13 +9,26 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from launcher.schema import GpuSample, HubPlan, InstanceStatus, PeerStatus, Plan, State
+from launcher.schema import GpuSample, HubPlan, InstanceStatus, PeerStatus, Plan, ReloadReport, State
 
 
 def as_json(items: BaseModel | Sequence[BaseModel]) -> str:
     if isinstance(items, BaseModel):
         return items.model_dump_json(indent=2)
     return json.dumps([item.model_dump(mode="json") for item in items], indent=2)
+
+
+def format_reload(report: ReloadReport) -> str:
+    """A row per instance (what was, or would be, done and the keys that changed), then the daemon's keys."""
+    rows = [(i.name, i.change.value, ", ".join(i.keys) or "-") for i in report.instances]
+    lines = [format_table(("INSTANCE", "WOULD BE" if report.dry_run else "DONE", "KEYS"), rows)] if rows else []
+    if report.applied:
+        lines.append(f"applied live: {', '.join(report.applied)}")
+    if report.waiting:
+        lines.append(f"waiting for a restart of the daemon: {', '.join(report.waiting)}")
+    if report.dry_run:
+        lines.append(f"dry run: nothing changed ({report.source})")
+    return "\n".join(lines) or f"nothing configured ({report.source})"
 
 
 def format_duration(seconds: float | None) -> str:

@@ -25,6 +25,7 @@ from launcher.schema import (
     ModelList,
     PeerStatus,
     Plan,
+    ReloadReport,
     RpcClaim,
     RpcReport,
     ServedModel,
@@ -155,6 +156,11 @@ class DaemonClient:
         """POST start|stop|restart; the instance's status after the act."""
         path = f"/instances/{quote(name, safe='')}/{verb}"
         return _parse(InstanceStatus, self._request("POST", path, _ACT_TIMEOUT_S))
+
+    def reload(self, dry_run: bool) -> ReloadReport:
+        """POST /config/reload: the daemon reads its configuration again; what it did (or would do)."""
+        path = "/config/reload" + ("?dry_run=true" if dry_run else "")
+        return _parse(ReloadReport, self._request("POST", path, _ACT_TIMEOUT_S))
 
     def plan(self, name: str) -> Plan:
         return self._get(Plan, f"/plan/{quote(name, safe='')}")

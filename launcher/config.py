@@ -77,6 +77,11 @@ class DaemonSettings(_Strict):
         description="Whether reads (logs, plans, events, GPUs, metrics) need the token; `auto`: when the daemon "
         "listens beyond loopback. `/health` never does.",
     )
+    watch_config: bool = Field(
+        default=False,
+        description="Reload the configuration when its file changes, as `launcher reload` does (debounced; only "
+        "a change of its content counts).",
+    )
     ready_when: Literal["listening", "loaded"] = Field(
         default="listening",
         description="When systemd hears `READY=1`: once the API listens and the autostart instances are "

@@ -3,9 +3,9 @@
 `launcher serve` runs it; `launcher up` without a daemon runs the same thing in the foreground, so
 `launcher status` works from another terminal either way. The daemon handles SIGTERM and SIGINT itself,
 from before it owns the state directory until its last server is stopped: they end serving, and the
-wiring's exit stops every server before the process exits. SIGHUP, the usual ask to reload, is logged and
-ignored until the daemon can reload (it must never end a serving daemon); in the foreground it means the
-terminal went away, and ends serving like SIGTERM.
+wiring's exit stops every server before the process exits. SIGHUP, the usual ask to reload, reloads the
+configuration as `POST /config/reload` does (launcher/reloading.py) and logs what it did, or why it
+changed nothing; in the foreground it means the terminal went away, and ends serving like SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,18 +20,22 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI
 
+from launcher import config_watch
 from launcher.api.app import create_app
 from launcher.api.limits import limited_protocol
 from launcher.config import ModelSettings, Settings
-from launcher.errors import StartError
-from launcher.schema import Event, State
+from launcher.errors import LauncherError, StartError
+from launcher.reloading import Reloader
+from launcher.route.front import FrontDoor
+from launcher.schema import Event, ReloadReport, State
 from launcher.supervise.manager import Manager
 from launcher.systemd import JournalFormatter, Notifier, sampler_problem, status_line, under_journal
-from launcher.wiring import Wired, api_token, front_door, listen, supervision
+from launcher.wiring import Wired, api_token, front_door, listen, router_keys, supervision
 
 log = logging.getLogger("launcher")
 
@@ -58,6 +62,19 @@ class _Server(uvicorn.Server):
         yield
 
 
+@dataclass(frozen=True)
+class _Watching:
+    """The watcher of the configuration file, and how it is told to end."""
+
+    task: asyncio.Task[None]
+    stop_event: asyncio.Event
+
+    async def stop(self) -> None:
+        self.stop_event.set()  # the watcher sees it within a step, and its thread ends with it
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
 class Daemon:
     """The API server over the wired manager, until SIGTERM, SIGINT or `request_stop`."""
 
@@ -80,6 +97,8 @@ class Daemon:
         self._starting: asyncio.Task[None] | None = None  # the wiring's start, until the API serves
         self._notifier = Notifier.from_environment()
         self._waiting: asyncio.Task[None] | None = None  # READY=1 once loaded (daemon.ready_when)
+        self._reloader: Reloader | None = None  # once wired
+        self._reloads: set[asyncio.Task[None]] = set()  # reloads asked for by SIGHUP
         self._stop_asked = asyncio.Event()  # the servers drain, then the API ends (see `_serve`)
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
@@ -101,8 +120,33 @@ class Daemon:
         if self._hangup_stops:
             log.warning("SIGHUP: the terminal went away; stopping")
             self.request_stop(signal.SIGHUP)
+        elif self._reloader is None:
+            log.warning("SIGHUP ignored: the daemon is still starting (send it again once it serves)")
         else:
-            log.warning("SIGHUP ignored: the daemon cannot reload its configuration yet (restart it to apply one)")
+            log.info("SIGHUP: reloading the configuration")
+            task = asyncio.create_task(self._reload(self._reloader))
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+
+    def _watch_config(self, reloader: Reloader) -> _Watching | None:
+        """daemon.watch_config: reload as the file changes, until the daemon stops."""
+        source = self._settings.source
+        if not self._settings.daemon.watch_config or source is None:
+            return None
+        stop = asyncio.Event()
+        task = asyncio.create_task(config_watch.watch(source, reloader, stop), name="watch-config")
+        log.info("watching %s: a change reloads it", source)
+        return _Watching(task, stop)
+
+    @staticmethod
+    async def _reload(reloader: Reloader) -> None:
+        """A reload nobody waits for: its outcome is an event (logged), its error a log line."""
+        try:
+            await reloader.reload()
+        except LauncherError as exc:
+            log.error("SIGHUP: the configuration was not reloaded: %s", exc)
+        except Exception:  # a bug: the daemon serves on as it was, and the log has where it happened
+            log.exception("SIGHUP: the reload failed unexpectedly")
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -118,14 +162,19 @@ class Daemon:
         try:
             async with supervision(self._settings, on_event) as wired:
                 log.info("GPUs: %s", wired.gpu_backend)
+                self._reloader = Reloader(self._settings, wired, autostart=self._autostart)
                 sock = listen(self._settings)  # after the lock: a second daemon is told who owns the directory
                 notifying = self._notify(wired)
+                watching = self._watch_config(self._reloader)
                 try:
                     await self._serve(wired, sock)
                 finally:
                     sock.close()
+                    self._reloader = None
+                    if watching is not None:
+                        await watching.stop()
                     log.info("stopping every instance")
-                    for task in (notifying, self._waiting):
+                    for task in (notifying, self._waiting, *self._reloads):
                         if task is not None:
                             task.cancel()
                     notifier.send("STOPPING=1")
@@ -143,10 +192,12 @@ class Daemon:
     def _notify(self, wired: Wired) -> asyncio.Task[None]:
         """Keep systemd's STATUS= line current and its watchdog fed while the loop and the sampler live."""
         manager, sampler = wired.manager, wired.sampler
-        stale_after_s = sampler.stale_after_s + 1.0  # a second's grace for a read under way
         sampler.subscribe(lambda _sample: self._notifier.changed())
 
         def problem() -> str | None:
+            stale_after_s = (
+                sampler.stale_after_s + 1.0
+            )  # a second's grace for a read under way (a reload may change it)
             return sampler_problem([s.time for s in sampler.latest()], time.time(), stale_after_s)
 
         def status() -> str:
@@ -178,8 +229,13 @@ class Daemon:
                 self._notifier.ready()
             self._on_started(manager)
 
-        api = rest_api(wired, self._settings, token=self._token, on_started=started)
-        app = front_door(api, wired.router, self._settings, self._token)
+        reloader = self._reloader
+        reload = None if reloader is None else (lambda dry_run: reloader.reload(dry_run=dry_run))
+        api = rest_api(wired, self._settings, token=self._token, on_started=started, reload=reload)
+        door = FrontDoor(api, wired.router, router_keys(self._settings, self._token))
+        if reloader is not None:  # the API token waits for a restart: the keys of a reload come with it
+            reloader.subscribe(lambda settings: door.use_keys(router_keys(settings, self._token)))
+        app = front_door(door, self._settings)
         config = uvicorn.Config(
             app,
             http=limited_protocol(self._settings.daemon.request_timeout_s),
@@ -212,6 +268,7 @@ def rest_api(
     *,
     token: str | None = None,
     on_started: Callable[[], Awaitable[None]] | None = None,
+    reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
 ) -> FastAPI:
     """The REST API over the wired parts."""
     return create_app(
@@ -225,6 +282,7 @@ def rest_api(
         router=wired.router,
         token=token,
         on_started=on_started,
+        reload=reload,
     )
 
 

@@ -242,6 +242,53 @@ class ErrorBody(_Wire):
     hint: str | None = None
 
 
+# ---- reloads ----------------------------------------------------------------------------------------
+
+
+class Change(StrEnum):
+    """What a reload does to one instance."""
+
+    KEPT = "kept"  # settings unchanged: not touched
+    RESTARTED = "restarted"  # a key that the server's command depends on changed
+    LIVE_UPDATED = "live-updated"  # only keys the daemon applies without a restart changed
+    STOPPED = "stopped"  # gone from the configuration: stopped and removed
+    ADDED = "added"  # new in the configuration (started when autostart)
+
+
+class InstanceChange(_Wire):
+    name: str  # the instance: a configured model, or a replica NAME@N
+    model: str  # the configured model it is
+    change: Change
+    keys: list[str] = []  # the model's keys that differ, for restarted and live-updated (rpc.listen: an rpc-server's)
+
+
+class ReloadReport(_Wire):
+    """What a reload did, or would do (``dry_run``), per instance and to the daemon's own settings."""
+
+    dry_run: bool
+    source: str  # the configuration file read
+    instances: list[InstanceChange]
+    applied: list[str] = []  # the daemon-level keys (dotted) that changed and were applied live
+    waiting: list[str] = []  # the daemon-level keys that changed and wait for a restart of the daemon
+
+    def describe(self) -> str:
+        """One line: the instances by what was (or would be) done to them, then the daemon-level keys."""
+        done = [
+            f"{change.value} {', '.join(_with_keys(i) for i in self.instances if i.change == change)}"
+            for change in Change
+            if any(i.change == change for i in self.instances)
+        ]
+        if self.applied:
+            done.append(f"applied {', '.join(self.applied)}")
+        if self.waiting:
+            done.append(f"waiting for a restart of the daemon: {', '.join(self.waiting)}")
+        return ("would reload: " if self.dry_run else "reloaded: ") + ("; ".join(done) or "no model configured")
+
+
+def _with_keys(change: InstanceChange) -> str:
+    return f"{change.name} ({', '.join(change.keys)})" if change.keys else change.name
+
+
 # ---- the front door ---------------------------------------------------------------------------------
 
 

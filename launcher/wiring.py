@@ -92,12 +92,12 @@ def router_keys(settings: Settings, token: str | None) -> frozenset[str] | None:
     return keys | ({token} if token is not None else set())
 
 
-def front_door(api: ASGIApp, router: Router, settings: Settings, token: str | None) -> ASGIApp:
+def front_door(door: FrontDoor, settings: Settings) -> ASGIApp:
     """What listens on the daemon's port: the Host and cross-site checks before everything (/health too:
     the probes of Docker and Kubernetes name the daemon by an address, which passes), then the limits on
-    request bodies, then the front door (/v1, /upstream) before the REST API."""
+    request bodies, then ``door``, the front door (/v1, /upstream) before the REST API."""
     budget = BodyBudget(settings.daemon.body_budget_mib * 2**20)
-    limited = BodyLimits(FrontDoor(api, router, router_keys(settings, token)), budget)
+    limited = BodyLimits(door, budget)
     return BrowserGuard(limited, HostNames.of(settings.daemon), frozenset(settings.daemon.cors_origins))
 
 

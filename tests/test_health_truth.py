@@ -174,11 +174,13 @@ def test_a_deleted_lock_file_does_not_let_a_second_daemon_in(
     assert daemon.http.get("/health").status_code == 200
 
 
-def test_sighup_is_logged_and_ignored(write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]) -> None:
+def test_sighup_is_logged_and_reloads_without_stopping(
+    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
+) -> None:
     daemon = start_daemon(write_config(AUTOSTART))
     before = daemon.wait_for("tiny", ready)
     daemon.proc.send_signal(signal.SIGHUP)
-    poll_until(lambda: list(daemon.log), lambda lines: any("SIGHUP ignored" in x for x in lines), "log", 10)
+    poll_until(lambda: list(daemon.log), lambda lines: any("reloaded: kept tiny" in x for x in lines), "log", 10)
     assert daemon.proc.poll() is None
     assert daemon.http.get("/health").status_code == 200
     assert daemon.instance("tiny")["pid"] == before["pid"]

@@ -34,7 +34,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "events",
         "hub_ref",
     ),  # standard library leaves
-    1: ("config", "config_env", "config_file", "replicas"),  # the settings
+    1: ("config", "config_env", "config_file", "config_change", "replicas"),  # the settings
     2: ("client", "gpu"),  # readers: the daemon's HTTP client, the GPUs
     3: ("rpc",),  # the wire protocol and the peers' reader
     4: ("plan",),  # pure planning, owning its output type
@@ -45,6 +45,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
     9: ("api",),
     10: (
         "wiring",
+        "reloading",
+        "config_watch",
         "daemon",
         "local",
         "doctor",

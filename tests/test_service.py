@@ -34,6 +34,7 @@ def test_system_install_writes_unit_user_and_config(marked_env: dict[str, str], 
     assert os.access(executable, os.X_OK)  # this installation's launcher
     assert args == ["--config", "/etc/launcher/launcher.yaml", "serve"]  # the path on the system, not the root's
     assert "WatchdogSec=30" in unit.read_text()  # the shipped unit, ExecStart aside
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit.read_text()  # `systemctl reload` reloads the configuration
     assert "u launcher" in (root / "etc/sysusers.d/launcher.conf").read_text()
     config = root / "etc/launcher/launcher.yaml"
     assert load_settings(config).models == {}  # the example loads as it is

@@ -27,7 +27,7 @@ from launcher.address import is_loopback
 from launcher.api.auth import UNAUTHORISED, ReadAuth, bearer_matches, reads_need_token
 from launcher.api.disconnect import unless_gone
 from launcher.api.metrics import LauncherCollector
-from launcher.api.redact import redacted_plan, without_log_lines, without_server_words
+from launcher.api.redact import SERVER_WORDS_HIDDEN, redacted_plan, without_log_lines, without_server_words
 from launcher.api.ui import add_ui
 from launcher.config import Settings
 from launcher.errors import LauncherError, NotFoundError
@@ -44,6 +44,7 @@ from launcher.schema import (
     InstanceStatus,
     PeerStatus,
     Plan,
+    ReloadReport,
     RequestRecord,
     RpcClaim,
     RpcReport,
@@ -100,8 +101,10 @@ def create_app(
     router: Router | None = None,
     token: str | None = None,
     on_started: Callable[[], Awaitable[None]] | None = None,
+    reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
 ) -> FastAPI:
-    """The REST API. ``router``: the front door's, whose requests `/requests` and `/metrics` report."""
+    """The REST API. ``router``: the front door's, whose requests `/requests` and `/metrics` report;
+    ``reload``: the daemon's reload of its configuration (given ``dry_run``), for `POST /config/reload`."""
     instances = table.view
 
     @asynccontextmanager
@@ -195,6 +198,21 @@ def create_app(
             responses=_errors(*([401] if token is not None else []), 404, 409, 422, 503),
         )(action(act))
 
+    if reload is not None:
+
+        @app.post(
+            "/config/reload",
+            response_model=ReloadReport,
+            dependencies=[Depends(authorised)],
+            responses=_errors(*([401] if token is not None else []), 422),
+        )
+        async def reload_config(dry_run: bool = False) -> Response:
+            """Read the configuration file and the environment again as `launcher serve` does and apply the
+            difference: per instance kept, restarted, live-updated, stopped or added, and the daemon-level
+            keys applied or waiting for a restart. ``dry_run``: only say so. 422 with the configuration's
+            error when it does not load: nothing changed."""
+            return _json((await reload(dry_run)).model_dump_json())
+
     registry = CollectorRegistry(auto_describe=True)
     registry.register(LauncherCollector(manager))
     if router is not None:
@@ -285,7 +303,9 @@ def create_app(
             if not hide_server_words or event.instance is None:
                 return event
             about = instances.get(event.instance)
-            return without_server_words(event, about.server_words if about is not None else ())
+            if about is None:  # removed by a reload, and what its server said with it: show none of the message
+                return event.model_copy(update={"message": SERVER_WORDS_HIDDEN})
+            return without_server_words(event, about.server_words)
 
         async def stream() -> AsyncIterator[str]:
             try:
@@ -321,7 +341,7 @@ def create_app(
 
         return StreamingResponse(stream(), media_type="text/plain")
 
-    add_ui(app, settings, sampler, table, read=read, invalid=_errors(422))
+    add_ui(app, lambda: manager.settings.gpus, sampler, table, read=read, invalid=_errors(422))
     return app
 
 

@@ -7,14 +7,14 @@ The page reads everything else through the API like any client; it sends the tok
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query
 from fastapi.responses import Response, StreamingResponse
 
-from launcher.config import Settings
+from launcher.config import GpuSettings
 from launcher.errors import NotFoundError
 from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
@@ -49,13 +49,18 @@ _SAMPLE_EVENT = {
 
 
 def add_ui(
-    app: FastAPI, settings: Settings, sampler: Sampler, table: InstanceTable, *, read: Responses, invalid: Responses
+    app: FastAPI,
+    gpu_settings: Callable[[], GpuSettings],
+    sampler: Sampler,
+    table: InstanceTable,
+    *,
+    read: Responses,
+    invalid: Responses,
 ) -> None:
     """Add the dashboard's routes to ``app``: ``read`` declares the answers of a locked read (401),
     ``invalid`` those of a bad parameter (422)."""
     page = resources.files("launcher") / "ui"
     files = {name: (page / name).read_bytes() for name in _FILES}  # 40 KiB, served from memory
-    gpus = settings.gpus
     # Every GPU sample, with the instances on that GPU now, as the event text each open stream is sent
     # (written once, however many pages are open; not at all while none is).
     feed = Bus[str](_QUEUE_SAMPLES)
@@ -82,6 +87,7 @@ def add_ui(
         links = [
             GpuLink(gpus=pair, link=link.value, direct=link.direct) for pair, link in sorted(sampler.links.items())
         ]
+        gpus = gpu_settings()  # those in effect: a reload may change them
         return GpuTopology(links=links, thermal_limit_c=gpus.thermal_limit_c, poll_interval_s=gpus.poll_interval)
 
     @app.get(

@@ -48,6 +48,12 @@ class Sampler:
         # samples of a GPU arrive in the order they were taken.
         self._reading: dict[int, asyncio.Future[None]] = {}
 
+    def reconfigure(self, *, poll_interval_s: float, history: int, process_every: int) -> None:
+        """Read at ``poll_interval_s`` from the next reading on (a reload), keeping the last ``history``
+        readings of each GPU."""
+        self._interval, self._process_every = poll_interval_s, process_every
+        self._history = {index: deque(kept, maxlen=history) for index, kept in self._history.items()}
+
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener`` with every new sample, on the event loop."""
         self._listeners.append(listener)

@@ -68,6 +68,10 @@ class Planner:
         self._identities = list(identities)
         self._links = dict(links)
 
+    def reconfigure(self, gpus: GpuSettings) -> None:
+        """Use ``gpus`` (margins, reserve, overhead, waits) from now on: a reload."""
+        self._gpus = gpus
+
     def plan(
         self,
         name: str,

@@ -48,6 +48,10 @@ class FrontDoor:
         self._keys = keys
         self._created = int(time.time())
 
+    def use_keys(self, keys: frozenset[str] | None) -> None:
+        """Take the keys of a reload (router.api_keys) from the next request on."""
+        self._keys = keys
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and on_front_door(scope.get("path", "")):
             await self._door(scope, receive, send)

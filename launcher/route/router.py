@@ -76,6 +76,7 @@ class Router:
     ) -> None:
         self._settings = settings
         self._manager = manager
+        self._table = table
         self._instances = table.view
         self._events = events
         self._http = http
@@ -97,6 +98,28 @@ class Router:
         self.records: deque[RequestRecord] = deque(maxlen=_RECORDS_KEPT)
         self.metrics = RequestMetrics(self._load)
         self.to_peers = PeerForwarder(peers, upstream)  # the peers' models, through the same connections
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Take the settings of a reload, after the manager took them (its instance table says which
+        instances each model has now): a kept model keeps its record (last use, a start under way), a
+        removed one is dropped with its start under way, probes and slots."""
+        self._settings = settings
+        self.configured = {name: m for name, m in settings.models.items() if m.backend != "rpc-server"}
+        models: dict[str, _RoutedModel] = {}
+        for name, model in self.configured.items():
+            routed = self._models.get(name) or _RoutedModel(model, [])
+            routed.settings, routed.instances = model, list(self._table.groups.get(name, ()))
+            models[name] = routed
+        for name, routed in self._models.items():
+            if name not in models and routed.bringing_up is not None:
+                routed.bringing_up.cancel()
+        self._models = models
+        self.names = {alias: name for name, m in self.configured.items() for alias in (name, *m.aliases)}
+        self._group = {i: name for name, routed in self._models.items() for i in routed.instances}
+        for instance in [i for i in self._taken_out if i not in self._group]:
+            self._taken_out.pop(instance).cancel()
+        for instance in [i for i in self._slots if i not in self._group]:
+            del self._slots[instance]
 
     # ---- life -------------------------------------------------------------------------------------------
 
@@ -196,14 +219,18 @@ class Router:
         return any(self._serving(i) for i in routed.instances if i != failed)
 
     def _serving(self, instance: str) -> bool:
+        it = self._instances.get(instance)  # None: removed by a reload while a request on it was under way
         return (
-            self._instances[instance].state in _SERVING
+            it is not None
+            and it.state in _SERVING
             and instance not in self._taken_out
-            and self._group[instance] not in self._closing
+            and self._group.get(instance) not in self._closing
         )
 
     def _replicas(self, model: str) -> Sequence[choose.Replica]:
-        routed = self._models[model]
+        routed = self._models.get(model)
+        if routed is None:  # removed by a reload while requests waited for it: they wait out their time
+            return []
         limit = routed.settings.max_concurrency
         return [
             choose.Replica(i, self._serving(i), self.admission.in_flight(i), limit or self._slots.get(i, 1))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from launcher.client import DaemonClient
-from launcher.config import PeerSettings, Settings
+from launcher.config import PeerSettings, RpcSettings, Settings
 from launcher.config_file import read_token
 from launcher.errors import LauncherError, StartError
 from launcher.events import Bus
@@ -59,6 +59,11 @@ class Peers:
         self._events = events
         self._active = active
         self._listeners: list[Callable[[], None]] = []
+
+    def reconfigure(self, rpc: RpcSettings) -> None:
+        """Read the peers every ``rpc.peer_interval_s`` (after the read under way) and claim for
+        ``rpc.claim_ttl_s`` from now on: a reload."""
+        self._interval_s, self._ttl_s = rpc.peer_interval_s, rpc.claim_ttl_s
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after each read of every peer (the manager judges the instances that use their

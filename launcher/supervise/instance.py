@@ -111,6 +111,19 @@ class Instance:
         self.actual: PlanCheck | None = None
         self.actual_missing: str | None = None
 
+    def reconfigure(self, settings: ModelSettings, backend: ServerBackend) -> None:
+        """Take the settings of a reload. What supervision reads as it goes (restart policy, health probes,
+        stop timeout) applies from now on; the rest (command line, environment, port, placement) at the next
+        start: the manager stops a running server before it changes any of those."""
+        if self.active and settings.port != self.settings.port:
+            raise ConflictError(f"{self.name} runs: stop it before changing its port")
+        if isinstance(settings.port, int):
+            self.port = settings.port
+        elif isinstance(self.settings.port, int):
+            self.port = None  # from a fixed port to `auto`: a free one at the next start
+        self.settings, self.backend = settings, backend
+        self._policy.use(settings.restart)
+
     # ---- requests -------------------------------------------------------------------------------
 
     @property

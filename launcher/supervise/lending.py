@@ -44,6 +44,10 @@ class Lending:
         self._gpus = gpus
         self._claims = claims
 
+    def reconfigure(self, gpus: GpuSettings) -> None:
+        """Use ``gpus`` (margins, reserve, overhead, waits) from now on: a reload."""
+        self._gpus = gpus
+
     def claimed_mib(self, counted: Iterable[Instance], *, besides_holder: str | None = None) -> dict[int, int]:
         """MiB per GPU that the plans of the ``counted`` instances and the peers' claims (all, or all but
         ``besides_holder``'s) hold."""

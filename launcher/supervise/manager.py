@@ -19,8 +19,8 @@ import httpx
 
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, with_command
-from launcher.config import Settings
-from launcher.errors import LauncherError
+from launcher.config import GpuSettings, ModelSettings, Settings
+from launcher.errors import ConflictError, LauncherError
 from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
 from launcher.hub.headers import hub_reader
@@ -30,7 +30,7 @@ from launcher.plan.gguf import ModelFileError
 from launcher.plan.planner import Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
-from launcher.schema import Event, GpuSample, InstanceStatus, Plan, State
+from launcher.schema import Change, Event, GpuSample, InstanceStatus, Plan, ReloadReport, State
 from launcher.statedir.layout import StateDir
 from launcher.supervise import thermal
 from launcher.supervise.degrade import Degrader
@@ -87,7 +87,7 @@ class Manager:
         self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
         self.instances = table.instances  # filled below: the degrader reads it
         self._degrader = None if peers is None else Degrader(peers, self.instances, self._place, self._spawn)
-        parts = DaemonParts(
+        self._parts = DaemonParts(
             http=http,
             state_dir=state_dir,
             registry=registry,
@@ -100,7 +100,10 @@ class Manager:
             blocked=self._degrader,
         )
         for name, (group, model) in self._configured.items():
-            table.add(Instance(name, model, backend=backend_for(model, settings.rpc), parts=parts, group=group))
+            table.add(self._instance(name, group, model))
+
+    def _instance(self, name: str, group: str, model: ModelSettings) -> Instance:
+        return Instance(name, model, backend=backend_for(model, self.settings.rpc), parts=self._parts, group=group)
 
     # ---- events ---------------------------------------------------------------------------------------
 
@@ -245,7 +248,9 @@ class Manager:
 
     def note(self, name: str, kind: str, message: str) -> None:
         """Write ``message`` in instance ``name``'s history (the front door's word on it)."""
-        self.instances[name].note(kind, message)
+        instance = self.instances.get(name)
+        if instance is not None:  # else a reload removed it while the front door had a request on it
+            instance.note(kind, message)
 
     async def start(self, name: str) -> InstanceStatus:
         instance = self.get(name)
@@ -267,12 +272,19 @@ class Manager:
     async def autostart(self) -> None:
         """Start every autostart model; one that cannot start is marked failed, the rest go on."""
         for name in self.autostart_names():
-            try:
-                await self.start(name)
-            except LauncherError as exc:
+            await self._start_or_refuse(name)
+
+    async def _start_or_refuse(self, name: str) -> None:
+        """Start ``name`` where nobody waits for the answer: a start refused marks it failed, the rest go on."""
+        try:
+            await self.start(name)
+        except ConflictError as exc:
+            if not self.instances[name].active:  # started meanwhile by another (the front door) is no failure
                 self.instances[name].refuse(exc)
-            except Exception as exc:  # a bug or a file nobody foresaw: that model fails, the daemon serves on
-                self.instances[name].refuse(LauncherError(f"unexpected error: {type(exc).__name__}: {exc}"))
+        except LauncherError as exc:
+            self.instances[name].refuse(exc)
+        except Exception as exc:  # a bug or a file nobody foresaw: that model fails, the daemon serves on
+            self.instances[name].refuse(LauncherError(f"unexpected error: {type(exc).__name__}: {exc}"))
 
     def autostart_names(self) -> list[str]:
         return [name for name, instance in self.instances.items() if instance.settings.autostart]
@@ -293,6 +305,70 @@ class Manager:
             for name in self.lost_servers()
         ]
         return lost + ([self.writes.warning] if self.writes.warning is not None else [])
+
+    # ---- reloads -----------------------------------------------------------------------------------------
+
+    def reconfigure(self, settings: Settings, report: ReloadReport) -> None:
+        """Take the settings of a reload (those in effect, config_change.in_effect) at once: added instances
+        join the table, stopped; live keys apply; removed instances leave their model (the front door no
+        longer sees them) but stay known until `carry_out` has stopped them."""
+        before = self._configured
+        after = replicas.expand(settings, [g.index for g in self.sampler.identities])
+        if settings.gpus != self.settings.gpus:
+            self._use_gpu_settings(settings.gpus)
+        if self.peers is not None and settings.rpc != self.settings.rpc:
+            self.peers.reconfigure(settings.rpc)
+        self.settings = settings
+        for change in report.instances:
+            if change.change == Change.ADDED:
+                self._table.add(self._instance(change.name, *after[change.name]))
+            elif change.change == Change.LIVE_UPDATED:
+                instance = self.instances[change.name]
+                instance.reconfigure(after[change.name][1], instance.backend)
+            elif change.change == Change.STOPPED:
+                self._table.ungroup(change.name)
+        removed = {c.name: before[c.name] for c in report.instances if c.change == Change.STOPPED}
+        self._configured = {**after, **removed}
+
+    def _use_gpu_settings(self, gpus: GpuSettings) -> None:
+        """The parts that read `gpus:` take the reload's (the thermal guard reads it from `settings`)."""
+        self.sampler.reconfigure(
+            poll_interval_s=gpus.poll_interval, history=gpus.history, process_every=gpus.process_every
+        )
+        self.planner.reconfigure(gpus)
+        self.lending.reconfigure(gpus)
+        self._vram.reconfigure(gpus)
+
+    async def carry_out(self, report: ReloadReport, *, autostart: bool = True) -> None:
+        """The acts of a reload, after `reconfigure`: removed instances stopped and forgotten and changed ones
+        restarted with their new settings (those that ran), together; then added autostart ones started
+        (unless not ``autostart``: a daemon started without). A start that fails marks its instance failed,
+        as at the daemon's start."""
+        changes = report.instances
+        await asyncio.gather(
+            *(self._remove(c.name) for c in changes if c.change == Change.STOPPED),
+            *(self._restart_with(c.name, self._configured[c.name][1]) for c in changes if c.change == Change.RESTARTED),
+        )
+        for change in changes:
+            if autostart and change.change == Change.ADDED and self.instances[change.name].settings.autostart:
+                await self._start_or_refuse(change.name)
+
+    async def _remove(self, name: str) -> None:
+        with contextlib.suppress(ConflictError):  # not running
+            await self.stop(name)
+        self._table.remove(name)
+        del self._configured[name]
+
+    async def _restart_with(self, name: str, model: ModelSettings) -> None:
+        instance = self.instances[name]
+        running = instance.active
+        if running:
+            with contextlib.suppress(ConflictError):  # stopped meanwhile
+                await self.stop(name)
+        # no await since the stop: nothing can start it again with the old settings in between
+        instance.reconfigure(model, backend_for(model, self.settings.rpc))
+        if running:
+            await self._start_or_refuse(name)
 
     # ---- reports ----------------------------------------------------------------------------------------
 

@@ -35,6 +35,10 @@ class RestartPolicy:
         self._restarts: deque[float] = deque()
         self._last_start_failure: StartFailure | None = None
 
+    def use(self, settings: RestartSettings) -> None:
+        """Decide by ``settings`` from now on (a reload); the streak and the restarts counted so far stay."""
+        self._settings = settings
+
     def next_delay(self, *, failure: bool, ready_for_s: float | None, now: float) -> float | None:
         """Seconds to wait before restarting, or None to stop restarting.
 

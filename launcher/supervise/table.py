@@ -88,6 +88,20 @@ class InstanceTable:
         self.instances[instance.name] = instance
         self.groups.setdefault(instance.group, []).append(instance.name)
 
+    def ungroup(self, name: str) -> None:
+        """Take instance ``name`` out of its model (a reload removed it): the front door no longer sees it
+        while the manager stops it."""
+        group = self.instances[name].group
+        members = [n for n in self.groups.get(group, []) if n != name]
+        if members:
+            self.groups[group] = members
+        else:
+            self.groups.pop(group, None)
+
+    def remove(self, name: str) -> None:
+        """Forget instance ``name`` (stopped, after `ungroup`)."""
+        del self.instances[name]
+
     @property
     def view(self) -> Mapping[str, InstanceView]:
         """The instances, read-only, for the parts outside supervision."""

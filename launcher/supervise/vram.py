@@ -45,6 +45,10 @@ class VramGate:
         self._vacated: dict[int, tuple[int, float]] = {}  # GPU -> (MiB a stopped server held, until: monotonic)
         self._released_at: dict[int, float] = {}  # GPU -> when a server on it last ended (epoch seconds)
 
+    def reconfigure(self, gpus: GpuSettings) -> None:
+        """Use ``gpus`` (margins, reserve, overhead, waits) from now on: a reload."""
+        self._gpus = gpus
+
     def sampled(self) -> None:
         """A new GPU sample arrived: a wait looks again."""
         self._sampled.set()

@@ -1,0 +1,61 @@
+"""`daemon.watch_config`: reload when the configuration file changes, as SIGHUP does.
+
+The file's folder is watched (watchfiles, the watcher uvicorn's --reload uses: inotify on Linux), not the
+file: an editor that saves by renaming a new file over the old one, or Kubernetes swapping the symlink of a
+mounted ConfigMap, replaces the file a watch of it would hold. Changes are debounced: a reload follows
+only once the folder has been quiet for `_QUIET_S`, so a file written in pieces is read whole; and only
+when the file's content differs from the one last seen, so a save without a change, a touch, or another
+file of the folder reloads nothing. A file read half-written all the same does not load (or names what is
+missing) and changes nothing, as any reload of a bad file: the next save is read again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from pathlib import Path
+
+from launcher.errors import LauncherError
+from launcher.reloading import Reloader
+
+log = logging.getLogger("launcher")
+
+# watchfiles yields a batch of changes once none came for `step` (the quiet time: also how often it looks at
+# its stop event), or once it has grouped them for `debounce` (a file written without pause for longer is
+# read all the same, and most likely does not load).
+_QUIET_S = 0.5
+_GROUPED_AT_MOST_S = 10.0
+
+
+def _digest(path: Path) -> bytes | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).digest()
+    except OSError:  # gone for the moment (replaced by a rename): its next change says so
+        return None
+
+
+async def watch(path: Path, reloader: Reloader, stop: asyncio.Event) -> None:
+    """Reload through ``reloader`` each time the content of ``path`` changes, until ``stop`` is set."""
+    from watchfiles import awatch  # imported by a daemon that watches: a few ms the others do not pay
+
+    seen = _digest(path)
+    try:
+        async for _changes in awatch(
+            path.parent,
+            debounce=int(_GROUPED_AT_MOST_S * 1000),
+            step=int(_QUIET_S * 1000),
+            stop_event=stop,
+            recursive=False,
+        ):
+            now = _digest(path)
+            if now is None or now == seen:
+                continue
+            seen = now
+            log.info("%s changed: reloading the configuration", path)
+            try:
+                await reloader.reload()
+            except LauncherError as exc:  # the reloader's event says so too
+                log.error("%s: the configuration was not reloaded: %s", path, exc)
+    except Exception:  # the folder went away, no inotify watch left: the daemon serves on, unwatched
+        log.exception("%s is no longer watched: SIGHUP or `launcher reload` still reload it", path)

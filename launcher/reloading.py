@@ -1,0 +1,90 @@
+"""Reloading the configuration while the daemon runs (`POST /config/reload`, `launcher reload`, SIGHUP):
+read the file and the environment again as `launcher serve` does, plan the difference
+(launcher/config_change.py) and have the parts that hold settings take the new ones: the manager (its
+instances), then the front door's router, then the manager's acts (stops, restarts, starts).
+
+A configuration that does not load, names a missing model file or asks for more replicas than there are
+GPUs changes nothing: the reload answers with the one-sentence error `serve` would give, and an event
+records it. Reloads run one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+from launcher.backends import backend_for
+from launcher.backends.options import check_server_args
+from launcher.config import Settings
+from launcher.config_change import in_effect, plan_reload
+from launcher.config_file import load_settings
+from launcher.errors import LauncherError
+from launcher.schema import Change, Event, ReloadReport
+from launcher.wiring import Wired
+
+
+def read_like_serve(source: Path | None) -> Settings:
+    """The configuration as `launcher serve` reads it: the file (and the environment), its servers' args."""
+    settings = load_settings(source)
+    check_server_args(settings)
+    return settings
+
+
+class Reloader:
+    """Reloads the configuration of the daemon wired in ``wired``, which runs with ``settings``; ``autostart``:
+    whether added autostart models start (not in a daemon started without, `serve --no-autostart`, `up`)."""
+
+    def __init__(self, settings: Settings, wired: Wired, *, autostart: bool = True) -> None:
+        self._settings = settings
+        self._wired = wired
+        self._autostart = autostart
+        self._lock = asyncio.Lock()
+        self._listeners: list[Callable[[Settings], None]] = []
+
+    def subscribe(self, listener: Callable[[Settings], None]) -> None:
+        """Call ``listener`` with the settings in effect after each reload (a part built outside the wiring:
+        the front door takes its keys)."""
+        self._listeners.append(listener)
+
+    async def reload(self, *, dry_run: bool = False) -> ReloadReport:
+        """What the reload did (or, ``dry_run``, would do); raises the configuration's error, changing nothing."""
+        async with self._lock:
+            try:
+                new = await asyncio.to_thread(read_like_serve, self._settings.source)
+                gpus = [gpu.index for gpu in self._wired.sampler.identities]
+                report = plan_reload(self._settings, new, gpus, dry_run=dry_run)
+                self._check_model_files(new, report)
+            except LauncherError as exc:
+                self._publish("error", f"the configuration was not reloaded: {exc.message}")
+                raise
+            except Exception as exc:  # a bug or a file nobody foresaw: nothing changed, and the caller hears why
+                message = f"the configuration was not reloaded: unexpected error: {type(exc).__name__}: {exc}"
+                self._publish("error", message)
+                raise LauncherError(message) from exc
+            if dry_run:
+                return report
+            settings = in_effect(self._settings, new, report)
+            self._wired.manager.reconfigure(settings, report)
+            self._wired.router.reconfigure(settings)
+            for listener in self._listeners:
+                listener(settings)
+            self._settings = settings
+            self._publish("reload", report.describe())
+            await self._wired.manager.carry_out(report, autostart=self._autostart)
+            return report
+
+    def _publish(self, kind: str, message: str) -> None:
+        self._wired.events.publish(Event.now(kind, message))
+
+    def _check_model_files(self, settings: Settings, report: ReloadReport) -> None:
+        """The model file of each instance the reload starts (an added autostart one, a changed one that
+        runs) is there (ModelFileError, a ConfigError, if not): a running server is never stopped for a
+        file that is not there."""
+        running = self._wired.table.view
+        for change in report.instances:
+            if change.change not in (Change.ADDED, Change.RESTARTED):
+                continue
+            model = settings.models[change.model]
+            if (model.autostart and self._autostart) if change.change == Change.ADDED else running[change.name].active:
+                backend_for(model, settings.rpc).check_model(model, change.name)
