@@ -29,8 +29,9 @@ from launcher.hub_ref import HubRef, check_revision, is_hub_ref, parse_hub_ref
 from launcher.server_args import check_args
 
 Port = Annotated[int, Field(ge=1, le=65535)]
-NonNegative = Annotated[float, Field(ge=0)]
-Positive = Annotated[float, Field(gt=0)]
+# Finite: `.inf` would make a wait (a drain, a stop, a queue) last as long as a client cares to hold it.
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 # A hub model is written and shown as its reference (`hf:ORG/REPO:QUANT`).
 HubModel = Annotated[HubRef, PlainSerializer(str, return_type=str)]
 

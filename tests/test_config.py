@@ -52,6 +52,8 @@ def test_examples_load(path: Path) -> None:
         ("models: {m: {model: a.gguf, restart: {policy: sometimes}}}", "models.m.restart.policy: should be"),
         ("models: {'bad name': {model: a.gguf}}", "does not follow the rule for names"),
         ("gpus: {backend: cuda}", "gpus.backend: should be 'auto', 'nvml'"),
+        ("models: {m: {model: a.gguf, drain_timeout_s: .inf}}", "drain_timeout_s: should be a finite number"),
+        ("gpus: {poll_interval: .nan}", "gpus.poll_interval: should be a finite number"),
         ("- a list", "expected a mapping"),
     ],
 )

@@ -8,6 +8,7 @@ import json
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +212,23 @@ def test_the_watcher_applies_a_saved_file_once(write_config: ConfigWriter, start
     assert len([e for e in events if "reloaded:" in e]) == 2, events  # one per change, none for the rest
     assert not [e for e in events if "not reloaded" in e], events  # the half-written file was never read
     assert daemon.instance("tiny")["pid"] == pid
+
+
+def test_requests_queued_for_a_removed_model_hear_it_at_once(
+    write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path
+) -> None:
+    """A request waiting for a model that is still loading, when a reload removes that model, is answered
+    404 then, not at its queue's timeout with a 429 that says to retry."""
+    loading = {"binary": str(standin), "autostart": True, "env": {"STANDIN_LOAD_S": "120"}}
+    config = write_config({"kept": {"autostart": True}, "loading": loading})
+    daemon = start_daemon(config)
+    daemon.wait_for("loading", lambda s: s["state"] == "loading")
+    with ThreadPoolExecutor(1) as pool:
+        request = {"model": "loading", "prompt": "Hi", "max_tokens": 2}
+        waiting = pool.submit(daemon.http.post, "/v1/completions", json=request, timeout=60)
+        poll_until(lambda: daemon.instance("loading")["requests_queued"], lambda n: n == 1, "queued", 30)
+        write_config({"kept": {"autostart": True}}, daemon=same_daemon(config))
+        assert daemon.http.post("/config/reload").status_code == 200
+        answer = waiting.result(timeout=30)
+    assert answer.status_code == 404, answer.text
+    assert "loading was removed from the configuration" in answer.json()["error"]["message"]

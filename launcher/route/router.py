@@ -111,8 +111,12 @@ class Router:
             routed.settings, routed.instances = model, list(self._table.groups.get(name, ()))
             models[name] = routed
         for name, routed in self._models.items():
-            if name not in models and routed.bringing_up is not None:
+            if name in models:
+                continue
+            if routed.bringing_up is not None:
                 routed.bringing_up.cancel()
+            # Its queued requests hear it now, not at their queue's timeout as a 429.
+            self.admission.fail(name, RouteError(404, f"{name} was removed from the configuration", "model_not_found"))
         self._models = models
         self.names = {alias: name for name, m in self.configured.items() for alias in (name, *m.aliases)}
         self._group = {i: name for name, routed in self._models.items() for i in routed.instances}
@@ -352,7 +356,9 @@ class Router:
             ]
             due, next_s = choose.expired(uses, now)
             for name in due:
-                routed = self._models[name]
+                routed = self._models.get(name)
+                if routed is None:  # a reload removed it while an earlier one stopped
+                    continue
                 if self.admission.busy(name, routed.instances):  # a request came while an earlier one stopped
                     continue
                 try:
