@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -232,3 +233,34 @@ def test_requests_queued_for_a_removed_model_hear_it_at_once(
         answer = waiting.result(timeout=30)
     assert answer.status_code == 404, answer.text
     assert "loading was removed from the configuration" in answer.json()["error"]["message"]
+
+
+def test_requests_sent_throughout_a_reloads_restart_all_succeed(
+    write_config: ConfigWriter, start_daemon: StartDaemon
+) -> None:
+    """A reload restarts a changed model as one restart: requests sent all along are served by the old
+    server (drained) or wait in the queue for the new one; none is refused in between."""
+    config = write_config({"tiny": {"autostart": True}})
+    daemon = start_daemon(config)
+    pid = daemon.wait_for("tiny", ready)["pid"]
+    stop = threading.Event()
+    codes: list[int] = []
+
+    def send() -> None:
+        with httpx.Client(base_url=daemon.url, timeout=60) as http:
+            while not stop.is_set():
+                request = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
+                codes.append(http.post("/v1/completions", json=request).status_code)
+
+    with ThreadPoolExecutor(2) as pool:
+        senders = [pool.submit(send) for _ in range(2)]
+        poll_until(lambda: len(codes), lambda n: n >= 4, "requests before the reload", 30)
+        write_config({"tiny": {"autostart": True, "ctx": 512}}, daemon=same_daemon(config))
+        assert daemon.http.post("/config/reload").status_code == 200
+        daemon.wait_for("tiny", lambda s: ready(s) and s["pid"] != pid)
+        served_before = len(codes)
+        poll_until(lambda: len(codes), lambda n: n >= served_before + 4, "requests after the reload", 30)
+        stop.set()
+        for sender in senders:
+            sender.result(timeout=60)
+    assert codes and set(codes) == {200}, sorted(set(codes))

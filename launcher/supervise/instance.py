@@ -201,6 +201,35 @@ class Instance:
         finally:
             self._restarting = None
 
+    async def restart_with(
+        self, settings: ModelSettings, backend: ServerBackend, prepare: Callable[[Instance], Awaitable[None]]
+    ) -> None:
+        """A reload's change, as one restart under the instance's lock: a running server drained and stopped,
+        the new settings taken, and started again with them. The front door keeps its queue meanwhile (the
+        instance is restarting), and no start can slip in between with the old settings. One that does not
+        run takes the settings alone."""
+        while self._restarting is not None:  # a restart asked for first ends first
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._restarting)
+        self._restarting = asyncio.ensure_future(self._restart_with(settings, backend, prepare))
+        await asyncio.shield(self._restarting)
+
+    async def _restart_with(
+        self, settings: ModelSettings, backend: ServerBackend, prepare: Callable[[Instance], Awaitable[None]]
+    ) -> None:
+        try:
+            async with self._lock:
+                running = self.active
+                if running:
+                    await self._drain()
+                    await self._halt()
+                self.reconfigure(settings, backend)
+                if running:
+                    await prepare(self)
+                    self._begin(self.preflight())
+        finally:
+            self._restarting = None
+
     async def wait_until(self, predicate: Callable[[Instance], bool], timeout_s: float | None = None) -> None:
         """Return once ``predicate(self)`` holds after some state change (or already holds)."""
         async with asyncio.timeout(timeout_s):

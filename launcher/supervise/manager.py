@@ -360,15 +360,15 @@ class Manager:
         del self._configured[name]
 
     async def _restart_with(self, name: str, model: ModelSettings) -> None:
+        """A changed instance: restarted with ``model`` if it ran (one that cannot start again is marked
+        failed, as at the daemon's start), given it alone if not."""
         instance = self.instances[name]
-        running = instance.active
-        if running:
-            with contextlib.suppress(ConflictError):  # stopped meanwhile
-                await self.stop(name)
-        # no await since the stop: nothing can start it again with the old settings in between
-        instance.reconfigure(model, backend_for(model, self.settings.rpc))
-        if running:
-            await self._start_or_refuse(name)
+        try:
+            await instance.restart_with(model, backend_for(model, self.settings.rpc), self._place)
+        except LauncherError as exc:
+            instance.refuse(exc)
+        except Exception as exc:  # a bug or a file nobody foresaw: that model fails, the daemon serves on
+            instance.refuse(LauncherError(f"unexpected error: {type(exc).__name__}: {exc}"))
 
     # ---- reports ----------------------------------------------------------------------------------------
 
