@@ -16,7 +16,8 @@ import hashlib
 import logging
 from pathlib import Path
 
-from launcher.errors import LauncherError
+from launcher.config_yaml import read_config_bytes
+from launcher.errors import ConfigError, LauncherError
 from launcher.reloading import Reloader
 
 log = logging.getLogger("launcher")
@@ -29,9 +30,10 @@ _GROUPED_AT_MOST_S = 10.0
 
 
 def _digest(path: Path) -> bytes | None:
+    """What the file holds now (read as a reload reads it: bounded, a regular file only), or None."""
     try:
-        return hashlib.sha256(path.read_bytes()).digest()
-    except OSError:  # gone for the moment (replaced by a rename): its next change says so
+        return hashlib.sha256(read_config_bytes(path)).digest()
+    except ConfigError:  # gone for the moment (replaced by a rename), or not a file a reload would read
         return None
 
 
@@ -39,7 +41,7 @@ async def watch(path: Path, reloader: Reloader, stop: asyncio.Event) -> None:
     """Reload through ``reloader`` each time the content of ``path`` changes, until ``stop`` is set."""
     from watchfiles import awatch  # imported by a daemon that watches: a few ms the others do not pay
 
-    seen = _digest(path)
+    seen = await asyncio.to_thread(_digest, path)
     try:
         async for _changes in awatch(
             path.parent,
@@ -48,7 +50,7 @@ async def watch(path: Path, reloader: Reloader, stop: asyncio.Event) -> None:
             stop_event=stop,
             recursive=False,
         ):
-            now = _digest(path)
+            now = await asyncio.to_thread(_digest, path)  # a read never holds the event loop
             if now is None or now == seen:
                 continue
             seen = now

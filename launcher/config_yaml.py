@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import reprlib
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -71,13 +73,25 @@ class _ConfigLoader(_Loader):
         return mapping
 
 
-def read_config_text(path: Path) -> str:
-    """The file's text, refused past MAX_CONFIG_BYTES without reading the rest."""
+def read_config_bytes(path: Path) -> bytes:
+    """The file's bytes, at most MAX_CONFIG_BYTES + 1 of them. Opened without blocking and read only when
+    it is a regular file: a FIFO swapped in for it after a check by name would hold the reader forever."""
     try:
-        with path.open("rb") as file:
-            data = file.read(MAX_CONFIG_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"configuration file {path} is not a regular file")
+        try:
+            return file.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+
+
+def read_config_text(path: Path) -> str:
+    """The file's text, refused past MAX_CONFIG_BYTES without reading the rest."""
+    data = read_config_bytes(path)
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path} is over {MAX_CONFIG_BYTES // 2**20} MiB, the most a configuration file may be")
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from launcher.config_file import load_settings, parse_settings
+from launcher.config_yaml import read_config_text
 from launcher.errors import ConfigError, NotFoundError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -238,3 +239,12 @@ def test_pydantic_settings_is_imported_only_when_a_settings_variable_is_set(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == expected.split()
+
+
+def test_a_fifo_in_place_of_the_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    """Read as a reload reads it, even after a check by name: a FIFO swapped in would hold the reader (and,
+    for the watcher, the daemon) forever; it is refused at once."""
+    fifo = tmp_path / "launcher.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"launcher\.yaml is not a regular file"):
+        read_config_text(fifo)
