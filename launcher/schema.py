@@ -36,7 +36,7 @@ class State(StrEnum):
 
 class Event(_Wire):
     time: str
-    kind: str  # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain
+    kind: str  # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | roll
     message: str
     instance: str | None = None
     state: State | None = None  # the instance's state after the event
@@ -260,6 +260,28 @@ class InstanceChange(_Wire):
     model: str  # the configured model it is
     change: Change
     keys: list[str] = []  # the model's keys that differ, for restarted and live-updated (rpc.listen: an rpc-server's)
+
+
+class RollReport(_Wire):
+    """A rolling restart of a model's replicas: one at a time, each ready again before the next."""
+
+    model: str  # the configured model
+    order: list[str]  # its replicas in the order they were (or were to be) restarted
+    restarted: list[str]  # those restarted and back (ready, or left stopped), in that order
+    stopped_at: str | None = None  # the replica where the roll stopped; the ones after it keep their old server
+    reason: str | None = None  # why it stopped there
+    duration_s: float
+
+    def describe(self) -> str:
+        """One line: rolled, or where it stopped and why, and what kept its old server."""
+        if self.stopped_at is None:
+            return f"rolled {self.model}: {', '.join(self.restarted)} restarted one at a time in {self.duration_s:.2f}s"
+        kept = [name for name in self.order if name not in self.restarted and name != self.stopped_at]
+        return (
+            f"rolling restart of {self.model} stopped at {self.stopped_at}: {self.reason}"
+            + (f"; restarted: {', '.join(self.restarted)}" if self.restarted else "")
+            + (f"; kept their old server: {', '.join(kept)}" if kept else "")
+        )
 
 
 class ReloadReport(_Wire):
