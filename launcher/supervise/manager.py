@@ -268,7 +268,7 @@ class Manager:
     async def restart(self, name: str) -> InstanceStatus | RollReport:
         """Restart instance ``name``; a model run as replicas (its name) rolls them, one at a time."""
         members = self.group(name)
-        if name not in self.instances and len(members) > 1:
+        if name not in self.instances and members:  # replicas (`per-gpu` on one GPU: a roll of one)
             return await self._roll(name, members, lambda i: i.restart(prepare=self._place))
         instance = self.get(name)
         await instance.restart(prepare=self._place)
