@@ -26,7 +26,7 @@ def test_a_replica_that_did_not_come_back_stops_the_roll_there() -> None:
     assert next_step(["m@0", "m@1"], [], {"m@0": F, "m@1": R}, failed) == failed
 
 
-def test_the_only_serving_replica_waits_for_no_one_coming_but_is_not_restarted_while_another_loads() -> None:
+def test_the_only_serving_replica_is_not_restarted_while_another_is_on_its_way_back() -> None:
     # m@1 crashed meanwhile and its policy brings it back: restarting m@0 now would leave none serving
     assert next_step(["m@0", "m@1"], [], {"m@0": R, "m@1": L}, None) == Stopped(
         "m@0", "it is the only replica serving while m@1 is not ready"

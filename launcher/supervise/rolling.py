@@ -120,11 +120,12 @@ async def roll(
     publish: Callable[[Event], None],
 ) -> RollReport:
     """Restart ``replicas`` (of configured ``model``, in configured order) one at a time by ``act``, each
-    awaited ready (its `health.load_timeout` at most) before the next; the report says how it ended. An
-    `act` that raises is the replica's failure (its message)."""
+    awaited ready (its `health.load_timeout` at most) before the next; the report says how it ended, and
+    events as it goes (the model's, no instance's; the stop's is the replica's). An `act` that raises is
+    the replica's failure (its message)."""
     began_s = time.monotonic()
     sequence = order({name: i.state for name, i in replicas.items()})
-    publish(Event.now("roll", began(model, sequence), instance=model))
+    publish(Event.now("roll", began(model, sequence)))
     done: list[str] = []
     failure: Stopped | None = None
     while True:
@@ -139,7 +140,7 @@ async def roll(
             continue
         done.append(step.name)
         took_s = time.monotonic() - step_began_s
-        publish(Event.now("roll", replica_done(step.name, len(done), len(sequence), took_s), instance=model))
+        publish(Event.now("roll", replica_done(step.name, len(done), len(sequence), took_s)))
     report = RollReport(
         model=model,
         order=sequence,
@@ -148,7 +149,9 @@ async def roll(
         reason=step.reason if isinstance(step, Stopped) else None,
         duration_s=round(time.monotonic() - began_s, 3),
     )
-    publish(Event.now("roll", report.describe(), instance=model))
+    # A stop is about the replica that did not come back, whose server's words its reason may quote: what
+    # a caller without the API token is shown of them is that replica's (api/redact.py).
+    publish(Event.now("roll", report.describe(), instance=report.stopped_at))
     return report
 
 
