@@ -128,3 +128,30 @@ def test_a_replica_that_does_not_come_back_stops_the_roll_and_the_other_keeps_se
     assert "stoi" in daemon.wait_for("tiny@0", lambda s: s["state"] == "failed")["last_error"]
     assert codes and set(codes) == {200}, sorted(set(codes))
     assert serving and min(serving) >= 1, serving
+
+
+def test_after_a_stopped_roll_a_restart_rolls_every_replica_onto_the_configured_settings(
+    write_config: ConfigWriter, start_daemon: StartDaemon, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A reload's roll that stopped left the replicas after the stop with their old settings; once what
+    failed is mended, `launcher restart NAME` brings each one onto the settings configured now."""
+    config = write_config(two_replicas(), gpus=sim_gpus(2))
+    daemon = start_daemon(config)
+    before = ready_pids(daemon)
+    moved = tmp_path / "moved.gguf"
+    moved.write_bytes(tiny_model.read_bytes()[: tiny_model.stat().st_size // 2])  # there, but cut short
+
+    write_config(two_replicas(model=str(moved)), gpus=sim_gpus(2), daemon=same_daemon(config))
+    assert daemon.http.post("/config/reload").status_code == 200
+    assert "stopped at tiny@0" in roll_events(daemon)[-1]
+    kept = daemon.instance("tiny@1")
+    assert (kept["state"], kept["pid"]) == ("ready", before["tiny@1"])
+    assert daemon.http.get("/plan/tiny@1").json()["command"][2] == str(tiny_model)  # its old settings
+
+    moved.write_bytes(tiny_model.read_bytes())  # mended
+    done = daemon.cli("restart", "tiny")
+    assert done.returncode == 0 and done.stdout.startswith("rolled tiny: tiny@0, tiny@1 "), done.stdout
+    for name in REPLICAS:
+        status = daemon.instance(name)
+        assert status["state"] == "ready" and status["pid"] != before[name]
+        assert daemon.http.get(f"/plan/{name}").json()["command"][2] == str(moved)

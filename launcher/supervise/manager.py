@@ -269,10 +269,21 @@ class Manager:
         """Restart instance ``name``; a model run as replicas (its name) rolls them, one at a time."""
         members = self.group(name)
         if name not in self.instances and members:  # replicas (`per-gpu` on one GPU: a roll of one)
-            return await self._roll(name, members, lambda i: i.restart(prepare=self._place))
+            return await self._roll(name, members, self._restart_as_configured)
         instance = self.get(name)
         await instance.restart(prepare=self._place)
         return instance.status()
+
+    async def _restart_as_configured(self, instance: Instance) -> None:
+        """A replica's restart in a model's roll, with the settings configured now: a reload's roll that
+        stopped left the replicas after it with their old ones (and their old server)."""
+        model = self._configured[instance.name][1]
+        if model != instance.settings:
+            await instance.restart_with(model, backend_for(model, self.settings.rpc), self._place)
+            if instance.active:
+                return
+            # it did not run: restart_with only gave it its settings
+        await instance.restart(prepare=self._place)
 
     async def _roll(self, model: str, names: list[str], act: Callable[[Instance], Awaitable[None]]) -> RollReport:
         """A rolling restart of ``names`` (replicas of ``model``) by ``act``; rolls of one model run one after
