@@ -164,6 +164,26 @@ def test_the_choice_moves_down_a_quant_when_another_instance_holds_memory(hub: S
     assert crowded.reason is not None and crowded.reason.startswith("no quant of org/Llama-8B-GGUF fits")
 
 
+def test_with_ctx_max_the_quant_is_chosen_at_ctx_min_and_gets_the_room_left(hub: StandInHub, tmp_path: Path) -> None:
+    gpus = GpuSettings(backend="sim", sim=[SimGpu(name="Sim 24G", memory_mib=24576)])
+    backend = SimBackend(gpus.sim)
+    samples = [read_sample(backend, gpu, processes=False) for gpu in backend.identities()]
+    planner = Planner(gpus, backend.identities(), backend.links())
+    reader = HubReader(tmp_path / "headers", None, 64 << 20, endpoint=hub.url)
+    model = ModelSettings(model=parse_hub_ref("hf:org/Llama-8B-GGUF"), ctx="max", ctx_min=4096, ctx_max=131072)
+
+    alone = plan_from_hub(planner, reader, "m", model, samples, {})
+    shared = plan_from_hub(planner, reader, "m", model, samples, {0: 10_000})
+    assert alone.hub is not None and shared.hub is not None
+    # the same choice as with ctx 4096 (the test above): the floor decides which quant fits
+    assert [q.quant for q in alone.hub.quants if q.chosen] == ["F16"]
+    assert [q.quant for q in shared.hub.quants if q.chosen] == ["Q8_0"]
+    by_quant = {q.quant: q.ctx or 0 for q in alone.hub.quants}
+    assert alone.ctx == by_quant["F16"] > 4096  # then the largest context the room left by its weights holds
+    assert by_quant["Q8_0"] > by_quant["F16"]
+    assert alone.context is not None and alone.context.reason.startswith(f"ctx {alone.ctx}: ")
+
+
 def test_a_gated_repo_needs_the_token_from_the_environment_or_the_token_file(
     hub: StandInHub, write_config: ConfigWriter, marked_env: dict[str, str], tmp_path: Path
 ) -> None:
