@@ -60,6 +60,7 @@ def test_ctx_max_shrinks_beside_another_instance_and_the_server_gets_it(
     status = daemon.instance("long")
     assert status["state"] == "ready"
     assert status["plan"]["ctx"] == beside["ctx"] == ctx_arg(status)
+    assert daemon.http.get("/upstream/long/props").json()["default_generation_settings"]["n_ctx"] == beside["ctx"]
     shown = daemon.cli("plan", "long")
     assert shown.returncode == 0
     assert f"ctx: max chose ctx {beside['ctx']}: the largest that fits GPU 0 beside" in shown.stdout
@@ -86,3 +87,17 @@ def test_an_eviction_makes_room_for_ctx_min_and_the_context_fills_what_it_freed(
     lines = daemon.http.get("/events", params={"recent": 500, "follow": False}).iter_lines()
     events = [json.loads(line.removeprefix("data: "))["message"] for line in lines if line.startswith("data: ")]
     assert any("stopping idle a to make room for b" in e for e in events)
+
+
+def test_without_gpus_a_real_llama_server_gets_the_cap_and_answers(
+    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon], tmp_path: Path
+) -> None:
+    long = write_tiny_llama(tmp_path / "models" / "long.gguf", LONG)
+    models = {"long": {"model": str(long), "ctx": "max", "ctx_max": 8000, "autostart": True}}
+    daemon = start_daemon(write_config(models))  # gpus: none, everything on the CPU
+    status = daemon.wait_for("long", lambda s: s["state"] == "ready")
+    assert status["plan"]["ctx"] == 7936 == ctx_arg(status)  # ctx_max rounded down to llama.cpp's 256
+    assert "no GPU to size it to" in status["plan"]["context"]["reason"]
+    assert daemon.http.post("/v1/chat/completions", json=chat("long")).status_code == 200
+    # the server's own word: one slot may use all of it (one unified KV cache)
+    assert daemon.http.get("/upstream/long/props").json()["default_generation_settings"]["n_ctx"] == 7936
