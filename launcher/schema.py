@@ -105,6 +105,7 @@ class QuantPlan(_Wire):
     fits: bool
     reason: str | None
     chosen: bool = False
+    ctx: int | None = None  # the context its plan has (with `ctx: max`, the largest it would get)
 
 
 class HubPlan(_Wire):
@@ -119,6 +120,16 @@ class HubPlan(_Wire):
     header_bytes: int  # the start of each file read to plan, summed
     fetched_bytes: int  # of them, fetched from the hub now (the rest came from the header cache)
     quants: list[QuantPlan] = []  # every quant planned, smallest first (a reference without a quant)
+
+
+class ContextChoice(_Wire):
+    """How `ctx: max` chose the plan's context: the range it searched, in llama.cpp's steps, and why it
+    stopped where it did."""
+
+    ctx_min: int  # -c of the smallest context allowed (ctx_min per KV stream, rounded up to the step)
+    ctx_max: int  # -c of the largest (the cap per KV stream, rounded down to the step)
+    step: int  # cells of -c per step: 256 per KV stream, as llama.cpp pads n_ctx
+    reason: str  # why this context: the largest that fits beside the claims, the cap, or the floor refused
 
 
 class Plan(_Wire):
@@ -149,6 +160,7 @@ class Plan(_Wire):
     not_modelled: list[str] = []  # flags in args whose effect on memory the plan does not follow
     network: NetworkCost | None = None  # None: every device is this host's
     hub: HubPlan | None = None  # a hub model planned from its headers before download
+    context: ContextChoice | None = None  # `ctx: max`: how ctx was chosen (None: ctx is the configured one)
 
     @property
     def claims_mib(self) -> dict[int, int]:
