@@ -1,0 +1,106 @@
+"""The real-GPU check (scripts/gpu-check, bench/gpu.py) in its rehearsal: its pure parts, and the steps that
+run here against a simulated GPU and the CPU llama-server, so that a lent GPU's first run is not its first
+try. The whole rehearsal takes minutes: `scripts/gpu-check` runs it."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench import gpu_buffers, gpu_smi
+from bench.gpu import big_shape, nvml_vs_smi
+from bench.gpu_buffers import Setup
+from launcher.config import GpuSettings
+from launcher.gpu import open_backend
+from launcher.schema import GpuReading
+from launcher.tinymodel import TinyShape, write_tiny_llama
+from tests.conftest import MARK
+
+READING = GpuReading(
+    memory_total_mib=143771,
+    memory_used_mib=5120,
+    temperature_c=41.0,
+    utilization_pct=3.0,
+    power_w=118.5,
+    power_limit_w=700.0,
+    pcie_gen=5,
+    pcie_gen_max=5,
+    pcie_width=16,
+    pcie_width_max=16,
+    throttle=("power-cap",),
+)
+SIM = {"backend": "sim", "sim": [{"name": "Simulated H200", "memory_mib": 4096}]}
+
+
+def test_what_nvidia_smi_prints_for_a_reading_agrees_with_it_field_by_field() -> None:
+    rows = gpu_smi.compare(READING, gpu_smi.parse_gpu_line(gpu_smi.smi_line_of(READING)))
+    assert len(rows) == len(gpu_smi.FIELDS) + 1
+    assert all(row.agrees is True for row in rows), rows
+    assert rows[-1].smi == "power-cap"
+
+
+def test_a_difference_beyond_tolerance_disagrees_and_a_missing_value_is_not_compared() -> None:
+    smi = gpu_smi.parse_gpu_line(gpu_smi.smi_line_of(READING))
+    smi["memory.used"] = "9216"  # 4 GiB more than NVML read
+    smi["pcie.link.gen.current"] = "[N/A]"
+    smi["clocks_event_reasons.sw_power_cap"] = "Not Active"
+    agrees = {row.field.split(" /")[0]: row.agrees for row in gpu_smi.compare(READING, smi)}
+    assert agrees["memory_used_mib"] is False
+    assert agrees["pcie_gen"] is None
+    assert agrees["throttle"] is False
+    assert agrees["memory_total_mib"] is True
+
+
+def test_a_line_with_the_wrong_number_of_values_is_refused() -> None:
+    with pytest.raises(ValueError, match="values for"):
+        gpu_smi.parse_gpu_line("1, 2, 3")
+
+
+def test_compute_apps_by_pid() -> None:
+    assert gpu_smi.parse_apps("4242, 1503\n77, [N/A]\n") == {4242: 1503, 77: None}
+    assert gpu_smi.parse_apps("") == {}
+
+
+@pytest.mark.parametrize(("weights_mib", "real"), [(200, False), (0.8 * 143771, True)])
+def test_the_big_model_is_about_the_size_asked(tmp_path: Path, weights_mib: float, real: bool) -> None:
+    model = write_tiny_llama(tmp_path / "big.gguf", big_shape(weights_mib, real), header_only=True)
+    size_mib = model.stat().st_size / 2**20  # a sparse file: no blocks written
+    assert 0.85 * weights_mib < size_mib < 1.15 * weights_mib
+
+
+@pytest.fixture
+def rehearsal(tmp_path: Path, llama_server: Path) -> Iterator[Setup]:
+    backend, _ = open_backend(GpuSettings.model_validate(SIM))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    yield Setup(backend, llama_server, SIM, tmp_path, logs, real=False, deadline=time.monotonic() + 120)
+    backend.close()
+
+
+def test_the_nvml_step_rehearses_on_a_simulated_gpu(rehearsal: Setup) -> None:
+    table = nvml_vs_smi(rehearsal)
+    assert table[0].startswith("| field")
+    assert len(table) == 2 + len(gpu_smi.FIELDS) + 1
+    assert all(line.endswith("| yes |") for line in table[2:])
+
+
+def test_the_planner_step_runs_every_case_on_the_cpu_server(
+    rehearsal: Setup, leaves_no_process: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(MARK, leaves_no_process)  # the servers it starts carry the test's mark
+    shape = TinyShape(n_embd=128, n_head=4, n_head_kv=2, n_ff=256)  # head size 32: a q8_0 V cache runs
+    lines = gpu_buffers.planner_vs_cuda(rehearsal, {"tiny hd32": shape}, (512,))
+    rows = [line for line in lines if line.startswith("| tiny hd32 |")]
+    assert [tuple(row.split(" | ")[1:4]) for row in rows] == [
+        ("512", "f16", "off (?)"),
+        ("512", "f16", "on (?)"),
+        ("512", "f16", "auto (enabled)"),  # the CPU backend runs flash attention for every head size
+        ("512", "q8_0", "on (?)"),
+    ]
+    for row in rows:  # every case planned and ran: weights, KV and compute, planned / reported
+        assert re.search(r"\| \d+ / \d+ \| \d+ / \d+ \| \d+ / \d+ \| \d+ \(512\) \|", row), row
+    assert len(list(rehearsal.logs.glob("case*.log"))) == 4
