@@ -53,17 +53,33 @@ REHEARSAL_SHAPES = {
 }
 
 
-def big_shape(weights_mib: float, real: bool) -> TinyShape:
-    """A model of about ``weights_mib`` of weights: 70B-like layers on the card (about 0.85 GiB each in
-    q8_0), small ones for the rehearsal's CPU (about 16 MiB each)."""
-    if real:
-        base = TinyShape(n_embd=8192, n_head=64, n_head_kv=8, n_ff=28672, extra_tokens=32000, weight_type="q8_0")
-    else:
-        base = TinyShape(n_embd=1024, n_head=16, n_head_kv=4, n_ff=4096, weight_type="q8_0")
-    e, f = base.n_embd, base.n_ff
-    layer_mib = (2 * e * e + 2 * e * e * base.n_head_kv // base.n_head + 3 * e * f) * 34 / 32 / 2**20
-    layers = max(1, int(weights_mib / layer_mib))
-    return TinyShape(**{**base.__dict__, "n_layer": layers})
+# The product's model on the card: 7B-like (about 7 GiB of zeros to read: the slow part of a load) with a
+# context whose KV cache fills the GPU to about 80 %; on the rehearsal's CPU, about 200 MiB at 8k.
+FILLER = TinyShape(
+    n_layer=32,
+    n_embd=4096,
+    n_head=32,
+    n_head_kv=32,
+    n_ff=11008,
+    extra_tokens=32000,
+    weight_type="q8_0",
+    context_length=1 << 20,
+)
+REHEARSAL_FILLER = TinyShape(n_layer=12, n_embd=1024, n_head=16, n_head_kv=4, n_ff=4096, weight_type="q8_0")
+
+
+def filling(total_mib: int, real: bool) -> tuple[TinyShape, int]:
+    """The product step's model and context for a GPU of ``total_mib``."""
+    if not real:
+        return REHEARSAL_FILLER, 8192
+    s = FILLER
+    e, kv_dim = s.n_embd, s.dim_head * s.n_head_kv
+    params = s.n_layer * (2 * e * e + 2 * e * kv_dim + 3 * e * s.n_ff) + 2 * s.n_vocab * e
+    weights_mib = params * 34 / 32 / 2**20  # q8_0: 34 bytes per 32 weights
+    kv_mib_per_token = 2 * s.n_layer * kv_dim * 2 / 2**20  # K and V, f16
+    # What is left of 80 % after the weights, 2 GiB for compute buffers and the driver.
+    ctx = int((0.8 * total_mib - weights_mib - 2048) / kv_mib_per_token) // 256 * 256
+    return s, max(ctx, 8192)
 
 
 def nvml_vs_smi(setup: Setup) -> list[str]:
@@ -162,16 +178,15 @@ def stream_tokens_per_s(url: str, tokens: int) -> float:
 
 def product(setup: Setup) -> list[str]:
     total = setup.backend.read(0, processes=False).memory_total_mib or 0
-    # Most of the card (80 % in weights); on the rehearsal's CPU, a model that still generates quickly.
-    model = setup.model("big", big_shape(total * 0.8 if setup.real else 200, setup.real))
+    shape, ctx = filling(total, setup.real)
+    model = setup.model("big", shape)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     config = setup.config(
-        # --no-mmap on the card: the file's 100 GiB of zeros go up through small pinned buffers, not the page cache.
-        {"big": {"model": str(model), "ctx": 8192, "args": ["-lv", "4", *(["--no-mmap"] if setup.real else [])]}},
+        {"big": {"model": str(model), "ctx": ctx, "args": ["-lv", "4"]}},
         {"port": port},
     )
-    lines = [f"model: {model.stat().st_size / 2**30:.1f} GiB of weights on a {total} MiB GPU, ctx 8192", ""]
+    lines = [f"model: {model.stat().st_size / 2**30:.1f} GiB of weights on a {total} MiB GPU, ctx {ctx}", ""]
     with daemon(setup, config, url):
         began = time.monotonic()
         code, up = _cli(setup, config, "up", "big")

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from bench import gpu_buffers, gpu_smi
-from bench.gpu import big_shape, nvml_vs_smi
+from bench.gpu import filling, nvml_vs_smi
 from bench.gpu_buffers import Setup
 from launcher.config import GpuSettings
 from launcher.gpu import open_backend
 from launcher.schema import GpuReading
-from launcher.tinymodel import TinyShape, write_tiny_llama
+from launcher.tinymodel import TinyShape
 from tests.conftest import MARK
 
 READING = GpuReading(
@@ -65,11 +65,16 @@ def test_compute_apps_by_pid() -> None:
     assert gpu_smi.parse_apps("") == {}
 
 
-@pytest.mark.parametrize(("weights_mib", "real"), [(200, False), (0.8 * 143771, True)])
-def test_the_big_model_is_about_the_size_asked(tmp_path: Path, weights_mib: float, real: bool) -> None:
-    model = write_tiny_llama(tmp_path / "big.gguf", big_shape(weights_mib, real), header_only=True)
-    size_mib = model.stat().st_size / 2**20  # a sparse file: no blocks written
-    assert 0.85 * weights_mib < size_mib < 1.15 * weights_mib
+def test_the_product_model_fills_about_80_percent_of_an_h200(tmp_path: Path, llama_server: Path) -> None:
+    h200 = {"backend": "sim", "sim": [{"name": "NVIDIA H200", "memory_mib": 143771}]}
+    backend, _ = open_backend(GpuSettings.model_validate(h200))
+    setup = Setup(backend, llama_server, h200, tmp_path, tmp_path, real=True, deadline=0)
+    shape, ctx = filling(143771, real=True)
+    plan = setup.plan(setup.model("big", shape), ctx, [])
+    backend.close()
+    assert plan.fits, plan.reason
+    assert 0.7 * 143771 < plan.devices[0].total_mib < 0.85 * 143771
+    assert plan.devices[0].weights_mib < 8 * 1024  # the zeros a load reads: a few GiB
 
 
 @pytest.fixture
