@@ -127,8 +127,8 @@ def planner_vs_cuda(setup: Setup, shapes: dict[str, TinyShape], contexts: tuple[
         "MiB; plan / llama-server's buffers on the GPU (CUDA0); `process` is NVML's per-process memory once "
         "ready (nvidia-smi's in brackets); `driver+ctx` = process - the server's GPU buffers.",
         "",
-        "| model | ctx | KV | -fa (server) | weights | KV | compute | planned total (overhead) | process | "
-        "driver+ctx | not planned |",
+        "| model | ctx | KV | -fa (plan / server's auto) | weights | KV | compute | planned total (overhead) "
+        "| process | driver+ctx | not planned |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     shares: list[float] = []
@@ -152,6 +152,7 @@ def planner_vs_cuda(setup: Setup, shapes: dict[str, TinyShape], contexts: tuple[
         text = log.read_text(errors="replace")
         check = llama_log.check(plan, llama_log.parse(text))
         decided = _FLASH.search(text)
+        server_fa = decided[1] if decided else "-"  # the server says what it decided for `auto` only
         gpu = check.devices[0] if plan.devices else None
         terms = gpu.terms if gpu is not None else {}
         planned = plan.devices[0] if plan.devices else None
@@ -163,7 +164,7 @@ def planner_vs_cuda(setup: Setup, shapes: dict[str, TinyShape], contexts: tuple[
         total = f"{planned.total_mib} ({planned.overhead_mib})" if planned is not None else "-"
         process = f"{_mib(nvml_mib)} [{_mib(smi_mib)}]"
         lines.append(
-            f"| {name} | {ctx} | {cache} | {fa} ({decided[1] if decided else '?'}) "
+            f"| {name} | {ctx} | {cache} | {fa} ({'on' if plan.flash_attn else 'off'} / {server_fa}) "
             f"| {_pair(terms, 'weights')} | {_pair(terms, 'kv')} "
             f"| {_pair(terms, 'compute')} | {total} | {process} | {_mib(share)} | {', '.join(check.unmatched) or '-'} |"
         )
