@@ -95,9 +95,11 @@ def process_mib(setup: Setup, pid: int) -> tuple[int | None, int | None]:
     """(NVML's, nvidia-smi's) MiB held by ``pid`` on GPU 0; None where not shown (a rehearsal's CPU)."""
     processes = setup.backend.read(0, processes=True).processes or ()
     nvml = next((p.used_mib for p in processes if p.pid == pid), None)
-    smi = (
-        gpu_smi.parse_apps(gpu_smi.query(0, ["--query-compute-apps=pid,used_memory"])).get(pid) if setup.real else None
-    )
+    smi = None
+    if setup.real:
+        # nvidia-smi's side is a comparison only: a tool that fails leaves it empty, the case still counts.
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            smi = gpu_smi.parse_apps(gpu_smi.query(0, ["--query-compute-apps=pid,used_memory"])).get(pid)
     return nvml, smi
 
 

@@ -4,6 +4,8 @@ try. The whole rehearsal takes minutes: `scripts/gpu-check` runs it."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench import gpu_buffers, gpu_smi
-from bench.gpu import filling, nvml_vs_smi
+from bench.gpu import filling, header, nvml_vs_smi
 from bench.gpu_buffers import Setup
 from launcher.config import GpuSettings
 from launcher.gpu import open_backend
@@ -111,3 +113,32 @@ def test_the_planner_step_runs_every_case_on_the_cpu_server(
     for row in rows:  # every case planned and ran: weights, KV and compute, planned / reported
         assert re.search(r"\| \d+ / \d+ \| \d+ / \d+ \| \d+ / \d+ \| \d+ \(\d+\) \|", row), row
     assert len(list(rehearsal.logs.glob("case*.log"))) == 4
+
+
+def test_the_real_path_asks_nvidia_smi_for_every_field_and_reads_its_answers(
+    rehearsal: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An nvidia-smi that records how it was asked and answers as the tool does (the sim GPU's values).
+    line = gpu_smi.smi_line_of(rehearsal.backend.read(0, processes=False))
+    asked = tmp_path / "asked"
+    tool = tmp_path / "bin" / "nvidia-smi"
+    tool.parent.mkdir()
+    tool.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {asked}\n'
+        'case "$*" in\n'
+        f'  *--query-gpu=*) echo "{line}" ;;\n'
+        '  *--query-compute-apps=*) echo "4242, 1503" ;;\n'
+        '  *) echo "| NVIDIA-SMI 580.159.04   Driver Version: 580.159.04   CUDA Version: 13.0 |" ;;\n'
+        "esac\n"
+    )
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:{os.environ['PATH']}")
+    real = dataclasses.replace(rehearsal, real=True)
+    table = nvml_vs_smi(real)
+    assert all(row.endswith("| yes |") for row in table[2:]), table
+    assert "- driver / CUDA: NVIDIA-SMI 580.159.04   Driver Version: 580.159.04   CUDA Version: 13.0" in header(real)
+    assert gpu_buffers.process_mib(real, 4242) == (None, 1503)  # the sim GPU shows no processes
+    calls = asked.read_text().splitlines()
+    assert f"-i 0 --query-gpu={','.join(gpu_smi.QUERY)} --format=csv,noheader,nounits" in calls
+    assert "-i 0 --query-compute-apps=pid,used_memory --format=csv,noheader,nounits" in calls
