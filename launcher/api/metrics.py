@@ -27,6 +27,10 @@ class LauncherCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._instances()
         yield from self._gpus()
+        peers = GaugeMetricFamily("launcher_peer_up", "1 when the peer answered its last read", labels=["peer"])
+        for peer in self._manager.peers.statuses() if self._manager.peers is not None else []:
+            peers.add_metric([peer.name], 1.0 if peer.reachable else 0.0)
+        yield peers
         writes = CounterMetricFamily(
             "launcher_state_write_errors",
             "writes to the state directory (log lines, the child registry) that failed and were dropped",
