@@ -10,6 +10,7 @@ Usage: .venv/bin/python -m bench.metrics_scrape [--scrapes 500]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
@@ -114,7 +115,8 @@ def main() -> None:
                 idle_s = idle_cpu_s(proc, sum(scrapes) / 1000)
             finally:
                 for server in servers if frozen else []:
-                    os.kill(server.pid, signal.SIGCONT)
+                    with contextlib.suppress(ProcessLookupError):  # the daemon restarted it: unhealthy too long
+                        os.kill(server.pid, signal.SIGCONT)
             cpu_ms = max(0.0, cpu_s - idle_s) / count * 1000
             states = sorted({i["state"] for i in http.get("/instances").json()})
             phase += f", instances {'/'.join(states)} after"

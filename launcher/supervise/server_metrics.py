@@ -134,7 +134,7 @@ class ServerMetrics:
             async with asyncio.timeout(self._timeout_s):
                 text = await self._fetch(port)
             families = await asyncio.to_thread(relabel, text, model=model, instance=name, max_series=_MAX_SERIES)
-        except (TimeoutError, httpx.HTTPError, ValueError, UnicodeDecodeError) as exc:
+        except Exception as exc:  # whatever a hostile answer makes the parser raise is the server's fault, not ours
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if kept is None or kept.error is None:
                 log.info("%s: its server's /metrics could not be read: %s", name, error)
