@@ -69,12 +69,19 @@ class _Backend:
     name: str = "llama-server"
 
 
+@dataclass(frozen=True)
+class _Settings:
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class _Instance:
     port: int
     group: str = "m"
     state: State = State.READY
     backend: _Backend = field(default_factory=_Backend)
+    settings: _Settings = field(default_factory=_Settings)
 
 
 @asynccontextmanager
@@ -171,7 +178,8 @@ def test_a_real_daemon_reexports_each_servers_series_per_model(
     config = write_config(
         {
             "a": {"autostart": True},
-            "b": {"autostart": True, "args": ["--metrics"]},  # given already: not given twice
+            # --metrics given already: not given twice; its /metrics needs its key, which is sent
+            "b": {"autostart": True, "args": ["--metrics", "--api-key", "key-b,other"]},
             "lazy": {"on_demand": True},
         },
         gpus={"backend": "sim", "poll_interval": 0.2, "sim": [{"name": "Sim", "memory_mib": 8192}]},

@@ -21,6 +21,7 @@ from typing import Protocol
 import httpx
 
 from launcher.schema import State
+from launcher.server_args import arg_value
 from launcher.supervise.server_series import Family, relabel
 
 log = logging.getLogger("launcher")
@@ -41,6 +42,13 @@ class _Named(Protocol):
     def name(self) -> str: ...
 
 
+class _Settings(Protocol):
+    @property
+    def args(self) -> list[str]: ...
+    @property
+    def env(self) -> dict[str, str]: ...
+
+
 class ServingInstance(Protocol):
     """What is read of an instance (the instance table's `InstanceView` is one)."""
 
@@ -52,6 +60,8 @@ class ServingInstance(Protocol):
     def port(self) -> int | None: ...
     @property
     def backend(self) -> _Named: ...
+    @property
+    def settings(self) -> _Settings: ...  # its args and env: the server's API key, which /metrics needs
 
 
 @dataclass(frozen=True)
@@ -121,18 +131,18 @@ class ServerMetrics:
         for gone in self._cache.keys() - serving.keys():
             del self._cache[gone]
         reads = [
-            self._read(name, instance.group, instance.port)
+            self._read(name, instance.group, instance.port, _api_key(instance.settings))
             for name, instance in serving.items()
             if instance.state in _READ_STATES and instance.port is not None
         ]
         await asyncio.gather(*reads)
         self.rounds += 1
 
-    async def _read(self, name: str, model: str, port: int) -> None:
+    async def _read(self, name: str, model: str, port: int, api_key: str | None) -> None:
         kept = self._cache.get(name)
         try:
             async with asyncio.timeout(self._timeout_s):
-                text = await self._fetch(port)
+                text = await self._fetch(port, api_key)
             families = await asyncio.to_thread(relabel, text, model=model, instance=name, max_series=_MAX_SERIES)
         except Exception as exc:  # whatever a hostile answer makes the parser raise is the server's fault, not ours
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -143,8 +153,9 @@ class ServerMetrics:
             return
         self._cache[name] = ServerSeries(model, families, time.time())
 
-    async def _fetch(self, port: int) -> str:
-        async with self._http.stream("GET", f"http://127.0.0.1:{port}/metrics", timeout=self._timeout_s) as answer:
+    async def _fetch(self, port: int, api_key: str | None) -> str:
+        url, headers = f"http://127.0.0.1:{port}/metrics", {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        async with self._http.stream("GET", url, headers=headers, timeout=self._timeout_s) as answer:
             if answer.status_code != 200:
                 # 501 when the server runs without --metrics (the user's args turned it off)
                 raise ValueError(f"HTTP {answer.status_code}")
@@ -154,3 +165,10 @@ class ServerMetrics:
                 if len(body) > self._max_bytes:
                     raise ValueError(f"answer over {self._max_bytes} bytes")
         return body.decode()
+
+
+def _api_key(settings: _Settings) -> str | None:
+    """The key a llama-server started with `--api-key` (or LLAMA_API_KEY) wants on every path but /health:
+    its first, when several are given."""
+    keys = arg_value(settings.args, "--api-key") or settings.env.get("LLAMA_API_KEY")
+    return keys.split(",")[0] if keys else None
