@@ -143,6 +143,7 @@ function drawGpu(gpu) {
     .filter(Boolean)
     .join(" · ");
   gpu.parts.traffic.textContent = traffic(s);
+  if (s.links?.length) drawLinks(); // the links line shows what flows on them
   gpu.parts.error.textContent = s.error ?? "";
   // The window fills the chart from the first sample held, up to WINDOW_S.
   const toS = s.time;
@@ -181,8 +182,16 @@ function drawMemory(gpu) {
   );
 }
 
+// What flows between two GPUs now: the NVLink/xGMI links of the first that end at the second, both ways.
+function flow(a, b) {
+  const ends = (gpus.get(a)?.latest.links ?? []).filter((l) => l.up && l.peer === String(b));
+  if (!ends.length) return "";
+  const sum = (key) => ends.reduce((total, l) => total + (l[key] ?? 0), 0);
+  return `, ${a}→${b} ${rate(sum("tx_bytes_per_second"))}, ${b}→${a} ${rate(sum("rx_bytes_per_second"))}`;
+}
+
 function drawLinks() {
-  const text = topology.links.map((l) => `GPU ${l.gpus[0]} ↔ GPU ${l.gpus[1]}: ${l.link}${l.direct ? " (direct)" : " (through the CPU)"}`);
+  const text = topology.links.map((l) => `GPU ${l.gpus[0]} ↔ GPU ${l.gpus[1]}: ${l.link}${l.direct ? " (direct)" : " (through the CPU)"}${flow(l.gpus[0], l.gpus[1])}`);
   $("links").textContent = text.length ? `Links: ${text.join(" · ")}` : "";
 }
 
