@@ -95,7 +95,6 @@ class ServerMetrics:
         self._max_bytes = max_bytes
         self._cache: dict[str, ServerSeries] = {}
         self._task: asyncio.Task[None] | None = None
-        self.rounds = 0  # completed rounds: a test awaits a round newer than an event
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="server-metrics")
@@ -136,7 +135,6 @@ class ServerMetrics:
             if instance.state in _READ_STATES and instance.port is not None
         ]
         await asyncio.gather(*reads)
-        self.rounds += 1
 
     async def _read(self, name: str, model: str, port: int, api_key: str | None) -> None:
         kept = self._cache.get(name)
