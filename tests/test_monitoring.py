@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "monitoring"
 DASHBOARD = MONITORING / "launcher-dashboard.json"
 RULES = MONITORING / "alerts.yaml"
-# Series the daemon of the Prometheus test does not make, and why: the dashboard's expressions over them
+# Series the daemon of the Prometheus test may not make, and why: the dashboard's expressions over them
 # must still parse there (an empty answer, not an error).
 NOT_MADE_HERE = {"launcher_plan_error_mib": "the plan check's series (issue 23), from servers run at -lv 4"}
 
@@ -269,13 +269,13 @@ def test_a_real_prometheus_scrapes_models_gpus_links_and_the_front_door(
         lambda: prometheus.query("count_over_time(up[1m])"), lambda r: float(r[0]["value"][1]) >= 3, "scrapes", 30
     )
     for expr in dashboard_expressions():
-        result = prometheus.query(expr.replace("$__rate_interval", "1m"))
-        absent = [name for name in NOT_MADE_HERE if name in expr]
-        assert bool(result) != bool(absent), (expr, result)
+        result = prometheus.query(expr.replace("$__rate_interval", "1m"))  # parses: query() checks the status
+        if not any(name in expr for name in NOT_MADE_HERE):
+            assert result, f"no data for the dashboard's {expr}"
     groups = prometheus.http.get("/api/v1/rules").json()["data"]["groups"]
     loaded = {rule["name"]: rule["health"] for group in groups for rule in group["rules"]}
     assert len(loaded) == 9 and set(loaded.values()) == {"ok"}, loaded  # the real Prometheus runs every rule
-    assert prometheus.query("ALERTS") == []  # and none fires on a healthy daemon
+    assert prometheus.query('ALERTS{alertstate="firing"}') == []  # and none fires on a healthy daemon
 
     # a stopped model drops out; many scrapes never woke the on-demand one
     assert daemon.cli("down", "b").returncode == 0
