@@ -211,6 +211,24 @@ class SimGpu(_Strict):
         default=0.0,
         description="Memory a stopped server held comes back after this long, as on real GPUs (llama-swap issue 97).",
     )
+    pcie_tx_mib_per_s: NonNegative | Annotated[list[NonNegative], Field(min_length=1)] = Field(
+        default=0.0, description="What it sends over PCIe, MiB/s; a list is a script, as for `temperature_c`."
+    )
+    pcie_rx_mib_per_s: NonNegative | Annotated[list[NonNegative], Field(min_length=1)] = Field(
+        default=0.0, description="What it receives over PCIe, MiB/s; a list is a script."
+    )
+    link_tx_mib_per_s: NonNegative | Annotated[list[NonNegative], Field(min_length=1)] = Field(
+        default=0.0,
+        description="What it sends on each of its NVLink/xGMI links (one to each GPU of its `link_group`), "
+        "MiB/s; a list is a script.",
+    )
+    link_rx_mib_per_s: NonNegative | Annotated[list[NonNegative], Field(min_length=1)] = Field(
+        default=0.0, description="What it receives on each of its links, MiB/s; a list is a script."
+    )
+    link_speed_mbps: Positive = Field(default=25_000.0, description="The speed its links run at, MB/s.")
+    links_down: list[Annotated[int, Field(ge=0)]] = Field(
+        default=[], description="Its links (numbered from 0 in the order of its group's GPUs) shown down."
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> SimGpu:

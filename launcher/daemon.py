@@ -280,6 +280,7 @@ def rest_api(
         lending=wired.lending,
         event_bus=wired.events,
         router=wired.router,
+        server_metrics=wired.server_metrics,
         token=token,
         on_started=on_started,
         reload=reload,

@@ -441,6 +441,21 @@ class GpuProcess(_Wire):
     used_mib: int | None
 
 
+class GpuLinkReading(_Wire):
+    """One NVLink (NVIDIA) or xGMI (AMD) link of a GPU at one time. None: the library does not say."""
+
+    model_config = ConfigDict(frozen=True, defer_build=True)
+
+    link: int  # the link's number on its GPU
+    kind: str  # nvlink | xgmi
+    up: bool
+    peer: str | None = None  # the GPU index at its other end, else that end's PCI bus id (an NVSwitch)
+    speed_mbps: float | None = None  # the speed it runs at, MB/s
+    speed_max_mbps: float | None = None  # the speed it can run at, MB/s
+    tx_bytes_per_second: float | None = None
+    rx_bytes_per_second: float | None = None
+
+
 class GpuReading(_Wire):
     """What a backend reads of one GPU at one time. None: the backend cannot read that value."""
 
@@ -457,6 +472,9 @@ class GpuReading(_Wire):
     pcie_gen_max: int | None = None
     pcie_width: int | None = None
     pcie_width_max: int | None = None
+    pcie_tx_bytes_per_second: float | None = None
+    pcie_rx_bytes_per_second: float | None = None
+    links: tuple[GpuLinkReading, ...] = ()  # NVLink or xGMI; none on a GPU without them
     throttle: tuple[str, ...] = ()
     processes: tuple[GpuProcess, ...] | None = None  # None: not read this time
 

@@ -1,7 +1,7 @@
 """The daemon's parts, wired in one place: the state directory's lock, the leftover cleanup, the child
 registry, the event bus, the instance table, the peers' claims on this host, the GPU sampler, the log
-directory, what this host lends, the HTTP client, the planner, the peers, the manager and the front door's
-router; and the API's listening socket.
+directory, what this host lends, the HTTP client, the planner, the peers, the manager, the front door's
+router and the reader of the servers' own metrics; and the API's listening socket.
 
 Each part is given what it needs when it is made (`supervision` makes them in that order, each from those
 before it); none is changed afterwards. What several parts share about the instances is the instance table
@@ -45,6 +45,7 @@ from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, held_mib
 from launcher.supervise.manager import Manager
 from launcher.supervise.ports import port_holder
+from launcher.supervise.server_metrics import ServerMetrics
 from launcher.supervise.table import InstanceTable
 
 # The events kept for `GET /events?recent=`, and how far a reader of the stream may fall behind.
@@ -113,6 +114,7 @@ class Wired:
     peers: Peers | None
     lending: Lending
     gpu_backend: str  # which GPU backend and why
+    server_metrics: ServerMetrics
 
 
 @asynccontextmanager
@@ -159,8 +161,16 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
                 router = Router(
                     settings, manager=manager, table=table, events=events, peers=peers, http=http, upstream=Upstream()
                 )
-                async with router:
-                    yield Wired(manager, router, table, events, sampler, peers, lending, gpu_backend)
+                # The servers' own series, read on the sampler's poll interval for /metrics.
+                server_metrics = ServerMetrics(table.instances, http, lambda: sampler.poll_interval_s)
+                server_metrics.start()
+                try:
+                    async with router:
+                        yield Wired(
+                            manager, router, table, events, sampler, peers, lending, gpu_backend, server_metrics
+                        )
+                finally:
+                    await server_metrics.stop()
             finally:
                 await manager.stop_all()
                 if peers is not None:

@@ -26,7 +26,7 @@ import launcher
 from launcher.address import is_loopback
 from launcher.api.auth import UNAUTHORISED, ReadAuth, bearer_matches, reads_need_token
 from launcher.api.disconnect import unless_gone
-from launcher.api.metrics import LauncherCollector
+from launcher.api.metrics import LauncherCollector, ServerSeriesCollector
 from launcher.api.redact import SERVER_WORDS_HIDDEN, redacted_plan, without_log_lines, without_server_words
 from launcher.api.ui import add_ui
 from launcher.config import Settings
@@ -53,6 +53,7 @@ from launcher.schema import (
 from launcher.statedir import logs
 from launcher.supervise.lending import Lending
 from launcher.supervise.manager import Manager
+from launcher.supervise.server_metrics import ServerMetrics
 from launcher.supervise.table import InstanceTable
 
 Responses = dict[int | str, dict[str, Any]]
@@ -100,12 +101,14 @@ def create_app(
     lending: Lending,
     event_bus: Bus[Event],
     router: Router | None = None,
+    server_metrics: ServerMetrics | None = None,
     token: str | None = None,
     on_started: Callable[[], Awaitable[None]] | None = None,
     reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
 ) -> FastAPI:
     """The REST API. ``router``: the front door's, whose requests `/requests` and `/metrics` report;
-    ``reload``: the daemon's reload of its configuration (given ``dry_run``), for `POST /config/reload`."""
+    ``server_metrics``: the servers' own series `/metrics` re-exports; ``reload``: the daemon's reload of
+    its configuration (given ``dry_run``), for `POST /config/reload`."""
     instances = table.view
 
     @asynccontextmanager
@@ -234,6 +237,8 @@ def create_app(
     registry.register(LauncherCollector(manager))
     if router is not None:
         registry.register(router.metrics)
+    if server_metrics is not None:
+        registry.register(ServerSeriesCollector(server_metrics))
     records_json = TypeAdapter(list[RequestRecord])
 
     @app.get("/requests", response_model=list[RequestRecord], responses={**read, **_errors(422)})
@@ -244,7 +249,8 @@ def create_app(
 
     @app.get("/metrics", response_class=Response, responses={**_text(CONTENT_TYPE_LATEST, "Prometheus"), **read})
     async def metrics() -> Response:
-        """Prometheus text format: instances (ready, state, restarts, planned VRAM) and GPUs."""
+        """Prometheus text format: instances (ready, state, restarts, planned VRAM), GPUs, the front door's
+        requests and the servers' own series (as last read: a scrape never asks a server)."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/plan/{name}", response_model=Plan, responses={**read, **_errors(404, 422, 503)})

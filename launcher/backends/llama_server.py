@@ -20,9 +20,12 @@ from launcher.config import ModelSettings
 from launcher.errors import ConfigError
 from launcher.plan.placement import Placement
 from launcher.schema import Plan, PlanCheck
-from launcher.server_args import PARALLEL, arg_value
+from launcher.server_args import PARALLEL, arg_value, last_switch
 
 BINARY_NAME = "llama-server"
+# The server's Prometheus endpoint, which the daemon re-exports (supervise/server_metrics.py); on unless the
+# model's args or environment say otherwise.
+METRICS_ON, METRICS_OFF, METRICS_ENV = "--metrics", "--no-metrics", "LLAMA_ARG_ENDPOINT_METRICS"
 
 
 def find_llama_server(configured: Path | None) -> Path:
@@ -91,6 +94,8 @@ class LlamaServerBackend:
         if placement.gpus or placement.rpc:
             # The plan decided layers and context; --fit (on by default) would re-decide at load time.
             argv += ["--fit", "off"]
+        if last_switch(model.args, {METRICS_ON}, {METRICS_OFF}) is None and METRICS_ENV not in model.env:
+            argv.append(METRICS_ON)
         argv += model.args
         return LaunchSpec(argv=argv, env=child_environment(placement, model.env))
 
