@@ -209,3 +209,33 @@ def test_the_daemons_own_stop_drains_first(
     drained = await_event(events, lambda e: e["kind"] == "drain")
     assert drained["message"].startswith("drained: all 1 request finished")
     assert daemon.proc.wait(30) == 0
+
+
+def test_a_server_that_crashes_during_its_drain_is_not_restarted_and_not_said_drained(
+    write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path
+) -> None:
+    """kill -9 during a stop's drain: the stop goes on (no restart by the policy into a server the stop
+    would then cut), and the drain's event says the server ended by itself, not that all finished."""
+    fast = {"policy": "on-failure", "backoff_initial": 0.01, "backoff_max": 0.05}
+    daemon = serving(write_config, start_daemon, standin, restart=fast)
+    pid = daemon.instance("m")["pid"]
+    events = events_of(daemon, "m")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with daemon.http.stream("POST", "/v1/chat/completions", json=held("m")) as stream:
+            lines = stream.iter_lines()
+            first_event(lines)
+            stopping = pool.submit(daemon.http.post, "/instances/m/stop")
+            await_event(events, is_state("draining"))
+            os.kill(pid, signal.SIGKILL)
+            assert not completed(the_rest(lines))
+        assert stopping.result(timeout=30).json()["state"] == "stopped"
+    until_stopped = []
+    for event in events:
+        until_stopped.append(event)
+        if is_state("stopped")(event):
+            break
+    drained = [e["message"] for e in until_stopped if e["kind"] == "drain"]
+    assert len(drained) == 1 and drained[0].startswith("drain ended after "), drained
+    assert drained[0].endswith(": the server ended by itself with 1 request in flight")
+    assert not any(is_state("starting")(e) or is_state("backoff")(e) for e in until_stopped)
+    assert daemon.instance("m")["pid"] is None
