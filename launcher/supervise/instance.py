@@ -227,6 +227,8 @@ class Instance:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._restarting)
         self._restarting = asyncio.ensure_future(self._restart_with(settings, backend, prepare))
+        # Its caller may be gone (a reload cancelled as the daemon stops): its error is read, not lost in the log.
+        self._restarting.add_done_callback(lambda done: done.cancelled() or done.exception())
         await asyncio.shield(self._restarting)
 
     async def _restart_with(
