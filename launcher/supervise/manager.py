@@ -325,8 +325,8 @@ class Manager:
         after = replicas.expand(settings, [g.index for g in self.sampler.identities])
         if settings.gpus != self.settings.gpus:
             self._use_gpu_settings(settings.gpus)
-        if self.peers is not None and settings.rpc != self.settings.rpc:
-            self.peers.reconfigure(settings.rpc)
+        if self.peers is not None and (settings.rpc, settings.peers) != (self.settings.rpc, self.settings.peers):
+            self.peers.reconfigure(settings.rpc, settings.peers)
         self.settings = settings
         for change in report.instances:
             if change.change == Change.ADDED:
