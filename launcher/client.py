@@ -41,6 +41,9 @@ _REACH_TIMEOUT_S = 2.0
 # An act answers once the old server has drained (drain_timeout_s) and is stopped (stop_timeout) and the
 # memory it held is back (vram_wait_s).
 _ACT_TIMEOUT_S = 300.0
+# A reload answers once the servers it restarted or added are ready or have failed, each bounded by twice
+# its `health.load_timeout`: a large model loads for minutes.
+_RELOAD_TIMEOUT_S = 3600.0
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -160,7 +163,7 @@ class DaemonClient:
     def reload(self, dry_run: bool) -> ReloadReport:
         """POST /config/reload: the daemon reads its configuration again; what it did (or would do)."""
         path = "/config/reload" + ("?dry_run=true" if dry_run else "")
-        return _parse(ReloadReport, self._request("POST", path, _ACT_TIMEOUT_S))
+        return _parse(ReloadReport, self._request("POST", path, _RELOAD_TIMEOUT_S))
 
     def plan(self, name: str) -> Plan:
         return self._get(Plan, f"/plan/{quote(name, safe='')}")

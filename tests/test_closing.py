@@ -16,7 +16,7 @@ import yaml
 from launcher.config_file import load_settings
 from launcher.daemon import longest_stop_s
 from tests.conftest import ConfigWriter, Daemon, poll_until
-from tests.test_drain import await_event, completed, events_of, is_state, release, the_rest
+from tests.test_drain import await_event, completed, events_of, events_until, is_state, release, the_rest
 from tests.test_front_door import first_event, held
 
 StartDaemon = Callable[[Path], Daemon]
@@ -89,11 +89,7 @@ def test_a_stop_during_a_reloads_restart_starts_no_server_and_keeps_to_its_budge
         began_s = time.monotonic()
         daemon.proc.send_signal(signal.SIGTERM)
         the_rest(lines)  # cut when the reload's drain runs out
-        seen = []
-        for event in events:
-            seen.append(event)
-            if is_state("stopped")(event):
-                break
+        seen = events_until(events, is_state("stopped"))
     assert daemon.proc.wait(budget_s + 5) == 0
     assert time.monotonic() - began_s < budget_s
     assert not any(is_state("starting")(event) for event in seen)  # no server the stop then cut

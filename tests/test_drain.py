@@ -47,6 +47,16 @@ def await_event(events: Iterator[Event], match: Callable[[Event], bool]) -> Even
     raise AssertionError("the event stream ended")
 
 
+def events_until(events: Iterator[Event], match: Callable[[Event], bool]) -> list[Event]:
+    """The events up to the first that ``match``es, that one included (all of them if the stream ends)."""
+    seen = []
+    for event in events:
+        seen.append(event)
+        if match(event):
+            break
+    return seen
+
+
 def is_state(state: str) -> Callable[[Event], bool]:
     return lambda e: e["kind"] == "state" and e["state"] == state
 
@@ -183,11 +193,7 @@ def test_a_killed_server_is_not_drained(write_config: ConfigWriter, start_daemon
         os.kill(old_pid, signal.SIGKILL)
         assert not completed(the_rest(lines))
     await_event(events, lambda e: e["kind"] == "exit")
-    until_ready = []
-    for event in events:
-        until_ready.append(event)
-        if is_state("ready")(event):
-            break
+    until_ready = events_until(events, is_state("ready"))
     assert [e["state"] for e in until_ready if e["kind"] == "state"][-1] == "ready"
     assert not any(e["kind"] == "drain" or e["state"] == "draining" for e in until_ready)
     assert daemon.instance("m")["pid"] not in (None, old_pid)
@@ -229,11 +235,7 @@ def test_a_server_that_crashes_during_its_drain_is_not_restarted_and_not_said_dr
             os.kill(pid, signal.SIGKILL)
             assert not completed(the_rest(lines))
         assert stopping.result(timeout=30).json()["state"] == "stopped"
-    until_stopped = []
-    for event in events:
-        until_stopped.append(event)
-        if is_state("stopped")(event):
-            break
+    until_stopped = events_until(events, is_state("stopped"))
     drained = [e["message"] for e in until_stopped if e["kind"] == "drain"]
     assert len(drained) == 1 and drained[0].startswith("drain ended after "), drained
     assert drained[0].endswith(": the server ended by itself with 1 request in flight")
