@@ -78,7 +78,7 @@ def test_a_stop_during_a_reloads_restart_starts_no_server_and_keeps_to_its_budge
     model = {"binary": str(standin), "autostart": True, "drain_timeout_s": 3}
     config = write_config({"m": model}, daemon={"watch_config": True})
     daemon = start_daemon(config)
-    daemon.wait_for("m", lambda s: s["state"] == "ready")
+    log = Path(daemon.wait_for("m", lambda s: s["state"] == "ready")["log_path"])
     budget_s = longest_stop_s(load_settings(config).models.values())
     events = events_of(daemon, "m")
     with daemon.http.stream("POST", "/v1/chat/completions", json=held("m")) as stream:
@@ -92,4 +92,8 @@ def test_a_stop_during_a_reloads_restart_starts_no_server_and_keeps_to_its_budge
         seen = events_until(events, is_state("stopped"))
     assert daemon.proc.wait(budget_s + 5) == 0
     assert time.monotonic() - began_s < budget_s
-    assert not any(is_state("starting")(event) for event in seen)  # no server the stop then cut
+    assert not any(is_state("starting")(event) for event in seen)
+    starts = [
+        line for line in log.read_text().splitlines() if line.startswith("=== launcher ") and ": starting m " in line
+    ]
+    assert len(starts) == 1, starts  # the first start alone: no server the stop then cut
