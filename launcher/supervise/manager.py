@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
 import httpx
@@ -30,9 +30,19 @@ from launcher.plan.gguf import ModelFileError
 from launcher.plan.planner import Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
-from launcher.schema import Change, Event, GpuSample, InstanceChange, InstanceStatus, Plan, ReloadReport, State
+from launcher.schema import (
+    Change,
+    Event,
+    GpuSample,
+    InstanceChange,
+    InstanceStatus,
+    Plan,
+    ReloadReport,
+    RollReport,
+    State,
+)
 from launcher.statedir.layout import StateDir
-from launcher.supervise import thermal
+from launcher.supervise import rolling, thermal
 from launcher.supervise.degrade import Degrader
 from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
@@ -85,6 +95,7 @@ class Manager:
         self._planning = PlanningThreads(_PLANNING_THREADS)
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rolls: dict[str, asyncio.Lock] = {}  # configured model -> held while its replicas roll
         self.writes = StateWrites()
         self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
         self.instances = table.instances  # filled below: the degrader reads it
@@ -266,10 +277,31 @@ class Manager:
             await self.peers.release(name)
         return instance.status()
 
-    async def restart(self, name: str) -> InstanceStatus:
+    async def restart(self, name: str) -> InstanceStatus | RollReport:
+        """Restart instance ``name``; a model run as replicas (its name) rolls them, one at a time."""
+        members = self.group(name)
+        if name not in self.instances and members:  # replicas (`per-gpu` on one GPU: a roll of one)
+            return await self._roll(name, members, self._restart_as_configured)
         instance = self.get(name)
         await instance.restart(prepare=self._place)
         return instance.status()
+
+    async def _restart_as_configured(self, instance: Instance) -> None:
+        """A replica's restart in a model's roll, with the settings configured now: a reload's roll that
+        stopped left the replicas after it with their old ones (and their old server)."""
+        model = self._configured[instance.name][1]
+        if model != instance.settings:
+            await instance.restart_with(model, backend_for(model, self.settings.rpc), self._place)
+            if instance.active:
+                return
+            # it did not run: restart_with only gave it its settings
+        await instance.restart(prepare=self._place)
+
+    async def _roll(self, model: str, names: list[str], act: Callable[[Instance], Awaitable[None]]) -> RollReport:
+        """A rolling restart of ``names`` (replicas of ``model``) by ``act``; rolls of one model run one after
+        another, never interleaved."""
+        async with self._rolls.setdefault(model, asyncio.Lock()):
+            return await rolling.roll(model, {n: self.instances[n] for n in names}, act, self.publish)
 
     async def autostart(self) -> None:
         """Start every autostart model; one that cannot start is marked failed, the rest go on."""
@@ -351,15 +383,20 @@ class Manager:
     async def carry_out(self, report: ReloadReport, *, autostart: bool = True) -> list[InstanceChange]:
         """The acts of a reload, after `reconfigure`, and what came of each change of ``report``: removed
         instances stopped and forgotten and changed ones restarted with their new settings (those that ran;
-        one that did not is `updated`), together; then added autostart ones started (unless not
-        ``autostart``: a daemon started without). A start that fails marks its instance failed, as at the
-        daemon's start, and its change `failed` with the reason."""
+        one that did not is `updated`), together, a model's replicas rolling one at a time
+        (supervise/rolling.py); then added autostart ones started (unless not ``autostart``: a daemon
+        started without). A start that fails marks its instance failed, as at the daemon's start, and its
+        change `failed` with the reason."""
         changes = report.instances
-        acted = await asyncio.gather(
-            *(self._remove(c) for c in changes if c.change == Change.STOPPED),
-            *(self._restart_with(c, self._configured[c.name][1]) for c in changes if c.change == Change.RESTARTED),
+        restarted: dict[str, list[InstanceChange]] = {}  # configured model -> its changed instances
+        for change in changes:
+            if change.change == Change.RESTARTED:
+                restarted.setdefault(change.model, []).append(change)
+        removed, rolled = await asyncio.gather(
+            asyncio.gather(*(self._remove(c) for c in changes if c.change == Change.STOPPED)),
+            asyncio.gather(*(self._restart_changed(model, changed) for model, changed in restarted.items())),
         )
-        outcomes = {outcome.name: outcome for outcome in acted}
+        outcomes = {outcome.name: outcome for outcome in [*removed, *(o for model in rolled for o in model)]}
         for change in changes:
             if autostart and change.change == Change.ADDED and self.instances[change.name].settings.autostart:
                 failure = await self._start_or_refuse(change.name)
@@ -390,21 +427,40 @@ class Manager:
         del self._configured[name]
         return change
 
-    async def _restart_with(self, change: InstanceChange, model: ModelSettings) -> InstanceChange:
-        """A changed instance: restarted with ``model`` if it ran (one that cannot start again is marked
-        failed, as at the daemon's start), given it alone if not (`updated`)."""
-        instance = self.instances[change.name]
-        ran = instance.active
+    async def _restart_changed(self, model: str, changed: list[InstanceChange]) -> list[InstanceChange]:
+        """The changed instances of configured ``model``: several replicas roll, one at a time; what came of
+        each (a replica after the one that stopped the roll was not restarted: it keeps its old server)."""
+        ran = {c.name: self.instances[c.name].active for c in changed}
+        if len(changed) == 1:
+            try:
+                await self._restart_with(self.instances[changed[0].name])
+            except LauncherError as exc:
+                return [_failed(changed[0], exc.message)]
+            return [await self._came_up(changed[0]) if ran[changed[0].name] else _updated(changed[0])]
+        roll = await self._roll(model, [c.name for c in changed], self._restart_with)
+
+        def outcome(change: InstanceChange) -> InstanceChange:
+            if change.name in roll.restarted:
+                return change if ran[change.name] else _updated(change)
+            if change.name == roll.stopped_at:
+                return _failed(change, roll.reason or "it did not come back")
+            return _failed(change, f"not restarted: the rolling restart stopped at {roll.stopped_at}")
+
+        return [outcome(c) for c in changed]
+
+    async def _restart_with(self, instance: Instance) -> None:
+        """A changed instance: restarted with the settings configured now if it ran, given them alone if not.
+        One that cannot start again is marked failed, as at the daemon's start, and the error raised."""
+        model = self._configured[instance.name][1]
         try:
             await instance.restart_with(model, backend_for(model, self.settings.rpc), self._place)
         except LauncherError as exc:
             instance.refuse(exc)
-            return _failed(change, exc.message)
+            raise
         except Exception as exc:  # a bug or a file nobody foresaw: that model fails, the daemon serves on
-            message = f"unexpected error: {type(exc).__name__}: {exc}"
-            instance.refuse(LauncherError(message))
-            return _failed(change, message)
-        return await self._came_up(change) if ran else change.model_copy(update={"change": Change.UPDATED})
+            error = LauncherError(f"unexpected error: {type(exc).__name__}: {exc}")
+            instance.refuse(error)
+            raise error from exc
 
     # ---- reports ----------------------------------------------------------------------------------------
 
@@ -446,3 +502,7 @@ class Manager:
 
 def _failed(change: InstanceChange, reason: str) -> InstanceChange:
     return change.model_copy(update={"change": Change.FAILED, "reason": reason})
+
+
+def _updated(change: InstanceChange) -> InstanceChange:
+    return change.model_copy(update={"change": Change.UPDATED})
