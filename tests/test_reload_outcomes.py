@@ -24,7 +24,7 @@ from launcher.reloading import Reloader
 from launcher.schema import ReloadReport
 from launcher.supervise.leftovers import INSTANCE_ENV
 from tests.conftest import ConfigWriter, Daemon, OpenWired
-from tests.test_drain import await_event, completed, events_of, is_state, release, the_rest
+from tests.test_drain import await_event, completed, draining, events_of, is_state, release, the_rest
 from tests.test_front_door import first_event, held
 
 StartDaemon = Callable[[Path], Daemon]
@@ -107,17 +107,11 @@ def test_a_stream_survives_a_reload_that_restarts_its_model_to_its_last_token(
     daemon = start_daemon(config)
     old_pid = daemon.wait_for("m", ready)["pid"]
     events = events_of(daemon, "m")
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        with daemon.http.stream("POST", "/v1/chat/completions", json=held("m")) as stream:
-            lines = stream.iter_lines()
-            first_event(lines)
-            write_config({"m": {**model, "ctx": 512}}, daemon=same_daemon(config))
-            reloading = pool.submit(daemon.cli, "reload")
-            await_event(events, is_state("draining"))
-            release(daemon, "m")
-            rest = the_rest(lines)
-        assert completed(rest)
-        done = reloading.result(timeout=60)
+    write_config({"m": {**model, "ctx": 512}}, daemon=same_daemon(config))
+    with draining(daemon, events, lambda: daemon.cli("reload")) as (lines, reloading, _pool):
+        release(daemon, "m")
+        assert completed(the_rest(lines))
+    done = reloading.result(timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[1].split() == ["m", "restarted", "ctx"]
     assert daemon.instance("m")["pid"] not in (None, old_pid)
