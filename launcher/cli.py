@@ -169,6 +169,13 @@ def cmd_reload(ctx: Context) -> int:
     except ConfigError as exc:  # the file does not load: the daemon changed nothing; a refused act exits 1
         raise LauncherError(exc.message, exc.hint) from None
     print(as_json(report) if ctx.json else format_reload(report))
+    if report.failures:  # applied, but a model did not come back: the caller must hear it (exit 1)
+        failed = "; ".join(f"{i.name}: {i.reason}" for i in report.failures)
+        print(
+            f"launcher: the configuration was reloaded, but {len(report.failures)} change(s) failed: {failed}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -43,7 +43,8 @@ _REACH_TIMEOUT_S = 2.0
 # memory it held is back (vram_wait_s).
 _ACT_TIMEOUT_S = 300.0
 # A model's replicas roll one after another, each answering once loaded: the daemon bounds each by its
-# `health.load_timeout` (15 min by default).
+# `health.load_timeout` (15 min by default). A reload answers once the servers it restarted (rolled) or
+# added are ready or have failed.
 _ROLL_TIMEOUT_S = 4 * 3600.0
 
 M = TypeVar("M", bound=BaseModel)
@@ -174,7 +175,7 @@ class DaemonClient:
     def reload(self, dry_run: bool) -> ReloadReport:
         """POST /config/reload: the daemon reads its configuration again; what it did (or would do)."""
         path = "/config/reload" + ("?dry_run=true" if dry_run else "")
-        return _parse(ReloadReport, self._request("POST", path, _ACT_TIMEOUT_S))
+        return _parse(ReloadReport, self._request("POST", path, _ROLL_TIMEOUT_S))
 
     def plan(self, name: str) -> Plan:
         return self._get(Plan, f"/plan/{quote(name, safe='')}")

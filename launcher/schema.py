@@ -265,6 +265,8 @@ class Change(StrEnum):
     LIVE_UPDATED = "live-updated"  # only keys the daemon applies without a restart changed
     STOPPED = "stopped"  # gone from the configuration: stopped and removed
     ADDED = "added"  # new in the configuration (started when autostart)
+    UPDATED = "updated"  # changed while it did not run: its next start takes the new settings
+    FAILED = "failed"  # the change was applied, but its server did not start again (see `reason`)
 
 
 class InstanceChange(_Wire):
@@ -272,6 +274,7 @@ class InstanceChange(_Wire):
     model: str  # the configured model it is
     change: Change
     keys: list[str] = []  # the model's keys that differ, for restarted and live-updated (rpc.listen: an rpc-server's)
+    reason: str | None = None  # why a change failed
 
 
 class RollReport(_Wire):
@@ -305,6 +308,11 @@ class ReloadReport(_Wire):
     applied: list[str] = []  # the daemon-level keys (dotted) that changed and were applied live
     waiting: list[str] = []  # the daemon-level keys that changed and wait for a restart of the daemon
 
+    @property
+    def failures(self) -> list[InstanceChange]:
+        """The changes that failed (their servers did not start again)."""
+        return [i for i in self.instances if i.change == Change.FAILED]
+
     def describe(self) -> str:
         """One line: the instances by what was (or would be) done to them, then the daemon-level keys."""
         done = [
@@ -320,7 +328,8 @@ class ReloadReport(_Wire):
 
 
 def _with_keys(change: InstanceChange) -> str:
-    return f"{change.name} ({', '.join(change.keys)})" if change.keys else change.name
+    named = f"{change.name} ({', '.join(change.keys)})" if change.keys else change.name
+    return named if change.reason is None else f"{named}: {change.reason}"
 
 
 # ---- the front door ---------------------------------------------------------------------------------

@@ -138,7 +138,8 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
         lending = Lending(table.instances, sampler, settings.gpus, claims)
         async with httpx.AsyncClient() as http:
             planner = Planner(settings.gpus, sampler.identities, sampler.links)
-            peers = Peers(settings, events=events, active=table.active_names) if settings.peers else None
+            # Made without peers too: a reload may add some (and an empty list reads nothing).
+            peers = Peers(settings, events=events, active=table.active_names)
             manager = Manager(
                 settings,
                 table=table,
@@ -152,12 +153,10 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
                 peers=peers,
             )
             sampler.subscribe(manager.observe)
-            if peers is not None:
-                peers.subscribe(manager.after_peers_read)
+            peers.subscribe(manager.after_peers_read)
             await sampler.start()
             try:
-                if peers is not None:
-                    await peers.start()
+                await peers.start()
                 router = Router(
                     settings, manager=manager, table=table, events=events, peers=peers, http=http, upstream=Upstream()
                 )
@@ -173,8 +172,7 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
                     await server_metrics.stop()
             finally:
                 await manager.stop_all()
-                if peers is not None:
-                    await peers.stop()  # after the servers: their claims are released last
+                await peers.stop()  # after the servers: their claims are released last
                 await sampler.stop()
     finally:
         lock.release()

@@ -114,7 +114,12 @@ def test_a_replica_that_does_not_come_back_stops_the_roll_and_the_other_keeps_se
     with steady_load(daemon) as (codes, serving):
         # an option the server knows, with a value it rejects: each new server exits before it is ready
         write_config(two_replicas(args=["--threads", "many"]), gpus=sim_gpus(2), daemon=same_daemon(config))
-        assert daemon.http.post("/config/reload").status_code == 200
+        answer = daemon.http.post("/config/reload")
+        assert answer.status_code == 200
+        # the reload's answer says so per replica: the one that stopped the roll, the one it did not reach
+        outcomes = {i["name"]: (i["change"], i["reason"]) for i in answer.json()["instances"]}
+        assert outcomes["tiny@0"][0] == "failed" and "its new server did not come back" in outcomes["tiny@0"][1]
+        assert outcomes["tiny@1"] == ("failed", "not restarted: the rolling restart stopped at tiny@0")
         events = roll_events(daemon)
         assert "rolling restart of tiny stopped at tiny@0: its new server did not come back" in events[-1], events
         assert "kept their old server: tiny@1" in events[-1]

@@ -64,8 +64,9 @@ def _errors(*statuses: int) -> Responses:
         400: "the body is not JSON",
         401: "the API token is missing or wrong",
         404: "no such instance, model or GPU",
-        409: "the act makes no sense in the instance's state",
+        409: "the act makes no sense in the instance's state (or the daemon's: it is stopping)",
         422: "a parameter is invalid, or the model's configuration points at something missing",
+        500: "an error the launcher did not foresee, said in one sentence",
         503: "the machine refuses: the model does not fit the GPUs, or no port is free",
     }
     return {status: {"model": ErrorBody, "description": what[status]} for status in statuses}
@@ -224,13 +225,15 @@ def create_app(
             "/config/reload",
             response_model=ReloadReport,
             dependencies=[Depends(authorised)],
-            responses=_errors(*([401] if token is not None else []), 422),
+            responses=_errors(*([401] if token is not None else []), 409, 422, 500),
         )
         async def reload_config(dry_run: bool = False) -> Response:
             """Read the configuration file and the environment again as `launcher serve` does and apply the
-            difference: per instance kept, restarted, live-updated, stopped or added, and the daemon-level
-            keys applied or waiting for a restart. ``dry_run``: only say so. 422 with the configuration's
-            error when it does not load: nothing changed."""
+            difference: per instance kept, restarted, live-updated, stopped, added, updated (changed while
+            not running) or failed (its server did not start again: see its reason), and the daemon-level
+            keys applied or waiting for a restart. ``dry_run``: only say what would be done. 422 with the
+            configuration's error when it does not load: nothing changed. 409 once the daemon is stopping.
+            500 when an error struck after the new settings were taken (the event says which)."""
             return _json((await reload(dry_run)).model_dump_json())
 
     registry = CollectorRegistry(auto_describe=True)
