@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import threading
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
@@ -20,9 +22,11 @@ import httpx
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, with_command
 from launcher.config import GpuSettings, ModelSettings, Settings
-from launcher.errors import ConflictError, LauncherError
+from launcher.errors import ConflictError, LauncherError, StartError
 from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
+from launcher.hub.cache import cache_dir
+from launcher.hub.fetching import pull_planned
 from launcher.hub.headers import hub_reader
 from launcher.hub.planning import plan_from_hub
 from launcher.hub_ref import HubRef
@@ -30,7 +34,7 @@ from launcher.plan.gguf import ModelFileError
 from launcher.plan.planner import Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
-from launcher.schema import Change, Event, GpuSample, InstanceStatus, Plan, ReloadReport, State
+from launcher.schema import Change, Download, Event, GpuSample, HubPlan, InstanceStatus, Plan, ReloadReport, State
 from launcher.statedir.layout import StateDir
 from launcher.supervise import thermal
 from launcher.supervise.degrade import Degrader
@@ -210,18 +214,21 @@ class Manager:
         samples, remote = self.sampler.latest(), self._remote(instance)
         claims = self.lending.claimed_mib(self._others(instance))
 
-        def make() -> Plan:
-            if isinstance(instance.settings.model, HubRef):  # from its headers, before any download
-                reader = hub_reader(self.settings.hub, self._hub_headers_dir)
-                return plan_from_hub(self.planner, reader, name, instance.settings, samples, claims, remote)
-            found = planned_file(instance.backend, instance.settings, name)
-            return self.planner.plan(name, instance.settings, found, samples, claims, remote)
-
-        plan = await self._planning.run(make, key=name)
+        plan = await self._planning.run(functools.partial(self._planned, instance, samples, claims, remote), key=name)
         if plan.hub is not None:  # no command until its files are downloaded
             return plan
         spec = instance.backend.launch_spec(instance.settings, self._port_for(instance), self.planner.placement(plan))
         return with_command(plan, spec)
+
+    def _planned(self, instance: Instance, samples: list[GpuSample], claims: dict[int, int], remote: Remote) -> Plan:
+        """The plan of ``instance`` (in a planning thread): from its file, or a hub model's not yet in the
+        cache from its headers, before any download."""
+        settings = instance.settings
+        if isinstance(settings.model, HubRef) and instance.backend.model_file(settings) is None:
+            reader = hub_reader(self.settings.hub, self._hub_headers_dir)
+            return plan_from_hub(self.planner, reader, instance.name, settings, samples, claims, remote)
+        found = planned_file(instance.backend, settings, instance.name)
+        return self.planner.plan(instance.name, settings, found, samples, claims, remote)
 
     async def in_planning_thread(self, work: Callable[[], T]) -> T:
         """``work`` (planning) in one of the planning threads, within their bound: the router's plans for
@@ -239,8 +246,7 @@ class Manager:
         def plan_without(stopped: Collection[str]) -> Plan:
             back = claims_total(mib for n, mib in held.items() if n in stopped)
             kept = claims_total([*(mib for n, mib in held.items() if n not in stopped), peers_mib])
-            found = planned_file(instance.backend, instance.settings, name)
-            return self.planner.plan(name, instance.settings, found, freed(samples, back), kept, remote)
+            return self._planned(instance, list(freed(samples, back)), dict(kept), remote)
 
         return plan_without
 
@@ -253,9 +259,56 @@ class Manager:
             instance.note(kind, message)
 
     async def start(self, name: str) -> InstanceStatus:
+        """Start ``name``; a hub model whose files are not in the cache downloads them first (the answer
+        comes at once, downloading; the start follows the download)."""
         instance = self.get(name)
+        if isinstance(instance.settings.model, HubRef) and await self._begin_download(instance):
+            return instance.status()
         await instance.start(prepare=self._place)
         return instance.status()
+
+    async def _begin_download(self, instance: Instance) -> bool:
+        """When ``instance``'s hub files are not in the cache: plan it from their headers (a model that does
+        not fit is refused before a byte of weights), then download them in the background; True then."""
+        if instance.downloading:
+            raise ConflictError(f"{instance.name} is already downloading")
+        if instance.active or await asyncio.to_thread(instance.backend.model_file, instance.settings) is not None:
+            return False
+        try:
+            plan = await self.plan(instance.name)
+        except LauncherError as exc:
+            instance.record_refusal(exc)
+            raise
+        if not plan.fits or plan.hub is None:
+            refusal = StartError(
+                plan.reason or f"{instance.name} does not fit", hint="; ".join(plan.suggestions) or None
+            )
+            instance.record_refusal(refusal)
+            raise refusal
+        hub = plan.hub
+        task = asyncio.create_task(self._download(instance, hub), name=f"download:{instance.name}")
+        files = f"{len(hub.files)} files" if len(hub.files) > 1 else hub.files[0]
+        instance.begin_download(task, f"{hub.repo} at {hub.commit[:12]}: {files}, {hub.size_bytes} bytes")
+        return True
+
+    async def _download(self, instance: Instance, hub: HubPlan) -> None:
+        """The files of ``hub`` pulled in a worker thread (progress to the instance), then the start. A
+        cancel (a stop) tells the thread, which ends at its next chunk, its partial file kept."""
+        loop = asyncio.get_running_loop()
+        cancelled = threading.Event()
+
+        def progress(download: Download) -> None:
+            loop.call_soon_threadsafe(instance.download_progress, download)
+
+        pull = functools.partial(
+            pull_planned, hub, self.settings.hub, self._hub_headers_dir, cache_dir(), progress, cancelled
+        )
+        try:
+            await asyncio.shield(loop.run_in_executor(None, pull))
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        self._spawn(self._start_or_refuse(instance.name))
 
     async def stop(self, name: str) -> InstanceStatus:
         instance = self.get(name)
