@@ -121,8 +121,25 @@ def _expand(names: list[str], statuses: list[InstanceStatus]) -> list[str]:
 def cmd_up(ctx: Context) -> int:
     names: list[str] = ctx.args.names
     client = ctx.daemon()
+    ad_hoc = [n for n in names if n.startswith("hf:")]
+    if ad_hoc and (client is not None or ctx.args.detach):
+        from launcher.ad_hoc import ad_hoc_names
+
+        if ad_hoc_names(ctx.settings(required=False), ad_hoc):
+            where = "a daemon runs" if client is not None else "--detach starts a daemon"
+            raise ConfigError(
+                f"{ad_hoc[0]} is not in the configuration, and {where} that serves only what the file names",
+                hint="add it under `models:` (then `launcher reload`), or run it in the foreground with no daemon",
+            )
     if client is None:
-        settings = ctx.settings()
+        settings = ctx.settings(required=not ad_hoc)
+        if ad_hoc:
+            from launcher.ad_hoc import with_ad_hoc
+
+            settings, names = with_ad_hoc(settings, names)
+            for ref, name in zip(ctx.args.names, names, strict=True):
+                if ref != name:
+                    print(f"{ref} runs as {name!r}", file=sys.stderr, flush=True)
         for name in names:
             settings.model(name)  # unknown names are bad usage, before anything starts
         from launcher.backends.options import check_server_args

@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 
-from launcher.hub.download import PullProgress, pull
+from launcher.config import DaemonSettings
+from launcher.hub.download import PullCancelled, PullProgress, pull
 from launcher.hub.headers import HubError, HubReader
 from launcher.tinymodel import TinyShape, write_tiny_llama
-from tests.conftest import ConfigWriter, Daemon, poll_until, run_cli
+from tests.conftest import ConfigWriter, Daemon, poll_until, run_cli, stop_process
 from tests.hubstandin import Repo, StandInHub, serving
 
 MIB = 1024 * 1024
@@ -151,8 +156,6 @@ def test_a_stop_asked_for_mid_download_ends_it_and_keeps_its_partial_file(
         if progress.done_bytes >= 10 * MIB:
             cancelled.set()
 
-    from launcher.hub.download import PullCancelled
-
     with pytest.raises(PullCancelled):
         pull("org/mid-GGUF", "main", commit, files, cache=tmp_path / "cache", token=None, endpoint=hub.url,
              on_progress=stop_after_a_chunk, cancelled=cancelled)  # fmt: skip
@@ -254,3 +257,33 @@ def test_stopping_a_download_through_the_daemon_keeps_its_partial_file(
     events = [e["message"] for e in daemon.instance("m")["events"]]
     assert any("download stopped" in m for m in events)
     assert list(_repo_dir(tmp_path, "org/mid-GGUF").rglob("*.gguf")) == []  # never half-written in a snapshot
+
+
+def test_an_ad_hoc_hub_model_runs_under_a_name_derived_from_its_repo_and_answers(
+    hub: StandInHub, hub_env: dict[str, str], write_config: ConfigWriter
+) -> None:
+    config = write_config()  # no entry for it
+    daemon_url = DaemonSettings(port=yaml.safe_load(config.read_text())["daemon"]["port"]).client_url
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "--config", str(config), "up", "hf:org/tiny-GGUF:F16"],
+        env=hub_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        assert proc.stderr.readline().strip() == "hf:org/tiny-GGUF:F16 runs as 'tiny-f16'"
+        assert proc.stdout.readline().startswith("tiny-f16 is ready at http://127.0.0.1:")
+        body = {"model": "tiny-f16", "prompt": "Hello", "max_tokens": 4}
+        answer = httpx.post(f"{daemon_url}/v1/completions", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+    finally:
+        assert stop_process(proc) == 0
+
+
+def test_an_ad_hoc_hub_model_is_refused_in_one_sentence_while_a_daemon_serves_its_file(
+    hub: StandInHub, hub_env: dict[str, str], write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
+) -> None:
+    daemon = start_daemon(write_config())
+    result = daemon.cli("up", "hf:org/tiny-GGUF:F16")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("launcher: hf:org/tiny-GGUF:F16 is not in the configuration, and a daemon runs")
+    assert hub.requests == []
