@@ -5,6 +5,8 @@ not have. The daemon and the CLI run as the user runs them; `HF_HOME` is the tes
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import re
 import signal
 import subprocess
@@ -18,7 +20,7 @@ import pytest
 import yaml
 
 from launcher.config import DaemonSettings
-from launcher.hub.download import PullCancelled, PullProgress, pull
+from launcher.hub.download import PullCancelled, PullProgress, _CheckedFile, pull
 from launcher.hub.headers import HubError, HubReader
 from launcher.tinymodel import TinyShape, write_tiny_llama
 from tests.conftest import ConfigWriter, Daemon, poll_until, run_cli, stop_process
@@ -287,3 +289,34 @@ def test_an_ad_hoc_hub_model_is_refused_in_one_sentence_while_a_daemon_serves_it
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("launcher: hf:org/tiny-GGUF:F16 is not in the configuration, and a daemon runs")
     assert hub.requests == []
+
+
+def test_a_disk_that_fills_mid_download_leaves_a_partial_file_the_next_pull_resumes(
+    hub: StandInHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    reader, commit = _listing(hub, tmp_path, "org/mid-GGUF")
+    files = reader.listing("org/mid-GGUF", commit).files
+    put = _CheckedFile._put
+    room = {"bytes": 15 * MIB}  # the disk takes this much more, then is full
+
+    def onto_a_small_disk(self: _CheckedFile, chunk: bytes) -> None:
+        if len(chunk) > room["bytes"]:
+            put(self, chunk[: room["bytes"]])
+            room["bytes"] = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        room["bytes"] -= len(chunk)
+        put(self, chunk)
+
+    monkeypatch.setattr(_CheckedFile, "_put", onto_a_small_disk)
+    cache = tmp_path / "cache"
+    with pytest.raises(HubError) as full:
+        pull("org/mid-GGUF", "main", commit, files, cache=cache, token=None, endpoint=hub.url)
+    assert full.value.message.startswith(f"the disk filled while downloading org/mid-GGUF/mid-F16.gguf: {15 * MIB} of")
+    blobs = cache / "models--org--mid-GGUF" / "blobs"
+    assert [p.suffix for p in blobs.iterdir()] == [".incomplete"]  # nothing whole-looking, nothing linked
+    monkeypatch.setattr(_CheckedFile, "_put", put)  # room again
+    sent = hub.total_sent
+    paths = pull("org/mid-GGUF", "main", commit, files, cache=cache, token=None, endpoint=hub.url)
+    assert hub.total_sent - sent == files[0].size_bytes - 15 * MIB
+    assert hashlib.sha256(paths[0].read_bytes()).hexdigest() == paths[0].resolve().name

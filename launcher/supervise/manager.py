@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import threading
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
@@ -22,11 +21,9 @@ import httpx
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, with_command
 from launcher.config import GpuSettings, ModelSettings, Settings
-from launcher.errors import ConflictError, LauncherError, StartError
+from launcher.errors import ConflictError, LauncherError
 from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
-from launcher.hub.cache import cache_dir
-from launcher.hub.fetching import pull_planned
 from launcher.hub.headers import hub_reader
 from launcher.hub.planning import plan_from_hub
 from launcher.hub_ref import HubRef
@@ -34,10 +31,11 @@ from launcher.plan.gguf import ModelFileError
 from launcher.plan.planner import Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
-from launcher.schema import Change, Download, Event, GpuSample, HubPlan, InstanceStatus, Plan, ReloadReport, State
+from launcher.schema import Change, Event, GpuSample, InstanceStatus, Plan, ReloadReport, State
 from launcher.statedir.layout import StateDir
 from launcher.supervise import thermal
 from launcher.supervise.degrade import Degrader
+from launcher.supervise.downloads import begin_download
 from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
@@ -262,53 +260,16 @@ class Manager:
         """Start ``name``; a hub model whose files are not in the cache downloads them first (the answer
         comes at once, downloading; the start follows the download)."""
         instance = self.get(name)
-        if isinstance(instance.settings.model, HubRef) and await self._begin_download(instance):
+        if isinstance(instance.settings.model, HubRef) and await begin_download(
+            instance,
+            functools.partial(self.plan, name),
+            self.settings.hub,
+            self._hub_headers_dir,
+            lambda: self._spawn(self._start_or_refuse(name)),
+        ):
             return instance.status()
         await instance.start(prepare=self._place)
         return instance.status()
-
-    async def _begin_download(self, instance: Instance) -> bool:
-        """When ``instance``'s hub files are not in the cache: plan it from their headers (a model that does
-        not fit is refused before a byte of weights), then download them in the background; True then."""
-        if instance.downloading:
-            raise ConflictError(f"{instance.name} is already downloading")
-        if instance.active or await asyncio.to_thread(instance.backend.model_file, instance.settings) is not None:
-            return False
-        try:
-            plan = await self.plan(instance.name)
-        except LauncherError as exc:
-            instance.record_refusal(exc)
-            raise
-        if not plan.fits or plan.hub is None:
-            refusal = StartError(
-                plan.reason or f"{instance.name} does not fit", hint="; ".join(plan.suggestions) or None
-            )
-            instance.record_refusal(refusal)
-            raise refusal
-        hub = plan.hub
-        task = asyncio.create_task(self._download(instance, hub), name=f"download:{instance.name}")
-        files = f"{len(hub.files)} files" if len(hub.files) > 1 else hub.files[0]
-        instance.begin_download(task, f"{hub.repo} at {hub.commit[:12]}: {files}, {hub.size_bytes} bytes")
-        return True
-
-    async def _download(self, instance: Instance, hub: HubPlan) -> None:
-        """The files of ``hub`` pulled in a worker thread (progress to the instance), then the start. A
-        cancel (a stop) tells the thread, which ends at its next chunk, its partial file kept."""
-        loop = asyncio.get_running_loop()
-        cancelled = threading.Event()
-
-        def progress(download: Download) -> None:
-            loop.call_soon_threadsafe(instance.download_progress, download)
-
-        pull = functools.partial(
-            pull_planned, hub, self.settings.hub, self._hub_headers_dir, cache_dir(), progress, cancelled
-        )
-        try:
-            await asyncio.shield(loop.run_in_executor(None, pull))
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        self._spawn(self._start_or_refuse(instance.name))
 
     async def stop(self, name: str) -> InstanceStatus:
         instance = self.get(name)
