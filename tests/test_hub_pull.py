@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ import yaml
 from launcher.config import DaemonSettings
 from launcher.hub.download import PullCancelled, PullProgress, _CheckedFile, pull
 from launcher.hub.headers import HubError, HubReader
+from launcher.hub.repo import Listing
 from launcher.tinymodel import TinyShape, write_tiny_llama
 from tests.conftest import ConfigWriter, Daemon, poll_until, run_cli, stop_process
 from tests.hubstandin import Repo, StandInHub, serving
@@ -108,21 +110,24 @@ def test_a_file_whose_bytes_do_not_match_the_hubs_checksum_is_refused_and_remove
     assert "--model" not in plan.stdout  # never taken for downloaded
 
 
-def _listing(hub: StandInHub, tmp_path: Path, repo: str) -> tuple[HubReader, str]:
-    reader = HubReader(tmp_path / "headers", None, 16 * MIB, endpoint=hub.url)
-    return reader, reader.listing(repo, None).commit
+@pytest.fixture
+def mid(hub: StandInHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Listing:
+    """The 31 MiB model's listing, for pulls in this process (`HF_ENDPOINT` the stand-in's)."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    return HubReader(tmp_path / "headers", None, 16 * MIB, endpoint=hub.url).listing("org/mid-GGUF", None)
+
+
+def _pull(hub: StandInHub, mid: Listing, cache: Path, **options: Any) -> list[Path]:
+    return pull(mid.repo, "main", mid.commit, mid.files, cache=cache, token=None, endpoint=hub.url, **options)
 
 
 def test_a_disk_without_room_is_refused_before_the_first_byte_with_the_numbers(
-    hub: StandInHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hub: StandInHub, tmp_path: Path, mid: Listing
 ) -> None:
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    reader, commit = _listing(hub, tmp_path, "org/mid-GGUF")
-    files = reader.listing("org/mid-GGUF", commit).files
+    files = mid.files
     size = files[0].size_bytes
     with pytest.raises(HubError) as refused:
-        pull("org/mid-GGUF", "main", commit, files, cache=tmp_path / "cache", token=None, endpoint=hub.url,
-             free_bytes=lambda path: size - 1)  # fmt: skip
+        _pull(hub, mid, tmp_path / "cache", free_bytes=lambda path: size - 1)
     assert refused.value.message == (
         f"not enough disk space for org/mid-GGUF: {size} bytes still to download, {size - 1} free in "
         f"{tmp_path / 'cache'}"
@@ -131,15 +136,11 @@ def test_a_disk_without_room_is_refused_before_the_first_byte_with_the_numbers(
 
 
 def test_a_connection_dropped_mid_file_is_resumed_and_the_file_checked(
-    hub: StandInHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pull_files: dict[str, Repo]
+    hub: StandInHub, tmp_path: Path, mid: Listing, pull_files: dict[str, Repo]
 ) -> None:
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    reader, commit = _listing(hub, tmp_path, "org/mid-GGUF")
-    files = reader.listing("org/mid-GGUF", commit).files
     hub.drop_after_bytes = 15 * MIB
     seen: list[PullProgress] = []
-    paths = pull("org/mid-GGUF", "main", commit, files, cache=tmp_path / "cache", token=None, endpoint=hub.url,
-                 on_progress=seen.append)  # fmt: skip
+    paths = _pull(hub, mid, tmp_path / "cache", on_progress=seen.append)
     original = pull_files["org/mid-GGUF"].files["mid-F16.gguf"]
     assert paths[0].read_bytes() == original.read_bytes()
     assert len([r for r in hub.ranges if r is not None and r.startswith("bytes=")]) >= 1  # asked again by range
@@ -147,11 +148,9 @@ def test_a_connection_dropped_mid_file_is_resumed_and_the_file_checked(
 
 
 def test_a_stop_asked_for_mid_download_ends_it_and_keeps_its_partial_file(
-    hub: StandInHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hub: StandInHub, tmp_path: Path, mid: Listing
 ) -> None:
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    reader, commit = _listing(hub, tmp_path, "org/mid-GGUF")
-    files = reader.listing("org/mid-GGUF", commit).files
+    files = mid.files
     cancelled = threading.Event()
 
     def stop_after_a_chunk(progress: PullProgress) -> None:
@@ -159,13 +158,12 @@ def test_a_stop_asked_for_mid_download_ends_it_and_keeps_its_partial_file(
             cancelled.set()
 
     with pytest.raises(PullCancelled):
-        pull("org/mid-GGUF", "main", commit, files, cache=tmp_path / "cache", token=None, endpoint=hub.url,
-             on_progress=stop_after_a_chunk, cancelled=cancelled)  # fmt: skip
+        _pull(hub, mid, tmp_path / "cache", on_progress=stop_after_a_chunk, cancelled=cancelled)
     partial = list((tmp_path / "cache" / "models--org--mid-GGUF" / "blobs").glob("*.incomplete"))
     held = partial[0].stat().st_size
     assert 10 * MIB <= held < files[0].size_bytes
     sent = hub.total_sent
-    paths = pull("org/mid-GGUF", "main", commit, files, cache=tmp_path / "cache", token=None, endpoint=hub.url)
+    paths = _pull(hub, mid, tmp_path / "cache")
     assert hub.total_sent - sent == files[0].size_bytes - held  # the remainder alone
     assert paths[0].stat().st_size == files[0].size_bytes and not partial[0].exists()
 
@@ -292,11 +290,9 @@ def test_an_ad_hoc_hub_model_is_refused_in_one_sentence_while_a_daemon_serves_it
 
 
 def test_a_disk_that_fills_mid_download_leaves_a_partial_file_the_next_pull_resumes(
-    hub: StandInHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hub: StandInHub, tmp_path: Path, mid: Listing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    reader, commit = _listing(hub, tmp_path, "org/mid-GGUF")
-    files = reader.listing("org/mid-GGUF", commit).files
+    files = mid.files
     put = _CheckedFile._put
     room = {"bytes": 15 * MIB}  # the disk takes this much more, then is full
 
@@ -311,12 +307,12 @@ def test_a_disk_that_fills_mid_download_leaves_a_partial_file_the_next_pull_resu
     monkeypatch.setattr(_CheckedFile, "_put", onto_a_small_disk)
     cache = tmp_path / "cache"
     with pytest.raises(HubError) as full:
-        pull("org/mid-GGUF", "main", commit, files, cache=cache, token=None, endpoint=hub.url)
+        _pull(hub, mid, cache)
     assert full.value.message.startswith(f"the disk filled while downloading org/mid-GGUF/mid-F16.gguf: {15 * MIB} of")
     blobs = cache / "models--org--mid-GGUF" / "blobs"
     assert [p.suffix for p in blobs.iterdir()] == [".incomplete"]  # nothing whole-looking, nothing linked
     monkeypatch.setattr(_CheckedFile, "_put", put)  # room again
     sent = hub.total_sent
-    paths = pull("org/mid-GGUF", "main", commit, files, cache=cache, token=None, endpoint=hub.url)
+    paths = _pull(hub, mid, cache)
     assert hub.total_sent - sent == files[0].size_bytes - 15 * MIB
     assert hashlib.sha256(paths[0].read_bytes()).hexdigest() == paths[0].resolve().name
