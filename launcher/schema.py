@@ -37,7 +37,7 @@ class State(StrEnum):
 
 class Event(_Wire):
     time: str
-    kind: str  # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain
+    kind: str  # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | download
     message: str
     instance: str | None = None
     state: State | None = None  # the instance's state after the event

@@ -185,6 +185,7 @@ def test_a_download_killed_with_the_daemon_resumes_at_the_next_start_and_shows_i
     status = daemon.wait_for("m", lambda s: (s["download"] or {}).get("done_bytes", 0) >= 10 * MIB)
     assert status["state"] == "downloading" and status["download"]["total_bytes"] == size
     assert status["download"]["rate_bytes_s"] > 0 and status["download"]["eta_s"] is not None
+    assert any(e["kind"] == "download" and f" of {size / 1e6:.2f} MB (" in e["message"] for e in status["events"])
     shown = daemon.cli("status")
     assert re.search(rf"\nm: downloading: [\d.]+ of {size / 1e6:.2f} MB \(\d+ %\), [\d.]+ MB/s", shown.stdout)
     daemon.stop(signal.SIGKILL)

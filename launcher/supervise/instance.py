@@ -167,8 +167,13 @@ class Instance:
         task.add_done_callback(self._download_ended)
 
     def download_progress(self, progress: Download) -> None:
+        """How far the download is; an event at each tenth of the way (the API has every reading)."""
+        before = self.download
         self.download = progress
-        self._changed.set()
+        if before is None or _tenth(before) != _tenth(progress):
+            self._emit("download", progress.describe())
+        else:
+            self._changed.set()
 
     def _download_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self.state != State.DOWNLOADING:
@@ -611,6 +616,10 @@ class Instance:
             actual_missing=self.actual_missing if self.running else None,
             download=self.download if self.state == State.DOWNLOADING else None,
         )
+
+
+def _tenth(download: Download) -> int:
+    return 10 * download.done_bytes // download.total_bytes if download.total_bytes else 10
 
 
 def _start_inputs(argv: list[str], env: Mapping[str, str]) -> tuple[object, ...]:
