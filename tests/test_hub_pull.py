@@ -258,6 +258,11 @@ def test_stopping_a_download_through_the_daemon_keeps_its_partial_file(
     events = [e["message"] for e in daemon.instance("m")["events"]]
     assert any("download stopped" in m for m in events)
     assert list(_repo_dir(tmp_path, "org/mid-GGUF").rglob("*.gguf")) == []  # never half-written in a snapshot
+    daemon.http.post("/instances/m/start")  # resumed, then the daemon's own stop ends it too
+    daemon.wait_for("m", lambda s: (s["download"] or {}).get("done_bytes", 0) >= 20 * MIB)
+    assert daemon.stop() == 0
+    assert _partial_bytes(tmp_path, "org/mid-GGUF") >= 20 * MIB  # ended, not finished on the way out
+    assert list(_repo_dir(tmp_path, "org/mid-GGUF").rglob("*.gguf")) == []
 
 
 def test_an_ad_hoc_hub_model_runs_under_a_name_derived_from_its_repo_and_answers(

@@ -44,6 +44,8 @@ async def begin_download(
         instance.record_refusal(refusal)
         raise refusal
     hub = planned.hub
+    if instance.downloading or instance.active:  # started meanwhile (by the front door while this planned)
+        raise ConflictError(f"{instance.name} is already {instance.state}")
     task = asyncio.create_task(_download(instance, hub, hub_settings, headers_dir), name=f"download:{instance.name}")
     task.add_done_callback(lambda done: None if done.cancelled() or done.exception() else then_start())
     files = f"{len(hub.files)} files" if len(hub.files) > 1 else hub.files[0]

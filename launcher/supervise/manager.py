@@ -411,4 +411,4 @@ class Manager:
         for task in list(self._tasks):  # first: one of them may be starting a degraded instance again
             with contextlib.suppress(asyncio.CancelledError, LauncherError):
                 await task
-        await asyncio.gather(*(i.stop() for i in self.instances.values() if i.active))
+        await asyncio.gather(*(i.stop() for i in self.instances.values() if i.active or i.downloading))
