@@ -14,6 +14,7 @@ from pathlib import Path
 
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, with_command
+from launcher.backends.base import hub_files_cached
 from launcher.config import ModelSettings, Settings
 from launcher.errors import ConfigError
 from launcher.gpu import open_backend
@@ -54,7 +55,7 @@ def plan_here(settings: Settings, name: str) -> Plan:
     model = replicas.lookup(replicas.expand(settings, [g.index for g in identities]), settings, name)
     backend = backend_for(model, settings.rpc)
     planner = Planner(settings.gpus, identities, links)
-    if isinstance(model.model, HubRef) and backend.model_file(model) is None:
+    if isinstance(model.model, HubRef) and not hub_files_cached(model):
         # planned from its headers (offline: said so); its command comes with its download
         return _plan_from_hub(settings, planner, name, model, samples)
     plan = planner.plan(name, model, planned_file(backend, model, name), samples, {})
@@ -89,8 +90,8 @@ def pull_here(settings: Settings, name: str, on_progress: Callable[[Download], N
         raise ConfigError(f"{name} is not a hub model (model: hf:...): there is nothing to pull")
     plan = plan_here(settings, name)
     cached = backend_for(model, settings.rpc).model_file(model)
-    if plan.hub is None and cached is not None:  # in the cache already
+    if plan.hub is None and cached is not None:  # in the cache already, with its projector
         return plan, [cached]
     assert plan.hub is not None  # a hub model not in the cache is planned from its headers
     state = StateDir(settings.daemon.state_dir)
-    return plan, pull_planned(plan.hub, settings.hub, state.hub_headers_dir, cache_dir(), on_progress)
+    return plan, pull_planned(plan.hub, model, settings.hub, state.hub_headers_dir, cache_dir(), on_progress)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import re
 import signal
 import subprocess
@@ -42,6 +43,8 @@ def pull_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Repo]:
         "org/tiny-GGUF": Repo({"tiny-F16.gguf": tiny}),
         "org/mid-GGUF": Repo({"mid-F16.gguf": mid}),
         "org/bad-GGUF": Repo({"tiny-F16.gguf": tiny}, wrong_sha256={"tiny-F16.gguf"}),
+        # a model and its projector (any GGUF stands for one to the planner and the download)
+        "org/vision-GGUF": Repo({"tiny-F16.gguf": tiny, "mmproj-vision-F16.gguf": mid}),
     }
 
 
@@ -322,3 +325,45 @@ def test_a_disk_that_fills_mid_download_leaves_a_partial_file_the_next_pull_resu
     paths = _pull(hub, mid, cache)
     assert hub.total_sent - sent == files[0].size_bytes - 15 * MIB
     assert hashlib.sha256(paths[0].read_bytes()).hexdigest() == paths[0].resolve().name
+
+
+def _projector_mib(plan: object) -> int:
+    """The projector's MiB wherever the plan puts it (a GPU, or the host)."""
+    if isinstance(plan, dict):
+        return int(plan.get("projector_mib") or 0) + sum(_projector_mib(v) for v in plan.values())
+    if isinstance(plan, list):
+        return sum(_projector_mib(v) for v in plan)
+    return 0
+
+
+def test_a_hub_projector_is_planned_from_its_header_pulled_with_the_model_and_passed_as_mmproj(
+    hub: StandInHub, hub_env: dict[str, str], write_config: ConfigWriter, tmp_path: Path, pull_files: dict[str, Repo]
+) -> None:
+    projector = "hf:org/vision-GGUF/mmproj-vision-F16.gguf"
+    config = write_config({"m": {"model": "hf:org/vision-GGUF:F16", "mmproj": projector}})
+    before = run_cli("--config", str(config), "--json", "plan", "m", env=hub_env)
+    assert before.returncode == 0, before.stderr
+    planned = json.loads(before.stdout)
+    assert planned["command"] == [] and _projector_mib(planned) >= 29  # its 31 MiB of weights, before a byte
+    assert _sent(hub, "org/vision-GGUF") == 2 * 64 * 1024  # the first range of each header, no more
+    result = run_cli("--config", str(config), "pull", "m", env=hub_env)
+    assert result.returncode == 0, result.stderr
+    snapshot = _repo_dir(tmp_path, "org/vision-GGUF") / "snapshots" / pull_files["org/vision-GGUF"].commit
+    assert sorted(p.name for p in snapshot.iterdir()) == ["mmproj-vision-F16.gguf", "tiny-F16.gguf"]
+    after = run_cli("--config", str(config), "plan", "m", env=hub_env)
+    assert after.returncode == 0 and f"--mmproj {snapshot / 'mmproj-vision-F16.gguf'}" in after.stdout
+
+
+@pytest.mark.parametrize(
+    ("entry", "said"),
+    [
+        ({"model": "hf:org/vision-GGUF:F16", "mmproj": "hf:org/vision-GGUF"}, "name the projector's file"),
+        ({"mmproj": "hf:org/vision-GGUF/mmproj-vision-F16.gguf"}, "goes with a model on the hub"),
+        ({"model": "hf:org/vision-GGUF:F16", "mmproj": "/p.gguf", "args": ["--mmproj", "/p.gguf"]}, "name it once"),
+    ],
+)
+def test_a_projector_named_wrongly_is_one_sentence_at_load(
+    entry: dict[str, object], said: str, write_config: ConfigWriter, marked_env: dict[str, str]
+) -> None:
+    result = run_cli("--config", str(write_config({"m": entry})), "plan", "m", env=marked_env)
+    assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr

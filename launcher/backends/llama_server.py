@@ -16,6 +16,7 @@ from launcher.backends.base import (
     child_environment,
     configured_binary,
     local_model_file,
+    local_projector,
 )
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
@@ -81,6 +82,8 @@ class LlamaServerBackend:
             "--port",
             str(port),
         ]
+        if model.mmproj is not None:
+            argv += ["--mmproj", str(local_projector(model) or model.mmproj)]
         if model.ctx is not None:
             argv += ["--ctx-size", str(model.ctx)]
         if placement.rpc:

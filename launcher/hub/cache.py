@@ -91,3 +91,13 @@ def missing(repo: str, commit: str, files: tuple[HubFile, ...], cache: Path) -> 
     """Of ``files`` at ``commit``, those the cache's snapshot lacks."""
     snapshot = repo_dir(repo, cache) / "snapshots" / commit
     return [f for f in files if not (snapshot / f.path).is_file()]
+
+
+def cached_file(ref: HubRef, revision: str | None, cache: Path | None = None) -> Path | None:
+    """The file ``ref`` names (`hf:ORG/REPO/FILE.gguf`: a projector, say) in the cache, or None."""
+    cache = cache or cache_dir()
+    commit = commit_of(ref.repo, revision, cache)
+    if commit is None or ref.file is None:
+        return None
+    path = repo_dir(ref.repo, cache) / "snapshots" / commit / ref.file
+    return path if path.is_file() else None

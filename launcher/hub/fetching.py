@@ -9,10 +9,11 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from launcher.config import HubSettings
+from launcher.config import HubSettings, ModelSettings
 from launcher.config_file import read_token
 from launcher.hub.download import PullProgress, disk_free_bytes, pull
 from launcher.hub.headers import HubError, HubReader
+from launcher.hub_ref import HubRef
 from launcher.schema import Download, HubPlan
 
 _RATE_WINDOW_S = 5.0
@@ -44,6 +45,7 @@ class RateMeter:
 
 def pull_planned(
     hub: HubPlan,
+    model: ModelSettings,
     settings: HubSettings,
     headers_dir: Path,
     cache: Path,
@@ -51,7 +53,8 @@ def pull_planned(
     cancelled: threading.Event | None = None,
     free_bytes: Callable[[Path], int] = disk_free_bytes,
 ) -> list[Path]:
-    """Download the files ``hub`` (a plan's) names at its commit; their paths in the snapshot."""
+    """Download the files ``hub`` (a plan's) names at its commit, and ``model``'s projector when it is on
+    the hub (`mmproj: hf:...`, at main); the paths of the model's files in the snapshot."""
     token = read_token(settings.token_file, "hub.token_file")
     reader = HubReader(headers_dir, token, settings.max_header_mib * 1024 * 1024)
     listing = reader.listing(hub.repo, hub.commit)
@@ -59,7 +62,7 @@ def pull_planned(
     if any(path not in by_path for path in hub.files):
         raise HubError(f"{hub.repo} at {hub.commit[:12]} no longer lists the files planned", hint="plan it again")
     meter = RateMeter()
-    return pull(
+    paths = pull(
         hub.repo,
         hub.revision,
         hub.commit,
@@ -70,3 +73,22 @@ def pull_planned(
         cancelled=cancelled,
         free_bytes=free_bytes,
     )
+    projector = model.mmproj
+    if isinstance(projector, HubRef) and projector.file is not None:
+        listing = reader.listing(projector.repo, None)
+        found = [f for f in listing.files if f.path == projector.file]
+        if not found:
+            raise HubError(f"mmproj: {projector.file} is not a GGUF file in {projector.repo} at main")
+        meter = RateMeter()
+        pull(
+            projector.repo,
+            "main",
+            listing.commit,
+            found,
+            cache=cache,
+            token=token,
+            on_progress=lambda progress: on_progress(meter.reading(progress)),
+            cancelled=cancelled,
+            free_bytes=free_bytes,
+        )
+    return paths

@@ -11,7 +11,8 @@ import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from launcher.config import HubSettings
+from launcher.backends.base import hub_files_cached
+from launcher.config import HubSettings, ModelSettings
 from launcher.errors import ConflictError, LauncherError, StartError
 from launcher.hub.cache import cache_dir
 from launcher.hub.fetching import pull_planned
@@ -30,7 +31,7 @@ async def begin_download(
     they download in the background and ``then_start`` runs at the end; True then. False: they are there."""
     if instance.downloading:
         raise ConflictError(f"{instance.name} is already downloading")
-    if instance.active or await asyncio.to_thread(instance.backend.model_file, instance.settings) is not None:
+    if instance.active or await asyncio.to_thread(hub_files_cached, instance.settings):
         return False
     try:
         planned = await plan()
@@ -46,14 +47,18 @@ async def begin_download(
     hub = planned.hub
     if instance.downloading or instance.active:  # started meanwhile (by the front door while this planned)
         raise ConflictError(f"{instance.name} is already {instance.state}")
-    task = asyncio.create_task(_download(instance, hub, hub_settings, headers_dir), name=f"download:{instance.name}")
+    task = asyncio.create_task(
+        _download(instance, hub, instance.settings, hub_settings, headers_dir), name=f"download:{instance.name}"
+    )
     task.add_done_callback(lambda done: None if done.cancelled() or done.exception() else then_start())
     files = f"{len(hub.files)} files" if len(hub.files) > 1 else hub.files[0]
     instance.begin_download(task, f"{hub.repo} at {hub.commit[:12]}: {files}, {hub.size_bytes} bytes")
     return True
 
 
-async def _download(instance: Instance, hub: HubPlan, settings: HubSettings, headers_dir: Path) -> None:
+async def _download(
+    instance: Instance, hub: HubPlan, model: ModelSettings, settings: HubSettings, headers_dir: Path
+) -> None:
     """The files of ``hub`` pulled in a worker thread, progress to the instance. A cancel (a stop) tells the
     thread, which ends at its next chunk, its partial file kept."""
     loop = asyncio.get_running_loop()
@@ -62,7 +67,7 @@ async def _download(instance: Instance, hub: HubPlan, settings: HubSettings, hea
     def progress(download: Download) -> None:
         loop.call_soon_threadsafe(instance.download_progress, download)
 
-    pull = functools.partial(pull_planned, hub, settings, headers_dir, cache_dir(), progress, cancelled)
+    pull = functools.partial(pull_planned, hub, model, settings, headers_dir, cache_dir(), progress, cancelled)
     try:
         await asyncio.shield(loop.run_in_executor(None, pull))
     except asyncio.CancelledError:

@@ -20,6 +20,7 @@ import httpx
 
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, with_command
+from launcher.backends.base import hub_files_cached
 from launcher.config import GpuSettings, ModelSettings, Settings
 from launcher.errors import ConflictError, LauncherError
 from launcher.events import Bus
@@ -222,7 +223,7 @@ class Manager:
         """The plan of ``instance`` (in a planning thread): from its file, or a hub model's not yet in the
         cache from its headers, before any download."""
         settings = instance.settings
-        if isinstance(settings.model, HubRef) and instance.backend.model_file(settings) is None:
+        if isinstance(settings.model, HubRef) and not hub_files_cached(settings):
             reader = hub_reader(self.settings.hub, self._hub_headers_dir)
             return plan_from_hub(self.planner, reader, instance.name, settings, samples, claims, remote)
         found = planned_file(instance.backend, settings, instance.name)
