@@ -13,6 +13,7 @@ from launcher.config import HubSettings, ModelSettings
 from launcher.config_file import read_token
 from launcher.hub.download import PullProgress, disk_free_bytes, pull
 from launcher.hub.headers import HubError, HubReader
+from launcher.hub.repo import HubFile
 from launcher.hub_ref import HubRef
 from launcher.schema import Download, HubPlan
 
@@ -61,34 +62,22 @@ def pull_planned(
     by_path = {f.path: f for f in listing.files}
     if any(path not in by_path for path in hub.files):
         raise HubError(f"{hub.repo} at {hub.commit[:12]} no longer lists the files planned", hint="plan it again")
-    meter = RateMeter()
-    paths = pull(
-        hub.repo,
-        hub.revision,
-        hub.commit,
-        [by_path[path] for path in hub.files],
-        cache=cache,
-        token=token,
-        on_progress=lambda progress: on_progress(meter.reading(progress)),
-        cancelled=cancelled,
-        free_bytes=free_bytes,
-    )
+
+    def fetch(repo: str, revision: str, commit: str, files: list[HubFile]) -> list[Path]:
+        meter = RateMeter()  # per pull: a rate across two of them would mix their totals
+
+        def shown(progress: PullProgress) -> None:
+            on_progress(meter.reading(progress))
+
+        return pull(repo, revision, commit, files, cache=cache, token=token, cancelled=cancelled,
+                    on_progress=shown, free_bytes=free_bytes)  # fmt: skip
+
+    paths = fetch(hub.repo, hub.revision, hub.commit, [by_path[path] for path in hub.files])
     projector = model.mmproj
     if isinstance(projector, HubRef) and projector.file is not None:
         listing = reader.listing(projector.repo, None)
         found = [f for f in listing.files if f.path == projector.file]
         if not found:
             raise HubError(f"mmproj: {projector.file} is not a GGUF file in {projector.repo} at main")
-        meter = RateMeter()
-        pull(
-            projector.repo,
-            "main",
-            listing.commit,
-            found,
-            cache=cache,
-            token=token,
-            on_progress=lambda progress: on_progress(meter.reading(progress)),
-            cancelled=cancelled,
-            free_bytes=free_bytes,
-        )
+        fetch(projector.repo, "main", listing.commit, found)
     return paths
