@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from launcher.cli_output import (
     format_reload,
     format_statuses,
 )
-from launcher.cli_progress import ProgressPrinter, all_ready, ready_report
+from launcher.cli_progress import DownloadBar, ProgressPrinter, all_ready, ready_report
 from launcher.client import DaemonClient
 from launcher.config import DaemonSettings, Settings
 from launcher.config_file import default_settings, load_daemon_settings, load_settings, read_token
@@ -120,8 +121,25 @@ def _expand(names: list[str], statuses: list[InstanceStatus]) -> list[str]:
 def cmd_up(ctx: Context) -> int:
     names: list[str] = ctx.args.names
     client = ctx.daemon()
+    ad_hoc = [n for n in names if n.startswith("hf:")]
+    if ad_hoc and (client is not None or ctx.args.detach):
+        from launcher.ad_hoc import ad_hoc_names
+
+        if ad_hoc_names(ctx.settings(required=False), ad_hoc):
+            where = "a daemon runs" if client is not None else "--detach starts a daemon"
+            raise ConfigError(
+                f"{ad_hoc[0]} is not in the configuration, and {where} that serves only what the file names",
+                hint="add it under `models:` (then `launcher reload`), or run it in the foreground with no daemon",
+            )
     if client is None:
-        settings = ctx.settings()
+        settings = ctx.settings(required=not ad_hoc)
+        if ad_hoc:
+            from launcher.ad_hoc import with_ad_hoc
+
+            settings, names = with_ad_hoc(settings, names)
+            for ref, name in zip(ctx.args.names, names, strict=True):
+                if ref != name:
+                    print(f"{ref} runs as {name!r}", file=sys.stderr, flush=True)
         for name in names:
             settings.model(name)  # unknown names are bad usage, before anything starts
         from launcher.backends.options import check_server_args
@@ -233,6 +251,24 @@ def cmd_plan(ctx: Context) -> int:
         plan = plan_here(ctx.settings(), ctx.args.name)
     print(as_json(plan) if ctx.json else format_plan(ctx.args.name, plan))
     return 0 if plan.fits else 1
+
+
+def cmd_pull(ctx: Context) -> int:
+    """Download a hub model's files into the Hugging Face cache, here (a daemon is not needed: the cache is
+    the user's, shared with the daemon and every tool that uses it)."""
+    from launcher.local import pull_here
+
+    bar = DownloadBar(sys.stderr, quiet=ctx.json)
+    try:
+        _, paths = pull_here(ctx.settings(), ctx.args.name, bar.show)
+    finally:
+        bar.finish()
+    parts = f" (+{len(paths) - 1} parts)" if len(paths) > 1 else ""
+    if ctx.json:
+        print(json.dumps({"model": ctx.args.name, "files": [str(p) for p in paths]}))
+    else:
+        print(f"{ctx.args.name}: in the Hugging Face cache at {paths[0]}{parts}")
+    return 0
 
 
 def cmd_doctor(ctx: Context) -> int:
@@ -382,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("name", nargs="?", metavar="NAME")
     plan = command("plan", cmd_plan, "dry run: the GPUs, MiB per GPU, split, command line; exit 1 if it does not fit")
     plan.add_argument("name", metavar="NAME")
+    pull = command("pull", cmd_pull, "download a hub model's files (hf:...) into the Hugging Face cache")
+    pull.add_argument("name", metavar="NAME")
     gpus = command("gpus", cmd_gpus, "table of GPUs: memory, temperature, utilisation, power, PCIe, instances")
     gpus.add_argument("--watch", action="store_true", help="redraw at every poll until Ctrl-C")
     command("doctor", cmd_doctor, "check the machine and the configuration; say how to fix each problem")

@@ -99,6 +99,8 @@ def format_check(status: InstanceStatus) -> str:
 
 
 def _why_down(status: InstanceStatus) -> str | None:
+    if status.download is not None:
+        return status.download.describe()
     if status.state == State.DEGRADED:
         return status.degraded_reason
     return status.last_error if status.state in (State.FAILED, State.BACKOFF) else None

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from launcher.errors import LauncherError
-from launcher.schema import InstanceStatus, State
+from launcher.schema import Download, InstanceStatus, State
 
 
 def all_ready(statuses: Sequence[InstanceStatus]) -> bool:
@@ -65,7 +65,7 @@ class ProgressPrinter:
                 self._clear()
                 self._out.write(f"{self._elapsed()} {s.name}: {s.state}{note}\n")
         if self._tty and statuses:
-            line = " | ".join(f"{s.name}: {(s.log_line or '')[:100]}" for s in statuses)
+            line = " | ".join(f"{s.name}: {_latest(s)[:100]}" for s in statuses)
             self._out.write(f"\r\x1b[K{self._elapsed()} {line}")
             self._transient = True
         self._out.flush()
@@ -78,4 +78,39 @@ class ProgressPrinter:
     def finish(self) -> None:
         if not self._quiet:
             self._clear()
+            self._out.flush()
+
+
+def _latest(status: InstanceStatus) -> str:
+    """What an instance is at: its download's progress while it downloads, else its server's last line."""
+    if status.download is not None:
+        return f"downloading {status.download.describe()}"
+    return status.log_line or ""
+
+
+class DownloadBar:
+    """A download's progress: in place on a terminal, else a line at each tenth of the way."""
+
+    def __init__(self, out: TextIO, *, quiet: bool = False) -> None:
+        self._out = out
+        self._quiet = quiet
+        self._tty = out.isatty()
+        self._tenth = -1
+        self._shown = False
+
+    def show(self, download: Download) -> None:
+        if self._quiet:
+            return
+        tenth = 10 * download.done_bytes // download.total_bytes if download.total_bytes else 10
+        if self._tty:
+            self._out.write(f"\r\x1b[K{download.file}: {download.describe()}")
+            self._shown = True
+        elif tenth != self._tenth:
+            self._out.write(f"{download.file}: {download.describe()}\n")
+        self._tenth = tenth
+        self._out.flush()
+
+    def finish(self) -> None:
+        if self._shown:
+            self._out.write("\n")
             self._out.flush()

@@ -26,7 +26,7 @@ from launcher.address import reach
 from launcher.config_yaml import clip
 from launcher.errors import NotFoundError
 from launcher.hub_ref import HubRef, check_revision, is_hub_ref, parse_hub_ref
-from launcher.server_args import CTX, arg_value, check_args
+from launcher.server_args import CTX, MMPROJ, arg_value, check_args
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 # Finite: `.inf` would make a wait (a drain, a stop, a queue) last as long as a client cares to hold it.
@@ -411,6 +411,11 @@ class ModelSettings(_Strict):
         description="Passed to the server as they are; the options the planner reads are checked at load, and "
         "every option against the binary's own `--help`.",
     )
+    mmproj: HubModel | Path | None = Field(
+        default=None,
+        description="llama-server: a multimodal projector, passed as `--mmproj` and its weights planned: a GGUF "
+        "file, or one on the Hugging Face hub, `hf:ORG/REPO/FILE.gguf` (downloaded with the model).",
+    )
     env: dict[str, str] = Field(
         default_factory=dict, description="The server's environment, on top of the launcher's; it wins over all."
     )
@@ -475,6 +480,25 @@ class ModelSettings(_Strict):
     def _model_for_servers(cls, value: HubRef | Path | None, info: ValidationInfo) -> HubRef | Path | None:
         if value is None and info.data.get("backend") in ("llama-server", "ollama"):
             raise PydanticCustomError("missing", "Field required")
+        return value
+
+    @field_validator("mmproj", mode="before")
+    @classmethod
+    def _projector(cls, value: object, info: ValidationInfo) -> object:
+        """A projector is llama-server's, named once (here or in `args`), a hub one by its file."""
+        if value is None:
+            return value
+        if info.data.get("backend") != "llama-server":
+            raise ValueError("mmproj: only llama-server takes a multimodal projector")
+        if arg_value(info.data.get("args") or [], *MMPROJ) is not None:
+            raise ValueError("mmproj: the projector is already given by --mmproj in args; name it once")
+        if isinstance(value, str) and is_hub_ref(value):
+            ref = parse_hub_ref(value)
+            if ref.file is None:
+                raise ValueError(f"mmproj: name the projector's file on the hub: hf:{ref.repo}/FILE.gguf")
+            if not isinstance(info.data.get("model"), HubRef):
+                raise ValueError("mmproj: a projector on the hub goes with a model on the hub (model: hf:...)")
+            return ref
         return value
 
     @field_validator("revision")

@@ -49,6 +49,7 @@ MODEL_KEYS: dict[str, Applied] = {
     "tensor_split": "restart",
     "port": "restart",
     "args": "restart",
+    "mmproj": "restart",
     "env": "restart",
     "allow_cpu_offload": "restart",
     "ollama": "restart",

@@ -2,23 +2,27 @@
 
 Nothing here takes the state directory, stops, starts or records a process: a planner built from the
 settings and one GPU reading is all `launcher plan` needs, and the GPU backend is opened and closed.
+`launcher pull` downloads a hub model's files into the Hugging Face cache here, as a start would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, with_command
+from launcher.backends.base import hub_files_cached
 from launcher.config import ModelSettings, Settings
+from launcher.errors import ConfigError
 from launcher.gpu import open_backend
 from launcher.gpu.base import GpuBackend
 from launcher.gpu.sampler import read_sample
 from launcher.hub_ref import HubRef
 from launcher.plan.planner import Planner
-from launcher.schema import GpuSample, Plan
+from launcher.schema import Download, GpuSample, Plan
 from launcher.statedir.layout import StateDir
 from launcher.supervise.ports import pick_free_port
 
@@ -51,7 +55,8 @@ def plan_here(settings: Settings, name: str) -> Plan:
     model = replicas.lookup(replicas.expand(settings, [g.index for g in identities]), settings, name)
     backend = backend_for(model, settings.rpc)
     planner = Planner(settings.gpus, identities, links)
-    if isinstance(model.model, HubRef):  # planned from its headers; its command comes with its download
+    if isinstance(model.model, HubRef) and not hub_files_cached(model):
+        # planned from its headers (offline: said so); its command comes with its download
         return _plan_from_hub(settings, planner, name, model, samples)
     plan = planner.plan(name, model, planned_file(backend, model, name), samples, {})
     # The port a start would take: the configured one, or the first free one (a test bind, nothing held).
@@ -72,3 +77,21 @@ def _plan_from_hub(
 
     reader = hub_reader(settings.hub, StateDir(settings.daemon.state_dir).hub_headers_dir)
     return plan_from_hub(planner, reader, name, model, samples, {})
+
+
+def pull_here(settings: Settings, name: str, on_progress: Callable[[Download], None]) -> tuple[Plan, list[Path]]:
+    """Download the files of hub model ``name`` into the Hugging Face cache (the quant its plan against the
+    GPUs read now chooses), in this process; its plan and the files' paths. Nothing fetched when there."""
+    from launcher.hub.cache import cache_dir
+    from launcher.hub.fetching import pull_planned
+
+    model = replicas.lookup(replicas.expand(settings, []), settings, name)
+    if not isinstance(model.model, HubRef):
+        raise ConfigError(f"{name} is not a hub model (model: hf:...): there is nothing to pull")
+    plan = plan_here(settings, name)
+    cached = backend_for(model, settings.rpc).model_file(model)
+    if plan.hub is None and cached is not None:  # in the cache already, with its projector
+        return plan, [cached]
+    assert plan.hub is not None  # a hub model not in the cache is planned from its headers
+    state = StateDir(settings.daemon.state_dir)
+    return plan, pull_planned(plan.hub, model, settings.hub, state.hub_headers_dir, cache_dir(), on_progress)

@@ -23,6 +23,7 @@ class _Wire(BaseModel):
 
 class State(StrEnum):
     STOPPED = "stopped"
+    DOWNLOADING = "downloading"  # a hub model's files being fetched into the Hugging Face cache before its start
     STARTING = "starting"  # process being spawned
     LOADING = "loading"  # process up, health not yet 200
     READY = "ready"
@@ -36,7 +37,7 @@ class State(StrEnum):
 
 class Event(_Wire):
     time: str
-    kind: str  # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | roll
+    kind: str  # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | roll | download
     message: str
     instance: str | None = None
     state: State | None = None  # the instance's state after the event
@@ -202,6 +203,26 @@ class PlanCheck(_Wire):
     unmatched: list[str] = []  # buffers the server named on a device the plan does not have
 
 
+class Download(_Wire):
+    """A download under way (a hub model's files before its start): what is done, and when it may end."""
+
+    done_bytes: int
+    total_bytes: int
+    rate_bytes_s: float  # over the last seconds
+    eta_s: float | None  # None: no rate measured yet
+    file: str  # the one being fetched
+
+    def describe(self) -> str:
+        """One line: `1.20 of 4.50 GB (27 %), 80.0 MB/s, about 41 s left` (MB for a total under a GB)."""
+        share = 100 * self.done_bytes / self.total_bytes if self.total_bytes else 100.0
+        unit, scale = ("GB", 1e9) if self.total_bytes >= 1e9 else ("MB", 1e6)
+        left = f", about {self.eta_s:.0f} s left" if self.eta_s is not None else ""
+        return (
+            f"{self.done_bytes / scale:.2f} of {self.total_bytes / scale:.2f} {unit} ({share:.0f} %), "
+            f"{self.rate_bytes_s / 1e6:.1f} MB/s{left}"
+        )
+
+
 class InstanceStatus(_Wire):
     name: str
     model: str
@@ -234,6 +255,7 @@ class InstanceStatus(_Wire):
     # does not say (Ollama; a llama-server that logs below -lv 4, see actual_missing).
     actual: PlanCheck | None = None
     actual_missing: str | None = None  # why there is no `actual` for a ready server
+    download: Download | None = None  # while downloading
 
 
 class Health(_Wire):

@@ -1,7 +1,11 @@
 """A stand-in for the Hugging Face hub on loopback: the routes the `huggingface_hub` client uses to list a
 repo (`/api/models/ORG/REPO[/revision/REV]?blobs=true`) and to read a file (`/ORG/REPO/resolve/REV/PATH`,
-with Range), serving files from disk, gating repos behind a token, and counting the bytes of every file
-it sends (only what it writes to the socket counts)."""
+GET with Range, and HEAD with the headers `hf_hub_download` reads: X-Repo-Commit, X-Linked-Etag (the
+sha256, as the hub gives an LFS file), X-Linked-Size), serving files from disk, gating repos behind a token,
+and counting the bytes of every file it sends (only what it writes to the socket counts).
+
+For the download's tests it can slow its sending (`rate_bytes_s`), drop a connection once mid-file
+(`drop_after_bytes`), and give a file a checksum its bytes do not have (`Repo.wrong_sha256`)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +32,7 @@ class Repo:
     token: str | None = None  # gated: files need this bearer token
     ranges: bool = True  # False: a Range header is ignored and the whole file sent
     commit: str = ""
+    wrong_sha256: set[str] = field(default_factory=set)  # files announced with a checksum of other bytes
 
     def __post_init__(self) -> None:
         self.commit = self.commit or hashlib.sha1(json.dumps(sorted(self.files)).encode()).hexdigest()
@@ -37,7 +43,16 @@ class StandInHub:
     repos: dict[str, Repo]
     sent_bytes: Counter[str] = field(default_factory=Counter)  # "ORG/REPO/PATH" -> file bytes sent
     requests: list[str] = field(default_factory=list)
+    ranges: list[str | None] = field(default_factory=list)  # each GET's Range header
     url: str = ""
+    rate_bytes_s: float | None = None  # None: as fast as the socket takes them
+    drop_after_bytes: int | None = None  # the next file GET ends its connection after this many bytes
+    _sha256: dict[Path, str] = field(default_factory=dict)
+
+    def sha256(self, path: Path) -> str:
+        if path not in self._sha256:
+            self._sha256[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return self._sha256[path]
 
     @property
     def total_sent(self) -> int:
@@ -64,10 +79,19 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             path = unquote(urlsplit(self.path).path)
             hub.requests.append(path)
+            hub.ranges.append(self.headers.get("Range"))
             if path.startswith("/api/models/"):
                 self._info(path.removeprefix("/api/models/"))
             elif (match := re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)) is not None:
                 self._file(match[1], match[2], match[3])
+            else:
+                self._error(404, "EntryNotFound", f"no route {path}")
+
+        def do_HEAD(self) -> None:
+            path = unquote(urlsplit(self.path).path)
+            hub.requests.append(f"HEAD {path}")
+            if (match := re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)) is not None:
+                self._file(match[1], match[2], match[3], head=True)
             else:
                 self._error(404, "EntryNotFound", f"no route {path}")
 
@@ -88,7 +112,7 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def _file(self, repo_id: str, revision: str, name: str) -> None:
+        def _file(self, repo_id: str, revision: str, name: str, head: bool = False) -> None:
             repo = hub.repos.get(repo_id)
             if repo is None:
                 self._error(401, "RepoNotFound", "Repository not found")
@@ -111,7 +135,18 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(end - start + 1))
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("X-Repo-Commit", repo.commit)
+            if head:  # what the library reads before a download (a file's hash only then: some are 70 GB)
+                sha256 = hub.sha256(disk)
+                if name in repo.wrong_sha256:
+                    sha256 = hashlib.sha256(sha256.encode()).hexdigest()
+                self.send_header("ETag", f'"{sha256}"')
+                self.send_header("X-Linked-Etag", f'"{sha256}"')
+                self.send_header("X-Linked-Size", str(size))
+                self.end_headers()
+                return
             self.end_headers()
+            drop_after, hub.drop_after_bytes = hub.drop_after_bytes, None
+            sent = 0
             with disk.open("rb") as f:
                 f.seek(start)
                 left = end - start + 1
@@ -119,12 +154,21 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
                     chunk = f.read(min(_CHUNK, left))
                     if not chunk:
                         break
+                    if drop_after is not None and sent + len(chunk) > drop_after:
+                        chunk = chunk[: drop_after - sent]
+                        left = len(chunk)  # this chunk is the last: the connection ends after it
+                    if hub.rate_bytes_s is not None:
+                        time.sleep(len(chunk) / hub.rate_bytes_s)
                     try:
                         self.wfile.write(chunk)
                     except OSError:  # the client had enough
                         return
                     hub.sent_bytes[f"{repo_id}/{name}"] += len(chunk)
+                    sent += len(chunk)
                     left -= len(chunk)
+            if drop_after is not None and sent < end - start + 1:
+                self.close_connection = True
+                self.connection.shutdown(2)  # the socket, cut mid-file
 
     return Handler
 

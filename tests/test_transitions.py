@@ -46,6 +46,13 @@ _MOVES = {
     (State.STOPPING, State.DEGRADED),
     (State.DEGRADED, State.STARTING),
     (State.DEGRADED, State.STOPPED),
+    # A hub model's first start downloads its files (from a stopped, failed or degraded instance), then
+    # starts; a stop ends the download.
+    (State.STOPPED, State.DOWNLOADING),
+    (State.FAILED, State.DOWNLOADING),
+    (State.DEGRADED, State.DOWNLOADING),
+    (State.DOWNLOADING, State.STARTING),
+    (State.DOWNLOADING, State.STOPPED),
 }
 # Failed from anywhere (a refused start, the safety net); the same state again re-announces it.
 _EXPECTED = _MOVES | {(old, State.FAILED) for old in State if old != State.FAILED} | {(s, s) for s in State}

@@ -101,17 +101,46 @@ def child_environment(placement: Placement, *layers: Mapping[str, str]) -> dict[
 
 def check_model_file(model: ModelSettings, name: str) -> None:
     """The model file must be a regular file (a FIFO or a device would block or never end its reading); a
-    hub model must have been downloaded, which this version does not do yet."""
-    if isinstance(model.model, HubRef):
+    hub model's must be in the Hugging Face cache (a start downloads it first, as `launcher pull` does)."""
+    path = local_model_file(model)
+    if isinstance(model.mmproj, HubRef) and local_projector(model) is None:
         raise ModelFileError(
-            f"{name}: the hub model {model.model} is not downloaded, and downloading is not there yet",
-            hint=f"`launcher plan {name}` (without a daemon) plans it from its headers",
+            f"{name}: the projector {model.mmproj} is not downloaded", hint=f"`launcher pull {name}` downloads it"
         )
-    problem = "does not exist" if model.model is None else regular_problem(model.model)
+    if isinstance(model.model, HubRef) and path is None:
+        raise ModelFileError(
+            f"{name}: the hub model {model.model} is not downloaded", hint=f"`launcher pull {name}` downloads it"
+        )
+    problem = "does not exist" if path is None else regular_problem(path)
     if problem is not None:
         raise ModelFileError(
-            f"model file {model.model} for {name!r} {problem}", hint=f"check models.{name}.model in the configuration"
+            f"model file {path} for {name!r} {problem}", hint=f"check models.{name}.model in the configuration"
         )
+
+
+def hub_files_cached(model: ModelSettings) -> bool:
+    """A hub model's files, and its projector's if it is a hub one, are all in the cache."""
+    projector_there = not isinstance(model.mmproj, HubRef) or local_projector(model) is not None
+    return local_model_file(model) is not None and projector_there
+
+
+def local_projector(model: ModelSettings) -> Path | None:
+    """The `mmproj:` file on this disk: its path, or a hub one's in the cache (None when not there)."""
+    if isinstance(model.mmproj, HubRef):
+        from launcher.hub.cache import cached_file
+
+        return cached_file(model.mmproj, None)
+    return model.mmproj
+
+
+def local_model_file(model: ModelSettings) -> Path | None:
+    """The model's file on this disk: its path, or a hub model's (first) file in the Hugging Face cache
+    (None when not there whole). Reads the disk."""
+    if isinstance(model.model, HubRef):
+        from launcher.hub.cache import cached_model
+
+        return cached_model(model.model, model.revision)
+    return model.model
 
 
 def configured_binary(path: Path, what: str) -> Path:

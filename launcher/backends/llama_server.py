@@ -15,6 +15,8 @@ from launcher.backends.base import (
     check_model_file,
     child_environment,
     configured_binary,
+    local_model_file,
+    local_projector,
 )
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
@@ -71,18 +73,20 @@ class LlamaServerBackend:
         check_model_file(model, name)
 
     def model_file(self, model: ModelSettings) -> Path | None:
-        return model.model if isinstance(model.model, Path) else None  # a hub model: planned from its headers
+        return local_model_file(model)  # a hub model's None before its download: planned from its headers
 
     def launch_spec(self, model: ModelSettings, port: int, placement: Placement) -> LaunchSpec:
         argv = [
             str(self.binary(model)),
             "--model",
-            str(model.model),
+            str(local_model_file(model) or model.model),
             "--host",
             "127.0.0.1",
             "--port",
             str(port),
         ]
+        if model.mmproj is not None:
+            argv += ["--mmproj", str(local_projector(model) or model.mmproj)]
         ctx = placement.ctx if model.ctx == "max" else model.ctx  # `max`: what the plan chose
         if ctx is not None:
             argv += ["--ctx-size", str(ctx)]

@@ -34,7 +34,10 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
 class HubError(LauncherError):
-    """The hub could not be asked, or said no (exit 1): one sentence, with what to do."""
+    """The hub could not be asked, or said no, or its file could not be taken (exit 1; HTTP 503: the
+    machine cannot do it now): one sentence, with what to do."""
+
+    http_status = 503
 
 
 @dataclass(frozen=True)

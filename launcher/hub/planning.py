@@ -12,6 +12,7 @@ from pathlib import Path
 
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
+from launcher.hub.cache import cached_file
 from launcher.hub.headers import Header, HubReader
 from launcher.hub.repo import HubModel, Listing, selected
 from launcher.hub_ref import HubRef
@@ -62,10 +63,12 @@ def plan_from_hub(
     plans: list[Plan] = []
     quants: list[QuantPlan] = []
     headers: list[list[Header]] = []
+    projector, projector_headers = _projector(reader, model)
     for candidate in candidates:
         read = [reader.header(listing, f) for f in candidate.files]
-        plan = planner.plan(name, model, model_shape(listing, candidate, read), samples, claims, remote)
-        headers.append(read)
+        shape = model_shape(listing, candidate, read)
+        plan = planner.plan(name, model, shape, samples, claims, remote, projector)
+        headers.append(read + projector_headers)
         plans.append(plan)
         quants.append(
             QuantPlan(
@@ -98,3 +101,18 @@ def plan_from_hub(
         quants=quants if len(candidates) > 1 or (ref.file is None and ref.quant is None) else [],
     )
     return plan.model_copy(update={"hub": hub})
+
+
+def _projector(reader: HubReader, model: ModelSettings) -> tuple[int | None, list[Header]]:
+    """The weights of a hub projector (`mmproj: hf:...`) not in the cache, from its header, and the header
+    read; (None, []) when the planner reads it from its file (or there is none)."""
+    ref = model.mmproj
+    if not isinstance(ref, HubRef) or ref.file is None or cached_file(ref, None) is not None:
+        return None, []
+    listing = reader.listing(ref.repo, None)
+    found = [f for f in listing.files if f.path == ref.file]
+    if not found:
+        raise ConfigError(f"mmproj: {ref.file} is not a GGUF file in {ref.repo} at main")
+    header = reader.header(listing, found[0])
+    tensors = assemble(Path(str(ref)), header.part, []).tensors
+    return sum(t.n_bytes for t in tensors), [header]

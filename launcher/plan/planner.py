@@ -37,9 +37,12 @@ def _tensor_bytes(path: Path, mtime_ns: int, size: int) -> int:
 
 
 def projector_bytes(model: ModelSettings) -> int:
-    """The weights of the model's --mmproj file (0 without one). The path is relative to where the server
-    runs, as llama-server reads it."""
-    value = arg_value(model.args, *MMPROJ)
+    """The weights of the model's projector (`mmproj:`, or --mmproj in args; 0 without one). The path is
+    relative to where the server runs, as llama-server reads it. A hub projector not downloaded yet is
+    planned by the caller from its header (launcher/hub/planning.py)."""
+    from launcher.backends.base import local_projector
+
+    value = arg_value(model.args, *MMPROJ) or local_projector(model)
     if value is None:
         return 0
     path = Path(value)
@@ -80,12 +83,14 @@ class Planner:
         samples: Sequence[GpuSample],
         claims: Mapping[int, int],
         remote: Remote = NO_REMOTE,
+        projector: int | None = None,
     ) -> Plan:
         """The plan for ``model`` against ``samples``, around the MiB per GPU that ``claims`` hold, also
         over the peers' endpoints in ``remote`` when the model's `hosts:` allows them. ``model_file`` is
         the GGUF file its backend found (backends.planned_file), None for an rpc-server, which has no
         model, and for an Ollama model that is planned by its configured `ollama.size_mib`; or the model's
-        shape, read by the caller from elsewhere (a hub model's headers, launcher/hub/)."""
+        shape, read by the caller from elsewhere (a hub model's headers, launcher/hub/); ``projector``: the
+        bytes of its projector's weights when the caller read them so (None: its file's, if it has one)."""
         self._check_gpu_refs(name, model)
         if model.backend == "rpc-server":  # no model: the GPUs it lends
             return lending_plan(name, model, samples, claims, self._gpus)
@@ -96,7 +101,8 @@ class Planner:
             shape = _model_shape(model_file, stat.st_mtime_ns, stat.st_size)
         else:  # the backend checked that a size is configured
             shape = size_only((model.ollama.size_mib or 0) * 1024 * 1024)
-        projector = projector_bytes(model) if model.backend == "llama-server" else 0
+        if projector is None:
+            projector = projector_bytes(model) if model.backend == "llama-server" else 0
         return make_plan(name, model, shape, samples, self._links, claims, self._gpus, projector, remote)
 
     def place(

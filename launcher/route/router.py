@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _RECORDS_KEPT = 500
 _NO_ROOM_RETRY_S = 10  # Retry-After when the GPUs have no room: a model may go idle by then
+_DOWNLOAD_RETRY_MAX_S = 60  # Retry-After while a model downloads: the time left, at most this
 _PROBE_S = (0.1, 2.0)  # a failed replica is probed from every 100 ms up to every 2 s until it answers
 _SERVING = (State.READY,)
 _CLOSED_RETRY_S = 5  # Retry-After while the daemon stops: a service manager may start it again by then
@@ -259,8 +260,22 @@ class Router:
     def _active(self, routed: _RoutedModel) -> bool:
         """Something of the model runs or is on its way (a start, a restart, a restart's backoff)."""
         return routed.bringing_up is not None or any(
-            self._instances[i].active or self._instances[i].restarting for i in routed.instances
+            self._instances[i].active or self._instances[i].restarting or self._instances[i].downloading
+            for i in routed.instances
         )
+
+    def _downloading(self, model: str, routed: _RoutedModel) -> RouteError | None:
+        """The answer while the model's files download (a hub model's first start): 503, how far it is, and
+        a Retry-After of the time left (bounded)."""
+        for name in routed.instances:
+            instance = self._instances[name]
+            if instance.state == State.DOWNLOADING:
+                download = instance.download
+                said = download.describe() if download is not None else "starting"
+                eta_s = download.eta_s if download is not None else None
+                retry_s = _NO_ROOM_RETRY_S if eta_s is None else max(1, min(int(eta_s) + 1, _DOWNLOAD_RETRY_MAX_S))
+                return RouteError(503, f"{model} is downloading: {said}", "downloading", retry_after_s=retry_s)
+        return None
 
     async def _lease(self, model: str, routed: _RoutedModel, queued: bool) -> str:
         """An instance that takes the request, counted in flight: now, or after a wait in the queue."""
@@ -270,6 +285,9 @@ class Router:
         if taken is not None:
             return taken
         loading = not any(self._serving(i) for i in routed.instances)
+        downloading = self._downloading(model, routed)
+        if downloading is not None:
+            raise downloading
         states = [self._instances[i].state for i in routed.instances]
         if all(state == State.DEGRADED for state in states):  # waits for a peer: no point queueing behind it
             raise self._gone(model)
@@ -304,6 +322,7 @@ class Router:
                         code = "no_room" if isinstance(exc, StartError) else "start_failed"
                         reason = exc.message + (f" ({exc.hint})" if exc.hint else "")
                         failure = RouteError(503, reason, code, retry_after_s=_NO_ROOM_RETRY_S)
+                failure = self._downloading(model, routed) or failure
         except RouteError as exc:
             failure = exc
         except Exception as exc:  # a bug or a file nobody foresaw: the requests are told, the router goes on
@@ -311,7 +330,7 @@ class Router:
             failure = RouteError(503, f"{model} could not start: {type(exc).__name__}: {exc}", "start_failed")
         finally:
             routed.bringing_up = None
-        if failure is not None and not self._active(routed):
+        if failure is not None and (failure.code == "downloading" or not self._active(routed)):
             self.admission.fail(model, failure)
 
     async def _make_room(self, model: str, routed: _RoutedModel) -> None:

@@ -22,7 +22,7 @@ from launcher.backends import Health, LaunchSpec, ServerBackend
 from launcher.config import ModelSettings
 from launcher.errors import ConflictError, LauncherError
 from launcher.plan.placement import Placement
-from launcher.schema import Event, InstanceStatus, Plan, PlanCheck, State
+from launcher.schema import Download, Event, InstanceStatus, Plan, PlanCheck, State
 from launcher.statedir import logs
 from launcher.statedir.layout import StateDir
 from launcher.supervise import drain
@@ -110,6 +110,9 @@ class Instance:
         # The plan of the running server against what it reports allocating: read once it is ready.
         self.actual: PlanCheck | None = None
         self.actual_missing: str | None = None
+        # A hub model's files being fetched before its start (the manager's task) and how far it is.
+        self._download_task: asyncio.Task[None] | None = None
+        self.download: Download | None = None
         # Why it starts no server any more (a reload removed it, the daemon is stopping), or None.
         self._retired: str | None = None
 
@@ -159,6 +162,51 @@ class Instance:
         """A supervision task runs (from starting to backoff)."""
         return self._task is not None and not self._task.done()
 
+    @property
+    def downloading(self) -> bool:
+        """A download of its files runs (the state says downloading until the start that follows it)."""
+        return self._download_task is not None and not self._download_task.done()
+
+    def begin_download(self, task: asyncio.Task[None], what: str) -> None:
+        """Show ``task`` (the download of its files, before a start) as the state `downloading`; a stop
+        cancels it, and a download that fails leaves the instance failed with its reason."""
+        if self.active or self.downloading:
+            raise ConflictError(f"{self.name} is already {self.state}")
+        self.download = None
+        self.last_error = None
+        self._download_task = task
+        self._set_state(State.DOWNLOADING, what)
+        task.add_done_callback(self._download_ended)
+
+    def download_progress(self, progress: Download) -> None:
+        """How far the download is; an event at each tenth of the way (the API has every reading)."""
+        before = self.download
+        self.download = progress
+        if before is None or _tenth(before) != _tenth(progress):
+            self._emit("download", progress.describe())
+        else:
+            self._changed.set()
+
+    def _download_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self.state != State.DOWNLOADING:
+            return
+        exc = task.exception()
+        if exc is not None:
+            message = exc.message if isinstance(exc, LauncherError) else f"{type(exc).__name__}: {exc}"
+            hint = exc.hint if isinstance(exc, LauncherError) else None
+            self._record_error(message + (f" ({hint})" if hint else ""))
+            self._set_state(State.FAILED)
+
+    async def _stop_download(self) -> None:
+        """Cancel the download under way; its partial files stay for the next start to resume."""
+        task = self._download_task
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([task])
+        self._set_state(State.STOPPED, "download stopped; what was fetched is kept for the next start")
+
     async def start(self, prepare: Callable[[Instance], Awaitable[None]]) -> None:
         """Start supervising; ``prepare`` (port and placement) runs first, under the instance's lock."""
         async with self._lock:
@@ -169,6 +217,9 @@ class Instance:
             self._begin(self.preflight())
 
     async def stop(self) -> None:
+        if self.downloading:
+            await self._stop_download()
+            return
         async with self._lock:
             if not self.active and self.state == State.STOPPED:
                 raise ConflictError(f"{self.name} is not running")
@@ -600,7 +651,12 @@ class Instance:
             degraded_reason=self.degraded_reason,
             actual=self.actual if self.running else None,
             actual_missing=self.actual_missing if self.running else None,
+            download=self.download if self.state == State.DOWNLOADING else None,
         )
+
+
+def _tenth(download: Download) -> int:
+    return 10 * download.done_bytes // download.total_bytes if download.total_bytes else 10
 
 
 def _start_inputs(argv: list[str], env: Mapping[str, str]) -> tuple[object, ...]:

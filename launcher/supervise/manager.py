@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ import httpx
 
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, with_command
+from launcher.backends.base import hub_files_cached
 from launcher.config import GpuSettings, ModelSettings, Settings
 from launcher.errors import ConflictError, LauncherError
 from launcher.events import Bus
@@ -44,6 +46,7 @@ from launcher.schema import (
 from launcher.statedir.layout import StateDir
 from launcher.supervise import rolling, thermal
 from launcher.supervise.degrade import Degrader
+from launcher.supervise.downloads import begin_download
 from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
@@ -144,7 +147,7 @@ class Manager:
                 continue  # already on its way: one stop at a time
             self._spawn(self._stop_quietly(name))
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, object]) -> None:
         """Run ``work`` beside the caller; `stop_all` waits for it."""
         task = asyncio.create_task(work)
         self._tasks.add(task)
@@ -223,18 +226,21 @@ class Manager:
         samples, remote = self.sampler.latest(), self._remote(instance)
         claims = self.lending.claimed_mib(self._others(instance))
 
-        def make() -> Plan:
-            if isinstance(instance.settings.model, HubRef):  # from its headers, before any download
-                reader = hub_reader(self.settings.hub, self._hub_headers_dir)
-                return plan_from_hub(self.planner, reader, name, instance.settings, samples, claims, remote)
-            found = planned_file(instance.backend, instance.settings, name)
-            return self.planner.plan(name, instance.settings, found, samples, claims, remote)
-
-        plan = await self._planning.run(make, key=name)
+        plan = await self._planning.run(functools.partial(self._planned, instance, samples, claims, remote), key=name)
         if plan.hub is not None:  # no command until its files are downloaded
             return plan
         spec = instance.backend.launch_spec(instance.settings, self._port_for(instance), self.planner.placement(plan))
         return with_command(plan, spec)
+
+    def _planned(self, instance: Instance, samples: list[GpuSample], claims: dict[int, int], remote: Remote) -> Plan:
+        """The plan of ``instance`` (in a planning thread): from its file, or a hub model's not yet in the
+        cache from its headers, before any download."""
+        settings = instance.settings
+        if isinstance(settings.model, HubRef) and not hub_files_cached(settings):
+            reader = hub_reader(self.settings.hub, self._hub_headers_dir)
+            return plan_from_hub(self.planner, reader, instance.name, settings, samples, claims, remote)
+        found = planned_file(instance.backend, settings, instance.name)
+        return self.planner.plan(instance.name, settings, found, samples, claims, remote)
 
     async def in_planning_thread(self, work: Callable[[], T]) -> T:
         """``work`` (planning) in one of the planning threads, within their bound: the router's plans for
@@ -252,8 +258,7 @@ class Manager:
         def plan_without(stopped: Collection[str]) -> Plan:
             back = claims_total(mib for n, mib in held.items() if n in stopped)
             kept = claims_total([*(mib for n, mib in held.items() if n not in stopped), peers_mib])
-            found = planned_file(instance.backend, instance.settings, name)
-            return self.planner.plan(name, instance.settings, found, freed(samples, back), kept, remote)
+            return self._planned(instance, list(freed(samples, back)), dict(kept), remote)
 
         return plan_without
 
@@ -266,7 +271,17 @@ class Manager:
             instance.note(kind, message)
 
     async def start(self, name: str) -> InstanceStatus:
+        """Start ``name``; a hub model whose files are not in the cache downloads them first (the answer
+        comes at once, downloading; the start follows the download)."""
         instance = self.get(name)
+        if isinstance(instance.settings.model, HubRef) and await begin_download(
+            instance,
+            functools.partial(self.plan, name),
+            self.settings.hub,
+            self._hub_headers_dir,
+            lambda: self._spawn(self._start_or_refuse(name)),
+        ):
+            return instance.status()
         await instance.start(prepare=self._place)
         return instance.status()
 
@@ -497,7 +512,7 @@ class Manager:
         for task in list(self._tasks):  # first: one of them may be starting a degraded instance again
             with contextlib.suppress(asyncio.CancelledError, LauncherError):
                 await task
-        await asyncio.gather(*(i.stop() for i in self.instances.values() if i.active))
+        await asyncio.gather(*(i.stop() for i in self.instances.values() if i.active or i.downloading))
 
 
 def _failed(change: InstanceChange, reason: str) -> InstanceChange:

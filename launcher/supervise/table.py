@@ -17,7 +17,7 @@ from typing import Protocol
 
 from launcher.backends import ServerBackend
 from launcher.config import ModelSettings
-from launcher.schema import State
+from launcher.schema import Download, State
 from launcher.supervise.instance import Instance
 
 
@@ -40,6 +40,10 @@ class InstanceView(Protocol):
     def active(self) -> bool: ...
     @property
     def restarting(self) -> bool: ...
+    @property
+    def downloading(self) -> bool: ...  # its hub files are being fetched before its start
+    @property
+    def download(self) -> Download | None: ...  # how far that is
     @property
     def degraded_reason(self) -> str | None: ...
     @property

@@ -1,6 +1,7 @@
 """The moves an instance's state may make, as data: `Instance._set_state` checks each one against it.
 
-Derived from what supervision does (instance.py): a start request or a restart after backoff starts; a
+Derived from what supervision does (instance.py): a start of a hub model whose files are not in the cache
+downloads them first; a start request or a restart after backoff starts; a
 started server loads, then serves (unhealthy while its health checks fail); a run that ends goes to
 backoff, stopped, failed (the restart policy) or degraded (a peer its plan uses went away); a stop or hold
 goes through stopping, a planned stop of a serving server through draining first (supervise/drain.py).
@@ -21,7 +22,9 @@ _FROM_SERVING = frozenset({State.BACKOFF, State.STOPPED, State.DEGRADED, State.D
 
 ALLOWED: Mapping[State, frozenset[State]] = MappingProxyType(
     {
-        State.STOPPED: frozenset({State.STARTING, State.DEGRADED, State.FAILED}),
+        State.STOPPED: frozenset({State.STARTING, State.DOWNLOADING, State.DEGRADED, State.FAILED}),
+        # A hub model's files fetched before its start: then it starts, or the download failed or was stopped.
+        State.DOWNLOADING: frozenset({State.STARTING, State.STOPPED, State.FAILED}),
         State.STARTING: frozenset({State.LOADING, State.BACKOFF, State.STOPPING, State.FAILED}),
         State.LOADING: frozenset({State.READY, State.BACKOFF, State.DEGRADED, State.STOPPING, State.FAILED}),
         State.READY: _FROM_SERVING | {State.UNHEALTHY},
@@ -29,9 +32,9 @@ ALLOWED: Mapping[State, frozenset[State]] = MappingProxyType(
         # A drain's server may still end by itself (the restart policy decides) or lose its peer.
         State.DRAINING: frozenset({State.STOPPING, State.BACKOFF, State.STOPPED, State.DEGRADED, State.FAILED}),
         State.BACKOFF: frozenset({State.STARTING, State.STOPPING, State.FAILED}),
-        State.FAILED: frozenset({State.STARTING, State.STOPPED, State.DEGRADED}),
+        State.FAILED: frozenset({State.STARTING, State.DOWNLOADING, State.STOPPED, State.DEGRADED}),
         State.STOPPING: frozenset({State.STOPPED, State.DEGRADED, State.FAILED}),
-        State.DEGRADED: frozenset({State.STARTING, State.STOPPED, State.FAILED}),
+        State.DEGRADED: frozenset({State.STARTING, State.DOWNLOADING, State.STOPPED, State.FAILED}),
     }
 )
 

@@ -251,6 +251,13 @@ function instanceCard(name) {
   return card;
 }
 
+function downloadLine(d) {
+  const mb = (bytes) => (bytes / 1e6).toFixed(1);
+  const share = d.total_bytes ? Math.floor((100 * d.done_bytes) / d.total_bytes) : 100;
+  const left = d.eta_s === null ? "" : `, about ${Math.ceil(d.eta_s)} s left`;
+  return `downloading ${d.file}: ${mb(d.done_bytes)} of ${mb(d.total_bytes)} MB (${share} %), ${mb(d.rate_bytes_s)} MB/s${left}`;
+}
+
 function drawInstance(status) {
   const card = cards.get(status.name) ?? instanceCard(status.name);
   const f = card.fields;
@@ -267,7 +274,8 @@ function drawInstance(status) {
   f.exit.textContent = exit.filter(Boolean).join(" · ");
   // Why it is down though nothing failed here: which peer or rpc-server it waits for.
   f.degraded.textContent = status.state === "degraded" ? `degraded: ${status.degraded_reason ?? "a peer is away"}` : "";
-  f.line.textContent = status.log_line ?? "";
+  // While a hub model's files download, how far it is stands where the server's last line will.
+  f.line.textContent = status.download ? downloadLine(status.download) : (status.log_line ?? "");
   f.buttons.start.disabled = !CAN_START.has(status.state);
   f.buttons.stop.disabled = status.state === "stopped";
   return card.node;
