@@ -97,7 +97,7 @@ class Manager:
         self._placing = asyncio.Lock()  # one placement at a time: each plans around the last one's claim
         self._planning = PlanningThreads(_PLANNING_THREADS)
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
         self._rolls: dict[str, asyncio.Lock] = {}  # configured model -> held while its replicas roll
         self.writes = StateWrites()
         self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
