@@ -47,7 +47,16 @@ class StandInHub:
     url: str = ""
     rate_bytes_s: float | None = None  # None: as fast as the socket takes them
     drop_after_bytes: int | None = None  # the next file GET ends its connection after this many bytes
+    # Per file GET, in order: its "ORG/REPO/PATH" and the bytes it sent. A GET the client gave up on may go on
+    # counting a moment (what its socket still took), so what a later pull fetched is counted by its own GETs.
+    get_keys: list[str] = field(default_factory=list)
+    get_bytes: list[int] = field(default_factory=list)
     _sha256: dict[Path, str] = field(default_factory=dict)
+
+    def sent_since(self, gets: int, prefix: str = "") -> int:
+        """Bytes sent by the file GETs after the first ``gets`` of them, for keys that start with ``prefix``."""
+        later = zip(self.get_keys[gets:], self.get_bytes[gets:], strict=True)
+        return sum(n for key, n in later if key.startswith(prefix))
 
     def sha256(self, path: Path) -> str:
         if path not in self._sha256:
@@ -147,6 +156,9 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             drop_after, hub.drop_after_bytes = hub.drop_after_bytes, None
             sent = 0
+            index = len(hub.get_keys)
+            hub.get_keys.append(f"{repo_id}/{name}")
+            hub.get_bytes.append(0)
             with disk.open("rb") as f:
                 f.seek(start)
                 left = end - start + 1
@@ -164,6 +176,7 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
                     except OSError:  # the client had enough
                         return
                     hub.sent_bytes[f"{repo_id}/{name}"] += len(chunk)
+                    hub.get_bytes[index] += len(chunk)
                     sent += len(chunk)
                     left -= len(chunk)
             if drop_after is not None and sent < end - start + 1:

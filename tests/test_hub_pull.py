@@ -165,9 +165,9 @@ def test_a_stop_asked_for_mid_download_ends_it_and_keeps_its_partial_file(
     partial = list((tmp_path / "cache" / "models--org--mid-GGUF" / "blobs").glob("*.incomplete"))
     held = partial[0].stat().st_size
     assert 10 * MIB <= held < files[0].size_bytes
-    sent = hub.total_sent
+    gets = len(hub.get_keys)
     paths = _pull(hub, mid, tmp_path / "cache")
-    assert hub.total_sent - sent == files[0].size_bytes - held  # the remainder alone
+    assert hub.sent_since(gets) == files[0].size_bytes - held  # the remainder alone
     assert paths[0].stat().st_size == files[0].size_bytes and not partial[0].exists()
 
 
@@ -195,12 +195,12 @@ def test_a_download_killed_with_the_daemon_resumes_at_the_next_start_and_shows_i
     partial = _partial_bytes(tmp_path, "org/mid-GGUF")
     assert 10 * MIB <= partial < size
     hub.rate_bytes_s = None
-    sent = _sent(hub, "org/mid-GGUF")
+    gets = len(hub.get_keys)
     again = start_daemon(config)
     assert again.http.post("/instances/m/start").json()["state"] == "downloading"
     ready = again.wait_for("m", lambda s: s["state"] in ("ready", "failed"))
     assert ready["state"] == "ready", ready["last_error"]
-    assert _sent(hub, "org/mid-GGUF") - sent == size - partial  # the remainder, not the file again
+    assert hub.sent_since(gets, "org/mid-GGUF/") == size - partial  # the remainder, not the file again
 
 
 def test_an_on_demand_model_downloading_answers_503_with_its_progress_then_serves(
@@ -321,9 +321,9 @@ def test_a_disk_that_fills_mid_download_leaves_a_partial_file_the_next_pull_resu
     blobs = cache / "models--org--mid-GGUF" / "blobs"
     assert [p.suffix for p in blobs.iterdir()] == [".incomplete"]  # nothing whole-looking, nothing linked
     monkeypatch.setattr(_CheckedFile, "_put", put)  # room again
-    sent = hub.total_sent
+    gets = len(hub.get_keys)
     paths = _pull(hub, mid, cache)
-    assert hub.total_sent - sent == files[0].size_bytes - 15 * MIB
+    assert hub.sent_since(gets) == files[0].size_bytes - 15 * MIB
     assert hashlib.sha256(paths[0].read_bytes()).hexdigest() == paths[0].resolve().name
 
 
