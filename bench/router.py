@@ -104,6 +104,7 @@ class HttpxUpstream:
         arrived_s: float,
         *,
         extra: Sequence[tuple[str, str]] = (),
+        naming: str | None = None,
     ) -> Answer:
         outgoing = outgoing_headers(headers, extra)  # the production's
         request = self._client.build_request(method, url, headers=outgoing, content=body)
@@ -119,6 +120,7 @@ class HttpxUpstream:
                 send,
                 arrived_s,
                 broke_off=(httpx.HTTPError, OSError),
+                naming=naming,
             )
         finally:
             await response.aclose()
@@ -147,9 +149,10 @@ class Switch:
         arrived_s: float,
         *,
         extra: Sequence[tuple[str, str]] = (),
+        naming: str | None = None,
     ) -> Answer:
         client: UpstreamClient = self._httpx if (SWITCH, b"httpx") in headers else self._aiohttp
-        return await client.forward(method, url, headers, body, send, arrived_s, extra=extra)
+        return await client.forward(method, url, headers, body, send, arrived_s, extra=extra, naming=naming)
 
 
 def serve_daemon(config: Path, profile_to: Path | None) -> None:
