@@ -32,13 +32,9 @@ def rename_document(body: bytes, name: str) -> bytes:
         return body
     if not isinstance(doc, dict) or not isinstance(doc.get("model"), str):
         return body
-    renamed = _MODEL_MEMBER.sub(lambda _: member(name), body, count=1)
-    try:
-        if json.loads(renamed).get("model") == name:
-            return renamed
-    except ValueError:
-        pass
-    # The first `"model"` member was a nested one: write the document again, its order kept.
+    if body.count(b'"model"') == 1:  # the only one is the top-level member: change its bytes alone
+        return _MODEL_MEMBER.sub(lambda _: member(name), body, count=1)
+    # Another `"model"` (a nested member, or text within a string): write the document again, its order kept.
     return json.dumps({**doc, "model": name}, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -49,10 +45,16 @@ class StreamNaming:
     def __init__(self, name: str) -> None:
         self._member = member(name)
         self._pending = b""
+        self._seen = b""  # the server's own member, as it writes it in each event: replaced as bytes
 
     def _rewrite(self, lines: bytes) -> bytes:
         if b'"model"' not in lines:
             return lines
+        if self._seen and lines.count(self._seen) == lines.count(b'"model"'):
+            return lines.replace(self._seen, self._member)  # the common case, without a regex
+        found = _MODEL_MEMBER.search(lines)
+        if found is not None:
+            self._seen = found.group(0)
         return _MODEL_MEMBER.sub(lambda _: self._member, lines)
 
     def feed(self, chunk: bytes) -> bytes:
