@@ -225,10 +225,10 @@ async def while_probing(port: int, work: Callable[[], Awaitable[None]]) -> tuple
 # ---- processes ---------------------------------------------------------------------------------------
 
 
-def child_env() -> dict[str, str]:
-    """This environment without LAUNCHER_* overrides, importing the launcher of this checkout."""
+def child_env(root: Path = REPO) -> dict[str, str]:
+    """This environment without LAUNCHER_* overrides, importing the launcher of the checkout at ``root``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAUNCHER_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
     return env
 
 
@@ -268,13 +268,14 @@ def import_times() -> tuple[float, dict[str, float]]:
 class Daemon:
     """`launcher serve` on a config of our own, its output in a file; stopped with SIGTERM."""
 
-    def __init__(self, config: Path, log: Path, argv: list[str] | None = None) -> None:
-        """``argv``: another command that serves ``config`` the same way (a bench's own entry point)."""
+    def __init__(self, config: Path, log: Path, argv: list[str] | None = None, root: Path = REPO) -> None:
+        """``argv``: another command that serves ``config`` the same way (a bench's own entry point);
+        ``root``: the checkout whose launcher it runs (another one's: a baseline)."""
         self.log = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 argv or [PYTHON, "-m", "launcher", "--config", str(config), "serve"],
-                stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=REPO,
+                stdout=out, stderr=subprocess.STDOUT, env=ENV if root == REPO else child_env(root), cwd=root,
             )  # fmt: skip
 
     def wait_listening(self, timeout_s: float) -> None:

@@ -1,7 +1,7 @@
 """The front door's cost: what /v1 on the daemon's port adds to the same llama-server called directly.
 
 Usage: .venv/bin/python -m bench.router [--requests N] [--cpu-requests N] [--rounds-1 N] [--rounds-32 N]
-       [--litellm BIN | --no-litellm] [--profile N] [--out FILE]
+       [--litellm BIN | --no-litellm] [--baseline PYTHON] [--profile N] [--out FILE]
 
 One daemon runs one llama-server of the tiny model (`-np 32`); in the same run, over the same server:
 1. added latency of a short plain chat completion (max_tokens 4): p50 and p99 through the front door
@@ -12,7 +12,10 @@ One daemon runs one llama-server of the tiny model (`-np 32`); in the same run, 
 3. the daemon's CPU per 1000 plain requests and per 1000 streamed events (psutil, less its idle rate);
 4. the upstream client: (1) to (3) with the production aiohttp `Upstream` and with `HttpxUpstream` below,
    the same relay code on httpx, chosen per request by an `x-bench-upstream: httpx` header;
-5. LiteLLM's proxy in front of the same server, when its `litellm` command is found (`--litellm`).
+5. LiteLLM's proxy in front of the same server, when its `litellm` command is found (`--litellm`);
+6. with `--baseline PYTHON` (another checkout's .venv, e.g. /work/main/.venv/bin/python), that checkout's
+   daemon in front of a llama-server of its own with the same settings, taking turns with the others: the
+   front door before and after a change, in one run.
 
 The daemon is a subprocess (`python -m bench.router --serve-daemon CONFIG`: `launcher serve` with the
 upstream client swappable), not in this process: its CPU time is then its own, and the client's work
@@ -104,6 +107,7 @@ class HttpxUpstream:
         arrived_s: float,
         *,
         extra: Sequence[tuple[str, str]] = (),
+        naming: str | None = None,
     ) -> Answer:
         outgoing = outgoing_headers(headers, extra)  # the production's
         request = self._client.build_request(method, url, headers=outgoing, content=body)
@@ -119,6 +123,7 @@ class HttpxUpstream:
                 send,
                 arrived_s,
                 broke_off=(httpx.HTTPError, OSError),
+                naming=naming,
             )
         finally:
             await response.aclose()
@@ -147,9 +152,10 @@ class Switch:
         arrived_s: float,
         *,
         extra: Sequence[tuple[str, str]] = (),
+        naming: str | None = None,
     ) -> Answer:
         client: UpstreamClient = self._httpx if (SWITCH, b"httpx") in headers else self._aiohttp
-        return await client.forward(method, url, headers, body, send, arrived_s, extra=extra)
+        return await client.forward(method, url, headers, body, send, arrived_s, extra=extra, naming=naming)
 
 
 def serve_daemon(config: Path, profile_to: Path | None) -> None:
@@ -208,6 +214,7 @@ class Route:
     port: int
     via: bytes
     daemon: bool  # through the launcher's front door: its CPU is the daemon's
+    process: psutil.Process | None = None  # that daemon, when not the bench's own (a baseline's)
 
     @property
     def headers(self) -> bytes:
@@ -301,14 +308,15 @@ async def cpu_per_request(
     for half in range(2):
         for route in turns(routes, half):
             line = Line(route)
+            proc = route.process or daemon
             try:
                 await ok(await line.ready(), route, payload)
-                wall0, cpu0, kernel0 = time.perf_counter(), cpu_s(daemon), cpu_s(daemon, kernel_only=True)
+                wall0, cpu0, kernel0 = time.perf_counter(), cpu_s(proc), cpu_s(proc, kernel_only=True)
                 for _ in range(requests // 2):
                     await ok(await line.ready(), route, payload)
-                spent[route.name][0] += cpu_s(daemon) - cpu0
+                spent[route.name][0] += cpu_s(proc) - cpu0
                 spent[route.name][1] += time.perf_counter() - wall0
-                spent[route.name][2] += cpu_s(daemon, kernel_only=True) - kernel0
+                spent[route.name][2] += cpu_s(proc, kernel_only=True) - kernel0
             finally:
                 await line.close()
     for name, (cpu, wall, kernel) in spent.items():
@@ -341,12 +349,13 @@ async def streams(
         await stream_round(route, payload, at_once)  # warm: slots, the daemon's connections upstream
     for i in range(rounds):
         for route in turns(routes, i):
-            cpu0 = cpu_s(daemon)
+            proc = route.process or daemon
+            cpu0 = cpu_s(proc)
             wall_s, tokens, events = await stream_round(route, payload, at_once)
             one = figures[route.name]
             one.tokens_per_s.setdefault(at_once, []).append(tokens / wall_s)
             one.events[at_once] = events
-            one.stream_cpu_s += cpu_s(daemon) - cpu0
+            one.stream_cpu_s += cpu_s(proc) - cpu0
             one.stream_wall_s += wall_s
             one.stream_events += events
 
@@ -423,6 +432,24 @@ def write_config(tmp: Path, tiny: Path, api_port: int, server_port: int, threads
     return path
 
 
+@contextlib.contextmanager
+def baseline_route(python: Path, tmp: Path, threads: int) -> Iterator[Route]:
+    """The daemon of the checkout whose .venv holds ``python`` (as `--serve-daemon`, its own bench's), in
+    front of a llama-server of its own with the same settings."""
+    root = python.absolute().parent.parent.parent  # CHECKOUT/.venv/bin/python
+    (tmp / "baseline").mkdir()
+    api_port, server_port = free_port(), free_port()
+    config = write_config(tmp / "baseline", tmp / "tiny.gguf", api_port, server_port, threads)
+    argv = [str(python), "-m", "bench.router", "--serve-daemon", str(config)]
+    daemon = Daemon(config, tmp / "baseline" / "daemon.log", argv, root=root)
+    try:
+        daemon.wait_listening(READY_TIMEOUT_S)
+        asyncio.run(wait_healthy(api_port, READY_TIMEOUT_S))
+        yield Route("router (baseline)", api_port, b"aiohttp", daemon=True, process=psutil.Process(daemon.proc.pid))
+    finally:
+        daemon.stop()
+
+
 def pct(values: Sequence[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
@@ -458,6 +485,15 @@ def report(figures: dict[str, Figures], routes: Sequence[Route], facts: list[str
     row("daemon CPU ms per 1000 streamed events", "-",
         [f"{figures[r.name].stream_cpu_s / figures[r.name].stream_events * 1e6:.0f}" if r.daemon else "-"
          for r in routes])  # fmt: skip
+    if "router (baseline)" in figures:
+        this, base = figures["router (aiohttp)"], figures["router (baseline)"]
+        cpu = (this.stream_cpu_s / this.stream_events) / (base.stream_cpu_s / base.stream_events)
+        speeds = []
+        for n in sorted(this.tokens_per_s):
+            pairs = zip(this.tokens_per_s[n], base.tokens_per_s[n], strict=True)
+            speeds.append(f"{n} stream(s) {statistics.median(mine / theirs for mine, theirs in pairs):.3f}")
+        text = f"tokens/s (median of rounds) {', '.join(speeds)}; daemon CPU per streamed event {cpu:.3f}"
+        lines += ["", f"this/baseline: {text}"]
     return "\n".join(lines)
 
 
@@ -489,6 +525,7 @@ def main() -> None:
     parser.add_argument("--server-threads", type=int, default=1, help="llama-server -t")
     parser.add_argument("--litellm", help="LiteLLM's `litellm` command (default: beside this Python, or on PATH)")
     parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--baseline", help="the Python of a baseline launcher (another checkout's .venv)")
     parser.add_argument("--profile", type=int, default=0, help="profile the daemon; print its N costliest")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     parser.add_argument("--serve-daemon", type=Path, help=argparse.SUPPRESS)
@@ -529,6 +566,8 @@ def main() -> None:
                 Route("router (httpx)", api_port, b"httpx", daemon=True),
             ]
             with contextlib.ExitStack() as stack:
+                if args.baseline:
+                    routes.append(stack.enter_context(baseline_route(Path(args.baseline), tmp, args.server_threads)))
                 if litellm is not None:
                     port = stack.enter_context(litellm_proxy(litellm, tmp, server_port))
                     routes.append(Route("LiteLLM", port, b"litellm", daemon=False))

@@ -349,6 +349,9 @@ _MODEL_ONLY = (
     "aliases",
     "on_demand",
     "idle_ttl_s",
+    "priority",
+    "pinned",
+    "min_resident_s",
     "max_concurrency",
     "queue_max",
     "queue_timeout_s",
@@ -443,6 +446,17 @@ class ModelSettings(_Strict):
         "evicted when idle.",
     )
     idle_ttl_s: Positive | None = Field(default=None, description="Stopped after this many seconds without a request.")
+    priority: int = Field(
+        default=0,
+        description="Rank when on-demand models compete for the GPUs: a request for a model may evict idle ones "
+        "of lower or equal priority (lowest first, then least recently used), never a higher one.",
+    )
+    pinned: bool = Field(default=False, description="Never evicted to make room for another model.")
+    min_resident_s: NonNegative = Field(
+        default=0.0,
+        description="Seconds a model started on demand stays before it may be evicted; within them only a "
+        "request for a model of higher priority evicts it, and only when it is idle.",
+    )
     max_concurrency: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="Requests each instance takes at once; default the server's slots."
     )

@@ -30,6 +30,9 @@ MODEL_KEYS: dict[str, Applied] = {
     "aliases": "live",
     "on_demand": "live",
     "idle_ttl_s": "live",
+    "priority": "live",  # read at each eviction decision
+    "pinned": "live",
+    "min_resident_s": "live",
     "max_concurrency": "live",
     "queue_max": "live",
     "queue_timeout_s": "live",

@@ -227,17 +227,16 @@ def test_on_demand_by_vram_with_lru_eviction_and_idle_stop(
     assert any("stopping idle a to make room for b" in e for e in events)
     assert any("starting b for a request" in e for e in events)
 
-    with daemon.http.stream("POST", "/v1/chat/completions", json=held("b")) as stream:
-        lines = stream.iter_lines()
-        first_event(lines)
-        refused = daemon.http.post("/v1/chat/completions", json={"model": "a", "messages": CHAT})
-        assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
-        error = error_of(refused)
-        assert (error["code"], error["type"]) == ("no_room", "unavailable_error")
-        assert "does not fit" in error["message"] or "MiB" in error["message"]
-        assert daemon.instance("b")["state"] == "ready"  # never stopped with a request in flight
-    poll_until(lambda: daemon.instance("b"), lambda s: s["requests_in_flight"] == 0, "b's request ended", 10)
-    assert client.chat.completions.create(model="a", messages=CHAT).model == "a"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with daemon.http.stream("POST", "/v1/chat/completions", json=held("b")) as stream:
+            lines = stream.iter_lines()
+            first_event(lines)
+            waiting = pool.submit(client.chat.completions.create, model="a", messages=CHAT)
+            poll_until(lambda: event_messages(daemon), lambda e: "a waits for room: b is busy" in e, "a waits", 10)
+            assert daemon.instance("b")["state"] == "ready"  # never stopped with a request in flight
+            assert not waiting.done()
+            daemon.http.post("/upstream/b/release", json={})
+        assert waiting.result(timeout=30).model == "a"  # started once b went idle
     assert daemon.instance("b")["state"] == "stopped"
 
     assert client.chat.completions.create(model="c", messages=CHAT).model == "c"

@@ -4,14 +4,17 @@ counts read from answers, and the queue's order and bounds (no processes, no clo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+from collections.abc import Callable, Sequence
 
 import pytest
 
 from launcher.config import Settings
 from launcher.route.admission import Admission
-from launcher.route.choose import Idle, Replica, Use, expired, make_room, pick
+from launcher.route.choose import Replica, Resident, Room, Use, collate, expired, make_room, pick
 from launcher.route.errors import RouteError
+from launcher.route.naming import StreamNaming, rename_document
 from launcher.route.usage import Tokens, of_body
 from launcher.supervise.table import RequestLoad
 from launcher.wiring import router_keys
@@ -33,17 +36,87 @@ def test_pick_skips_replicas_not_serving_or_full() -> None:
 
 
 def test_make_room_stops_the_fewest_least_recently_used() -> None:
-    idle = [Idle("recent", 30.0), Idle("oldest", 10.0), Idle("middle", 20.0)]
+    idle = [Resident("recent", 30.0), Resident("oldest", 10.0), Resident("middle", 20.0)]
     asked: list[list[str]] = []
 
     def fits_when_two_stopped(stopped: object) -> bool:
         asked.append(list(stopped))  # type: ignore[call-overload]
         return len(asked[-1]) >= 2
 
-    assert make_room(idle, fits_when_two_stopped) == ["oldest", "middle"]
+    assert make_room(idle, 0, 100.0, fits_when_two_stopped) == Room(["oldest", "middle"])
     assert asked == [[], ["oldest"], ["oldest", "middle"]]
-    assert make_room(idle, lambda stopped: True) == []  # fits as it is: nothing stopped
-    assert make_room(idle, lambda stopped: False) is None  # never fits: none stopped
+    assert make_room(idle, 0, 100.0, lambda stopped: True) == Room([])  # fits as it is: nothing stopped
+    assert make_room(idle, 0, 100.0, lambda stopped: False) == Room(None)  # never fits: none stopped, no wait
+
+
+def fits_without(*needed: str) -> Callable[[Sequence[str]], bool]:
+    """The planner's verdict when the new model fits once every one of ``needed`` is stopped."""
+    return lambda stopped: set(needed) <= set(stopped)
+
+
+def test_lower_priority_goes_first_then_lru_and_a_higher_one_is_never_stopped() -> None:
+    low_recent, mid_old, high = (
+        Resident("low", 50.0, priority=-1),
+        Resident("mid", 10.0),
+        Resident("high", 1.0, priority=5),
+    )
+    residents = [high, mid_old, low_recent]
+    # The low one goes first though it was used last; the higher one is never offered.
+    assert make_room(residents, 0, 100.0, lambda stopped: len(stopped) >= 1) == Room(["low"])
+    assert make_room(residents, 0, 100.0, fits_without("low", "mid")) == Room(["low", "mid"])
+    refused = make_room(residents, 0, 100.0, fits_without("high"))
+    assert refused == Room(None, kept=("high has a higher priority (5 > 0)",))
+    # An asker of higher priority may stop it; equal priority too (then by LRU).
+    assert make_room(residents, 5, 100.0, fits_without("high")) == Room(["low", "mid", "high"])
+    assert make_room(residents, 5, 100.0, lambda stopped: len(stopped) >= 1) == Room(["low"])
+
+
+def test_a_pinned_model_is_never_stopped_whatever_the_askers_priority() -> None:
+    pinned = Resident("pinned", 1.0, pinned=True, priority=-10)
+    assert make_room([pinned], 100, 100.0, fits_without("pinned")) == Room(None, kept=("pinned is pinned",))
+    other = Resident("other", 5.0)
+    assert make_room([pinned, other], 0, 100.0, fits_without("other")) == Room(["other"])
+
+
+def test_min_resident_time_holds_unless_idle_and_the_asker_ranks_higher() -> None:
+    young = Resident("young", 90.0, resident_until_s=120.0)
+    # Within its resident time an equal asker waits until it ends (then it is evictable)...
+    assert make_room([young], 0, 100.0, fits_without("young")) == Room(
+        None, wait=True, retry_at_s=120.0, kept=("young is resident until its min_resident_s",)
+    )
+    assert make_room([young], 0, 120.0, fits_without("young")) == Room(["young"])  # ...after it, stopped
+    # A higher asker stops it when idle, not when busy (then it waits for it to go idle).
+    assert make_room([young], 1, 100.0, fits_without("young")) == Room(["young"])
+    busy = Resident("young", 90.0, busy=True, resident_until_s=120.0)
+    assert make_room([busy], 1, 100.0, fits_without("young")) == Room(None, wait=True, kept=("young is busy",))
+
+
+def test_a_busy_model_in_the_way_means_wait_not_refuse() -> None:
+    busy, idle = Resident("busy", 1.0, busy=True), Resident("idle", 2.0)
+    assert make_room([busy, idle], 0, 100.0, fits_without("busy")) == Room(None, wait=True, kept=("busy is busy",))
+    assert make_room([busy, idle], 0, 100.0, fits_without("idle")) == Room(["idle"])  # the idle one, now
+    # Nothing the rules allow would make room: refused, not kept waiting.
+    high = Resident("high", 1.0, busy=True, priority=1)
+    assert make_room([high], 0, 100.0, fits_without("high")).wait is False
+
+
+def swaps(served: Sequence[str]) -> int:
+    """Model swaps when requests are served in this order (the first start is not a swap)."""
+    return sum(1 for before, after in itertools.pairwise(served) if before != after)
+
+
+def test_collation_serves_a_running_models_requests_first_then_by_oldest_request() -> None:
+    assert collate(list("BACB"), running={"A"}) == ["A", "B", "C"]
+    assert collate(list("BACB"), running=()) == ["B", "A", "C"]
+    assert collate([], running={"A"}) == []
+    # llama-swap's example: ABCABC in arrival order is five swaps first come first served, two collated.
+    arrivals = list("ABCABC")
+    order = collate(arrivals, running={"A"})
+    collated = [request for model in order for request in arrivals if request == model]
+    assert (swaps(arrivals), collated, swaps(collated)) == (5, list("AABBCC"), 2)
+    # A burst of A, then B, then A again, while A runs: one swap (A to B), not one per alternation.
+    burst = list("AAABBBAAA")
+    assert swaps([r for m in collate(burst, running={"A"}) for r in burst if r == m]) == 1
 
 
 def test_expired_idle_models_and_the_next_deadline() -> None:
@@ -131,3 +204,30 @@ def test_keys_are_needed_on_a_public_bind_or_when_configured() -> None:
     assert router_keys(settings("127.0.0.1", ["k"]), token=None) == frozenset({"k"})
     assert router_keys(settings("0.0.0.0", []), token="admin") == frozenset({"admin"})
     assert router_keys(settings("0.0.0.0", ["k"]), token="admin") == frozenset({"k", "admin"})
+
+
+def test_naming_rewrites_only_the_top_level_model_of_a_plain_answer() -> None:
+    answer = b'{"choices":[{"message":{"content":"say \\"model\\":\\"x\\""}}],"model":"/srv/m.gguf","id":"c1"}'
+    renamed = rename_document(answer, "chat")
+    assert renamed == answer.replace(b'"model":"/srv/m.gguf"', b'"model":"chat"')  # the rest byte for byte
+    spaced = b'{"model" : "/srv/m.gguf", "n": 1.50}'
+    assert rename_document(spaced, "chat") == b'{"model":"chat", "n": 1.50}'
+    nested_first = json.dumps({"meta": {"model": "inner"}, "model": "/srv/m.gguf"}).encode()
+    assert json.loads(rename_document(nested_first, "chat")) == {"meta": {"model": "inner"}, "model": "chat"}
+    for untouched in (b"not json", b'["model"]', b'{"model": 3}', b'{"other": "x"}', b"\xff\xfe"):
+        assert rename_document(untouched, "chat") is untouched
+
+
+def test_naming_rewrites_each_event_of_a_stream_across_chunk_boundaries() -> None:
+    event = b'data: {"choices":[{"delta":{"content":"hi"}}],"model":"/srv/m.gguf"}\n\n'
+    naming = StreamNaming('a "quoted" alias')
+    expected = event.replace(b'"/srv/m.gguf"', json.dumps('a "quoted" alias').encode())
+    assert naming.feed(event) == expected  # a whole event passes at once, rewritten
+    cut = event.index(b"m.gguf")
+    assert naming.feed(event[:cut]) == b""  # an event cut inside its model: held until its line ends
+    assert naming.feed(event[cut:] + b": keep-alive\n\n") == expected + b": keep-alive\n\n"
+    assert naming.feed(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
+    assert naming.feed(b'{"model":"qwen:0.5b","done":false}') == b""  # NDJSON without its last newline
+    assert naming.end() == b'{"model":"a \\"quoted\\" alias","done":false}'
+    long_line = b"x" * (1024 * 1024 + 1)
+    assert StreamNaming("a").feed(long_line) == long_line  # no line end for 1 MiB: passed on as it is

@@ -1,12 +1,13 @@
 """The front door's decisions, as pure functions of the facts passed in (no clocks; the planner's verdict
-comes in as a function): which replica takes a request, which idle models make room for another, and when
-an idle model is due to stop. The router (launcher/route/router.py) gathers the facts and carries the
+comes in as a function): which replica takes a request, which idle models make room for another (by
+priority, pins and resident time) and in which order waiting models are served, and when an idle model is
+due to stop. The router (launcher/route/router.py) gathers the facts and carries the
 decisions out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 
@@ -39,22 +40,69 @@ def pick(replicas: Sequence[Replica], turn: int) -> str | None:
 
 
 @dataclass(frozen=True)
-class Idle:
-    """A running model that could be stopped to make room: on demand, nothing in flight or queued."""
+class Resident:
+    """A running on-demand model, as the choice of what to stop for another sees it."""
 
     name: str
     last_used_s: float  # when its last request ended (or it became ready), on any monotonic clock
+    busy: bool = False  # requests in flight or queued: never stopped now, perhaps once they end
+    priority: int = 0
+    pinned: bool = False
+    resident_until_s: float = 0.0  # started on demand at t: t + min_resident_s
 
 
-def make_room(idle: Sequence[Idle], fits: Callable[[Sequence[str]], bool]) -> list[str] | None:
-    """The fewest least-recently-used idle models whose stopping lets the new one fit: ``fits(stopped)``
-    is the planner's verdict with those stopped. [] when it fits as things are; None when even stopping
-    every idle one is not enough (then none is stopped)."""
-    order = [i.name for i in sorted(idle, key=lambda i: i.last_used_s)]
-    for count in range(len(order) + 1):
-        if fits(order[:count]):
-            return order[:count]
-    return None
+@dataclass(frozen=True)
+class Room:
+    """What to do for a model that needs room: ``stop`` these first ([]: it fits as things are); or,
+    ``stop`` None, wait (``wait``: it fits once busy models are idle, or at ``retry_at_s`` when a resident
+    time ends) or be refused, ``kept`` saying which models the rules keep and why."""
+
+    stop: list[str] | None
+    wait: bool = False
+    retry_at_s: float | None = None
+    kept: tuple[str, ...] = ()
+
+
+def make_room(
+    residents: Sequence[Resident], priority: int, now_s: float, fits: Callable[[Sequence[str]], bool]
+) -> Room:
+    """Room for a model of ``priority`` beside ``residents``: ``fits(stopped)`` is the planner's verdict
+    with those stopped. A pinned model is never stopped, nor one of higher priority; one within its
+    resident time only for a higher priority, and only when idle. Of the rest, the fewest idle ones,
+    lowest priority first and least recently used among equals."""
+
+    def kept_why(r: Resident) -> str | None:
+        if r.pinned:
+            return f"{r.name} is pinned"
+        if r.priority > priority:
+            return f"{r.name} has a higher priority ({r.priority} > {priority})"
+        return None
+
+    def resident(r: Resident) -> bool:
+        return now_s < r.resident_until_s and r.priority >= priority
+
+    ranked = sorted((r for r in residents if kept_why(r) is None), key=lambda r: (r.priority, r.last_used_s))
+    now = [r.name for r in ranked if not r.busy and not resident(r)]
+    for count in range(len(now) + 1):
+        if fits(now[:count]):
+            return Room(now[:count])
+    kept = tuple(why for r in residents if (why := kept_why(r)) is not None)
+    kept += tuple(f"{r.name} is busy" for r in ranked if r.busy)
+    kept += tuple(f"{r.name} is resident until its min_resident_s" for r in ranked if not r.busy and resident(r))
+    later = [r.name for r in ranked]
+    if len(later) > len(now) and fits(later):
+        retry_at_s = min((r.resident_until_s for r in ranked if resident(r)), default=None)
+        return Room(None, wait=True, retry_at_s=retry_at_s, kept=kept)
+    return Room(None, kept=kept)
+
+
+def collate(waiting: Sequence[str], running: Collection[str]) -> list[str]:
+    """The order in which models waiting for requests are served, given each waiting request's model
+    oldest first: the running ones first (their requests need no swap), then the others by their oldest
+    request, so that one swap serves every queued request of a model (llama-swap's collation: ABCABC is
+    served AABBCC, two swaps instead of five)."""
+    order = list(dict.fromkeys(waiting))
+    return [m for m in order if m in running] + [m for m in order if m not in running]
 
 
 @dataclass(frozen=True)

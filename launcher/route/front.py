@@ -103,11 +103,13 @@ class FrontDoor:
                     place, method, raw + query, scope["headers"], body, tracked, arrived_s
                 )
             else:
+                naming = None if upstream else doc["model"]  # the answer names what the client asked for
                 if not upstream:
                     body = self._router.body_for(model, doc, body)
                 serving = self._router.serve(
-                    model, method, target + query, scope["headers"], body, tracked, arrived_s, queued=not upstream
-                )
+                    model, method, target + query, scope["headers"], body, tracked, arrived_s,
+                    queued=not upstream, naming=naming,
+                )  # fmt: skip
             served = await _until_client_leaves(receive, serving, lambda: answered)
         except RouteError as exc:
             if not started:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
 from starlette.types import Send
 
+from launcher.route.naming import StreamNaming, rename_document
 from launcher.route.usage import TAIL_BYTES
 
 # Headers about one connection, not the message (RFC 9110 7.6.1), plus what aiohttp sets itself and the
@@ -99,6 +100,7 @@ class UpstreamClient(Protocol):
         arrived_s: float,
         *,
         extra: Sequence[tuple[str, str]] = (),
+        naming: str | None = None,
     ) -> Answer: ...
 
     async def close(self) -> None: ...
@@ -135,10 +137,12 @@ class Upstream:
         arrived_s: float,
         *,
         extra: Sequence[tuple[str, str]] = (),
+        naming: str | None = None,
     ) -> Answer:
         """Send the request to ``url`` (with the client's headers less the dropped ones, plus ``extra``: a
-        peer's key) and the answer to ``send``. Raises UpstreamFailed; when it broke off in the middle of
-        a stream of events, the client is told so in a last event first."""
+        peer's key) and the answer to ``send``, its `model` fields naming ``naming`` when given. Raises
+        UpstreamFailed; when it broke off in the middle of a stream of events, the client is told so in a
+        last event first."""
         outgoing = outgoing_headers(headers, extra)
         try:
             response = await self._open().request(method, url, headers=outgoing, data=body, allow_redirects=False)
@@ -154,6 +158,7 @@ class Upstream:
                 send,
                 arrived_s,
                 broke_off=(aiohttp.ClientError, OSError),
+                naming=naming,
             )
         finally:
             response.close()  # a stream cut short (the client left) must not go back to the pool
@@ -167,10 +172,12 @@ async def relay(
     arrived_s: float,
     *,
     broke_off: tuple[type[Exception], ...],
+    naming: str | None = None,
 ) -> Answer:
     """Pass a server's answer (its status, headers as sent and body as it comes) on to ``send``, less the
     connection's headers and the server's CORS answers. ``broke_off``: what the HTTP client raises when the
-    server breaks off (UpstreamFailed then; a stream of events is told so in a last event first)."""
+    server breaks off (UpstreamFailed then; a stream of events is told so in a last event first).
+    ``naming``: the name the answer's `model` fields get (launcher/route/naming.py)."""
     # The first Content-Type, as the rest of the daemon reads it.
     content_type = next((v for k, v in raw_headers if k.lower() == b"content-type"), b"")
     streamed = content_type.startswith(_STREAM_TYPES)
@@ -181,6 +188,15 @@ async def relay(
     ]
     if streamed:
         headers.append((b"x-accel-buffering", b"no"))  # nginx in front must not hold events back
+    encoded = any(k.lower() == b"content-encoding" for k, _ in raw_headers)
+    stream_naming = StreamNaming(naming) if naming is not None and streamed and not encoded else None
+    if naming is not None and not streamed and not encoded and content_type.startswith(b"application/json"):
+        # Whole, to rename its `model` (its length changes with it); a body too big passes as it came.
+        try:
+            body, headers = await _renamed(body, headers, naming)
+        except broke_off as exc:
+            reason = f"broke off before its answer's end: {exc or type(exc).__name__}"
+            raise UpstreamFailed(reason, sent=False) from None
     await send({"type": "http.response.start", "status": status, "headers": headers})
     kept = bytearray()
     ttfb_s: float | None = None
@@ -188,6 +204,8 @@ async def relay(
         async for chunk in body:
             if ttfb_s is None:
                 ttfb_s = time.monotonic() - arrived_s
+            if stream_naming is not None:
+                chunk = stream_naming.feed(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             kept += chunk
             if streamed and len(kept) > 2 * TAIL_BYTES:
@@ -202,10 +220,38 @@ async def relay(
                 event = f"data: {json.dumps(error)}\n\n".encode()
                 await send({"type": "http.response.body", "body": event, "more_body": False})
         raise UpstreamFailed(reason, sent=True) from None
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    last = stream_naming.end() if stream_naming is not None else b""
+    kept += last
+    await send({"type": "http.response.body", "body": last, "more_body": False})
     return Answer(
         status=status,
         streamed=streamed,
         ttfb_s=ttfb_s,
         kept=bytes(kept[-TAIL_BYTES:]) if streamed else bytes(kept),
     )
+
+
+async def _renamed(
+    body: AsyncIterable[bytes], headers: list[tuple[bytes, bytes]], naming: str
+) -> tuple[AsyncIterable[bytes], list[tuple[bytes, bytes]]]:
+    """A plain JSON answer read whole (up to _PLAIN_KEPT_BYTES) with its `model` naming ``naming`` and its
+    Content-Length to match; past that size, what was read and the rest, unchanged."""
+    read = bytearray()
+    chunks = aiter(body)
+    async for chunk in chunks:
+        read += chunk
+        if len(read) > _PLAIN_KEPT_BYTES:
+            return _chain(bytes(read), chunks), headers
+    whole = bytes(read)
+    renamed = rename_document(whole, naming)
+    if renamed is not whole:
+        length = str(len(renamed)).encode()
+        headers = [(k, length if k == b"content-length" else v) for k, v in headers]
+    return _chain(renamed, chunks), headers
+
+
+async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk

@@ -59,6 +59,8 @@ class _RoutedModel:
     instances: list[str]
     last_used_s: float = 0.0  # monotonic: its last request's end, or when it last became ready
     bringing_up: asyncio.Task[None] | None = None
+    resident_until_s: float = 0.0  # monotonic: started on demand, not evicted before this (min_resident_s)
+    awaiting_room_s: float | None = None  # monotonic: since when its requests wait for others to go idle
 
 
 class Router:
@@ -206,17 +208,19 @@ class Router:
         arrived_s: float,
         *,
         queued: bool = True,
+        naming: str | None = None,
     ) -> Served:
         """Pass the request to an instance of ``model`` (waiting for one, starting it on demand) and its
         answer back; one retry on another replica when the first could not be reached. ``queued=False``:
-        a pass-through to the server (/upstream) that its limit and queue do not hold back, once it serves."""
+        a pass-through to the server (/upstream) that its limit and queue do not hold back, once it serves.
+        ``naming``: the name the answer's `model` fields get (the one the client asked for)."""
         routed = self._models[model]
         for attempt in (1, 2):
             instance = await self._lease(model, routed, queued)
             try:
                 port = self._instances[instance].port
                 url = f"http://127.0.0.1:{port}{path}"
-                answer = await self._upstream.forward(method, url, headers, body, send, arrived_s)
+                answer = await self._upstream.forward(method, url, headers, body, send, arrived_s, naming=naming)
             except UpstreamFailed as exc:
                 self._take_out(instance, exc.reason)
                 if exc.sent:  # the client has the server's status already; the request failed all the same
@@ -231,6 +235,8 @@ class Router:
                 routed.last_used_s = time.monotonic()
                 self.admission.dispatch(model)
                 self._wake_timer.set()
+                if not self.admission.busy(model, routed.instances):
+                    self._next_swap()
             return Served(status=answer.status, instance=instance, answer=answer)
         raise AssertionError("unreachable: the second attempt returns or raises")
 
@@ -310,7 +316,10 @@ class Router:
         failure: RouteError | None = None
         try:
             async with self._placing:
-                await self._make_room(model, routed)
+                if not await self._make_room(model, routed):
+                    return  # its requests wait for room (see _next_swap)
+                routed.awaiting_room_s = None
+                routed.resident_until_s = time.monotonic() + routed.settings.min_resident_s
                 self._events.publish(Event.now("on-demand", f"starting {model} for a request", instance=model))
                 for instance in routed.instances:
                     try:
@@ -333,37 +342,78 @@ class Router:
         if failure is not None and (failure.code == "downloading" or not self._active(routed)):
             self.admission.fail(model, failure)
 
-    async def _make_room(self, model: str, routed: _RoutedModel) -> None:
-        """Stop the least recently used idle on-demand models until ``model`` fits beside what runs."""
+    async def _make_room(self, model: str, routed: _RoutedModel) -> bool:
+        """Stop what `choose.make_room` picks so that ``model`` fits beside what runs: True when it may
+        start now; False when its requests wait for busy models to go idle (or a resident time to end).
+        RouteError when nothing the rules allow to stop would make room."""
         plan_without = self._manager.planner_with_stopped(routed.instances[0])
-        idle = [
-            choose.Idle(other, b.last_used_s)
+        residents = [
+            choose.Resident(
+                other,
+                b.last_used_s,
+                busy=b.bringing_up is not None or self.admission.busy(other, b.instances),
+                priority=b.settings.priority,
+                pinned=b.settings.pinned,
+                resident_until_s=b.resident_until_s,
+            )
             for other, b in self._models.items()
-            if other != model
-            and b.settings.on_demand
-            and b.bringing_up is None
-            and any(self._instances[i].active for i in b.instances)
-            and not self.admission.busy(other, b.instances)
+            if other != model and b.settings.on_demand and any(self._instances[i].active for i in b.instances)
         ]
         if self._settings.router.evict == "never":
-            idle = []
-        instances = {i.name: self._models[i.name].instances for i in idle}
+            residents = []
+        instances = {r.name: self._models[r.name].instances for r in residents}
 
         def fits(stopped: Sequence[str]) -> bool:
             return plan_without([i for name in stopped for i in instances[name]]).fits
 
-        victims = await self._manager.in_planning_thread(functools.partial(choose.make_room, idle, fits))
-        if victims is None:
+        decide = functools.partial(choose.make_room, residents, routed.settings.priority, time.monotonic(), fits)
+        room = await self._manager.in_planning_thread(decide)
+        if room.stop is None and room.wait:
+            self._await_room(model, routed, room)
+            return False
+        if room.stop is None:
             plan = await self._manager.in_planning_thread(functools.partial(plan_without, []))
-            reason = plan.reason or f"{model} does not fit the GPUs"
+            reason = "; ".join([plan.reason or f"{model} does not fit the GPUs", *room.kept])
             raise RouteError(
                 503, f"no room on the GPUs for {model}: {reason}", "no_room", retry_after_s=_NO_ROOM_RETRY_S
             )
-        for victim in victims:
+        for victim in room.stop:
             if self.admission.busy(victim, self._models[victim].instances):  # a request came while the planner ran
-                why = f"no room on the GPUs for {model}: {victim} got a request meanwhile"
-                raise RouteError(503, why, "no_room", retry_after_s=_NO_ROOM_RETRY_S)
+                self._await_room(model, routed, choose.Room(None, wait=True, kept=(f"{victim} is busy",)))
+                return False
             await self._stop_model(victim, f"stopping idle {victim} to make room for {model}", "evict")
+        return True
+
+    def _await_room(self, model: str, routed: _RoutedModel, room: choose.Room) -> None:
+        """Let ``model``'s requests wait in its queue until a model in its way goes idle (its requests are
+        served first, collated: see _next_swap) or its resident time ends."""
+        if routed.awaiting_room_s is None:
+            routed.awaiting_room_s = time.monotonic()
+            why = "; ".join(room.kept)
+            self._events.publish(Event.now("on-demand", f"{model} waits for room: {why}", instance=model))
+        if room.retry_at_s is not None:
+            self._spawn(self._swap_at(room.retry_at_s))
+
+    async def _swap_at(self, at_s: float) -> None:
+        await asyncio.sleep(max(0.0, at_s - time.monotonic()))
+        self._next_swap()
+
+    def _next_swap(self) -> None:
+        """Start the next model whose requests wait for room, in `choose.collate`'s order: the one whose
+        oldest request waits longest (a running model's requests were served meanwhile, without a swap)."""
+        waiting: list[tuple[float, str]] = []
+        for name, routed in self._models.items():
+            if routed.awaiting_room_s is None:
+                continue
+            if not self.admission.queued(name):  # its requests gave up (timed out, left)
+                routed.awaiting_room_s = None
+                continue
+            waiting.append((routed.awaiting_room_s, name))
+        running = {name for name, routed in self._models.items() if self._active(routed)}
+        order = choose.collate([name for _, name in sorted(waiting)], running)
+        if order and order[0] not in running:  # one swap at a time: a waiting model on its way goes first
+            routed = self._models[order[0]]
+            routed.bringing_up = asyncio.create_task(self._bring_up(order[0], routed))
 
     # ---- the idle timer ---------------------------------------------------------------------------------
 
@@ -423,10 +473,11 @@ class Router:
                     self._put_back(event.instance or "")
                     self._spawn(self._read_slots(model, event.instance or ""))
                 if not self._active(routed) and self.admission.queued(model):
-                    if routed.settings.on_demand:  # stopped (idle, evicted) while requests came: start again
-                        routed.bringing_up = asyncio.create_task(self._bring_up(model, routed))
-                    else:
+                    if not routed.settings.on_demand:
                         self.admission.fail(model, self._gone(model))
+                    elif routed.awaiting_room_s is None:  # stopped (idle, evicted) while requests came: again
+                        routed.bringing_up = asyncio.create_task(self._bring_up(model, routed))
+                self._next_swap()  # what it held (a stop) or waited for (a start) may free a waiting model
                 self.admission.dispatch(model)
                 self._wake_timer.set()
         finally:
