@@ -288,8 +288,15 @@ class Manager:
     async def _roll(self, model: str, names: list[str], act: Callable[[Instance], Awaitable[None]]) -> RollReport:
         """A rolling restart of ``names`` (replicas of ``model``) by ``act``; rolls of one model run one after
         another, never interleaved."""
+
+        def replicas() -> dict[str, Instance]:
+            # a replica a reload removes leaves its model at once (`reconfigure`), before it is stopped: the
+            # roll leaves it out from then on, and never starts it again
+            members = self._table.groups.get(model, ())
+            return {n: self.instances[n] for n in names if n in members}
+
         async with self._rolls.setdefault(model, asyncio.Lock()):
-            return await rolling.roll(model, {n: self.instances[n] for n in names}, act, self.publish)
+            return await rolling.roll(model, replicas, act, self.publish)
 
     async def autostart(self) -> None:
         """Start every autostart model; one that cannot start is marked failed, the rest go on."""
@@ -389,20 +396,25 @@ class Manager:
     async def _restart_changed(self, model: str, names: list[str]) -> None:
         """The changed instances of configured ``model``: several replicas roll, one at a time."""
         if len(names) == 1:
-            await self._restart_with(names[0], self._configured[names[0]][1])
+            with contextlib.suppress(LauncherError):  # the instance shows it
+                await self._restart_with(self.instances[names[0]])
         else:
-            await self._roll(model, names, lambda i: self._restart_with(i.name, self._configured[i.name][1]))
+            await self._roll(model, names, self._restart_with)
 
-    async def _restart_with(self, name: str, model: ModelSettings) -> None:
-        """A changed instance: restarted with ``model`` if it ran (one that cannot start again is marked
-        failed, as at the daemon's start), given it alone if not."""
-        instance = self.instances[name]
+    async def _restart_with(self, instance: Instance) -> None:
+        """A changed instance: restarted with its settings configured now if it ran, given them alone if not.
+        One that cannot start again is marked failed, as at the daemon's start, and raises why (a roll stops
+        there: the replicas after it keep their server)."""
+        model = self._configured[instance.name][1]
         try:
             await instance.restart_with(model, backend_for(model, self.settings.rpc), self._place)
         except LauncherError as exc:
             instance.refuse(exc)
+            raise
         except Exception as exc:  # a bug or a file nobody foresaw: that model fails, the daemon serves on
-            instance.refuse(LauncherError(f"unexpected error: {type(exc).__name__}: {exc}"))
+            error = LauncherError(f"unexpected error: {type(exc).__name__}: {exc}")
+            instance.refuse(error)
+            raise error from exc
 
     # ---- reports ----------------------------------------------------------------------------------------
 

@@ -67,6 +67,20 @@ def order(states: Mapping[str, State]) -> list[str]:
     return [n for n, s in states.items() if s not in _SERVING] + [n for n, s in states.items() if s in _SERVING]
 
 
+def left_out(
+    order: Sequence[str], done: Collection[str], states_began: Mapping[str, State], states_now: Mapping[str, State]
+) -> list[str]:
+    """The replicas of ``order`` not yet restarted that the roll passes over: gone from the model (a reload
+    removed it) or stopped since the roll began (by hand: a roll does not undo a stop asked for meanwhile;
+    one stopped before the roll began is started, as a single instance's restart starts it)."""
+    return [
+        name
+        for name in order
+        if name not in done
+        and (name not in states_now or (states_now[name] == State.STOPPED and states_began[name] != State.STOPPED))
+    ]
+
+
 def next_step(
     order: Sequence[str], done: Collection[str], states_now: Mapping[str, State], failure: Stopped | None
 ) -> Step:
@@ -115,24 +129,30 @@ def replica_done(name: str, index: int, count: int, took_s: float) -> str:
 
 async def roll(
     model: str,
-    replicas: Mapping[str, Instance],
+    replicas: Callable[[], Mapping[str, Instance]],
     act: Callable[[Instance], Awaitable[None]],
     publish: Callable[[Event], None],
 ) -> RollReport:
-    """Restart ``replicas`` (of configured ``model``, in configured order) one at a time by ``act``, each
-    awaited ready (its `health.load_timeout` at most) before the next; the report says how it ended, and
-    events as it goes (the model's, no instance's; the stop's is the replica's). An `act` that raises is
-    the replica's failure (its message)."""
+    """Restart the ``replicas`` (of configured ``model``, in configured order: those still in the model each
+    time it is called) one at a time by ``act``, each awaited ready (its `health.load_timeout` at most)
+    before the next; the report says how it ended, and events as it goes (the model's, no instance's; the
+    stop's is the replica's). An `act` that raises LauncherError is the replica's failure (its message)."""
     began_s = time.monotonic()
-    sequence = order({name: i.state for name, i in replicas.items()})
+    states_began = {name: i.state for name, i in replicas().items()}
+    sequence = order(states_began)
     publish(Event.now("roll", began(model, sequence)))
     done: list[str] = []
+    passed: list[str] = []
     failure: Stopped | None = None
     while True:
-        step = next_step(sequence, done, {name: i.state for name, i in replicas.items()}, failure)
+        now = replicas()
+        states_now = {name: i.state for name, i in now.items()}
+        if failure is None:  # the one that failed is where the roll stopped, not passed over
+            passed = left_out(sequence, done, states_began, states_now)
+        step = next_step(sequence, [*done, *passed], states_now, failure)
         if not isinstance(step, Restart):
             break
-        instance = replicas[step.name]
+        instance = now[step.name]
         step_began_s = time.monotonic()
         why = await _restart_and_wait(instance, act)
         if why is not None:
@@ -145,6 +165,7 @@ async def roll(
         model=model,
         order=sequence,
         restarted=done,
+        left_out=passed,
         stopped_at=step.name if isinstance(step, Stopped) else None,
         reason=step.reason if isinstance(step, Stopped) else None,
         duration_s=round(time.monotonic() - began_s, 3),
