@@ -5,6 +5,7 @@ serving from its old server."""
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -218,3 +219,18 @@ def test_a_replica_stopped_by_hand_during_a_roll_stays_stopped(
         response = answer.result(timeout=120)
     assert response.status_code == 200, response.text
     assert daemon.instance("tiny@1")["state"] == "stopped"
+
+
+def test_the_daemons_stop_ends_a_roll_with_an_error_body(write_config: ConfigWriter, start_daemon: StartDaemon) -> None:
+    """SIGTERM during a roll: the roll restarts no further replica and its caller hears why in an ErrorBody
+    (before, the roll went on restarting replicas to be stopped, and was cut off by the API's end with a
+    plain-text 500 when it took longer than the API's grace)."""
+    daemon = start_daemon(write_config(two_replicas(), gpus=sim_gpus(2)))
+    ready_pids(daemon)
+    pool, answer = _rolling_in_background(daemon)
+    with pool:
+        daemon.proc.send_signal(signal.SIGTERM)
+        response = answer.result(timeout=60)
+        assert daemon.proc.wait(60) == 0
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"] == "the rolling restart of tiny ended unfinished: the daemon is stopping"

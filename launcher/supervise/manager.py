@@ -20,7 +20,7 @@ import httpx
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, with_command
 from launcher.config import GpuSettings, ModelSettings, Settings
-from launcher.errors import ConflictError, LauncherError
+from launcher.errors import ConflictError, LauncherError, StartError
 from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
 from launcher.hub.headers import hub_reader
@@ -84,6 +84,7 @@ class Manager:
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
         self._tasks: set[asyncio.Task[None]] = set()
         self._rolls: dict[str, asyncio.Lock] = {}  # configured model -> held while its replicas roll
+        self._stopping = asyncio.Event()  # the daemon's own stop began (`drain_all`): rolls end
         self.writes = StateWrites()
         self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
         self.instances = table.instances  # filled below: the degrader reads it
@@ -296,7 +297,22 @@ class Manager:
             return {n: self.instances[n] for n in names if n in members}
 
         async with self._rolls.setdefault(model, asyncio.Lock()):
-            return await rolling.roll(model, replicas, act, self.publish)
+            # The daemon's stop ends a roll: it would restart replicas only to stop them, and its caller would
+            # be cut off as the API closes. The replica restarting then finishes its restart alone.
+            rolled = asyncio.ensure_future(rolling.roll(model, replicas, act, self.publish))
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            try:
+                await asyncio.wait([rolled, stopping], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+                if not rolled.done():
+                    rolled.cancel()
+                    await asyncio.wait([rolled])
+            if rolled.cancelled():
+                message = f"the rolling restart of {model} ended unfinished: the daemon is stopping"
+                self.publish(Event.now("roll", message))
+                raise StartError(message)
+            return rolled.result()
 
     async def autostart(self) -> None:
         """Start every autostart model; one that cannot start is marked failed, the rest go on."""
@@ -433,7 +449,8 @@ class Manager:
 
     async def drain_all(self) -> None:
         """Drain every server at once (the daemon's own stop, before its API closes); each then waits
-        draining, given no new request, for `stop_all`."""
+        draining, given no new request, for `stop_all`. Rolls under way end here."""
+        self._stopping.set()
         await asyncio.gather(*(i.drain() for i in self.instances.values() if i.active))
 
     async def stop_all(self) -> None:
