@@ -20,7 +20,7 @@ import httpx
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, with_command
 from launcher.config import GpuSettings, ModelSettings, Settings
-from launcher.errors import ConflictError, LauncherError, StartError
+from launcher.errors import ConflictError, LauncherError
 from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
 from launcher.hub.headers import hub_reader
@@ -296,23 +296,8 @@ class Manager:
             members = self._table.groups.get(model, ())
             return {n: self.instances[n] for n in names if n in members}
 
-        async with self._rolls.setdefault(model, asyncio.Lock()):
-            # The daemon's stop ends a roll: it would restart replicas only to stop them, and its caller would
-            # be cut off as the API closes. The replica restarting then finishes its restart alone.
-            rolled = asyncio.ensure_future(rolling.roll(model, replicas, act, self.publish))
-            stopping = asyncio.ensure_future(self._stopping.wait())
-            try:
-                await asyncio.wait([rolled, stopping], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopping.cancel()
-                if not rolled.done():
-                    rolled.cancel()
-                    await asyncio.wait([rolled])
-            if rolled.cancelled():
-                message = f"the rolling restart of {model} ended unfinished: the daemon is stopping"
-                self.publish(Event.now("roll", message))
-                raise StartError(message)
-            return rolled.result()
+        async with self._rolls.setdefault(model, asyncio.Lock()):  # the daemon's stop ends it
+            return await rolling.roll_unless(self._stopping, model, replicas, act, self.publish)
 
     async def autostart(self) -> None:
         """Start every autostart model; one that cannot start is marked failed, the rest go on."""

@@ -9,11 +9,12 @@ restart with new settings).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from launcher.errors import LauncherError
+from launcher.errors import LauncherError, StartError
 from launcher.schema import Event, RollReport, State
 from launcher.supervise.instance import Instance
 
@@ -125,6 +126,34 @@ def replica_done(name: str, index: int, count: int, took_s: float) -> str:
 
 
 # ---- carrying it out ----------------------------------------------------------------------------------
+
+
+async def roll_unless(
+    stopping: asyncio.Event,
+    model: str,
+    replicas: Callable[[], Mapping[str, Instance]],
+    act: Callable[[Instance], Awaitable[None]],
+    publish: Callable[[Event], None],
+) -> RollReport:
+    """`roll`, ended by ``stopping`` (the daemon's own stop): StartError. A roll then would restart replicas
+    only to have them stopped, and its caller would be cut off as the API closes; the replica restarting
+    finishes its restart alone."""
+    if stopping.is_set():
+        raise StartError(f"the rolling restart of {model} did not begin: the daemon is stopping")
+    rolled = asyncio.ensure_future(roll(model, replicas, act, publish))
+    stopped = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait([rolled, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not rolled.done():
+            rolled.cancel()
+            await asyncio.wait([rolled])
+    if rolled.cancelled():
+        message = f"the rolling restart of {model} ended unfinished: the daemon is stopping"
+        publish(Event.now("roll", message))
+        raise StartError(message)
+    return rolled.result()
 
 
 async def roll(
