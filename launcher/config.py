@@ -26,7 +26,7 @@ from launcher.address import reach
 from launcher.config_yaml import clip
 from launcher.errors import NotFoundError
 from launcher.hub_ref import HubRef, check_revision, is_hub_ref, parse_hub_ref
-from launcher.server_args import CTX, MMPROJ, arg_value, check_args
+from launcher.server_args import CTX, CTX_CELLS, MMPROJ, arg_value, check_args
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 # Finite: `.inf` would make a wait (a drain, a stop, a queue) last as long as a client cares to hold it.
@@ -397,7 +397,8 @@ class ModelSettings(_Strict):
     )
     ctx_max: Annotated[int, Field(gt=0)] | None = Field(
         default=None,
-        description="With `ctx: max`: the largest context (per request) it may choose; default the model's trained "
+        description="With `ctx: max`: the largest context (per request) it may choose, at least 256 (llama.cpp's "
+        "step: rounded down to one, `ctx_min` up, and a step must lie between them); default the model's trained "
         "context (`context_length` in its header).",
     )
     gpus: Literal["auto"] | list[int | str] = Field(
@@ -577,8 +578,17 @@ class ModelSettings(_Strict):
             raise ValueError("ctx: max is for llama-server, whose memory the planner sizes the context to")
         if arg_value(self.args, *CTX) is not None:
             raise ValueError("ctx: max chooses -c: remove -c/--ctx-size from args, or set ctx to a number")
-        if self.ctx_min is not None and self.ctx_max is not None and self.ctx_min > self.ctx_max:
-            raise ValueError(f"ctx_min {self.ctx_min} is above ctx_max {self.ctx_max}")
+        if self.ctx_max is not None and self.ctx_max < CTX_CELLS:
+            raise ValueError(f"ctx_max {self.ctx_max} is below {CTX_CELLS}, the fewest cells llama.cpp gives a context")
+        if self.ctx_min is not None and self.ctx_max is not None:
+            if self.ctx_min > self.ctx_max:
+                raise ValueError(f"ctx_min {self.ctx_min} is above ctx_max {self.ctx_max}")
+            # the context is chosen in llama.cpp's steps: ctx_min rounds up to one, ctx_max down
+            if -(-self.ctx_min // CTX_CELLS) > self.ctx_max // CTX_CELLS:
+                raise ValueError(
+                    f"ctx_min {self.ctx_min} and ctx_max {self.ctx_max} hold no multiple of {CTX_CELLS} "
+                    f"between them, the steps llama.cpp sizes a context in"
+                )
         return self
 
     @model_validator(mode="after")

@@ -305,19 +305,24 @@ class RollReport(_Wire):
     model: str  # the configured model
     order: list[str]  # its replicas in the order they were (or were to be) restarted
     restarted: list[str]  # those restarted and back (ready, or left stopped), in that order
+    left_out: list[str] = []  # those passed over: stopped by hand or removed by a reload during the roll
     stopped_at: str | None = None  # the replica where the roll stopped; the ones after it keep their old server
     reason: str | None = None  # why it stopped there
     duration_s: float
 
     def describe(self) -> str:
         """One line: rolled, or where it stopped and why, and what kept its old server."""
+        passed = f"; left out (stopped or removed meanwhile): {', '.join(self.left_out)}" if self.left_out else ""
         if self.stopped_at is None:
-            return f"rolled {self.model}: {', '.join(self.restarted)} restarted one at a time in {self.duration_s:.2f}s"
-        kept = [name for name in self.order if name not in self.restarted and name != self.stopped_at]
+            restarted = ", ".join(self.restarted) or "no replica"
+            return f"rolled {self.model}: {restarted} restarted one at a time in {self.duration_s:.2f}s{passed}"
+        gone = {*self.restarted, *self.left_out, self.stopped_at}
+        kept = [name for name in self.order if name not in gone]
         return (
             f"rolling restart of {self.model} stopped at {self.stopped_at}: {self.reason}"
             + (f"; restarted: {', '.join(self.restarted)}" if self.restarted else "")
             + (f"; kept their old server: {', '.join(kept)}" if kept else "")
+            + passed
         )
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 from launcher.config import GpuSettings, ModelSettings
 from launcher.gpu.types import Link
-from launcher.plan.context import largest, size_context
+from launcher.plan.context import CELLS, largest, size_context, streams
 from launcher.plan.estimate import MIB, ModelShape, Runtime, kv_bytes, padded_ctx
 from launcher.plan.layout import (
     DeviceLoad,
@@ -237,9 +237,13 @@ def _suggestions(
 
     # contexts in steps of 256
     best = largest(lambda k: fits(dataclasses.replace(runtime, ctx=k * 256)), 1, padded_ctx(runtime.ctx) // 256 - 1)
-    if best:
-        key = "ctx_min" if model.ctx == "max" else "ctx"
-        result.append(f"the largest context that fits is {best * 256} ({key}: {best * 256})")
+    if model.ctx == "max":  # ctx_min is per KV stream: -c over the streams, down to llama.cpp's step
+        per_stream = best * 256 // streams(runtime) // CELLS * CELLS if best else 0
+        if per_stream:
+            slot = " per slot" if streams(runtime) > 1 else ""
+            result.append(f"the largest context that fits is {per_stream}{slot} (ctx_min: {per_stream})")
+    elif best:
+        result.append(f"the largest context that fits is {best * 256} (ctx: {best * 256})")
     if (runtime.cache_type_k, runtime.cache_type_v) != ("q8_0", "q8_0"):
         q8 = Runtime(**{**vars(runtime), "cache_type_k": "q8_0", "cache_type_v": "q8_0"})
         saved = sum(kv_bytes(shape, runtime, u) - kv_bytes(shape, q8, u) for u in range(shape.n_layer))

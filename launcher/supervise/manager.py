@@ -99,6 +99,7 @@ class Manager:
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
         self._tasks: set[asyncio.Task[object]] = set()
         self._rolls: dict[str, asyncio.Lock] = {}  # configured model -> held while its replicas roll
+        self._stopping = asyncio.Event()  # the daemon's own stop began (`drain_all`): rolls end
         self.writes = StateWrites()
         self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
         self.instances = table.instances  # filled below: the degrader reads it
@@ -315,8 +316,15 @@ class Manager:
     async def _roll(self, model: str, names: list[str], act: Callable[[Instance], Awaitable[None]]) -> RollReport:
         """A rolling restart of ``names`` (replicas of ``model``) by ``act``; rolls of one model run one after
         another, never interleaved."""
-        async with self._rolls.setdefault(model, asyncio.Lock()):
-            return await rolling.roll(model, {n: self.instances[n] for n in names}, act, self.publish)
+
+        def replicas() -> dict[str, Instance]:
+            # a replica a reload removes leaves its model at once (`reconfigure`), before it is stopped: the
+            # roll leaves it out from then on, and never starts it again
+            members = self._table.groups.get(model, ())
+            return {n: self.instances[n] for n in names if n in members}
+
+        async with self._rolls.setdefault(model, asyncio.Lock()):  # the daemon's stop ends it
+            return await rolling.roll_unless(self._stopping, model, replicas, act, self.publish)
 
     async def autostart(self) -> None:
         """Start every autostart model; one that cannot start is marked failed, the rest go on."""
@@ -453,10 +461,16 @@ class Manager:
                 return [_failed(changed[0], exc.message)]
             return [await self._came_up(changed[0]) if ran[changed[0].name] else _updated(changed[0])]
         roll = await self._roll(model, [c.name for c in changed], self._restart_with)
+        for name in roll.left_out:  # stopped by hand meanwhile: its next start takes the new settings
+            if name in self.instances and not self.instances[name].active:
+                with contextlib.suppress(LauncherError):  # the instance shows it
+                    await self._restart_with(self.instances[name])
 
         def outcome(change: InstanceChange) -> InstanceChange:
             if change.name in roll.restarted:
                 return change if ran[change.name] else _updated(change)
+            if change.name in roll.left_out:
+                return _updated(change)
             if change.name == roll.stopped_at:
                 return _failed(change, roll.reason or "it did not come back")
             return _failed(change, f"not restarted: the rolling restart stopped at {roll.stopped_at}")
@@ -464,8 +478,9 @@ class Manager:
         return [outcome(c) for c in changed]
 
     async def _restart_with(self, instance: Instance) -> None:
-        """A changed instance: restarted with the settings configured now if it ran, given them alone if not.
-        One that cannot start again is marked failed, as at the daemon's start, and the error raised."""
+        """A changed instance: restarted with its settings configured now if it ran, given them alone if not.
+        One that cannot start again is marked failed, as at the daemon's start, and raises why (a roll stops
+        there: the replicas after it keep their server)."""
         model = self._configured[instance.name][1]
         try:
             await instance.restart_with(model, backend_for(model, self.settings.rpc), self._place)
@@ -502,7 +517,8 @@ class Manager:
 
     async def drain_all(self) -> None:
         """Drain every server at once (the daemon's own stop, before its API closes); each then waits
-        draining, given no new request, for `stop_all`."""
+        draining, given no new request, for `stop_all`. Rolls under way end here."""
+        self._stopping.set()
         await asyncio.gather(*(i.drain() for i in self.instances.values() if i.active))
 
     async def stop_all(self) -> None:
