@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, with_command
 from launcher.config import ModelSettings, Settings
+from launcher.errors import ConfigError
 from launcher.gpu import open_backend
 from launcher.gpu.base import GpuBackend
 from launcher.gpu.sampler import read_sample
 from launcher.hub_ref import HubRef
-from launcher.plan.planner import Planner
+from launcher.plan.planner import NOT_MEASURED, Measured, Planner
 from launcher.schema import GpuSample, Plan
 from launcher.statedir.layout import StateDir
+from launcher.statedir.measurements import MeasurementStore
+from launcher.supervise.measuring import Measuring
 from launcher.supervise.ports import pick_free_port
 
 
@@ -43,8 +46,9 @@ def local_gpus(settings: Settings) -> Iterator[LocalGpus]:
         backend.close()
 
 
-def plan_here(settings: Settings, name: str) -> Plan:
-    """The plan of ``name`` against the GPUs as read now, with no other instance's claims."""
+def plan_here(settings: Settings, name: str, estimate: bool = False) -> Plan:
+    """The plan of ``name`` against the GPUs as read now, with no other instance's claims; with what
+    earlier runs measured (kept in the state directory) unless ``estimate``."""
     with local_gpus(settings) as gpus:
         samples = gpus.read()
         identities, links = gpus.backend.identities(), gpus.backend.links()
@@ -53,7 +57,12 @@ def plan_here(settings: Settings, name: str) -> Plan:
     planner = Planner(settings.gpus, identities, links)
     if isinstance(model.model, HubRef):  # planned from its headers; its command comes with its download
         return _plan_from_hub(settings, planner, name, model, samples)
-    plan = planner.plan(name, model, planned_file(backend, model, name), samples, {})
+    found = planned_file(backend, model, name)
+    measured = NOT_MEASURED
+    if not estimate:
+        measuring = Measuring(_measurements(settings), identities)
+        measured = Measured(measuring.lookup(model, found, backend.binary(model)), measuring.overheads_mib())
+    plan = planner.plan(name, model, found, samples, {}, measured=measured)
     # The port a start would take: the configured one, or the first free one (a test bind, nothing held).
     port = (
         model.port
@@ -72,3 +81,21 @@ def _plan_from_hub(
 
     reader = hub_reader(settings.hub, StateDir(settings.daemon.state_dir).hub_headers_dir)
     return plan_from_hub(planner, reader, name, model, samples, {})
+
+
+def _measurements(settings: Settings) -> MeasurementStore:
+    return MeasurementStore(StateDir(settings.daemon.state_dir).measured_file)
+
+
+def forget_measurements(settings: Settings, name: str) -> int:
+    """Forget what the runs of configured model ``name`` measured (a running daemon reads the file at each
+    plan, so its next plan of ``name`` is estimated); how many measurements there were."""
+    if name not in settings.models:
+        raise ConfigError(f"no model named {name!r} in the configuration", hint="`launcher status` lists them")
+    try:
+        return _measurements(settings).forget(name)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot change {_measurements(settings).path}: {exc.strerror or exc}",
+            hint="run it as the user the daemon runs as",
+        ) from None

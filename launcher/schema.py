@@ -74,6 +74,7 @@ class DevicePlan(_Wire):
     free_after_mib: int
     recurrent_mib: int = 0  # recurrent state (Mamba, RWKV, hybrids): llama-server's "RS buffer"
     projector_mib: int = 0  # the multimodal projector's weights (--mmproj)
+    output_mib: int = 0  # the logits' buffer: measured only (an estimate counts it in compute_mib)
     host: str = "local"  # the peer (by name) whose RPC device this is; `gpu` is that peer's index
     endpoint: str | None = None  # a remote device's rpc-server, HOST:PORT as `--rpc` names it
 
@@ -94,6 +95,7 @@ class HostPlan(_Wire):
     compute_mib: int
     recurrent_mib: int = 0
     projector_mib: int = 0
+    output_mib: int = 0
 
 
 class QuantPlan(_Wire):
@@ -149,6 +151,9 @@ class Plan(_Wire):
     not_modelled: list[str] = []  # flags in args whose effect on memory the plan does not follow
     network: NetworkCost | None = None  # None: every device is this host's
     hub: HubPlan | None = None  # a hub model planned from its headers before download
+    # When its terms are what a server measured with the same file, settings and server (that day, ISO
+    # 8601); None: estimated from the header (launcher/plan/measured.py)
+    measured: str | None = None
 
     @property
     def claims_mib(self) -> dict[int, int]:
@@ -179,6 +184,22 @@ class DeviceCheck(_Wire):
     planned_mib: float
     actual_mib: float
     difference_mib: float
+    # What the GPU reading (NVML) says the server's process holds on this GPU: the buffers and the driver's
+    # own share. None: not a local GPU, or no reading of processes (simulated GPUs, no permission).
+    process_mib: int | None = None
+
+
+class PlanFinding(_Wire):
+    """A device where the plan was off by more than the planner's tolerance (launcher/plan/verdict.py)."""
+
+    device: str
+    term: str  # kv | total
+    mostly: str | None = None  # of a total: the term that moved it most
+    planned_mib: float
+    actual_mib: float
+    difference_mib: float
+    over: bool  # True: the server took more than planned (a warning); False: memory left unused (information)
+    message: str  # names the model, device, term and amount
 
 
 class PlanCheck(_Wire):
@@ -188,6 +209,7 @@ class PlanCheck(_Wire):
     source: str  # where the actual figures come from
     devices: list[DeviceCheck]  # the plan's devices in llama.cpp's order, then the host
     unmatched: list[str] = []  # buffers the server named on a device the plan does not have
+    findings: list[PlanFinding] = []  # devices off the plan by more than the tolerance
 
 
 class InstanceStatus(_Wire):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Collection, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -27,16 +28,18 @@ from launcher.hub.headers import hub_reader
 from launcher.hub.planning import plan_from_hub
 from launcher.hub_ref import HubRef
 from launcher.plan.gguf import ModelFileError
-from launcher.plan.planner import Placed, Planner, freed
+from launcher.plan.planner import NOT_MEASURED, Measured, Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
 from launcher.schema import Change, Event, GpuSample, InstanceStatus, Plan, ReloadReport, State
 from launcher.statedir.layout import StateDir
+from launcher.statedir.measurements import MeasurementStore
 from launcher.supervise import thermal
 from launcher.supervise.degrade import Degrader
 from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
+from launcher.supervise.measuring import Measuring
 from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
 from launcher.supervise.table import InstanceTable
@@ -84,6 +87,7 @@ class Manager:
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
         self._tasks: set[asyncio.Task[None]] = set()
         self.writes = StateWrites()
+        self.measuring = Measuring(MeasurementStore(state_dir.measured_file), sampler.identities)
         self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
         self.instances = table.instances  # filled below: the degrader reads it
         self._degrader = None if peers is None else Degrader(peers, self.instances, self._place, self._spawn)
@@ -98,6 +102,8 @@ class Manager:
             writes=self.writes,
             requests=table.requests,
             blocked=self._degrader,
+            measuring=self.measuring,
+            gpu_processes=sampler.processes,
         )
         for name, (group, model) in self._configured.items():
             table.add(self._instance(name, group, model))
@@ -176,7 +182,8 @@ class Manager:
 
             def place() -> Placed:
                 found = planned_file(instance.backend, instance.settings, instance.name)
-                return self.planner.place(instance.name, instance.settings, found, samples, claims, remote)
+                measured = self._measured(instance, found)
+                return self.planner.place(instance.name, instance.settings, found, samples, claims, remote, measured)
 
             try:
                 placed = await self._planning.run(place)
@@ -196,11 +203,24 @@ class Manager:
         taken = [self.settings.daemon.port, *(i.port for i in self.instances.values() if i.port is not None)]
         return pick_free_port(*self.settings.daemon.instance_ports, taken)
 
-    async def plan(self, name: str) -> Plan:
+    def _measured(self, instance: Instance, found: Path | None, estimate: bool = False) -> Measured:
+        """What earlier runs measured for ``instance``'s next plan (in a planning thread: it reads the
+        disk); nothing with ``estimate`` (`launcher plan --estimate`)."""
+        if estimate:
+            return NOT_MEASURED
+        try:
+            binary = instance.backend.binary(instance.settings)
+        except LauncherError:  # the start will say why
+            return Measured(overheads_mib=self.measuring.overheads_mib())
+        run = self.measuring.lookup(instance.settings, found, binary)
+        return Measured(run, self.measuring.overheads_mib())
+
+    async def plan(self, name: str, estimate: bool = False) -> Plan:
         """The plan for ``name``, with the command line and the environment: for a running instance the
-        plan it runs with; otherwise one made now, against the GPUs and the other instances' claims."""
+        plan it runs with; otherwise one made now, against the GPUs and the other instances' claims (from
+        the estimate alone with ``estimate``)."""
         instance = self.get(name)
-        if instance.active and instance.plan is not None:
+        if instance.active and instance.plan is not None and not estimate:
             # The command its server was started with; between runs (backoff) the one the next run gets,
             # or why it cannot run (a binary removed meanwhile).
             if instance.running and instance.spec is not None:
@@ -215,9 +235,10 @@ class Manager:
                 reader = hub_reader(self.settings.hub, self._hub_headers_dir)
                 return plan_from_hub(self.planner, reader, name, instance.settings, samples, claims, remote)
             found = planned_file(instance.backend, instance.settings, name)
-            return self.planner.plan(name, instance.settings, found, samples, claims, remote)
+            measured = self._measured(instance, found, estimate)
+            return self.planner.plan(name, instance.settings, found, samples, claims, remote, measured)
 
-        plan = await self._planning.run(make, key=name)
+        plan = await self._planning.run(make, key=(name, estimate))
         if plan.hub is not None:  # no command until its files are downloaded
             return plan
         spec = instance.backend.launch_spec(instance.settings, self._port_for(instance), self.planner.placement(plan))
@@ -240,7 +261,8 @@ class Manager:
             back = claims_total(mib for n, mib in held.items() if n in stopped)
             kept = claims_total([*(mib for n, mib in held.items() if n not in stopped), peers_mib])
             found = planned_file(instance.backend, instance.settings, name)
-            return self.planner.plan(name, instance.settings, found, freed(samples, back), kept, remote)
+            measured = self._measured(instance, found)
+            return self.planner.plan(name, instance.settings, found, freed(samples, back), kept, remote, measured)
 
         return plan_without
 
