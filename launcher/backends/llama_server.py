@@ -27,7 +27,7 @@ BINARY_NAME = "llama-server"
 # (3) says nothing of them. Measured (bench/log_verbosity.py): 159 more lines (11 KiB) at load, 21 more
 # (about 2 KiB) per request, no latency; the logs are rotated (daemon.log_max_mib x log_keep). Given
 # before the model's args, so a verbosity there wins (llama.cpp takes the last).
-LOG_VERBOSITY = ["--log-verbosity", "4"]
+LLAMA_SERVER_LOG_ARGS = ["--log-verbosity", "4"]
 
 
 def find_llama_server(configured: Path | None) -> Path:
@@ -95,7 +95,7 @@ class LlamaServerBackend:
         if placement.gpus or placement.rpc:
             # The plan decided layers and context; --fit (on by default) would re-decide at load time.
             argv += ["--fit", "off"]
-        argv += LOG_VERBOSITY
+        argv += LLAMA_SERVER_LOG_ARGS
         argv += model.args
         return LaunchSpec(argv=argv, env=child_environment(placement, model.env))
 
@@ -127,6 +127,6 @@ class LlamaServerBackend:
     def check_plan(self, plan: Plan, log_lines: list[str]) -> PlanCheck | str:
         reported = llama_log.parse_lines(log_lines)
         if reported.empty:
-            # The launcher asks for verbosity 4 (LOG_VERBOSITY); a lower one in the model's args wins.
+            # The launcher asks for verbosity 4 (LLAMA_SERVER_LOG_ARGS); a lower one in the model's args wins.
             return "llama-server logged no buffer sizes (it does from -lv 4: the model's args set a lower verbosity)"
         return llama_log.check(plan, reported)
