@@ -7,10 +7,12 @@ its default: log lines and bytes at load and per request, and the request latenc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,62 +22,60 @@ from launcher.backends.llama_server import find_llama_server
 from launcher.tinymodel import write_tiny_llama
 
 
-def _run(binary: Path, model: Path, extra: list[str], requests: int, log: Path) -> dict[str, float]:
+@contextlib.contextmanager
+def serving(binary: Path, model: Path, extra: list[str], log: Path) -> Iterator[httpx.Client]:
+    """llama-server on ``model`` (ctx 4096, ``extra`` args), its output appended to ``log``, once ready
+    (within 60 s); a client of it, and the server ended after."""
     port = free_port()
-    argv = [str(binary), "--model", str(model), "--port", str(port), "--ctx-size", "512", *extra]
-    with log.open("wb") as out, subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT) as proc:
+    argv = [str(binary), "--model", str(model), "--port", str(port), "--ctx-size", "4096", *extra]
+    with log.open("ab") as out, subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT) as proc:
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:
-                    try:
+                    with contextlib.suppress(httpx.HTTPError):
                         if client.get("/health").status_code == 200:
                             break
-                    except httpx.HTTPError:
-                        pass
                     time.sleep(0.05)
-                loaded_lines, loaded_bytes = len(log.read_bytes().splitlines()), log.stat().st_size
-                latencies = []
-                for i in range(requests):
-                    began = time.perf_counter()
-                    body = {"prompt": f"request {i}", "n_predict": 8, "cache_prompt": False}
-                    client.post("/completion", json=body).raise_for_status()
-                    latencies.append(time.perf_counter() - began)
+                yield client
         finally:
             proc.terminate()
             proc.wait(10)
-    lines, size = len(log.read_bytes().splitlines()), log.stat().st_size
-    return {
-        "load_lines": loaded_lines,
-        "load_bytes": loaded_bytes,
-        "lines_per_request": (lines - loaded_lines) / requests,
-        "bytes_per_request": (size - loaded_bytes) / requests,
-        "median_ms": statistics.median(latencies) * 1000,
-    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--requests", type=int, default=60)
     args = parser.parse_args()
     binary = find_llama_server(None)
-    with tempfile.TemporaryDirectory() as tmp:
+    sides = {"default": [], "-lv 4": ["-lv", "4"]}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model = write_tiny_llama(Path(tmp) / "tiny.gguf")
-        # Alternated, twice each: the medians of both runs, so a machine busy during one run skews neither.
-        runs: dict[str, list[dict[str, float]]] = {"default": [], "-lv 4": []}
-        for _ in range(2):
-            for label, extra in (("default", []), ("-lv 4", ["-lv", "4"])):
-                runs[label].append(_run(binary, model, extra, args.requests, Path(tmp) / f"{label}.log"))
-        rows = {label: {k: statistics.median(r[k] for r in each) for k in each[0]} for label, each in runs.items()}
+        log = {label: Path(tmp) / f"{i}.log" for i, label in enumerate(sides)}
+        client = {
+            label: stack.enter_context(serving(binary, model, extra, log[label])) for label, extra in sides.items()
+        }
+        loaded = {label: (len(log[label].read_bytes().splitlines()), log[label].stat().st_size) for label in sides}
+        # Both servers run at once and take the requests in turn, which goes first alternating: a busy machine
+        # slows both alike.
+        latencies: dict[str, list[float]] = {label: [] for label in sides}
+        for i in range(args.requests):
+            for label in list(sides)[:: 1 if i % 2 else -1]:
+                began = time.perf_counter()
+                body = {"prompt": f"request {i}", "n_predict": 8, "cache_prompt": False}
+                client[label].post("/completion", json=body).raise_for_status()
+                latencies[label].append(time.perf_counter() - began)
+        ended = {label: (len(log[label].read_bytes().splitlines()), log[label].stat().st_size) for label in sides}
     print("| verbosity | load lines | load KiB | lines/request | bytes/request | median ms/request |")
     print("|---|---|---|---|---|---|")
-    for label, r in rows.items():
+    for label in sides:
+        (lines0, bytes0), (lines1, bytes1) = loaded[label], ended[label]
         print(
-            f"| {label} | {r['load_lines']:.0f} | {r['load_bytes'] / 1024:.1f} | {r['lines_per_request']:.1f} "
-            f"| {r['bytes_per_request']:.0f} | {r['median_ms']:.2f} |"
+            f"| {label} | {lines0} | {bytes0 / 1024:.1f} | {(lines1 - lines0) / args.requests:.1f} "
+            f"| {(bytes1 - bytes0) / args.requests:.0f} | {statistics.median(latencies[label]) * 1000:.2f} |"
         )
-    ratio = rows["-lv 4"]["median_ms"] / rows["default"]["median_ms"]
-    print(f"latency ratio -lv 4 / default: {ratio:.3f}")
+    ratios = [lv4 / default for default, lv4 in zip(latencies["default"], latencies["-lv 4"], strict=True)]
+    print(f"latency ratio -lv 4 / default, median of the {args.requests} pairs: {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":

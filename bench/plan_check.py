@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
-from bench.realbuffers import free_port
+from bench.log_verbosity import serving
 from launcher.backends.llama_server import LLAMA_SERVER_LOG_ARGS, LlamaServerBackend, find_llama_server
 from launcher.config import GpuSettings, ModelSettings
 from launcher.plan import verdict
@@ -28,25 +25,6 @@ from launcher.supervise.measuring import Measuring
 from launcher.tinymodel import write_tiny_llama
 
 
-def _real_log(binary: Path, model: Path, log: Path) -> None:
-    """One real run of llama-server as the launcher starts it, its output in ``log`` after a start marker."""
-    port = free_port()
-    logs.write_start_marker(log, "bench")
-    argv = [str(binary), "--model", str(model), "--port", str(port), "--ctx-size", "4096", *LLAMA_SERVER_LOG_ARGS]
-    with log.open("ab") as out, subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT) as proc:
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.05)
-        finally:
-            proc.terminate()
-            proc.wait(10)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=200)
@@ -55,7 +33,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_path = write_tiny_llama(Path(tmp) / "tiny.gguf")
         log = Path(tmp) / "tiny.log"
-        _real_log(binary, model_path, log)
+        logs.write_start_marker(log, "bench")  # one real run as the launcher starts it, after its marker
+        with serving(binary, model_path, LLAMA_SERVER_LOG_ARGS, log):
+            pass
         model = ModelSettings(model=model_path, ctx=4096)
         backend = LlamaServerBackend(model)
         plan = Planner(GpuSettings(), [], {}).plan("tiny", model, model_path, [], {})

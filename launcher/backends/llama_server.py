@@ -24,8 +24,8 @@ from launcher.server_args import PARALLEL, arg_value
 
 BINARY_NAME = "llama-server"
 # This llama.cpp logs its buffer sizes (what the plan is checked against) at verbosity 4 only: the default
-# (3) says nothing of them. Measured (bench/log_verbosity.py): 159 more lines (11 KiB) at load, 21 more
-# (about 2 KiB) per request, no latency; the logs are rotated (daemon.log_max_mib x log_keep). Given
+# (3) says nothing of them. Measured (bench/log_verbosity.py): 158 more lines (11 KiB) at load, 21 more
+# (about 2 KiB) per request, latency within the noise; the logs are rotated (daemon.log_max_mib x log_keep). Given
 # before the model's args, so a verbosity there wins (llama.cpp takes the last).
 LLAMA_SERVER_LOG_ARGS = ["--log-verbosity", "4"]
 
