@@ -39,7 +39,7 @@ from launcher.supervise.degrade import Degrader
 from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
-from launcher.supervise.measuring import Measuring
+from launcher.supervise.measuring import MEASURED_BACKEND, Measuring
 from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
 from launcher.supervise.table import InstanceTable
@@ -208,6 +208,8 @@ class Manager:
         disk); nothing with ``estimate`` (`launcher plan --estimate`)."""
         if estimate:
             return NOT_MEASURED
+        if instance.settings.backend != MEASURED_BACKEND:  # no check reads its buffers: nothing measured
+            return Measured(overheads_mib=self.measuring.overheads_mib())
         try:
             binary = instance.backend.binary(instance.settings)
         except LauncherError:  # the start will say why
