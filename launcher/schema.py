@@ -36,7 +36,9 @@ class State(StrEnum):
 
 class Event(_Wire):
     time: str
-    kind: str  # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain
+    # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | plan-warning (a plan
+    # the server exceeded) | plan-info (memory the plan left unused): launcher/plan/verdict.py
+    kind: str
     message: str
     instance: str | None = None
     state: State | None = None  # the instance's state after the event
