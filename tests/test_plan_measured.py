@@ -71,6 +71,10 @@ def test_a_measured_gpu_run_plans_the_next_within_1_mib_and_teaches_the_drivers_
 
     store = MeasurementStore(tmp_path / "state" / "measured.json")
     measuring = Measuring(store, nvml.identities())
+    # a server whose log names no buffer on the planned GPU (it ran on the CPU): nothing kept
+    on_cpu = llama_log.check(estimated, llama_log.parse(_log(estimated, 0.35, 40.0, 120.25).replace("CUDA0", "CPU")))
+    assert measuring.record("tiny", model, tiny_model, binary, estimated, on_cpu) is None
+    assert not store.path.exists()
     kept = measuring.record("tiny", model, tiny_model, binary, estimated, check)
     assert kept is not None and kept.devices[0].process_mib == 700
     # the driver's share: 700 - (0.35 + 40 + 120.25) = 539.4, rounded up; per GPU name and driver version

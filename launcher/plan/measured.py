@@ -70,9 +70,13 @@ def _terms(found: dict[str, float]) -> MeasuredTerms:
 
 
 def measurement_of(model: str, plan: Plan, check: PlanCheck, date: str) -> Measurement | None:
-    """The measurement a check makes of ``plan``; None when the server's buffers do not all sit on the
-    plan's devices (a buffer on a device it does not have: nothing to file it under)."""
+    """The measurement a check makes of ``plan``; None when the server's buffers and the plan's devices do
+    not match one to one: a buffer on a device the plan does not have (nothing to file it under), or a
+    planned device the log does not name (a server on simulated GPUs, numbering the launcher did not
+    foresee): keeping nothing there would let the next plan claim nothing on it."""
     if check.unmatched or len(check.devices) != len(plan.devices) + 1:
+        return None
+    if not all(device.seen for device in check.devices[:-1]):
         return None
     *devices, host = check.devices
     return Measurement(
