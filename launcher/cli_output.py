@@ -175,12 +175,13 @@ def _hub_lines(hub: HubPlan) -> list[str]:
                 ("* " if q.chosen else "  ") + (q.quant or "?"),
                 _size(q.size_bytes),
                 "fits" if q.fits else "does not fit",
+                "" if q.ctx is None else str(q.ctx),
                 q.files[0] + (f" (+{len(q.files) - 1})" if len(q.files) > 1 else ""),
                 "" if q.fits else (q.reason or ""),
             ]
             for q in hub.quants
         ]
-        lines += ["", format_table(["QUANT", "SIZE", "VERDICT", "FILE", "WHY NOT"], rows), ""]
+        lines += ["", format_table(["QUANT", "SIZE", "VERDICT", "CTX", "FILE", "WHY NOT"], rows), ""]
     return lines
 
 
@@ -198,6 +199,8 @@ def format_plan(name: str, plan: Plan) -> str:
     settings = f"ctx {plan.ctx}, flash attention {'on' if plan.flash_attn else 'off'}, {kv}"
     lines = [f"{name}: {'fits on ' + where if plan.fits else 'does not fit'} ({settings})"]
     lines.append(f"terms: measured {plan.measured}" if plan.measured else "terms: estimated from the model's header")
+    if plan.context is not None and plan.fits:
+        lines.append(f"ctx: max chose {plan.context.reason}")
     if plan.hub is not None:
         lines += _hub_lines(plan.hub)
     if plan.architecture:

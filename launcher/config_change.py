@@ -43,6 +43,8 @@ MODEL_KEYS: dict[str, Applied] = {
     "revision": "restart",  # a hub model's: another commit is other files
     "binary": "restart",
     "ctx": "restart",
+    "ctx_min": "restart",
+    "ctx_max": "restart",
     "gpus": "restart",
     "tensor_split": "restart",
     "port": "restart",

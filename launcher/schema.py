@@ -36,8 +36,8 @@ class State(StrEnum):
 
 class Event(_Wire):
     time: str
-    # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | plan-warning (a plan
-    # the server exceeded) | plan-info (memory the plan left unused): launcher/plan/verdict.py
+    # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | roll | plan-warning
+    # (a plan the server exceeded) | plan-info (memory the plan left unused): launcher/plan/verdict.py
     kind: str
     message: str
     instance: str | None = None
@@ -109,6 +109,7 @@ class QuantPlan(_Wire):
     fits: bool
     reason: str | None
     chosen: bool = False
+    ctx: int | None = None  # the context its plan has (with `ctx: max`, the largest it would get)
 
 
 class HubPlan(_Wire):
@@ -123,6 +124,16 @@ class HubPlan(_Wire):
     header_bytes: int  # the start of each file read to plan, summed
     fetched_bytes: int  # of them, fetched from the hub now (the rest came from the header cache)
     quants: list[QuantPlan] = []  # every quant planned, smallest first (a reference without a quant)
+
+
+class ContextChoice(_Wire):
+    """How `ctx: max` chose the plan's context: the range it searched, in llama.cpp's steps, and why it
+    stopped where it did."""
+
+    ctx_min: int  # -c of the smallest context allowed (ctx_min per KV stream, rounded up to the step)
+    ctx_max: int  # -c of the largest (the cap per KV stream, rounded down to the step)
+    step: int  # cells of -c per step: 256 per KV stream, as llama.cpp pads n_ctx
+    reason: str  # why this context: the largest that fits beside the claims, the cap, or the floor refused
 
 
 class Plan(_Wire):
@@ -153,6 +164,7 @@ class Plan(_Wire):
     not_modelled: list[str] = []  # flags in args whose effect on memory the plan does not follow
     network: NetworkCost | None = None  # None: every device is this host's
     hub: HubPlan | None = None  # a hub model planned from its headers before download
+    context: ContextChoice | None = None  # `ctx: max`: how ctx was chosen (None: ctx is the configured one)
     # When its terms are what a server measured with the same file, settings and server (that day, ISO
     # 8601); None: estimated from the header (launcher/plan/measured.py)
     measured: str | None = None
@@ -284,6 +296,28 @@ class InstanceChange(_Wire):
     model: str  # the configured model it is
     change: Change
     keys: list[str] = []  # the model's keys that differ, for restarted and live-updated (rpc.listen: an rpc-server's)
+
+
+class RollReport(_Wire):
+    """A rolling restart of a model's replicas: one at a time, each ready again before the next."""
+
+    model: str  # the configured model
+    order: list[str]  # its replicas in the order they were (or were to be) restarted
+    restarted: list[str]  # those restarted and back (ready, or left stopped), in that order
+    stopped_at: str | None = None  # the replica where the roll stopped; the ones after it keep their old server
+    reason: str | None = None  # why it stopped there
+    duration_s: float
+
+    def describe(self) -> str:
+        """One line: rolled, or where it stopped and why, and what kept its old server."""
+        if self.stopped_at is None:
+            return f"rolled {self.model}: {', '.join(self.restarted)} restarted one at a time in {self.duration_s:.2f}s"
+        kept = [name for name in self.order if name not in self.restarted and name != self.stopped_at]
+        return (
+            f"rolling restart of {self.model} stopped at {self.stopped_at}: {self.reason}"
+            + (f"; restarted: {', '.join(self.restarted)}" if self.restarted else "")
+            + (f"; kept their old server: {', '.join(kept)}" if kept else "")
+        )
 
 
 class ReloadReport(_Wire):

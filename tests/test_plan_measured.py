@@ -121,7 +121,7 @@ def _measurement(plan: Plan, **changes: object) -> Measurement:
         for d in plan.devices
     ]  # fmt: skip
     return Measurement.model_validate(
-        {"model": "tiny", "date": "2026-12-02", "devices": devices, "host": MeasuredTerms()}
+        {"model": "tiny", "date": "2026-12-02", "ctx": plan.ctx, "devices": devices, "host": MeasuredTerms()}
     )
 
 
@@ -133,6 +133,8 @@ def test_another_layout_keeps_the_estimate_and_a_measured_plan_that_no_longer_fi
     assert with_measured(plan, _measurement(plan)).measured == "2026-12-02"
     assert with_measured(plan, _measurement(plan, layers=plan.devices[0].layers - 1)) == plan
     assert with_measured(plan, _measurement(plan, remote=True)) == plan
+    other_context = _measurement(plan).model_copy(update={"ctx": 4096})  # `ctx: max` chose another
+    assert with_measured(plan, other_context) == plan
     huge = _measurement(plan, terms=MeasuredTerms(weights=200 * 1024))  # 200 GiB of weights on a 140 GiB GPU
     refused = with_measured(plan, huge)
     assert not refused.fits and refused.reason is not None and "measured" in refused.reason

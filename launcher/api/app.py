@@ -46,6 +46,7 @@ from launcher.schema import (
     Plan,
     ReloadReport,
     RequestRecord,
+    RollReport,
     RpcClaim,
     RpcReport,
 )
@@ -189,14 +190,30 @@ def create_app(
 
         return endpoint
 
-    for verb, act in (("start", manager.start), ("stop", manager.stop), ("restart", manager.restart)):
+    acts_refused = _errors(*([401] if token is not None else []), 404, 409, 422, 503)
+    for verb, act in (("start", manager.start), ("stop", manager.stop)):
         app.post(
             f"/instances/{{name}}/{verb}",
             status_code=202,
             dependencies=[Depends(authorised)],
             summary=f"{verb.capitalize()} an instance",
-            responses=_errors(*([401] if token is not None else []), 404, 409, 422, 503),
+            responses=acts_refused,
         )(action(act))
+
+    @app.post(
+        "/instances/{name}/restart",
+        status_code=202,
+        response_model=InstanceStatus | RollReport,
+        dependencies=[Depends(authorised)],
+        summary="Restart an instance, or roll a model's replicas",
+        responses={**acts_refused, 200: {"model": RollReport, "description": "the replicas rolled"}},
+    )
+    async def restart(name: InstanceName) -> Response:
+        """An instance restarts: 202 and its status as the restart began. A model run as replicas (its name)
+        restarts them one at a time, each ready again before the next: 200 and how the roll went, rolled or
+        where it stopped and why (the replicas after it keep their old server)."""
+        done = await manager.restart(name)
+        return Response(done.model_dump_json(), 200 if isinstance(done, RollReport) else 202, media_type=_JSON)
 
     if reload is not None:
 
@@ -348,8 +365,11 @@ def create_app(
     return app
 
 
+_JSON = "application/json"
+
+
 def _json(body: str | bytes) -> Response:
-    return Response(body, media_type="application/json")
+    return Response(body, media_type=_JSON)
 
 
 def _sse(event: Event) -> str:

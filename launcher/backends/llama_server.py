@@ -85,8 +85,9 @@ class LlamaServerBackend:
             "--port",
             str(port),
         ]
-        if model.ctx is not None:
-            argv += ["--ctx-size", str(model.ctx)]
+        ctx = placement.ctx if model.ctx == "max" else model.ctx  # `max`: what the plan chose
+        if ctx is not None:
+            argv += ["--ctx-size", str(ctx)]
         if placement.rpc:
             argv += ["--rpc", ",".join(placement.rpc)]
         argv += ["--n-gpu-layers", str(placement.gpu_layers)]

@@ -4,7 +4,8 @@ After a llama-server is ready the launcher keeps what it reported allocating, pe
 order and per term, under a key of everything that changes it (launcher/supervise/measuring.py: the
 model file's identity, the settings and args, the server binary's identity). The next plan for the same
 key takes those terms instead of the estimate's, when its layout is the measured one (the same devices,
-local or remote, with the same layers on each): a different split measures something else. Every term
+local or remote, with the same layers on each) at the same context (`ctx: max` chooses one each time):
+a different split or context measures something else. Every term
 is rounded up to whole MiB, as an estimate's is, so a measured plan is within 1 MiB of what was measured.
 """
 
@@ -55,6 +56,7 @@ class Measurement(BaseModel):
 
     model: str  # the configured name, by which `launcher plan --forget` finds it
     date: str  # ISO 8601
+    ctx: Annotated[int, Field(ge=0)] = 0  # the context it ran with (`ctx: max` may choose another next time)
     devices: list[MeasuredDevice]
     host: MeasuredTerms
 
@@ -82,6 +84,7 @@ def measurement_of(model: str, plan: Plan, check: PlanCheck, date: str) -> Measu
     return Measurement(
         model=model,
         date=date,
+        ctx=plan.ctx,
         devices=[
             MeasuredDevice(
                 remote=planned.endpoint is not None,
@@ -136,7 +139,7 @@ def with_measured(plan: Plan, measurement: Measurement | None) -> Plan:
     if measurement is None or not plan.fits:
         return plan
     measured_layout = [(d.remote, d.name, d.layers, d.output_layer) for d in measurement.devices]
-    if measured_layout != _layout(plan):
+    if measured_layout != _layout(plan) or measurement.ctx != plan.ctx:
         return plan
     devices = [_device(d, m.terms) for d, m in zip(plan.devices, measurement.devices, strict=True)]
     short = [d for d in devices if d.endpoint is None and d.free_after_mib < 0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,10 +31,10 @@ from launcher.plan.gguf import ModelFileError
 from launcher.plan.planner import NOT_MEASURED, Measured, Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
-from launcher.schema import Change, Event, GpuSample, InstanceStatus, Plan, ReloadReport, State
+from launcher.schema import Change, Event, GpuSample, InstanceStatus, Plan, ReloadReport, RollReport, State
 from launcher.statedir.layout import StateDir
 from launcher.statedir.measurements import MeasurementStore
-from launcher.supervise import thermal
+from launcher.supervise import rolling, thermal
 from launcher.supervise.degrade import Degrader
 from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
@@ -86,6 +86,7 @@ class Manager:
         self._planning = PlanningThreads(_PLANNING_THREADS)
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rolls: dict[str, asyncio.Lock] = {}  # configured model -> held while its replicas roll
         self.writes = StateWrites()
         self.measuring = Measuring(MeasurementStore(state_dir.measured_file), sampler.identities)
         self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
@@ -288,10 +289,31 @@ class Manager:
             await self.peers.release(name)
         return instance.status()
 
-    async def restart(self, name: str) -> InstanceStatus:
+    async def restart(self, name: str) -> InstanceStatus | RollReport:
+        """Restart instance ``name``; a model run as replicas (its name) rolls them, one at a time."""
+        members = self.group(name)
+        if name not in self.instances and members:  # replicas (`per-gpu` on one GPU: a roll of one)
+            return await self._roll(name, members, self._restart_as_configured)
         instance = self.get(name)
         await instance.restart(prepare=self._place)
         return instance.status()
+
+    async def _restart_as_configured(self, instance: Instance) -> None:
+        """A replica's restart in a model's roll, with the settings configured now: a reload's roll that
+        stopped left the replicas after it with their old ones (and their old server)."""
+        model = self._configured[instance.name][1]
+        if model != instance.settings:
+            await instance.restart_with(model, backend_for(model, self.settings.rpc), self._place)
+            if instance.active:
+                return
+            # it did not run: restart_with only gave it its settings
+        await instance.restart(prepare=self._place)
+
+    async def _roll(self, model: str, names: list[str], act: Callable[[Instance], Awaitable[None]]) -> RollReport:
+        """A rolling restart of ``names`` (replicas of ``model``) by ``act``; rolls of one model run one after
+        another, never interleaved."""
+        async with self._rolls.setdefault(model, asyncio.Lock()):
+            return await rolling.roll(model, {n: self.instances[n] for n in names}, act, self.publish)
 
     async def autostart(self) -> None:
         """Start every autostart model; one that cannot start is marked failed, the rest go on."""
@@ -365,13 +387,18 @@ class Manager:
 
     async def carry_out(self, report: ReloadReport, *, autostart: bool = True) -> None:
         """The acts of a reload, after `reconfigure`: removed instances stopped and forgotten and changed ones
-        restarted with their new settings (those that ran), together; then added autostart ones started
+        restarted with their new settings (those that ran), together, a model's replicas rolling one at a
+        time (supervise/rolling.py); then added autostart ones started
         (unless not ``autostart``: a daemon started without). A start that fails marks its instance failed,
         as at the daemon's start."""
         changes = report.instances
+        restarted: dict[str, list[str]] = {}  # configured model -> its changed instances
+        for change in changes:
+            if change.change == Change.RESTARTED:
+                restarted.setdefault(change.model, []).append(change.name)
         await asyncio.gather(
             *(self._remove(c.name) for c in changes if c.change == Change.STOPPED),
-            *(self._restart_with(c.name, self._configured[c.name][1]) for c in changes if c.change == Change.RESTARTED),
+            *(self._restart_changed(model, names) for model, names in restarted.items()),
         )
         for change in changes:
             if autostart and change.change == Change.ADDED and self.instances[change.name].settings.autostart:
@@ -382,6 +409,13 @@ class Manager:
             await self.stop(name)
         self._table.remove(name)
         del self._configured[name]
+
+    async def _restart_changed(self, model: str, names: list[str]) -> None:
+        """The changed instances of configured ``model``: several replicas roll, one at a time."""
+        if len(names) == 1:
+            await self._restart_with(names[0], self._configured[names[0]][1])
+        else:
+            await self._roll(model, names, lambda i: self._restart_with(i.name, self._configured[i.name][1]))
 
     async def _restart_with(self, name: str, model: ModelSettings) -> None:
         """A changed instance: restarted with ``model`` if it ran (one that cannot start again is marked

@@ -215,6 +215,7 @@ export function planView(plan, actual = null) {
     layerStrip(plan.devices),
     columns.length ? legend() : null,
     host ? h("p", {}, `host memory: ${mib(host)}`) : null,
+    plan.context && plan.fits ? h("p", { className: "muted" }, `ctx: max chose ${plan.context.reason}`) : null,
     actual ? checkView(actual) : null,
     plan.reason ? h("p", { className: "reason" }, plan.reason) : null,
     plan.suggestions.length ? h("ul", { className: "suggestions" }, plan.suggestions.map((s) => h("li", {}, s))) : null,
