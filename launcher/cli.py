@@ -29,6 +29,7 @@ from launcher.cli_output import (
     format_plan,
     format_reload,
     format_statuses,
+    plan_findings,
 )
 from launcher.cli_progress import DownloadBar, ProgressPrinter, all_ready, ready_report
 from launcher.client import DaemonClient
@@ -211,6 +212,8 @@ def cmd_status(ctx: Context) -> int:
     health = client.health()
     for warning in health.warnings if health is not None else []:
         print(f"warning: {warning}")
+    for line in plan_findings(statuses):
+        print(line)
     remote = format_peer_models(client.peers())  # what the front door also routes to, on other hosts
     if remote:
         print("\n" + remote)
@@ -242,13 +245,19 @@ def _show_gpus(ctx: Context, read: Callable[[], list[GpuSample]], interval_s: fl
 
 
 def cmd_plan(ctx: Context) -> int:
+    if ctx.args.forget:
+        from launcher.local import forget_measurements
+
+        forgotten = forget_measurements(ctx.settings(), ctx.args.name)
+        print(f"{ctx.args.name}: {forgotten} measurements forgotten; its next plan is estimated")
+        return 0
     client = ctx.daemon()
     if client is not None:
-        plan = client.plan(ctx.args.name)
+        plan = client.plan(ctx.args.name, ctx.args.estimate)
     else:  # no daemon: against the GPUs as read here, with no other instance running
         from launcher.local import plan_here
 
-        plan = plan_here(ctx.settings(), ctx.args.name)
+        plan = plan_here(ctx.settings(), ctx.args.name, ctx.args.estimate)
     print(as_json(plan) if ctx.json else format_plan(ctx.args.name, plan))
     return 0 if plan.fits else 1
 
@@ -418,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("name", nargs="?", metavar="NAME")
     plan = command("plan", cmd_plan, "dry run: the GPUs, MiB per GPU, split, command line; exit 1 if it does not fit")
     plan.add_argument("name", metavar="NAME")
+    plan.add_argument(
+        "--estimate", action="store_true", help="plan from the model's header alone, whatever earlier runs measured"
+    )
+    plan.add_argument("--forget", action="store_true", help="forget what the model's runs measured, and plan nothing")
     pull = command("pull", cmd_pull, "download a hub model's files (hf:...) into the Hugging Face cache")
     pull.add_argument("name", metavar="NAME")
     gpus = command("gpus", cmd_gpus, "table of GPUs: memory, temperature, utilisation, power, PCIe, instances")

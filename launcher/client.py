@@ -177,8 +177,9 @@ class DaemonClient:
         path = "/config/reload" + ("?dry_run=true" if dry_run else "")
         return _parse(ReloadReport, self._request("POST", path, _ROLL_TIMEOUT_S))
 
-    def plan(self, name: str) -> Plan:
-        return self._get(Plan, f"/plan/{quote(name, safe='')}")
+    def plan(self, name: str, estimate: bool = False) -> Plan:
+        query = "?estimate=true" if estimate else ""
+        return self._get(Plan, f"/plan/{quote(name, safe='')}{query}")
 
     def gpus(self) -> list[GpuSample]:
         return self._get_list(GpuSample, "/gpus")

@@ -36,7 +36,7 @@ from launcher.plan.arch import rule_of
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import GgufFile, ModelFileError, read_gguf, regular_problem
 from launcher.rpc.sockets import sockets_on
-from launcher.schema import GpuSample
+from launcher.schema import GpuSample, InstanceStatus
 from launcher.server_args import GPU_LAYERS, MMPROJ, TENSOR_SPLIT, arg_value, tensor_split
 from launcher.statedir.owner import read_owner, unanswered
 from launcher.supervise.ports import port_holder, port_is_free
@@ -340,6 +340,15 @@ def _supervision(settings: Settings, client: DaemonClient, daemon_answers: bool)
         yield Finding("fail", "daemon", error.message, error.hint)
 
 
+def _plan_checks(statuses: list[InstanceStatus]) -> Iterator[Finding]:
+    """Running servers whose plan was off by more than the tolerance (launcher/plan/verdict.py): the
+    server took more than planned (warn: other instances were told less) or left memory unused (ok)."""
+    for status in statuses:
+        for found in status.actual.findings if status.actual is not None else []:
+            fix = f"the next start of {status.group} plans from what was measured (`launcher status {status.name}`)"
+            yield Finding("warn" if found.over else "ok", "plan", found.message, fix)
+
+
 def run_doctor(settings: Settings, problem: ConfigError | None, client: DaemonClient, *, as_json_output: bool) -> int:
     """`launcher doctor`: print the findings; 1 when something fails. Reads only: the GPUs are opened
     here and closed, the daemon (if one answers) is asked for its ports."""
@@ -355,6 +364,7 @@ def run_doctor(settings: Settings, problem: ConfigError | None, client: DaemonCl
     if daemon_answers:
         try:
             statuses = client.instances()
+            findings += _plan_checks(statuses)
             daemon_ports = {settings.daemon.port} | {i.port for i in statuses if i.port}
             rpc_ports |= {i.port: i.name for i in statuses if i.backend == "rpc-server" and i.port}
         except LauncherError as exc:  # it answers /health but will not show its instances (a read token)

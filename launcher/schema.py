@@ -37,7 +37,9 @@ class State(StrEnum):
 
 class Event(_Wire):
     time: str
-    kind: str  # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | roll | download
+    # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | roll | download
+    # | plan-warning (a plan the server exceeded) | plan-info (memory the plan left unused): plan/verdict.py
+    kind: str
     message: str
     instance: str | None = None
     state: State | None = None  # the instance's state after the event
@@ -75,6 +77,7 @@ class DevicePlan(_Wire):
     free_after_mib: int
     recurrent_mib: int = 0  # recurrent state (Mamba, RWKV, hybrids): llama-server's "RS buffer"
     projector_mib: int = 0  # the multimodal projector's weights (--mmproj)
+    output_mib: int = 0  # the logits' buffer: measured only (an estimate counts it in compute_mib)
     host: str = "local"  # the peer (by name) whose RPC device this is; `gpu` is that peer's index
     endpoint: str | None = None  # a remote device's rpc-server, HOST:PORT as `--rpc` names it
 
@@ -95,6 +98,7 @@ class HostPlan(_Wire):
     compute_mib: int
     recurrent_mib: int = 0
     projector_mib: int = 0
+    output_mib: int = 0
 
 
 class QuantPlan(_Wire):
@@ -162,6 +166,9 @@ class Plan(_Wire):
     network: NetworkCost | None = None  # None: every device is this host's
     hub: HubPlan | None = None  # a hub model planned from its headers before download
     context: ContextChoice | None = None  # `ctx: max`: how ctx was chosen (None: ctx is the configured one)
+    # When its terms are what a server measured with the same file, settings and server (that day, ISO
+    # 8601); None: estimated from the header (launcher/plan/measured.py)
+    measured: str | None = None
 
     @property
     def claims_mib(self) -> dict[int, int]:
@@ -192,6 +199,22 @@ class DeviceCheck(_Wire):
     planned_mib: float
     actual_mib: float
     difference_mib: float
+    # What the GPU reading (NVML) says the server's process holds on this GPU: the buffers and the driver's
+    # own share. None: not a local GPU, or no reading of processes (simulated GPUs, no permission).
+    process_mib: int | None = None
+
+
+class PlanFinding(_Wire):
+    """A device where the plan was off by more than the planner's tolerance (launcher/plan/verdict.py)."""
+
+    device: str
+    term: str  # kv | total
+    mostly: str | None = None  # of a total: the term that moved it most
+    planned_mib: float
+    actual_mib: float
+    difference_mib: float
+    over: bool  # True: the server took more than planned (a warning); False: memory left unused (information)
+    message: str  # names the model, device, term and amount
 
 
 class PlanCheck(_Wire):
@@ -201,6 +224,7 @@ class PlanCheck(_Wire):
     source: str  # where the actual figures come from
     devices: list[DeviceCheck]  # the plan's devices in llama.cpp's order, then the host
     unmatched: list[str] = []  # buffers the server named on a device the plan does not have
+    findings: list[PlanFinding] = []  # devices off the plan by more than the tolerance
 
 
 class Download(_Wire):

@@ -257,10 +257,13 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/plan/{name}", response_model=Plan, responses={**read, **_errors(404, 422, 503)})
-    async def plan(name: InstanceName, request: Request, authorization: Authorization = None) -> Response:
+    async def plan(
+        name: InstanceName, request: Request, authorization: Authorization = None, estimate: bool = False
+    ) -> Response:
         """What `launcher plan NAME` shows: GPUs, MiB per GPU by term, split, command line, environment (the
-        configured environment's values and keys in the command line only with the token)."""
-        made = await unless_gone(request, manager.plan(name))
+        configured environment's values and keys in the command line only with the token). ``estimate``:
+        from the model's header alone, whatever earlier runs measured (`launcher plan --estimate`)."""
+        made = await unless_gone(request, manager.plan(name, estimate))
         shown_plan = made if holds_token(authorization) else redacted_plan(made, instances[name].settings.env)
         return _json(shown_plan.model_dump_json())
 

@@ -37,16 +37,25 @@ def _gib(b: float) -> str:
     return f"{b / GIB:.1f} GiB" if b >= GIB else f"{round(b / MIB)} MiB"
 
 
-def usable_gpus(samples: Sequence[GpuSample], claims_mib: Mapping[int, int], gpus: GpuSettings) -> list[UsableGpu]:
+def usable_gpus(
+    samples: Sequence[GpuSample],
+    claims_mib: Mapping[int, int],
+    gpus: GpuSettings,
+    learned_overhead_mib: Mapping[int, int] | None = None,
+) -> list[UsableGpu]:
     """What each readable GPU can give this instance: min(free now, total - other instances' claims)
-    less the margin and the GPU's reserve."""
+    less the margin and the GPU's reserve; with the driver's share measured on it, by index, if any."""
+    learned = learned_overhead_mib or {}
     result = []
     for s in samples:
         if s.error is not None or s.memory_total_mib is None or s.memory_free_mib is None:
             continue
         available_mib = min(s.memory_free_mib, s.memory_total_mib - claims_mib.get(s.index, 0))
         usable = available_mib - gpus.margin_mib - gpus.reserve_mib.get(s.index, 0)
-        result.append(UsableGpu(s.index, s.uuid, s.name, s.memory_total_mib, max(0, usable)))
+        overhead_b = learned[s.index] * MIB if s.index in learned else None
+        result.append(
+            UsableGpu(s.index, s.uuid, s.name, s.memory_total_mib, max(0, usable), learned_overhead_b=overhead_b)
+        )
     return result
 
 
@@ -67,11 +76,13 @@ def make_plan(
     gpus: GpuSettings,
     projector_bytes: int = 0,
     remote: Remote = NO_REMOTE,
+    learned_overhead_mib: Mapping[int, int] | None = None,
 ) -> Plan:
     """The plan; ``projector_bytes`` are the weights of the model's --mmproj file, if it has one;
-    ``remote`` the peers' endpoints it may also use, when this host's GPUs do not hold it."""
+    ``remote`` the peers' endpoints it may also use, when this host's GPUs do not hold it;
+    ``learned_overhead_mib`` the driver's share measured on this host's GPUs, by index."""
     runtime = runtime_for(model, shape, on_gpu=bool(samples or remote.endpoints), projector_bytes=projector_bytes)
-    allowed = _allowed(model, usable_gpus(samples, claims_mib, gpus))
+    allowed = _allowed(model, usable_gpus(samples, claims_mib, gpus, learned_overhead_mib))
     overhead_b = gpus.overhead_mib * MIB
     on_gpus = bool(samples or remote.endpoints)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.config import GpuSettings, ModelSettings
@@ -16,6 +16,7 @@ from launcher.errors import ConfigError, StartError
 from launcher.gpu.types import GpuIdentity, Link
 from launcher.plan.estimate import ModelShape, size_only
 from launcher.plan.gguf import ModelFileError, read_gguf, regular_problem
+from launcher.plan.measured import Measurement, with_measured
 from launcher.plan.model_plan import make_plan
 from launcher.plan.placement import Placement
 from launcher.plan.remote import NO_REMOTE, Remote
@@ -54,6 +55,18 @@ def projector_bytes(model: ModelSettings) -> int:
 
 
 @dataclass(frozen=True)
+class Measured:
+    """What earlier runs measured, for one plan: the run of the same model file, settings and server
+    (None: none, or not wanted), and the driver's share learned on this host's GPUs, by index."""
+
+    run: Measurement | None = None
+    overheads_mib: Mapping[int, int] = field(default_factory=dict)
+
+
+NOT_MEASURED = Measured()
+
+
+@dataclass(frozen=True)
 class Placed:
     """A start the GPUs can take: the plan, and what the server is launched with."""
 
@@ -84,13 +97,15 @@ class Planner:
         claims: Mapping[int, int],
         remote: Remote = NO_REMOTE,
         projector: int | None = None,
+        measured: Measured = NOT_MEASURED,
     ) -> Plan:
         """The plan for ``model`` against ``samples``, around the MiB per GPU that ``claims`` hold, also
         over the peers' endpoints in ``remote`` when the model's `hosts:` allows them. ``model_file`` is
         the GGUF file its backend found (backends.planned_file), None for an rpc-server, which has no
         model, and for an Ollama model that is planned by its configured `ollama.size_mib`; or the model's
         shape, read by the caller from elsewhere (a hub model's headers, launcher/hub/); ``projector``: the
-        bytes of its projector's weights when the caller read them so (None: its file's, if it has one)."""
+        bytes of its projector's weights when the caller read them so (None: its file's, if it has one);
+        ``measured``: what earlier runs measured (launcher/supervise/measuring.py), taken where it applies."""
         self._check_gpu_refs(name, model)
         if model.backend == "rpc-server":  # no model: the GPUs it lends
             return lending_plan(name, model, samples, claims, self._gpus)
@@ -103,7 +118,10 @@ class Planner:
             shape = size_only((model.ollama.size_mib or 0) * 1024 * 1024)
         if projector is None:
             projector = projector_bytes(model) if model.backend == "llama-server" else 0
-        return make_plan(name, model, shape, samples, self._links, claims, self._gpus, projector, remote)
+        plan = make_plan(
+            name, model, shape, samples, self._links, claims, self._gpus, projector, remote, measured.overheads_mib
+        )
+        return with_measured(plan, measured.run)
 
     def place(
         self,
@@ -113,9 +131,10 @@ class Planner:
         samples: Sequence[GpuSample],
         claims: Mapping[int, int],
         remote: Remote = NO_REMOTE,
+        measured: Measured = NOT_MEASURED,
     ) -> Placed:
         """The plan and placement of a start, or StartError with the numbers and the ways out."""
-        plan = self.plan(name, model, model_file, samples, claims, remote)
+        plan = self.plan(name, model, model_file, samples, claims, remote, measured=measured)
         if not plan.fits:
             raise StartError(plan.reason or f"{name} does not fit", hint="; ".join(plan.suggestions) or None)
         return Placed(plan, self.placement(plan))

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -21,12 +21,15 @@ import httpx
 from launcher.backends import Health, LaunchSpec, ServerBackend
 from launcher.config import ModelSettings
 from launcher.errors import ConflictError, LauncherError
+from launcher.plan import verdict
+from launcher.plan.measured import with_process_mib
 from launcher.plan.placement import Placement
-from launcher.schema import Download, Event, InstanceStatus, Plan, PlanCheck, State
+from launcher.schema import Download, Event, GpuProcess, InstanceStatus, Plan, PlanCheck, State
 from launcher.statedir import logs
 from launcher.statedir.layout import StateDir
 from launcher.supervise import drain
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
+from launcher.supervise.measuring import Measuring
 from launcher.supervise.policy import RestartPolicy, StartFailure
 from launcher.supervise.ports import ensure_port_free
 from launcher.supervise.process import ExitStatus, ServerProcess
@@ -72,6 +75,10 @@ class DaemonParts:
     requests: drain.InFlight
     # None: no peers, so nothing outside this host can keep a server from running.
     blocked: BlockedCheck | None = None
+    # What a ready server measured is kept here for the next plan (None: not kept).
+    measuring: Measuring | None = None
+    # The processes on these GPUs and what each holds, read now (None: no GPU reading of processes).
+    gpu_processes: Callable[[Sequence[int]], Awaitable[Mapping[int, tuple[GpuProcess, ...] | None]]] | None = None
 
 
 class Instance:
@@ -576,7 +583,31 @@ class Instance:
             self.actual_missing = f"the server's log could not be read: {exc.strerror or exc}"
             return
         found = self.backend.check_plan(self.plan, lines)
-        self.actual, self.actual_missing = (None, found) if isinstance(found, str) else (found, None)
+        if isinstance(found, str):
+            self.actual, self.actual_missing = None, found
+            return
+        local = [d.gpu for d in self.plan.devices if d.endpoint is None]
+        if local and self._parts.gpu_processes is not None and self._proc is not None:
+            found = with_process_mib(found, self.plan, self._proc.pid, await self._parts.gpu_processes(local))
+        self.actual = found = found.model_copy(update={"findings": verdict.findings(self.group, found)})
+        for finding in found.findings:  # short: a warning (the way to an out-of-memory crash); over: unused
+            self._emit("plan-warning" if finding.over else "plan-info", finding.message)
+        await self._keep_measurement(self.plan, found)
+
+    async def _keep_measurement(self, plan: Plan, check: PlanCheck) -> None:
+        """File what the server measured, for the next plan of the same model, settings and server."""
+        measuring, spec = self._parts.measuring, self.spec
+        model_file = self.backend.model_file(self.settings)
+        if measuring is None or spec is None or model_file is None:
+            return
+        binary = Path(spec.argv[0])
+
+        def record() -> None:
+            measuring.record(self.group, self.settings, model_file, binary, plan, check)
+
+        notice = await asyncio.to_thread(self._parts.writes.attempt, str(measuring.path), record)
+        if notice is not None:
+            self._emit("storage", notice)
 
     def _rotate_log(self) -> None:
         parts = self._parts

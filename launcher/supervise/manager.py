@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Collection, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -29,7 +30,7 @@ from launcher.hub.headers import hub_reader
 from launcher.hub.planning import plan_from_hub
 from launcher.hub_ref import HubRef
 from launcher.plan.gguf import ModelFileError
-from launcher.plan.planner import Placed, Planner, freed
+from launcher.plan.planner import NOT_MEASURED, Measured, Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
 from launcher.schema import (
@@ -44,12 +45,14 @@ from launcher.schema import (
     State,
 )
 from launcher.statedir.layout import StateDir
+from launcher.statedir.measurements import MeasurementStore
 from launcher.supervise import rolling, thermal
 from launcher.supervise.degrade import Degrader
 from launcher.supervise.downloads import begin_download
 from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
+from launcher.supervise.measuring import MEASURED_BACKEND, Measuring
 from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
 from launcher.supervise.table import InstanceTable
@@ -101,6 +104,7 @@ class Manager:
         self._rolls: dict[str, asyncio.Lock] = {}  # configured model -> held while its replicas roll
         self._stopping = asyncio.Event()  # the daemon's own stop began (`drain_all`): rolls end
         self.writes = StateWrites()
+        self.measuring = Measuring(MeasurementStore(state_dir.measured_file), sampler.identities)
         self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
         self.instances = table.instances  # filled below: the degrader reads it
         self._degrader = None if peers is None else Degrader(peers, self.instances, self._place, self._spawn)
@@ -115,6 +119,8 @@ class Manager:
             writes=self.writes,
             requests=table.requests,
             blocked=self._degrader,
+            measuring=self.measuring,
+            gpu_processes=sampler.processes,
         )
         for name, (group, model) in self._configured.items():
             table.add(self._instance(name, group, model))
@@ -193,7 +199,8 @@ class Manager:
 
             def place() -> Placed:
                 found = planned_file(instance.backend, instance.settings, instance.name)
-                return self.planner.place(instance.name, instance.settings, found, samples, claims, remote)
+                measured = self._measured(instance, found)
+                return self.planner.place(instance.name, instance.settings, found, samples, claims, remote, measured)
 
             try:
                 placed = await self._planning.run(place)
@@ -213,11 +220,26 @@ class Manager:
         taken = [self.settings.daemon.port, *(i.port for i in self.instances.values() if i.port is not None)]
         return pick_free_port(*self.settings.daemon.instance_ports, taken)
 
-    async def plan(self, name: str) -> Plan:
+    def _measured(self, instance: Instance, found: Path | None, estimate: bool = False) -> Measured:
+        """What earlier runs measured for ``instance``'s next plan (in a planning thread: it reads the
+        disk); nothing with ``estimate`` (`launcher plan --estimate`)."""
+        if estimate:
+            return NOT_MEASURED
+        if instance.settings.backend != MEASURED_BACKEND:  # no check reads its buffers: nothing measured
+            return Measured(overheads_mib=self.measuring.overheads_mib())
+        try:
+            binary = instance.backend.binary(instance.settings)
+        except LauncherError:  # the start will say why
+            return Measured(overheads_mib=self.measuring.overheads_mib())
+        run = self.measuring.lookup(instance.settings, found, binary)
+        return Measured(run, self.measuring.overheads_mib())
+
+    async def plan(self, name: str, estimate: bool = False) -> Plan:
         """The plan for ``name``, with the command line and the environment: for a running instance the
-        plan it runs with; otherwise one made now, against the GPUs and the other instances' claims."""
+        plan it runs with; otherwise one made now, against the GPUs and the other instances' claims (from
+        the estimate alone with ``estimate``)."""
         instance = self.get(name)
-        if instance.active and instance.plan is not None:
+        if instance.active and instance.plan is not None and not estimate:
             # The command its server was started with; between runs (backoff) the one the next run gets,
             # or why it cannot run (a binary removed meanwhile).
             if instance.running and instance.spec is not None:
@@ -227,21 +249,31 @@ class Manager:
         samples, remote = self.sampler.latest(), self._remote(instance)
         claims = self.lending.claimed_mib(self._others(instance))
 
-        plan = await self._planning.run(functools.partial(self._planned, instance, samples, claims, remote), key=name)
+        plan = await self._planning.run(
+            functools.partial(self._planned, instance, samples, claims, remote, estimate), key=(name, estimate)
+        )
         if plan.hub is not None:  # no command until its files are downloaded
             return plan
         spec = instance.backend.launch_spec(instance.settings, self._port_for(instance), self.planner.placement(plan))
         return with_command(plan, spec)
 
-    def _planned(self, instance: Instance, samples: list[GpuSample], claims: dict[int, int], remote: Remote) -> Plan:
-        """The plan of ``instance`` (in a planning thread): from its file, or a hub model's not yet in the
-        cache from its headers, before any download."""
+    def _planned(
+        self,
+        instance: Instance,
+        samples: list[GpuSample],
+        claims: dict[int, int],
+        remote: Remote,
+        estimate: bool = False,
+    ) -> Plan:
+        """The plan of ``instance`` (in a planning thread): from its file and what its earlier runs measured
+        (not with ``estimate``), or a hub model's not yet in the cache from its headers, before any download."""
         settings = instance.settings
         if isinstance(settings.model, HubRef) and not hub_files_cached(settings):
             reader = hub_reader(self.settings.hub, self._hub_headers_dir)
             return plan_from_hub(self.planner, reader, instance.name, settings, samples, claims, remote)
         found = planned_file(instance.backend, settings, instance.name)
-        return self.planner.plan(instance.name, settings, found, samples, claims, remote)
+        measured = self._measured(instance, found, estimate)
+        return self.planner.plan(instance.name, settings, found, samples, claims, remote, measured=measured)
 
     async def in_planning_thread(self, work: Callable[[], T]) -> T:
         """``work`` (planning) in one of the planning threads, within their bound: the router's plans for
