@@ -14,7 +14,7 @@ from pathlib import Path
 
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, with_command
-from launcher.backends.base import hub_files_cached
+from launcher.backends.base import hub_files_cached, with_local_projector
 from launcher.config import ModelSettings, Settings
 from launcher.errors import ConfigError
 from launcher.gpu import open_backend
@@ -66,7 +66,7 @@ def plan_here(settings: Settings, name: str, estimate: bool = False) -> Plan:
     if not estimate:
         measuring = Measuring(_measurements(settings), identities)
         measured = Measured(measuring.lookup(model, found, backend.binary(model)), measuring.overheads_mib())
-    plan = planner.plan(name, model, found, samples, {}, measured=measured)
+    plan = planner.plan(name, with_local_projector(model), found, samples, {}, measured=measured)
     # The port a start would take: the configured one, or the first free one (a test bind, nothing held).
     port = (
         model.port

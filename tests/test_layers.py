@@ -49,6 +49,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "config_watch",
         "daemon",
         "local",
+        "ad_hoc",
         "doctor",
         "foreground",
         "cli",

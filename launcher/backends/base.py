@@ -133,6 +133,15 @@ def local_projector(model: ModelSettings) -> Path | None:
     return model.mmproj
 
 
+def with_local_projector(model: ModelSettings) -> ModelSettings:
+    """``model`` with a hub projector that is in the cache named by its file there, for the planner (which
+    reads no cache); ``model`` itself otherwise."""
+    if not isinstance(model.mmproj, HubRef):
+        return model
+    found = local_projector(model)
+    return model if found is None else model.model_copy(update={"mmproj": found})
+
+
 def local_model_file(model: ModelSettings) -> Path | None:
     """The model's file on this disk: its path, or a hub model's (first) file in the Hugging Face cache
     (None when not there whole). Reads the disk."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from launcher.config import GpuSettings, ModelSettings
 from launcher.errors import ConfigError, StartError
 from launcher.gpu.types import GpuIdentity, Link
+from launcher.hub_ref import HubRef
 from launcher.plan.estimate import ModelShape, size_only
 from launcher.plan.gguf import ModelFileError, read_gguf, regular_problem
 from launcher.plan.measured import Measurement, with_measured
@@ -39,13 +40,14 @@ def _tensor_bytes(path: Path, mtime_ns: int, size: int) -> int:
 
 def projector_bytes(model: ModelSettings) -> int:
     """The weights of the model's projector (`mmproj:`, or --mmproj in args; 0 without one). The path is
-    relative to where the server runs, as llama-server reads it. A hub projector not downloaded yet is
-    planned by the caller from its header (launcher/hub/planning.py)."""
-    from launcher.backends.base import local_projector
-
-    value = arg_value(model.args, *MMPROJ) or local_projector(model)
+    relative to where the server runs, as llama-server reads it. A hub projector is the caller's to resolve:
+    planned from its header before its download (launcher/hub/planning.py), its file in the cache after it
+    (backends.base.with_local_projector): the planner reads no cache."""
+    value = arg_value(model.args, *MMPROJ) or model.mmproj
     if value is None:
         return 0
+    if isinstance(value, HubRef):
+        raise ModelFileError(f"the projector {value} is not in the Hugging Face cache", hint="`launcher pull`")
     path = Path(value)
     problem = regular_problem(path)
     if problem is not None:  # never opened then: a FIFO would block the placement forever

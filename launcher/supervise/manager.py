@@ -21,7 +21,7 @@ import httpx
 
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, with_command
-from launcher.backends.base import hub_files_cached
+from launcher.backends.base import hub_files_cached, with_local_projector
 from launcher.config import GpuSettings, ModelSettings, Settings
 from launcher.errors import ConflictError, LauncherError
 from launcher.events import Bus
@@ -200,7 +200,8 @@ class Manager:
             def place() -> Placed:
                 found = planned_file(instance.backend, instance.settings, instance.name)
                 measured = self._measured(instance, found)
-                return self.planner.place(instance.name, instance.settings, found, samples, claims, remote, measured)
+                settings = with_local_projector(instance.settings)
+                return self.planner.place(instance.name, settings, found, samples, claims, remote, measured)
 
             try:
                 placed = await self._planning.run(place)
@@ -273,6 +274,7 @@ class Manager:
             return plan_from_hub(self.planner, reader, instance.name, settings, samples, claims, remote)
         found = planned_file(instance.backend, settings, instance.name)
         measured = self._measured(instance, found, estimate)
+        settings = with_local_projector(settings)
         return self.planner.plan(instance.name, settings, found, samples, claims, remote, measured=measured)
 
     async def in_planning_thread(self, work: Callable[[], T]) -> T:
