@@ -346,6 +346,7 @@ class Router:
         """Stop what `choose.make_room` picks so that ``model`` fits beside what runs: True when it may
         start now; False when its requests wait for busy models to go idle (or a resident time to end).
         RouteError when nothing the rules allow to stop would make room."""
+        await self._manager.await_vacated(model)  # a server stopped a moment ago: its memory counts as free
         plan_without = self._manager.planner_with_stopped(routed.instances[0])
         residents = [
             choose.Resident(

@@ -277,6 +277,11 @@ class Manager:
         settings = with_local_projector(settings)
         return self.planner.plan(instance.name, settings, found, samples, claims, remote, measured=measured)
 
+    async def await_vacated(self, name: str) -> None:
+        """Until the memory that servers gave back lately shows free (or `gpus.vram_wait_s`): a decision
+        about room for ``name`` made before would count what a server just stopped still holds."""
+        await self._vram.await_vacated(name)
+
     async def in_planning_thread(self, work: Callable[[], T]) -> T:
         """``work`` (planning) in one of the planning threads, within their bound: the router's plans for
         an on-demand start wait their turn as a start's and `GET /plan`'s do."""
