@@ -16,6 +16,7 @@ process.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -41,6 +42,7 @@ from launcher.rpc.claims import ClaimBook
 from launcher.rpc.peers import Peers
 from launcher.schema import Event
 from launcher.statedir.owner import StateDirLock
+from launcher.supervise import handover
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, held_mib
 from launcher.supervise.manager import Manager
@@ -113,6 +115,10 @@ class Wired:
     peers: Peers | None
     lending: Lending
     gpu_backend: str  # which GPU backend and why
+    # Of an upgrade (supervise/handover.py): the listening socket the old program handed over, and the
+    # instances it ran whose server was not taken over, to start again.
+    listening: socket.socket | None = None
+    start_again: tuple[str, ...] = ()
 
 
 @asynccontextmanager
@@ -120,9 +126,12 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
     """Own the state directory, stop what an earlier daemon left running, watch the GPUs (one reading of
     each before this yields) and supervise; on the way out stop every server, then let go of it all."""
     lock = StateDirLock.claim(settings.daemon.state_dir, settings.daemon.client_url)
+    listening = handover.inherited_socket(settings.daemon.host, settings.daemon.port)
     try:
+        handed = handover.take(lock.state_dir, os.getpid())
         registry = ChildRegistry(lock)
-        leftovers = registry.clean_leftovers()
+        kept = [s for s in handed.servers if handover.still_ours(s) is None] if handed is not None else []
+        leftovers = registry.clean_leftovers(keep={s.pid for s in kept})
         events = Bus[Event](_EVENTS_KEPT, keep=_EVENTS_KEPT, listener=on_event)
         for leftover in leftovers:
             events.publish(Event.now("error", f"stopped a server an earlier daemon left running: {leftover}"))
@@ -160,11 +169,28 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
                     settings, manager=manager, table=table, events=events, peers=peers, http=http, upstream=Upstream()
                 )
                 async with router:
-                    yield Wired(manager, router, table, events, sampler, peers, lending, gpu_backend)
+                    start_again = []
+                    if handed is not None:  # those not ours any more: the cleanup above stopped them
+                        lost = [s.instance for s in handed.servers if s not in kept]
+                        start_again = [*handed.starting, *lost, *await manager.adopt(kept)]
+                    yield Wired(
+                        manager,
+                        router,
+                        table,
+                        events,
+                        sampler,
+                        peers,
+                        lending,
+                        gpu_backend,
+                        listening,
+                        tuple(start_again),
+                    )
             finally:
                 await manager.stop_all()
                 if peers is not None:
                     await peers.stop()  # after the servers: their claims are released last
                 await sampler.stop()
     finally:
+        if listening is not None:
+            listening.close()
         lock.release()

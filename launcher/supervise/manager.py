@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import httpx
@@ -32,8 +32,9 @@ from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
 from launcher.schema import Change, Event, GpuSample, InstanceStatus, Plan, ReloadReport, State
 from launcher.statedir.layout import StateDir
-from launcher.supervise import thermal
+from launcher.supervise import adoption, thermal
 from launcher.supervise.degrade import Degrader
+from launcher.supervise.handover import HandedServer
 from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
@@ -271,8 +272,19 @@ class Manager:
 
     async def autostart(self) -> None:
         """Start every autostart model; one that cannot start is marked failed, the rest go on."""
-        for name in self.autostart_names():
-            await self._start_or_refuse(name)
+        await self.start_each(self.autostart_names())
+
+    async def start_each(self, names: Collection[str]) -> None:
+        """Start each of ``names`` that does not run yet (an upgrade's adopted servers run already), in turn;
+        one that cannot start is marked failed, the rest go on."""
+        for name in dict.fromkeys(names):
+            if name in self.instances and not self.instances[name].active:
+                await self._start_or_refuse(name)
+
+    async def adopt(self, servers: Sequence[HandedServer]) -> list[str]:
+        """Take over the servers an upgrade handed over (supervise/adoption.py); the names of the instances
+        whose server was not taken over (and was stopped), to start again."""
+        return await adoption.adopt_all(servers, self.instances, self.planner.placement, self._parts)
 
     async def _start_or_refuse(self, name: str) -> None:
         """Start ``name`` where nobody waits for the answer: a start refused marks it failed, the rest go on."""
