@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import pytest
 import yaml
 
 from tests.conftest import READY_TIMEOUT_S, ConfigWriter, Daemon, poll_until
+from tests.test_drain import completed, release, serving, the_rest
+from tests.test_front_door import first_event, held
 
 StartDaemon = Callable[[Path], Daemon]
 
@@ -217,3 +220,28 @@ def test_a_record_that_does_not_check_out_ends_in_a_normal_start(
     daemon = start_daemon(write_config({"tiny": {"autostart": True}}))
     assert daemon.wait_for("tiny", ready)["restarts"] == 0
     assert not (tmp_path / "state" / "handover.json").exists()
+
+
+def test_a_stream_in_flight_finishes_on_the_old_program_then_the_upgrade_goes_on(
+    write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path
+) -> None:
+    daemon = serving(write_config, start_daemon, standin)
+    pid = daemon.instance("m")["pid"]
+    before = program_started_at(daemon)
+    assert before is not None
+    with (
+        ThreadPoolExecutor(1) as pool,
+        daemon.http.stream("POST", "/v1/chat/completions", json=held("m")) as stream,
+    ):
+        lines = stream.iter_lines()
+        first_event(lines)
+        daemon.proc.send_signal(signal.SIGUSR2)
+        poll_until(lambda: "SIGUSR2: upgrading" in "".join(daemon.log), bool, "the upgrade's start", 10)
+        waiting = pool.submit(httpx.get, f"{daemon.url}/health", timeout=60)
+        # The API accepts nothing new, and the program is not replaced while the stream is in flight.
+        assert not wait([waiting], timeout=2).done
+        assert "upgrade: executing" not in "".join(daemon.log)
+        release(daemon, "m")
+        assert completed(the_rest(lines))
+        assert waiting.result(timeout=60).json()["program_started_at"] != before  # answered by the new program
+    assert daemon.instance("m")["pid"] == pid

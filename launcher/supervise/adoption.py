@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import psutil
 
+from launcher.errors import LauncherError
 from launcher.plan.placement import Placement
 from launcher.schema import Event, Plan
 from launcher.supervise.handover import HandedServer, still_ours
@@ -30,10 +31,19 @@ async def adopt_all(
     instances: Mapping[str, Instance],
     placement_of: Callable[[Plan], Placement],
     parts: DaemonParts,
+    claim: Callable[[str, Plan], Awaitable[None]] | None,
 ) -> list[str]:
     """Adopt each of ``servers`` into its instance; the names of those that were not (their server, if it
-    was still ours, killed), to be started again."""
+    was still ours, killed), to be started again. ``claim``: the peers' (None without peers), asked again
+    for what an adopted server's plan holds on their rpc-servers (the old program's claims lapse with it)."""
     outcomes = await asyncio.gather(*(_adopt(s, instances.get(s.instance), placement_of, parts) for s in servers))
+    for server, adopted in zip(servers, outcomes, strict=True):
+        if adopted and claim is not None and server.plan is not None and placement_of(server.plan).rpc:
+            try:
+                await claim(server.instance, server.plan)
+            except LauncherError as exc:  # it runs on regardless: what the peer lends may now go to another
+                note = f"the peers did not take this server's claim again: {exc.message}"
+                parts.on_event(Event.now("upgrade", note, instance=server.instance))
     return [server.instance for server, adopted in zip(servers, outcomes, strict=True) if not adopted]
 
 
@@ -66,7 +76,8 @@ async def _take(
         return "its model is no longer configured"
     placement = Placement() if server.plan is None else placement_of(server.plan)
     argv = instance.backend.launch_spec(instance.settings, server.port, placement).argv
-    if psutil.Process(server.pid).cmdline() != argv:
+    # It ends with the command: a script's interpreter comes first.
+    if psutil.Process(server.pid).cmdline()[-len(argv) :] != argv:
         return "the configuration now starts it with another command"
     if not await instance.backend.is_ready(parts.http, server.port, instance.settings.health.timeout):
         return "it does not answer its health check"

@@ -284,7 +284,8 @@ class Manager:
     async def adopt(self, servers: Sequence[HandedServer]) -> list[str]:
         """Take over the servers an upgrade handed over (supervise/adoption.py); the names of the instances
         whose server was not taken over (and was stopped), to start again."""
-        return await adoption.adopt_all(servers, self.instances, self.planner.placement, self._parts)
+        claim = None if self.peers is None else self.peers.claim
+        return await adoption.adopt_all(servers, self.instances, self.planner.placement, self._parts, claim)
 
     async def _start_or_refuse(self, name: str) -> None:
         """Start ``name`` where nobody waits for the answer: a start refused marks it failed, the rest go on."""
