@@ -76,9 +76,12 @@ async def _take(
         return "its model is no longer configured"
     placement = Placement() if server.plan is None else placement_of(server.plan)
     argv = instance.backend.launch_spec(instance.settings, server.port, placement).argv
-    # It ends with the command: a script's interpreter comes first.
-    if psutil.Process(server.pid).cmdline()[-len(argv) :] != argv:
+    if argv != server.argv:
         return "the configuration now starts it with another command"
+    # The process runs its arguments; its program may differ (a wrapper script exec'd the real one).
+    running = psutil.Process(server.pid).cmdline()
+    if running[len(running) - len(argv) + 1 :] != argv[1:]:
+        return "the process does not run the command it was handed over with"
     if not await instance.backend.is_ready(parts.http, server.port, instance.settings.health.timeout):
         return "it does not answer its health check"
     await instance.adopt(ServerProcess.adopt(server.pid), server.port, placement, server.plan)
