@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import psutil
 import pytest
 import yaml
 
+from launcher.supervise import handover
 from tests.conftest import READY_TIMEOUT_S, ConfigWriter, Daemon, poll_until
 from tests.test_drain import completed, serving, the_rest
 from tests.test_front_door import first_event, held
@@ -246,3 +248,21 @@ def test_a_stream_in_flight_finishes_on_the_old_program_then_the_upgrade_goes_on
         assert completed(the_rest(lines))
         assert waiting.result(timeout=60).json()["program_started_at"] != before  # answered by the new program
     assert daemon.instance("m")["pid"] == pid
+
+
+def test_the_inherited_socket_is_taken_only_where_the_daemon_listens(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        port = listening.getsockname()[1]
+        for asked_port, taken in ((port, True), (port + 1, False)):
+            fd = os.dup(listening.fileno())
+            os.set_inheritable(fd, True)
+            monkeypatch.setenv(handover.LISTEN_FD_ENV, str(fd))
+            sock = handover.inherited_socket("127.0.0.1", asked_port)
+            assert handover.LISTEN_FD_ENV not in os.environ  # never passed on to a server
+            if taken:
+                assert sock is not None and sock.fileno() == fd and not sock.get_inheritable()
+                sock.close()
+            else:
+                assert sock is None
+                with pytest.raises(OSError, match="Bad file descriptor"):
+                    os.fstat(fd)  # closed
