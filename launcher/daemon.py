@@ -129,7 +129,9 @@ class Daemon:
         finish (up to the models' longest drain_timeout_s), then the program is executed again. ConflictError
         when that cannot be done now."""
         why = upgrade.cannot_reexec()
-        if self._server is None or not self._served:
+        if self._hangup_stops:  # `launcher up` in the foreground: its command line starts models, not a daemon
+            why = "it runs in the foreground (`launcher up`): stop it and run it again"
+        elif self._server is None or not self._served:
             why = "the daemon is still starting"
         elif self._stop_asked.is_set():
             why = "the daemon is stopping"
