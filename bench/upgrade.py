@@ -128,12 +128,13 @@ def program(http: httpx.Client) -> float | None:
         return None
 
 
-def measure(rounds: int, tmp: Path, log: IO[bytes]) -> dict[str, list[float]]:
+def measure(rounds: int, tmp: Path, log: IO[bytes]) -> dict[str, list[Any]]:
     model, config, port = write_tiny_llama(tmp / "m.gguf"), tmp / "launcher.yaml", free_port()
     write(config, port, model)
     daemon = start(config, log)
     keys = ("gap", "reloaded", "failures")
-    found: dict[str, list[float]] = {f"{what}_{key}": [] for what in ("upgrade", "restart") for key in keys}
+    found: dict[str, list[Any]] = {f"{what}_{key}": [] for what in ("upgrade", "restart") for key in keys}
+    found["upgrade_kinds"] = []
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http, Hammer(port) as hammer:
             before = pids(http)
@@ -151,6 +152,7 @@ def measure(rounds: int, tmp: Path, log: IO[bytes]) -> dict[str, list[float]]:
                 found["upgrade_gap"].append(hammer.longest_gap_s(began, time.perf_counter()))
                 found["upgrade_reloaded"].append(sum(after[n] != before[n] for n in _NAMES))
                 found["upgrade_failures"].append(hammer.failures(began, time.perf_counter()))
+                found["upgrade_kinds"].extend(what for when, what in hammer.failed if began <= when)
                 before = after
             for _ in range(max(1, rounds // 3)):  # the baseline: a restart of the daemon
                 began = time.perf_counter()
@@ -190,6 +192,8 @@ def main() -> None:
             f"| {statistics.median(reloaded):g} | {sum(found[f'{key}_failures']):g} |"
         )
     print(f"ratio upgrade / restart (longest gap): {upgrade_ms / restart_ms:.2f}")
+    if found["upgrade_kinds"]:
+        print(f"failed during the upgrades: {found['upgrade_kinds']}")
 
 
 if __name__ == "__main__":

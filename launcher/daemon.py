@@ -46,6 +46,9 @@ log = logging.getLogger("launcher")
 
 # Open `logs -f` streams must not hold the servers' shutdown up for long.
 _GRACEFUL_SHUTDOWN_S = 3
+# Of an upgrade: between the API's last accept and its end, for the connections just accepted to send their
+# request (loopback takes microseconds; a loaded host's event loop, more).
+_SETTLE_S = 0.1
 # daemon.ready_when: loaded sends READY=1 once every autostart instance got here.
 _SETTLED = frozenset({State.READY, State.FAILED, State.STOPPED})
 
@@ -144,7 +147,12 @@ class Daemon:
         models = self._settings.models.values()
         drain_s = max((m.drain_timeout_s for m in models), default=0.0)
         self._server.config.timeout_graceful_shutdown = max(_GRACEFUL_SHUTDOWN_S, math.ceil(drain_s))
-        self._server.should_exit = True
+        # Accept nothing more (new connections wait in the backlog) and let those just accepted deliver their
+        # request before the API's end closes every connection with none under way.
+        for listener in self._server.servers:
+            listener.close()
+        server = self._server
+        asyncio.get_running_loop().call_later(_SETTLE_S, lambda: setattr(server, "should_exit", True))
         return UpgradeStarted(pid=os.getpid(), program_started_at=self._program_started_at)
 
     def _user_signal(self) -> None:
