@@ -35,7 +35,7 @@ from launcher.client import DaemonClient
 from launcher.config import DaemonSettings, Settings
 from launcher.config_file import default_settings, load_daemon_settings, load_settings, read_token
 from launcher.errors import ConfigError, ConflictError, LauncherError
-from launcher.schema import GpuSample, InstanceStatus
+from launcher.schema import GpuSample, InstanceStatus, RollReport
 from launcher.statedir.layout import StateDir
 from launcher.statedir.owner import read_owner, unanswered
 
@@ -156,10 +156,11 @@ def cmd_down(ctx: Context) -> int:
 
 def cmd_restart(ctx: Context) -> int:
     client = ctx.required_daemon()
-    names = _expand([ctx.args.name], client.instances())
-    for name in names:
-        client.act(name, "restart")
-    _report_ready(ctx, _wait_ready(ctx, client, names), through=client.url)
+    done = client.restart(ctx.args.name)
+    if isinstance(done, RollReport):  # a model's replicas, one at a time: over when the answer comes
+        print(as_json(done) if ctx.json else done.describe())
+        return 0 if done.stopped_at is None else 1
+    _report_ready(ctx, _wait_ready(ctx, client, [done.name]), through=client.url)
     return 0
 
 
@@ -169,6 +170,13 @@ def cmd_reload(ctx: Context) -> int:
     except ConfigError as exc:  # the file does not load: the daemon changed nothing; a refused act exits 1
         raise LauncherError(exc.message, exc.hint) from None
     print(as_json(report) if ctx.json else format_reload(report))
+    if report.failures:  # applied, but a model did not come back: the caller must hear it (exit 1)
+        failed = "; ".join(f"{i.name}: {i.reason}" for i in report.failures)
+        print(
+            f"launcher: the configuration was reloaded, but {len(report.failures)} change(s) failed: {failed}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -372,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--detach", action="store_true", help="return once ready (starts a daemon if none runs)")
     down = command("down", cmd_down, "stop models")
     down.add_argument("names", nargs="+", metavar="NAME")
-    restart = command("restart", cmd_restart, "restart a model and wait until it is ready")
+    restart = command("restart", cmd_restart, "restart a model and wait until it is ready (its replicas one at a time)")
     restart.add_argument("name", metavar="NAME")
     reload = command("reload", cmd_reload, "read the configuration again and apply the difference to the daemon")
     reload.add_argument("--dry-run", action="store_true", help="only show what would be done")

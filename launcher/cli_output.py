@@ -127,6 +127,29 @@ def _pcie(g: GpuSample) -> str:
     return now if now == full or g.pcie_gen_max is None else f"{now} (max {full})"
 
 
+def _rate(bytes_per_second: float | None) -> str:
+    if bytes_per_second is None:
+        return "-"
+    for unit, size in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if bytes_per_second >= size:
+            return f"{bytes_per_second / size:.1f} {unit}"
+    return f"{bytes_per_second:.0f} B/s"
+
+
+def _traffic(tx: float | None, rx: float | None) -> str:
+    return "-" if tx is None and rx is None else f"{_rate(tx)} / {_rate(rx)}"
+
+
+def _links(g: GpuSample) -> str:
+    """Its NVLink/xGMI links: how many are up, and what they send and receive in all."""
+    if not g.links:
+        return "-"
+    up = [link for link in g.links if link.up]
+    tx = sum(link.tx_bytes_per_second or 0.0 for link in up)
+    rx = sum(link.rx_bytes_per_second or 0.0 for link in up)
+    return f"{g.links[0].kind} {len(up)}/{len(g.links)} up, {_traffic(tx, rx)}"
+
+
 def format_gpus(gpus: Sequence[GpuSample]) -> str:
     if not gpus:
         return "no GPU: servers run on the CPU"
@@ -140,12 +163,15 @@ def format_gpus(gpus: Sequence[GpuSample]) -> str:
             _value(g.utilization_pct, "%"),
             _value(g.power_w, " W"),
             _pcie(g),
+            _traffic(g.pcie_tx_bytes_per_second, g.pcie_rx_bytes_per_second),
+            _links(g),
             ",".join(g.instances) or "-",
             g.error or "",
         ]
         for g in gpus
     ]
-    headers = ["GPU", "NAME", "MEMORY USED/TOTAL", "FREE", "TEMP", "UTIL", "POWER", "PCIE", "INSTANCES", "ERROR"]
+    headers = ["GPU", "NAME", "MEMORY USED/TOTAL", "FREE", "TEMP", "UTIL", "POWER", "PCIE", "PCIE TX/RX", "LINKS TX/RX"]
+    headers += ["INSTANCES", "ERROR"]
     return format_table(headers, rows)
 
 
@@ -163,12 +189,13 @@ def _hub_lines(hub: HubPlan) -> list[str]:
                 ("* " if q.chosen else "  ") + (q.quant or "?"),
                 _size(q.size_bytes),
                 "fits" if q.fits else "does not fit",
+                "" if q.ctx is None else str(q.ctx),
                 q.files[0] + (f" (+{len(q.files) - 1})" if len(q.files) > 1 else ""),
                 "" if q.fits else (q.reason or ""),
             ]
             for q in hub.quants
         ]
-        lines += ["", format_table(["QUANT", "SIZE", "VERDICT", "FILE", "WHY NOT"], rows), ""]
+        lines += ["", format_table(["QUANT", "SIZE", "VERDICT", "CTX", "FILE", "WHY NOT"], rows), ""]
     return lines
 
 
@@ -185,6 +212,8 @@ def format_plan(name: str, plan: Plan) -> str:
     kv = f"KV {plan.cache_type_k}/{plan.cache_type_v}"
     settings = f"ctx {plan.ctx}, flash attention {'on' if plan.flash_attn else 'off'}, {kv}"
     lines = [f"{name}: {'fits on ' + where if plan.fits else 'does not fit'} ({settings})"]
+    if plan.context is not None and plan.fits:
+        lines.append(f"ctx: max chose {plan.context.reason}")
     if plan.hub is not None:
         lines += _hub_lines(plan.hub)
     if plan.architecture:

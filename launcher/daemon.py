@@ -82,6 +82,11 @@ class _Watching:
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
 
+    def cancel(self) -> None:
+        """End it now, a reload it began included (the daemon stops: nothing more is reloaded)."""
+        self.stop_event.set()
+        self.task.cancel()
+
 
 class Daemon:
     """The API server over the wired manager, until SIGTERM, SIGINT or `request_stop`."""
@@ -111,6 +116,7 @@ class Daemon:
         self._upgrading = False  # the API ends for an upgrade: the program is executed again (`_hand_over`)
         self._served = False  # the API served once: a second time is after a failed upgrade
         self._program_started_at = time.time()
+        self._watching: _Watching | None = None  # daemon.watch_config's watcher, while the daemon serves
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
         """End serving: every server drains (the front door's requests in flight finish, new ones wait),
@@ -171,10 +177,27 @@ class Daemon:
         log.error("upgrade: %s; serving on with the running program", error.strerror or error)
         self._upgrading = False
 
+    def _close(self, wired: Wired, reloader: Reloader | None) -> None:
+        """The daemon begins to stop: the front door gives no instance a new request (new and queued ones
+        hear why), no instance starts (a start or a reload's restart under way included), no reload runs
+        (the watcher and SIGHUP's are cancelled, the API's refused), so that the stop keeps to
+        `longest_stop_s`: the drain, then the servers' stop."""
+        reason = "the daemon is stopping"
+        wired.router.close(reason)
+        wired.manager.close(reason)
+        if reloader is not None:
+            reloader.close(reason)
+        if self._watching is not None:
+            self._watching.cancel()
+        for task in self._reloads:
+            task.cancel()
+
     def _hangup(self) -> None:
         if self._hangup_stops:
             log.warning("SIGHUP: the terminal went away; stopping")
             self.request_stop(signal.SIGHUP)
+        elif self._stop_asked.is_set():
+            log.warning("SIGHUP ignored: the daemon is stopping")
         elif self._reloader is None:
             log.warning("SIGHUP ignored: the daemon is still starting (send it again once it serves)")
         else:
@@ -222,7 +245,7 @@ class Daemon:
                 # After the lock: a second daemon is told who owns the directory. An upgrade's is inherited.
                 sock = wired.listening or listen(self._settings)
                 notifying = self._notify(wired)
-                watching = self._watch_config(self._reloader)
+                watching = self._watching = self._watch_config(self._reloader)
                 try:
                     while await self._serve(wired, sock) and not self._stop_asked.is_set():
                         self._hand_over(wired, sock)
@@ -320,6 +343,7 @@ class Daemon:
         async def drain_then_exit() -> None:
             await self._stop_asked.wait()
             try:
+                self._close(wired, reloader)
                 await manager.drain_all()  # the API still answers meanwhile: the statuses say draining
             finally:
                 server.should_exit = True  # a drain that failed must not keep the daemon from ending
@@ -354,6 +378,7 @@ def rest_api(
         lending=wired.lending,
         event_bus=wired.events,
         router=wired.router,
+        server_metrics=wired.server_metrics,
         token=token,
         on_started=on_started,
         reload=reload,

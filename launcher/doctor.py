@@ -27,6 +27,7 @@ from launcher.backends.rpc_server import find_rpc_server
 from launcher.client import DaemonClient
 from launcher.config import ModelSettings, Settings
 from launcher.errors import ConfigError, LauncherError
+from launcher.gpu.link_health import link_problems
 from launcher.gpu.sysfs import amd_cards
 from launcher.gpu.types import Link
 from launcher.hub_ref import HubRef
@@ -111,6 +112,15 @@ def _gpus(machine: Machine) -> Iterator[Finding]:
                 f"{label} PCIe link runs at {' and '.join(slow)}",
                 "idle cards lower their generation to save power: check again under load; a narrow width "
                 "means a riser, a shared slot or a BIOS setting (reseat the card, check the slot's lanes)",
+            )
+
+        for problem in link_problems(gpu.links):
+            yield Finding(
+                "warn",
+                "links",
+                f"{label}: {problem}",
+                "reseat the NVLink bridge (or check the board's xGMI), then `nvidia-smi nvlink --status`; a "
+                "tensor split over this link runs at the speed of what is left",
             )
 
 

@@ -5,7 +5,11 @@ instances), then the front door's router, then the manager's acts (stops, restar
 
 A configuration that does not load, names a missing model file or asks for more replicas than there are
 GPUs changes nothing: the reload answers with the one-sentence error `serve` would give, and an event
-records it. Reloads run one at a time.
+records it. Reloads run one at a time, and none once the daemon has begun to stop (`close`): a reload's
+restarts would start servers the stop then cuts, and run the stop past its budget.
+
+The answer, and the event, say what came of each change once it was carried out: a changed model whose
+server did not come back is `failed`, with the reason (the dry run says what would be done).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from launcher.backends.options import check_server_args
 from launcher.config import Settings
 from launcher.config_change import in_effect, plan_reload
 from launcher.config_file import load_settings
-from launcher.errors import LauncherError
+from launcher.errors import ConflictError, LauncherError
 from launcher.schema import Change, Event, ReloadReport
 from launcher.wiring import Wired
 
@@ -41,6 +45,16 @@ class Reloader:
         self._autostart = autostart
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[Settings], None]] = []
+        self._closed: str | None = None  # why reloads are refused (the daemon is stopping)
+
+    def close(self, reason: str) -> None:
+        """Refuse every reload from now on, with ``reason``: those asked for, those waiting for the one
+        under way, and one whose file is being read (it applies nothing)."""
+        self._closed = reason
+
+    def _refuse_if_closed(self) -> None:
+        if self._closed is not None:
+            raise ConflictError(f"the configuration is not reloaded: {self._closed}")
 
     def subscribe(self, listener: Callable[[Settings], None]) -> None:
         """Call ``listener`` with the settings in effect after each reload (a part built outside the wiring:
@@ -49,7 +63,9 @@ class Reloader:
 
     async def reload(self, *, dry_run: bool = False) -> ReloadReport:
         """What the reload did (or, ``dry_run``, would do); raises the configuration's error, changing nothing."""
+        self._refuse_if_closed()
         async with self._lock:
+            self._refuse_if_closed()
             try:
                 new = await asyncio.to_thread(read_like_serve, self._settings.source)
                 gpus = [gpu.index for gpu in self._wired.sampler.identities]
@@ -64,15 +80,28 @@ class Reloader:
                 raise LauncherError(message) from exc
             if dry_run:
                 return report
-            settings = in_effect(self._settings, new, report)
-            self._wired.manager.reconfigure(settings, report)
-            self._wired.router.reconfigure(settings)
-            for listener in self._listeners:
-                listener(settings)
-            self._settings = settings
-            self._publish("reload", report.describe())
-            await self._wired.manager.carry_out(report, autostart=self._autostart)
-            return report
+            self._refuse_if_closed()  # the daemon began to stop while the file was read
+            try:
+                return await self._apply(in_effect(self._settings, new, report), report)
+            except LauncherError as exc:
+                self._publish("error", f"the configuration was reloaded in part: {exc.message}")
+                raise
+            except Exception as exc:  # a bug: the caller hears it in the API's error shape, not as a bare 500
+                message = f"the configuration was reloaded in part: unexpected error: {type(exc).__name__}: {exc}"
+                self._publish("error", message)
+                raise LauncherError(message) from exc
+
+    async def _apply(self, settings: Settings, report: ReloadReport) -> ReloadReport:
+        """Have the parts take ``settings`` and carry out ``report``'s acts; what came of each."""
+        self._wired.manager.reconfigure(settings, report)
+        self._wired.router.reconfigure(settings)
+        for listener in self._listeners:
+            listener(settings)
+        self._settings = settings
+        outcomes = await self._wired.manager.carry_out(report, autostart=self._autostart)
+        done = report.model_copy(update={"instances": outcomes})
+        self._publish("reload", done.describe())
+        return done
 
     def _publish(self, kind: str, message: str) -> None:
         self._wired.events.publish(Event.now(kind, message))

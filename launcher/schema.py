@@ -36,7 +36,7 @@ class State(StrEnum):
 
 class Event(_Wire):
     time: str
-    kind: str  # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain
+    kind: str  # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | roll
     message: str
     instance: str | None = None
     state: State | None = None  # the instance's state after the event
@@ -105,6 +105,7 @@ class QuantPlan(_Wire):
     fits: bool
     reason: str | None
     chosen: bool = False
+    ctx: int | None = None  # the context its plan has (with `ctx: max`, the largest it would get)
 
 
 class HubPlan(_Wire):
@@ -119,6 +120,16 @@ class HubPlan(_Wire):
     header_bytes: int  # the start of each file read to plan, summed
     fetched_bytes: int  # of them, fetched from the hub now (the rest came from the header cache)
     quants: list[QuantPlan] = []  # every quant planned, smallest first (a reference without a quant)
+
+
+class ContextChoice(_Wire):
+    """How `ctx: max` chose the plan's context: the range it searched, in llama.cpp's steps, and why it
+    stopped where it did."""
+
+    ctx_min: int  # -c of the smallest context allowed (ctx_min per KV stream, rounded up to the step)
+    ctx_max: int  # -c of the largest (the cap per KV stream, rounded down to the step)
+    step: int  # cells of -c per step: 256 per KV stream, as llama.cpp pads n_ctx
+    reason: str  # why this context: the largest that fits beside the claims, the cap, or the floor refused
 
 
 class Plan(_Wire):
@@ -149,6 +160,7 @@ class Plan(_Wire):
     not_modelled: list[str] = []  # flags in args whose effect on memory the plan does not follow
     network: NetworkCost | None = None  # None: every device is this host's
     hub: HubPlan | None = None  # a hub model planned from its headers before download
+    context: ContextChoice | None = None  # `ctx: max`: how ctx was chosen (None: ctx is the configured one)
 
     @property
     def claims_mib(self) -> dict[int, int]:
@@ -255,6 +267,8 @@ class Change(StrEnum):
     LIVE_UPDATED = "live-updated"  # only keys the daemon applies without a restart changed
     STOPPED = "stopped"  # gone from the configuration: stopped and removed
     ADDED = "added"  # new in the configuration (started when autostart)
+    UPDATED = "updated"  # changed while it did not run: its next start takes the new settings
+    FAILED = "failed"  # the change was applied, but its server did not start again (see `reason`)
 
 
 class InstanceChange(_Wire):
@@ -262,6 +276,29 @@ class InstanceChange(_Wire):
     model: str  # the configured model it is
     change: Change
     keys: list[str] = []  # the model's keys that differ, for restarted and live-updated (rpc.listen: an rpc-server's)
+    reason: str | None = None  # why a change failed
+
+
+class RollReport(_Wire):
+    """A rolling restart of a model's replicas: one at a time, each ready again before the next."""
+
+    model: str  # the configured model
+    order: list[str]  # its replicas in the order they were (or were to be) restarted
+    restarted: list[str]  # those restarted and back (ready, or left stopped), in that order
+    stopped_at: str | None = None  # the replica where the roll stopped; the ones after it keep their old server
+    reason: str | None = None  # why it stopped there
+    duration_s: float
+
+    def describe(self) -> str:
+        """One line: rolled, or where it stopped and why, and what kept its old server."""
+        if self.stopped_at is None:
+            return f"rolled {self.model}: {', '.join(self.restarted)} restarted one at a time in {self.duration_s:.2f}s"
+        kept = [name for name in self.order if name not in self.restarted and name != self.stopped_at]
+        return (
+            f"rolling restart of {self.model} stopped at {self.stopped_at}: {self.reason}"
+            + (f"; restarted: {', '.join(self.restarted)}" if self.restarted else "")
+            + (f"; kept their old server: {', '.join(kept)}" if kept else "")
+        )
 
 
 class ReloadReport(_Wire):
@@ -272,6 +309,11 @@ class ReloadReport(_Wire):
     instances: list[InstanceChange]
     applied: list[str] = []  # the daemon-level keys (dotted) that changed and were applied live
     waiting: list[str] = []  # the daemon-level keys that changed and wait for a restart of the daemon
+
+    @property
+    def failures(self) -> list[InstanceChange]:
+        """The changes that failed (their servers did not start again)."""
+        return [i for i in self.instances if i.change == Change.FAILED]
 
     def describe(self) -> str:
         """One line: the instances by what was (or would be) done to them, then the daemon-level keys."""
@@ -296,7 +338,8 @@ class UpgradeStarted(_Wire):
 
 
 def _with_keys(change: InstanceChange) -> str:
-    return f"{change.name} ({', '.join(change.keys)})" if change.keys else change.name
+    named = f"{change.name} ({', '.join(change.keys)})" if change.keys else change.name
+    return named if change.reason is None else f"{named}: {change.reason}"
 
 
 # ---- the front door ---------------------------------------------------------------------------------
@@ -417,6 +460,21 @@ class GpuProcess(_Wire):
     used_mib: int | None
 
 
+class GpuLinkReading(_Wire):
+    """One NVLink (NVIDIA) or xGMI (AMD) link of a GPU at one time. None: the library does not say."""
+
+    model_config = ConfigDict(frozen=True, defer_build=True)
+
+    link: int  # the link's number on its GPU
+    kind: str  # nvlink | xgmi
+    up: bool
+    peer: str | None = None  # the GPU index at its other end, else that end's PCI bus id (an NVSwitch)
+    speed_mbps: float | None = None  # the speed it runs at, MB/s
+    speed_max_mbps: float | None = None  # the speed it can run at, MB/s
+    tx_bytes_per_second: float | None = None
+    rx_bytes_per_second: float | None = None
+
+
 class GpuReading(_Wire):
     """What a backend reads of one GPU at one time. None: the backend cannot read that value."""
 
@@ -433,6 +491,9 @@ class GpuReading(_Wire):
     pcie_gen_max: int | None = None
     pcie_width: int | None = None
     pcie_width_max: int | None = None
+    pcie_tx_bytes_per_second: float | None = None
+    pcie_rx_bytes_per_second: float | None = None
+    links: tuple[GpuLinkReading, ...] = ()  # NVLink or xGMI; none on a GPU without them
     throttle: tuple[str, ...] = ()
     processes: tuple[GpuProcess, ...] | None = None  # None: not read this time
 

@@ -1,7 +1,7 @@
 """The daemon's parts, wired in one place: the state directory's lock, the leftover cleanup, the child
 registry, the event bus, the instance table, the peers' claims on this host, the GPU sampler, the log
-directory, what this host lends, the HTTP client, the planner, the peers, the manager and the front door's
-router; and the API's listening socket.
+directory, what this host lends, the HTTP client, the planner, the peers, the manager, the front door's
+router and the reader of the servers' own metrics; and the API's listening socket.
 
 Each part is given what it needs when it is made (`supervision` makes them in that order, each from those
 before it); none is changed afterwards. What several parts share about the instances is the instance table
@@ -47,6 +47,7 @@ from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, held_mib
 from launcher.supervise.manager import Manager
 from launcher.supervise.ports import port_holder
+from launcher.supervise.server_metrics import ServerMetrics
 from launcher.supervise.table import InstanceTable
 
 # The events kept for `GET /events?recent=`, and how far a reader of the stream may fall behind.
@@ -115,6 +116,7 @@ class Wired:
     peers: Peers | None
     lending: Lending
     gpu_backend: str  # which GPU backend and why
+    server_metrics: ServerMetrics
     # Of an upgrade (supervise/handover.py): the listening socket the old program handed over, and the
     # instances it ran whose server was not taken over, to start again.
     listening: socket.socket | None = None
@@ -145,7 +147,8 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
         lending = Lending(table.instances, sampler, settings.gpus, claims)
         async with httpx.AsyncClient() as http:
             planner = Planner(settings.gpus, sampler.identities, sampler.links)
-            peers = Peers(settings, events=events, active=table.active_names) if settings.peers else None
+            # Made without peers too: a reload may add some (and an empty list reads nothing).
+            peers = Peers(settings, events=events, active=table.active_names)
             manager = Manager(
                 settings,
                 table=table,
@@ -159,36 +162,40 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
                 peers=peers,
             )
             sampler.subscribe(manager.observe)
-            if peers is not None:
-                peers.subscribe(manager.after_peers_read)
+            peers.subscribe(manager.after_peers_read)
             await sampler.start()
             try:
-                if peers is not None:
-                    await peers.start()
+                await peers.start()
                 router = Router(
                     settings, manager=manager, table=table, events=events, peers=peers, http=http, upstream=Upstream()
                 )
-                async with router:
-                    start_again = []
-                    if handed is not None:  # those not ours any more: the cleanup above stopped them
-                        lost = [s.instance for s in handed.servers if s not in kept]
-                        start_again = [*handed.starting, *lost, *await manager.adopt(kept)]
-                    yield Wired(
-                        manager,
-                        router,
-                        table,
-                        events,
-                        sampler,
-                        peers,
-                        lending,
-                        gpu_backend,
-                        listening,
-                        tuple(start_again),
-                    )
+                # The servers' own series, read on the sampler's poll interval for /metrics.
+                server_metrics = ServerMetrics(table.instances, http, lambda: sampler.poll_interval_s)
+                server_metrics.start()
+                try:
+                    async with router:
+                        start_again = []
+                        if handed is not None:  # those not ours any more: the cleanup above stopped them
+                            lost = [s.instance for s in handed.servers if s not in kept]
+                            start_again = [*handed.starting, *lost, *await manager.adopt(kept)]
+                        yield Wired(
+                            manager,
+                            router,
+                            table,
+                            events,
+                            sampler,
+                            peers,
+                            lending,
+                            gpu_backend,
+                            server_metrics,
+                            listening,
+                            tuple(start_again),
+                        )
+                finally:
+                    await server_metrics.stop()
             finally:
                 await manager.stop_all()
-                if peers is not None:
-                    await peers.stop()  # after the servers: their claims are released last
+                await peers.stop()  # after the servers: their claims are released last
                 await sampler.stop()
     finally:
         if listening is not None:

@@ -26,6 +26,12 @@ class FakeGpu:
     reasons: int = 0x20 | 0x4
     processes: list[tuple[int, int | None]] = field(default_factory=list)
     nvlink_to: str | None = None  # bus id at the other end of link 0
+    nvlink_up: bool = True
+    nvlink_speed_mbps: int = 25_781
+    # NVLink 0's data counters (KiB sent, KiB received) and their time (µs), as NVML's field values give
+    nvlink_kib: tuple[int, int] = (0, 0)
+    nvlink_time_us: int = 0
+    pcie_kib_per_s: tuple[int, int] = (0, 0)  # TX, RX
     unsupported: set[str] = field(default_factory=set)  # function names that raise NotSupported
     lost: bool = False
 
@@ -132,7 +138,30 @@ class FakeNvml:
         gpu = self._gpu(h, "nvlink")
         if gpu.nvlink_to is None or link > 0:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
-        return 1
+        return int(pynvml.NVML_FEATURE_ENABLED if gpu.nvlink_up else pynvml.NVML_FEATURE_DISABLED)
+
+    def nvmlDeviceGetPcieThroughput(self, h: int, counter: int) -> int:
+        tx, rx = self._gpu(h, "nvmlDeviceGetPcieThroughput").pcie_kib_per_s
+        return tx if counter == pynvml.NVML_PCIE_UTIL_TX_BYTES else rx
+
+    def nvmlDeviceGetFieldValues(self, h: int, field_ids: list[tuple[int, int]]) -> Any:
+        """Real c_nvmlFieldValue_t structs: the NVLink data counters and link 0's speed; others not supported."""
+        gpu = self._gpu(h, "nvmlDeviceGetFieldValues")
+        values = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
+        known = {
+            (pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, 0): gpu.nvlink_kib[0],
+            (pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, 0): gpu.nvlink_kib[1],
+            (pynvml.NVML_FI_DEV_NVLINK_SPEED_MBPS_L0, 0): gpu.nvlink_speed_mbps,
+        }
+        for value, (field_id, scope) in zip(values, field_ids, strict=True):
+            value.fieldId, value.scopeId, value.timestamp = field_id, scope, gpu.nvlink_time_us
+            if (field_id, scope) in known:
+                value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+                value.value.ullVal = known[(field_id, scope)]
+                value.nvmlReturn = pynvml.NVML_SUCCESS
+            else:
+                value.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+        return values
 
     def nvmlDeviceGetNvLinkRemotePciInfo(self, h: int, link: int) -> Any:
         info = pynvml.nvmlPciInfo_t()
@@ -203,6 +232,10 @@ class FakeAmdSmi:
 
     def amdsmi_get_gpu_process_list(self, h: int) -> list[dict[str, Any]]:
         return list(self._card(h, "processes"))
+
+    def amdsmi_get_gpu_metrics_info(self, h: int) -> dict[str, Any]:
+        """The metrics table's xGMI part; amdsmi gives 'N/A' for a link a card does not have."""
+        return dict(self._card(h, "metrics"))
 
     def amdsmi_topo_get_link_type(self, a: int, b: int) -> dict[str, int]:
         return dict(self._card(a, "links")[b])

@@ -175,4 +175,5 @@ peers: [{url: 'http://10.0.0.2:8400'}]
     now = in_effect(old, new, plan_reload(old, new, GPUS))
     assert list(now.models) == ["b"]
     assert now.gpus.thermal_limit_c == 80
-    assert (now.daemon.port, now.gpus.backend, now.peers) == (8400, "auto", [])
+    assert (now.daemon.port, now.gpus.backend) == (8400, "auto")  # they wait for a restart
+    assert [p.url for p in now.peers] == ["http://10.0.0.2:8400"]  # applied live

@@ -8,12 +8,13 @@ so each test knows the request is in flight when the stop begins and decides whe
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -24,6 +25,7 @@ from tests.test_front_door import first_event, held
 
 StartDaemon = Callable[[Path], Daemon]
 Event = dict[str, Any]
+T = TypeVar("T")
 
 
 def events_of(daemon: Daemon, instance: str, *, timeout_s: float = 30) -> Iterator[Event]:
@@ -47,6 +49,16 @@ def await_event(events: Iterator[Event], match: Callable[[Event], bool]) -> Even
     raise AssertionError("the event stream ended")
 
 
+def events_until(events: Iterator[Event], match: Callable[[Event], bool]) -> list[Event]:
+    """The events up to the first that ``match``es, that one included (all of them if the stream ends)."""
+    seen = []
+    for event in events:
+        seen.append(event)
+        if match(event):
+            break
+    return seen
+
+
 def is_state(state: str) -> Callable[[Event], bool]:
     return lambda e: e["kind"] == "state" and e["state"] == state
 
@@ -64,6 +76,24 @@ def the_rest(lines: Iterator[str]) -> list[str]:
 def completed(rest: list[str]) -> bool:
     """The stream ended with its last chunk (finish_reason and usage) and [DONE]."""
     return len(rest) >= 2 and rest[-1] == "data: [DONE]" and "finish_reason" in rest[-2]
+
+
+@contextlib.contextmanager
+def draining(
+    daemon: Daemon, events: Iterator[Event], act: Callable[[], T]
+) -> Iterator[tuple[Iterator[str], concurrent.futures.Future[T], concurrent.futures.ThreadPoolExecutor]]:
+    """A stream of model ``m`` that the stand-in holds open, and ``act`` (a stop, a restart, a reload) run
+    beside it until ``m`` is draining: the stream's lines, the act's answer to come, and the pool it runs
+    in (for more requests meanwhile)."""
+    with (
+        concurrent.futures.ThreadPoolExecutor(2) as pool,
+        daemon.http.stream("POST", "/v1/chat/completions", json=held("m")) as stream,
+    ):
+        lines = stream.iter_lines()
+        first_event(lines)
+        acting = pool.submit(act)
+        await_event(events, is_state("draining"))
+        yield lines, acting, pool
 
 
 def serving(write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path, **model: Any) -> Daemon:
@@ -117,19 +147,14 @@ def test_a_stream_survives_a_restart_and_new_requests_wait_for_the_new_server(
     daemon = serving(write_config, start_daemon, standin)
     old_pid = daemon.instance("m")["pid"]
     events = events_of(daemon, "m")
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        with daemon.http.stream("POST", "/v1/chat/completions", json=held("m")) as stream:
-            lines = stream.iter_lines()
-            first_event(lines)
-            restarting = pool.submit(daemon.cli, "restart", "m")
-            await_event(events, is_state("draining"))
-            plain = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
-            waiting = pool.submit(daemon.http.post, "/v1/chat/completions", json=plain)
-            poll_until(lambda: daemon.instance("m"), lambda s: s["requests_queued"] == 1, "queued", 10)
-            release(daemon, "m")
-            assert completed(the_rest(lines))
-        assert restarting.result(timeout=60).returncode == 0
-        answer = waiting.result(timeout=60)
+    with draining(daemon, events, lambda: daemon.cli("restart", "m")) as (lines, restarting, pool):
+        plain = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+        waiting = pool.submit(daemon.http.post, "/v1/chat/completions", json=plain)
+        poll_until(lambda: daemon.instance("m"), lambda s: s["requests_queued"] == 1, "queued", 10)
+        release(daemon, "m")
+        assert completed(the_rest(lines))
+    assert restarting.result(timeout=60).returncode == 0
+    answer = waiting.result(timeout=60)
     assert answer.status_code == 200
     assert daemon.instance("m")["pid"] not in (None, old_pid)
     records = [r for r in daemon.http.get("/requests").json() if r["path"] == "/v1/chat/completions"]
@@ -183,11 +208,7 @@ def test_a_killed_server_is_not_drained(write_config: ConfigWriter, start_daemon
         os.kill(old_pid, signal.SIGKILL)
         assert not completed(the_rest(lines))
     await_event(events, lambda e: e["kind"] == "exit")
-    until_ready = []
-    for event in events:
-        until_ready.append(event)
-        if is_state("ready")(event):
-            break
+    until_ready = events_until(events, is_state("ready"))
     assert [e["state"] for e in until_ready if e["kind"] == "state"][-1] == "ready"
     assert not any(e["kind"] == "drain" or e["state"] == "draining" for e in until_ready)
     assert daemon.instance("m")["pid"] not in (None, old_pid)
@@ -209,3 +230,24 @@ def test_the_daemons_own_stop_drains_first(
     drained = await_event(events, lambda e: e["kind"] == "drain")
     assert drained["message"].startswith("drained: all 1 request finished")
     assert daemon.proc.wait(30) == 0
+
+
+def test_a_server_that_crashes_during_its_drain_is_not_restarted_and_not_said_drained(
+    write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path
+) -> None:
+    """kill -9 during a stop's drain: the stop goes on (no restart by the policy into a server the stop
+    would then cut), and the drain's event says the server ended by itself, not that all finished."""
+    fast = {"policy": "on-failure", "backoff_initial": 0.01, "backoff_max": 0.05}
+    daemon = serving(write_config, start_daemon, standin, restart=fast)
+    pid = daemon.instance("m")["pid"]
+    events = events_of(daemon, "m")
+    with draining(daemon, events, lambda: daemon.http.post("/instances/m/stop")) as (lines, stopping, _pool):
+        os.kill(pid, signal.SIGKILL)
+        assert not completed(the_rest(lines))
+    assert stopping.result(timeout=30).json()["state"] == "stopped"
+    until_stopped = events_until(events, is_state("stopped"))
+    drained = [e["message"] for e in until_stopped if e["kind"] == "drain"]
+    assert len(drained) == 1 and drained[0].startswith("drain ended after "), drained
+    assert drained[0].endswith(": the server ended by itself with 1 request in flight")
+    assert not any(is_state("starting")(e) or is_state("backoff")(e) for e in until_stopped)
+    assert daemon.instance("m")["pid"] is None

@@ -116,3 +116,4 @@ def test_a_peers_model_is_listed_and_served_through_this_front_door(
             gone.value.status_code == 503 and "peer b" in gone.value.message and "not reachable" in gone.value.message
         )
         poll_until(lambda: a.http.get("/peers").json()[0]["reachable"], lambda r: not r, "b seen down", 10)
+    assert 'launcher_peer_up{peer="b"} 0.0' in a.http.get("/metrics").text  # what LauncherPeerUnreachable reads

@@ -109,6 +109,41 @@ def test_nvml_reads_temperature_power_and_processes(nvidia: NvmlBackend) -> None
         assert reading.processes is not None  # a tuple, empty where the driver hides other users' processes
 
 
+def dmon_pcie_mb_s() -> dict[int, list[tuple[float, float]]]:
+    """`nvidia-smi dmon -s t`: per GPU index, (TX, RX) PCIe MB/s for each of 3 one-second samples."""
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        pytest.skip("no nvidia-smi on PATH to compare NVML's PCIe throughput with")
+    out = subprocess.run([tool, "dmon", "-s", "t", "-c", "3"], capture_output=True, text=True, timeout=60).stdout
+    header = next(line.lstrip("#").split() for line in out.splitlines() if line.startswith("# gpu"))
+    tx, rx = header.index("txpci"), header.index("rxpci")
+    samples: dict[int, list[tuple[float, float]]] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if line.startswith("#") or len(fields) < len(header) or "-" in (fields[tx], fields[rx]):
+            continue
+        samples.setdefault(int(fields[0]), []).append((float(fields[tx]), float(fields[rx])))
+    return samples
+
+
+def test_nvml_pcie_throughput_agrees_with_dmon(nvidia: NvmlBackend) -> None:
+    """Both read NVML's PCIe counters; an idle GPU moves little, so NVML's figure (its own 20 ms window)
+    must lie within dmon's range over 3 s, give or take 100 MB/s of bursts."""
+    before = dmon_pcie_mb_s()
+    readings = {g.index: nvidia.read(g.index, processes=False) for g in nvidia.identities()}
+    after = dmon_pcie_mb_s()
+    for index, reading in readings.items():
+        assert reading.pcie_tx_bytes_per_second is not None and reading.pcie_rx_bytes_per_second is not None
+        seen = before.get(index, []) + after.get(index, [])
+        if not seen:
+            pytest.skip(f"nvidia-smi dmon -s t shows no PCIe figures for GPU {index}")
+        for position, figure in ((0, reading.pcie_tx_bytes_per_second), (1, reading.pcie_rx_bytes_per_second)):
+            low, high = min(s[position] for s in seen), max(s[position] for s in seen)
+            assert low - 100 <= figure / 1e6 <= high + 100, (index, position, figure, seen)
+        for link in reading.links:  # where the GPU has NVLink: its state and, once up, a speed
+            assert link.kind == "nvlink" and (link.speed_mbps is not None or not link.up), link
+
+
 def test_auto_picks_nvml_on_an_nvidia_machine(nvidia: NvmlBackend) -> None:
     backend, reason = open_backend(GpuSettings(backend="auto"))
     try:

@@ -21,6 +21,7 @@ from launcher.hub.planning import plan_from_hub
 from launcher.hub_ref import HubRef, parse_hub_ref
 from launcher.plan.gguf import HeaderIncomplete, parse_header
 from launcher.plan.planner import Planner
+from launcher.schema import Plan
 from launcher.tinymodel import TinyShape, write_tiny_llama
 from tests.conftest import ConfigWriter, Daemon, free_port, run_cli, write_secret
 from tests.hubstandin import Repo, StandInHub, serving
@@ -143,25 +144,40 @@ def test_a_repo_without_a_quant_plans_each_and_takes_the_largest_that_fits(
     assert hub.sent_bytes["org/Llama-8B-GGUF/mmproj-llama-8b-F16.gguf"] == 0
 
 
-def test_the_choice_moves_down_a_quant_when_another_instance_holds_memory(hub: StandInHub, tmp_path: Path) -> None:
+def _plans_on_a_24g_gpu(hub: StandInHub, tmp_path: Path, model: ModelSettings, *claims: dict[int, int]) -> list[Plan]:
+    """The plans of the hub model ``model`` on one simulated 24 GB GPU, with each of ``claims`` held there."""
     gpus = GpuSettings(backend="sim", sim=[SimGpu(name="Sim 24G", memory_mib=24576)])
     backend = SimBackend(gpus.sim)
     samples = [read_sample(backend, gpu, processes=False) for gpu in backend.identities()]
     planner = Planner(gpus, backend.identities(), backend.links())
     reader = HubReader(tmp_path / "headers", None, 64 << 20, endpoint=hub.url)
-    model = ModelSettings(model=parse_hub_ref("hf:org/Llama-8B-GGUF"), ctx=4096)
+    return [plan_from_hub(planner, reader, "m", model, samples, held) for held in claims]
 
-    alone = plan_from_hub(planner, reader, "m", model, samples, {})
-    shared = plan_from_hub(planner, reader, "m", model, samples, {0: 10_000})
+
+def test_the_choice_moves_down_a_quant_when_another_instance_holds_memory(hub: StandInHub, tmp_path: Path) -> None:
+    model = ModelSettings(model=parse_hub_ref("hf:org/Llama-8B-GGUF"), ctx=4096)
+    alone, shared, crowded = _plans_on_a_24g_gpu(hub, tmp_path, model, {}, {0: 10_000}, {0: 20_000})
     assert alone.hub is not None and shared.hub is not None
     assert [q.quant for q in alone.hub.quants if q.chosen] == ["F16"]
     assert [q.quant for q in shared.hub.quants if q.chosen] == ["Q8_0"]
     assert shared.fits and shared.hub.fetched_bytes == 0  # the second plan read the cache
 
-    crowded = plan_from_hub(planner, reader, "m", model, samples, {0: 20_000})
     assert not crowded.fits and crowded.hub is not None
     assert not any(q.chosen for q in crowded.hub.quants)
     assert crowded.reason is not None and crowded.reason.startswith("no quant of org/Llama-8B-GGUF fits")
+
+
+def test_with_ctx_max_the_quant_is_chosen_at_ctx_min_and_gets_the_room_left(hub: StandInHub, tmp_path: Path) -> None:
+    model = ModelSettings(model=parse_hub_ref("hf:org/Llama-8B-GGUF"), ctx="max", ctx_min=4096, ctx_max=131072)
+    alone, shared = _plans_on_a_24g_gpu(hub, tmp_path, model, {}, {0: 10_000})
+    assert alone.hub is not None and shared.hub is not None
+    # the same choice as with ctx 4096 (the test above): the floor decides which quant fits
+    assert [q.quant for q in alone.hub.quants if q.chosen] == ["F16"]
+    assert [q.quant for q in shared.hub.quants if q.chosen] == ["Q8_0"]
+    by_quant = {q.quant: q.ctx or 0 for q in alone.hub.quants}
+    assert alone.ctx == by_quant["F16"] > 4096  # then the largest context the room left by its weights holds
+    assert by_quant["Q8_0"] > by_quant["F16"]
+    assert alone.context is not None and alone.context.reason.startswith(f"ctx {alone.ctx}: ")
 
 
 def test_a_gated_repo_needs_the_token_from_the_environment_or_the_token_file(

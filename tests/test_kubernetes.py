@@ -1,7 +1,7 @@
 """kubernetes/: each overlay renders with `kubectl kustomize`, kubernetes-validate --strict accepts every
-rendered object it has a schema for, and the ServiceMonitor (a CRD it has no schema for) is checked here.
-Beyond the schemas: the pieces agree with each other and with the launcher's config (ports, paths, the
-token, the stop timeouts, the image's user).
+rendered object it has a schema for, and the ServiceMonitor (a CRD it has no schema for) is checked here
+(the PrometheusRule in test_monitoring.py). Beyond the schemas: the pieces agree with each other and
+with the launcher's config (ports, paths, the token, the stop timeouts, the image's user).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ KUBE = ROOT / "kubernetes"
 VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
 OVERLAYS = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
 NODE_LABELS = {"nvidia": "nvidia.com/gpu.present", "amd": "feature.node.kubernetes.io/amd-gpu"}
-CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 Doc = dict[str, Any]
 
 
@@ -131,8 +131,7 @@ def volume(docs: list[Doc], name: str) -> Doc:
 
 def settings(docs: list[Doc], tmp_path: Path) -> Settings:
     """The launcher's config, as the pod sees it, loaded by the launcher itself."""
-    config_map = one(docs, "ConfigMap")
-    assert volume(docs, "config")["configMap"]["name"] == config_map["metadata"]["name"]
+    config_map = one(docs, "ConfigMap", volume(docs, "config")["configMap"]["name"])
     env = {e["name"]: e["value"] for e in container(docs)["env"]}
     in_pod = Path(env["LAUNCHER_CONFIG"])
     assert in_pod.parent == mount_path(docs, "config")

@@ -218,5 +218,7 @@ def test_per_gpu_replicas_on_four(
         env = recorded(tmp_path, port + i)
         assert env == base_env(port + i, "0", CUDA_VISIBLE_DEVICES=UUIDS[i], CUDA_DEVICE_ORDER="PCI_BUS_ID")
     assert daemon.http.post("/instances/chat/start").status_code == 404  # act on replicas, named
+    rolled = daemon.http.post("/instances/chat/restart")  # but a restart rolls them, one at a time
+    assert rolled.status_code == 200 and rolled.json()["restarted"] == ["chat@0", "chat@1", "chat@2", "chat@3"]
     assert daemon.cli("down", "chat").returncode == 0
     assert {s["state"] for s in daemon.http.get("/instances").json()} == {"stopped"}

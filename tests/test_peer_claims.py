@@ -124,3 +124,27 @@ async def test_a_renewal_does_not_release_the_claim_of_an_instance_that_started_
     finally:
         await peers.stop()
     assert ("release", "http://127.0.0.1:1#x", []) in peer.asked[asked + 2 :]  # stopping lets go of x's claim
+
+
+async def test_a_reload_that_removes_a_peer_drops_the_claims_held_on_it(peer: _StandInPeer) -> None:
+    """Dropped, not released: the peer is no longer one to ask (its claims lapse by their lease); the peer
+    is no longer read or listed, and one added is."""
+    url = f"http://127.0.0.1:{peer.server_address[1]}"
+    settings = Settings.model_validate({"daemon": {"port": 1}, "peers": [{"name": "gpubox", "url": url}]})
+    events = Bus[Event](10)
+    queue = events.subscribe()
+    peers = Peers(settings, events=events, active=lambda: {"a"})
+    await peers.claim("a", _plan_on_peer(10))
+    asked = len(peer.asked)
+
+    peers.reconfigure(settings.rpc, [])
+    dropped = await asyncio.wait_for(queue.get(), 5)
+    assert dropped.message == f"peer gpubox was removed from the configuration: its claim on {_ENDPOINT} is dropped"
+    assert dropped.instance == "a"
+    await peers.release("a")  # a stops: nothing is held, so the removed peer is not asked
+    assert peers.statuses() == [] and len(peer.asked) == asked
+
+    added = Settings.model_validate({"daemon": {"port": 1}, "peers": [{"name": "other", "url": url}]})
+    peers.reconfigure(added.rpc, added.peers)
+    [status] = peers.statuses()
+    assert (status.name, status.reachable, status.error) == ("other", False, "not read yet")

@@ -94,7 +94,7 @@ def test_live_keys_apply_without_a_restart(write_config: ConfigWriter, start_dae
     done = daemon.http.post("/config/reload")
     assert done.status_code == 200, done.text
     assert done.json()["instances"] == [
-        {"name": "tiny", "model": "tiny", "change": "live-updated", "keys": ["aliases", "idle_ttl_s"]}
+        {"name": "tiny", "model": "tiny", "change": "live-updated", "keys": ["aliases", "idle_ttl_s"], "reason": None}
     ]
     assert done.json()["applied"] == ["router.api_keys"]
     request = {"model": "small", "prompt": "Hi", "max_tokens": 2}

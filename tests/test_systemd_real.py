@@ -375,3 +375,35 @@ def test_the_shipped_unit_under_systemd(
     assert shown["ActiveState"] == "inactive"
     # Nothing of the unit is left: only the namespace itself (unshare and systemd) carries the mark.
     assert {p.pid for p in marked_processes(leaves_no_process)} == {space.proc.pid, space.pid}
+
+
+def test_systemctl_reload_applies_an_edited_file(
+    write_config: ConfigWriter,
+    llama_server: Path,
+    tmp_path: Path,
+    namespace: Callable[[dict[str, str]], Namespace],
+    leaves_no_process: str,
+) -> None:
+    """The unit's ExecReload= (SIGHUP): the edited file is applied by the running daemon, whose kept model
+    keeps its server; the daemon is the same process."""
+    tiny = {"autostart": True, "binary": str(llama_server)}
+    config = write_config({"kept": tiny}, daemon={"ready_when": "loaded"})
+    space = namespace({"launcher.service": unit_for_test(config, tmp_path, leaves_no_process)})
+    space.systemctl("start", "launcher.service")
+    daemon_pid = space.show("launcher.service")["MainPID"]
+    (kept_pid,) = server_pids(config)
+    port = yaml.safe_load(config.read_text())["daemon"]["port"]
+
+    write_config({"kept": tiny, "added": tiny}, daemon=yaml.safe_load(config.read_text())["daemon"])
+    space.systemctl("reload", "launcher.service")
+
+    def instances() -> dict[str, dict[str, object]]:
+        body = httpx.get(f"http://127.0.0.1:{port}/instances", timeout=10).json()
+        return {i["name"]: i for i in body}
+
+    now = poll_until(instances, lambda i: i.get("added", {}).get("state") == "ready", "added ready", WAIT_S)
+    assert now["kept"]["pid"] == kept_pid and now["kept"]["restarts"] == 0
+    shown = space.show("launcher.service")
+    assert (shown["MainPID"], shown["ActiveState"], shown["NRestarts"]) == (daemon_pid, "active", "0")
+    space.systemctl("stop", "launcher.service")
+    assert {p.pid for p in marked_processes(leaves_no_process)} == {space.proc.pid, space.pid}

@@ -19,8 +19,9 @@ from tests.conftest import ConfigWriter, Daemon, write_secret
 
 WAIT_MS = 30_000
 SIM: list[dict[str, Any]] = [
-    {"name": "Sim 3090", "memory_mib": 24576, "used_mib": 300, "temperature_c": [40, 50, 60], "link_group": "a"},
-    {"name": "Sim 4080", "memory_mib": 4096, "pcie_gen": 3, "link_group": "a"},
+    {"name": "Sim 3090", "memory_mib": 24576, "used_mib": 300, "temperature_c": [40, 50, 60], "link_group": "a"}
+    | {"link_tx_mib_per_s": 1000, "link_rx_mib_per_s": 2000},
+    {"name": "Sim 4080", "memory_mib": 4096, "pcie_gen": 3, "link_group": "a", "link_tx_mib_per_s": 2000},
 ]
 GPUS = {"backend": "sim", "poll_interval": 0.1, "sim": SIM}
 # tiny runs on GPU 0; big cannot fit GPU 1 at that context.
@@ -111,7 +112,8 @@ def test_page_is_self_contained_live_and_fits_a_phone(dashboard: Start, tmp_path
     page.shows('#gpus [data-gpu="0"] h3', "GPU 0 · Sim 3090")
     page.shows('#gpus [data-gpu="1"] h3', "GPU 1 · Sim 4080")
     page.shows('#gpus [data-gpu="1"]', "PCIe gen3 x16, below its gen4 x16")
-    page.shows("#links", "GPU 0 ↔ GPU 1: nvlink (direct)")
+    page.shows("#links", "GPU 0 ↔ GPU 1: nvlink (direct), 0→1 1.0 GB/s, 1→0 2.1 GB/s")
+    page.shows('#gpus [data-gpu="1"] .traffic', "PCIe TX 0 B/s RX 0 B/s · nvlink 0 to GPU 0: TX 2.1 GB/s RX 0 B/s")
 
     # Charts hold points, and more as samples arrive (the sampler reads every 0.1 s).
     held = more_points(page, 0, "memory", 2)

@@ -26,7 +26,7 @@ import launcher
 from launcher.address import is_loopback
 from launcher.api.auth import UNAUTHORISED, ReadAuth, bearer_matches, reads_need_token
 from launcher.api.disconnect import unless_gone
-from launcher.api.metrics import LauncherCollector
+from launcher.api.metrics import LauncherCollector, ServerSeriesCollector
 from launcher.api.redact import SERVER_WORDS_HIDDEN, redacted_plan, without_log_lines, without_server_words
 from launcher.api.ui import add_ui
 from launcher.config import Settings
@@ -46,6 +46,7 @@ from launcher.schema import (
     Plan,
     ReloadReport,
     RequestRecord,
+    RollReport,
     RpcClaim,
     RpcReport,
     UpgradeStarted,
@@ -53,6 +54,7 @@ from launcher.schema import (
 from launcher.statedir import logs
 from launcher.supervise.lending import Lending
 from launcher.supervise.manager import Manager
+from launcher.supervise.server_metrics import ServerMetrics
 from launcher.supervise.table import InstanceTable
 
 Responses = dict[int | str, dict[str, Any]]
@@ -63,8 +65,9 @@ def _errors(*statuses: int) -> Responses:
         400: "the body is not JSON",
         401: "the API token is missing or wrong",
         404: "no such instance, model or GPU",
-        409: "the act makes no sense in the instance's state",
+        409: "the act makes no sense in the instance's state (or the daemon's: it is stopping)",
         422: "a parameter is invalid, or the model's configuration points at something missing",
+        500: "an error the launcher did not foresee, said in one sentence",
         503: "the machine refuses: the model does not fit the GPUs, or no port is free",
     }
     return {status: {"model": ErrorBody, "description": what[status]} for status in statuses}
@@ -100,6 +103,7 @@ def create_app(
     lending: Lending,
     event_bus: Bus[Event],
     router: Router | None = None,
+    server_metrics: ServerMetrics | None = None,
     token: str | None = None,
     on_started: Callable[[], Awaitable[None]] | None = None,
     reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
@@ -107,8 +111,9 @@ def create_app(
     program_started_at: float | None = None,
 ) -> FastAPI:
     """The REST API. ``router``: the front door's, whose requests `/requests` and `/metrics` report;
-    ``reload``: the daemon's reload of its configuration (given ``dry_run``), for `POST /config/reload`;
-    ``upgrade``: its upgrade in place, for `POST /daemon/upgrade`; ``program_started_at``: shown by `/health`."""
+    ``server_metrics``: the servers' own series `/metrics` re-exports; ``reload``: the daemon's reload of
+    its configuration (given ``dry_run``), for `POST /config/reload`; ``upgrade``: its upgrade in place, for
+    `POST /daemon/upgrade`; ``program_started_at``: shown by `/health`."""
     instances = table.view
 
     @asynccontextmanager
@@ -198,14 +203,30 @@ def create_app(
 
         return endpoint
 
-    for verb, act in (("start", manager.start), ("stop", manager.stop), ("restart", manager.restart)):
+    acts_refused = _errors(*([401] if token is not None else []), 404, 409, 422, 503)
+    for verb, act in (("start", manager.start), ("stop", manager.stop)):
         app.post(
             f"/instances/{{name}}/{verb}",
             status_code=202,
             dependencies=[Depends(authorised)],
             summary=f"{verb.capitalize()} an instance",
-            responses=_errors(*([401] if token is not None else []), 404, 409, 422, 503),
+            responses=acts_refused,
         )(action(act))
+
+    @app.post(
+        "/instances/{name}/restart",
+        status_code=202,
+        response_model=InstanceStatus | RollReport,
+        dependencies=[Depends(authorised)],
+        summary="Restart an instance, or roll a model's replicas",
+        responses={**acts_refused, 200: {"model": RollReport, "description": "the replicas rolled"}},
+    )
+    async def restart(name: InstanceName) -> Response:
+        """An instance restarts: 202 and its status as the restart began. A model run as replicas (its name)
+        restarts them one at a time, each ready again before the next: 200 and how the roll went, rolled or
+        where it stopped and why (the replicas after it keep their old server)."""
+        done = await manager.restart(name)
+        return Response(done.model_dump_json(), 200 if isinstance(done, RollReport) else 202, media_type=_JSON)
 
     if reload is not None:
 
@@ -213,13 +234,15 @@ def create_app(
             "/config/reload",
             response_model=ReloadReport,
             dependencies=[Depends(authorised)],
-            responses=_errors(*([401] if token is not None else []), 422),
+            responses=_errors(*([401] if token is not None else []), 409, 422, 500),
         )
         async def reload_config(dry_run: bool = False) -> Response:
             """Read the configuration file and the environment again as `launcher serve` does and apply the
-            difference: per instance kept, restarted, live-updated, stopped or added, and the daemon-level
-            keys applied or waiting for a restart. ``dry_run``: only say so. 422 with the configuration's
-            error when it does not load: nothing changed."""
+            difference: per instance kept, restarted, live-updated, stopped, added, updated (changed while
+            not running) or failed (its server did not start again: see its reason), and the daemon-level
+            keys applied or waiting for a restart. ``dry_run``: only say what would be done. 422 with the
+            configuration's error when it does not load: nothing changed. 409 once the daemon is stopping.
+            500 when an error struck after the new settings were taken (the event says which)."""
             return _json((await reload(dry_run)).model_dump_json())
 
     if upgrade is not None:
@@ -241,6 +264,8 @@ def create_app(
     registry.register(LauncherCollector(manager))
     if router is not None:
         registry.register(router.metrics)
+    if server_metrics is not None:
+        registry.register(ServerSeriesCollector(server_metrics))
     records_json = TypeAdapter(list[RequestRecord])
 
     @app.get("/requests", response_model=list[RequestRecord], responses={**read, **_errors(422)})
@@ -251,7 +276,8 @@ def create_app(
 
     @app.get("/metrics", response_class=Response, responses={**_text(CONTENT_TYPE_LATEST, "Prometheus"), **read})
     async def metrics() -> Response:
-        """Prometheus text format: instances (ready, state, restarts, planned VRAM) and GPUs."""
+        """Prometheus text format: instances (ready, state, restarts, planned VRAM), GPUs, the front door's
+        requests and the servers' own series (as last read: a scrape never asks a server)."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/plan/{name}", response_model=Plan, responses={**read, **_errors(404, 422, 503)})
@@ -369,8 +395,11 @@ def create_app(
     return app
 
 
+_JSON = "application/json"
+
+
 def _json(body: str | bytes, status_code: int = 200) -> Response:
-    return Response(body, status_code=status_code, media_type="application/json")
+    return Response(body, status_code=status_code, media_type=_JSON)
 
 
 def _sse(event: Event) -> str:

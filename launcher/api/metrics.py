@@ -6,6 +6,7 @@ them (`gpu`, `UUID`, `pci_bus_id`, `modelName`), so existing dashboards need lit
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -13,6 +14,8 @@ from prometheus_client.registry import Collector
 
 from launcher.schema import State
 from launcher.supervise.manager import Manager
+from launcher.supervise.server_metrics import ServerMetrics
+from launcher.supervise.server_series import merged
 
 _MIB = 1024 * 1024
 
@@ -24,6 +27,10 @@ class LauncherCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._instances()
         yield from self._gpus()
+        peers = GaugeMetricFamily("launcher_peer_up", "1 when the peer answered its last read", labels=["peer"])
+        for peer in self._manager.peers.statuses() if self._manager.peers is not None else []:
+            peers.add_metric([peer.name], 1.0 if peer.reachable else 0.0)
+        yield peers
         writes = CounterMetricFamily(
             "launcher_state_write_errors",
             "writes to the state directory (log lines, the child registry) that failed and were dropped",
@@ -75,7 +82,22 @@ class LauncherCollector(Collector):
             "temp": gauge("temperature_celsius", "GPU temperature"),
             "util": gauge("utilization_ratio", "GPU utilisation, 0 to 1"),
             "power": gauge("power_watts", "GPU power draw"),
+            "pcie_tx": gauge("pcie_tx_bytes_per_second", "what the GPU sends over PCIe"),
+            "pcie_rx": gauge("pcie_rx_bytes_per_second", "what the GPU receives over PCIe"),
         }
+        age = gauge("sample_age_seconds", "time since the GPU's last reading: the sampler is stale when it grows")
+        link_labels = [*labels, "link", "peer", "kind"]
+        links = {
+            "up": GaugeMetricFamily("launcher_gpu_link_up", "1 when the NVLink/xGMI link is up", labels=link_labels),
+            "speed": GaugeMetricFamily(
+                "launcher_gpu_link_speed_bytes_per_second", "the speed the link runs at", labels=link_labels
+            ),
+            "tx": GaugeMetricFamily("launcher_gpu_link_tx_bytes_per_second", "what the link sends", labels=link_labels),
+            "rx": GaugeMetricFamily(
+                "launcher_gpu_link_rx_bytes_per_second", "what the link receives", labels=link_labels
+            ),
+        }
+        now = time.time()
         for s in self._manager.gpu_samples():
             values = [str(s.index), s.uuid, s.pci_bus_id or "", s.name]
             families["up"].add_metric(values, 0.0 if s.error else 1.0)
@@ -86,8 +108,51 @@ class LauncherCollector(Collector):
                 "temp": s.temperature_c,
                 "util": None if s.utilization_pct is None else s.utilization_pct / 100,
                 "power": s.power_w,
+                "pcie_tx": s.pcie_tx_bytes_per_second,
+                "pcie_rx": s.pcie_rx_bytes_per_second,
             }
+            age.add_metric(values, max(0.0, now - s.time))
             for key, value in readings.items():
                 if value is not None and s.error is None:
                     families[key].add_metric(values, float(value))
+            for link in s.links if s.error is None else ():
+                link_values = [*values, str(link.link), link.peer or "", link.kind]
+                speed = None if link.speed_mbps is None else link.speed_mbps * 1e6
+                for key, reading in (
+                    ("up", 1.0 if link.up else 0.0),
+                    ("speed", speed),
+                    ("tx", link.tx_bytes_per_second),
+                    ("rx", link.rx_bytes_per_second),
+                ):
+                    if reading is not None:
+                        links[key].add_metric(link_values, float(reading))
         yield from families.values()
+        yield age
+        yield from links.values()
+
+
+class ServerSeriesCollector(Collector):
+    """The servers' own series, from the cache ``server_metrics`` keeps: a scrape never asks a server."""
+
+    def __init__(self, server_metrics: ServerMetrics) -> None:
+        self._server_metrics = server_metrics
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self._server_metrics.series()
+        labels = ["model", "instance"]
+        up = GaugeMetricFamily(
+            "launcher_server_metrics_up", "1 when the last read of the server's /metrics succeeded", labels=labels
+        )
+        age = GaugeMetricFamily(
+            "launcher_server_metrics_age_seconds",
+            "how old the server's series shown are: time since its /metrics was last read",
+            labels=labels,
+        )
+        now = time.time()
+        for name, kept in cache.items():
+            up.add_metric([kept.model, name], 0.0 if kept.error else 1.0)
+            if kept.read_at is not None:
+                age.add_metric([kept.model, name], max(0.0, now - kept.read_at))
+        yield up
+        yield age
+        yield from merged(kept.families for kept in cache.values())

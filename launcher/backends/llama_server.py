@@ -20,9 +20,12 @@ from launcher.config import ModelSettings
 from launcher.errors import ConfigError
 from launcher.plan.placement import Placement
 from launcher.schema import Plan, PlanCheck
-from launcher.server_args import PARALLEL, arg_value
+from launcher.server_args import PARALLEL, arg_value, last_switch
 
 BINARY_NAME = "llama-server"
+# The server's Prometheus endpoint, which the daemon re-exports (supervise/server_metrics.py); on unless the
+# model's args or environment say otherwise.
+METRICS_ON, METRICS_OFF, METRICS_ENV = "--metrics", "--no-metrics", "LLAMA_ARG_ENDPOINT_METRICS"
 
 
 def find_llama_server(configured: Path | None) -> Path:
@@ -80,8 +83,9 @@ class LlamaServerBackend:
             "--port",
             str(port),
         ]
-        if model.ctx is not None:
-            argv += ["--ctx-size", str(model.ctx)]
+        ctx = placement.ctx if model.ctx == "max" else model.ctx  # `max`: what the plan chose
+        if ctx is not None:
+            argv += ["--ctx-size", str(ctx)]
         if placement.rpc:
             argv += ["--rpc", ",".join(placement.rpc)]
         argv += ["--n-gpu-layers", str(placement.gpu_layers)]
@@ -90,6 +94,8 @@ class LlamaServerBackend:
         if placement.gpus or placement.rpc:
             # The plan decided layers and context; --fit (on by default) would re-decide at load time.
             argv += ["--fit", "off"]
+        if last_switch(model.args, {METRICS_ON}, {METRICS_OFF}) is None and METRICS_ENV not in model.env:
+            argv.append(METRICS_ON)
         argv += model.args
         return LaunchSpec(argv=argv, env=child_environment(placement, model.env))
 

@@ -10,14 +10,16 @@ import contextlib
 import importlib
 import io
 import itertools
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
+from launcher.gpu.rates import Count, Rates
 from launcher.gpu.sysfs import pcie_gen, rocr_id
 from launcher.gpu.types import GpuError, GpuIdentity, Link
-from launcher.schema import GpuProcess, GpuReading
+from launcher.schema import GpuLinkReading, GpuProcess, GpuReading
 
 _MIB = 1024 * 1024
 _XGMI = 2  # AMDSMI_LINK_TYPE_XGMI: Infinity Fabric between GPUs
@@ -43,6 +45,7 @@ class AmdSmiBackend:
         self._handles = list(self._amd.amdsmi_get_processor_handles())
         self._pci_root = pci_root
         self._identities = [self._identity(i, h) for i, h in enumerate(self._handles)]
+        self._rates = Rates()
 
     def _identity(self, index: int, handle: Any) -> GpuIdentity:
         amd = self._amd
@@ -97,8 +100,35 @@ class AmdSmiBackend:
             pcie_gen_max=_int(static.get("pcie_interface_version")),
             pcie_width=_int(current.get("pcie_width")),
             pcie_width_max=_int(static.get("max_pcie_width")),
+            links=self._xgmi(index, h),
             processes=procs,
         )
+
+    def _xgmi(self, index: int, h: Any) -> tuple[GpuLinkReading, ...]:
+        """The xGMI links from the GPU's metrics table: per link, data read and written (KB counters, made
+        rates here) and the speed all links run at (Gb/s). A link whose counters read 'N/A' is not there.
+        PCIe TX/RX is not read on AMD: amdsmi_get_gpu_pci_throughput measures for a whole second per call."""
+        table = self._optional(lambda: self._amd.amdsmi_get_gpu_metrics_info(h)) or {}
+        reads, writes = table.get("xgmi_read_data_acc"), table.get("xgmi_write_data_acc")
+        if not isinstance(reads, list) or not isinstance(writes, list):
+            return ()
+        speed_gbps = _number(table.get("xgmi_link_speed"))
+        now = time.monotonic()
+        result = []
+        for link, (read_kb, written_kb) in enumerate(zip(reads, writes, strict=False)):
+            if _number(read_kb) is None or _number(written_kb) is None:
+                continue
+            result.append(
+                GpuLinkReading(
+                    link=link,
+                    kind="xgmi",
+                    up=True,
+                    speed_mbps=speed_gbps * 125 if speed_gbps is not None else None,
+                    tx_bytes_per_second=self._rates.rate((index, link, "tx"), Count(float(written_kb) * 1000, now)),
+                    rx_bytes_per_second=self._rates.rate((index, link, "rx"), Count(float(read_kb) * 1000, now)),
+                )
+            )
+        return tuple(result)
 
     def links(self) -> dict[tuple[int, int], Link]:
         result = {}

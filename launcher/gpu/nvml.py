@@ -15,10 +15,12 @@ from functools import partial
 from types import ModuleType
 from typing import Any, TypeVar
 
+from launcher.gpu.rates import Count, Rates
 from launcher.gpu.types import GpuError, GpuIdentity, Link
-from launcher.schema import GpuProcess, GpuReading
+from launcher.schema import GpuLinkReading, GpuProcess, GpuReading
 
 _MIB = 1024 * 1024
+_KIB = 1024  # NVML's PCIe throughput is in KB/s and its NVLink counters in KiB: both 1024 bytes
 T = TypeVar("T")
 
 # nvmlDeviceGetCurrentClocksEventReasons bits worth telling a user about.
@@ -53,6 +55,8 @@ class NvmlBackend:
             self._nv.NVML_TOPOLOGY_NODE: Link.CPU,
             self._nv.NVML_TOPOLOGY_SYSTEM: Link.CROSS_CPU,
         }
+        self._bus_ids = {(g.pci_bus_id or "").lower(): g.index for g in self._identities}
+        self._rates = Rates()
 
     def _identity(self, index: int, handle: Any) -> GpuIdentity:
         pci = self._optional(lambda: self._nv.nvmlDeviceGetPciInfo(handle))
@@ -100,9 +104,59 @@ class NvmlBackend:
             pcie_gen_max=self._optional(lambda: nv.nvmlDeviceGetMaxPcieLinkGeneration(h)),
             pcie_width=self._optional(lambda: nv.nvmlDeviceGetCurrPcieLinkWidth(h)),
             pcie_width_max=self._optional(lambda: nv.nvmlDeviceGetMaxPcieLinkWidth(h)),
+            pcie_tx_bytes_per_second=self._pcie(h, nv.NVML_PCIE_UTIL_TX_BYTES),
+            pcie_rx_bytes_per_second=self._pcie(h, nv.NVML_PCIE_UTIL_RX_BYTES),
+            links=self._nvlinks(index, h),
             throttle=tuple(name for bit, name in _THROTTLE_BITS.items() if reasons & bit),
             processes=procs,
         )
+
+    def _pcie(self, h: Any, counter: int) -> float | None:
+        kib_per_s = self._optional(lambda: self._nv.nvmlDeviceGetPcieThroughput(h, counter))
+        return None if kib_per_s is None else float(kib_per_s * _KIB)
+
+    def _nvlinks(self, index: int, h: Any) -> tuple[GpuLinkReading, ...]:
+        """Each NVLink of the GPU: state, peer and speed, and its data counters turned into rates. A link
+        number the GPU does not have answers NotSupported and is left out."""
+        nv = self._nv
+        states = {
+            link: state
+            for link in range(nv.NVML_NVLINK_MAX_LINKS)
+            if (state := self._optional(partial(nv.nvmlDeviceGetNvLinkState, h, link))) is not None
+        }
+        if not states:
+            return ()
+        fields: list[tuple[int, int]] = []
+        for link in states:
+            speed = getattr(nv, f"NVML_FI_DEV_NVLINK_SPEED_MBPS_L{link}", nv.NVML_FI_DEV_NVLINK_SPEED_MBPS_COMMON)
+            fields += [
+                (nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, link),
+                (nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, link),
+            ]
+            fields.append((speed, link))
+        values = self._optional(lambda: nv.nvmlDeviceGetFieldValues(h, fields)) or []
+        read = {
+            (v.fieldId, v.scopeId): (float(v.value.ullVal), v.timestamp / 1e6)
+            for v in values
+            if v.nvmlReturn == nv.NVML_SUCCESS
+        }
+        result = []
+        for position, (link, state) in enumerate(states.items()):
+            tx, rx, speed = (read.get(field) for field in fields[3 * position : 3 * position + 3])
+            remote = self._optional(partial(nv.nvmlDeviceGetNvLinkRemotePciInfo, h, link)) if state == 1 else None
+            peer = _text(remote.busId) if remote is not None else None
+            result.append(
+                GpuLinkReading(
+                    link=link,
+                    kind="nvlink",
+                    up=state == 1,
+                    peer=str(self._bus_ids[peer.lower()]) if peer and peer.lower() in self._bus_ids else peer,
+                    speed_mbps=speed[0] if speed is not None else None,
+                    tx_bytes_per_second=self._rates.rate((index, link, "tx"), _count(tx)),
+                    rx_bytes_per_second=self._rates.rate((index, link, "rx"), _count(rx)),
+                )
+            )
+        return tuple(result)
 
     def links(self) -> dict[tuple[int, int], Link]:
         result = {}
@@ -139,6 +193,11 @@ def _processes(procs: list[Any]) -> list[GpuProcess]:
         used = p.usedGpuMemory  # None when the driver hides it (no permission, MIG, ...)
         result.append(GpuProcess(pid=int(p.pid), used_mib=int(used) // _MIB if isinstance(used, int) else None))
     return result
+
+
+def _count(read: tuple[float, float] | None) -> Count | None:
+    """A counter field in KiB with its time (seconds) as a count of bytes."""
+    return None if read is None else Count(read[0] * _KIB, read[1])
 
 
 def _text(value: bytes | str) -> str:

@@ -106,6 +106,10 @@ class Sampler:
         await asyncio.gather(*(self._poll(by_index[i], 1) for i in indices if i in by_index))
 
     @property
+    def poll_interval_s(self) -> float:
+        return self._interval
+
+    @property
     def stale_after_s(self) -> float:
         """A reading older than this is stale: the driver is not answering."""
         return max(_STALE_AFTER_POLLS * self._interval, _STALE_FLOOR_S)

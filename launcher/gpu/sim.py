@@ -11,7 +11,9 @@ from collections.abc import Iterator
 
 from launcher.config import SimGpu
 from launcher.gpu.types import GpuError, GpuIdentity, HeldMib, Link, nothing_held
-from launcher.schema import GpuReading
+from launcher.schema import GpuLinkReading, GpuReading
+
+_MIB = 1024 * 1024
 
 
 class Hold:
@@ -48,6 +50,13 @@ class SimBackend:
         self._gpus = gpus
         self._usage = usage
         self._temperatures: list[Iterator[float]] = [_script(g.temperature_c) for g in gpus]
+        # Scripted traffic, MiB/s: PCIe TX and RX, and each link's TX and RX.
+        self._traffic: list[tuple[Iterator[float], ...]] = [
+            tuple(
+                _script(v) for v in (g.pcie_tx_mib_per_s, g.pcie_rx_mib_per_s, g.link_tx_mib_per_s, g.link_rx_mib_per_s)
+            )
+            for g in gpus
+        ]
         self._faults: dict[int, tuple[str | None, Hold | None]] = {}
         self._lock = threading.Lock()
         self._claimed: dict[int, int] = {}  # what the usage source said last time, per GPU
@@ -82,6 +91,7 @@ class SimBackend:
         with self._lock:
             error, hold = self._faults.get(index, (None, None))
             temperature = next(self._temperatures[index])
+            pcie_tx, pcie_rx, link_tx, link_rx = (next(script) * _MIB for script in self._traffic[index])
         if hold is not None:
             hold.wait()  # runs in the sampler's worker thread, as a hung driver call would
         if error is not None:
@@ -98,8 +108,35 @@ class SimBackend:
             pcie_gen_max=gpu.pcie_gen_max,
             pcie_width=gpu.pcie_width,
             pcie_width_max=gpu.pcie_width_max,
+            pcie_tx_bytes_per_second=pcie_tx,
+            pcie_rx_bytes_per_second=pcie_rx,
+            links=self._link_readings(index, link_tx, link_rx),
             processes=() if processes else None,
         )
+
+    def _link_readings(self, index: int, tx: float, rx: float) -> tuple[GpuLinkReading, ...]:
+        """One link to each other GPU of its link group, numbered in the group's order."""
+        gpu = self._gpus[index]
+        if gpu.link_group is None:
+            return ()
+        peers = [i for i, g in enumerate(self._gpus) if g.link_group == gpu.link_group and i != index]
+        kind = "xgmi" if gpu.vendor == "amd" else "nvlink"
+        result = []
+        for link, peer in enumerate(peers):
+            up = link not in gpu.links_down
+            result.append(
+                GpuLinkReading(
+                    link=link,
+                    kind=kind,
+                    up=up,
+                    peer=str(peer),
+                    speed_mbps=gpu.link_speed_mbps if up else None,
+                    speed_max_mbps=gpu.link_speed_mbps,
+                    tx_bytes_per_second=tx if up else 0.0,
+                    rx_bytes_per_second=rx if up else 0.0,
+                )
+            )
+        return tuple(result)
 
     def _held(self, index: int, delay_s: float) -> int:
         """MiB our servers hold on GPU ``index``: what runs, plus what stopped less than ``delay_s`` ago."""

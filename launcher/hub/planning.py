@@ -1,7 +1,9 @@
 """The plan of a hub model from its files' headers, before any of its weights are fetched: the repo listed
 at the commit its revision resolves to, each file's header read (headers.py), the model's shape handed to
 the planner. A reference without a quant (`hf:ORG/REPO`) plans every quant of the repo and takes the
-largest that fits (`choose`, pure); the plan carries the table of them all."""
+largest that fits (`choose`, pure); the plan carries the table of them all. A quant fits with the model's
+`ctx`, or with `ctx: max` at its `ctx_min` (the planner's verdict then): the largest quant that holds the
+floor wins, and gets the largest context its room allows."""
 
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ def plan_from_hub(
                 size_bytes=candidate.size_bytes,
                 fits=plan.fits,
                 reason=plan.reason,
+                ctx=plan.ctx,
             )
         )
     chosen = choose(quants)

@@ -2,7 +2,8 @@
 file's header (gguf.py, its values checked by keys.py), its settings and `args` (runtime.py, reading them
 through launcher/server_args.py), the bytes per term (estimate.py, compute.py, arch.py's rules per
 architecture), the GPUs chosen and the split (layout.py, over each GPU's usable memory), the plan of one
-model with its reasons and suggestions (model_plan.py), the plan of an rpc-server lending this host's
+model with its reasons and suggestions (model_plan.py), the largest context that fits for `ctx: max`
+(context.py), the plan of an rpc-server lending this host's
 GPUs (rpc_server.py), planning over peers' lent GPUs and what a split across hosts sends over the network
 (remote.py), the output a server is started with (placement.py's `Placement`), and the seam the daemon
 and the CLI call (planner.py's `Planner`).

@@ -3,10 +3,12 @@ and what would. A pure function of (model file, model settings, GPU samples, oth
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 from launcher.config import GpuSettings, ModelSettings
 from launcher.gpu.types import Link
+from launcher.plan.context import largest, size_context
 from launcher.plan.estimate import MIB, ModelShape, Runtime, kv_bytes, padded_ctx
 from launcher.plan.layout import (
     DeviceLoad,
@@ -71,26 +73,43 @@ def make_plan(
     runtime = runtime_for(model, shape, on_gpu=bool(samples or remote.endpoints), projector_bytes=projector_bytes)
     allowed = _allowed(model, usable_gpus(samples, claims_mib, gpus))
     overhead_b = gpus.overhead_mib * MIB
-    if not samples and not remote.endpoints:  # no GPU at all: everything in host memory
-        chosen: Layout | None = layout(shape, runtime, [], [], overhead_b)
-    elif isinstance(model.tensor_split, list):
-        chosen = _explicit_split(shape, runtime, allowed, model.tensor_split, links, overhead_b)
-    else:
-        chosen = fewest_gpus(shape, runtime, allowed, links, overhead_b)
-        if chosen is None and remote.endpoints:  # remote devices are slower: only when local ones do not do
-            chosen = across_hosts(shape, runtime, allowed, remote, overhead_b)
-    if chosen is None and model.allow_cpu_offload and allowed:
+    on_gpus = bool(samples or remote.endpoints)
+
+    def place(r: Runtime) -> Layout | None:
+        """Full offload as the model's settings ask, or None."""
+        if not on_gpus:  # no GPU at all: everything in host memory
+            return layout(shape, r, [], [], overhead_b)
+        if isinstance(model.tensor_split, list):
+            return _explicit_split(shape, r, allowed, model.tensor_split, links, overhead_b)
+        found = fewest_gpus(shape, r, allowed, links, overhead_b)
+        if found is None and remote.endpoints:  # remote devices are slower: only when local ones do not do
+            found = across_hosts(shape, r, allowed, remote, overhead_b)
+        return found
+
+    sized = None
+    if model.ctx == "max":
+        offered = [*allowed, *(g for e in remote.endpoints for g in e.gpus)] if on_gpus else None
+        sized = size_context(shape, runtime, model.ctx_min, model.ctx_max, place, offered, claims_mib, overhead_b)
+        runtime = sized.runtime
+    chosen = place(runtime) if sized is None else sized.layout
+    refusal = sized.refusal if sized is not None else None
+    if chosen is None and model.allow_cpu_offload and allowed and refusal is None:
         chosen = most_layers(shape, runtime, allowed, overhead_b)
     fits = chosen is not None
     if chosen is None:  # show what it would take on every allowed GPU
         chosen = _spread(shape, runtime, allowed, overhead_b)
+    if not fits and refusal is None:
+        refusal = _reason(chosen, allowed, name) + _remote_reason(remote)
+        if sized is not None:
+            refusal = f"{sized.choice.reason}: {refusal}"
     plan = Plan(
         model=str(model.model),
         backend=model.backend,
         fits=fits,
-        reason=None if fits else _reason(chosen, allowed, name) + _remote_reason(remote),
+        reason=refusal,
         suggestions=[] if fits else _suggestions(model, shape, runtime, allowed, overhead_b),
         ctx=runtime.ctx,
+        context=None if sized is None else sized.choice,
         flash_attn=runtime.flash_attn,
         cache_type_k=runtime.cache_type_k,
         cache_type_v=runtime.cache_type_v,
@@ -216,16 +235,11 @@ def _suggestions(
     def fits(r: Runtime) -> bool:
         return holds(shape, r, allowed, overhead_b)
 
-    low, high = 1, padded_ctx(runtime.ctx) // 256 - 1  # contexts in steps of 256
-    best = 0
-    while low <= high:
-        middle = (low + high) // 2
-        if fits(Runtime(**{**vars(runtime), "ctx": middle * 256})):
-            best, low = middle * 256, middle + 1
-        else:
-            high = middle - 1
+    # contexts in steps of 256
+    best = largest(lambda k: fits(dataclasses.replace(runtime, ctx=k * 256)), 1, padded_ctx(runtime.ctx) // 256 - 1)
     if best:
-        result.append(f"the largest context that fits is {best} (ctx: {best})")
+        key = "ctx_min" if model.ctx == "max" else "ctx"
+        result.append(f"the largest context that fits is {best * 256} ({key}: {best * 256})")
     if (runtime.cache_type_k, runtime.cache_type_v) != ("q8_0", "q8_0"):
         q8 = Runtime(**{**vars(runtime), "cache_type_k": "q8_0", "cache_type_v": "q8_0"})
         saved = sum(kv_bytes(shape, runtime, u) - kv_bytes(shape, q8, u) for u in range(shape.n_layer))
@@ -234,11 +248,11 @@ def _suggestions(
             result.append(
                 f"a q8_0 KV cache (args: [--cache-type-k, q8_0, --cache-type-v, q8_0]) saves {_gib(saved)}, {outcome}"
             )
-    largest = max(allowed, key=lambda r: r.total_mib)
+    widest = max(allowed, key=lambda r: r.total_mib)
     for count in range(len(allowed) + 1, 17):
-        clones = [UsableGpu(i, f"GPU-{i}", largest.name, largest.total_mib, largest.usable_mib) for i in range(count)]
+        clones = [UsableGpu(i, f"GPU-{i}", widest.name, widest.total_mib, widest.usable_mib) for i in range(count)]
         if holds(shape, runtime, clones, overhead_b):
-            result.append(f"it would fit on {count} GPUs of {largest.total_mib / 1024:.0f} GiB like {largest.name}")
+            result.append(f"it would fit on {count} GPUs of {widest.total_mib / 1024:.0f} GiB like {widest.name}")
             break
     if not model.allow_cpu_offload:
         partial = most_layers(shape, runtime, allowed, overhead_b)

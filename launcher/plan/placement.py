@@ -19,6 +19,7 @@ class Placement:
     devices: tuple[GpuIdentity, ...] = ()  # this host's GPUs the child sees, in the order it sees them
     claims_mib: Mapping[int, int] = field(default_factory=dict)  # planned MiB per GPU index
     rpc: tuple[str, ...] = ()  # peers' rpc-servers (HOST:PORT), whose devices come before this host's GPUs
+    ctx: int | None = None  # the context the plan chose (`ctx: max`); None: the model's configured one
 
     @property
     def gpus(self) -> tuple[int, ...]:

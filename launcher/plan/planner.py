@@ -115,8 +115,9 @@ class Planner:
         return Placed(plan, self.placement(plan))
 
     def placement(self, plan: Plan) -> Placement:
+        ctx = plan.ctx if plan.context is not None else None  # `ctx: max`: the server gets the chosen one
         if not plan.devices:
-            return Placement()
+            return Placement(ctx=ctx)
         by_index = {g.index: g for g in self._identities}
         local = [d.gpu for d in plan.devices if d.endpoint is None]
         return Placement(
@@ -125,6 +126,7 @@ class Planner:
             devices=tuple(by_index[index] for index in local),
             claims_mib=plan.claims_mib,
             rpc=tuple(dict.fromkeys(d.endpoint for d in plan.devices if d.endpoint is not None)),
+            ctx=ctx,
         )
 
     def _check_gpu_refs(self, name: str, model: ModelSettings) -> None:

@@ -84,7 +84,8 @@ def runtime_for(model: ModelSettings, shape: ModelShape, on_gpu: bool = True, pr
     unified = last_switch(args, ("-kvu", "--kv-unified"), ("-no-kvu", "--no-kv-unified"))
     return Runtime(
         # the launcher writes --ctx-size before the args: a -c among them is the one llama-server keeps
-        ctx=int(arg_value(args, *CTX) or model.ctx or 0) or shape.context_length,
+        # (`ctx: max` is sized later, by plan/context.py)
+        ctx=int(arg_value(args, *CTX) or (model.ctx if isinstance(model.ctx, int) else 0)) or shape.context_length,
         cache_type_k=arg_value(args, *CACHE_TYPE_K) or "f16",
         cache_type_v=arg_value(args, *CACHE_TYPE_V) or "f16",
         flash_attn=flash_attention_default(shape, on_gpu) if flash_on is None else flash_on,

@@ -32,8 +32,12 @@ class PeerForwarder:
     ) -> Served:  # fmt: skip
         """``path``: as the client sent it (with its query), which the peer's front door routes again."""
         assert self._peers is not None  # where() names a peer only when there are some
-        url, token = self._peers.front_door(place.peer)
         instance = f"peer:{place.peer}"
+        door = self._peers.front_door(place.peer)
+        if door is None:
+            why = f"peer {place.peer} was removed from the configuration"
+            raise RouteError(503, why, "peer_unreachable", retry_after_s=PEER_RETRY_S, instance=instance)
+        url, token = door
         naming = _NamingErrors(place.peer, send)
         auth = [("Authorization", f"Bearer {token}")] if token else []
         try:

@@ -47,6 +47,7 @@ _RECORDS_KEPT = 500
 _NO_ROOM_RETRY_S = 10  # Retry-After when the GPUs have no room: a model may go idle by then
 _PROBE_S = (0.1, 2.0)  # a failed replica is probed from every 100 ms up to every 2 s until it answers
 _SERVING = (State.READY,)
+_CLOSED_RETRY_S = 5  # Retry-After while the daemon stops: a service manager may start it again by then
 
 
 @dataclass
@@ -98,6 +99,19 @@ class Router:
         self.records: deque[RequestRecord] = deque(maxlen=_RECORDS_KEPT)
         self.metrics = RequestMetrics(self._load)
         self.to_peers = PeerForwarder(peers, upstream)  # the peers' models, through the same connections
+        self._closed: RouteError | None = None  # the answer to every request once the daemon stops
+
+    def close(self, reason: str) -> None:
+        """The daemon is stopping (``reason``): no request is given an instance from now on, so none starts
+        that the stop would cut; new ones and those queued are answered 503 saying so. Those in flight
+        finish (the servers drain)."""
+        self._closed = RouteError(
+            503, f"the launcher is shutting down: {reason}", "shutting_down", retry_after_s=_CLOSED_RETRY_S
+        )
+        for model, routed in self._models.items():
+            if routed.bringing_up is not None:
+                routed.bringing_up.cancel()
+            self.admission.fail(model, self._closed)
 
     def reconfigure(self, settings: Settings) -> None:
         """Take the settings of a reload, after the manager took them (its instance table says which
@@ -226,6 +240,7 @@ class Router:
         it = self._instances.get(instance)  # None: removed by a reload while a request on it was under way
         return (
             it is not None
+            and self._closed is None
             and it.state in _SERVING
             and instance not in self._taken_out
             and self._group.get(instance) not in self._closing
@@ -249,6 +264,8 @@ class Router:
 
     async def _lease(self, model: str, routed: _RoutedModel, queued: bool) -> str:
         """An instance that takes the request, counted in flight: now, or after a wait in the queue."""
+        if self._closed is not None:
+            raise self._closed
         taken = self.admission.try_take(model, unbounded=not queued)
         if taken is not None:
             return taken

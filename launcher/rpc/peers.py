@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -60,10 +60,26 @@ class Peers:
         self._active = active
         self._listeners: list[Callable[[], None]] = []
 
-    def reconfigure(self, rpc: RpcSettings) -> None:
-        """Read the peers every ``rpc.peer_interval_s`` (after the read under way) and claim for
-        ``rpc.claim_ttl_s`` from now on: a reload."""
+    def reconfigure(self, rpc: RpcSettings, peers: Sequence[PeerSettings]) -> None:
+        """A reload: read ``peers`` every ``rpc.peer_interval_s`` (after the read under way) and claim for
+        ``rpc.claim_ttl_s`` from now on. An added peer (or one whose settings changed) is read at the next
+        beat; a removed one is no longer read nor planned onto, and the claims held on it are dropped (it
+        is not asked again: they lapse by their lease)."""
         self._interval_s, self._ttl_s = rpc.peer_interval_s, rpc.claim_ttl_s
+        old = self._peers
+        self._peers = {peer.label: peer for peer in peers}
+        self._seen = {
+            name: self._seen[name] if old.get(name) == peer else _Seen() for name, peer in self._peers.items()
+        }
+        for instance, held in list(self._held.items()):
+            kept = [(peer, request) for peer, request in held if peer in self._peers]
+            for peer, request in held:
+                if peer not in self._peers:
+                    message = (
+                        f"peer {peer} was removed from the configuration: its claim on {request.endpoint} is dropped"
+                    )
+                    self._events.publish(Event.now("peer", message, instance=instance))
+            self._held[instance] = kept
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after each read of every peer (the manager judges the instances that use their
@@ -89,10 +105,11 @@ class Peers:
             for name, seen in self._seen.items()
         ]
 
-    def front_door(self, name: str) -> tuple[str, str | None]:
+    def front_door(self, name: str) -> tuple[str, str | None] | None:
         """Peer ``name``'s URL and the token its front door takes: as of the last read (a rotated token is
-        picked up on the next beat; no file is read on a request's path)."""
-        return self._peers[name].url, self._seen[name].token
+        picked up on the next beat; no file is read on a request's path). None: a reload removed it."""
+        peer = self._peers.get(name)
+        return None if peer is None else (peer.url, self._seen[name].token)
 
     # ---- reading ------------------------------------------------------------------------------------------
 
@@ -121,10 +138,10 @@ class Peers:
         await asyncio.gather(*(self._read(name) for name in self._peers))
 
     async def _read(self, name: str) -> None:
-        seen = self._seen[name]
+        seen, peer = self._seen[name], self._peers[name]
         try:
             report, models = await asyncio.to_thread(self._ask, name, _rpc_and_models)
-            token = read_token(self._peers[name].token_file)
+            token = read_token(peer.token_file)
         except LauncherError as exc:
             if seen.reachable or seen.error == "not read yet":  # news: down, or down from the start
                 self._events.publish(Event.now("peer", f"peer {name} is not reachable: {exc.message}"))
@@ -139,7 +156,9 @@ class Peers:
 
     def _ask(self, name: str, question: Callable[..., T], *args: Any) -> T:
         """One exchange with peer ``name`` on a connection of its own (in a worker thread)."""
-        peer: PeerSettings = self._peers[name]
+        peer = self._peers.get(name)
+        if peer is None:  # a reload removed it while this exchange waited for its turn
+            raise LauncherError(f"peer {name} is no longer configured")
         client = DaemonClient(peer.url, token=read_token(peer.token_file), timeout_s=_READ_TIMEOUT_S)
         try:
             return question(client, *args)

@@ -44,5 +44,10 @@ def ended(in_flight: int, left: int, waited_s: float, timeout_s: float) -> str:
     return f"drain timed out after {timeout_s:g}s: {_requests(left)} of {in_flight} cut"
 
 
+def ended_by_itself(in_flight: int, waited_s: float) -> str:
+    """A drain whose server ended by itself (a crash, a kill) before its requests finished: they were cut."""
+    return f"drain ended after {waited_s:.2f}s: the server ended by itself with {_requests(in_flight)} in flight"
+
+
 def _requests(count: int) -> str:
     return f"{count} request" + ("" if count == 1 else "s")

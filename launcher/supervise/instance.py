@@ -110,6 +110,18 @@ class Instance:
         # The plan of the running server against what it reports allocating: read once it is ready.
         self.actual: PlanCheck | None = None
         self.actual_missing: str | None = None
+        # Why it starts no server any more (a reload removed it, the daemon is stopping), or None.
+        self._retired: str | None = None
+
+    def retire(self, reason: str) -> None:
+        """Start no server from now on, ``reason`` saying why: a start or restart that waits on the lock
+        meanwhile is refused when it gets it, and a server that ends is not restarted by the policy. A running
+        server runs on until it is stopped (`stop`, which a retired instance still takes)."""
+        self._retired = reason
+
+    def _refuse_if_retired(self) -> None:
+        if self._retired is not None:
+            raise ConflictError(f"{self.name} does not start: {self._retired}")
 
     def reconfigure(self, settings: ModelSettings, backend: ServerBackend) -> None:
         """Take the settings of a reload. What supervision reads as it goes (restart policy, health probes,
@@ -155,6 +167,7 @@ class Instance:
     async def start(self, prepare: Callable[[Instance], Awaitable[None]]) -> None:
         """Start supervising; ``prepare`` (port and placement) runs first, under the instance's lock."""
         async with self._lock:
+            self._refuse_if_retired()
             if self.active:
                 raise ConflictError(f"{self.name} is already {self.state}")
             await prepare(self)
@@ -204,6 +217,7 @@ class Instance:
             async with self._lock:
                 # Refuse before stopping a running server that could not come back (its port is its own).
                 # Its command waits for the new placement, made once the old server's memory is back.
+                self._refuse_if_retired()
                 port = self._startable_port()
                 self.backend.binary(self.settings)
                 if self.active:
@@ -211,6 +225,7 @@ class Instance:
                     await self._halt()
                 else:
                     ensure_port_free(port)
+                self._refuse_if_retired()  # retired during the drain: stopped, and not started again
                 await prepare(self)
                 self._begin(self.preflight())
         finally:
@@ -227,6 +242,8 @@ class Instance:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._restarting)
         self._restarting = asyncio.ensure_future(self._restart_with(settings, backend, prepare))
+        # Its caller may be gone (a reload cancelled as the daemon stops): its error is read, not lost in the log.
+        self._restarting.add_done_callback(lambda done: done.cancelled() or done.exception())
         await asyncio.shield(self._restarting)
 
     async def _restart_with(
@@ -240,6 +257,7 @@ class Instance:
                     await self._halt()
                 self.reconfigure(settings, backend)
                 if running:
+                    self._refuse_if_retired()  # the daemon began to stop meanwhile: stopped, not started again
                     await prepare(self)
                     self._begin(self.preflight())
         finally:
@@ -302,9 +320,20 @@ class Instance:
         if not self.active or not drain.needed(self.state, in_flight, timeout_s):
             return
         self._set_state(State.DRAINING, drain.began(in_flight, timeout_s))
-        began_s = time.monotonic()
-        left = await self._parts.requests.finished(self.name, timeout_s)
-        self._emit("drain", drain.ended(in_flight, left, time.monotonic() - began_s, timeout_s))
+        began_s, supervision = time.monotonic(), self._task
+        assert supervision is not None  # active
+        finished = asyncio.ensure_future(self._parts.requests.finished(self.name, timeout_s))
+        try:
+            # A server that ends by itself meanwhile ends the wait: its requests are cut, not finished.
+            await asyncio.wait([finished, supervision], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            finished.cancel()
+        left = self._parts.requests.on(self.name)
+        waited_s = time.monotonic() - began_s
+        if supervision.done() or not self.alive:
+            self._emit("drain", drain.ended_by_itself(in_flight, waited_s))
+        else:
+            self._emit("drain", drain.ended(in_flight, left, waited_s, timeout_s))
 
     async def _halt(self, final: State = State.STOPPED, why: str = "") -> None:
         task = self._task
@@ -329,6 +358,9 @@ class Instance:
                 except Exception as exc:  # a fault nobody foresaw: this run failed, the restart policy decides
                     delay = await self._run_raised(exc)
                 if delay is None:
+                    return
+                if self._retired is not None:  # no new server for a retired instance
+                    self._set_state(State.FAILED, f"not restarted: {self._retired}")
                     return
                 spec, adopted = None, None  # the next run is a new start of the process: checked and computed again
                 self._set_state(State.BACKOFF, f"restarting in {delay:.2f}s")
@@ -436,6 +468,11 @@ class Instance:
         elif proc.running:
             self._record_error(f"not ready within load_timeout ({self.settings.health.load_timeout:g}s)")
         status, error = await self._end(proc, "", served=ready_for_s is not None)
+        if self.state == State.DRAINING:  # it ended by itself while a planned stop waited for its requests:
+            # that stop ends it; a restart by the policy would make a server the stop then cuts
+            ended = State.STOPPED if status.success and not unhealthy else State.FAILED
+            self._set_state(ended, "it ended during its drain: not restarted, a stop was under way")
+            return None
         reason = None if self._parts.blocked is None else await self._parts.blocked.blocked(self)
         if reason is not None:  # not the server's fault: no restart (and none of the policy's budget)
             self._set_state(State.DEGRADED, reason)

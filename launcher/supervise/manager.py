@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Collection, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import httpx
@@ -30,9 +30,19 @@ from launcher.plan.gguf import ModelFileError
 from launcher.plan.planner import Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
-from launcher.schema import Change, Event, GpuSample, InstanceStatus, Plan, ReloadReport, State
+from launcher.schema import (
+    Change,
+    Event,
+    GpuSample,
+    InstanceChange,
+    InstanceStatus,
+    Plan,
+    ReloadReport,
+    RollReport,
+    State,
+)
 from launcher.statedir.layout import StateDir
-from launcher.supervise import adoption, thermal
+from launcher.supervise import adoption, rolling, thermal
 from launcher.supervise.degrade import Degrader
 from launcher.supervise.handover import HandedServer
 from launcher.supervise.instance import DaemonParts, Instance
@@ -50,6 +60,8 @@ T = TypeVar("T")
 _PLANNING_THREADS = 2
 # The states in which an instance's server process must be alive.
 _WITH_PROCESS = frozenset({State.LOADING, State.READY, State.UNHEALTHY, State.DRAINING})
+# A server started and not yet ready, nor ended.
+_ON_ITS_WAY = frozenset({State.STARTING, State.LOADING})
 
 
 class Manager:
@@ -84,6 +96,7 @@ class Manager:
         self._planning = PlanningThreads(_PLANNING_THREADS)
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rolls: dict[str, asyncio.Lock] = {}  # configured model -> held while its replicas roll
         self.writes = StateWrites()
         self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
         self.instances = table.instances  # filled below: the degrader reads it
@@ -265,10 +278,31 @@ class Manager:
             await self.peers.release(name)
         return instance.status()
 
-    async def restart(self, name: str) -> InstanceStatus:
+    async def restart(self, name: str) -> InstanceStatus | RollReport:
+        """Restart instance ``name``; a model run as replicas (its name) rolls them, one at a time."""
+        members = self.group(name)
+        if name not in self.instances and members:  # replicas (`per-gpu` on one GPU: a roll of one)
+            return await self._roll(name, members, self._restart_as_configured)
         instance = self.get(name)
         await instance.restart(prepare=self._place)
         return instance.status()
+
+    async def _restart_as_configured(self, instance: Instance) -> None:
+        """A replica's restart in a model's roll, with the settings configured now: a reload's roll that
+        stopped left the replicas after it with their old ones (and their old server)."""
+        model = self._configured[instance.name][1]
+        if model != instance.settings:
+            await instance.restart_with(model, backend_for(model, self.settings.rpc), self._place)
+            if instance.active:
+                return
+            # it did not run: restart_with only gave it its settings
+        await instance.restart(prepare=self._place)
+
+    async def _roll(self, model: str, names: list[str], act: Callable[[Instance], Awaitable[None]]) -> RollReport:
+        """A rolling restart of ``names`` (replicas of ``model``) by ``act``; rolls of one model run one after
+        another, never interleaved."""
+        async with self._rolls.setdefault(model, asyncio.Lock()):
+            return await rolling.roll(model, {n: self.instances[n] for n in names}, act, self.publish)
 
     async def autostart(self) -> None:
         """Start every autostart model; one that cannot start is marked failed, the rest go on."""
@@ -287,17 +321,24 @@ class Manager:
         claim = None if self.peers is None else self.peers.claim
         return await adoption.adopt_all(servers, self.instances, self.planner.placement, self._parts, claim)
 
-    async def _start_or_refuse(self, name: str) -> None:
-        """Start ``name`` where nobody waits for the answer: a start refused marks it failed, the rest go on."""
+    async def _start_or_refuse(self, name: str) -> str | None:
+        """Start ``name`` where nobody waits for the answer: a start refused marks it failed, the rest go on.
+        Why it failed, or None."""
         try:
             await self.start(name)
         except ConflictError as exc:
-            if not self.instances[name].active:  # started meanwhile by another (the front door) is no failure
-                self.instances[name].refuse(exc)
+            if self.instances[name].active:  # started meanwhile by another (the front door) is no failure
+                return None
+            self.instances[name].refuse(exc)
+            return exc.message
         except LauncherError as exc:
             self.instances[name].refuse(exc)
+            return exc.message
         except Exception as exc:  # a bug or a file nobody foresaw: that model fails, the daemon serves on
-            self.instances[name].refuse(LauncherError(f"unexpected error: {type(exc).__name__}: {exc}"))
+            message = f"unexpected error: {type(exc).__name__}: {exc}"
+            self.instances[name].refuse(LauncherError(message))
+            return message
+        return None
 
     def autostart_names(self) -> list[str]:
         return [name for name, instance in self.instances.items() if instance.settings.autostart]
@@ -329,8 +370,8 @@ class Manager:
         after = replicas.expand(settings, [g.index for g in self.sampler.identities])
         if settings.gpus != self.settings.gpus:
             self._use_gpu_settings(settings.gpus)
-        if self.peers is not None and settings.rpc != self.settings.rpc:
-            self.peers.reconfigure(settings.rpc)
+        if self.peers is not None and (settings.rpc, settings.peers) != (self.settings.rpc, self.settings.peers):
+            self.peers.reconfigure(settings.rpc, settings.peers)
         self.settings = settings
         for change in report.instances:
             if change.change == Change.ADDED:
@@ -352,36 +393,87 @@ class Manager:
         self.lending.reconfigure(gpus)
         self._vram.reconfigure(gpus)
 
-    async def carry_out(self, report: ReloadReport, *, autostart: bool = True) -> None:
-        """The acts of a reload, after `reconfigure`: removed instances stopped and forgotten and changed ones
-        restarted with their new settings (those that ran), together; then added autostart ones started
-        (unless not ``autostart``: a daemon started without). A start that fails marks its instance failed,
-        as at the daemon's start."""
+    async def carry_out(self, report: ReloadReport, *, autostart: bool = True) -> list[InstanceChange]:
+        """The acts of a reload, after `reconfigure`, and what came of each change of ``report``: removed
+        instances stopped and forgotten and changed ones restarted with their new settings (those that ran;
+        one that did not is `updated`), together, a model's replicas rolling one at a time
+        (supervise/rolling.py); then added autostart ones started (unless not ``autostart``: a daemon
+        started without). A start that fails marks its instance failed, as at the daemon's start, and its
+        change `failed` with the reason."""
         changes = report.instances
-        await asyncio.gather(
-            *(self._remove(c.name) for c in changes if c.change == Change.STOPPED),
-            *(self._restart_with(c.name, self._configured[c.name][1]) for c in changes if c.change == Change.RESTARTED),
+        restarted: dict[str, list[InstanceChange]] = {}  # configured model -> its changed instances
+        for change in changes:
+            if change.change == Change.RESTARTED:
+                restarted.setdefault(change.model, []).append(change)
+        removed, rolled = await asyncio.gather(
+            asyncio.gather(*(self._remove(c) for c in changes if c.change == Change.STOPPED)),
+            asyncio.gather(*(self._restart_changed(model, changed) for model, changed in restarted.items())),
         )
+        outcomes = {outcome.name: outcome for outcome in [*removed, *(o for model in rolled for o in model)]}
         for change in changes:
             if autostart and change.change == Change.ADDED and self.instances[change.name].settings.autostart:
-                await self._start_or_refuse(change.name)
+                failure = await self._start_or_refuse(change.name)
+                outcomes[change.name] = await self._came_up(change) if failure is None else _failed(change, failure)
+        return [outcomes.get(change.name, change) for change in changes]
 
-    async def _remove(self, name: str) -> None:
+    async def _came_up(self, change: InstanceChange) -> InstanceChange:
+        """``change``, once the server it started is ready; `failed` with the reason when it ended first (or
+        is still not ready after twice its load timeout: a wait for memory included)."""
+        instance = self.instances[change.name]
+        timeout_s = 2 * instance.settings.health.load_timeout
+        try:
+            await instance.wait_until(lambda i: i.state not in _ON_ITS_WAY, timeout_s)
+        except TimeoutError:
+            return _failed(change, f"not ready within {timeout_s:g}s ({instance.state.value})")
+        if instance.state == State.READY:
+            return change
+        return _failed(change, f"{instance.state.value}: {instance.last_error or 'its server ended'}")
+
+    async def _remove(self, change: InstanceChange) -> InstanceChange:
+        """A removed instance: retired first, so that a start waiting on its lock during the stop's drain
+        is refused, never spawning a server outside the table; stopped, then forgotten."""
+        name = change.name
+        self.instances[name].retire(f"{name} was removed from the configuration")
         with contextlib.suppress(ConflictError):  # not running
             await self.stop(name)
         self._table.remove(name)
         del self._configured[name]
+        return change
 
-    async def _restart_with(self, name: str, model: ModelSettings) -> None:
-        """A changed instance: restarted with ``model`` if it ran (one that cannot start again is marked
-        failed, as at the daemon's start), given it alone if not."""
-        instance = self.instances[name]
+    async def _restart_changed(self, model: str, changed: list[InstanceChange]) -> list[InstanceChange]:
+        """The changed instances of configured ``model``: several replicas roll, one at a time; what came of
+        each (a replica after the one that stopped the roll was not restarted: it keeps its old server)."""
+        ran = {c.name: self.instances[c.name].active for c in changed}
+        if len(changed) == 1:
+            try:
+                await self._restart_with(self.instances[changed[0].name])
+            except LauncherError as exc:
+                return [_failed(changed[0], exc.message)]
+            return [await self._came_up(changed[0]) if ran[changed[0].name] else _updated(changed[0])]
+        roll = await self._roll(model, [c.name for c in changed], self._restart_with)
+
+        def outcome(change: InstanceChange) -> InstanceChange:
+            if change.name in roll.restarted:
+                return change if ran[change.name] else _updated(change)
+            if change.name == roll.stopped_at:
+                return _failed(change, roll.reason or "it did not come back")
+            return _failed(change, f"not restarted: the rolling restart stopped at {roll.stopped_at}")
+
+        return [outcome(c) for c in changed]
+
+    async def _restart_with(self, instance: Instance) -> None:
+        """A changed instance: restarted with the settings configured now if it ran, given them alone if not.
+        One that cannot start again is marked failed, as at the daemon's start, and the error raised."""
+        model = self._configured[instance.name][1]
         try:
             await instance.restart_with(model, backend_for(model, self.settings.rpc), self._place)
         except LauncherError as exc:
             instance.refuse(exc)
+            raise
         except Exception as exc:  # a bug or a file nobody foresaw: that model fails, the daemon serves on
-            instance.refuse(LauncherError(f"unexpected error: {type(exc).__name__}: {exc}"))
+            error = LauncherError(f"unexpected error: {type(exc).__name__}: {exc}")
+            instance.refuse(error)
+            raise error from exc
 
     # ---- reports ----------------------------------------------------------------------------------------
 
@@ -398,6 +490,14 @@ class Manager:
     def gpu_samples(self) -> list[GpuSample]:
         return [self.with_instances(s) for s in self.sampler.latest()]
 
+    def close(self, reason: str) -> None:
+        """The daemon is stopping: no instance starts from now on, a start or restart under way included
+        (each is refused at its instance's lock), and no server that ends is restarted by the policy."""
+        if self._degrader is not None:
+            self._degrader.close()  # nor a degraded one when its peer comes back
+        for instance in self.instances.values():
+            instance.retire(reason)
+
     async def drain_all(self) -> None:
         """Drain every server at once (the daemon's own stop, before its API closes); each then waits
         draining, given no new request, for `stop_all`."""
@@ -411,3 +511,11 @@ class Manager:
             with contextlib.suppress(asyncio.CancelledError, LauncherError):
                 await task
         await asyncio.gather(*(i.stop() for i in self.instances.values() if i.active))
+
+
+def _failed(change: InstanceChange, reason: str) -> InstanceChange:
+    return change.model_copy(update={"change": Change.FAILED, "reason": reason})
+
+
+def _updated(change: InstanceChange) -> InstanceChange:
+    return change.model_copy(update={"change": Change.UPDATED})

@@ -74,10 +74,33 @@ function pcie(s) {
   return below ? `${link}, below its gen${s.pcie_gen_max} x${s.pcie_width_max}` : link;
 }
 
+function rate(bytesPerS) {
+  if (bytesPerS === null || bytesPerS === undefined) return "-";
+  for (const [unit, size] of [["GB/s", 1e9], ["MB/s", 1e6], ["kB/s", 1e3]]) {
+    if (bytesPerS >= size) return `${(bytesPerS / size).toFixed(1)} ${unit}`;
+  }
+  return `${bytesPerS.toFixed(0)} B/s`;
+}
+
+// PCIe and NVLink/xGMI traffic: what the GPU sends (TX) and receives (RX), and links down or slow.
+function traffic(s) {
+  const parts = [];
+  if (s.pcie_tx_bytes_per_second !== null || s.pcie_rx_bytes_per_second !== null) {
+    parts.push(`PCIe TX ${rate(s.pcie_tx_bytes_per_second)} RX ${rate(s.pcie_rx_bytes_per_second)}`);
+  }
+  for (const l of s.links ?? []) {
+    const peer = l.peer === null ? "" : /^[0-9]+$/.test(l.peer) ? ` to GPU ${l.peer}` : ` to ${l.peer}`;
+    const state = l.up ? `TX ${rate(l.tx_bytes_per_second)} RX ${rate(l.rx_bytes_per_second)}` : "down";
+    parts.push(`${l.kind} ${l.link}${peer}: ${state}`);
+  }
+  return parts.join(" · ");
+}
+
 function gpuCard(sample) {
   const parts = {
     title: h("h3", {}),
     facts: h("p", { className: "muted" }),
+    traffic: h("p", { className: "muted traffic" }),
     error: h("p", { className: "error" }),
     memory: h("div", { className: "memory" }),
   };
@@ -87,6 +110,7 @@ function gpuCard(sample) {
     { className: "card gpu", "data-gpu": sample.index },
     parts.title,
     parts.facts,
+    parts.traffic,
     parts.error,
     h("div", { className: "charts" }, charts.map((c) => c.chart.node)),
     parts.memory,
@@ -118,6 +142,8 @@ function drawGpu(gpu) {
   gpu.parts.facts.textContent = [s.vendor, s.pci_bus_id, pcie(s), s.throttle.length ? `throttled: ${s.throttle.join(", ")}` : ""]
     .filter(Boolean)
     .join(" · ");
+  gpu.parts.traffic.textContent = traffic(s);
+  if (s.links?.length) drawLinks(); // the links line shows what flows on them
   gpu.parts.error.textContent = s.error ?? "";
   // The window fills the chart from the first sample held, up to WINDOW_S.
   const toS = s.time;
@@ -156,8 +182,16 @@ function drawMemory(gpu) {
   );
 }
 
+// What flows between two GPUs now: the NVLink/xGMI links of the first that end at the second, both ways.
+function flow(a, b) {
+  const ends = (gpus.get(a)?.latest.links ?? []).filter((l) => l.up && l.peer === String(b));
+  if (!ends.length) return "";
+  const sum = (key) => ends.reduce((total, l) => total + (l[key] ?? 0), 0);
+  return `, ${a}→${b} ${rate(sum("tx_bytes_per_second"))}, ${b}→${a} ${rate(sum("rx_bytes_per_second"))}`;
+}
+
 function drawLinks() {
-  const text = topology.links.map((l) => `GPU ${l.gpus[0]} ↔ GPU ${l.gpus[1]}: ${l.link}${l.direct ? " (direct)" : " (through the CPU)"}`);
+  const text = topology.links.map((l) => `GPU ${l.gpus[0]} ↔ GPU ${l.gpus[1]}: ${l.link}${l.direct ? " (direct)" : " (through the CPU)"}${flow(l.gpus[0], l.gpus[1])}`);
   $("links").textContent = text.length ? `Links: ${text.join(" · ")}` : "";
 }
 

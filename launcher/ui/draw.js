@@ -177,6 +177,7 @@ export function planView(plan) {
     layerStrip(plan.devices),
     columns.length ? legend() : null,
     host ? h("p", {}, `host memory: ${mib(host)}`) : null,
+    plan.context && plan.fits ? h("p", { className: "muted" }, `ctx: max chose ${plan.context.reason}`) : null,
     plan.reason ? h("p", { className: "reason" }, plan.reason) : null,
     plan.suggestions.length ? h("ul", { className: "suggestions" }, plan.suggestions.map((s) => h("li", {}, s))) : null,
     plan.command.length ? h("pre", { className: "command" }, plan.command.join(" ")) : null,

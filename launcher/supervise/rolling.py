@@ -1,0 +1,182 @@
+"""Rolling restarts of a model's replicas: one replica at a time, the next only once the one before is ready
+again, so the model never has zero replicas serving; a replica that does not come back stops the roll and
+the rest keep their old server.
+
+What is decided is pure (`order`, `next_step`, `judge`, the event texts); `roll` carries it out on the
+replicas it is given, through the restart act its caller passes (the manager's `restart`, or a reload's
+restart with new settings).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from launcher.errors import LauncherError
+from launcher.schema import Event, RollReport, State
+from launcher.supervise.instance import Instance
+
+# A replica in these states takes the front door's requests (the router serves only ready ones).
+_SERVING = frozenset({State.READY})
+# A replica in these states will serve again by itself (its supervision runs), or is on its way out.
+_COMING = frozenset({State.STARTING, State.LOADING, State.UNHEALTHY, State.DRAINING, State.BACKOFF, State.STOPPING})
+# A replica that reached one of these after its restart did not come back.
+_DID_NOT_COME_BACK = frozenset({State.BACKOFF, State.FAILED, State.DEGRADED})
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Restart this replica now."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Every replica was restarted and is back."""
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The roll ends here: ``name`` did not come back, or restarting it would leave none serving."""
+
+    name: str
+    reason: str
+
+
+Step = Restart | Finished | Stopped
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a replica's state after its restart says: ``done`` (back, or failed with ``failure``) or wait."""
+
+    done: bool
+    failure: str | None = None
+
+
+WAIT = Verdict(done=False)
+BACK = Verdict(done=True)
+
+
+def order(states: Mapping[str, State]) -> list[str]:
+    """The replicas (in configured order, with their states at the roll's start) in the order they are
+    restarted: those not serving first (restarting them takes nothing away, and each that comes back adds
+    to those serving), then the serving ones."""
+    return [n for n, s in states.items() if s not in _SERVING] + [n for n, s in states.items() if s in _SERVING]
+
+
+def next_step(
+    order: Sequence[str], done: Collection[str], states_now: Mapping[str, State], failure: Stopped | None
+) -> Step:
+    """What the roll does next: ``done`` are the replicas restarted and back, ``failure`` the one that was
+    not (the roll stops there). A serving replica is restarted only while another one serves too, unless
+    none of the others is on its way to serving (all stopped or failed: nothing could serve meanwhile, and
+    the front door holds its requests in the queue as through the restart of a single instance)."""
+    if failure is not None:
+        return failure
+    left = [name for name in order if name not in done]
+    if not left:
+        return Finished()
+    name = left[0]
+    others = {n: s for n, s in states_now.items() if n != name}
+    if states_now[name] in _SERVING and not any(s in _SERVING for s in others.values()):
+        coming = [n for n, s in others.items() if s in _COMING]
+        if coming:
+            return Stopped(name, f"it is the only replica serving while {', '.join(coming)} is not ready")
+    return Restart(name)
+
+
+def judge(state: State, policy_restarts: int, last_error: str | None, *, timed_out: bool, timeout_s: float) -> Verdict:
+    """A replica after its restart: back once ready (or stopped meanwhile by someone else: nothing to wait
+    for); failed once its new server ended before ready (backoff, or restarted by its policy
+    since: ``policy_restarts``), failed or degraded, or when not ready within ``timeout_s``."""
+    if state in _SERVING or state == State.STOPPED:
+        return BACK
+    why = f": {last_error}" if last_error else ""
+    if state in _DID_NOT_COME_BACK or policy_restarts > 0:
+        return Verdict(done=True, failure=f"its new server did not come back ({state.value}){why}")
+    if timed_out:
+        return Verdict(done=True, failure=f"not ready within {timeout_s:g}s ({state.value})")
+    return WAIT
+
+
+def began(model: str, order: Sequence[str]) -> str:
+    return f"rolling restart of {model} began: {', '.join(order)}, one at a time"
+
+
+def replica_done(name: str, index: int, count: int, took_s: float) -> str:
+    return f"{name} restarted and ready in {took_s:.2f}s ({index} of {count})"
+
+
+# ---- carrying it out ----------------------------------------------------------------------------------
+
+
+async def roll(
+    model: str,
+    replicas: Mapping[str, Instance],
+    act: Callable[[Instance], Awaitable[None]],
+    publish: Callable[[Event], None],
+) -> RollReport:
+    """Restart ``replicas`` (of configured ``model``, in configured order) one at a time by ``act``, each
+    awaited ready (its `health.load_timeout` at most) before the next; the report says how it ended, and
+    events as it goes (the model's, no instance's; the stop's is the replica's). An `act` that raises is
+    the replica's failure (its message)."""
+    began_s = time.monotonic()
+    sequence = order({name: i.state for name, i in replicas.items()})
+    publish(Event.now("roll", began(model, sequence)))
+    done: list[str] = []
+    failure: Stopped | None = None
+    while True:
+        step = next_step(sequence, done, {name: i.state for name, i in replicas.items()}, failure)
+        if not isinstance(step, Restart):
+            break
+        instance = replicas[step.name]
+        step_began_s = time.monotonic()
+        why = await _restart_and_wait(instance, act)
+        if why is not None:
+            failure = Stopped(step.name, why)
+            continue
+        done.append(step.name)
+        took_s = time.monotonic() - step_began_s
+        publish(Event.now("roll", replica_done(step.name, len(done), len(sequence), took_s)))
+    report = RollReport(
+        model=model,
+        order=sequence,
+        restarted=done,
+        stopped_at=step.name if isinstance(step, Stopped) else None,
+        reason=step.reason if isinstance(step, Stopped) else None,
+        duration_s=round(time.monotonic() - began_s, 3),
+    )
+    # A stop is about the replica that did not come back, whose server's words its reason may quote: what
+    # a caller without the API token is shown of them is that replica's (api/redact.py).
+    publish(Event.now("roll", report.describe(), instance=report.stopped_at))
+    return report
+
+
+async def _restart_and_wait(instance: Instance, act: Callable[[Instance], Awaitable[None]]) -> str | None:
+    """Restart ``instance`` by ``act`` and wait until it is back: None, or why it did not come back."""
+    restarts_before = instance.restarts
+    try:
+        await act(instance)
+    except LauncherError as exc:
+        return exc.message
+    if not instance.active:  # it did not run and was not started (a reload only gave it its settings)
+        return None
+    timeout_s = instance.settings.health.load_timeout
+
+    def verdict(timed_out: bool) -> Verdict:
+        return judge(
+            instance.state,
+            instance.restarts - restarts_before,
+            instance.last_error,
+            timed_out=timed_out,
+            timeout_s=timeout_s,
+        )
+
+    try:
+        await instance.wait_until(lambda _: verdict(False).done, timeout_s)
+    except TimeoutError:
+        return verdict(True).failure
+    return verdict(False).failure
