@@ -32,6 +32,7 @@ from launcher.cli_output import (
     plan_findings,
 )
 from launcher.cli_progress import DownloadBar, ProgressPrinter, all_ready, ready_report
+from launcher.cli_upgrade import upgrade
 from launcher.client import DaemonClient
 from launcher.config import DaemonSettings, Settings
 from launcher.config_file import default_settings, load_daemon_settings, load_settings, read_token
@@ -322,6 +323,11 @@ async def _follow_file(path: Path) -> None:
         print(line, flush=True)
 
 
+def cmd_upgrade(ctx: Context) -> int:
+    print(upgrade(ctx.required_daemon(), ctx.args.timeout))
+    return 0
+
+
 # ---- up: waiting, background daemon ------------------------------------------------------------------
 
 
@@ -423,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     restart.add_argument("name", metavar="NAME")
     reload = command("reload", cmd_reload, "read the configuration again and apply the difference to the daemon")
     reload.add_argument("--dry-run", action="store_true", help="only show what would be done")
+    upgrade = command("upgrade", cmd_upgrade, "run the installed program in the daemon, keeping its servers running")
+    upgrade.add_argument("--timeout", type=float, default=120.0, metavar="S", help="how long to wait (default 120)")
     status = command("status", cmd_status, "table of instances; of one: its plan against what its server allocated")
     status.add_argument("name", nargs="?", metavar="NAME")
     plan = command("plan", cmd_plan, "dry run: the GPUs, MiB per GPU, split, command line; exit 1 if it does not fit")

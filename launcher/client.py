@@ -30,6 +30,7 @@ from launcher.schema import (
     RpcClaim,
     RpcReport,
     ServedModel,
+    UpgradeStarted,
 )
 
 _ERRORS_BY_STATUS: dict[int, type[LauncherError]] = {
@@ -176,6 +177,10 @@ class DaemonClient:
         """POST /config/reload: the daemon reads its configuration again; what it did (or would do)."""
         path = "/config/reload" + ("?dry_run=true" if dry_run else "")
         return _parse(ReloadReport, self._request("POST", path, _ROLL_TIMEOUT_S))
+
+    def upgrade(self) -> UpgradeStarted:
+        """POST /daemon/upgrade: the daemon executes its program again, handing its servers over."""
+        return _parse(UpgradeStarted, self._request("POST", "/daemon/upgrade", _ACT_TIMEOUT_S))
 
     def plan(self, name: str, estimate: bool = False) -> Plan:
         query = "?estimate=true" if estimate else ""

@@ -291,6 +291,8 @@ class Health(_Wire):
     # What is wrong besides: an instance that says it runs while its process is gone (then degraded), the
     # state directory failing writes (the servers run on: no effect on status).
     warnings: list[str] = []
+    # When the daemon's running program started (epoch seconds): an upgrade starts a new one in the same process.
+    program_started_at: float | None = None
 
 
 class ErrorBody(_Wire):
@@ -376,6 +378,14 @@ class ReloadReport(_Wire):
         if self.waiting:
             done.append(f"waiting for a restart of the daemon: {', '.join(self.waiting)}")
         return ("would reload: " if self.dry_run else "reloaded: ") + ("; ".join(done) or "no model configured")
+
+
+class UpgradeStarted(_Wire):
+    """`POST /daemon/upgrade` (202): the daemon drains its API and executes its program again in this
+    process; the upgrade is done once `/health` shows another ``program_started_at``."""
+
+    pid: int
+    program_started_at: float  # of the program being replaced
 
 
 def _with_keys(change: InstanceChange) -> str:

@@ -2,6 +2,7 @@
 
 STATE_DIR/daemon.lock      the owner record, locked by the daemon that owns the directory (owner.py)
 STATE_DIR/children.json    the servers that daemon runs (children.py)
+STATE_DIR/handover.json    what an upgrade's old program hands its new one (supervise/handover.py)
 STATE_DIR/logs/NAME.log    each instance's server output, NAME.log.1.. its rotated copies (logs.py)
 STATE_DIR/measured.json   what running servers measured, and the driver's share per GPU (measurements.py)
 STATE_DIR/daemon.log       the output of a daemon `launcher up --detach` started in the background
@@ -28,6 +29,10 @@ class StateDir:
     @property
     def children_file(self) -> Path:
         return self.root / "children.json"
+
+    @property
+    def handover_file(self) -> Path:
+        return self.root / "handover.json"
 
     @property
     def logs_dir(self) -> Path:

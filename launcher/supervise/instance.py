@@ -154,6 +154,11 @@ class Instance:
         return self._proc is not None and self._proc.running
 
     @property
+    def pid(self) -> int | None:
+        """The pid of its server process (the current or last one of this run)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def alive(self) -> bool:
         """`running`, asked of the system: false from the moment the process is dead (a zombie included),
         before the event loop has reaped it."""
@@ -222,6 +227,16 @@ class Instance:
                 raise ConflictError(f"{self.name} is already {self.state}")
             await prepare(self)
             self._begin(self.preflight())
+
+    async def adopt(self, proc: ServerProcess, port: int, placement: Placement, plan: Plan | None) -> None:
+        """Supervise a server that already serves: the daemon's previous program started it, and an upgrade
+        handed it over (supervise/adoption.py checked it is the same process, with this command, and that it
+        answers). It goes through starting and loading to ready at once, with no new process."""
+        async with self._lock:
+            if self.active:
+                raise ConflictError(f"{self.name} is already {self.state}")
+            self.port, self.placement, self.plan = port, placement, plan
+            self._begin(self.backend.launch_spec(self.settings, port, placement), adopted=proc)
 
     async def stop(self) -> None:
         if self.downloading:
@@ -346,13 +361,14 @@ class Instance:
         self.record_refusal(exc)
         self._set_state(State.FAILED)
 
-    def _begin(self, spec: LaunchSpec) -> None:
-        """Supervise from now on, the first run with ``spec`` (the start's, checked as it was asked for)."""
+    def _begin(self, spec: LaunchSpec, adopted: ServerProcess | None = None) -> None:
+        """Supervise from now on, the first run with ``spec`` (the start's, checked as it was asked for), or
+        the ``adopted`` server, already running with it."""
         self._policy.reset()
         self.last_error = None
         self.spec = spec
         self._set_state(State.STARTING)  # the answer to a start request already says so
-        self._task = asyncio.create_task(self._supervise(spec), name=f"supervise:{self.name}")
+        self._task = asyncio.create_task(self._supervise(spec, adopted), name=f"supervise:{self.name}")
         self._task.add_done_callback(self._supervision_ended)
 
     async def _drain(self) -> None:
@@ -388,12 +404,15 @@ class Instance:
 
     # ---- supervision ----------------------------------------------------------------------------
 
-    async def _supervise(self, first: LaunchSpec) -> None:
+    async def _supervise(self, first: LaunchSpec, adopted: ServerProcess | None) -> None:
         spec: LaunchSpec | None = first
         try:
             while True:
                 try:
-                    delay = await self._run_once(spec)
+                    if adopted is not None:
+                        delay = await self._run_adopted(adopted, first)
+                    else:
+                        delay = await self._run_once(spec)
                 except Exception as exc:  # a fault nobody foresaw: this run failed, the restart policy decides
                     delay = await self._run_raised(exc)
                 if delay is None:
@@ -401,7 +420,7 @@ class Instance:
                 if self._retired is not None:  # no new server for a retired instance
                     self._set_state(State.FAILED, f"not restarted: {self._retired}")
                     return
-                spec = None  # the next run is a new start of the process: checked and computed again
+                spec, adopted = None, None  # the next run is a new start of the process: checked and computed again
                 self._set_state(State.BACKOFF, f"restarting in {delay:.2f}s")
                 await asyncio.sleep(delay)
                 self.restarts += 1
@@ -484,9 +503,20 @@ class Instance:
         argv0 = spec.argv[0]
         self._write(self._parts.registry.path, lambda: self._parts.registry.add(self.name, proc.pid, argv0))
         self._set_state(State.LOADING, f"pid {proc.pid} on port {self.port}")
+        return await self._run_until_end(proc, spec, ready=await self._await_ready(proc))
+
+    async def _run_adopted(self, proc: ServerProcess, spec: LaunchSpec) -> float | None:
+        """Run an adopted server (see `adopt`) until it ends, as `_run_once` runs one it spawned."""
+        self._proc = proc
+        self._set_state(State.LOADING, f"pid {proc.pid} on port {self.port}, taken over from the previous program")
+        return await self._run_until_end(proc, spec, ready=True)
+
+    async def _run_until_end(self, proc: ServerProcess, spec: LaunchSpec, *, ready: bool) -> float | None:
+        """Serve with ``proc`` (``ready``, or not within its load timeout) until it ends; the delay before
+        the next start or None."""
         unhealthy = False
         ready_for_s: float | None = None
-        if await self._await_ready(proc):
+        if ready:
             self._ready_since = time.monotonic()
             self._set_state(State.READY)
             await self._check_plan()
@@ -656,7 +686,7 @@ class Instance:
             model=str(self.settings.model) if self.settings.model is not None else "",  # an rpc-server has none
             backend=self.settings.backend,
             state=self.state,
-            pid=self._proc.pid if self._proc is not None else None,
+            pid=self.pid,
             port=self.port,
             gpus=list(self.placement.gpus) if self.active else [],
             tensor_split=list(self.placement.tensor_split),

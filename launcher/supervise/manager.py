@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Collection, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,9 +46,10 @@ from launcher.schema import (
 )
 from launcher.statedir.layout import StateDir
 from launcher.statedir.measurements import MeasurementStore
-from launcher.supervise import rolling, thermal
+from launcher.supervise import adoption, rolling, thermal
 from launcher.supervise.degrade import Degrader
 from launcher.supervise.downloads import begin_download
+from launcher.supervise.handover import HandedServer
 from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
@@ -367,8 +368,20 @@ class Manager:
 
     async def autostart(self) -> None:
         """Start every autostart model; one that cannot start is marked failed, the rest go on."""
-        for name in self.autostart_names():
-            await self._start_or_refuse(name)
+        await self.start_each(self.autostart_names())
+
+    async def start_each(self, names: Collection[str]) -> None:
+        """Start each of ``names`` that does not run yet (an upgrade's adopted servers run already), in turn;
+        one that cannot start is marked failed, the rest go on."""
+        for name in dict.fromkeys(names):
+            if name in self.instances and not self.instances[name].active:
+                await self._start_or_refuse(name)
+
+    async def adopt(self, servers: Sequence[HandedServer]) -> list[str]:
+        """Take over the servers an upgrade handed over (supervise/adoption.py); the names of the instances
+        whose server was not taken over (and was stopped), to start again."""
+        claim = None if self.peers is None else self.peers.claim
+        return await adoption.adopt_all(servers, self.instances, self.planner.placement, self._parts, claim)
 
     async def _start_or_refuse(self, name: str) -> str | None:
         """Start ``name`` where nobody waits for the answer: a start refused marks it failed, the rest go on.
