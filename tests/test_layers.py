@@ -50,6 +50,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "daemon",
         "local",
         "ad_hoc",
+        "upgrade",
+        "cli_upgrade",
         "doctor",
         "foreground",
         "cli",
