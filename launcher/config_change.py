@@ -47,6 +47,7 @@ MODEL_KEYS: dict[str, Applied] = {
     "ctx_max": "restart",
     "gpus": "restart",
     "tensor_split": "restart",
+    "split_mode": "restart",
     "port": "restart",
     "args": "restart",
     "env": "restart",

@@ -161,6 +161,8 @@ class Plan(_Wire):
     network: NetworkCost | None = None  # None: every device is this host's
     hub: HubPlan | None = None  # a hub model planned from its headers before download
     context: ContextChoice | None = None  # `ctx: max`: how ctx was chosen (None: ctx is the configured one)
+    split_mode: str = "layer"  # layer | tensor: how the server divides the model over its devices
+    split_reason: str = ""  # why that mode (`split_mode: auto`'s choice, or a fallback)
 
     @property
     def claims_mib(self) -> dict[int, int]:

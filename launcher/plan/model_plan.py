@@ -23,6 +23,8 @@ from launcher.plan.layout import (
 )
 from launcher.plan.remote import NO_REMOTE, Remote, across_hosts, network_cost
 from launcher.plan.runtime import not_modelled, runtime_for
+from launcher.plan.split_modes import SplitChoice, SplitMode
+from launcher.plan.tensor_plan import apply_split_mode
 from launcher.schema import DevicePlan, GpuSample, HostPlan, Plan
 
 GIB = 1024 * MIB
@@ -96,6 +98,13 @@ def make_plan(
     if chosen is None and model.allow_cpu_offload and allowed and refusal is None:
         chosen = most_layers(shape, runtime, allowed, overhead_b)
     fits = chosen is not None
+    split = SplitChoice(SplitMode.LAYER, "")
+    if chosen is not None and len(chosen.devices) > 1 and not isinstance(model.tensor_split, list):
+        chosen, runtime, split = apply_split_mode(
+            model.split_mode, model.backend, shape, runtime, chosen, links, overhead_b
+        )
+    elif model.split_mode in ("row", "tensor"):
+        split = SplitChoice(SplitMode.LAYER, f"layer: {model.split_mode} needs the model on several GPUs", None)
     if chosen is None:  # show what it would take on every allowed GPU
         chosen = _spread(shape, runtime, allowed, overhead_b)
     if not fits and refusal is None:
@@ -131,7 +140,11 @@ def make_plan(
         sliding_window=shape.sliding_window,
         swa_layers=len(shape.swa_layers),
         recurrent_layers=len(shape.recurrent_layers),
-        warnings=architecture_warnings(shape) + [f"not planned onto: {why}" for why in remote.left_out],
+        warnings=architecture_warnings(shape)
+        + [f"not planned onto: {why}" for why in remote.left_out]
+        + ([split.warning] if split.warning else []),
+        split_mode=split.mode.value,
+        split_reason=split.reason,
         not_modelled=not_modelled(model.args),
         network=network_cost(shape, chosen) if fits else None,
     )
