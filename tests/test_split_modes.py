@@ -194,6 +194,7 @@ def test_each_rpc_device_holds_its_planned_slice(
         weights, kv, compute = sizes[:3]  # in llama.cpp's order: model, KV cache, compute
         assert device.weights_mib == -(-weights // MIB)  # the rules are exact: only the MiB rounding
         assert device.kv_cache_mib * MIB == pytest.approx(kv, rel=0.02, abs=MIB)
+        assert abs(device.compute_mib * MIB - compute) <= 32 * MIB  # the whole graph's, on each device
         planned = (device.weights_mib + device.kv_cache_mib + device.compute_mib) * MIB
         assert abs(planned - sum(sizes)) <= max(0.03 * sum(sizes), 32 * MIB)
     assert reported.host.model == pytest.approx(placed.plan.host.weights_mib, abs=1.0)  # token_embd
