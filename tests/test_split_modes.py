@@ -32,6 +32,8 @@ from tests.conftest import MARK
 F16, Q8_0 = 1, 8
 # 4 layers, GQA 8/4 heads of 64, q8_0: 7 MiB of weights per device, the KV cache the larger part at 32k.
 TINY = TinyShape(n_layer=4, n_embd=512, n_head=8, n_head_kv=4, n_ff=1536, weight_type="q8_0", extra_tokens=2000)
+# 12 heads over 4 KV heads on 3 devices: 1, 1 and 2 KV heads per layer, the pair rotating (even over 6 layers).
+UNEVEN = TinyShape(n_layer=6, n_embd=768, n_head=12, n_head_kv=4, n_ff=1536, weight_type="q8_0", extra_tokens=2000)
 
 
 # ---- the rules, against llama.cpp's arithmetic worked by hand ------------------------------------------
@@ -101,13 +103,13 @@ def test_what_llama_cpp_cannot_run_falls_back_to_layer_with_a_warning() -> None:
     assert (asked.mode, asked.warning) == (SplitMode.TENSOR, None)  # as configured, links or not
 
 
-def place(model: ModelSettings, memory_mib: int, link_group: str | None) -> Placed:
-    """The launcher's plan for ``model`` on two simulated GPUs of ``memory_mib``, in ``link_group``."""
+def place(model: ModelSettings, memory_mib: int, link_group: str | None, count: int = 2) -> Placed:
+    """The launcher's plan for ``model`` on ``count`` simulated GPUs of ``memory_mib``, in ``link_group``."""
     settings = GpuSettings(
         backend="sim",
         margin_mib=0,
         overhead_mib=0,
-        sim=[SimGpu(name="sim", memory_mib=memory_mib, link_group=link_group) for _ in range(2)],
+        sim=[SimGpu(name="sim", memory_mib=memory_mib, link_group=link_group) for _ in range(count)],
     )
     gpus = SimBackend(settings.sim)
     samples = [read_sample(gpus, gpu, processes=False) for gpu in gpus.identities()]
@@ -176,17 +178,24 @@ def logged_rpc_servers(bin_dir: Path, count: int, logs: Path) -> Iterator[list[P
 _ALLOC = re.compile(r"\[alloc_buffer\] device: \d+, size: (\d+)")
 
 
+@pytest.mark.parametrize(("shape", "devices", "memory_mib"), [(TINY, 2, 90), (UNEVEN, 3, 96)], ids=["gqa2", "uneven3"])
 def test_each_rpc_device_holds_its_planned_slice(
-    tiny: Path, tmp_path: Path, leaves_no_process: str, monkeypatch: pytest.MonkeyPatch
+    shape: TinyShape,
+    devices: int,
+    memory_mib: int,
+    tmp_path: Path,
+    leaves_no_process: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(MARK, leaves_no_process)
-    model = ModelSettings(model=tiny, ctx=32768, args=["-ub", "64", "-lv", "4"])
-    placed = place(model, 90, "nv")
-    assert placed.plan.split_mode == "tensor"
+    path = write_tiny_llama(tmp_path / "m.gguf", shape)
+    model = ModelSettings(model=path, ctx=32768, args=["-ub", "64", "-lv", "4"])
+    placed = place(model, memory_mib, "nv", devices)
+    assert (placed.plan.split_mode, len(placed.plan.devices)) == ("tensor", devices)
     port = free_port()
     spec = LlamaServerBackend(model).launch_spec(model, port, placed.placement)
     assert spec.argv[0] == str(find_llama_server(None))
-    with logged_rpc_servers(Path(spec.argv[0]).parent, 2, tmp_path) as logs:
+    with logged_rpc_servers(Path(spec.argv[0]).parent, devices, tmp_path) as logs:
         addresses = (tmp_path / "addresses.txt").read_text()
         reported = measure_argv([*spec.argv, "--rpc", addresses], port, spec.env)
     allocated = [[int(size) for size in _ALLOC.findall(log.read_text())] for log in logs]
