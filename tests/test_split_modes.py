@@ -27,6 +27,7 @@ from launcher.plan.placement import Placement
 from launcher.plan.planner import Placed, Planner
 from launcher.plan.split_modes import Heads, SplitMode, choose, slices, tensor_split
 from launcher.tinymodel import TinyShape, write_tiny_llama
+from tests.archmodels import write_gemma3, write_mamba, write_qwen3moe
 from tests.conftest import MARK
 
 F16, Q8_0 = 1, 8
@@ -65,15 +66,20 @@ def test_uneven_heads_give_one_device_two_of_a_layers_four_kv_heads() -> None:
 
 
 def test_mirrored_tensors_are_whole_on_every_device_and_embeddings_stay_on_the_host() -> None:
+    embd = TensorInfo("token_embd.weight", (64, 300), F16, 64 * 300 * 2)
     tensors = [
-        TensorInfo("token_embd.weight", (64, 300), F16, 64 * 300 * 2),
+        embd,
         TensorInfo("output_norm.weight", (64,), 0, 256),
         TensorInfo("blk.0.attn_norm.weight", (64,), 0, 256),
         TensorInfo("blk.0.ffn_down.weight", (256, 64), Q8_0, 256 * 64 * 34 // 32),
     ]
-    split = tensor_split(tensors, [Heads(4, 2, 16, 16)], [(False, False)], [0.0, 0.0])
+    output = TensorInfo("output.weight", (64, 300), F16, 64 * 300 * 2)
     down = 256 * 64 * 34 // 32 // 2  # ffn_down along ne[0] in steps of lcm(32, 128): 128 and 128
-    assert split.weights_b == (512 + down, 512 + down)
+    rows = (150 * 64 * 2,) * 2  # output.weight by vocabulary rows, 150 each
+    split = tensor_split([*tensors, output], [Heads(4, 2, 16, 16)], [(False, False)], [0.0, 0.0])
+    assert split.weights_b == tuple(512 + down + r for r in rows)
+    tied = tensor_split(tensors, [Heads(4, 2, 16, 16)], [(False, False)], [0.0, 0.0])
+    assert tied.weights_b == (512 + down + embd.n_bytes,) * 2  # the tied output's copy: whole on each
 
 
 # ---- auto and the fallbacks ----------------------------------------------------------------------------
@@ -178,9 +184,19 @@ def logged_rpc_servers(bin_dir: Path, count: int, logs: Path) -> Iterator[list[P
 _ALLOC = re.compile(r"\[alloc_buffer\] device: \d+, size: (\d+)")
 
 
-@pytest.mark.parametrize(("shape", "devices", "memory_mib"), [(TINY, 2, 90), (UNEVEN, 3, 96)], ids=["gqa2", "uneven3"])
+def write_model(kind: str, path: Path) -> Path:
+    if kind == "gemma3":  # sliding window (512) on five layers of six, tied output
+        return write_gemma3(path, 12, 512, 2048, (512, 4, 2, 64, 4096))
+    if kind == "qwen3moe":  # 8 experts
+        return write_qwen3moe(path, 6, 2048, 1024)
+    return write_tiny_llama(path, TINY if kind == "llama" else UNEVEN)
+
+
+@pytest.mark.parametrize(
+    ("kind", "devices", "memory_mib"), [("llama", 2, 90), ("uneven", 3, 96), ("gemma3", 2, 200), ("qwen3moe", 2, 300)]
+)
 def test_each_rpc_device_holds_its_planned_slice(
-    shape: TinyShape,
+    kind: str,
     devices: int,
     memory_mib: int,
     tmp_path: Path,
@@ -188,7 +204,7 @@ def test_each_rpc_device_holds_its_planned_slice(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(MARK, leaves_no_process)
-    path = write_tiny_llama(tmp_path / "m.gguf", shape)
+    path = write_model(kind, tmp_path / "m.gguf")
     model = ModelSettings(model=path, ctx=32768, args=["-ub", "64", "-lv", "4"])
     placed = place(model, memory_mib, "nv", devices)
     assert (placed.plan.split_mode, len(placed.plan.devices)) == ("tensor", devices)
@@ -200,7 +216,10 @@ def test_each_rpc_device_holds_its_planned_slice(
         reported = measure_argv([*spec.argv, "--rpc", addresses], port, spec.env)
     allocated = [[int(size) for size in _ALLOC.findall(log.read_text())] for log in logs]
     for device, sizes in zip(placed.plan.devices, allocated, strict=True):
-        weights, kv, compute = sizes[:3]  # in llama.cpp's order: model, KV cache, compute
+        # in llama.cpp's order: model, the KV cache (two with a sliding window), compute, then a few KiB
+        # buffers of the Meta device's own (counted in the total)
+        large = [size for size in sizes if size >= 64 * 1024]
+        weights, kv, compute = large[0], sum(large[1:-1]), large[-1]
         assert device.weights_mib == -(-weights // MIB)  # the rules are exact: only the MiB rounding
         assert device.kv_cache_mib * MIB == pytest.approx(kv, rel=0.02, abs=MIB)
         assert abs(device.compute_mib * MIB - compute) <= 32 * MIB  # the whole graph's, on each device
@@ -209,17 +228,36 @@ def test_each_rpc_device_holds_its_planned_slice(
     assert reported.host.model == pytest.approx(placed.plan.host.weights_mib, abs=1.0)  # token_embd
 
 
-def test_row_fails_at_load_on_rpc_devices_as_the_rule_says(
-    tiny: Path, tmp_path: Path, leaves_no_process: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("kind", "mode", "ctx", "memory_mib", "message"),
+    [
+        ("llama", "row", 32768, 90, "does not support split buffers"),
+        ("mamba", "tensor", 4096, 10, "LLAMA_SPLIT_MODE_TENSOR not implemented for architecture 'mamba'"),
+    ],
+)
+def test_what_the_plan_refuses_fails_at_load_as_the_rule_says(
+    kind: str,
+    mode: str,
+    ctx: int,
+    memory_mib: int,
+    message: str,
+    tmp_path: Path,
+    leaves_no_process: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Why `row` is planned as `layer`: the pinned llama.cpp's RPC (like CUDA's) backend has no split
-    buffer type."""
+    """Why `row` and a tensor split of Mamba are planned as `layer`: the pinned llama.cpp's RPC (like its
+    CUDA) backend has no split buffer type, and its tensor mode has no rule for Mamba's graph."""
     monkeypatch.setenv(MARK, leaves_no_process)
+    path = write_mamba(tmp_path / "m.gguf", 6, 2048, 256) if kind == "mamba" else write_model(kind, tmp_path / "m.gguf")
+    model = ModelSettings(model=path, ctx=ctx, split_mode=mode, args=["-ub", "64"])  # type: ignore[arg-type]
+    plan = place(model, memory_mib, "nv").plan  # two GPUs needed: the mode would apply
+    assert (len(plan.devices), plan.split_mode) == (2, "layer")
+    assert plan.warnings == [f"split_mode: {plan.split_reason.split('(', 1)[1][:-1]}"]
     server = find_llama_server(None)
     with logged_rpc_servers(server.parent, 2, tmp_path):
         addresses = (tmp_path / "addresses.txt").read_text()
-        argv = [str(server), "-m", str(tiny), "--rpc", addresses, "-sm", "row", "-ngl", "99", "--fit", "off"]
+        argv = [str(server), "-m", str(path), "--rpc", addresses, "-sm", mode, "-ngl", "99", "--fit", "off"]
         argv += ["--port", str(free_port()), "--host", "127.0.0.1"]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode != 0
-    assert "does not support split buffers" in done.stdout + done.stderr
+    assert message in done.stdout + done.stderr

@@ -239,7 +239,11 @@ def tensor_split(
     rotation = [sum(kinds[p] == kinds[il] for p in range(il)) % n for il in range(len(kinds))]
     for tensor in tensors:
         if tensor.name == "token_embd.weight":
-            continue  # the input layer stays in host memory
+            # the input layer stays in host memory; a tied output is its copy, created under the same name
+            # (TENSOR_DUPLICATED), which no split pattern matches: mirrored
+            if "output.weight" not in by_name:
+                weights = [w + tensor.n_bytes for w in weights]
+            continue
         found = _LAYER.match(tensor.name)
         if found is None:
             share = _output_share(tensor, len(kinds) % n, split)
