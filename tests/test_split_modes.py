@@ -18,6 +18,7 @@ import pytest
 from bench.realbuffers import _wait_listening, free_port, measure_argv
 from launcher.backends.llama_server import LlamaServerBackend, find_llama_server
 from launcher.config import GpuSettings, ModelSettings, SimGpu
+from launcher.errors import StartError
 from launcher.gpu.sampler import read_sample
 from launcher.gpu.sim import SimBackend
 from launcher.gpu.types import Link
@@ -139,6 +140,17 @@ def test_auto_on_simulated_gpus_with_and_without_a_link_group(tiny: Path) -> Non
     assert sum(d.layers for d in apart.devices) == 4
     forced = place(model.model_copy(update={"split_mode": "layer"}), 90, "nv").plan
     assert forced.split_mode == "layer"
+
+
+def test_a_refusal_considers_the_tensor_split_first(tiny: Path) -> None:
+    """At 80 MiB per GPU the pipeline's two compute buffers leave no room; the tensor split (77 MiB each)
+    fits: taken over linked GPUs, named in the refusal's suggestions over GPUs joined through the CPU."""
+    model = ModelSettings(model=tiny, ctx=32768, args=["-ub", "64"])
+    linked = place(model, 80, "nv").plan
+    assert (linked.split_mode, [d.total_mib for d in linked.devices]) == ("tensor", [77, 77])
+    with pytest.raises(StartError) as refused:
+        place(model, 80, None)
+    assert "it fits with split_mode: tensor on GPUs 0,1" in str(refused.value.hint)
 
 
 def test_the_command_carries_the_mode_the_split_and_flash_attention(tiny: Path) -> None:

@@ -80,3 +80,32 @@ def apply_split_mode(
         note = f"{choice.reason}; {shape.architecture}'s fused tensors are sized approximately"
         choice = dataclasses.replace(choice, reason=note)
     return found, on, choice
+
+
+def tensor_instead(
+    requested: str,
+    backend: str,
+    shape: ModelShape,
+    runtime: Runtime,
+    allowed: Sequence[UsableGpu],
+    links: Mapping[tuple[int, int], Link],
+    overhead_b: int,
+) -> tuple[Layout, Runtime, SplitChoice] | None:
+    """A tensor split where the layer split finds no room: on the fewest of the roomiest GPUs (equal shares:
+    the smallest of them binds), directly linked ones only for `auto`. None where none fits or the mode
+    cannot run. A pipeline keeps copies of its inputs per device and a compute buffer per stage; a tensor
+    split halves the KV cache and matrices instead, so it can fit where layers do not."""
+    roomiest = sorted(allowed, key=lambda g: -g.usable_mib)
+    on = dataclasses.replace(runtime, flash_attn=True)
+    for size in range(2, len(roomiest) + 1):
+        group = sorted(roomiest[:size], key=lambda g: g.index)
+        indices = [g.index for g in group]
+        choice = choose(requested, shape.architecture, backend, indices, links, remote=False)
+        if requested == "auto" and choice.mode is not SplitMode.TENSOR:
+            continue
+        if choice.mode is not SplitMode.TENSOR:
+            return None
+        found = tensor_layout(shape, on, group, overhead_b)
+        if found.fits:
+            return found, on, choice
+    return None
