@@ -273,3 +273,12 @@ def test_what_the_plan_refuses_fails_at_load_as_the_rule_says(
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode != 0
     assert message in done.stdout + done.stderr
+
+
+def test_shared_experts_and_the_router_are_mirrored_the_experts_split() -> None:
+    """ffn_*_shexp match none of get_tensor_config's FFN patterns (outside DeepSeek-V4): whole on each."""
+    experts = TensorInfo("blk.0.ffn_up_exps.weight", (64, 256, 8), F16, 64 * 256 * 8 * 2)
+    shared = TensorInfo("blk.0.ffn_up_shexp.weight", (64, 256), F16, 64 * 256 * 2)
+    router = TensorInfo("blk.0.ffn_gate_inp.weight", (64, 8), 0, 64 * 8 * 4)
+    split = tensor_split([experts, shared, router], [Heads(4, 2, 16, 16)], [(False, False)], [0.0, 0.0])
+    assert split.weights_b == (experts.n_bytes // 2 + shared.n_bytes + router.n_bytes,) * 2

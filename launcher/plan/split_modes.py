@@ -11,7 +11,8 @@ src/llama-model.cpp, llama_meta_device_get_split_state, says per tensor:
   the K and V rows of its own KV heads, for every cell.
 - ffn_up/gate (incl. _exps): along ne[1]; ffn_down: along ne[0]: the FFN's n_ff divided.
 - output.weight: along ne[1] (vocabulary rows).
-- everything else (norms, attn_output/ffn_down biases, ...) is MIRRORED: whole on every device.
+- everything else (norms, attn_output/ffn_down biases, shared experts, the router, ...) is MIRRORED:
+  whole on every device (ffn_down_exps.bias is PARTIAL: whole-sized on each too).
 - token_embd stays in host memory, as in the layer split.
 
 Granularity (get_split_granularity there): for a layer with n_gqa = n_head / n_head_kv and
@@ -161,9 +162,10 @@ def _cannot(mode: SplitMode, architecture: str, backend: str, remote: bool) -> s
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 _QKV_ROWS = re.compile(r"^attn_(q|k|v|qkv|gate)\.weight$")
 _QKV_BIAS = re.compile(r"^attn_(q|k|v|qkv)\.bias$")
-_FFN_ROWS = re.compile(r"^ffn_(up|gate|gate_up)(_exps|_shexp)?\.weight$")
+# shared experts (_shexp) match none of llama.cpp's FFN patterns outside DeepSeek-V4: mirrored
+_FFN_ROWS = re.compile(r"^ffn_(up|gate|gate_up)(_exps)?\.weight$")
 _FFN_BIAS = re.compile(r"^ffn_(up|gate)(_exps)?\.bias$")
-_FFN_DOWN = re.compile(r"^ffn_down(_exps|_shexp)?\.weight$")
+_FFN_DOWN = re.compile(r"^ffn_down(_exps)?\.weight$")
 
 
 @dataclass(frozen=True)
