@@ -17,6 +17,7 @@ import pytest
 
 from bench.realbuffers import _wait_listening, free_port, measure_argv
 from launcher.backends.llama_server import LlamaServerBackend, find_llama_server
+from launcher.cli_output import format_plan
 from launcher.config import GpuSettings, ModelSettings, SimGpu
 from launcher.errors import StartError
 from launcher.gpu.sampler import read_sample
@@ -140,6 +141,9 @@ def test_auto_on_simulated_gpus_with_and_without_a_link_group(tiny: Path) -> Non
     assert sum(d.layers for d in apart.devices) == 4
     forced = place(model.model_copy(update={"split_mode": "layer"}), 90, "nv").plan
     assert forced.split_mode == "layer"
+    shown = format_plan("m", linked).splitlines()
+    assert "split mode: tensor: GPUs 0 and 1 are nvlink-linked" in shown
+    assert "tensor split: 1,1 (shares of every tensor per GPU)" in shown
 
 
 def test_a_refusal_considers_the_tensor_split_first(tiny: Path) -> None:
