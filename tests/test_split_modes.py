@@ -286,3 +286,18 @@ def test_shared_experts_and_the_router_are_mirrored_the_experts_split() -> None:
     router = TensorInfo("blk.0.ffn_gate_inp.weight", (64, 8), 0, 64 * 8 * 4)
     split = tensor_split([experts, shared, router], [Heads(4, 2, 16, 16)], [(False, False)], [0.0, 0.0])
     assert split.weights_b == (experts.n_bytes // 2 + shared.n_bytes + router.n_bytes,) * 2
+
+
+def test_more_devices_than_the_meta_device_takes_stay_layered() -> None:
+    gpus = list(range(17))
+    links = {(a, b): Link.NVLINK for a in gpus for b in gpus if a < b}
+    found = choose("tensor", "llama", "llama-server", gpus, links, remote=False)
+    assert found.mode is SplitMode.LAYER and "GGML_BACKEND_META_MAX_DEVICES" in str(found.warning)
+    assert choose("auto", "llama", "llama-server", gpus[:16], links, remote=False).mode is SplitMode.TENSOR
+
+
+def test_layer_counts_in_tensor_split_keep_the_layer_split(tiny: Path) -> None:
+    model = ModelSettings(model=tiny, ctx=32768, args=["-ub", "64"], gpus=[0, 1], tensor_split=[1, 1])
+    plan = place(model.model_copy(update={"split_mode": "tensor"}), 90, "nv").plan
+    assert plan.split_mode == "layer"
+    assert plan.warnings == ["split_mode: tensor ignored: tensor_split gives layers per GPU"]

@@ -101,6 +101,9 @@ def make_plan(
         chosen, runtime, split = apply_split_mode(
             model.split_mode, model.backend, shape, runtime, chosen, links, overhead_b
         )
+    elif chosen is not None and layers_given and model.split_mode in ("row", "tensor"):
+        why = f"split_mode: {model.split_mode} ignored: tensor_split gives layers per GPU"
+        split = SplitChoice(SplitMode.LAYER, f"layer: {why}", why)
     elif chosen is not None and model.split_mode in ("row", "tensor"):
         split = SplitChoice(SplitMode.LAYER, f"layer: {model.split_mode} needs the model on several GPUs", None)
     elif chosen is None and refusal is None and not layers_given and model.split_mode in ("auto", "tensor"):

@@ -85,6 +85,9 @@ NO_TENSOR_SPLIT = frozenset(
 SEGMENTED = frozenset({"qwen3next", "qwen35", "qwen35moe", "clef", "qwen4exp", "deepseek4"})
 
 
+META_MAX_DEVICES = 16  # ggml/include/ggml-backend.h, GGML_BACKEND_META_MAX_DEVICES
+
+
 class SplitMode(StrEnum):
     LAYER = "layer"
     ROW = "row"
@@ -120,7 +123,7 @@ def choose(
     if requested == SplitMode.LAYER:
         return SplitChoice(SplitMode.LAYER, "layer: as configured")
     explicit = requested != "auto"
-    cannot = _cannot(SplitMode(requested) if explicit else SplitMode.TENSOR, architecture, backend, remote)
+    cannot = _cannot(SplitMode(requested) if explicit else SplitMode.TENSOR, architecture, backend, len(gpus))
     if explicit:
         if cannot is None and len(gpus) + remote > 1:
             return SplitChoice(SplitMode(requested), f"{requested}: as configured")
@@ -146,12 +149,14 @@ def _direct(links: Mapping[tuple[int, int], Link], a: int, b: int) -> bool:
     return link in (Link.NVLINK, Link.XGMI)
 
 
-def _cannot(mode: SplitMode, architecture: str, backend: str, remote: bool) -> str | None:
-    """Why llama.cpp cannot run ``mode`` for this model, or None."""
+def _cannot(mode: SplitMode, architecture: str, backend: str, devices: int) -> str | None:
+    """Why llama.cpp cannot run ``mode`` for this model on ``devices`` GPUs, or None."""
     if backend != "llama-server":
         return f"{backend} has no {mode} split"
     if mode is SplitMode.ROW:
         return ROW_UNSUPPORTED
+    if devices > META_MAX_DEVICES:
+        return f"llama.cpp's tensor split takes at most {META_MAX_DEVICES} devices (GGML_BACKEND_META_MAX_DEVICES)"
     if architecture in NO_TENSOR_SPLIT:
         return f"llama.cpp has no tensor split for architecture {architecture!r} (llm_arch_supports_sm_tensor)"
     return None
