@@ -266,8 +266,11 @@ def format_plan(name: str, plan: Plan) -> str:
         f"host memory: weights {host.weights_mib} MiB, KV {host.kv_cache_mib} MiB, compute {host.compute_mib} MiB"
         + host_extra
     )
+    if plan.split_reason:
+        lines.append(f"split mode: {plan.split_reason}")
     if plan.tensor_split:
-        lines.append("tensor split: " + ",".join(f"{p:g}" for p in plan.tensor_split) + " (layers per GPU)")
+        unit = "layers per GPU" if plan.split_mode == "layer" else "shares of every tensor per GPU"
+        lines.append("tensor split: " + ",".join(f"{p:g}" for p in plan.tensor_split) + f" ({unit})")
     if plan.network is not None:
         net = plan.network
         lines.append(

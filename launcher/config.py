@@ -344,6 +344,7 @@ _MODEL_ONLY = (
     "ctx_min",
     "ctx_max",
     "tensor_split",
+    "split_mode",
     "allow_cpu_offload",
     "ollama",
     "aliases",
@@ -406,6 +407,14 @@ class ModelSettings(_Strict):
     )
     tensor_split: Literal["auto"] | list[Annotated[float, Field(ge=0)]] = Field(
         default="auto", description="Proportions of the layers per GPU of `gpus`; `auto`: the planner's split."
+    )
+    split_mode: Literal["auto", "layer", "row", "tensor"] = Field(
+        default="auto",
+        description="How llama-server divides the model over several GPUs: `layer` (a pipeline of whole layers), "
+        "`tensor` (every GPU works on every layer: weights and KV cache split by heads and rows; flash attention "
+        "on), `row` (matrix rows; the pinned llama.cpp runs it on none of the backends the launcher drives, so "
+        "it is planned as `layer` with a warning); `auto`: `tensor` where the GPUs the model needs are directly "
+        "linked (NVLink, xGMI, one `link_group`), `layer` otherwise. The plan says which and why.",
     )
     port: Literal["auto"] | Port = Field(
         default="auto", description="The server's port; `auto`: the first free port of `daemon.instance_ports`."

@@ -50,6 +50,7 @@ MODEL_KEYS: dict[str, Applied] = {
     "ctx_max": "restart",
     "gpus": "restart",
     "tensor_split": "restart",
+    "split_mode": "restart",
     "port": "restart",
     "args": "restart",
     "mmproj": "restart",

@@ -71,6 +71,7 @@ def examine(settings: Settings, machine: Machine, daemon_ports: set[int]) -> lis
     return [
         *_gpus(machine),
         *_links(machine),
+        *_tensor_splits(settings, machine),
         *_binaries(settings, machine),
         *(Finding("fail", "args", p.message, p.hint) for p in args_problems(settings)),
         *_ports(settings, daemon_ports),
@@ -133,6 +134,24 @@ def _links(machine: Machine) -> Iterator[Finding]:
                 f"GPUs {i} and {j} are joined only through the CPU ({link.value})",
                 "a tensor split across them sends every token's activations through system memory: prefer "
                 "one GPU per model, or GPUs on one switch or NVLink",
+            )
+
+
+def _tensor_splits(settings: Settings, machine: Machine) -> Iterator[Finding]:
+    """A model set to `split_mode: tensor` whose GPUs include a pair joined only through the CPU: every
+    layer's partial results cross system memory (`auto` would take `layer` there)."""
+    for name, model in settings.models.items():
+        if model.split_mode != "tensor":
+            continue
+        usable = {g.index for g in machine.gpus if model.gpus == "auto" or g.index in model.gpus}
+        slow = [pair for pair, link in sorted(machine.links.items()) if set(pair) <= usable and not link.direct]
+        if slow:
+            i, j = slow[0]
+            yield Finding(
+                "warn",
+                "split",
+                f"{name} has split_mode: tensor but GPUs {i} and {j} are joined only through the CPU",
+                "split_mode: auto (a layer split there) or `gpus:` on NVLink-linked GPUs",
             )
 
 

@@ -169,6 +169,8 @@ class Plan(_Wire):
     # When its terms are what a server measured with the same file, settings and server (that day, ISO
     # 8601); None: estimated from the header (launcher/plan/measured.py)
     measured: str | None = None
+    split_mode: str = "layer"  # layer | tensor: how the server divides the model over its devices
+    split_reason: str = ""  # why that mode (`split_mode: auto`'s choice, or a fallback)
 
     @property
     def claims_mib(self) -> dict[int, int]:

@@ -231,6 +231,21 @@ def test_plan_view_shows_planned_and_actual_side_by_side(dashboard: Start) -> No
     assert page.unexpected_errors() == []
 
 
+def test_plan_view_draws_a_tensor_split_as_shares_of_every_layer(dashboard: Start) -> None:
+    linked = {"backend": "sim", "sim": [{"name": "Sim", "memory_mib": 1900, "link_group": "a"}] * 2}
+    page = dashboard(models={"wide": {"ctx": 262144}}, gpus=linked, ready=())
+    page.page.select_option("#plan-model", "wide")
+    page.page.wait_for_selector(".plan.fits .column[data-gpu='1']")
+    plan = page.daemon.http.get("/plan/wide").json()
+    assert plan["split_mode"] == "tensor"
+    assert page.text(".plan .split-mode") == "split mode tensor: GPUs 0 and 1 are nvlink-linked"
+    assert page.text(".plan .column[data-gpu='1'] .layers") == "a share of all 4 layers"
+    parts = "s => s.map(x => [+x.dataset.gpu, +x.dataset.layers])"
+    strip = page.page.eval_on_selector_all(".plan .strip.tensor .part", parts)
+    assert strip == [[0, 4], [1, 4]]
+    assert page.unexpected_errors() == []
+
+
 def test_requests_panel_lists_the_front_doors_requests(dashboard: Start) -> None:
     page = dashboard()
     page.page.wait_for_selector("#requests >> text=no requests yet")

@@ -55,8 +55,15 @@ class LauncherCollector(Collector):
             "model size the server reports, by where it sits",
             labels=[*labels, "where"],
         )
+        split = GaugeMetricFamily(
+            "launcher_instance_split_mode",
+            "1 for how the instance's plan divides the model over its devices (layer, tensor)",
+            labels=[*labels, "mode"],
+        )
         for status in self._manager.statuses():
             values = [status.name, status.group, status.backend]
+            if status.plan is not None:
+                split.add_metric([*values, status.plan.split_mode], 1.0)
             up.add_metric(values, 1.0 if status.state == State.READY else 0.0)
             for each in State:
                 state.add_metric([*values, each.value], 1.0 if status.state == each else 0.0)
@@ -66,7 +73,7 @@ class LauncherCollector(Collector):
             if "size_bytes" in info:
                 served.add_metric([*values, "total"], float(info["size_bytes"]))
                 served.add_metric([*values, "gpu"], float(info.get("size_vram_bytes", 0)))
-        yield from (up, state, restarts, vram, served)
+        yield from (up, state, restarts, vram, served, split)
         yield from self._plan_checks()
 
     def _plan_checks(self) -> Iterator[Metric]:

@@ -99,7 +99,10 @@ class LlamaServerBackend:
             argv += ["--rpc", ",".join(placement.rpc)]
         argv += ["--n-gpu-layers", str(placement.gpu_layers)]
         if placement.tensor_split:
-            argv += ["--split-mode", "layer", "--tensor-split", ",".join(f"{p:g}" for p in placement.tensor_split)]
+            split = ",".join(f"{p:g}" for p in placement.tensor_split)
+            argv += ["--split-mode", placement.split_mode, "--tensor-split", split]
+            if placement.split_mode == "tensor":
+                argv += ["--flash-attn", "on"]  # what SPLIT_MODE_TENSOR requires (llama-context.cpp)
         if placement.gpus or placement.rpc:
             # The plan decided layers and context; --fit (on by default) would re-decide at load time.
             argv += ["--fit", "off"]

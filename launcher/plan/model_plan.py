@@ -23,6 +23,8 @@ from launcher.plan.layout import (
 )
 from launcher.plan.remote import NO_REMOTE, Remote, across_hosts, network_cost
 from launcher.plan.runtime import not_modelled, runtime_for
+from launcher.plan.split_modes import SplitChoice, SplitMode
+from launcher.plan.tensor_plan import apply_split_mode, tensor_instead
 from launcher.schema import DevicePlan, GpuSample, HostPlan, Plan
 
 GIB = 1024 * MIB
@@ -104,6 +106,21 @@ def make_plan(
         runtime = sized.runtime
     chosen = place(runtime) if sized is None else sized.layout
     refusal = sized.refusal if sized is not None else None
+    split = SplitChoice(SplitMode.LAYER, "")
+    layers_given = isinstance(model.tensor_split, list)
+    if chosen is not None and len(chosen.devices) > 1 and not layers_given:
+        chosen, runtime, split = apply_split_mode(
+            model.split_mode, model.backend, shape, runtime, chosen, links, overhead_b
+        )
+    elif chosen is not None and layers_given and model.split_mode in ("row", "tensor"):
+        why = f"split_mode: {model.split_mode} ignored: tensor_split gives layers per GPU"
+        split = SplitChoice(SplitMode.LAYER, f"layer: {why}", why)
+    elif chosen is not None and model.split_mode in ("row", "tensor"):
+        split = SplitChoice(SplitMode.LAYER, f"layer: {model.split_mode} needs the model on several GPUs", None)
+    elif chosen is None and refusal is None and not layers_given and model.split_mode in ("auto", "tensor"):
+        instead = tensor_instead(model.split_mode, model.backend, shape, runtime, allowed, links, overhead_b)
+        if instead is not None:
+            chosen, runtime, split = instead
     if chosen is None and model.allow_cpu_offload and allowed and refusal is None:
         chosen = most_layers(shape, runtime, allowed, overhead_b)
     fits = chosen is not None
@@ -142,7 +159,11 @@ def make_plan(
         sliding_window=shape.sliding_window,
         swa_layers=len(shape.swa_layers),
         recurrent_layers=len(shape.recurrent_layers),
-        warnings=architecture_warnings(shape) + [f"not planned onto: {why}" for why in remote.left_out],
+        warnings=architecture_warnings(shape)
+        + [f"not planned onto: {why}" for why in remote.left_out]
+        + ([split.warning] if split.warning else []),
+        split_mode=split.mode.value,
+        split_reason=split.reason,
         not_modelled=not_modelled(model.args),
         network=network_cost(shape, chosen) if fits else None,
     )
@@ -263,6 +284,11 @@ def _suggestions(
             result.append(
                 f"a q8_0 KV cache (args: [--cache-type-k, q8_0, --cache-type-v, q8_0]) saves {_gib(saved)}, {outcome}"
             )
+    if model.split_mode in ("layer", "auto"):  # auto has tried it only over directly linked GPUs
+        instead = tensor_instead("tensor", model.backend, shape, runtime, allowed, {}, overhead_b)
+        if instead is not None:
+            on = ",".join(str(d.gpu) for d in instead[0].devices)
+            result.append(f"it fits with split_mode: tensor on GPUs {on}")
     widest = max(allowed, key=lambda r: r.total_mib)
     for count in range(len(allowed) + 1, 17):
         clones = [UsableGpu(i, f"GPU-{i}", widest.name, widest.total_mib, widest.usable_mib) for i in range(count)]

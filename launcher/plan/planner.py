@@ -154,6 +154,7 @@ class Planner:
             claims_mib=plan.claims_mib,
             rpc=tuple(dict.fromkeys(d.endpoint for d in plan.devices if d.endpoint is not None)),
             ctx=ctx,
+            split_mode=plan.split_mode,
         )
 
     def _check_gpu_refs(self, name: str, model: ModelSettings) -> None:

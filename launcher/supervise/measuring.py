@@ -20,6 +20,7 @@ from pathlib import Path
 
 from launcher.config import ModelSettings
 from launcher.gpu.types import GpuIdentity
+from launcher.hub_ref import HubRef
 from launcher.plan.measured import Measurement, driver_share_mib, measurement_of
 from launcher.schema import Plan, PlanCheck
 from launcher.server_args import MMPROJ, arg_value
@@ -35,12 +36,14 @@ def _identity(path: Path) -> list[object]:
 
 def measurement_key(model: ModelSettings, model_file: Path, binary: Path) -> str:
     """The key of a model's measurements (it reads the files' metadata: call it off the event loop)."""
-    projector = arg_value(model.args, *MMPROJ)
+    projector = arg_value(model.args, *MMPROJ) or model.mmproj
     facts = {
         "backend": model.backend,
         "model": _identity(model_file),
-        "mmproj": _identity(Path(projector)) if projector is not None else None,
+        # A hub projector by its reference (its revision is the model's); a file by its identity.
+        "mmproj": str(projector) if isinstance(projector, HubRef) else projector and _identity(Path(projector)),
         "server": _identity(binary),
+        "split_mode": model.split_mode,
         "ctx": model.ctx,
         "args": model.args,
         "env": model.env,

@@ -110,8 +110,17 @@ function deviceLabel(d) {
   return d.host && d.host !== "local" ? `${d.host} GPU ${d.gpu}` : `GPU ${d.gpu}`;
 }
 
-// The model's layers in order, one tick each, coloured by the GPU that holds them.
-function layerStrip(devices) {
+// The model's layers in order, one tick each, coloured by the GPU that holds them. A tensor split is no
+// stack of layers: every GPU holds its share of every layer, so each part spans them all.
+function layerStrip(devices, tensor) {
+  if (tensor) {
+    const parts = devices.map((d, i) => {
+      const part = h("span", { className: `part p${i % 2}`, title: `${deviceLabel(d)}: its share of all ${d.layers} layers`, "data-gpu": d.gpu, "data-layers": d.layers });
+      part.style.flexGrow = 1;
+      return part;
+    });
+    return parts.length ? h("div", { className: "strip tensor", title: "every layer on every GPU" }, parts) : null;
+  }
   const parts = devices
     .filter((d) => d.layers || d.output_layer)
     .map((d, i) => {
@@ -167,8 +176,10 @@ function checkView(actual) {
 export function planView(plan, actual = null) {
   const scale = Math.max(1, ...plan.devices.map((d) => Math.max(d.usable_mib, d.total_mib)));
   let first = 0;
+  const tensor = plan.split_mode === "tensor";
   const columns = plan.devices.map((d) => {
-    const layers = d.layers ? `layers ${first}-${first + d.layers - 1}` : "no layers";
+    const stacked = d.layers ? `layers ${first}-${first + d.layers - 1}` : "no layers";
+    const layers = tensor ? `a share of all ${d.layers} layers` : stacked;
     first += d.layers;
     const usable = h("div", { className: "usable", "data-mib": d.usable_mib });
     usable.style.height = `${(100 * d.usable_mib) / scale}%`;
@@ -195,7 +206,7 @@ export function planView(plan, actual = null) {
       h("span", {}, d.name),
       d.endpoint ? h("span", { className: "endpoint muted" }, `rpc ${d.endpoint}`) : null,
       h("span", {}, `needs ${mib(d.total_mib)}, usable ${mib(d.usable_mib)}`),
-      h("span", { className: "layers" }, layers + (d.output_layer ? " + output" : "")),
+      h("span", { className: "layers" }, layers + (d.output_layer && !tensor ? " + output" : "")),
     );
   });
   const host = plan.host.weights_mib + plan.host.kv_cache_mib + plan.host.compute_mib;
@@ -208,11 +219,12 @@ export function planView(plan, actual = null) {
       h("strong", { className: "verdict" }, plan.fits ? "fits" : "does not fit"),
       ` · ${plan.backend} · ctx ${plan.ctx} · KV ${plan.cache_type_k}/${plan.cache_type_v}`,
       ` · flash-attn ${plan.flash_attn ? "on" : "off"} · ${plan.gpu_layers} GPU layers`,
-      plan.tensor_split.length > 1 ? ` · split ${plan.tensor_split.join(",")}` : "",
+      plan.tensor_split.length > 1 ? ` · ${plan.split_mode ?? "layer"} split ${plan.tensor_split.join(",")}` : "",
       h("span", { className: "terms" }, plan.measured ? ` · measured ${plan.measured}` : " · estimated"),
     ),
+    plan.split_reason ? h("p", { className: "muted split-mode" }, `split mode ${plan.split_reason}`) : null,
     columns.length ? h("div", { className: "columns" }, columns) : h("p", { className: "muted" }, "no GPU in this plan"),
-    layerStrip(plan.devices),
+    layerStrip(plan.devices, tensor),
     columns.length ? legend() : null,
     host ? h("p", {}, `host memory: ${mib(host)}`) : null,
     plan.context && plan.fits ? h("p", { className: "muted" }, `ctx: max chose ${plan.context.reason}`) : null,
