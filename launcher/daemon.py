@@ -37,7 +37,6 @@ from launcher.errors import ConflictError, LauncherError, StartError
 from launcher.reloading import Reloader
 from launcher.route.front import FrontDoor
 from launcher.schema import Event, ReloadReport, State, UpgradeStarted
-from launcher.statedir.layout import StateDir
 from launcher.supervise.manager import Manager
 from launcher.systemd import JournalFormatter, Notifier, sampler_problem, status_line, under_journal
 from launcher.wiring import Wired, api_token, front_door, listen, router_keys, supervision
@@ -173,7 +172,7 @@ class Daemon:
         only when that failed, and the daemon then serves on as it was."""
         self._notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         handover = upgrade.record(wired.manager.instances.values(), os.getpid())
-        error = upgrade.reexec(StateDir(self._settings.daemon.state_dir), handover, sock)
+        error = upgrade.reexec(wired.state_lock, handover, sock)
         log.error("upgrade: %s; serving on with the running program", error.strerror or error)
         self._upgrading = False
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import psutil
 
 from launcher.schema import State
-from launcher.statedir.layout import StateDir
+from launcher.statedir.owner import StateDirLock
 from launcher.supervise.handover import LISTEN_FD_ENV, HandedServer, HandOver, write
 from launcher.supervise.instance import Instance
 
@@ -73,14 +73,17 @@ def _handed(instance: Instance) -> HandedServer | None:
     )
 
 
-def reexec(state_dir: StateDir, handover: HandOver, sock: socket.socket) -> OSError:
-    """Write ``handover``, and execute this program again with the same command line, handing ``sock`` over.
-    Returns only on failure, with everything as it was (the record removed, ``sock`` not inheritable)."""
+def reexec(lock: StateDirLock, handover: HandOver, sock: socket.socket) -> OSError:
+    """Write ``handover``, and execute this program again with the same command line, handing ``sock`` and
+    the state directory's ``lock`` over (no other daemon can take the directory while the new one starts).
+    Returns only on failure, with everything as it was (the record removed, ``sock`` and the lock not
+    inheritable)."""
+    state_dir = lock.state_dir
     try:
         write(state_dir, handover)
     except OSError as exc:
         return exc
-    env = {**os.environ, LISTEN_FD_ENV: str(sock.fileno())}
+    env = {**os.environ, LISTEN_FD_ENV: str(sock.fileno()), **lock.hand_over()}
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _IGNORED_MEANWHILE}
     sock.set_inheritable(True)
     log.info("upgrade: executing %s with %d server(s) handed over", " ".join(sys.orig_argv), len(handover.servers))
@@ -92,6 +95,7 @@ def reexec(state_dir: StateDir, handover: HandOver, sock: socket.socket) -> OSEr
         os.execve(sys.executable, sys.orig_argv, env)
     except OSError as exc:
         sock.set_inheritable(False)
+        lock.keep_back()
         for sig, handler in previous.items():
             if handler is not None:
                 signal.signal(sig, handler)

@@ -117,6 +117,7 @@ class Wired:
     lending: Lending
     gpu_backend: str  # which GPU backend and why
     server_metrics: ServerMetrics
+    state_lock: StateDirLock  # the state directory's: an upgrade hands it to the program executed again
     # Of an upgrade (supervise/handover.py): the listening socket the old program handed over, and the
     # instances it ran whose server was not taken over, to start again.
     listening: socket.socket | None = None
@@ -188,6 +189,7 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
                             lending,
                             gpu_backend,
                             server_metrics,
+                            lock,
                             listening,
                             tuple(start_again),
                         )
