@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from launcher.route.choose import Replica
 
-# The key is the first PREFIX_CHARS characters of the rendered prompt (about 256 tokens of English).
-# Shorter keys send different prompts that share a short opening to one replica (bounded load spreads them
-# again); longer ones split requests whose shared system prompt is shorter than the key, losing at most
-# those characters' prefill on the other replica. 1024 characters keeps the loss to a few hundred tokens
-# while a system prompt of a few hundred tokens, or a chat's first turns, make the whole key.
-PREFIX_CHARS = 1024
+# The key is the first PREFIX_CHARS characters of the rendered prompt (about 128 tokens of English). Shorter
+# keys send different prompts that share a short opening to one replica (bounded load spreads them again);
+# longer ones split requests whose shared start (a system prompt, a chat's opening turn) is shorter than the
+# key, each replica computing it. 512 characters bounds that loss at about 128 tokens, while a system prompt
+# of a few hundred tokens fills the whole key. Measured with bench/prefix_routing.py (docs/figures.md).
+PREFIX_CHARS = 512
 POINTS_PER_REPLICA = 64  # more points: each replica's share closer to 1/n, and a leaving one's spread wider
 
 
