@@ -354,6 +354,8 @@ _MODEL_ONLY = (
     "pinned",
     "min_resident_s",
     "max_concurrency",
+    "routing",
+    "routing_epsilon",
     "queue_max",
     "queue_timeout_s",
     "drain_timeout_s",
@@ -469,6 +471,18 @@ class ModelSettings(_Strict):
     )
     max_concurrency: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="Requests each instance takes at once; default the server's slots."
+    )
+    routing: Literal["prefix", "least-busy"] = Field(
+        default="prefix",
+        description="How a request picks among the model's replicas. `prefix`: requests whose prompts begin "
+        "alike (a system prompt, the earlier turns of a chat) go to the same replica, whose prompt cache holds "
+        "them (consistent hashing with bounded load); `least-busy`: the replica with the fewest requests in "
+        "flight, round-robin among equals. One replica: the same either way.",
+    )
+    routing_epsilon: Annotated[float, Field(gt=0)] = Field(
+        default=0.25,
+        description="`prefix` routing's balance bound: a replica with more than (1 + this) times the mean "
+        "requests in flight passes a request on to the next replica on the ring.",
     )
     queue_max: Annotated[int, Field(ge=0)] = Field(
         default=64, description="Requests that may wait for an instance; beyond it 429."

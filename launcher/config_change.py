@@ -34,6 +34,8 @@ MODEL_KEYS: dict[str, Applied] = {
     "pinned": "live",
     "min_resident_s": "live",
     "max_concurrency": "live",
+    "routing": "live",  # read at each request
+    "routing_epsilon": "live",
     "queue_max": "live",
     "queue_timeout_s": "live",
     "restart": "live",
