@@ -14,10 +14,21 @@ import functools
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from launcher.route.choose import Replica
+
+class Replica(Protocol):
+    """What the ring reads of a replica (choose.Replica is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def serving(self) -> bool: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def limit(self) -> int: ...
+
 
 # The key is the first PREFIX_CHARS characters of the rendered prompt (about 128 tokens of English). Shorter
 # keys send different prompts that share a short opening to one replica (bounded load spreads them again);
