@@ -50,6 +50,7 @@ from launcher.supervise.downloads import begin_download
 from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
+from launcher.supervise.ollama_downloads import begin_ollama_pull
 from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
 from launcher.supervise.table import InstanceTable
@@ -282,6 +283,10 @@ class Manager:
             lambda: self._spawn(self._start_or_refuse(name)),
         ):
             return instance.status()
+        if await begin_ollama_pull(
+            instance, self._port_for(instance), lambda: self._spawn(self._start_or_refuse(name))
+        ):
+            return instance.status()  # an Ollama model not in its store: pulled first, as a hub model is
         await instance.start(prepare=self._place)
         return instance.status()
 
