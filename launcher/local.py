@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher import replicas
-from launcher.backends import backend_for, planned_file, with_command
+from launcher.backends import backend_for, planned_model, with_command
 from launcher.backends.base import hub_files_cached
 from launcher.config import ModelSettings, Settings
 from launcher.errors import ConfigError
@@ -58,7 +58,7 @@ def plan_here(settings: Settings, name: str) -> Plan:
     if isinstance(model.model, HubRef) and not hub_files_cached(model):
         # planned from its headers (offline: said so); its command comes with its download
         return _plan_from_hub(settings, planner, name, model, samples)
-    plan = planner.plan(name, model, planned_file(backend, model, name), samples, {})
+    plan = planner.plan(name, model, planned_model(backend, model, name), samples, {})
     # The port a start would take: the configured one, or the first free one (a test bind, nothing held).
     port = (
         model.port
@@ -86,6 +86,11 @@ def pull_here(settings: Settings, name: str, on_progress: Callable[[Download], N
     from launcher.hub.fetching import pull_planned
 
     model = replicas.lookup(replicas.expand(settings, []), settings, name)
+    if model.backend == "ollama":
+        raise ConfigError(
+            f"{name} is an Ollama model: Ollama pulls it through its own server, which the daemon runs",
+            hint=f"`launcher up {name}` pulls it through the daemon's Ollama (or run `ollama pull {model.model}`)",
+        )
     if not isinstance(model.model, HubRef):
         raise ConfigError(f"{name} is not a hub model (model: hf:...): there is nothing to pull")
     plan = plan_here(settings, name)

@@ -1,38 +1,66 @@
-"""An Ollama model not in Ollama's store, pulled through Ollama's /api/pull before its start (a real daemon,
-the Ollama stand-in, whose registry is a file on disk): `downloading` with Ollama's progress, then ready;
-Ollama's error line as one sentence."""
+"""An Ollama model not in Ollama's store, planned from the registry's manifest, then pulled through Ollama's
+/api/pull before its start (a real daemon, the Ollama stand-in, and a second stand-in as the registry):
+`downloading` with Ollama's progress, then ready; errors in one sentence."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import ollama
+import pytest
 
 from launcher.tinymodel import write_tiny_llama
-from tests.conftest import ConfigWriter, Daemon
+from tests.conftest import ConfigWriter, Daemon, free_port, poll_until, run_cli
 from tests.test_ollama import ollama_model, sim_gpus
 
 StartDaemon = Callable[[Path], Daemon]
 
 
-def pulled_model(standin: Path, tmp_path: Path, name: str, **env: str) -> dict[str, Any]:
-    """``name`` not in the store at tmp_path/store; the stand-in's registry has the tiny model as tiny:1b."""
-    registry = write_tiny_llama(tmp_path / "registry" / "tiny.gguf")
-    model = ollama_model(
-        standin, tmp_path, model=name, ollama={"size_mib": None, "models_dir": str(tmp_path / "store")}
-    )
-    model["env"] |= {"STANDIN_REGISTRY": f"tiny:1b={registry}", **env}
+@pytest.fixture
+def registry(ollama_standin: Path, marked_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """A registry (the stand-in's manifest route) whose one model, tiny:1b, is the tiny model; its URL."""
+    blob = write_tiny_llama(tmp_path / "registry" / "tiny.gguf")
+    port = free_port()
+    env = marked_env | {"OLLAMA_HOST": f"127.0.0.1:{port}", "STANDIN_REGISTRY": f"tiny:1b={blob}"}
+    server = subprocess.Popen([str(ollama_standin), "serve"], env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        poll_until(lambda: _answers(url), bool, "the registry", 30)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url + "/api/version").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def pulled_model(standin: Path, tmp_path: Path, registry: str, name: str, **env: str) -> dict[str, Any]:
+    """``name`` not in the store at tmp_path/store; the registry, and the pull, have the tiny model as tiny:1b."""
+    where = {"size_mib": None, "models_dir": str(tmp_path / "store"), "registry": registry}
+    model = ollama_model(standin, tmp_path, model=name, ollama=where)
+    model["env"] |= {"STANDIN_REGISTRY": f"tiny:1b={tmp_path / 'registry' / 'tiny.gguf'}", **env}
     return model
 
 
-async def test_a_model_not_in_the_store_is_pulled_with_progress_then_serves(
-    write_config: ConfigWriter, start_daemon: StartDaemon, ollama_standin: Path, tmp_path: Path
+async def test_a_model_not_in_the_store_is_planned_from_the_registry_pulled_with_progress_then_serves(
+    write_config: ConfigWriter, start_daemon: StartDaemon, ollama_standin: Path, tmp_path: Path, registry: str
 ) -> None:
-    model = pulled_model(ollama_standin, tmp_path, "tiny:1b", STANDIN_PULL_STEPS="6", STANDIN_PULL_STEP_S="0.4")
-    daemon = start_daemon(write_config({"ol": {**model, "on_demand": True}}, gpus=sim_gpus(1)))
+    pulled = pulled_model(
+        ollama_standin, tmp_path, registry, "tiny:1b", STANDIN_PULL_STEPS="6", STANDIN_PULL_STEP_S="0.4"
+    )
+    daemon = start_daemon(write_config({"ol": {**pulled, "on_demand": True}}, gpus=sim_gpus(1)))
     size = (tmp_path / "registry" / "tiny.gguf").stat().st_size
+    planned = daemon.http.get("/plan/ol").json()
+    assert planned["fits"] and planned["architecture"] == "unknown", planned  # by its size in the manifest
     started = daemon.http.post("/instances/ol/start")
     assert started.status_code == 202 and started.json()["state"] == "downloading", started.text
     status = daemon.wait_for("ol", lambda s: (s["download"] or {}).get("done_bytes", 0) > 0)
@@ -55,12 +83,35 @@ async def test_a_model_not_in_the_store_is_pulled_with_progress_then_serves(
     assert reply.message.content == "stand-in"
 
 
-def test_a_model_the_registry_lacks_fails_in_one_sentence(
-    write_config: ConfigWriter, start_daemon: StartDaemon, ollama_standin: Path, tmp_path: Path
+def test_a_model_the_registry_lacks_is_refused_before_the_pull_in_one_sentence(
+    write_config: ConfigWriter, start_daemon: StartDaemon, ollama_standin: Path, tmp_path: Path, registry: str
 ) -> None:
-    model = pulled_model(ollama_standin, tmp_path, "nope:7b")
-    daemon = start_daemon(write_config({"ol": model}, gpus=sim_gpus(1)))
+    daemon = start_daemon(write_config({"ol": pulled_model(ollama_standin, tmp_path, registry, "nope:7b")}))
+    refused = daemon.http.post("/instances/ol/start")
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"] == f"the Ollama registry at {registry} has no model nope:7b"
+    shown = daemon.instance("ol")
+    assert shown["state"] == "stopped" and shown["last_error"] == refused.json()["detail"]
+
+
+def test_a_pull_that_fails_midway_leaves_the_instance_failed_with_ollamas_words(
+    write_config: ConfigWriter, start_daemon: StartDaemon, ollama_standin: Path, tmp_path: Path, registry: str
+) -> None:
+    down = "max retries exceeded: dial tcp: lookup registry.ollama.ai: no such host"
+    pulled = pulled_model(ollama_standin, tmp_path, registry, "tiny:1b", STANDIN_PULL_ERROR=down)
+    daemon = start_daemon(write_config({"ol": pulled}, gpus=sim_gpus(1)))
     assert daemon.http.post("/instances/ol/start").json()["state"] == "downloading"
     failed = daemon.wait_for("ol", lambda s: s["state"] in ("ready", "failed"))
     assert failed["state"] == "failed"
-    assert failed["last_error"] == "Ollama could not pull nope:7b: pull model manifest: file does not exist"
+    assert failed["last_error"] == f"Ollama could not pull tiny:1b: {down}"
+    assert not (tmp_path / "store" / "manifests").exists()  # nothing in the store to plan a start from
+
+
+def test_launcher_pull_of_an_ollama_model_says_the_daemons_ollama_pulls_it(
+    write_config: ConfigWriter, marked_env: dict[str, str], ollama_standin: Path, tmp_path: Path
+) -> None:
+    config = write_config({"ol": ollama_model(ollama_standin, tmp_path, model="tiny:1b")})
+    result = run_cli("--config", str(config), "pull", "ol", env=marked_env)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "ol is an Ollama model: Ollama pulls it through its own server, which the daemon runs" in result.stderr
+    assert "`launcher up ol` pulls it through the daemon's Ollama" in result.stderr

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import httpx
 
 from launcher import replicas
-from launcher.backends import backend_for, planned_file, with_command
+from launcher.backends import backend_for, planned_file, planned_model, with_command
 from launcher.backends.base import hub_files_cached
 from launcher.config import GpuSettings, ModelSettings, Settings
 from launcher.errors import ConflictError, LauncherError
@@ -240,7 +240,7 @@ class Manager:
         if isinstance(settings.model, HubRef) and not hub_files_cached(settings):
             reader = hub_reader(self.settings.hub, self._hub_headers_dir)
             return plan_from_hub(self.planner, reader, instance.name, settings, samples, claims, remote)
-        found = planned_file(instance.backend, settings, instance.name)
+        found = planned_model(instance.backend, settings, instance.name)  # an Ollama model to pull: its size
         return self.planner.plan(instance.name, settings, found, samples, claims, remote)
 
     async def in_planning_thread(self, work: Callable[[], T]) -> T:
@@ -284,7 +284,10 @@ class Manager:
         ):
             return instance.status()
         if await begin_ollama_pull(
-            instance, self._port_for(instance), lambda: self._spawn(self._start_or_refuse(name))
+            instance,
+            self._port_for(instance),
+            functools.partial(self.plan, name),
+            lambda: self._spawn(self._start_or_refuse(name)),
         ):
             return instance.status()  # an Ollama model not in its store: pulled first, as a hub model is
         await instance.start(prepare=self._place)

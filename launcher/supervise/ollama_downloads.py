@@ -1,19 +1,21 @@
 """The pull of an Ollama model that is not in Ollama's store, before its start: Ollama pulls only through
-its own server, so a `ollama serve` of the model's settings (its store, its environment, no GPUs) runs for
+its own server, so an `ollama serve` of the model's settings (its store, its environment, no GPUs) runs for
 the pull alone; its POST /api/pull stream of JSON lines shows as the instance's `downloading` progress (the
 same state, events and front-door 503 as a hub model's download); the server is stopped at the end, and
-the start that follows plans from the blob now in the store. A stop cancels the pull (Ollama keeps what it
-fetched for the next pull); an error line in the stream leaves the instance failed with Ollama's words.
+the start that follows plans from the blob now in the store. Planned before the pull from the size in the
+registry's manifest (backends/ollama_registry.py): a model that does not fit is refused first. A stop
+cancels the pull (Ollama keeps what it fetched for the next pull); an error line in the stream leaves the
+instance failed with Ollama's words.
 
-Which models: those the launcher cannot plan today, not in the store it reads and without
-`ollama.size_mib`; a model with `size_mib` is left to Ollama as before."""
+Which models: those not in the store the launcher reads and without `ollama.size_mib` (a model with a
+size is left to Ollama as before)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 
@@ -23,6 +25,8 @@ from launcher.errors import ConflictError, StartError
 from launcher.hub.download import PullProgress
 from launcher.hub.fetching import RateMeter
 from launcher.plan.placement import Placement
+from launcher.schema import Plan
+from launcher.supervise.downloads import planned_to_fit
 from launcher.supervise.instance import Instance
 from launcher.supervise.process import ServerProcess
 
@@ -70,13 +74,19 @@ class PullStream:
         )
 
 
-async def begin_ollama_pull(instance: Instance, port: int, then_start: Callable[[], None]) -> bool:
-    """When ``instance``'s Ollama model must be pulled (`needs_pull`): pull it in the background through an
-    `ollama serve` on ``port``, ``then_start`` at the end; True then. False: nothing to pull."""
+async def begin_ollama_pull(
+    instance: Instance, port: int, plan: Callable[[], Awaitable[Plan]], then_start: Callable[[], None]
+) -> bool:
+    """When ``instance``'s Ollama model must be pulled (`needs_pull`): its ``plan`` (from the registry's
+    manifest) must fit, then it is pulled in the background through an `ollama serve` on ``port``,
+    ``then_start`` at the end; True then. False: nothing to pull."""
     if instance.downloading:
         raise ConflictError(f"{instance.name} is already downloading")
     if instance.active or not await asyncio.to_thread(needs_pull, instance):
         return False
+    await planned_to_fit(instance, plan)
+    if instance.downloading or instance.active:  # started meanwhile (by the front door while this planned)
+        raise ConflictError(f"{instance.name} is already {instance.state}")
     spec = instance.backend.launch_spec(instance.settings, port, Placement())  # the pull uses no GPU
     task = asyncio.create_task(_pull(instance, spec, port), name=f"ollama-pull:{instance.name}")
     task.add_done_callback(lambda done: None if done.cancelled() or done.exception() else then_start())

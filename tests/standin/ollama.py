@@ -11,7 +11,8 @@ see (CUDA_VISIBLE_DEVICES or ROCR_VISIBLE_DEVICES entries x STANDIN_GPU_MIB). To
 Pulls on POST /api/pull a model of its registry, STANDIN_REGISTRY="name=path.gguf,...": streams Ollama's
 progress lines for that file (in STANDIN_PULL_STEPS steps, STANDIN_PULL_STEP_S seconds apart), then
 writes it and its manifest into the store ($OLLAMA_MODELS) as Ollama does; a model not in the registry
-gets Ollama's error line.
+gets Ollama's error line, and STANDIN_PULL_ERROR=MESSAGE fails a pull halfway with that error line.
+Serves its registry's manifests too (GET /v2/library/MODEL/manifests/TAG), as registry.ollama.ai does.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def main() -> None:
     lock = threading.Lock()
     hung = threading.Event()
 
+    def registry() -> dict[str, str]:
+        """Model name -> the file that stands for its blob at the registry."""
+        return dict(entry.split("=", 1) for entry in env.get("STANDIN_REGISTRY", "").split(",") if entry)
+
     def later(delay: float, act: object) -> None:
         def run() -> None:
             time.sleep(delay)
@@ -74,12 +79,21 @@ def main() -> None:
                 self.reply({"models": [{"name": m["name"], "size": m["size"]} for m in models]})
             elif self.path == "/api/ps":
                 self.reply({"models": models})
+            elif self.path.startswith("/v2/library/") and "/manifests/" in self.path:
+                model, _, tag = self.path.removeprefix("/v2/library/").partition("/manifests/")
+                path = registry().get(f"{model}:{tag}")
+                if path is None:
+                    self.reply({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}, 404)
+                    return
+                layer = {"mediaType": "application/vnd.ollama.image.model", "size": Path(path).stat().st_size,
+                         "digest": "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()}  # fmt: skip
+                self.reply({"schemaVersion": 2, "layers": [layer]})
             else:
                 self.reply({"error": "not found"}, 404)
 
         def pull(self, name: str) -> None:
             """Ollama's pull: a stream of JSON lines, the connection closed at its end (HTTP/1.0)."""
-            registry = dict(entry.split("=", 1) for entry in env.get("STANDIN_REGISTRY", "").split(",") if entry)
+            registry_files = registry()
             self.send_response(200)
             self.send_header("Content-Type", "application/x-ndjson")
             self.end_headers()
@@ -89,23 +103,26 @@ def main() -> None:
                 self.wfile.flush()
 
             line({"status": "pulling manifest"})
-            if name not in registry:
+            if name not in registry_files:
                 line({"error": "pull model manifest: file does not exist"})
                 return
-            data = Path(registry[name]).read_bytes()
+            data = Path(registry_files[name]).read_bytes()
             digest = "sha256:" + hashlib.sha256(data).hexdigest()
             steps = int(env.get("STANDIN_PULL_STEPS", "4"))
             for step in range(1, steps + 1):
                 time.sleep(float(env.get("STANDIN_PULL_STEP_S", "0")))
                 done = len(data) * step // steps
                 line({"status": f"pulling {digest[7:19]}", "digest": digest, "total": len(data), "completed": done})
+                if env.get("STANDIN_PULL_ERROR") and step * 2 >= steps:
+                    line({"error": env["STANDIN_PULL_ERROR"]})
+                    return
             store = Path(env.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
             base, _, tag = name.partition(":")
             namespace, _, model = base.rpartition("/")
             manifest = store / "manifests" / "registry.ollama.ai" / (namespace or "library") / model / (tag or "latest")
             manifest.parent.mkdir(parents=True, exist_ok=True)
             (store / "blobs").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(registry[name], store / "blobs" / digest.replace(":", "-"))
+            shutil.copyfile(registry_files[name], store / "blobs" / digest.replace(":", "-"))
             layer = {"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": len(data)}
             manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [layer]}))
             for status in ("verifying sha256 digest", "writing manifest", "success"):
