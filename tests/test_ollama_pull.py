@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,8 @@ import httpx
 import ollama
 import pytest
 
+from launcher.errors import StartError
+from launcher.supervise.ollama_downloads import PullStream
 from launcher.tinymodel import write_tiny_llama
 from tests.conftest import ConfigWriter, Daemon, free_port, poll_until, run_cli
 from tests.test_ollama import ollama_model, sim_gpus
@@ -67,6 +70,7 @@ async def test_a_model_not_in_the_store_is_planned_from_the_registry_pulled_with
     assert status["state"] == "downloading" and status["download"]["total_bytes"] == size
     assert status["download"]["file"].startswith("tiny:1b (sha256:")
     assert any(e["kind"] == "download" and " MB (" in e["message"] for e in status["events"])
+    assert re.search(r"\nol: downloading: [\d.]+ of [\d.]+ MB \(\d+ %\)", daemon.cli("status").stdout)
     answer = daemon.http.post(
         "/v1/chat/completions", json={"model": "ol", "messages": [{"role": "user", "content": "Hi"}]}
     )
@@ -107,6 +111,21 @@ def test_a_pull_that_fails_midway_leaves_the_instance_failed_with_ollamas_words(
     assert not (tmp_path / "store" / "manifests").exists()  # nothing in the store to plan a start from
 
 
+def test_a_stop_mid_pull_ends_it_and_its_ollama_server(
+    write_config: ConfigWriter, start_daemon: StartDaemon, ollama_standin: Path, tmp_path: Path, registry: str
+) -> None:
+    slow = pulled_model(
+        ollama_standin, tmp_path, registry, "tiny:1b", STANDIN_PULL_STEPS="50", STANDIN_PULL_STEP_S="0.5"
+    )
+    daemon = start_daemon(write_config({"ol": slow}, gpus=sim_gpus(1)))
+    assert daemon.http.post("/instances/ol/start").json()["state"] == "downloading"
+    daemon.wait_for("ol", lambda s: s["download"] is not None)
+    stopped = daemon.http.post("/instances/ol/stop")
+    assert stopped.status_code == 202 and stopped.json()["state"] == "stopped", stopped.text
+    assert not (tmp_path / "store" / "manifests").exists()
+    # the pull's `ollama serve` is gone (leaves_no_process checks every marked process at the end)
+
+
 def test_launcher_pull_of_an_ollama_model_says_the_daemons_ollama_pulls_it(
     write_config: ConfigWriter, marked_env: dict[str, str], ollama_standin: Path, tmp_path: Path
 ) -> None:
@@ -115,3 +134,20 @@ def test_launcher_pull_of_an_ollama_model_says_the_daemons_ollama_pulls_it(
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "ol is an Ollama model: Ollama pulls it through its own server, which the daemon runs" in result.stderr
     assert "`launcher up ol` pulls it through the daemon's Ollama" in result.stderr
+
+
+def test_ollamas_progress_lines_are_summed_over_its_layers_and_its_error_line_is_one_sentence() -> None:
+    stream = PullStream("qwen2.5:7b")
+    assert stream.line('{"status": "pulling manifest"}') is None
+    stream.line('{"status": "pulling 2bada8a74506", "digest": "sha256:2bada8a7", "total": 4000}')  # none done yet
+    stream.line('{"status": "pulling 66b9ea09bd5b", "digest": "sha256:66b9ea09", "total": 68, "completed": 68}')
+    progress = stream.line(
+        '{"status": "pulling 2bada8a74506", "digest": "sha256:2bada8a7", "total": 4000, "completed": 1000}'
+    )
+    assert progress is not None and (progress.done_bytes, progress.total_bytes) == (1068, 4068)
+    with pytest.raises(
+        StartError, match=r"^Ollama could not pull qwen2\.5:7b: pull model manifest: file does not exist$"
+    ):
+        stream.line('{"error": "pull model manifest: file does not exist"}')
+    with pytest.raises(StartError, match=r"^Ollama's pull of qwen2\.5:7b answered something not JSON: '<html>'$"):
+        stream.line("<html>")

@@ -133,9 +133,11 @@ async def _await_server(client: httpx.AsyncClient, server: ServerProcess, model:
 
 
 async def _pull_lines(client: httpx.AsyncClient, model: str, take: Callable[[str], None]) -> None:
-    """Each line of Ollama's pull stream to ``take``; an answer that is not a stream is one error line."""
+    """Each line of Ollama's pull stream to ``take``; an answer that is not a stream is one error line.
+    The name goes as `model` and as `name`, which Ollama before `model` took."""
+    request = {"model": model, "name": model, "stream": True}
     try:
-        async with client.stream("POST", "/api/pull", json={"model": model, "stream": True}, timeout=None) as answer:
+        async with client.stream("POST", "/api/pull", json=request, timeout=None) as answer:
             if answer.status_code != 200:
                 body = (await answer.aread()).decode(errors="replace")
                 take(body if body.strip().startswith("{") else json.dumps({"error": f"HTTP {answer.status_code}"}))
