@@ -111,14 +111,17 @@ def test_a_pull_that_fails_midway_leaves_the_instance_failed_with_ollamas_words(
     assert not (tmp_path / "store" / "manifests").exists()  # nothing in the store to plan a start from
 
 
-def test_a_stop_mid_pull_ends_it_and_its_ollama_server(
+def test_a_pull_the_front_door_began_ends_at_a_stop_with_its_ollama_server(
     write_config: ConfigWriter, start_daemon: StartDaemon, ollama_standin: Path, tmp_path: Path, registry: str
 ) -> None:
     slow = pulled_model(
         ollama_standin, tmp_path, registry, "tiny:1b", STANDIN_PULL_STEPS="50", STANDIN_PULL_STEP_S="0.5"
     )
-    daemon = start_daemon(write_config({"ol": slow}, gpus=sim_gpus(1)))
-    assert daemon.http.post("/instances/ol/start").json()["state"] == "downloading"
+    daemon = start_daemon(write_config({"ol": {**slow, "on_demand": True}}, gpus=sim_gpus(1)))
+    asked = daemon.http.post(
+        "/v1/chat/completions", json={"model": "ol", "messages": [{"role": "user", "content": "Hi"}]}
+    )
+    assert asked.status_code == 503 and asked.json()["error"]["code"] == "downloading", asked.text
     daemon.wait_for("ol", lambda s: s["download"] is not None)
     stopped = daemon.http.post("/instances/ol/stop")
     assert stopped.status_code == 202 and stopped.json()["state"] == "stopped", stopped.text
