@@ -335,6 +335,11 @@ class OllamaSettings(_Strict):
     size_mib: Annotated[int, Field(gt=0)] | None = Field(
         default=None, description="The model's size, for planning when its blob cannot be found."
     )
+    registry: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")] = Field(
+        default="https://registry.ollama.ai",
+        description="Where a model not in the store (and without `size_mib`) is planned from before Ollama "
+        "pulls it: the registry whose manifest lists the size of its layers.",
+    )
 
 
 # Keys of an entry that serves a model; an rpc-server serves its GPUs to llama-servers elsewhere instead.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher import replicas
-from launcher.backends import backend_for, planned_file, with_command
+from launcher.backends import backend_for, planned_model, with_command
 from launcher.backends.base import hub_files_cached, with_local_projector
 from launcher.config import ModelSettings, Settings
 from launcher.errors import ConfigError
@@ -61,9 +61,9 @@ def plan_here(settings: Settings, name: str, estimate: bool = False) -> Plan:
     if isinstance(model.model, HubRef) and not hub_files_cached(model):
         # planned from its headers (offline: said so); its command comes with its download
         return _plan_from_hub(settings, planner, name, model, samples)
-    found = planned_file(backend, model, name)
+    found = planned_model(backend, model, name)  # an Ollama model to pull: its size from the registry
     measured = NOT_MEASURED
-    if not estimate:
+    if not estimate and isinstance(found, Path):
         measuring = Measuring(_measurements(settings), identities)
         measured = Measured(measuring.lookup(model, found, backend.binary(model)), measuring.overheads_mib())
     plan = planner.plan(name, with_local_projector(model), found, samples, {}, measured=measured)
@@ -94,6 +94,11 @@ def pull_here(settings: Settings, name: str, on_progress: Callable[[Download], N
     from launcher.hub.fetching import pull_planned
 
     model = replicas.lookup(replicas.expand(settings, []), settings, name)
+    if model.backend == "ollama":
+        raise ConfigError(
+            f"{name} is an Ollama model: Ollama pulls it through its own server, which the daemon runs",
+            hint=f"`launcher up {name}` pulls it through the daemon's Ollama (or run `ollama pull {model.model}`)",
+        )
     if not isinstance(model.model, HubRef):
         raise ConfigError(f"{name} is not a hub model (model: hf:...): there is nothing to pull")
     plan = plan_here(settings, name)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import httpx
 
 from launcher import replicas
-from launcher.backends import backend_for, planned_file, with_command
+from launcher.backends import backend_for, planned_file, planned_model, with_command
 from launcher.backends.base import hub_files_cached, with_local_projector
 from launcher.config import GpuSettings, ModelSettings, Settings
 from launcher.errors import ConflictError, LauncherError
@@ -54,6 +54,7 @@ from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
 from launcher.supervise.measuring import MEASURED_BACKEND, Measuring
+from launcher.supervise.ollama_downloads import begin_ollama_pull
 from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
 from launcher.supervise.table import InstanceTable
@@ -273,8 +274,8 @@ class Manager:
         if isinstance(settings.model, HubRef) and not hub_files_cached(settings):
             reader = hub_reader(self.settings.hub, self._hub_headers_dir)
             return plan_from_hub(self.planner, reader, instance.name, settings, samples, claims, remote)
-        found = planned_file(instance.backend, settings, instance.name)
-        measured = self._measured(instance, found, estimate)
+        found = planned_model(instance.backend, settings, instance.name)  # an Ollama model to pull: its size
+        measured = self._measured(instance, found if isinstance(found, Path) else None, estimate)
         settings = with_local_projector(settings)
         return self.planner.plan(instance.name, settings, found, samples, claims, remote, measured=measured)
 
@@ -323,6 +324,13 @@ class Manager:
             lambda: self._spawn(self._start_or_refuse(name)),
         ):
             return instance.status()
+        if await begin_ollama_pull(
+            instance,
+            self._port_for(instance),
+            functools.partial(self.plan, name),
+            lambda: self._spawn(self._start_or_refuse(name)),
+        ):
+            return instance.status()  # an Ollama model not in its store: pulled first, as a hub model is
         await instance.start(prepare=self._place)
         return instance.status()
 
