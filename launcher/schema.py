@@ -37,7 +37,8 @@ class State(StrEnum):
 
 class Event(_Wire):
     time: str
-    kind: str  # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | roll | download
+    # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | roll | download | stall
+    kind: str
     message: str
     instance: str | None = None
     state: State | None = None  # the instance's state after the event
