@@ -171,6 +171,8 @@ class StallWatch:
                 done, _ = await asyncio.wait([task], timeout=interval_s)
                 if done:
                     return task.result()
+                if time.monotonic() - progress.last_s < interval_s:
+                    continue  # bytes flow: nothing to read (a reading from before the last byte never counts)
                 slots = await self._slots(port, timeout_s)
                 now_s = time.monotonic()
                 progress.readings = [r for r in progress.readings if r.at_s >= progress.last_s][-8:]
