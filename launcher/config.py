@@ -313,7 +313,8 @@ class HealthSettings(_Strict):
         "shows no progress (tokens decoded or prompt tokens processed) before it is ended as stalled (a 504); 0: off.",
     )
     stall_failures: Annotated[int, Field(ge=1)] = Field(
-        default=2, description="Stalls before the server is replaced (drained of its other requests first)."
+        default=2,
+        description="Stalls since the server became ready before it is replaced (drained of its other requests first).",
     )
     # Loading a 70B model from disk takes minutes.
     load_timeout: Positive = Field(

@@ -6,14 +6,21 @@ and after `stall_failures` stalls a new server; a long prompt being processed is
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
+from starlette.types import Message, Send
 
-from launcher.route.stall import Reading, busy_slots, describe, stalled
+from launcher.config import HealthSettings
+from launcher.events import Bus
+from launcher.route.proxy import Answer
+from launcher.route.stall import Reading, Stalled, StallWatch, busy_slots, describe, stalled
+from launcher.schema import Event
 from tests.conftest import ConfigWriter, Daemon, poll_until
 from tests.test_front_door import CHAT, error_of, event_messages
 
@@ -128,3 +135,43 @@ def test_a_long_prompt_being_processed_is_not_cut(
     assert not [m for m in event_messages(daemon) if "no progress" in m]
     stats = poll_until(lambda: daemon.http.get("/upstream/m/stats").json(), lambda s: s["finished"] == 1, "done", 5)
     assert stats["cancelled"] == 0
+
+
+# ---- the watch, its server faked ------------------------------------------------------------------------
+
+
+async def test_stalls_count_from_the_last_ready_and_replace_at_the_limit() -> None:
+    """Three quiet requests on a server whose one slot never moves, with a ready between the first two:
+    the count starts over there, so only the third (the second since ready) asks for a restart."""
+    slots = [{"id": 0, "id_task": 5, "is_processing": True, "n_prompt_tokens_processed": 7, "next_token": [{}]}]
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda _: httpx.Response(200, json=slots)))
+    events: Bus[Event] = Bus(10, keep=10)
+    restarted: list[str] = []
+    spawned: list[asyncio.Task[None]] = []
+
+    async def restart(instance: str) -> None:
+        restarted.append(instance)
+
+    watch = StallWatch(http, events, restart, lambda c: spawned.append(asyncio.ensure_future(c)))
+    health = HealthSettings(stall_s=0.2, stall_failures=2)
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def silent(_: Send) -> Answer:
+        await asyncio.Event().wait()  # never answers: cancelled by the watch
+        raise AssertionError("unreachable")
+
+    for count in (1, 2, 3):
+        with pytest.raises(Stalled) as stall:
+            await watch.guard("m", 1, health, "POST /v1/completions", silent, send)
+        assert not stall.value.sent and "slot 0 (task 5): 7 prompt tokens, 0 decoded" in stall.value.reason
+        if count == 1:
+            watch.forget("m")
+    await asyncio.gather(*spawned)
+    await http.aclose()
+    assert restarted == ["m"] and sent == []
+    told = [e.message for e in events.recent(10)]
+    assert [m.rsplit("(", 1)[-1] for m in told if "stall " in m] == ["stall 1/2)", "stall 1/2)", "stall 2/2)"]
+    assert told[-1] == "replacing it after 2 stalls"

@@ -488,6 +488,7 @@ class Router:
                     routed.last_used_s = time.monotonic()
                     self._put_back(event.instance or "")
                     self._spawn(self._read_slots(model, event.instance or ""))
+                    self._stalls.forget(event.instance or "")
                 if not self._active(routed) and self.admission.queued(model):
                     if not routed.settings.on_demand:
                         self.admission.fail(model, self._gone(model))

@@ -135,7 +135,7 @@ class StallWatch:
         self._events = events
         self._restart = restart
         self._spawn = spawn
-        self._stalls: dict[str, int] = {}  # instance -> stalls since it was last replaced
+        self._stalls: dict[str, int] = {}  # instance -> stalls since it was last ready
 
     async def guard(
         self,
@@ -206,6 +206,10 @@ class StallWatch:
         last = f"data: {json.dumps(error)}\n\n".encode() if progress.event_stream else b""
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": last, "more_body": False})
+
+    def forget(self, instance: str) -> None:
+        """``instance`` is ready (a new server, or one whose health checks pass again): its stalls start over."""
+        self._stalls.pop(instance, None)
 
     def _tell(self, instance: str, message: str, stall_failures: int) -> None:
         count = self._stalls.get(instance, 0) + 1
