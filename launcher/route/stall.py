@@ -136,6 +136,7 @@ class StallWatch:
         self._restart = restart
         self._spawn = spawn
         self._stalls: dict[str, int] = {}  # instance -> stalls since it was last ready
+        self._latest: dict[str, Reading] = {}  # instance -> its last `/slots` reading
 
     async def guard(
         self,
@@ -177,12 +178,11 @@ class StallWatch:
         async def read() -> None:
             nonlocal found, timer
             if time.monotonic() - progress.last_s >= interval_s:  # else bytes flow: nothing to read
-                slots = await self._slots(port, timeout_s)
-                now_s = time.monotonic()
+                reading = await self._read(instance, port, timeout_s, interval_s / 2)
                 # A reading from before the last byte never counts; enough are kept to span stall_s.
                 progress.readings = [r for r in progress.readings if r.at_s >= progress.last_s][-8:]
-                progress.readings.append(Reading(now_s, slots))
-                found = stalled(progress.readings, progress.last_s, now_s, stall_s)
+                progress.readings.append(reading)
+                found = stalled(progress.readings, progress.last_s, time.monotonic(), stall_s)
                 if found is not None:
                     current.cancel()  # ends the request where it waits on the server
                     return
@@ -209,12 +209,19 @@ class StallWatch:
         self._tell(instance, f"{what}: {reason}", health.stall_failures)
         raise Stalled(reason, sent=progress.started)
 
-    async def _slots(self, port: int, timeout_s: float) -> Slots | None:
+    async def _read(self, instance: str, port: int, timeout_s: float, max_age_s: float) -> Reading:
+        """The instance's `/slots` now, or as read for another of its requests within ``max_age_s``: one
+        reading serves all of its quiet requests."""
+        latest = self._latest.get(instance)
+        if latest is not None and time.monotonic() - latest.at_s < max_age_s:
+            return latest
         try:
             response = await self._http.get(f"http://127.0.0.1:{port}/slots", timeout=timeout_s)
-            return busy_slots(response.json()) if response.status_code == 200 else None
+            slots = busy_slots(response.json()) if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
-            return None
+            slots = None
+        self._latest[instance] = reading = Reading(time.monotonic(), slots)
+        return reading
 
     @staticmethod
     async def _end(progress: _Progress, send: Send, reason: str) -> None:
@@ -229,6 +236,7 @@ class StallWatch:
     def forget(self, instance: str) -> None:
         """``instance`` is ready (a new server, or one whose health checks pass again): its stalls start over."""
         self._stalls.pop(instance, None)
+        self._latest.pop(instance, None)
 
     def _tell(self, instance: str, message: str, stall_failures: int) -> None:
         count = self._stalls.get(instance, 0) + 1
