@@ -307,6 +307,15 @@ class HealthSettings(_Strict):
     failures: Annotated[int, Field(ge=1)] = Field(
         default=3, description="Failed probes in a row before a ready instance is declared unhealthy and replaced."
     )
+    stall_s: NonNegative = Field(
+        default=60.0,
+        description="Seconds a request in flight may go without a byte of its answer while the server's `/slots` "
+        "shows no progress (tokens decoded or prompt tokens processed) before it is ended as stalled (a 504); 0: off.",
+    )
+    stall_failures: Annotated[int, Field(ge=1)] = Field(
+        default=2,
+        description="Stalls since the server became ready before it is replaced (drained of its other requests first).",
+    )
     # Loading a 70B model from disk takes minutes.
     load_timeout: Positive = Field(
         default=900.0,

@@ -37,7 +37,7 @@ class State(StrEnum):
 
 class Event(_Wire):
     time: str
-    # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | roll | download
+    # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | roll | download | stall
     # | plan-warning (a plan the server exceeded) | plan-info (memory the plan left unused): plan/verdict.py
     kind: str
     message: str

@@ -19,6 +19,7 @@ _TYPES = {
     429: "rate_limit_error",
     502: "server_error",
     503: "unavailable_error",
+    504: "server_error",
 }
 
 

@@ -34,6 +34,7 @@ from launcher.route.metrics import RequestMetrics
 from launcher.route.peer import PeerForwarder
 from launcher.route.proxy import UpstreamClient, UpstreamFailed
 from launcher.route.served import Served
+from launcher.route.stall import Stalled, StallWatch
 from launcher.route.usage import Tokens, of_body
 from launcher.route.where import Local, OnPeer, where
 from launcher.rpc.peers import Peers
@@ -103,6 +104,7 @@ class Router:
         self.metrics = RequestMetrics(self._load)
         self.to_peers = PeerForwarder(peers, upstream)  # the peers' models, through the same connections
         self._closed: RouteError | None = None  # the answer to every request once the daemon stops
+        self._stalls = StallWatch(http, events, manager.restart, self._spawn)
 
     def close(self, reason: str) -> None:
         """The daemon is stopping (``reason``): no request is given an instance from now on, so none starts
@@ -220,9 +222,23 @@ class Router:
         for attempt in (1, 2):
             instance = await self._lease(model, routed, queued, prefix)
             try:
-                port = self._instances[instance].port
-                url = f"http://127.0.0.1:{port}{path}"
-                answer = await self._upstream.forward(method, url, headers, body, send, arrived_s, naming=naming)
+                it = self._instances[instance]
+                url = f"http://127.0.0.1:{it.port}{path}"
+                forward = functools.partial(
+                    self._upstream.forward, method, url, headers, body, arrived_s=arrived_s, naming=naming
+                )
+                answer = await self._stalls.guard(
+                    instance,
+                    it.port or 0,
+                    it.settings.health,
+                    f"{method} {path}",
+                    forward,
+                    send,
+                )
+            except Stalled as exc:
+                if exc.sent:  # the client has the server's status and the stall's event
+                    return Served(status=504, instance=instance)
+                raise RouteError(504, exc.reason, "stall", instance=instance) from None
             except UpstreamFailed as exc:
                 self._take_out(instance, exc.reason)
                 if exc.sent:  # the client has the server's status already; the request failed all the same
@@ -481,6 +497,7 @@ class Router:
                     routed.last_used_s = time.monotonic()
                     self._put_back(event.instance or "")
                     self._spawn(self._read_slots(model, event.instance or ""))
+                    self._stalls.forget(event.instance or "")
                 if not self._active(routed) and self.admission.queued(model):
                     if not routed.settings.on_demand:
                         self.admission.fail(model, self._gone(model))

@@ -8,13 +8,17 @@ Takes llama-server's `--host` and `--port` (everything else is ignored; `--help`
   STANDIN_HANG_AFTER_S=S    stop answering (requests hang), S seconds after it became ready
   STANDIN_IGNORE_TERM=1     ignore SIGTERM
   STANDIN_GRANDCHILD=1      fork a child that ignores SIGTERM and sleeps forever
+  STANDIN_STALL=1           take each completion and go silent (a stream after its first event) until the
+                            client goes away, its slot in `GET /slots` busy with no progress
 
 For the front door it also speaks a little of the OpenAI API, in llama-server's shapes:
   POST /v1/chat/completions, /v1/completions   an answer naming the `model` it was sent, with usage and
       timings; `"stream": true` sends it as events: one, then (with `"hold": true`) nothing more until
-      POST /release or the client goes away, then the rest and [DONE]
+      POST /release or the client goes away, then the rest and [DONE]; `"prompt_s": S` first sends nothing for
+      S seconds while `GET /slots` shows its prompt's processing advance
   POST /v1/embeddings                           a vector per input
   POST /v1/drop                                 closes the connection without an answer
+  GET /slots                                    one slot, in llama-server's shape
   GET /stats                                    {"requests", "finished", "cancelled", "held", "models"}
 """
 
@@ -59,6 +63,9 @@ def main() -> None:
     hung = threading.Event()
     released = threading.Condition()
     stats: dict[str, Any] = {"requests": 0, "finished": 0, "cancelled": 0, "held": 0, "models": []}
+    stall = bool(env.get("STANDIN_STALL"))
+    slot: dict[str, Any] = {"id": 0, "id_task": -1, "is_processing": False, "n_prompt_tokens_processed": 0,
+                            "next_token": [{"has_next_token": False, "n_remain": -1, "n_decoded": 0}]}  # fmt: skip
 
     def count(key: str) -> None:
         with released:
@@ -101,6 +108,30 @@ def main() -> None:
                 self.send_json({"object": "list", "data": data, "model": body.get("model"), "usage": USAGE})
                 count("finished")
                 return
+            with released:
+                slot.update(id_task=stats["requests"], is_processing=True, n_prompt_tokens_processed=0)
+            try:
+                self.complete(body)
+            finally:
+                with released:
+                    slot["is_processing"] = False
+
+        def silent(self) -> None:
+            """Nothing more until the client goes away."""
+            while not self.client_left():
+                time.sleep(0.01)
+            count("cancelled")
+
+        def complete(self, body: dict[str, Any]) -> None:
+            prompt_s = float(body.get("prompt_s", 0))
+            prompt_began = time.monotonic()
+            while (processing_s := time.monotonic() - prompt_began) < prompt_s:
+                with released:
+                    slot["n_prompt_tokens_processed"] = int(processing_s * 100)
+                time.sleep(0.01)
+            if stall and not body.get("stream"):
+                self.silent()
+                return
             if not body.get("stream"):
                 message = {"role": "assistant", "content": "stand-in"}
                 answer = {"object": "chat.completion", "model": body.get("model"), "usage": USAGE, "timings": TIMINGS,
@@ -113,6 +144,9 @@ def main() -> None:
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             self.event({"choices": [{"index": 0, "delta": {"content": "one"}}], "model": body.get("model")})
+            if stall:
+                self.silent()
+                return
             if body.get("hold"):
                 count("held")
                 with released:
@@ -139,6 +173,10 @@ def main() -> None:
         def do_GET(self) -> None:
             if hung.is_set():
                 time.sleep(3600)
+            if self.path == "/slots":
+                with released:
+                    self.send_json([slot])
+                return
             if self.path == "/stats":
                 with released:
                     self.send_json(stats)
