@@ -3,6 +3,7 @@
 STATE_DIR/daemon.lock      the owner record, locked by the daemon that owns the directory (owner.py)
 STATE_DIR/children.json    the servers that daemon runs (children.py)
 STATE_DIR/logs/NAME.log    each instance's server output, NAME.log.1.. its rotated copies (logs.py)
+STATE_DIR/kv-cache/NAME/   llama-server slots' saved prompt caches (supervise/slot_store.py)
 STATE_DIR/daemon.log       the output of a daemon `launcher up --detach` started in the background
 STATE_DIR/hub-headers/ORG--REPO/COMMIT/FILE.header
                            the start of a hub model's file, its GGUF header (launcher/hub/headers.py)
@@ -39,6 +40,11 @@ class StateDir:
     @property
     def hub_headers_dir(self) -> Path:
         return self.root / "hub-headers"
+
+    @property
+    def kv_cache_dir(self) -> Path:
+        """The slots' saved prompt caches, a directory per instance (supervise/slot_store.py)."""
+        return self.root / "kv-cache"
 
     @property
     def daemon_log(self) -> Path:

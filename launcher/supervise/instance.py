@@ -25,12 +25,13 @@ from launcher.plan.placement import Placement
 from launcher.schema import Download, Event, InstanceStatus, Plan, PlanCheck, State
 from launcher.statedir import logs
 from launcher.statedir.layout import StateDir
-from launcher.supervise import drain
+from launcher.supervise import drain, slot_cache
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
 from launcher.supervise.policy import RestartPolicy, StartFailure
 from launcher.supervise.ports import ensure_port_free
 from launcher.supervise.process import ExitStatus, ServerProcess
 from launcher.supervise.server_errors import server_error
+from launcher.supervise.slot_store import SlotStore, gib_bytes
 from launcher.supervise.transitions import check_transition
 from launcher.supervise.vram import VramGate
 from launcher.supervise.writes import StateWrites
@@ -45,6 +46,8 @@ _LINES_AT_THE_END = 20  # of a server that served before it ended: where why it 
 # Of a server just ready: where its load log (what it allocated per device) is looked for. A -lv 4 load
 # of a large model writes a few hundred lines; the start marker bounds it first.
 _LOAD_LINES_READ = 5000
+# The states a planned stop saves the slots' prompt caches from: the server served until now.
+_SAVED_FROM = frozenset({State.READY, State.UNHEALTHY, State.DRAINING})
 
 
 class BlockedCheck(Protocol):
@@ -72,6 +75,8 @@ class DaemonParts:
     requests: drain.InFlight
     # None: no peers, so nothing outside this host can keep a server from running.
     blocked: BlockedCheck | None = None
+    # Where llama-servers save their slots' prompt caches at a planned stop; None: they save none.
+    slot_store: SlotStore | None = None
 
 
 class Instance:
@@ -115,6 +120,8 @@ class Instance:
         self.download: Download | None = None
         # Why it starts no server any more (a reload removed it, the daemon is stopping), or None.
         self._retired: str | None = None
+        # The key of the current start's prompt caches (slot_cache.py); None: it saves and restores none.
+        self._slot_key: str | None = None
 
     def retire(self, reason: str) -> None:
         """Start no server from now on, ``reason`` saying why: a start or restart that waits on the lock
@@ -315,7 +322,25 @@ class Instance:
         port = self._startable_port()
         spec = self.backend.launch_spec(self.settings, port, self.placement)
         ensure_port_free(port)
-        return spec
+        return self._with_slot_cache(spec)
+
+    def _with_slot_cache(self, spec: LaunchSpec) -> LaunchSpec:
+        """A llama-server's command with the directory its slots' prompt caches are saved in, and the key
+        they are saved under; unchanged when it saves none (or its args name their own directory)."""
+        store, self._slot_key = self._parts.slot_store, None
+        if (
+            store is None
+            or self.backend.name != "llama-server"
+            or self.settings.kv_cache_max_gib <= 0
+            or slot_cache.SAVE_PATH_FLAG in spec.argv
+        ):
+            return spec
+        try:
+            self._slot_key = store.prepare(self.name, spec.argv)
+        except OSError as exc:
+            self._emit("kv-cache", f"prompt caches not kept: {exc}")
+            return spec
+        return replace(spec, argv=[*spec.argv, slot_cache.SAVE_PATH_FLAG, str(store.directory(self.name))])
 
     def _startable_port(self) -> int:
         """The port assigned, once the model file is seen to be there."""
@@ -373,7 +398,10 @@ class Instance:
     async def _halt(self, final: State = State.STOPPED, why: str = "") -> None:
         task = self._task
         if task is not None and not task.done():
+            served = self.state in _SAVED_FROM and self.running
             self._set_state(State.STOPPING)
+            if final == State.STOPPED and served:  # a planned stop: not a hold, whose server lost a peer
+                await self._save_slots()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait([task])  # an error it ended by is `_supervision_ended`'s to record
@@ -480,6 +508,7 @@ class Instance:
         unhealthy = False
         ready_for_s: float | None = None
         if await self._await_ready(proc):
+            await self._restore_slots()
             self._ready_since = time.monotonic()
             self._set_state(State.READY)
             await self._check_plan()
@@ -522,6 +551,25 @@ class Instance:
                 self._record_error(gave_up if said is None else f"{said} ({gave_up})")
             self._set_state(State.FAILED if failure else State.STOPPED)
         return delay
+
+    async def _save_slots(self) -> None:
+        """Save the slots' prompt caches, half the stop timeout at most: the halt that follows has the rest."""
+        store, key = self._parts.slot_store, self._slot_key
+        if store is None or key is None or self.port is None:
+            return
+        budget_s = self.settings.stop_timeout / 2
+        said = await store.save(self.name, self.port, key, budget_s, gib_bytes(self.settings.kv_cache_max_gib))
+        self._emit("kv-cache", said)
+
+    async def _restore_slots(self) -> None:
+        """Before a ready server is marked ready: the prompt caches a planned stop of the same model with
+        the same settings saved, so its first request does not compute its prompt again."""
+        store, key = self._parts.slot_store, self._slot_key
+        if store is None or key is None or self.port is None:
+            return
+        said = await store.restore(self.name, self.port, key, self.settings.health.load_timeout)
+        if said is not None:
+            self._emit("kv-cache", said)
 
     async def _await_ready(self, proc: ServerProcess) -> bool:
         """Probe until ready; False when the process ended or the load timed out."""

@@ -52,6 +52,7 @@ from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
 from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
+from launcher.supervise.slot_store import SlotStore, gib_bytes
 from launcher.supervise.table import InstanceTable
 from launcher.supervise.vram import VramGate
 from launcher.supervise.writes import StateWrites
@@ -114,6 +115,11 @@ class Manager:
             writes=self.writes,
             requests=table.requests,
             blocked=self._degrader,
+            slot_store=SlotStore(
+                settings.daemon.kv_cache_dir or state_dir.kv_cache_dir,
+                gib_bytes(settings.daemon.kv_cache_max_gib),
+                http,
+            ),
         )
         for name, (group, model) in self._configured.items():
             table.add(self._instance(name, group, model))

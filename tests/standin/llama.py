@@ -8,6 +8,7 @@ Takes llama-server's `--host` and `--port` (everything else is ignored; `--help`
   STANDIN_HANG_AFTER_S=S    stop answering (requests hang), S seconds after it became ready
   STANDIN_IGNORE_TERM=1     ignore SIGTERM
   STANDIN_GRANDCHILD=1      fork a child that ignores SIGTERM and sleeps forever
+  STANDIN_HANG_SLOTS=1      never answer GET /slots (a prompt cache save that hangs)
 
 For the front door it also speaks a little of the OpenAI API, in llama-server's shapes:
   POST /v1/chat/completions, /v1/completions   an answer naming the `model` it was sent, with usage and
@@ -138,6 +139,8 @@ def main() -> None:
 
         def do_GET(self) -> None:
             if hung.is_set():
+                time.sleep(3600)
+            if self.path == "/slots" and os.environ.get("STANDIN_HANG_SLOTS"):
                 time.sleep(3600)
             if self.path == "/stats":
                 with released:
