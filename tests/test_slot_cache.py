@@ -24,7 +24,7 @@ def test_the_key_ignores_the_port_and_save_path_and_nothing_else() -> None:
     assert slot_cache.cache_key([*ARGV, "--cache-type-k", "q8_0"], FILES) != key
     touched = [FileFacts("/m/a.gguf", 100, 8), FILES[1]]  # the model file rewritten
     assert slot_cache.cache_key(ARGV, touched) != key
-    assert slot_cache.named_paths(ARGV) == ["/bin/llama-server", "/m/a.gguf"]
+    assert slot_cache.named_paths(moved) == ["/bin/llama-server", "/m/a.gguf"]
 
 
 def test_file_names_belong_to_their_key_and_others_to_none() -> None:

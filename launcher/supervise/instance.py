@@ -320,14 +320,16 @@ class Instance:
         """Everything that can be checked before spawning, and the command to spawn (computed once per
         start of a process); raises with the reason."""
         port = self._startable_port()
-        spec = self.backend.launch_spec(self.settings, port, self.placement)
+        base = self.backend.launch_spec(self.settings, port, self.placement)
         ensure_port_free(port)
-        return self._with_slot_cache(spec)
+        spec = self.command(base)
+        self._slot_key = None if spec is base else self._prepare_slot_cache(spec)
+        return spec if self._slot_key is not None else base
 
-    def _with_slot_cache(self, spec: LaunchSpec) -> LaunchSpec:
-        """A llama-server's command with the directory its slots' prompt caches are saved in, and the key
-        they are saved under; unchanged when it saves none (or its args name their own directory)."""
-        store, self._slot_key = self._parts.slot_store, None
+    def command(self, spec: LaunchSpec) -> LaunchSpec:
+        """``spec`` (the backend's) as this instance runs it: a llama-server's with the directory its slots'
+        prompt caches are saved in; unchanged when it saves none (or its args name their own directory)."""
+        store = self._parts.slot_store
         if (
             store is None
             or self.backend.name != "llama-server"
@@ -335,12 +337,17 @@ class Instance:
             or slot_cache.SAVE_PATH_FLAG in spec.argv
         ):
             return spec
+        return replace(spec, argv=[*spec.argv, slot_cache.SAVE_PATH_FLAG, str(store.directory(self.name))])
+
+    def _prepare_slot_cache(self, spec: LaunchSpec) -> str | None:
+        """The directory of the slots' prompt caches made, and the key of this start's; None when it cannot
+        be made (the start goes on without)."""
+        assert self._parts.slot_store is not None  # `command` added its directory
         try:
-            self._slot_key = store.prepare(self.name, spec.argv)
+            return self._parts.slot_store.prepare(self.name, spec.argv)
         except OSError as exc:
             self._emit("kv-cache", f"prompt caches not kept: {exc}")
-            return spec
-        return replace(spec, argv=[*spec.argv, slot_cache.SAVE_PATH_FLAG, str(store.directory(self.name))])
+            return None
 
     def _startable_port(self) -> int:
         """The port assigned, once the model file is seen to be there."""

@@ -228,7 +228,7 @@ class Manager:
             if instance.running and instance.spec is not None:
                 return with_command(instance.plan, instance.spec)
             spec = instance.backend.launch_spec(instance.settings, self._port_for(instance), instance.placement)
-            return with_command(instance.plan, spec)
+            return with_command(instance.plan, instance.command(spec))
         samples, remote = self.sampler.latest(), self._remote(instance)
         claims = self.lending.claimed_mib(self._others(instance))
 
@@ -236,7 +236,7 @@ class Manager:
         if plan.hub is not None:  # no command until its files are downloaded
             return plan
         spec = instance.backend.launch_spec(instance.settings, self._port_for(instance), self.planner.placement(plan))
-        return with_command(plan, spec)
+        return with_command(plan, instance.command(spec))
 
     def _planned(self, instance: Instance, samples: list[GpuSample], claims: dict[int, int], remote: Remote) -> Plan:
         """The plan of ``instance`` (in a planning thread): from its file, or a hub model's not yet in the

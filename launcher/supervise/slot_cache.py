@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SAVE_PATH_FLAG = "--slot-save-path"
-_PORT_FLAGS = frozenset({"--port"})
+_IGNORED_FLAGS = frozenset({"--port", SAVE_PATH_FLAG})
 _KEY_HEX = 16
 MANIFEST_SUFFIX = ".json"
 SLOT_FILE_SUFFIX = ".bin"
@@ -38,25 +38,28 @@ class FileFacts:
 def cache_key(argv: Sequence[str], files: Iterable[FileFacts]) -> str:
     """What a saved cache must match to be restored: the command line less its port and save path (the
     only parts that differ between two starts of one model with one setting), and the files it names."""
+    facts = sorted((f.path, f.size_bytes, f.mtime_ns) for f in files)
+    text = json.dumps({"argv": _kept_args(argv), "files": facts}, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:_KEY_HEX]
+
+
+def named_paths(argv: Sequence[str]) -> list[str]:
+    """The absolute paths a command line names (its binary and model among them, not the save directory,
+    which changes as caches are written), whose files are part of a cache's key."""
+    return [arg for arg in _kept_args(argv) if arg.startswith("/")]
+
+
+def _kept_args(argv: Sequence[str]) -> list[str]:
     kept: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
-            continue
-        if arg in _PORT_FLAGS or arg == SAVE_PATH_FLAG:
-            skip = True
-            continue
-        kept.append(arg)
-    facts = sorted((f.path, f.size_bytes, f.mtime_ns) for f in files)
-    text = json.dumps({"argv": kept, "files": facts}, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:_KEY_HEX]
-
-
-def named_paths(argv: Sequence[str]) -> list[str]:
-    """The absolute paths a command line names (its binary and model among them), whose files are part
-    of a cache's key."""
-    return [arg for arg in argv if arg.startswith("/")]
+        elif arg in _IGNORED_FLAGS:
+            skip = True  # and its value
+        else:
+            kept.append(arg)
+    return kept
 
 
 def slot_file(key: str, slot: int) -> str:
