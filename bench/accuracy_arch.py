@@ -25,8 +25,11 @@ from pathlib import Path
 
 from bench.realbuffers import Buffers, Reported, measure_argv, rpc_servers
 from bench.realplan import PlannedLaunch, planned_launch
+from launcher.backends import llama_log
 from launcher.backends.llama_server import find_llama_server
 from launcher.config import ModelSettings
+from launcher.plan import verdict
+from launcher.schema import Plan
 from tests import archcorpus
 
 CONTEXTS = (2048, 32768)
@@ -89,6 +92,8 @@ class Outcome:
     case: Case
     rows: tuple[DeviceRow, ...] = ()
     failure: str = ""  # why nothing was measured
+    # the running launcher's own check of the same log (launcher/plan/verdict.py): its findings; None: none made
+    findings: tuple[str, ...] | None = None
 
 
 def cases(archs: Sequence[str], quick: bool) -> list[Case]:
@@ -169,7 +174,19 @@ def measure_case(case: Case, corpus: Callable[[int], dict[str, Path]], server: P
         label = f"{i}/{case.devices} ({device.layers}{'+out' if device.output_layer else ''})"
         real = reported.devices.get(address, Buffers())
         rows.append(DeviceRow(label, plan, real, fit.get(address) if isinstance(fit, dict) else None))
-    return Outcome(case, tuple(rows), failure="" if isinstance(fit, dict) else f"llama-fit-params: {fit}")
+    findings = _launcher_check(launch.placed.plan, addresses, reported.log, case.arch)
+    failure = "" if isinstance(fit, dict) else f"llama-fit-params: {fit}"
+    return Outcome(case, tuple(rows), failure=failure, findings=findings)
+
+
+def _launcher_check(plan: Plan, addresses: list[str], log: str, model: str) -> tuple[str, ...]:
+    """What the running launcher's check makes of this run: the plan's devices are simulated GPUs served
+    by the rpc-servers at ``addresses``, in order, so they are named by those addresses as a peer's are."""
+    remote = [d.model_copy(update={"endpoint": a}) for d, a in zip(plan.devices, addresses, strict=True)]
+    checked = llama_log.check(plan.model_copy(update={"devices": remote}), llama_log.parse(log))
+    return tuple(f.message for f in verdict.findings(model, checked)) + tuple(
+        f"unmatched {u}" for u in checked.unmatched
+    )
 
 
 def _mib(value: float) -> str:
@@ -212,6 +229,21 @@ def table(outcomes: Sequence[Outcome], scale: int) -> str:
             lines.append(f"{head} {row.label} | {_cells(row)} |")
         if o.rows and o.failure:
             lines.append(f"{head} | {o.failure} | | | | | |")
+    return "\n".join(lines)
+
+
+def launcher_checks(outcomes: Sequence[Outcome]) -> str:
+    """The running launcher's check of every measured run: how many it found right, and each finding."""
+    checked = [o for o in outcomes if o.findings is not None]
+    lines = [
+        f"The launcher's own check (launcher/plan/verdict.py) of the {len(checked)} measured runs: "
+        f"{sum(1 for o in checked if not o.findings)} found within the tolerance."
+    ]
+    for o in checked:
+        lines += [
+            f"- {o.case.arch} ctx {o.case.ctx} -np {o.case.slots or 'default'}, {o.case.devices} dev: {f}"
+            for f in o.findings or ()
+        ]
     return "\n".join(lines)
 
 
@@ -266,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
             return archcorpus.write_all(Path(tmp) / str(scale), scale=scale)
 
         outcomes = [measure_case(c, corpus, server, args.scale) for c in cases(args.arch or names, args.quick)]
-    text = table(outcomes, args.scale) + "\n\n" + summary(outcomes)
+    text = table(outcomes, args.scale) + "\n\n" + summary(outcomes) + "\n\n" + launcher_checks(outcomes)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

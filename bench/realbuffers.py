@@ -39,12 +39,13 @@ class Buffers:
 class Reported:
     devices: dict[str, Buffers] = field(default_factory=dict)  # by RPC address
     host: Buffers = field(default_factory=Buffers)
+    log: str = ""  # the server's output they were read from
 
 
 def parse(log: str) -> Reported:
     """The server's buffers by RPC address and on the host: the launcher's own reader of its log
     (launcher/backends/llama_log.py), in the benchmark's terms."""
-    reported = Reported()
+    reported = Reported(log=log)
     for where, mib in llama_log.parse(log).mib.items():
         buffers = Buffers(model=mib["weights"], kv=mib["kv"], compute=mib["compute"], state=mib["state"])
         if where.rpc is not None:

@@ -1,16 +1,18 @@
-"""A model split across hosts against the same model on one host: tokens per second, load time, and the
-bytes that really cross to the RPC servers per generated token beside the plan's network figure.
+"""A model split across hosts against the same model on one host: tokens per second, load time, and the bytes
+that really cross to the RPC servers per generated token beside the plan's network figure.
 
 Usage: .venv/bin/python -m bench.rpc [--runs 5] [--tokens 128] [--netns]
 
-On loopback, on a CPU build: "one host" is llama-server with the model on its CPU; "1 RPC device" puts
-every layer on one ggml-rpc-server (what the RPC protocol costs alone); "2 RPC devices" is the planner's
-split over two ggml-rpc-servers (two hosts' worth: each token crosses to the first, from it to the second
-through llama-server, and back). Bytes are those on the rpc-servers' connections (TCP_INFO, `ss -i`)
-over a generation, less those of a one-token one: activations, and every RPC command with its serialised
-graph, which the plan's figure (activations and logits only) leaves out. --netns (root) adds the planned
-split with each ggml-rpc-server in a network namespace of its own, reached over a veth pair at a private
-address (as the namespaced test's workers are): the kernel's path between hosts rather than loopback's.
+On loopback, on a CPU build: "one host" is llama-server with the model on its CPU; "1 RPC device" puts every
+layer on one ggml-rpc-server (what the RPC protocol costs alone); "2 RPC devices" is the planner's split over
+two ggml-rpc-servers (two hosts' worth: each token crosses to the first, from it to the second through
+llama-server, and back); "-sm tensor" runs both devices on every layer, each with half of every matrix and of
+the KV cache, their partial results summed between them. Bytes are those on the rpc-servers' connections
+(TCP_INFO, `ss -i`) over a generation, less those of a one-token one: activations, and every RPC command with
+its serialised graph, which the plan's figure (activations and logits only) leaves out. --netns (root) adds
+the planned split with each ggml-rpc-server in a network namespace of its own, reached over a veth pair at a
+private address (as the namespaced test's workers are): the kernel's path between hosts rather than
+loopback's.
 """
 
 from __future__ import annotations
@@ -108,9 +110,11 @@ def main() -> None:
         rows: list[tuple[str, dict[str, float], Layout | None]] = [
             ("one host (CPU)", run(server, model, ["-ngl", "0"], [], args.runs, args.tokens), None)
         ]
-        setups = [("1 RPC device", 1, False), ("2 RPC devices (planned split)", 2, False)]
-        setups += [("2 RPC devices (planned split), each in a network namespace", 2, True)] if args.netns else []
-        for name, count, namespaced in setups:
+        setups = [("1 RPC device", 1, False, "layer"), ("2 RPC devices (planned split)", 2, False, "layer")]
+        setups += [("2 RPC devices, -sm tensor (both work on every layer)", 2, False, "tensor")]
+        netns = "2 RPC devices (planned split), each in a network namespace"
+        setups += [(netns, 2, True, "layer")] if args.netns else []
+        for name, count, namespaced, mode in setups:
             with contextlib.ExitStack() as stack:
                 hosts = [stack.enter_context(namespace(i)) for i in range(count)] if namespaced else []
                 addresses = stack.enter_context(rpc_servers(server.parent, count, hosts))
@@ -126,8 +130,10 @@ def main() -> None:
                 layout = across_hosts(shape, runtime, [], remote, 0)
                 assert layout is not None and len(layout.devices) == count
                 argv = ["--rpc", ",".join(addresses), "-ngl", "99", "--fit", "off"]
-                argv += ["-ts", ",".join(f"{c:g}" for c in layout.split)] if layout.split else []
-                rows.append((name, run(server, model, argv, addresses, args.runs, args.tokens), layout))
+                argv += ["-ts", ",".join(f"{c:g}" for c in layout.split)] if layout.split and mode == "layer" else []
+                argv += ["-sm", "tensor", "-ts", "1,1", "-fa", "on"] if mode == "tensor" else []
+                planned = layout if mode == "layer" else None  # the plan's network figure is the pipeline's
+                rows.append((name, run(server, model, argv, addresses, args.runs, args.tokens), planned))
     print(f"runs: {args.runs}, {args.tokens} tokens each, model {SHAPE} ({size_mib} MiB), ctx {CTX}\n")
     print("| setup | load s | tokens/s | bytes to/from rpc-servers per generated token (measured) | plan's figure |")
     print("|---|---|---|---|---|")

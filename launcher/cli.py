@@ -29,8 +29,10 @@ from launcher.cli_output import (
     format_plan,
     format_reload,
     format_statuses,
+    plan_findings,
 )
 from launcher.cli_progress import DownloadBar, ProgressPrinter, all_ready, ready_report
+from launcher.cli_upgrade import upgrade
 from launcher.client import DaemonClient
 from launcher.config import DaemonSettings, Settings
 from launcher.config_file import default_settings, load_daemon_settings, load_settings, read_token
@@ -211,6 +213,8 @@ def cmd_status(ctx: Context) -> int:
     health = client.health()
     for warning in health.warnings if health is not None else []:
         print(f"warning: {warning}")
+    for line in plan_findings(statuses):
+        print(line)
     remote = format_peer_models(client.peers())  # what the front door also routes to, on other hosts
     if remote:
         print("\n" + remote)
@@ -242,13 +246,19 @@ def _show_gpus(ctx: Context, read: Callable[[], list[GpuSample]], interval_s: fl
 
 
 def cmd_plan(ctx: Context) -> int:
+    if ctx.args.forget:
+        from launcher.local import forget_measurements
+
+        forgotten = forget_measurements(ctx.settings(), ctx.args.name)
+        print(f"{ctx.args.name}: {forgotten} measurements forgotten; its next plan is estimated")
+        return 0
     client = ctx.daemon()
     if client is not None:
-        plan = client.plan(ctx.args.name)
+        plan = client.plan(ctx.args.name, ctx.args.estimate)
     else:  # no daemon: against the GPUs as read here, with no other instance running
         from launcher.local import plan_here
 
-        plan = plan_here(ctx.settings(), ctx.args.name)
+        plan = plan_here(ctx.settings(), ctx.args.name, ctx.args.estimate)
     print(as_json(plan) if ctx.json else format_plan(ctx.args.name, plan))
     return 0 if plan.fits else 1
 
@@ -311,6 +321,11 @@ async def _follow_file(path: Path) -> None:
 
     async for line in logs.follow(path):
         print(line, flush=True)
+
+
+def cmd_upgrade(ctx: Context) -> int:
+    print(upgrade(ctx.required_daemon(), ctx.args.timeout))
+    return 0
 
 
 # ---- up: waiting, background daemon ------------------------------------------------------------------
@@ -414,10 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
     restart.add_argument("name", metavar="NAME")
     reload = command("reload", cmd_reload, "read the configuration again and apply the difference to the daemon")
     reload.add_argument("--dry-run", action="store_true", help="only show what would be done")
+    upgrade = command("upgrade", cmd_upgrade, "run the installed program in the daemon, keeping its servers running")
+    upgrade.add_argument("--timeout", type=float, default=120.0, metavar="S", help="how long to wait (default 120)")
     status = command("status", cmd_status, "table of instances; of one: its plan against what its server allocated")
     status.add_argument("name", nargs="?", metavar="NAME")
     plan = command("plan", cmd_plan, "dry run: the GPUs, MiB per GPU, split, command line; exit 1 if it does not fit")
     plan.add_argument("name", metavar="NAME")
+    plan.add_argument(
+        "--estimate", action="store_true", help="plan from the model's header alone, whatever earlier runs measured"
+    )
+    plan.add_argument("--forget", action="store_true", help="forget what the model's runs measured, and plan nothing")
     pull = command("pull", cmd_pull, "download a hub model's files (hf:...) into the Hugging Face cache")
     pull.add_argument("name", metavar="NAME")
     gpus = command("gpus", cmd_gpus, "table of GPUs: memory, temperature, utilisation, power, PCIe, instances")

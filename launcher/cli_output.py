@@ -95,7 +95,19 @@ def format_check(status: InstanceStatus) -> str:
         format_table(["DEVICE", "TERM", "PLANNED", "ACTUAL", "DIFF"], rows),
     ]
     lines += [f"not in the plan: {name}" for name in check.unmatched]
+    lines += plan_findings([status])
     return "\n".join(lines)
+
+
+def plan_findings(statuses: Sequence[InstanceStatus]) -> list[str]:
+    """Each running instance's plan that was off by more than the tolerance: a warning where the server
+    took more than planned, information where it left memory unused."""
+    return [
+        f"{'warning' if finding.over else 'info'}: {status.name}: {finding.message}"
+        for status in statuses
+        if status.actual is not None
+        for finding in status.actual.findings
+    ]
 
 
 def _why_down(status: InstanceStatus) -> str | None:
@@ -214,6 +226,7 @@ def format_plan(name: str, plan: Plan) -> str:
     kv = f"KV {plan.cache_type_k}/{plan.cache_type_v}"
     settings = f"ctx {plan.ctx}, flash attention {'on' if plan.flash_attn else 'off'}, {kv}"
     lines = [f"{name}: {'fits on ' + where if plan.fits else 'does not fit'} ({settings})"]
+    lines.append(f"terms: measured {plan.measured}" if plan.measured else "terms: estimated from the model's header")
     if plan.context is not None and plan.fits:
         lines.append(f"ctx: max chose {plan.context.reason}")
     if plan.hub is not None:
@@ -253,8 +266,11 @@ def format_plan(name: str, plan: Plan) -> str:
         f"host memory: weights {host.weights_mib} MiB, KV {host.kv_cache_mib} MiB, compute {host.compute_mib} MiB"
         + host_extra
     )
+    if plan.split_reason:
+        lines.append(f"split mode: {plan.split_reason}")
     if plan.tensor_split:
-        lines.append("tensor split: " + ",".join(f"{p:g}" for p in plan.tensor_split) + " (layers per GPU)")
+        unit = "layers per GPU" if plan.split_mode == "layer" else "shares of every tensor per GPU"
+        lines.append("tensor split: " + ",".join(f"{p:g}" for p in plan.tensor_split) + f" ({unit})")
     if plan.network is not None:
         net = plan.network
         lines.append(

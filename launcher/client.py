@@ -30,6 +30,7 @@ from launcher.schema import (
     RpcClaim,
     RpcReport,
     ServedModel,
+    UpgradeStarted,
 )
 
 _ERRORS_BY_STATUS: dict[int, type[LauncherError]] = {
@@ -177,8 +178,13 @@ class DaemonClient:
         path = "/config/reload" + ("?dry_run=true" if dry_run else "")
         return _parse(ReloadReport, self._request("POST", path, _ROLL_TIMEOUT_S))
 
-    def plan(self, name: str) -> Plan:
-        return self._get(Plan, f"/plan/{quote(name, safe='')}")
+    def upgrade(self) -> UpgradeStarted:
+        """POST /daemon/upgrade: the daemon executes its program again, handing its servers over."""
+        return _parse(UpgradeStarted, self._request("POST", "/daemon/upgrade", _ACT_TIMEOUT_S))
+
+    def plan(self, name: str, estimate: bool = False) -> Plan:
+        query = "?estimate=true" if estimate else ""
+        return self._get(Plan, f"/plan/{quote(name, safe='')}{query}")
 
     def gpus(self) -> list[GpuSample]:
         return self._get_list(GpuSample, "/gpus")

@@ -26,7 +26,7 @@ from launcher.address import reach
 from launcher.config_yaml import clip
 from launcher.errors import NotFoundError
 from launcher.hub_ref import HubRef, check_revision, is_hub_ref, parse_hub_ref
-from launcher.server_args import CTX, MMPROJ, arg_value, check_args
+from launcher.server_args import CTX, CTX_CELLS, MMPROJ, arg_value, check_args
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 # Finite: `.inf` would make a wait (a drain, a stop, a queue) last as long as a client cares to hold it.
@@ -346,6 +346,11 @@ class OllamaSettings(_Strict):
     size_mib: Annotated[int, Field(gt=0)] | None = Field(
         default=None, description="The model's size, for planning when its blob cannot be found."
     )
+    registry: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")] = Field(
+        default="https://registry.ollama.ai",
+        description="Where a model not in the store (and without `size_mib`) is planned from before Ollama "
+        "pulls it: the registry whose manifest lists the size of its layers.",
+    )
 
 
 # Keys of an entry that serves a model; an rpc-server serves its GPUs to llama-servers elsewhere instead.
@@ -355,6 +360,7 @@ _MODEL_ONLY = (
     "ctx_min",
     "ctx_max",
     "tensor_split",
+    "split_mode",
     "allow_cpu_offload",
     "ollama",
     "aliases",
@@ -364,6 +370,8 @@ _MODEL_ONLY = (
     "pinned",
     "min_resident_s",
     "max_concurrency",
+    "routing",
+    "routing_epsilon",
     "queue_max",
     "queue_timeout_s",
     "drain_timeout_s",
@@ -409,7 +417,8 @@ class ModelSettings(_Strict):
     )
     ctx_max: Annotated[int, Field(gt=0)] | None = Field(
         default=None,
-        description="With `ctx: max`: the largest context (per request) it may choose; default the model's trained "
+        description="With `ctx: max`: the largest context (per request) it may choose, at least 256 (llama.cpp's "
+        "step: rounded down to one, `ctx_min` up, and a step must lie between them); default the model's trained "
         "context (`context_length` in its header).",
     )
     gpus: Literal["auto"] | list[int | str] = Field(
@@ -417,6 +426,14 @@ class ModelSettings(_Strict):
     )
     tensor_split: Literal["auto"] | list[Annotated[float, Field(ge=0)]] = Field(
         default="auto", description="Proportions of the layers per GPU of `gpus`; `auto`: the planner's split."
+    )
+    split_mode: Literal["auto", "layer", "row", "tensor"] = Field(
+        default="auto",
+        description="How llama-server divides the model over several GPUs: `layer` (a pipeline of whole layers), "
+        "`tensor` (every GPU works on every layer: weights and KV cache split by heads and rows; flash attention "
+        "on), `row` (matrix rows; the pinned llama.cpp runs it on none of the backends the launcher drives, so "
+        "it is planned as `layer` with a warning); `auto`: `tensor` where the GPUs the model needs are directly "
+        "linked (NVLink, xGMI, one `link_group`), `layer` otherwise. The plan says which and why.",
     )
     port: Literal["auto"] | Port = Field(
         default="auto", description="The server's port; `auto`: the first free port of `daemon.instance_ports`."
@@ -471,6 +488,18 @@ class ModelSettings(_Strict):
     )
     max_concurrency: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="Requests each instance takes at once; default the server's slots."
+    )
+    routing: Literal["prefix", "least-busy"] = Field(
+        default="prefix",
+        description="How a request picks among the model's replicas. `prefix`: requests whose prompts begin "
+        "alike (a system prompt, the earlier turns of a chat) go to the same replica, whose prompt cache holds "
+        "them (consistent hashing with bounded load); `least-busy`: the replica with the fewest requests in "
+        "flight, round-robin among equals. One replica: the same either way.",
+    )
+    routing_epsilon: Annotated[float, Field(gt=0)] = Field(
+        default=0.25,
+        description="`prefix` routing's balance bound: a replica with more than (1 + this) times the mean "
+        "requests in flight passes a request on to the next replica on the ring.",
     )
     queue_max: Annotated[int, Field(ge=0)] = Field(
         default=64, description="Requests that may wait for an instance; beyond it 429."
@@ -595,8 +624,17 @@ class ModelSettings(_Strict):
             raise ValueError("ctx: max is for llama-server, whose memory the planner sizes the context to")
         if arg_value(self.args, *CTX) is not None:
             raise ValueError("ctx: max chooses -c: remove -c/--ctx-size from args, or set ctx to a number")
-        if self.ctx_min is not None and self.ctx_max is not None and self.ctx_min > self.ctx_max:
-            raise ValueError(f"ctx_min {self.ctx_min} is above ctx_max {self.ctx_max}")
+        if self.ctx_max is not None and self.ctx_max < CTX_CELLS:
+            raise ValueError(f"ctx_max {self.ctx_max} is below {CTX_CELLS}, the fewest cells llama.cpp gives a context")
+        if self.ctx_min is not None and self.ctx_max is not None:
+            if self.ctx_min > self.ctx_max:
+                raise ValueError(f"ctx_min {self.ctx_min} is above ctx_max {self.ctx_max}")
+            # the context is chosen in llama.cpp's steps: ctx_min rounds up to one, ctx_max down
+            if -(-self.ctx_min // CTX_CELLS) > self.ctx_max // CTX_CELLS:
+                raise ValueError(
+                    f"ctx_min {self.ctx_min} and ctx_max {self.ctx_max} hold no multiple of {CTX_CELLS} "
+                    f"between them, the steps llama.cpp sizes a context in"
+                )
         return self
 
     @model_validator(mode="after")

@@ -34,6 +34,8 @@ MODEL_KEYS: dict[str, Applied] = {
     "pinned": "live",
     "min_resident_s": "live",
     "max_concurrency": "live",
+    "routing": "live",  # read at each request
+    "routing_epsilon": "live",
     "queue_max": "live",
     "queue_timeout_s": "live",
     "restart": "live",
@@ -50,6 +52,7 @@ MODEL_KEYS: dict[str, Applied] = {
     "ctx_max": "restart",
     "gpus": "restart",
     "tensor_split": "restart",
+    "split_mode": "restart",
     "port": "restart",
     "args": "restart",
     "mmproj": "restart",

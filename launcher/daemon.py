@@ -6,6 +6,9 @@ from before it owns the state directory until its last server is stopped: they e
 wiring's exit stops every server before the process exits. SIGHUP, the usual ask to reload, reloads the
 configuration as `POST /config/reload` does (launcher/reloading.py) and logs what it did, or why it
 changed nothing; in the foreground it means the terminal went away, and ends serving like SIGTERM.
+SIGUSR2, like `POST /daemon/upgrade`, upgrades the daemon in place: the requests in flight through the
+front door finish, then the installed program is executed again in this process and takes over the
+running servers and the listening socket (launcher/upgrade.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import contextlib
 import faulthandler
 import logging
+import math
 import os
 import signal
 import socket
@@ -25,14 +29,14 @@ from dataclasses import dataclass
 import uvicorn
 from fastapi import FastAPI
 
-from launcher import config_watch
+from launcher import config_watch, upgrade
 from launcher.api.app import create_app
 from launcher.api.limits import limited_protocol
 from launcher.config import ModelSettings, Settings
-from launcher.errors import LauncherError, StartError
+from launcher.errors import ConflictError, LauncherError, StartError
 from launcher.reloading import Reloader
 from launcher.route.front import FrontDoor
-from launcher.schema import Event, ReloadReport, State
+from launcher.schema import Event, ReloadReport, State, UpgradeStarted
 from launcher.supervise.manager import Manager
 from launcher.systemd import JournalFormatter, Notifier, sampler_problem, status_line, under_journal
 from launcher.wiring import Wired, api_token, front_door, listen, router_keys, supervision
@@ -41,6 +45,9 @@ log = logging.getLogger("launcher")
 
 # Open `logs -f` streams must not hold the servers' shutdown up for long.
 _GRACEFUL_SHUTDOWN_S = 3
+# Of an upgrade: between the API's last accept and its end, for the connections just accepted to send their
+# request (loopback takes microseconds; a loaded host's event loop, more).
+_SETTLE_S = 0.1
 # daemon.ready_when: loaded sends READY=1 once every autostart instance got here.
 _SETTLED = frozenset({State.READY, State.FAILED, State.STOPPED})
 
@@ -105,6 +112,9 @@ class Daemon:
         self._reloader: Reloader | None = None  # once wired
         self._reloads: set[asyncio.Task[None]] = set()  # reloads asked for by SIGHUP
         self._stop_asked = asyncio.Event()  # the servers drain, then the API ends (see `_serve`)
+        self._upgrading = False  # the API ends for an upgrade: the program is executed again (`_hand_over`)
+        self._served = False  # the API served once: a second time is after a failed upgrade
+        self._program_started_at = time.time()
         self._watching: _Watching | None = None  # daemon.watch_config's watcher, while the daemon serves
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
@@ -121,6 +131,50 @@ class Daemon:
                 self._server.force_exit = True
             self._server.should_exit = True
         self._stop_asked.set()
+
+    def request_upgrade(self) -> UpgradeStarted:
+        """Upgrade in place: the API stops accepting (connections wait in the backlog), its requests in flight
+        finish (up to the models' longest drain_timeout_s), then the program is executed again. ConflictError
+        when that cannot be done now."""
+        why = upgrade.cannot_reexec()
+        if self._hangup_stops:  # `launcher up` in the foreground: its command line starts models, not a daemon
+            why = "it runs in the foreground (`launcher up`): stop it and run it again"
+        elif self._server is None or not self._served:
+            why = "the daemon is still starting"
+        elif self._stop_asked.is_set():
+            why = "the daemon is stopping"
+        elif self._upgrading:
+            why = "an upgrade is already under way"
+        if why is not None:
+            raise ConflictError(f"the daemon cannot be upgraded now: {why}")
+        assert self._server is not None
+        self._upgrading = True
+        models = self._settings.models.values()
+        drain_s = max((m.drain_timeout_s for m in models), default=0.0)
+        self._server.config.timeout_graceful_shutdown = max(_GRACEFUL_SHUTDOWN_S, math.ceil(drain_s))
+        # Accept nothing more (new connections wait in the backlog) and let those just accepted deliver their
+        # request before the API's end closes every connection with none under way.
+        for listener in self._server.servers:
+            listener.close()
+        server = self._server
+        asyncio.get_running_loop().call_later(_SETTLE_S, lambda: setattr(server, "should_exit", True))
+        return UpgradeStarted(pid=os.getpid(), program_started_at=self._program_started_at)
+
+    def _user_signal(self) -> None:
+        log.info("SIGUSR2: upgrading in place")
+        try:
+            self.request_upgrade()
+        except ConflictError as exc:
+            log.warning("SIGUSR2 ignored: %s", exc.message)
+
+    def _hand_over(self, wired: Wired, sock: socket.socket) -> None:
+        """Execute the program again, handing the servers and ``sock`` over (launcher/upgrade.py); returns
+        only when that failed, and the daemon then serves on as it was."""
+        self._notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        handover = upgrade.record(wired.manager.instances.values(), os.getpid())
+        error = upgrade.reexec(wired.state_lock, handover, sock)
+        log.error("upgrade: %s; serving on with the running program", error.strerror or error)
+        self._upgrading = False
 
     def _close(self, wired: Wired, reloader: Reloader | None) -> None:
         """The daemon begins to stop: the front door gives no instance a new request (new and queued ones
@@ -176,6 +230,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._hangup)
+        loop.add_signal_handler(signal.SIGUSR2, self._user_signal)
         notifier = self._notifier
 
         def on_event(event: Event) -> None:
@@ -186,11 +241,13 @@ class Daemon:
             async with supervision(self._settings, on_event) as wired:
                 log.info("GPUs: %s", wired.gpu_backend)
                 self._reloader = Reloader(self._settings, wired, autostart=self._autostart)
-                sock = listen(self._settings)  # after the lock: a second daemon is told who owns the directory
+                # After the lock: a second daemon is told who owns the directory. An upgrade's is inherited.
+                sock = wired.listening or listen(self._settings)
                 notifying = self._notify(wired)
                 watching = self._watching = self._watch_config(self._reloader)
                 try:
-                    await self._serve(wired, sock)
+                    while await self._serve(wired, sock) and not self._stop_asked.is_set():
+                        self._hand_over(wired, sock)
                 finally:
                     sock.close()
                     self._reloader = None
@@ -203,7 +260,7 @@ class Daemon:
                     notifier.send("STOPPING=1")
         finally:
             notifier.close()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
 
     async def run_until_stopped(self) -> None:
@@ -240,12 +297,17 @@ class Daemon:
             wired.events.unsubscribe(events)
         self._notifier.ready()
 
-    async def _serve(self, wired: Wired, sock: socket.socket) -> None:
+    async def _serve(self, wired: Wired, sock: socket.socket) -> bool:
+        """Serve the API on ``sock`` until a stop or an upgrade; True for an upgrade. uvicorn closes the
+        socket it serves as it ends: it gets a duplicate, and ``sock`` keeps listening meanwhile."""
         manager = wired.manager
 
         async def started() -> None:
-            if self._autostart:
-                await manager.autostart()
+            if self._served:  # again, after a failed upgrade: everything runs as it did
+                self._notifier.ready()
+                return
+            self._served = True
+            await manager.start_each([*(manager.autostart_names() if self._autostart else []), *wired.start_again])
             if self._settings.daemon.ready_when == "loaded" and self._autostart:
                 self._waiting = asyncio.create_task(self._ready_when_loaded(wired))
             else:
@@ -254,7 +316,15 @@ class Daemon:
 
         reloader = self._reloader
         reload = None if reloader is None else (lambda dry_run: reloader.reload(dry_run=dry_run))
-        api = rest_api(wired, self._settings, token=self._token, on_started=started, reload=reload)
+        api = rest_api(
+            wired,
+            self._settings,
+            token=self._token,
+            on_started=started,
+            reload=reload,
+            upgrade=self.request_upgrade,
+            program_started_at=self._program_started_at,
+        )
         door = FrontDoor(api, wired.router, router_keys(self._settings, self._token))
         if reloader is not None:  # the API token waits for a restart: the keys of a reload come with it
             reloader.subscribe(lambda settings: door.use_keys(router_keys(settings, self._token)))
@@ -279,11 +349,12 @@ class Daemon:
 
         ending = asyncio.create_task(drain_then_exit(), name="drain-then-exit")
         try:
-            await server.serve(sockets=[sock])
+            await server.serve(sockets=[sock.dup()])
         finally:
             ending.cancel()
         if not self._server.started:  # the app's startup failed: uvicorn logged why and returned
             raise StartError("the daemon's API did not start", hint="see the log lines above")
+        return self._upgrading
 
 
 def rest_api(
@@ -293,6 +364,8 @@ def rest_api(
     token: str | None = None,
     on_started: Callable[[], Awaitable[None]] | None = None,
     reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
+    upgrade: Callable[[], UpgradeStarted] | None = None,
+    program_started_at: float | None = None,
 ) -> FastAPI:
     """The REST API over the wired parts."""
     return create_app(
@@ -308,6 +381,8 @@ def rest_api(
         token=token,
         on_started=on_started,
         reload=reload,
+        upgrade=upgrade,
+        program_started_at=program_started_at,
     )
 
 

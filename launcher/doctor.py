@@ -36,7 +36,7 @@ from launcher.plan.arch import rule_of
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import GgufFile, ModelFileError, read_gguf, regular_problem
 from launcher.rpc.sockets import sockets_on
-from launcher.schema import GpuSample
+from launcher.schema import GpuSample, InstanceStatus
 from launcher.server_args import GPU_LAYERS, MMPROJ, TENSOR_SPLIT, arg_value, tensor_split
 from launcher.statedir.owner import read_owner, unanswered
 from launcher.supervise.ports import port_holder, port_is_free
@@ -71,6 +71,7 @@ def examine(settings: Settings, machine: Machine, daemon_ports: set[int]) -> lis
     return [
         *_gpus(machine),
         *_links(machine),
+        *_tensor_splits(settings, machine),
         *_binaries(settings, machine),
         *(Finding("fail", "args", p.message, p.hint) for p in args_problems(settings)),
         *_ports(settings, daemon_ports),
@@ -133,6 +134,24 @@ def _links(machine: Machine) -> Iterator[Finding]:
                 f"GPUs {i} and {j} are joined only through the CPU ({link.value})",
                 "a tensor split across them sends every token's activations through system memory: prefer "
                 "one GPU per model, or GPUs on one switch or NVLink",
+            )
+
+
+def _tensor_splits(settings: Settings, machine: Machine) -> Iterator[Finding]:
+    """A model set to `split_mode: tensor` whose GPUs include a pair joined only through the CPU: every
+    layer's partial results cross system memory (`auto` would take `layer` there)."""
+    for name, model in settings.models.items():
+        if model.split_mode != "tensor":
+            continue
+        usable = {g.index for g in machine.gpus if model.gpus == "auto" or g.index in model.gpus}
+        slow = [pair for pair, link in sorted(machine.links.items()) if set(pair) <= usable and not link.direct]
+        if slow:
+            i, j = slow[0]
+            yield Finding(
+                "warn",
+                "split",
+                f"{name} has split_mode: tensor but GPUs {i} and {j} are joined only through the CPU",
+                "split_mode: auto (a layer split there) or `gpus:` on NVLink-linked GPUs",
             )
 
 
@@ -340,6 +359,15 @@ def _supervision(settings: Settings, client: DaemonClient, daemon_answers: bool)
         yield Finding("fail", "daemon", error.message, error.hint)
 
 
+def _plan_checks(statuses: list[InstanceStatus]) -> Iterator[Finding]:
+    """Running servers whose plan was off by more than the tolerance (launcher/plan/verdict.py): the
+    server took more than planned (warn: other instances were told less) or left memory unused (ok)."""
+    for status in statuses:
+        for found in status.actual.findings if status.actual is not None else []:
+            fix = f"the next start of {status.group} plans from what was measured (`launcher status {status.name}`)"
+            yield Finding("warn" if found.over else "ok", "plan", found.message, fix)
+
+
 def run_doctor(settings: Settings, problem: ConfigError | None, client: DaemonClient, *, as_json_output: bool) -> int:
     """`launcher doctor`: print the findings; 1 when something fails. Reads only: the GPUs are opened
     here and closed, the daemon (if one answers) is asked for its ports."""
@@ -355,6 +383,7 @@ def run_doctor(settings: Settings, problem: ConfigError | None, client: DaemonCl
     if daemon_answers:
         try:
             statuses = client.instances()
+            findings += _plan_checks(statuses)
             daemon_ports = {settings.daemon.port} | {i.port for i in statuses if i.port}
             rpc_ports |= {i.port: i.name for i in statuses if i.backend == "rpc-server" and i.port}
         except LauncherError as exc:  # it answers /health but will not show its instances (a read token)

@@ -13,17 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher import replicas
-from launcher.backends import backend_for, planned_file, with_command
-from launcher.backends.base import hub_files_cached
+from launcher.backends import backend_for, planned_model, with_command
+from launcher.backends.base import hub_files_cached, with_local_projector
 from launcher.config import ModelSettings, Settings
 from launcher.errors import ConfigError
 from launcher.gpu import open_backend
 from launcher.gpu.base import GpuBackend
 from launcher.gpu.sampler import read_sample
 from launcher.hub_ref import HubRef
-from launcher.plan.planner import Planner
+from launcher.plan.planner import NOT_MEASURED, Measured, Planner
 from launcher.schema import Download, GpuSample, Plan
 from launcher.statedir.layout import StateDir
+from launcher.statedir.measurements import MeasurementStore
+from launcher.supervise.measuring import Measuring
 from launcher.supervise.ports import pick_free_port
 
 
@@ -47,8 +49,9 @@ def local_gpus(settings: Settings) -> Iterator[LocalGpus]:
         backend.close()
 
 
-def plan_here(settings: Settings, name: str) -> Plan:
-    """The plan of ``name`` against the GPUs as read now, with no other instance's claims."""
+def plan_here(settings: Settings, name: str, estimate: bool = False) -> Plan:
+    """The plan of ``name`` against the GPUs as read now, with no other instance's claims; with what
+    earlier runs measured (kept in the state directory) unless ``estimate``."""
     with local_gpus(settings) as gpus:
         samples = gpus.read()
         identities, links = gpus.backend.identities(), gpus.backend.links()
@@ -58,7 +61,12 @@ def plan_here(settings: Settings, name: str) -> Plan:
     if isinstance(model.model, HubRef) and not hub_files_cached(model):
         # planned from its headers (offline: said so); its command comes with its download
         return _plan_from_hub(settings, planner, name, model, samples)
-    plan = planner.plan(name, model, planned_file(backend, model, name), samples, {})
+    found = planned_model(backend, model, name)  # an Ollama model to pull: its size from the registry
+    measured = NOT_MEASURED
+    if not estimate and isinstance(found, Path):
+        measuring = Measuring(_measurements(settings), identities)
+        measured = Measured(measuring.lookup(model, found, backend.binary(model)), measuring.overheads_mib())
+    plan = planner.plan(name, with_local_projector(model), found, samples, {}, measured=measured)
     # The port a start would take: the configured one, or the first free one (a test bind, nothing held).
     port = (
         model.port
@@ -86,6 +94,11 @@ def pull_here(settings: Settings, name: str, on_progress: Callable[[Download], N
     from launcher.hub.fetching import pull_planned
 
     model = replicas.lookup(replicas.expand(settings, []), settings, name)
+    if model.backend == "ollama":
+        raise ConfigError(
+            f"{name} is an Ollama model: Ollama pulls it through its own server, which the daemon runs",
+            hint=f"`launcher up {name}` pulls it through the daemon's Ollama (or run `ollama pull {model.model}`)",
+        )
     if not isinstance(model.model, HubRef):
         raise ConfigError(f"{name} is not a hub model (model: hf:...): there is nothing to pull")
     plan = plan_here(settings, name)
@@ -95,3 +108,21 @@ def pull_here(settings: Settings, name: str, on_progress: Callable[[Download], N
     assert plan.hub is not None  # a hub model not in the cache is planned from its headers
     state = StateDir(settings.daemon.state_dir)
     return plan, pull_planned(plan.hub, model, settings.hub, state.hub_headers_dir, cache_dir(), on_progress)
+
+
+def _measurements(settings: Settings) -> MeasurementStore:
+    return MeasurementStore(StateDir(settings.daemon.state_dir).measured_file)
+
+
+def forget_measurements(settings: Settings, name: str) -> int:
+    """Forget what the runs of configured model ``name`` measured (a running daemon reads the file at each
+    plan, so its next plan of ``name`` is estimated); how many measurements there were."""
+    if name not in settings.models:
+        raise ConfigError(f"no model named {name!r} in the configuration", hint="`launcher status` lists them")
+    try:
+        return _measurements(settings).forget(name)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot change {_measurements(settings).path}: {exc.strerror or exc}",
+            hint="run it as the user the daemon runs as",
+        ) from None

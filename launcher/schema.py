@@ -37,7 +37,9 @@ class State(StrEnum):
 
 class Event(_Wire):
     time: str
-    kind: str  # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | roll | download
+    # state | exit | error | warning | thermal | vram | on-demand | evict | idle | drain | roll | download
+    # | plan-warning (a plan the server exceeded) | plan-info (memory the plan left unused): plan/verdict.py
+    kind: str
     message: str
     instance: str | None = None
     state: State | None = None  # the instance's state after the event
@@ -75,6 +77,7 @@ class DevicePlan(_Wire):
     free_after_mib: int
     recurrent_mib: int = 0  # recurrent state (Mamba, RWKV, hybrids): llama-server's "RS buffer"
     projector_mib: int = 0  # the multimodal projector's weights (--mmproj)
+    output_mib: int = 0  # the logits' buffer: measured only (an estimate counts it in compute_mib)
     host: str = "local"  # the peer (by name) whose RPC device this is; `gpu` is that peer's index
     endpoint: str | None = None  # a remote device's rpc-server, HOST:PORT as `--rpc` names it
 
@@ -95,6 +98,7 @@ class HostPlan(_Wire):
     compute_mib: int
     recurrent_mib: int = 0
     projector_mib: int = 0
+    output_mib: int = 0
 
 
 class QuantPlan(_Wire):
@@ -162,6 +166,11 @@ class Plan(_Wire):
     network: NetworkCost | None = None  # None: every device is this host's
     hub: HubPlan | None = None  # a hub model planned from its headers before download
     context: ContextChoice | None = None  # `ctx: max`: how ctx was chosen (None: ctx is the configured one)
+    # When its terms are what a server measured with the same file, settings and server (that day, ISO
+    # 8601); None: estimated from the header (launcher/plan/measured.py)
+    measured: str | None = None
+    split_mode: str = "layer"  # layer | tensor: how the server divides the model over its devices
+    split_reason: str = ""  # why that mode (`split_mode: auto`'s choice, or a fallback)
 
     @property
     def claims_mib(self) -> dict[int, int]:
@@ -192,6 +201,22 @@ class DeviceCheck(_Wire):
     planned_mib: float
     actual_mib: float
     difference_mib: float
+    # What the GPU reading (NVML) says the server's process holds on this GPU: the buffers and the driver's
+    # own share. None: not a local GPU, or no reading of processes (simulated GPUs, no permission).
+    process_mib: int | None = None
+
+
+class PlanFinding(_Wire):
+    """A device where the plan was off by more than the planner's tolerance (launcher/plan/verdict.py)."""
+
+    device: str
+    term: str  # kv | total
+    mostly: str | None = None  # of a total: the term that moved it most
+    planned_mib: float
+    actual_mib: float
+    difference_mib: float
+    over: bool  # True: the server took more than planned (a warning); False: memory left unused (information)
+    message: str  # names the model, device, term and amount
 
 
 class PlanCheck(_Wire):
@@ -201,6 +226,7 @@ class PlanCheck(_Wire):
     source: str  # where the actual figures come from
     devices: list[DeviceCheck]  # the plan's devices in llama.cpp's order, then the host
     unmatched: list[str] = []  # buffers the server named on a device the plan does not have
+    findings: list[PlanFinding] = []  # devices off the plan by more than the tolerance
 
 
 class Download(_Wire):
@@ -267,6 +293,8 @@ class Health(_Wire):
     # What is wrong besides: an instance that says it runs while its process is gone (then degraded), the
     # state directory failing writes (the servers run on: no effect on status).
     warnings: list[str] = []
+    # When the daemon's running program started (epoch seconds): an upgrade starts a new one in the same process.
+    program_started_at: float | None = None
 
 
 class ErrorBody(_Wire):
@@ -305,19 +333,24 @@ class RollReport(_Wire):
     model: str  # the configured model
     order: list[str]  # its replicas in the order they were (or were to be) restarted
     restarted: list[str]  # those restarted and back (ready, or left stopped), in that order
+    left_out: list[str] = []  # those passed over: stopped by hand or removed by a reload during the roll
     stopped_at: str | None = None  # the replica where the roll stopped; the ones after it keep their old server
     reason: str | None = None  # why it stopped there
     duration_s: float
 
     def describe(self) -> str:
         """One line: rolled, or where it stopped and why, and what kept its old server."""
+        passed = f"; left out (stopped or removed meanwhile): {', '.join(self.left_out)}" if self.left_out else ""
         if self.stopped_at is None:
-            return f"rolled {self.model}: {', '.join(self.restarted)} restarted one at a time in {self.duration_s:.2f}s"
-        kept = [name for name in self.order if name not in self.restarted and name != self.stopped_at]
+            restarted = ", ".join(self.restarted) or "no replica"
+            return f"rolled {self.model}: {restarted} restarted one at a time in {self.duration_s:.2f}s{passed}"
+        gone = {*self.restarted, *self.left_out, self.stopped_at}
+        kept = [name for name in self.order if name not in gone]
         return (
             f"rolling restart of {self.model} stopped at {self.stopped_at}: {self.reason}"
             + (f"; restarted: {', '.join(self.restarted)}" if self.restarted else "")
             + (f"; kept their old server: {', '.join(kept)}" if kept else "")
+            + passed
         )
 
 
@@ -347,6 +380,14 @@ class ReloadReport(_Wire):
         if self.waiting:
             done.append(f"waiting for a restart of the daemon: {', '.join(self.waiting)}")
         return ("would reload: " if self.dry_run else "reloaded: ") + ("; ".join(done) or "no model configured")
+
+
+class UpgradeStarted(_Wire):
+    """`POST /daemon/upgrade` (202): the daemon drains its API and executes its program again in this
+    process; the upgrade is done once `/health` shows another ``program_started_at``."""
+
+    pid: int
+    program_started_at: float  # of the program being replaced
 
 
 def _with_keys(change: InstanceChange) -> str:

@@ -12,6 +12,8 @@ CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1"
                     "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}  # fmt: skip
 
 CTX = ("-c", "--ctx-size")
+# llama.cpp pads every KV stream of a context to a multiple of this many cells (src/llama-context.cpp)
+CTX_CELLS = 256
 CACHE_TYPE_K = ("-ctk", "--cache-type-k")
 CACHE_TYPE_V = ("-ctv", "--cache-type-v")
 FLASH_ATTN = ("-fa", "--flash-attn")

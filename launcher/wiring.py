@@ -16,6 +16,7 @@ process.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -41,6 +42,7 @@ from launcher.rpc.claims import ClaimBook
 from launcher.rpc.peers import Peers
 from launcher.schema import Event
 from launcher.statedir.owner import StateDirLock
+from launcher.supervise import handover
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, held_mib
 from launcher.supervise.manager import Manager
@@ -115,6 +117,11 @@ class Wired:
     lending: Lending
     gpu_backend: str  # which GPU backend and why
     server_metrics: ServerMetrics
+    state_lock: StateDirLock  # the state directory's: an upgrade hands it to the program executed again
+    # Of an upgrade (supervise/handover.py): the listening socket the old program handed over, and the
+    # instances it ran whose server was not taken over, to start again.
+    listening: socket.socket | None = None
+    start_again: tuple[str, ...] = ()
 
 
 @asynccontextmanager
@@ -122,9 +129,12 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
     """Own the state directory, stop what an earlier daemon left running, watch the GPUs (one reading of
     each before this yields) and supervise; on the way out stop every server, then let go of it all."""
     lock = StateDirLock.claim(settings.daemon.state_dir, settings.daemon.client_url)
+    listening = handover.inherited_socket(settings.daemon.host, settings.daemon.port)
     try:
+        handed = handover.take(lock.state_dir, os.getpid())
         registry = ChildRegistry(lock)
-        leftovers = registry.clean_leftovers()
+        kept = [s for s in handed.servers if handover.still_ours(s) is None] if handed is not None else []
+        leftovers = registry.clean_leftovers(keep={s.pid for s in kept})
         events = Bus[Event](_EVENTS_KEPT, keep=_EVENTS_KEPT, listener=on_event)
         for leftover in leftovers:
             events.publish(Event.now("error", f"stopped a server an earlier daemon left running: {leftover}"))
@@ -165,8 +175,23 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
                 server_metrics.start()
                 try:
                     async with router:
+                        start_again = []
+                        if handed is not None:  # those not ours any more: the cleanup above stopped them
+                            lost = [s.instance for s in handed.servers if s not in kept]
+                            start_again = [*handed.starting, *lost, *await manager.adopt(kept)]
                         yield Wired(
-                            manager, router, table, events, sampler, peers, lending, gpu_backend, server_metrics
+                            manager,
+                            router,
+                            table,
+                            events,
+                            sampler,
+                            peers,
+                            lending,
+                            gpu_backend,
+                            server_metrics,
+                            lock,
+                            listening,
+                            tuple(start_again),
                         )
                 finally:
                     await server_metrics.stop()
@@ -175,4 +200,6 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
                 await peers.stop()  # after the servers: their claims are released last
                 await sampler.stop()
     finally:
+        if listening is not None:
+            listening.close()
         lock.release()

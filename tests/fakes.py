@@ -48,6 +48,7 @@ class FakeNvml:
     ) -> None:
         self.gpus = gpus
         self.topology = topology or {}
+        self.driver_version = "550.54.15"
         self.init_error = init_error
         self.inits = 0
         self.shutdowns = 0
@@ -70,6 +71,9 @@ class FakeNvml:
 
     def nvmlShutdown(self) -> None:
         self.shutdowns += 1
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return self.driver_version
 
     def nvmlDeviceGetCount(self) -> int:
         return len(self.gpus)

@@ -125,6 +125,18 @@ def test_a_ctx_min_that_does_not_fit_is_refused_with_the_numbers(shape: ModelSha
     assert any(s.startswith("the largest context that fits is ") and "(ctx_min: " in s for s in refused.suggestions)
 
 
+def test_the_suggested_ctx_min_is_per_slot_and_fits_when_followed(shape: ModelShape) -> None:
+    slots = ["-np", "4"]  # a KV stream per slot: ctx_min counts one slot's cells, -c all four
+    refused = plan(shape, [gpu(0, 24)], ctx="max", ctx_min=65536, args=slots)
+    assert not refused.fits
+    suggested = [s for s in refused.suggestions if "(ctx_min: " in s]
+    assert len(suggested) == 1 and " per slot (ctx_min: " in suggested[0], refused.suggestions
+    ctx_min = int(suggested[0].split("(ctx_min: ")[1].rstrip(")"))
+    followed = plan(shape, [gpu(0, 24)], ctx="max", ctx_min=ctx_min, args=slots)
+    assert followed.fits and followed.ctx >= 4 * ctx_min
+    assert not plan(shape, [gpu(0, 24)], ctx="max", ctx_min=ctx_min + 256, args=slots).fits
+
+
 def test_a_ctx_min_above_the_cap_is_refused(shape: ModelShape) -> None:
     refused = plan(shape, [gpu(0, 80)], ctx="max", ctx_min=200000)
     assert not refused.fits
@@ -189,6 +201,11 @@ def test_the_command_line_carries_the_chosen_context(shape: ModelShape) -> None:
         ({"ctx_max": 2048}, "ctx_max: only with ctx: max"),
         ({"ctx": "max", "args": ["-c", "4096"]}, "ctx: max chooses -c"),
         ({"ctx": "max", "ctx_min": 8192, "ctx_max": 4096}, "ctx_min 8192 is above ctx_max 4096"),
+        # both allowed, yet no step of 256 between them: the planner refused every start with a false reason
+        ({"ctx": "max", "ctx_min": 1000, "ctx_max": 1000}, "hold no multiple of 256 between them"),
+        ({"ctx": "max", "ctx_min": 300, "ctx_max": 500}, "hold no multiple of 256 between them"),
+        # -c 256 is the least llama.cpp gives: a cap below it was exceeded
+        ({"ctx": "max", "ctx_max": 100}, "ctx_max 100 is below 256"),
         ({"ctx": "max", "backend": "ollama", "model": "qwen"}, "ctx: max is for llama-server"),
         ({"ctx": "most"}, "ctx"),
     ],

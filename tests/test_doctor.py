@@ -156,3 +156,15 @@ def test_an_architecture_without_a_rule_is_a_warning(tmp_path: Path) -> None:
             "check `launcher plan` against llama-server's `-lv 4` buffer sizes before relying on it",
         )
     ]
+
+
+def test_a_tensor_split_over_gpus_joined_through_the_cpu(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    text = f"models:\n  a: {{model: {model}, split_mode: tensor}}\n  b: {{model: {model}, split_mode: auto}}\n"
+    settings = parse_settings(text, tmp_path / "l.yaml")
+    links = {(0, 1): Link.CPU}
+    machine = Machine(gpus=[sample(0), sample(1)], links=links, backend="nvml", simulated=True)
+    found = [f.message for f in examine(settings, machine, set()) if f.check == "split"]
+    assert found == ["a has split_mode: tensor but GPUs 0 and 1 are joined only through the CPU"]
+    linked = Machine(gpus=[sample(0), sample(1)], links={(0, 1): Link.NVLINK}, backend="nvml", simulated=True)
+    assert not [f for f in examine(settings, linked, set()) if f.check == "split"]

@@ -28,7 +28,7 @@ def test_nvml_maps_values_and_units() -> None:
     gpu = FakeGpu(processes=[(4242, 5 * GIB), (4343, None)])
     backend = NvmlBackend(FakeNvml([gpu]))
     [identity] = backend.identities()
-    assert identity == GpuIdentity(0, gpu.uuid, gpu.name, gpu.bus_id, "nvidia")
+    assert identity == GpuIdentity(0, gpu.uuid, gpu.name, gpu.bus_id, "nvidia", driver="550.54.15")
     reading = backend.read(0, processes=True)
     assert (reading.memory_total_mib, reading.memory_used_mib) == (24576, 6144)
     assert reading.temperature_c == 67.0

@@ -111,6 +111,7 @@ def test_metrics_for_instances_and_gpus(write_config: ConfigWriter, start_daemon
     assert samples[("launcher_instance_state", tuple(sorted((*who, ("state", "ready")))))] == 1
     assert samples[("launcher_instance_restarts_total", who)] == 0
     assert samples[("launcher_instance_vram_planned_bytes", who)] == status["vram_mib"] * 2**20
+    assert samples[("launcher_instance_split_mode", tuple(sorted((*who, ("mode", "layer")))))] == 1  # one GPU
     gpu1 = (("UUID", SIM[1]["uuid"]), ("gpu", "1"), ("modelName", "Sim 4080"), ("pci_bus_id", "00000000:02:00.0"))
     assert samples[("launcher_gpu_memory_total_bytes", gpu1)] == 16384 * 2**20
     assert samples[("launcher_gpu_temperature_celsius", gpu1)] == 40

@@ -155,4 +155,4 @@ def test_a_device_the_plan_has_and_the_server_not_and_the_other_way_round() -> N
 def test_a_log_that_says_nothing_usable_is_no_check_and_says_why(log: str) -> None:
     backend = LlamaServerBackend(ModelSettings(model=Path("m.gguf")))
     found = backend.check_plan(_plan(_device(0, weights_mib=1)), log.splitlines())
-    assert found == "llama-server logged no buffer sizes (it does from -lv 4: add it to the model's args)"
+    assert found == "llama-server logged no buffer sizes (it does from -lv 4: the model's args set a lower verbosity)"

@@ -17,7 +17,7 @@ from launcher.schema import State
 from launcher.supervise.instance import Instance
 from launcher.supervise.manager import Manager
 from launcher.tinymodel import write_tiny_llama
-from tests.conftest import ConfigWriter, Daemon, OpenManager, free_port_run
+from tests.conftest import ConfigWriter, Daemon, OpenManager, free_port, free_port_run
 
 UUIDS = [f"GPU-{i}{i}{i}{i}aaaa-0000-4000-8000-00000000000{i}" for i in range(4)]
 PREFIXES = ("OLLAMA_", "CUDA_", "ROCR_", "HIP_")
@@ -192,12 +192,18 @@ async def test_planning_reads_the_blob_in_the_ollama_store(
     assert plan.fits
     assert plan.devices[0].layers == 4  # the real shape of the blob, not a size
     assert plan.env["OLLAMA_MODELS"] == str(store)
+    closed = f"http://127.0.0.1:{free_port()}"  # a registry that cannot be reached
     missing = ollama_model(
-        ollama_standin, tmp_path, model="nope:1b", ollama={"size_mib": None, "models_dir": str(store)}
+        ollama_standin,
+        tmp_path,
+        model="nope:1b",
+        ollama={"size_mib": None, "models_dir": str(store), "registry": closed},
     )
     other_state = {"state_dir": str(tmp_path / "state-2")}  # a second daemon owns a state directory of its own
     manager = await open_manager(write_config({"nope": missing}, gpus=sim_gpus(1), daemon=other_state))
-    with pytest.raises(ConfigError, match=r"is not in the Ollama store at .* and no ollama\.size_mib is set"):
+    with pytest.raises(
+        ConfigError, match=rf"^the Ollama registry at {closed} cannot be reached to plan nope:1b before"
+    ):
         await manager.plan("nope")
 
 

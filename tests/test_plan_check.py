@@ -14,7 +14,7 @@ from tests.conftest import ConfigWriter, Daemon
 def test_a_ready_server_is_checked_against_its_plan_once_and_a_quiet_one_says_why_not(
     write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
 ) -> None:
-    daemon = start_daemon(write_config({"told": {"args": ["-lv", "4"]}, "quiet": {}}))
+    daemon = start_daemon(write_config({"told": {}, "quiet": {"args": ["-lv", "3"]}}))
     before = daemon.instance("told")
     assert (before["actual"], before["actual_missing"]) == (None, None)  # nothing runs: nothing to check
     for name in ("told", "quiet"):
@@ -38,7 +38,7 @@ def test_a_ready_server_is_checked_against_its_plan_once_and_a_quiet_one_says_wh
     ]
 
     quiet = daemon.wait_for("quiet", lambda i: i["state"] == "ready" and i["actual_missing"] is not None)
-    why = "llama-server logged no buffer sizes (it does from -lv 4: add it to the model's args)"
+    why = "llama-server logged no buffer sizes (it does from -lv 4: the model's args set a lower verbosity)"
     assert (quiet["actual"], quiet["actual_missing"]) == (None, why)
     assert f"planned against actual: none ({why})" in daemon.cli("status", "quiet").stdout
     missing = daemon.cli("status", "nope")

@@ -4,7 +4,18 @@ from what was done and the states now, and what a replica's state after its rest
 from __future__ import annotations
 
 from launcher.schema import RollReport, State
-from launcher.supervise.rolling import BACK, WAIT, Finished, Restart, Stopped, Verdict, judge, next_step, order
+from launcher.supervise.rolling import (
+    BACK,
+    WAIT,
+    Finished,
+    Restart,
+    Stopped,
+    Verdict,
+    judge,
+    left_out,
+    next_step,
+    order,
+)
 
 R, L, F, S, B = State.READY, State.LOADING, State.FAILED, State.STOPPED, State.BACKOFF
 
@@ -37,6 +48,16 @@ def test_the_only_serving_replica_is_not_restarted_while_another_is_on_its_way_b
     assert next_step(["m@1", "m@0"], [], {"m@0": R, "m@1": F}, None) == Restart("m@1")
 
 
+def test_a_replica_stopped_or_removed_during_the_roll_is_passed_over_one_stopped_before_is_started() -> None:
+    began = {"m@0": S, "m@1": R, "m@2": R, "m@3": R}
+    # m@2 stopped by hand and m@3 removed by a reload while m@0 restarted; m@0 was stopped at the start
+    now = {"m@0": R, "m@1": R, "m@2": S}
+    assert left_out(["m@0", "m@1", "m@2", "m@3"], ["m@0"], began, now) == ["m@2", "m@3"]
+    assert left_out(["m@0", "m@1", "m@2", "m@3"], [], began, {**now, "m@0": S}) == ["m@2", "m@3"]
+    # restarted, then stopped: nothing left to pass over
+    assert left_out(["m@1"], ["m@1"], began, {"m@1": S}) == []
+
+
 def test_a_replica_is_back_when_ready_and_failed_when_its_new_server_ended_before() -> None:
     def verdict(state: State, restarts: int = 0, *, timed_out: bool = False) -> Verdict:
         return judge(state, restarts, "error: invalid argument", timed_out=timed_out, timeout_s=900)
@@ -61,3 +82,7 @@ def test_the_report_says_it_rolled_or_where_it_stopped_and_what_kept_its_old_ser
         model="m", order=["m@0", "m@1", "m@2"], restarted=["m@0"], stopped_at="m@1", reason="why", duration_s=2
     )
     assert stopped.describe() == "rolling restart of m stopped at m@1: why; restarted: m@0; kept their old server: m@2"
+    passed = RollReport(model="m", order=["m@0", "m@1"], restarted=["m@0"], left_out=["m@1"], duration_s=1)
+    assert passed.describe() == (
+        "rolled m: m@0 restarted one at a time in 1.00s; left out (stopped or removed meanwhile): m@1"
+    )

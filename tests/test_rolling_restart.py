@@ -5,6 +5,7 @@ serving from its old server."""
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -160,3 +161,81 @@ def test_after_a_stopped_roll_a_restart_rolls_every_replica_onto_the_configured_
         status = daemon.instance(name)
         assert status["state"] == "ready" and status["pid"] != before[name]
         assert daemon.http.get(f"/plan/{name}").json()["command"][2] == str(moved)
+
+
+def test_a_replica_whose_new_plan_is_refused_stops_a_reloads_roll_and_the_other_keeps_serving(
+    write_config: ConfigWriter, start_daemon: StartDaemon
+) -> None:
+    """A reload's new settings that no GPU holds: the first replica's start is refused before any server runs
+    (it fails); the roll stops there instead of taking the other replica down too."""
+    config = write_config(two_replicas(), gpus=sim_gpus(2))
+    daemon = start_daemon(config)
+    before = ready_pids(daemon)
+
+    # a KV cache of about 50 GB: no simulated GPU of 24 GiB holds it
+    write_config(two_replicas(ctx=100_000_000), gpus=sim_gpus(2), daemon=same_daemon(config))
+    assert daemon.http.post("/config/reload").status_code == 200
+    assert daemon.instance("tiny@0")["state"] == "failed"
+    assert "rolling restart of tiny stopped at tiny@0: " in roll_events(daemon)[-1]
+    kept = daemon.instance("tiny@1")
+    assert (kept["state"], kept["pid"]) == ("ready", before["tiny@1"])
+
+
+def _rolling_in_background(daemon: Daemon) -> tuple[ThreadPoolExecutor, Any]:
+    """`POST /instances/tiny/restart` sent from a thread; returns once the roll's first replica restarts."""
+    first = daemon.instance("tiny@0")["pid"]
+    pool = ThreadPoolExecutor(1)
+
+    def restart() -> httpx.Response:
+        with httpx.Client(base_url=daemon.url, timeout=120) as http:
+            return http.post("/instances/tiny/restart")
+
+    answer = pool.submit(restart)
+    poll_until(lambda: daemon.instance("tiny@0"), lambda s: s["pid"] != first, "the roll's first restart", 30)
+    return pool, answer
+
+
+def test_a_replica_a_reload_removes_mid_roll_ends_the_roll_with_an_answer_not_a_crash(
+    write_config: ConfigWriter, start_daemon: StartDaemon
+) -> None:
+    config = write_config({"tiny": {"replicas": 4, "autostart": True}}, gpus=sim_gpus(4))
+    daemon = start_daemon(config)
+    for name in ("tiny@0", "tiny@1", "tiny@2", "tiny@3"):
+        daemon.wait_for(name, lambda s: s["state"] == "ready")
+    pool, answer = _rolling_in_background(daemon)
+    with pool:
+        write_config({"tiny": {"replicas": 3, "autostart": True}}, gpus=sim_gpus(4), daemon=same_daemon(config))
+        assert daemon.http.post("/config/reload").status_code == 200  # tiny@3 drained, stopped and gone
+        response = answer.result(timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["restarted"] == ["tiny@0", "tiny@1", "tiny@2"]
+    assert daemon.http.get("/instances/tiny@3").status_code == 404
+
+
+def test_a_replica_stopped_by_hand_during_a_roll_stays_stopped(
+    write_config: ConfigWriter, start_daemon: StartDaemon
+) -> None:
+    config = write_config(two_replicas(), gpus=sim_gpus(2))
+    daemon = start_daemon(config)
+    ready_pids(daemon)
+    pool, answer = _rolling_in_background(daemon)
+    with pool:
+        assert daemon.http.post("/instances/tiny@1/stop").status_code == 202
+        response = answer.result(timeout=120)
+    assert response.status_code == 200, response.text
+    assert daemon.instance("tiny@1")["state"] == "stopped"
+
+
+def test_the_daemons_stop_ends_a_roll_with_an_error_body(write_config: ConfigWriter, start_daemon: StartDaemon) -> None:
+    """SIGTERM during a roll: the roll restarts no further replica and its caller hears why in an ErrorBody
+    (before, the roll went on restarting replicas to be stopped, and was cut off by the API's end with a
+    plain-text 500 when it took longer than the API's grace)."""
+    daemon = start_daemon(write_config(two_replicas(), gpus=sim_gpus(2)))
+    ready_pids(daemon)
+    pool, answer = _rolling_in_background(daemon)
+    with pool:
+        daemon.proc.send_signal(signal.SIGTERM)
+        response = answer.result(timeout=60)
+        assert daemon.proc.wait(60) == 0
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"] == "the rolling restart of tiny ended unfinished: the daemon is stopping"

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from launcher.errors import LauncherError
 from launcher.statedir.layout import StateDir
-from launcher.statedir.owner import StateDirLock, read_owner
+from launcher.statedir.owner import LOCK_FDS_ENV, StateDirLock, read_owner
 from launcher.supervise.leftovers import ChildRegistry
 
 
@@ -36,3 +40,54 @@ def test_the_owner_and_its_children_are_recorded_where_the_layout_says(tmp_path:
     finally:
         lock.release()
     assert read_owner(tmp_path / "state") is None
+
+
+_CLAIM = """
+import sys
+from pathlib import Path
+from launcher.statedir.owner import StateDirLock
+lock = StateDirLock.claim(Path(sys.argv[1]), "http://new")
+print("claimed", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_an_upgrade_hands_the_state_directory_lock_over_so_no_other_daemon_takes_it_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """The descriptors `hand_over` names are adopted by `claim` in the program that gets them (here a child
+    given them as an exec would keep them); while either holds them, a third claim is refused."""
+    state = tmp_path / "state"
+    lock = StateDirLock.claim(state, "http://old")
+    env = {**os.environ, **lock.hand_over()}
+    fds = [int(fd) for fd in env[LOCK_FDS_ENV].split(",")]
+    new = subprocess.Popen(
+        [sys.executable, "-c", _CLAIM, str(state)],
+        env=env,
+        pass_fds=fds,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert new.stdout is not None and new.stdout.readline() == "claimed\n"
+        for fd in fds:  # the old program's copies closed, as at its exec: the new one's hold the lock alone
+            os.close(fd)
+        assert json.loads(StateDir(state).lock_file.read_text())["url"] == "http://new"
+        with pytest.raises(LauncherError, match="owns the state directory"):
+            StateDirLock.claim(state, "http://third")
+    finally:
+        assert new.stdin is not None
+        new.stdin.close()
+        assert new.wait(timeout=30) == 0
+    StateDirLock.claim(state, "http://after").release()  # let go at the new program's end
+
+
+def test_descriptors_handed_over_for_another_directory_are_not_adopted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = StateDirLock.claim(tmp_path / "other", "http://other")
+    monkeypatch.setenv(LOCK_FDS_ENV, other.hand_over()[LOCK_FDS_ENV])
+    mine = StateDirLock.claim(tmp_path / "mine", "http://mine")  # claimed as usual: not the other's lock
+    assert json.loads(StateDir(tmp_path / "mine").lock_file.read_text())["url"] == "http://mine"
+    mine.release()

@@ -105,7 +105,8 @@ async def test_one_start_computes_its_command_once(
     await manager.start("tiny")
     await instance.wait_until(is_ready, READY_TIMEOUT_S)
     # The model file: checked by the planner and before the spawn.
-    assert calls == {"launch_spec": 1, "binary": 1, "check_model": 2, "ensure_port_free": 1}
+    # The binary: looked up by the planner too (the server's identity keys what earlier runs measured).
+    assert calls == {"launch_spec": 1, "binary": 2, "check_model": 2, "ensure_port_free": 1}
     plan = await manager.plan("tiny")
     assert instance.spec is not None and plan.command == instance.spec.argv
     assert calls["launch_spec"] == 1
@@ -114,14 +115,14 @@ async def test_one_start_computes_its_command_once(
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # the policy starts a new process: checked and computed again
     await instance.wait_until(lambda i: i.restarts == 1 and is_ready(i), READY_TIMEOUT_S)
-    assert calls == {"launch_spec": 2, "binary": 2, "check_model": 3, "ensure_port_free": 2}
+    assert calls == {"launch_spec": 2, "binary": 3, "check_model": 3, "ensure_port_free": 2}
 
     calls.clear()
     await manager.restart("tiny")
     await instance.wait_until(is_ready, READY_TIMEOUT_S)
     # Before the stop, what would keep the server from coming back (model file, binary) is checked;
     # the port is its own until then.
-    assert calls == {"launch_spec": 1, "binary": 2, "check_model": 3, "ensure_port_free": 1}
+    assert calls == {"launch_spec": 1, "binary": 3, "check_model": 3, "ensure_port_free": 1}
 
 
 async def test_the_plan_of_an_instance_between_runs_is_what_its_next_run_gets(

@@ -62,7 +62,8 @@ def test_pins_and_priorities_decide_what_is_evicted(
 
     assert daemon.http.post("/instances/high/stop").status_code == 202
     daemon.wait_for("high", lambda s: s["state"] == "stopped")
-    assert chat(daemon, "pin").status_code == 200
+    pinned = chat(daemon, "pin")
+    assert pinned.status_code == 200, pinned.text
     for asker in ("high", "low"):  # pinned: never evicted, not even for a higher priority
         refused = chat(daemon, asker)
         assert refused.status_code == 503 and "pin is pinned" in error_of(refused)["message"]

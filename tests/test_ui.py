@@ -209,6 +209,43 @@ def test_plan_view_draws_a_fitting_and_a_refused_plan(dashboard: Start) -> None:
     assert page.unexpected_errors() == []
 
 
+def test_plan_view_shows_planned_and_actual_side_by_side(dashboard: Start) -> None:
+    """A running server's plan: per device the planned bar and the actual one, term by term as the API's
+    check says (on simulated GPUs the server runs on the CPU: GPU 0 is planned and not in its log)."""
+    page = dashboard()
+    daemon = page.daemon
+    actual = daemon.wait_for("tiny", lambda s: s["actual"] is not None)["actual"]
+    page.page.select_option("#plan-model", "big")  # then back: the view is drawn with the check there
+    page.page.wait_for_selector(".plan.refused")
+    page.page.select_option("#plan-model", "tiny")
+    page.page.wait_for_selector(".plan .check .check-device")
+    drawn = page.page.eval_on_selector_all(".plan .check-device", "ds => ds.map(d => d.dataset.device)")
+    assert drawn == [d["device"] for d in actual["devices"]]
+    for device in actual["devices"]:
+        row = f'.plan .check-device[data-device="{device["device"]}"]'
+        for side in ("planned", "actual"):
+            mibs = page.page.eval_on_selector_all(f"{row} .bar.{side} .seg", "s => s.map(x => +x.dataset.mib)")
+            assert mibs == [term[f"{side}_mib"] for term in device["terms"].values()]
+        assert page.page.get_attribute(f"{row} .difference", "data-mib") == f"{device['difference_mib']:g}"
+    assert "estimated" in page.text(".plan .terms")
+    assert page.unexpected_errors() == []
+
+
+def test_plan_view_draws_a_tensor_split_as_shares_of_every_layer(dashboard: Start) -> None:
+    linked = {"backend": "sim", "sim": [{"name": "Sim", "memory_mib": 1900, "link_group": "a"}] * 2}
+    page = dashboard(models={"wide": {"ctx": 262144}}, gpus=linked, ready=())
+    page.page.select_option("#plan-model", "wide")
+    page.page.wait_for_selector(".plan.fits .column[data-gpu='1']")
+    plan = page.daemon.http.get("/plan/wide").json()
+    assert plan["split_mode"] == "tensor"
+    assert page.text(".plan .split-mode") == "split mode tensor: GPUs 0 and 1 are nvlink-linked"
+    assert page.text(".plan .column[data-gpu='1'] .layers") == "a share of all 4 layers"
+    parts = "s => s.map(x => [+x.dataset.gpu, +x.dataset.layers])"
+    strip = page.page.eval_on_selector_all(".plan .strip.tensor .part", parts)
+    assert strip == [[0, 4], [1, 4]]
+    assert page.unexpected_errors() == []
+
+
 def test_requests_panel_lists_the_front_doors_requests(dashboard: Start) -> None:
     page = dashboard()
     page.page.wait_for_selector("#requests >> text=no requests yet")

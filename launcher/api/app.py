@@ -49,6 +49,7 @@ from launcher.schema import (
     RollReport,
     RpcClaim,
     RpcReport,
+    UpgradeStarted,
 )
 from launcher.statedir import logs
 from launcher.supervise.lending import Lending
@@ -106,10 +107,13 @@ def create_app(
     token: str | None = None,
     on_started: Callable[[], Awaitable[None]] | None = None,
     reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
+    upgrade: Callable[[], UpgradeStarted] | None = None,
+    program_started_at: float | None = None,
 ) -> FastAPI:
     """The REST API. ``router``: the front door's, whose requests `/requests` and `/metrics` report;
     ``server_metrics``: the servers' own series `/metrics` re-exports; ``reload``: the daemon's reload of
-    its configuration (given ``dry_run``), for `POST /config/reload`."""
+    its configuration (given ``dry_run``), for `POST /config/reload`; ``upgrade``: its upgrade in place, for
+    `POST /daemon/upgrade`; ``program_started_at``: shown by `/health`."""
     instances = table.view
 
     @asynccontextmanager
@@ -173,7 +177,12 @@ def create_app(
         state directory that cannot be written: that one alone keeps 200, the servers run on)."""
         ok = manager.all_ready(manager.autostart_names()) and not manager.lost_servers()
         states = {n: i.state for n, i in instances.items()}
-        body = Health(status="ok" if ok else "degraded", instances=states, warnings=manager.health_warnings())
+        body = Health(
+            status="ok" if ok else "degraded",
+            instances=states,
+            warnings=manager.health_warnings(),
+            program_started_at=program_started_at,
+        )
         return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)
 
     # The answers are ours, already typed: serialised once, not validated again against the response
@@ -236,6 +245,21 @@ def create_app(
             500 when an error struck after the new settings were taken (the event says which)."""
             return _json((await reload(dry_run)).model_dump_json())
 
+    if upgrade is not None:
+
+        @app.post(
+            "/daemon/upgrade",
+            status_code=202,
+            response_model=UpgradeStarted,
+            dependencies=[Depends(authorised)],
+            responses=_errors(*([401] if token is not None else []), 409),
+        )
+        async def upgrade_daemon() -> Response:
+            """Upgrade the daemon in place (as SIGUSR2 does): the requests in flight finish, then the
+            installed program is executed again in the same process and takes over the running servers and
+            the listening socket. 409 when it cannot be done now (starting, stopping, already upgrading)."""
+            return _json(upgrade().model_dump_json(), status_code=202)
+
     registry = CollectorRegistry(auto_describe=True)
     registry.register(LauncherCollector(manager))
     if router is not None:
@@ -257,10 +281,13 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/plan/{name}", response_model=Plan, responses={**read, **_errors(404, 422, 503)})
-    async def plan(name: InstanceName, request: Request, authorization: Authorization = None) -> Response:
+    async def plan(
+        name: InstanceName, request: Request, authorization: Authorization = None, estimate: bool = False
+    ) -> Response:
         """What `launcher plan NAME` shows: GPUs, MiB per GPU by term, split, command line, environment (the
-        configured environment's values and keys in the command line only with the token)."""
-        made = await unless_gone(request, manager.plan(name))
+        configured environment's values and keys in the command line only with the token). ``estimate``:
+        from the model's header alone, whatever earlier runs measured (`launcher plan --estimate`)."""
+        made = await unless_gone(request, manager.plan(name, estimate))
         shown_plan = made if holds_token(authorization) else redacted_plan(made, instances[name].settings.env)
         return _json(shown_plan.model_dump_json())
 
@@ -374,8 +401,8 @@ def create_app(
 _JSON = "application/json"
 
 
-def _json(body: str | bytes) -> Response:
-    return Response(body, media_type=_JSON)
+def _json(body: str | bytes, status_code: int = 200) -> Response:
+    return Response(body, status_code=status_code, media_type=_JSON)
 
 
 def _sse(event: Event) -> str:

@@ -55,8 +55,15 @@ class LauncherCollector(Collector):
             "model size the server reports, by where it sits",
             labels=[*labels, "where"],
         )
+        split = GaugeMetricFamily(
+            "launcher_instance_split_mode",
+            "1 for how the instance's plan divides the model over its devices (layer, tensor)",
+            labels=[*labels, "mode"],
+        )
         for status in self._manager.statuses():
             values = [status.name, status.group, status.backend]
+            if status.plan is not None:
+                split.add_metric([*values, status.plan.split_mode], 1.0)
             up.add_metric(values, 1.0 if status.state == State.READY else 0.0)
             for each in State:
                 state.add_metric([*values, each.value], 1.0 if status.state == each else 0.0)
@@ -66,7 +73,30 @@ class LauncherCollector(Collector):
             if "size_bytes" in info:
                 served.add_metric([*values, "total"], float(info["size_bytes"]))
                 served.add_metric([*values, "gpu"], float(info.get("size_vram_bytes", 0)))
-        yield from (up, state, restarts, vram, served)
+        yield from (up, state, restarts, vram, served, split)
+        yield from self._plan_checks()
+
+    def _plan_checks(self) -> Iterator[Metric]:
+        """Each ready server's plan against what it reports allocating, per device (as the server names it)."""
+        actual = GaugeMetricFamily(
+            "launcher_plan_actual_mib",
+            "MiB the server reports allocating, per device and term (weights, kv, state, compute, output, "
+            "other; process: what the GPU reading says its process holds)",
+            labels=["instance", "device", "term"],
+        )
+        error = GaugeMetricFamily(
+            "launcher_plan_error_mib",
+            "actual minus planned MiB per device (above zero: the plan was short)",
+            labels=["instance", "device"],
+        )
+        for status in self._manager.statuses():
+            for device in status.actual.devices if status.actual is not None else []:
+                for term, found in device.terms.items():
+                    actual.add_metric([status.name, device.device, term], found.actual_mib)
+                if device.process_mib is not None:
+                    actual.add_metric([status.name, device.device, "process"], float(device.process_mib))
+                error.add_metric([status.name, device.device], device.difference_mib)
+        yield from (actual, error)
 
     def _gpus(self) -> Iterator[Metric]:
         labels = ["gpu", "UUID", "pci_bus_id", "modelName"]

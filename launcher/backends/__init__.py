@@ -8,7 +8,7 @@ about the server it runs.
 
 from __future__ import annotations
 
-from launcher.backends.base import Health, LaunchSpec, ServerBackend, planned_file, with_command
+from launcher.backends.base import Health, LaunchSpec, ServerBackend, planned_file, planned_model, with_command
 from launcher.backends.llama_server import LlamaServerBackend
 from launcher.backends.ollama import OllamaBackend
 from launcher.backends.rpc_server import RpcServerBackend
@@ -20,6 +20,7 @@ __all__ = [
     "ServerBackend",
     "backend_for",
     "planned_file",
+    "planned_model",
     "with_command",
 ]
 

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import httpx
 
@@ -15,6 +15,7 @@ from launcher.config import ModelSettings
 from launcher.errors import ConfigError
 from launcher.gpu import visibility_env
 from launcher.hub_ref import HubRef
+from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import ModelFileError, regular_problem
 from launcher.plan.placement import Placement
 from launcher.schema import Plan, PlanCheck
@@ -133,6 +134,15 @@ def local_projector(model: ModelSettings) -> Path | None:
     return model.mmproj
 
 
+def with_local_projector(model: ModelSettings) -> ModelSettings:
+    """``model`` with a hub projector that is in the cache named by its file there, for the planner (which
+    reads no cache); ``model`` itself otherwise."""
+    if not isinstance(model.mmproj, HubRef):
+        return model
+    found = local_projector(model)
+    return model if found is None else model.model_copy(update={"mmproj": found})
+
+
 def local_model_file(model: ModelSettings) -> Path | None:
     """The model's file on this disk: its path, or a hub model's (first) file in the Hugging Face cache
     (None when not there whole). Reads the disk."""
@@ -156,6 +166,24 @@ def planned_file(backend: ServerBackend, model: ModelSettings, name: str) -> Pat
     model planned by its `ollama.size_mib`). It reads the disk: call it off the event loop."""
     backend.check_model(model, name)
     return backend.model_file(model)
+
+
+@runtime_checkable
+class SizedRemotely(Protocol):
+    """A backend whose model, not yet at hand, can be sized from where it will be pulled (Ollama's registry)."""
+
+    def remote_shape(self, model: ModelSettings) -> ModelShape | None:
+        """The model's shape from afar when it is not at hand; None when it is (or is sized otherwise)."""
+        ...
+
+
+def planned_model(backend: ServerBackend, model: ModelSettings, name: str) -> Path | ModelShape | None:
+    """`planned_file`, or for a model still to be pulled by its backend its shape from afar (network: call it
+    in a planning thread)."""
+    found = planned_file(backend, model, name)
+    if found is None and isinstance(backend, SizedRemotely):
+        return backend.remote_shape(model)
+    return found
 
 
 def with_command(plan: Plan, spec: LaunchSpec) -> Plan:

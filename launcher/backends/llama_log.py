@@ -123,12 +123,12 @@ def parse_lines(lines: Iterable[str]) -> Reported:
 def _planned_device(device: DevicePlan) -> dict[str, float]:
     weights = device.weights_mib + device.projector_mib
     terms = {"weights": weights, "kv": device.kv_cache_mib, "state": device.recurrent_mib}
-    return {**dict.fromkeys(TERMS, 0.0), **terms, "compute": device.compute_mib}
+    return {**dict.fromkeys(TERMS, 0.0), **terms, "compute": device.compute_mib, "output": device.output_mib}
 
 
 def _planned_host(host: HostPlan) -> dict[str, float]:
     terms = {"weights": host.weights_mib + host.projector_mib, "kv": host.kv_cache_mib, "state": host.recurrent_mib}
-    return {**dict.fromkeys(TERMS, 0.0), **terms, "compute": host.compute_mib}
+    return {**dict.fromkeys(TERMS, 0.0), **terms, "compute": host.compute_mib, "output": host.output_mib}
 
 
 def _check(name: str, planned: dict[str, float], actual: dict[str, float], **about: object) -> DeviceCheck:

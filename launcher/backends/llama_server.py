@@ -28,6 +28,11 @@ BINARY_NAME = "llama-server"
 # The server's Prometheus endpoint, which the daemon re-exports (supervise/server_metrics.py); on unless the
 # model's args or environment say otherwise.
 METRICS_ON, METRICS_OFF, METRICS_ENV = "--metrics", "--no-metrics", "LLAMA_ARG_ENDPOINT_METRICS"
+# This llama.cpp logs its buffer sizes (what the plan is checked against) at verbosity 4 only: the default
+# (3) says nothing of them. Measured (bench/log_verbosity.py): 158 more lines (11 KiB) at load, 21 more
+# (about 2 KiB) per request, latency within the noise; the logs are rotated (daemon.log_max_mib x log_keep). Given
+# before the model's args, so a verbosity there wins (llama.cpp takes the last).
+LLAMA_SERVER_LOG_ARGS = ["--log-verbosity", "4"]
 
 
 def find_llama_server(configured: Path | None) -> Path:
@@ -94,12 +99,16 @@ class LlamaServerBackend:
             argv += ["--rpc", ",".join(placement.rpc)]
         argv += ["--n-gpu-layers", str(placement.gpu_layers)]
         if placement.tensor_split:
-            argv += ["--split-mode", "layer", "--tensor-split", ",".join(f"{p:g}" for p in placement.tensor_split)]
+            split = ",".join(f"{p:g}" for p in placement.tensor_split)
+            argv += ["--split-mode", placement.split_mode, "--tensor-split", split]
+            if placement.split_mode == "tensor":
+                argv += ["--flash-attn", "on"]  # what SPLIT_MODE_TENSOR requires (llama-context.cpp)
         if placement.gpus or placement.rpc:
             # The plan decided layers and context; --fit (on by default) would re-decide at load time.
             argv += ["--fit", "off"]
         if last_switch(model.args, {METRICS_ON}, {METRICS_OFF}) is None and METRICS_ENV not in model.env:
             argv.append(METRICS_ON)
+        argv += LLAMA_SERVER_LOG_ARGS
         argv += model.args
         return LaunchSpec(argv=argv, env=child_environment(placement, model.env))
 
@@ -131,6 +140,6 @@ class LlamaServerBackend:
     def check_plan(self, plan: Plan, log_lines: list[str]) -> PlanCheck | str:
         reported = llama_log.parse_lines(log_lines)
         if reported.empty:
-            # This llama.cpp logs its buffers at verbosity 4 only; the default (3) says nothing of them.
-            return "llama-server logged no buffer sizes (it does from -lv 4: add it to the model's args)"
+            # The launcher asks for verbosity 4 (LLAMA_SERVER_LOG_ARGS); a lower one in the model's args wins.
+            return "llama-server logged no buffer sizes (it does from -lv 4: the model's args set a lower verbosity)"
         return llama_log.check(plan, reported)

@@ -2,7 +2,8 @@
 spread the model over them; ready once the configured model is loaded (`/api/ps` lists it).
 
 The model's size for planning comes from its GGUF blob in the Ollama store (manifest -> blob), read
-like any other GGUF file, or from `ollama.size_mib`.
+like any other GGUF file, or from `ollama.size_mib`, or, for a model in neither, from its manifest at the
+registry (ollama_registry.py): the start pulls it first (supervise/ollama_downloads.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from typing import Any
 import httpx
 
 from launcher.backends.base import Health, LaunchSpec, child_environment, configured_binary
+from launcher.backends.ollama_registry import registry_model_bytes
 from launcher.config import ModelSettings
 from launcher.errors import ConfigError
+from launcher.plan.estimate import ModelShape, size_only
 from launcher.plan.gguf import ModelFileError, open_regular
 from launcher.plan.placement import Placement
 from launcher.schema import Plan, PlanCheck
@@ -74,12 +77,13 @@ class OllamaBackend:
         return Path(found)
 
     def check_model(self, model: ModelSettings, name: str) -> None:
-        if self.model_file(model) is None and model.ollama.size_mib is None:
-            raise ConfigError(
-                f"{name}: the model {model.model} is not in the Ollama store at {models_dir(model)} and "
-                "no ollama.size_mib is set, so it cannot be planned",
-                hint=f"`ollama pull {model.model}` with OLLAMA_MODELS there, or set ollama.size_mib",
-            )
+        """Nothing to check: a model not in the store is pulled at its start (supervise/ollama_downloads.py)."""
+
+    def remote_shape(self, model: ModelSettings) -> ModelShape | None:
+        """A model not in the store and without `ollama.size_mib`: sized by its manifest at the registry."""
+        if model.ollama.size_mib is not None or self.model_file(model) is not None:
+            return None
+        return size_only(registry_model_bytes(str(model.model), model.ollama.registry))
 
     def model_file(self, model: ModelSettings) -> Path | None:
         return blob_for(str(model.model), models_dir(model))

@@ -46,6 +46,8 @@ class NvmlBackend:
         self._nv.nvmlInit()
         count = self._nv.nvmlDeviceGetCount()
         self._handles = [self._nv.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        driver = self._optional(self._nv.nvmlSystemGetDriverVersion)
+        self._driver = _text(driver) if driver is not None else None
         self._identities = [self._identity(i, h) for i, h in enumerate(self._handles)]
         self._topology_levels = {
             self._nv.NVML_TOPOLOGY_INTERNAL: Link.BOARD,
@@ -66,6 +68,7 @@ class NvmlBackend:
             name=_text(self._nv.nvmlDeviceGetName(handle)),
             pci_bus_id=_text(pci.busId) if pci is not None else None,
             vendor="nvidia",
+            driver=self._driver,
         )
 
     def identities(self) -> list[GpuIdentity]:

@@ -19,7 +19,7 @@ from launcher.config import Settings
 from launcher.gpu import open_backend
 from launcher.gpu.base import GpuBackend
 from launcher.gpu.types import GpuIdentity, Link, sample_of
-from launcher.schema import GpuSample
+from launcher.schema import GpuProcess, GpuSample
 
 Listener = Callable[[GpuSample], None]
 _STALE_AFTER_POLLS = 3
@@ -104,6 +104,18 @@ class Sampler:
         the samples go to history and listeners like any other."""
         by_index = {g.index: g for g in self.identities}
         await asyncio.gather(*(self._poll(by_index[i], 1) for i in indices if i in by_index))
+
+    async def processes(self, indices: Iterable[int]) -> dict[int, tuple[GpuProcess, ...] | None]:
+        """The processes on these GPUs and the memory each holds, read now (a read with processes, outside
+        the schedule; one already under way without them is awaited, then one more made). None for a GPU
+        whose library does not say."""
+        by_index = {g.index: g for g in self.identities}
+        wanted = [by_index[i] for i in indices if i in by_index]
+        found: dict[int, tuple[GpuProcess, ...] | None] = {}
+        for _ in range(2):
+            await asyncio.gather(*(self._poll(gpu, 0) for gpu in wanted if found.get(gpu.index) is None))
+            found = {gpu.index: self._history[gpu.index][-1].processes for gpu in wanted}
+        return found
 
     @property
     def poll_interval_s(self) -> float:

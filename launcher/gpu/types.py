@@ -38,6 +38,7 @@ class GpuIdentity:
     name: str
     pci_bus_id: str | None
     vendor: str  # nvidia | amd
+    driver: str | None = None  # the driver's version, where the library says (the driver's share is learned per it)
 
 
 def sample_of(identity: GpuIdentity, reading: GpuReading | None, now: float, error: str | None = None) -> GpuSample:

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from launcher.plan.estimate import MIB, ModelShape, Runtime
 from launcher.plan.layout import Layout, UsableGpu, layout
 from launcher.schema import ContextChoice
+from launcher.server_args import CTX_CELLS
 
 # llama-server's own floor for a context it chooses (`--fit-ctx`, common/arg.cpp `fit_params_min_ctx`): below
 # it a chat with a system prompt and a few turns no longer fits, so a smaller default would only hide a box
 # that is too full.
 DEFAULT_CTX_MIN = 4096
-CELLS = 256  # llama.cpp pads every KV stream to this many cells
+CELLS = CTX_CELLS
 
 
 def largest(fits: Callable[[int], bool], low: int, high: int) -> int | None:

@@ -23,7 +23,7 @@ from launcher.plan.arch import (
     sliding_window,
     state_widths,
 )
-from launcher.plan.gguf import GgufFile, ModelFileError
+from launcher.plan.gguf import GgufFile, ModelFileError, TensorInfo
 from launcher.server_args import CACHE_TYPE_BYTES
 
 MIB = 1024 * 1024
@@ -63,6 +63,7 @@ class ModelShape:
     work: tuple[LayerWork, ...] = ()  # per layer, what it asks of the compute buffer (none: a plain FFN's)
     # (layer, name, bytes) of every repeating layer's tensors: what -ot and --cpu-moe keep on the host.
     layer_tensors: tuple[tuple[int, str, int], ...] = field(default=(), compare=False, repr=False)
+    tensors: tuple[TensorInfo, ...] = field(default=(), compare=False, repr=False)  # all, for -sm tensor
 
     @functools.cached_property
     def widest_value_row(self) -> int:
@@ -140,6 +141,7 @@ class ModelShape:
             state=state_widths(keys, n_embd) if recurrent else StateWidths(0, 0),
             work=layer_work(keys, n_embd, n_ff, width, names, attending, swa, recurrent, not rule.outputs_after_last),
             layer_tensors=tuple(tensors),
+            tensors=tuple(model.tensors),
         )
 
 

@@ -32,11 +32,15 @@ class UsableGpu:
     usable_mib: int
     host: str = LOCAL
     endpoint: str = ""
+    learned_overhead_b: int | None = None  # the driver's share measured on this GPU model and driver
 
     def overhead(self, overhead_b: int) -> int:
         """The driver's context this instance adds on the GPU: none on a lent one, where the peer's plan of
-        its rpc-server already holds it (the rpc-server process is that context)."""
-        return 0 if self.endpoint else overhead_b
+        its rpc-server already holds it (the rpc-server process is that context); what was measured on
+        this GPU model and driver where it was, else ``overhead_b`` (gpus.overhead_mib)."""
+        if self.endpoint:
+            return 0
+        return overhead_b if self.learned_overhead_b is None else self.learned_overhead_b
 
 
 @dataclass(frozen=True)

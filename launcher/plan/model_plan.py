@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 from launcher.config import GpuSettings, ModelSettings
 from launcher.gpu.types import Link
-from launcher.plan.context import largest, size_context
+from launcher.plan.context import CELLS, largest, size_context, streams
 from launcher.plan.estimate import MIB, ModelShape, Runtime, kv_bytes, padded_ctx
 from launcher.plan.layout import (
     DeviceLoad,
@@ -23,6 +23,8 @@ from launcher.plan.layout import (
 )
 from launcher.plan.remote import NO_REMOTE, Remote, across_hosts, network_cost
 from launcher.plan.runtime import not_modelled, runtime_for
+from launcher.plan.split_modes import SplitChoice, SplitMode
+from launcher.plan.tensor_plan import apply_split_mode, tensor_instead
 from launcher.schema import DevicePlan, GpuSample, HostPlan, Plan
 
 GIB = 1024 * MIB
@@ -37,16 +39,25 @@ def _gib(b: float) -> str:
     return f"{b / GIB:.1f} GiB" if b >= GIB else f"{round(b / MIB)} MiB"
 
 
-def usable_gpus(samples: Sequence[GpuSample], claims_mib: Mapping[int, int], gpus: GpuSettings) -> list[UsableGpu]:
+def usable_gpus(
+    samples: Sequence[GpuSample],
+    claims_mib: Mapping[int, int],
+    gpus: GpuSettings,
+    learned_overhead_mib: Mapping[int, int] | None = None,
+) -> list[UsableGpu]:
     """What each readable GPU can give this instance: min(free now, total - other instances' claims)
-    less the margin and the GPU's reserve."""
+    less the margin and the GPU's reserve; with the driver's share measured on it, by index, if any."""
+    learned = learned_overhead_mib or {}
     result = []
     for s in samples:
         if s.error is not None or s.memory_total_mib is None or s.memory_free_mib is None:
             continue
         available_mib = min(s.memory_free_mib, s.memory_total_mib - claims_mib.get(s.index, 0))
         usable = available_mib - gpus.margin_mib - gpus.reserve_mib.get(s.index, 0)
-        result.append(UsableGpu(s.index, s.uuid, s.name, s.memory_total_mib, max(0, usable)))
+        overhead_b = learned[s.index] * MIB if s.index in learned else None
+        result.append(
+            UsableGpu(s.index, s.uuid, s.name, s.memory_total_mib, max(0, usable), learned_overhead_b=overhead_b)
+        )
     return result
 
 
@@ -67,11 +78,13 @@ def make_plan(
     gpus: GpuSettings,
     projector_bytes: int = 0,
     remote: Remote = NO_REMOTE,
+    learned_overhead_mib: Mapping[int, int] | None = None,
 ) -> Plan:
     """The plan; ``projector_bytes`` are the weights of the model's --mmproj file, if it has one;
-    ``remote`` the peers' endpoints it may also use, when this host's GPUs do not hold it."""
+    ``remote`` the peers' endpoints it may also use, when this host's GPUs do not hold it;
+    ``learned_overhead_mib`` the driver's share measured on this host's GPUs, by index."""
     runtime = runtime_for(model, shape, on_gpu=bool(samples or remote.endpoints), projector_bytes=projector_bytes)
-    allowed = _allowed(model, usable_gpus(samples, claims_mib, gpus))
+    allowed = _allowed(model, usable_gpus(samples, claims_mib, gpus, learned_overhead_mib))
     overhead_b = gpus.overhead_mib * MIB
     on_gpus = bool(samples or remote.endpoints)
 
@@ -93,6 +106,21 @@ def make_plan(
         runtime = sized.runtime
     chosen = place(runtime) if sized is None else sized.layout
     refusal = sized.refusal if sized is not None else None
+    split = SplitChoice(SplitMode.LAYER, "")
+    layers_given = isinstance(model.tensor_split, list)
+    if chosen is not None and len(chosen.devices) > 1 and not layers_given:
+        chosen, runtime, split = apply_split_mode(
+            model.split_mode, model.backend, shape, runtime, chosen, links, overhead_b
+        )
+    elif chosen is not None and layers_given and model.split_mode in ("row", "tensor"):
+        why = f"split_mode: {model.split_mode} ignored: tensor_split gives layers per GPU"
+        split = SplitChoice(SplitMode.LAYER, f"layer: {why}", why)
+    elif chosen is not None and model.split_mode in ("row", "tensor"):
+        split = SplitChoice(SplitMode.LAYER, f"layer: {model.split_mode} needs the model on several GPUs", None)
+    elif chosen is None and refusal is None and not layers_given and model.split_mode in ("auto", "tensor"):
+        instead = tensor_instead(model.split_mode, model.backend, shape, runtime, allowed, links, overhead_b)
+        if instead is not None:
+            chosen, runtime, split = instead
     if chosen is None and model.allow_cpu_offload and allowed and refusal is None:
         chosen = most_layers(shape, runtime, allowed, overhead_b)
     fits = chosen is not None
@@ -131,7 +159,11 @@ def make_plan(
         sliding_window=shape.sliding_window,
         swa_layers=len(shape.swa_layers),
         recurrent_layers=len(shape.recurrent_layers),
-        warnings=architecture_warnings(shape) + [f"not planned onto: {why}" for why in remote.left_out],
+        warnings=architecture_warnings(shape)
+        + [f"not planned onto: {why}" for why in remote.left_out]
+        + ([split.warning] if split.warning else []),
+        split_mode=split.mode.value,
+        split_reason=split.reason,
         not_modelled=not_modelled(model.args),
         network=network_cost(shape, chosen) if fits else None,
     )
@@ -237,9 +269,13 @@ def _suggestions(
 
     # contexts in steps of 256
     best = largest(lambda k: fits(dataclasses.replace(runtime, ctx=k * 256)), 1, padded_ctx(runtime.ctx) // 256 - 1)
-    if best:
-        key = "ctx_min" if model.ctx == "max" else "ctx"
-        result.append(f"the largest context that fits is {best * 256} ({key}: {best * 256})")
+    if model.ctx == "max":  # ctx_min is per KV stream: -c over the streams, down to llama.cpp's step
+        per_stream = best * 256 // streams(runtime) // CELLS * CELLS if best else 0
+        if per_stream:
+            slot = " per slot" if streams(runtime) > 1 else ""
+            result.append(f"the largest context that fits is {per_stream}{slot} (ctx_min: {per_stream})")
+    elif best:
+        result.append(f"the largest context that fits is {best * 256} (ctx: {best * 256})")
     if (runtime.cache_type_k, runtime.cache_type_v) != ("q8_0", "q8_0"):
         q8 = Runtime(**{**vars(runtime), "cache_type_k": "q8_0", "cache_type_v": "q8_0"})
         saved = sum(kv_bytes(shape, runtime, u) - kv_bytes(shape, q8, u) for u in range(shape.n_layer))
@@ -248,6 +284,11 @@ def _suggestions(
             result.append(
                 f"a q8_0 KV cache (args: [--cache-type-k, q8_0, --cache-type-v, q8_0]) saves {_gib(saved)}, {outcome}"
             )
+    if model.split_mode in ("layer", "auto"):  # auto has tried it only over directly linked GPUs
+        instead = tensor_instead("tensor", model.backend, shape, runtime, allowed, {}, overhead_b)
+        if instead is not None:
+            on = ",".join(str(d.gpu) for d in instead[0].devices)
+            result.append(f"it fits with split_mode: tensor on GPUs {on}")
     widest = max(allowed, key=lambda r: r.total_mib)
     for count in range(len(allowed) + 1, 17):
         clones = [UsableGpu(i, f"GPU-{i}", widest.name, widest.total_mib, widest.usable_mib) for i in range(count)]

@@ -20,6 +20,7 @@ class Placement:
     claims_mib: Mapping[int, int] = field(default_factory=dict)  # planned MiB per GPU index
     rpc: tuple[str, ...] = ()  # peers' rpc-servers (HOST:PORT), whose devices come before this host's GPUs
     ctx: int | None = None  # the context the plan chose (`ctx: max`); None: the model's configured one
+    split_mode: str = "layer"  # layer | tensor (-sm)
 
     @property
     def gpus(self) -> tuple[int, ...]:

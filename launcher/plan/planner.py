@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.config import GpuSettings, ModelSettings
 from launcher.errors import ConfigError, StartError
 from launcher.gpu.types import GpuIdentity, Link
+from launcher.hub_ref import HubRef
 from launcher.plan.estimate import ModelShape, size_only
 from launcher.plan.gguf import ModelFileError, read_gguf, regular_problem
+from launcher.plan.measured import Measurement, with_measured
 from launcher.plan.model_plan import make_plan
 from launcher.plan.placement import Placement
 from launcher.plan.remote import NO_REMOTE, Remote
@@ -38,19 +40,32 @@ def _tensor_bytes(path: Path, mtime_ns: int, size: int) -> int:
 
 def projector_bytes(model: ModelSettings) -> int:
     """The weights of the model's projector (`mmproj:`, or --mmproj in args; 0 without one). The path is
-    relative to where the server runs, as llama-server reads it. A hub projector not downloaded yet is
-    planned by the caller from its header (launcher/hub/planning.py)."""
-    from launcher.backends.base import local_projector
-
-    value = arg_value(model.args, *MMPROJ) or local_projector(model)
+    relative to where the server runs, as llama-server reads it. A hub projector is the caller's to resolve:
+    planned from its header before its download (launcher/hub/planning.py), its file in the cache after it
+    (backends.base.with_local_projector): the planner reads no cache."""
+    value = arg_value(model.args, *MMPROJ) or model.mmproj
     if value is None:
         return 0
+    if isinstance(value, HubRef):
+        raise ModelFileError(f"the projector {value} is not in the Hugging Face cache", hint="`launcher pull`")
     path = Path(value)
     problem = regular_problem(path)
     if problem is not None:  # never opened then: a FIFO would block the placement forever
         raise ModelFileError(f"the --mmproj file {path} {problem}", hint="fix the path in args")
     stat = path.stat()
     return _tensor_bytes(path, stat.st_mtime_ns, stat.st_size)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What earlier runs measured, for one plan: the run of the same model file, settings and server
+    (None: none, or not wanted), and the driver's share learned on this host's GPUs, by index."""
+
+    run: Measurement | None = None
+    overheads_mib: Mapping[int, int] = field(default_factory=dict)
+
+
+NOT_MEASURED = Measured()
 
 
 @dataclass(frozen=True)
@@ -84,13 +99,15 @@ class Planner:
         claims: Mapping[int, int],
         remote: Remote = NO_REMOTE,
         projector: int | None = None,
+        measured: Measured = NOT_MEASURED,
     ) -> Plan:
         """The plan for ``model`` against ``samples``, around the MiB per GPU that ``claims`` hold, also
         over the peers' endpoints in ``remote`` when the model's `hosts:` allows them. ``model_file`` is
         the GGUF file its backend found (backends.planned_file), None for an rpc-server, which has no
         model, and for an Ollama model that is planned by its configured `ollama.size_mib`; or the model's
         shape, read by the caller from elsewhere (a hub model's headers, launcher/hub/); ``projector``: the
-        bytes of its projector's weights when the caller read them so (None: its file's, if it has one)."""
+        bytes of its projector's weights when the caller read them so (None: its file's, if it has one);
+        ``measured``: what earlier runs measured (launcher/supervise/measuring.py), taken where it applies."""
         self._check_gpu_refs(name, model)
         if model.backend == "rpc-server":  # no model: the GPUs it lends
             return lending_plan(name, model, samples, claims, self._gpus)
@@ -103,7 +120,10 @@ class Planner:
             shape = size_only((model.ollama.size_mib or 0) * 1024 * 1024)
         if projector is None:
             projector = projector_bytes(model) if model.backend == "llama-server" else 0
-        return make_plan(name, model, shape, samples, self._links, claims, self._gpus, projector, remote)
+        plan = make_plan(
+            name, model, shape, samples, self._links, claims, self._gpus, projector, remote, measured.overheads_mib
+        )
+        return with_measured(plan, measured.run)
 
     def place(
         self,
@@ -113,9 +133,10 @@ class Planner:
         samples: Sequence[GpuSample],
         claims: Mapping[int, int],
         remote: Remote = NO_REMOTE,
+        measured: Measured = NOT_MEASURED,
     ) -> Placed:
         """The plan and placement of a start, or StartError with the numbers and the ways out."""
-        plan = self.plan(name, model, model_file, samples, claims, remote)
+        plan = self.plan(name, model, model_file, samples, claims, remote, measured=measured)
         if not plan.fits:
             raise StartError(plan.reason or f"{name} does not fit", hint="; ".join(plan.suggestions) or None)
         return Placed(plan, self.placement(plan))
@@ -133,6 +154,7 @@ class Planner:
             claims_mib=plan.claims_mib,
             rpc=tuple(dict.fromkeys(d.endpoint for d in plan.devices if d.endpoint is not None)),
             ctx=ctx,
+            split_mode=plan.split_mode,
         )
 
     def _check_gpu_refs(self, name: str, model: ModelSettings) -> None:

@@ -107,7 +107,9 @@ def not_modelled(args: Sequence[str]) -> list[str]:
     found = [f"{flag}: {effect}" for flags, effect in _NOT_MODELLED for flag in flags if flag in present]
     split = arg_value(args, "-sm", "--split-mode")
     if split not in (None, "layer"):
-        found.append(f"--split-mode {split}: each layer is spread over the GPUs; the plan places whole layers")
+        found.append(
+            f"--split-mode {split}: overrides the planned mode; set `split_mode: {split}` instead, which the plan sizes"
+        )
     for value in every_value(args, *OVERRIDE_TENSOR):
         for pattern, target in tensor_overrides(value):
             if not target.upper().startswith("CPU"):

@@ -15,11 +15,18 @@ from launcher.supervise.table import RequestLoad
 
 
 class Admission:
-    def __init__(self, replicas: Callable[[str], Sequence[Replica]], load: RequestLoad) -> None:
+    def __init__(
+        self,
+        replicas: Callable[[str], Sequence[Replica]],
+        load: RequestLoad,
+        prefix_epsilon: Callable[[str], float | None] = lambda _model: None,
+    ) -> None:
         self._replicas = replicas  # a model's instances as they are now
+        self._prefix_epsilon = prefix_epsilon  # a model's routing_epsilon when it routes by prefix, else None
         self._load = load  # instance -> requests it serves now
         self._queued = load.queued  # model -> requests waiting (len of its _waiting, for the statuses)
-        self._waiting: dict[str, deque[asyncio.Future[str]]] = {}  # model -> requests waiting, oldest first
+        # model -> requests waiting, oldest first, each with its prefix key
+        self._waiting: dict[str, deque[tuple[asyncio.Future[str], str | None]]] = {}
         self._turn: dict[str, int] = {}  # model -> round-robin position among equals
 
     def in_flight(self, instance: str) -> int:
@@ -36,32 +43,34 @@ class Admission:
         """A request of ``model`` is in flight on one of its ``instances`` or waits for one."""
         return self.queued(model) > 0 or any(self.in_flight(i) for i in instances)
 
-    def _take(self, model: str, *, unbounded: bool = False) -> str | None:
+    def _take(self, model: str, prefix: str | None, *, unbounded: bool = False) -> str | None:
         turn = self._turn.get(model, 0)
         replicas = self._replicas(model)
         if unbounded:
             replicas = [dataclasses.replace(r, limit=r.in_flight + 1) for r in replicas]
-        name = pick(replicas, turn)
+        epsilon = self._prefix_epsilon(model)
+        name = pick(replicas, turn) if epsilon is None or prefix is None else pick(replicas, turn, prefix, epsilon)
         if name is not None:
             self._turn[model] = turn + 1
             self._load.take(name)
         return name
 
-    def try_take(self, model: str, *, unbounded: bool = False) -> str | None:
-        """An instance that takes the request now (counted in flight), if none waits before it.
-        ``unbounded``: past the instances' limits and the queue (a look at a server, not work for it)."""
+    def try_take(self, model: str, prefix: str | None = None, *, unbounded: bool = False) -> str | None:
+        """An instance that takes the request now (counted in flight), if none waits before it; ``prefix``:
+        the request's prefix key (`prefix_ring.prefix_key`). ``unbounded``: past the instances' limits and
+        the queue (a look at a server, not work for it)."""
         if unbounded:
-            return self._take(model, unbounded=True)
-        return None if self.queued(model) else self._take(model)
+            return self._take(model, prefix, unbounded=True)
+        return None if self.queued(model) else self._take(model, prefix)
 
-    async def wait(self, model: str, queue_max: int, timeout_s: float) -> str:
+    async def wait(self, model: str, queue_max: int, timeout_s: float, prefix: str | None = None) -> str:
         """Wait in ``model``'s queue for an instance (counted in flight once given). RouteError 429 when
         the queue is full or the wait runs out; whatever `fail` sets is raised here."""
         waiting = self._waiting.setdefault(model, deque())
         if len(waiting) >= queue_max:
             raise RouteError(429, f"{model}: {len(waiting)} requests are queued already", "queue_full", retry_after_s=1)
         turn: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        waiting.append(turn)
+        waiting.append((turn, prefix))
         self._counted(model)
         given: str | None = None
         try:
@@ -75,8 +84,8 @@ class Admission:
                 retry_after_s=1,
             ) from None
         finally:
-            if turn in waiting:
-                waiting.remove(turn)
+            if (turn, prefix) in waiting:
+                waiting.remove((turn, prefix))
                 self._counted(model)
             if given is None and turn.done() and not turn.cancelled() and turn.exception() is None:
                 self.release(turn.result())  # given an instance just as the wait ended: give it back
@@ -89,10 +98,10 @@ class Admission:
         """Give free instances to the waiting requests, oldest first."""
         waiting = self._waiting.get(model)
         while waiting:
-            name = self._take(model)
+            name = self._take(model, waiting[0][1])
             if name is None:
                 return
-            turn = waiting.popleft()
+            turn, _ = waiting.popleft()
             self._counted(model)
             if turn.done():  # its wait ended meanwhile
                 self.release(name)
@@ -103,6 +112,6 @@ class Admission:
         """End every wait for ``model`` with ``error`` (it stopped, failed or cannot start)."""
         waiting = self._waiting.pop(model, deque())
         self._counted(model)
-        for turn in waiting:
+        for turn, _ in waiting:
             if not turn.done():
                 turn.set_exception(error)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+from launcher.route.prefix_ring import pick_by_prefix
+
 
 @dataclass(frozen=True)
 class Replica:
@@ -21,11 +23,14 @@ class Replica:
     limit: int  # requests in flight before the next one waits
 
 
-def pick(replicas: Sequence[Replica], turn: int) -> str | None:
-    """The replica with the fewest requests in flight that has room; among equals, round-robin: the
-    first one at or after position ``turn % len(replicas)``. None when none can take a request now."""
+def pick(replicas: Sequence[Replica], turn: int, prefix: str | None = None, epsilon: float = 0.25) -> str | None:
+    """With a ``prefix`` key (`routing: prefix`), `prefix_ring.pick_by_prefix`'s replica. Without, the
+    replica with the fewest requests in flight that has room; among equals, round-robin: the first one at
+    or after position ``turn % len(replicas)``. None when none can take a request now."""
     if not replicas:
         return None
+    if prefix is not None:
+        return pick_by_prefix(replicas, prefix, epsilon)
     start = turn % len(replicas)
     best: Replica | None = None
     for offset in range(len(replicas)):

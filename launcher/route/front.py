@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from launcher.route.errors import RouteError
+from launcher.route.prefix_ring import prefix_key
 from launcher.route.router import Router
 from launcher.route.served import Served
 from launcher.route.where import OnPeer, peer_models
@@ -104,11 +105,12 @@ class FrontDoor:
                 )
             else:
                 naming = None if upstream else doc["model"]  # the answer names what the client asked for
+                prefix = _upstream_prefix(method, body) if upstream else prefix_key(doc)
                 if not upstream:
                     body = self._router.body_for(model, doc, body)
                 serving = self._router.serve(
                     model, method, target + query, scope["headers"], body, tracked, arrived_s,
-                    queued=not upstream, naming=naming,
+                    queued=not upstream, naming=naming, prefix=prefix,
                 )  # fmt: skip
             served = await _until_client_leaves(receive, serving, lambda: answered)
         except RouteError as exc:
@@ -202,6 +204,17 @@ def _json_with_model(body: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict) or not isinstance(doc.get("model"), str):
         raise RouteError(400, 'the body must be a JSON object with a "model" (a name or an alias)', "model_missing")
     return doc
+
+
+def _upstream_prefix(method: str, body: bytes) -> str | None:
+    """The prefix key of a request passed through to a server (Ollama's /api/chat and /api/generate): its
+    body read as a chat or a completion when it is JSON, else none."""
+    if method != "POST" or not body:
+        return None
+    try:
+        return prefix_key(loads_json(body))
+    except ValueError:  # not JSON, or nested too deep: passed on without a key
+        return None
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -92,7 +92,7 @@ class Router:
         }
         self.names = {alias: name for name, m in self.configured.items() for alias in (name, *m.aliases)}
         self._group = {i: name for name, routed in self._models.items() for i in routed.instances}
-        self.admission = Admission(self._replicas, table.requests)
+        self.admission = Admission(self._replicas, table.requests, self._prefix_epsilon)
         self._slots: dict[str, int] = {}  # instance -> requests its server takes at once, read when ready
         self._taken_out: dict[str, asyncio.Task[None]] = {}  # instance -> the probe that puts it back
         self._placing = asyncio.Lock()  # one on-demand decision at a time: each sees the last one's start
@@ -209,14 +209,16 @@ class Router:
         *,
         queued: bool = True,
         naming: str | None = None,
+        prefix: str | None = None,
     ) -> Served:
         """Pass the request to an instance of ``model`` (waiting for one, starting it on demand) and its
         answer back; one retry on another replica when the first could not be reached. ``queued=False``:
         a pass-through to the server (/upstream) that its limit and queue do not hold back, once it serves.
-        ``naming``: the name the answer's `model` fields get (the one the client asked for)."""
+        ``naming``: the name the answer's `model` fields get (the one the client asked for). ``prefix``: the
+        request's prefix key, for `routing: prefix`."""
         routed = self._models[model]
         for attempt in (1, 2):
-            instance = await self._lease(model, routed, queued)
+            instance = await self._lease(model, routed, queued, prefix)
             try:
                 port = self._instances[instance].port
                 url = f"http://127.0.0.1:{port}{path}"
@@ -283,11 +285,17 @@ class Router:
                 return RouteError(503, f"{model} is downloading: {said}", "downloading", retry_after_s=retry_s)
         return None
 
-    async def _lease(self, model: str, routed: _RoutedModel, queued: bool) -> str:
+    def _prefix_epsilon(self, model: str) -> float | None:
+        routed = self._models.get(model)
+        if routed is None or routed.settings.routing != "prefix":
+            return None
+        return routed.settings.routing_epsilon
+
+    async def _lease(self, model: str, routed: _RoutedModel, queued: bool, prefix: str | None) -> str:
         """An instance that takes the request, counted in flight: now, or after a wait in the queue."""
         if self._closed is not None:
             raise self._closed
-        taken = self.admission.try_take(model, unbounded=not queued)
+        taken = self.admission.try_take(model, prefix, unbounded=not queued)
         if taken is not None:
             return taken
         loading = not any(self._serving(i) for i in routed.instances)
@@ -306,7 +314,7 @@ class Router:
             routed.bringing_up = asyncio.create_task(self._bring_up(model, routed))
         # Waiting for a load may take as long as the load may; a queue behind busy replicas, queue_timeout_s.
         timeout_s = routed.settings.queue_timeout_s + (routed.settings.health.load_timeout if loading else 0.0)
-        return await self.admission.wait(model, routed.settings.queue_max, timeout_s)
+        return await self.admission.wait(model, routed.settings.queue_max, timeout_s, prefix)
 
     # ---- on demand --------------------------------------------------------------------------------------
 
@@ -346,6 +354,7 @@ class Router:
         """Stop what `choose.make_room` picks so that ``model`` fits beside what runs: True when it may
         start now; False when its requests wait for busy models to go idle (or a resident time to end).
         RouteError when nothing the rules allow to stop would make room."""
+        await self._manager.await_vacated(model)  # a server stopped a moment ago: its memory counts as free
         plan_without = self._manager.planner_with_stopped(routed.instances[0])
         residents = [
             choose.Resident(

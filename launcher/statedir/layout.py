@@ -2,8 +2,10 @@
 
 STATE_DIR/daemon.lock      the owner record, locked by the daemon that owns the directory (owner.py)
 STATE_DIR/children.json    the servers that daemon runs (children.py)
+STATE_DIR/handover.json    what an upgrade's old program hands its new one (supervise/handover.py)
 STATE_DIR/logs/NAME.log    each instance's server output, NAME.log.1.. its rotated copies (logs.py)
 STATE_DIR/kv-cache/NAME/   llama-server slots' saved prompt caches (supervise/slot_store.py)
+STATE_DIR/measured.json   what running servers measured, and the driver's share per GPU (measurements.py)
 STATE_DIR/daemon.log       the output of a daemon `launcher up --detach` started in the background
 STATE_DIR/hub-headers/ORG--REPO/COMMIT/FILE.header
                            the start of a hub model's file, its GGUF header (launcher/hub/headers.py)
@@ -30,6 +32,10 @@ class StateDir:
         return self.root / "children.json"
 
     @property
+    def handover_file(self) -> Path:
+        return self.root / "handover.json"
+
+    @property
     def logs_dir(self) -> Path:
         return self.root / "logs"
 
@@ -40,6 +46,10 @@ class StateDir:
     @property
     def hub_headers_dir(self) -> Path:
         return self.root / "hub-headers"
+
+    @property
+    def measured_file(self) -> Path:
+        return self.root / "measured.json"
 
     @property
     def kv_cache_dir(self) -> Path:

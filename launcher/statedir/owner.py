@@ -7,8 +7,10 @@ the next one. The lock on the directory is what deleting a file cannot break: wi
 second daemon would lock a new file of that name, but not the directory. The lock on the file is kept for
 a daemon of an earlier version, which locks only that. (Where the directory cannot be locked, as on some
 network filesystems, the file's lock alone stands.) The descriptors are close-on-exec, so servers never
-inherit the lock. The holder writes its pid, start time and API URL into the file; `read_owner` reads
-them without locking, so a command that only reads never competes with a daemon that is starting.
+inherit the lock; an upgrade's exec is the one exception (`hand_over`): the program executed again adopts
+the same locked descriptors, so no other daemon can take the directory while it starts. The holder writes
+its pid, start time and API URL into the file; `read_owner` reads them without locking, so a command that
+only reads never competes with a daemon that is starting.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 
 from launcher.errors import ConfigError, LauncherError
 from launcher.statedir.layout import StateDir
+
+LOCK_FDS_ENV = "LAUNCHER_LOCK_FDS"  # an upgrade's exec: the locked descriptors it hands over
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,13 @@ class StateDirLock:
 
     @classmethod
     def claim(cls, state_dir: Path, url: str) -> StateDirLock:
-        """Take the state directory, or raise OwnedError naming the daemon that has it."""
+        """Take the state directory (or keep it: the locked descriptors an upgrade's exec handed over), or
+        raise OwnedError naming the daemon that has it."""
+        inherited = _inherited(state_dir)
+        if inherited is not None:
+            os.ftruncate(inherited[-1], 0)
+            os.pwrite(inherited[-1], json.dumps(asdict(_me(url))).encode(), 0)
+            return cls(state_dir, inherited)
         fds: list[int] = []
         try:
             try:
@@ -88,6 +98,18 @@ class StateDirLock:
             raise
         return cls(state_dir, fds)
 
+    def hand_over(self) -> dict[str, str]:
+        """Before an upgrade's exec: the environment that hands the locked descriptors to the program executed
+        again (they stay open across the exec; `claim` there adopts them)."""
+        for fd in self._fds:
+            os.set_inheritable(fd, True)
+        return {LOCK_FDS_ENV: ",".join(str(fd) for fd in self._fds)}
+
+    def keep_back(self) -> None:
+        """The exec failed: the descriptors are close-on-exec again (no server ever inherits them)."""
+        for fd in self._fds:
+            os.set_inheritable(fd, False)
+
     def release(self) -> None:
         if not self._fds:
             return
@@ -96,6 +118,30 @@ class StateDirLock:
         for fd in self._fds:
             os.close(fd)  # closing the only descriptors drops the locks
         self._fds = []
+
+
+def _inherited(state_dir: Path) -> list[int] | None:
+    """The locked descriptors of ``state_dir`` (the directory's, then daemon.lock's; or daemon.lock's alone)
+    that the program before an upgrade's exec handed over in $LAUNCHER_LOCK_FDS; None when there are none
+    or they are not this directory's (they are closed then, and the directory claimed as usual)."""
+    named = os.environ.pop(LOCK_FDS_ENV, None)
+    if named is None:
+        return None
+    try:
+        fds = [int(fd) for fd in named.split(",")]
+        found = [os.fstat(fd) for fd in fds]
+        wanted = [os.stat(state_dir), os.stat(StateDir(state_dir).lock_file)][-len(fds) :]
+    except (OSError, ValueError):
+        return None
+    if not 1 <= len(fds) <= 2 or [(f.st_dev, f.st_ino) for f in found] != [(w.st_dev, w.st_ino) for w in wanted]:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        return None
+    for fd in fds:
+        os.set_inheritable(fd, False)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held already by this open file: it cannot block
+    return fds
 
 
 def _me(url: str) -> Owner:

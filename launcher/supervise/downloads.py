@@ -33,18 +33,9 @@ async def begin_download(
         raise ConflictError(f"{instance.name} is already downloading")
     if instance.active or await asyncio.to_thread(hub_files_cached, instance.settings):
         return False
-    try:
-        planned = await plan()
-    except LauncherError as exc:
-        instance.record_refusal(exc)
-        raise
-    if not planned.fits or planned.hub is None:
-        refusal = StartError(
-            planned.reason or f"{instance.name} does not fit", hint="; ".join(planned.suggestions) or None
-        )
-        instance.record_refusal(refusal)
-        raise refusal
+    planned = await planned_to_fit(instance, plan, lambda p: p.hub is not None)
     hub = planned.hub
+    assert hub is not None  # checked by planned_to_fit
     if instance.downloading or instance.active:  # started meanwhile (by the front door while this planned)
         raise ConflictError(f"{instance.name} is already {instance.state}")
     task = asyncio.create_task(
@@ -54,6 +45,25 @@ async def begin_download(
     files = f"{len(hub.files)} files" if len(hub.files) > 1 else hub.files[0]
     instance.begin_download(task, f"{hub.repo} at {hub.commit[:12]}: {files}, {hub.size_bytes} bytes")
     return True
+
+
+async def planned_to_fit(
+    instance: Instance, plan: Callable[[], Awaitable[Plan]], usable: Callable[[Plan], bool] = lambda _: True
+) -> Plan:
+    """``instance``'s ``plan`` before a download, which must fit (and be ``usable``): otherwise the refusal
+    is recorded on the instance and raised."""
+    try:
+        planned = await plan()
+    except LauncherError as exc:
+        instance.record_refusal(exc)
+        raise
+    if not planned.fits or not usable(planned):
+        refusal = StartError(
+            planned.reason or f"{instance.name} does not fit", hint="; ".join(planned.suggestions) or None
+        )
+        instance.record_refusal(refusal)
+        raise refusal
+    return planned
 
 
 async def _download(

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -21,12 +21,15 @@ import httpx
 from launcher.backends import Health, LaunchSpec, ServerBackend
 from launcher.config import ModelSettings
 from launcher.errors import ConflictError, LauncherError
+from launcher.plan import verdict
+from launcher.plan.measured import with_process_mib
 from launcher.plan.placement import Placement
-from launcher.schema import Download, Event, InstanceStatus, Plan, PlanCheck, State
+from launcher.schema import Download, Event, GpuProcess, InstanceStatus, Plan, PlanCheck, State
 from launcher.statedir import logs
 from launcher.statedir.layout import StateDir
 from launcher.supervise import drain, slot_cache
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
+from launcher.supervise.measuring import Measuring
 from launcher.supervise.policy import RestartPolicy, StartFailure
 from launcher.supervise.ports import ensure_port_free
 from launcher.supervise.process import ExitStatus, ServerProcess
@@ -75,6 +78,10 @@ class DaemonParts:
     requests: drain.InFlight
     # None: no peers, so nothing outside this host can keep a server from running.
     blocked: BlockedCheck | None = None
+    # What a ready server measured is kept here for the next plan (None: not kept).
+    measuring: Measuring | None = None
+    # The processes on these GPUs and what each holds, read now (None: no GPU reading of processes).
+    gpu_processes: Callable[[Sequence[int]], Awaitable[Mapping[int, tuple[GpuProcess, ...] | None]]] | None = None
     # Where llama-servers save their slots' prompt caches at a planned stop; None: they save none.
     slot_store: SlotStore | None = None
 
@@ -154,6 +161,11 @@ class Instance:
         return self._proc is not None and self._proc.running
 
     @property
+    def pid(self) -> int | None:
+        """The pid of its server process (the current or last one of this run)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def alive(self) -> bool:
         """`running`, asked of the system: false from the moment the process is dead (a zombie included),
         before the event loop has reaped it."""
@@ -222,6 +234,16 @@ class Instance:
                 raise ConflictError(f"{self.name} is already {self.state}")
             await prepare(self)
             self._begin(self.preflight())
+
+    async def adopt(self, proc: ServerProcess, port: int, placement: Placement, plan: Plan | None) -> None:
+        """Supervise a server that already serves: the daemon's previous program started it, and an upgrade
+        handed it over (supervise/adoption.py checked it is the same process, with this command, and that it
+        answers). It goes through starting and loading to ready at once, with no new process."""
+        async with self._lock:
+            if self.active:
+                raise ConflictError(f"{self.name} is already {self.state}")
+            self.port, self.placement, self.plan = port, placement, plan
+            self._begin(self._with_slot_cache(self.backend.launch_spec(self.settings, port, placement)), adopted=proc)
 
     async def stop(self) -> None:
         if self.downloading:
@@ -322,6 +344,11 @@ class Instance:
         port = self._startable_port()
         base = self.backend.launch_spec(self.settings, port, self.placement)
         ensure_port_free(port)
+        return self._with_slot_cache(base)
+
+    def _with_slot_cache(self, base: LaunchSpec) -> LaunchSpec:
+        """``base`` with the directory of the slots' prompt caches (`command`), made, and the key of this
+        run's caches taken; ``base`` itself when it keeps none."""
         spec = self.command(base)
         self._slot_key = None if spec is base else self._prepare_slot_cache(spec)
         return spec if self._slot_key is not None else base
@@ -371,13 +398,14 @@ class Instance:
         self.record_refusal(exc)
         self._set_state(State.FAILED)
 
-    def _begin(self, spec: LaunchSpec) -> None:
-        """Supervise from now on, the first run with ``spec`` (the start's, checked as it was asked for)."""
+    def _begin(self, spec: LaunchSpec, adopted: ServerProcess | None = None) -> None:
+        """Supervise from now on, the first run with ``spec`` (the start's, checked as it was asked for), or
+        the ``adopted`` server, already running with it."""
         self._policy.reset()
         self.last_error = None
         self.spec = spec
         self._set_state(State.STARTING)  # the answer to a start request already says so
-        self._task = asyncio.create_task(self._supervise(spec), name=f"supervise:{self.name}")
+        self._task = asyncio.create_task(self._supervise(spec, adopted), name=f"supervise:{self.name}")
         self._task.add_done_callback(self._supervision_ended)
 
     async def _drain(self) -> None:
@@ -416,12 +444,15 @@ class Instance:
 
     # ---- supervision ----------------------------------------------------------------------------
 
-    async def _supervise(self, first: LaunchSpec) -> None:
+    async def _supervise(self, first: LaunchSpec, adopted: ServerProcess | None) -> None:
         spec: LaunchSpec | None = first
         try:
             while True:
                 try:
-                    delay = await self._run_once(spec)
+                    if adopted is not None:
+                        delay = await self._run_adopted(adopted, first)
+                    else:
+                        delay = await self._run_once(spec)
                 except Exception as exc:  # a fault nobody foresaw: this run failed, the restart policy decides
                     delay = await self._run_raised(exc)
                 if delay is None:
@@ -429,7 +460,7 @@ class Instance:
                 if self._retired is not None:  # no new server for a retired instance
                     self._set_state(State.FAILED, f"not restarted: {self._retired}")
                     return
-                spec = None  # the next run is a new start of the process: checked and computed again
+                spec, adopted = None, None  # the next run is a new start of the process: checked and computed again
                 self._set_state(State.BACKOFF, f"restarting in {delay:.2f}s")
                 await asyncio.sleep(delay)
                 self.restarts += 1
@@ -512,10 +543,23 @@ class Instance:
         argv0 = spec.argv[0]
         self._write(self._parts.registry.path, lambda: self._parts.registry.add(self.name, proc.pid, argv0))
         self._set_state(State.LOADING, f"pid {proc.pid} on port {self.port}")
+        ready = await self._await_ready(proc)
+        if ready:  # before it is marked ready: its first request finds the prompts a planned stop saved
+            await self._restore_slots()
+        return await self._run_until_end(proc, spec, ready=ready)
+
+    async def _run_adopted(self, proc: ServerProcess, spec: LaunchSpec) -> float | None:
+        """Run an adopted server (see `adopt`) until it ends, as `_run_once` runs one it spawned."""
+        self._proc = proc
+        self._set_state(State.LOADING, f"pid {proc.pid} on port {self.port}, taken over from the previous program")
+        return await self._run_until_end(proc, spec, ready=True)
+
+    async def _run_until_end(self, proc: ServerProcess, spec: LaunchSpec, *, ready: bool) -> float | None:
+        """Serve with ``proc`` (``ready``, or not within its load timeout) until it ends; the delay before
+        the next start or None."""
         unhealthy = False
         ready_for_s: float | None = None
-        if await self._await_ready(proc):
-            await self._restore_slots()
+        if ready:
             self._ready_since = time.monotonic()
             self._set_state(State.READY)
             await self._check_plan()
@@ -631,7 +675,31 @@ class Instance:
             self.actual_missing = f"the server's log could not be read: {exc.strerror or exc}"
             return
         found = self.backend.check_plan(self.plan, lines)
-        self.actual, self.actual_missing = (None, found) if isinstance(found, str) else (found, None)
+        if isinstance(found, str):
+            self.actual, self.actual_missing = None, found
+            return
+        local = [d.gpu for d in self.plan.devices if d.endpoint is None]
+        if local and self._parts.gpu_processes is not None and self._proc is not None:
+            found = with_process_mib(found, self.plan, self._proc.pid, await self._parts.gpu_processes(local))
+        self.actual = found = found.model_copy(update={"findings": verdict.findings(self.group, found)})
+        for finding in found.findings:  # short: a warning (the way to an out-of-memory crash); over: unused
+            self._emit("plan-warning" if finding.over else "plan-info", finding.message)
+        await self._keep_measurement(self.plan, found)
+
+    async def _keep_measurement(self, plan: Plan, check: PlanCheck) -> None:
+        """File what the server measured, for the next plan of the same model, settings and server."""
+        measuring, spec = self._parts.measuring, self.spec
+        model_file = self.backend.model_file(self.settings)
+        if measuring is None or spec is None or model_file is None:
+            return
+        binary = Path(spec.argv[0])
+
+        def record() -> None:
+            measuring.record(self.group, self.settings, model_file, binary, plan, check)
+
+        notice = await asyncio.to_thread(self._parts.writes.attempt, str(measuring.path), record)
+        if notice is not None:
+            self._emit("storage", notice)
 
     def _rotate_log(self) -> None:
         parts = self._parts
@@ -680,7 +748,7 @@ class Instance:
             model=str(self.settings.model) if self.settings.model is not None else "",  # an rpc-server has none
             backend=self.settings.backend,
             state=self.state,
-            pid=self._proc.pid if self._proc is not None else None,
+            pid=self.pid,
             port=self.port,
             gpus=list(self.placement.gpus) if self.active else [],
             tensor_split=list(self.placement.tensor_split),

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Collection
 
 import psutil
 
@@ -47,10 +48,15 @@ class ChildRegistry:
         if self._records.pop(pid, None) is not None:
             self._file.save(self._records.values())
 
-    def clean_leftovers(self, timeout_s: float = 5.0) -> list[str]:
-        """Stop the recorded servers that still run (TERM to the group, wait, KILL); describe each."""
+    def clean_leftovers(self, timeout_s: float = 5.0, keep: Collection[int] = ()) -> list[str]:
+        """Stop the recorded servers that still run (TERM to the group, wait, KILL), but those of the pids
+        in ``keep`` (an upgrade hands them over: they stay recorded); describe each stopped."""
         stopped = []
+        self._records.clear()
         for record in self._file.load():
+            if record.pid in keep:
+                self._records[record.pid] = record
+                continue
             process = _ours(record)
             if process is None:
                 continue
@@ -60,9 +66,8 @@ class ChildRegistry:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(record.pid, signal.SIGKILL)  # the group: grandchildren too
             stopped.append(f"{record.instance} (pid {record.pid}{', killed' if alive else ''})")
-        self._records.clear()
         try:
-            self._file.save([])
+            self._file.save(self._records.values())
         except OSError as exc:  # a full disk must not keep the daemon from starting: the next save rewrites it
             log.warning("%s cannot be written now (%s): the servers it lists are stopped", self.path, exc.strerror)
         return stopped

@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Collection, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 
 from launcher import replicas
-from launcher.backends import backend_for, planned_file, with_command
-from launcher.backends.base import hub_files_cached
+from launcher.backends import backend_for, planned_file, planned_model, with_command
+from launcher.backends.base import hub_files_cached, with_local_projector
 from launcher.config import GpuSettings, ModelSettings, Settings
 from launcher.errors import ConflictError, LauncherError
 from launcher.events import Bus
@@ -29,7 +30,7 @@ from launcher.hub.headers import hub_reader
 from launcher.hub.planning import plan_from_hub
 from launcher.hub_ref import HubRef
 from launcher.plan.gguf import ModelFileError
-from launcher.plan.planner import Placed, Planner, freed
+from launcher.plan.planner import NOT_MEASURED, Measured, Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
 from launcher.schema import (
@@ -44,12 +45,16 @@ from launcher.schema import (
     State,
 )
 from launcher.statedir.layout import StateDir
-from launcher.supervise import rolling, thermal
+from launcher.statedir.measurements import MeasurementStore
+from launcher.supervise import adoption, rolling, thermal
 from launcher.supervise.degrade import Degrader
 from launcher.supervise.downloads import begin_download
+from launcher.supervise.handover import HandedServer
 from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
+from launcher.supervise.measuring import MEASURED_BACKEND, Measuring
+from launcher.supervise.ollama_downloads import begin_ollama_pull
 from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
 from launcher.supervise.slot_store import SlotStore, gib_bytes
@@ -100,7 +105,9 @@ class Manager:
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
         self._tasks: set[asyncio.Task[object]] = set()
         self._rolls: dict[str, asyncio.Lock] = {}  # configured model -> held while its replicas roll
+        self._stopping = asyncio.Event()  # the daemon's own stop began (`drain_all`): rolls end
         self.writes = StateWrites()
+        self.measuring = Measuring(MeasurementStore(state_dir.measured_file), sampler.identities)
         self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
         self.instances = table.instances  # filled below: the degrader reads it
         self._degrader = None if peers is None else Degrader(peers, self.instances, self._place, self._spawn)
@@ -115,6 +122,8 @@ class Manager:
             writes=self.writes,
             requests=table.requests,
             blocked=self._degrader,
+            measuring=self.measuring,
+            gpu_processes=sampler.processes,
             slot_store=SlotStore(
                 settings.daemon.kv_cache_dir or state_dir.kv_cache_dir,
                 gib_bytes(settings.daemon.kv_cache_max_gib),
@@ -198,7 +207,9 @@ class Manager:
 
             def place() -> Placed:
                 found = planned_file(instance.backend, instance.settings, instance.name)
-                return self.planner.place(instance.name, instance.settings, found, samples, claims, remote)
+                measured = self._measured(instance, found)
+                settings = with_local_projector(instance.settings)
+                return self.planner.place(instance.name, settings, found, samples, claims, remote, measured)
 
             try:
                 placed = await self._planning.run(place)
@@ -218,11 +229,26 @@ class Manager:
         taken = [self.settings.daemon.port, *(i.port for i in self.instances.values() if i.port is not None)]
         return pick_free_port(*self.settings.daemon.instance_ports, taken)
 
-    async def plan(self, name: str) -> Plan:
+    def _measured(self, instance: Instance, found: Path | None, estimate: bool = False) -> Measured:
+        """What earlier runs measured for ``instance``'s next plan (in a planning thread: it reads the
+        disk); nothing with ``estimate`` (`launcher plan --estimate`)."""
+        if estimate:
+            return NOT_MEASURED
+        if instance.settings.backend != MEASURED_BACKEND:  # no check reads its buffers: nothing measured
+            return Measured(overheads_mib=self.measuring.overheads_mib())
+        try:
+            binary = instance.backend.binary(instance.settings)
+        except LauncherError:  # the start will say why
+            return Measured(overheads_mib=self.measuring.overheads_mib())
+        run = self.measuring.lookup(instance.settings, found, binary)
+        return Measured(run, self.measuring.overheads_mib())
+
+    async def plan(self, name: str, estimate: bool = False) -> Plan:
         """The plan for ``name``, with the command line and the environment: for a running instance the
-        plan it runs with; otherwise one made now, against the GPUs and the other instances' claims."""
+        plan it runs with; otherwise one made now, against the GPUs and the other instances' claims (from
+        the estimate alone with ``estimate``)."""
         instance = self.get(name)
-        if instance.active and instance.plan is not None:
+        if instance.active and instance.plan is not None and not estimate:
             # The command its server was started with; between runs (backoff) the one the next run gets,
             # or why it cannot run (a binary removed meanwhile).
             if instance.running and instance.spec is not None:
@@ -232,21 +258,37 @@ class Manager:
         samples, remote = self.sampler.latest(), self._remote(instance)
         claims = self.lending.claimed_mib(self._others(instance))
 
-        plan = await self._planning.run(functools.partial(self._planned, instance, samples, claims, remote), key=name)
+        plan = await self._planning.run(
+            functools.partial(self._planned, instance, samples, claims, remote, estimate), key=(name, estimate)
+        )
         if plan.hub is not None:  # no command until its files are downloaded
             return plan
         spec = instance.backend.launch_spec(instance.settings, self._port_for(instance), self.planner.placement(plan))
         return with_command(plan, instance.command(spec))
 
-    def _planned(self, instance: Instance, samples: list[GpuSample], claims: dict[int, int], remote: Remote) -> Plan:
-        """The plan of ``instance`` (in a planning thread): from its file, or a hub model's not yet in the
-        cache from its headers, before any download."""
+    def _planned(
+        self,
+        instance: Instance,
+        samples: list[GpuSample],
+        claims: dict[int, int],
+        remote: Remote,
+        estimate: bool = False,
+    ) -> Plan:
+        """The plan of ``instance`` (in a planning thread): from its file and what its earlier runs measured
+        (not with ``estimate``), or a hub model's not yet in the cache from its headers, before any download."""
         settings = instance.settings
         if isinstance(settings.model, HubRef) and not hub_files_cached(settings):
             reader = hub_reader(self.settings.hub, self._hub_headers_dir)
             return plan_from_hub(self.planner, reader, instance.name, settings, samples, claims, remote)
-        found = planned_file(instance.backend, settings, instance.name)
-        return self.planner.plan(instance.name, settings, found, samples, claims, remote)
+        found = planned_model(instance.backend, settings, instance.name)  # an Ollama model to pull: its size
+        measured = self._measured(instance, found if isinstance(found, Path) else None, estimate)
+        settings = with_local_projector(settings)
+        return self.planner.plan(instance.name, settings, found, samples, claims, remote, measured=measured)
+
+    async def await_vacated(self, name: str) -> None:
+        """Until the memory that servers gave back lately shows free (or `gpus.vram_wait_s`): a decision
+        about room for ``name`` made before would count what a server just stopped still holds."""
+        await self._vram.await_vacated(name)
 
     async def in_planning_thread(self, work: Callable[[], T]) -> T:
         """``work`` (planning) in one of the planning threads, within their bound: the router's plans for
@@ -288,6 +330,13 @@ class Manager:
             lambda: self._spawn(self._start_or_refuse(name)),
         ):
             return instance.status()
+        if await begin_ollama_pull(
+            instance,
+            self._port_for(instance),
+            functools.partial(self.plan, name),
+            lambda: self._spawn(self._start_or_refuse(name)),
+        ):
+            return instance.status()  # an Ollama model not in its store: pulled first, as a hub model is
         await instance.start(prepare=self._place)
         return instance.status()
 
@@ -321,13 +370,32 @@ class Manager:
     async def _roll(self, model: str, names: list[str], act: Callable[[Instance], Awaitable[None]]) -> RollReport:
         """A rolling restart of ``names`` (replicas of ``model``) by ``act``; rolls of one model run one after
         another, never interleaved."""
-        async with self._rolls.setdefault(model, asyncio.Lock()):
-            return await rolling.roll(model, {n: self.instances[n] for n in names}, act, self.publish)
+
+        def replicas() -> dict[str, Instance]:
+            # a replica a reload removes leaves its model at once (`reconfigure`), before it is stopped: the
+            # roll leaves it out from then on, and never starts it again
+            members = self._table.groups.get(model, ())
+            return {n: self.instances[n] for n in names if n in members}
+
+        async with self._rolls.setdefault(model, asyncio.Lock()):  # the daemon's stop ends it
+            return await rolling.roll_unless(self._stopping, model, replicas, act, self.publish)
 
     async def autostart(self) -> None:
         """Start every autostart model; one that cannot start is marked failed, the rest go on."""
-        for name in self.autostart_names():
-            await self._start_or_refuse(name)
+        await self.start_each(self.autostart_names())
+
+    async def start_each(self, names: Collection[str]) -> None:
+        """Start each of ``names`` that does not run yet (an upgrade's adopted servers run already), in turn;
+        one that cannot start is marked failed, the rest go on."""
+        for name in dict.fromkeys(names):
+            if name in self.instances and not self.instances[name].active:
+                await self._start_or_refuse(name)
+
+    async def adopt(self, servers: Sequence[HandedServer]) -> list[str]:
+        """Take over the servers an upgrade handed over (supervise/adoption.py); the names of the instances
+        whose server was not taken over (and was stopped), to start again."""
+        claim = None if self.peers is None else self.peers.claim
+        return await adoption.adopt_all(servers, self.instances, self.planner.placement, self._parts, claim)
 
     async def _start_or_refuse(self, name: str) -> str | None:
         """Start ``name`` where nobody waits for the answer: a start refused marks it failed, the rest go on.
@@ -459,10 +527,16 @@ class Manager:
                 return [_failed(changed[0], exc.message)]
             return [await self._came_up(changed[0]) if ran[changed[0].name] else _updated(changed[0])]
         roll = await self._roll(model, [c.name for c in changed], self._restart_with)
+        for name in roll.left_out:  # stopped by hand meanwhile: its next start takes the new settings
+            if name in self.instances and not self.instances[name].active:
+                with contextlib.suppress(LauncherError):  # the instance shows it
+                    await self._restart_with(self.instances[name])
 
         def outcome(change: InstanceChange) -> InstanceChange:
             if change.name in roll.restarted:
                 return change if ran[change.name] else _updated(change)
+            if change.name in roll.left_out:
+                return _updated(change)
             if change.name == roll.stopped_at:
                 return _failed(change, roll.reason or "it did not come back")
             return _failed(change, f"not restarted: the rolling restart stopped at {roll.stopped_at}")
@@ -470,8 +544,9 @@ class Manager:
         return [outcome(c) for c in changed]
 
     async def _restart_with(self, instance: Instance) -> None:
-        """A changed instance: restarted with the settings configured now if it ran, given them alone if not.
-        One that cannot start again is marked failed, as at the daemon's start, and the error raised."""
+        """A changed instance: restarted with its settings configured now if it ran, given them alone if not.
+        One that cannot start again is marked failed, as at the daemon's start, and raises why (a roll stops
+        there: the replicas after it keep their server)."""
         model = self._configured[instance.name][1]
         try:
             await instance.restart_with(model, backend_for(model, self.settings.rpc), self._place)
@@ -508,7 +583,8 @@ class Manager:
 
     async def drain_all(self) -> None:
         """Drain every server at once (the daemon's own stop, before its API closes); each then waits
-        draining, given no new request, for `stop_all`."""
+        draining, given no new request, for `stop_all`. Rolls under way end here."""
+        self._stopping.set()
         await asyncio.gather(*(i.drain() for i in self.instances.values() if i.active))
 
     async def stop_all(self) -> None:

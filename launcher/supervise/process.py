@@ -18,7 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,11 +72,33 @@ def dying_with_parent(argv: list[str]) -> list[str]:
 
 
 class ServerProcess:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self._proc = proc
-        self.pid = proc.pid
-        self.started_at = time.monotonic()
-        self._exit = asyncio.ensure_future(proc.wait())
+    def __init__(self, pid: int, exit_code: Awaitable[int]) -> None:
+        """``exit_code``: resolves with the return code once the process ended and was reaped."""
+        self.pid = pid
+        self._exit = asyncio.ensure_future(exit_code)
+
+    @classmethod
+    def adopt(cls, pid: int) -> ServerProcess:
+        """A child this program did not spawn (the previous program of this process did, before an upgrade
+        re-executed it): its end is seen through a pidfd, then it is reaped. OSError where the kernel has no
+        pidfd_open (before Linux 5.3) or the process is gone."""
+        loop = asyncio.get_running_loop()
+        pidfd = os.pidfd_open(pid)
+        ended: asyncio.Future[int] = loop.create_future()
+
+        def readable() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            try:
+                _, status = os.waitpid(pid, 0)  # it ended: no wait
+                code = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:  # reaped by someone else: how it ended is unknown
+                code = -signal.SIGKILL
+            if not ended.done():
+                ended.set_result(code)
+
+        loop.add_reader(pidfd, readable)
+        return cls(pid, ended)
 
     @classmethod
     async def spawn(cls, spec: LaunchSpec, log_path: Path) -> ServerProcess:
@@ -89,7 +111,7 @@ class ServerProcess:
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stopped as a group, grandchildren too
             )
-        return cls(proc)
+        return cls(proc.pid, proc.wait())
 
     @property
     def running(self) -> bool:

@@ -9,11 +9,12 @@ restart with new settings).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from launcher.errors import LauncherError
+from launcher.errors import LauncherError, StartError
 from launcher.schema import Event, RollReport, State
 from launcher.supervise.instance import Instance
 
@@ -67,6 +68,20 @@ def order(states: Mapping[str, State]) -> list[str]:
     return [n for n, s in states.items() if s not in _SERVING] + [n for n, s in states.items() if s in _SERVING]
 
 
+def left_out(
+    order: Sequence[str], done: Collection[str], states_began: Mapping[str, State], states_now: Mapping[str, State]
+) -> list[str]:
+    """The replicas of ``order`` not yet restarted that the roll passes over: gone from the model (a reload
+    removed it) or stopped since the roll began (by hand: a roll does not undo a stop asked for meanwhile;
+    one stopped before the roll began is started, as a single instance's restart starts it)."""
+    return [
+        name
+        for name in order
+        if name not in done
+        and (name not in states_now or (states_now[name] == State.STOPPED and states_began[name] != State.STOPPED))
+    ]
+
+
 def next_step(
     order: Sequence[str], done: Collection[str], states_now: Mapping[str, State], failure: Stopped | None
 ) -> Step:
@@ -113,26 +128,60 @@ def replica_done(name: str, index: int, count: int, took_s: float) -> str:
 # ---- carrying it out ----------------------------------------------------------------------------------
 
 
-async def roll(
+async def roll_unless(
+    stopping: asyncio.Event,
     model: str,
-    replicas: Mapping[str, Instance],
+    replicas: Callable[[], Mapping[str, Instance]],
     act: Callable[[Instance], Awaitable[None]],
     publish: Callable[[Event], None],
 ) -> RollReport:
-    """Restart ``replicas`` (of configured ``model``, in configured order) one at a time by ``act``, each
-    awaited ready (its `health.load_timeout` at most) before the next; the report says how it ended, and
-    events as it goes (the model's, no instance's; the stop's is the replica's). An `act` that raises is
-    the replica's failure (its message)."""
+    """`roll`, ended by ``stopping`` (the daemon's own stop): StartError. A roll then would restart replicas
+    only to have them stopped, and its caller would be cut off as the API closes; the replica restarting
+    finishes its restart alone."""
+    if stopping.is_set():
+        raise StartError(f"the rolling restart of {model} did not begin: the daemon is stopping")
+    rolled = asyncio.ensure_future(roll(model, replicas, act, publish))
+    stopped = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait([rolled, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not rolled.done():
+            rolled.cancel()
+            await asyncio.wait([rolled])
+    if rolled.cancelled():
+        message = f"the rolling restart of {model} ended unfinished: the daemon is stopping"
+        publish(Event.now("roll", message))
+        raise StartError(message)
+    return rolled.result()
+
+
+async def roll(
+    model: str,
+    replicas: Callable[[], Mapping[str, Instance]],
+    act: Callable[[Instance], Awaitable[None]],
+    publish: Callable[[Event], None],
+) -> RollReport:
+    """Restart the ``replicas`` (of configured ``model``, in configured order: those still in the model each
+    time it is called) one at a time by ``act``, each awaited ready (its `health.load_timeout` at most)
+    before the next; the report says how it ended, and events as it goes (the model's, no instance's; the
+    stop's is the replica's). An `act` that raises LauncherError is the replica's failure (its message)."""
     began_s = time.monotonic()
-    sequence = order({name: i.state for name, i in replicas.items()})
+    states_began = {name: i.state for name, i in replicas().items()}
+    sequence = order(states_began)
     publish(Event.now("roll", began(model, sequence)))
     done: list[str] = []
+    passed: list[str] = []
     failure: Stopped | None = None
     while True:
-        step = next_step(sequence, done, {name: i.state for name, i in replicas.items()}, failure)
+        now = replicas()
+        states_now = {name: i.state for name, i in now.items()}
+        if failure is None:  # the one that failed is where the roll stopped, not passed over
+            passed = left_out(sequence, done, states_began, states_now)
+        step = next_step(sequence, [*done, *passed], states_now, failure)
         if not isinstance(step, Restart):
             break
-        instance = replicas[step.name]
+        instance = now[step.name]
         step_began_s = time.monotonic()
         why = await _restart_and_wait(instance, act)
         if why is not None:
@@ -145,6 +194,7 @@ async def roll(
         model=model,
         order=sequence,
         restarted=done,
+        left_out=passed,
         stopped_at=step.name if isinstance(step, Stopped) else None,
         reason=step.reason if isinstance(step, Stopped) else None,
         duration_s=round(time.monotonic() - began_s, 3),

@@ -348,8 +348,9 @@ async function showPlan() {
   const name = $("plan-model").value;
   if (!name) return;
   try {
-    const plan = await json(`plan/${encodeURIComponent(name)}`);
-    if ($("plan-model").value === name) $("plan").replaceChildren(planView(plan));
+    const path = encodeURIComponent(name);
+    const [plan, instance] = await Promise.all([json(`plan/${path}`), json(`instances/${path}`)]);
+    if ($("plan-model").value === name) $("plan").replaceChildren(planView(plan, instance.actual));
   } catch (error) {
     $("plan").replaceChildren(h("p", { className: "error" }, `no plan for ${name}: ${error.message}`));
   }

@@ -110,8 +110,17 @@ function deviceLabel(d) {
   return d.host && d.host !== "local" ? `${d.host} GPU ${d.gpu}` : `GPU ${d.gpu}`;
 }
 
-// The model's layers in order, one tick each, coloured by the GPU that holds them.
-function layerStrip(devices) {
+// The model's layers in order, one tick each, coloured by the GPU that holds them. A tensor split is no
+// stack of layers: every GPU holds its share of every layer, so each part spans them all.
+function layerStrip(devices, tensor) {
+  if (tensor) {
+    const parts = devices.map((d, i) => {
+      const part = h("span", { className: `part p${i % 2}`, title: `${deviceLabel(d)}: its share of all ${d.layers} layers`, "data-gpu": d.gpu, "data-layers": d.layers });
+      part.style.flexGrow = 1;
+      return part;
+    });
+    return parts.length ? h("div", { className: "strip tensor", title: "every layer on every GPU" }, parts) : null;
+  }
   const parts = devices
     .filter((d) => d.layers || d.output_layer)
     .map((d, i) => {
@@ -124,14 +133,53 @@ function layerStrip(devices) {
   return parts.length ? h("div", { className: "strip", title: "layers" }, parts) : null;
 }
 
+// The terms of a check (planned against what the server reports allocating), in the API's order.
+const CHECK_TERMS = ["weights", "kv", "state", "compute", "output", "other"];
+
+// A running server's plan against what it reports allocating: per device (as the server names it), the
+// planned bar above the actual one on one scale, the difference, what the GPU reading says the process
+// holds, then the findings past the planner's tolerance (warnings where the plan was short).
+function checkView(actual) {
+  const scale = Math.max(1, ...actual.devices.map((d) => Math.max(d.planned_mib, d.actual_mib, d.process_mib ?? 0)));
+  const segments = (d, side) =>
+    CHECK_TERMS.map((term) => ({ term, mib: d.terms[term][`${side}_mib`], label: `${side} ${term}` }));
+  const rows = actual.devices.map((d) =>
+    h(
+      "div",
+      { className: `check-device${d.seen ? "" : " unseen"}`, "data-device": d.device },
+      h("strong", {}, d.device),
+      bar(segments(d, "planned"), scale, "planned"),
+      bar(segments(d, "actual"), scale, "actual"),
+      h(
+        "span",
+        { className: "difference", "data-mib": d.difference_mib },
+        `planned ${mib(d.planned_mib)}, actual ${mib(d.actual_mib)} (${d.difference_mib >= 0 ? "+" : "−"}${mib(Math.abs(d.difference_mib))})` +
+          (d.process_mib !== null && d.process_mib !== undefined ? `, process ${mib(d.process_mib)}` : "") +
+          (d.seen ? "" : " · not in the server's log"),
+      ),
+    ),
+  );
+  const findings = actual.findings.map((f) => h("li", { className: f.over ? "warn" : "info" }, f.message));
+  return h(
+    "div",
+    { className: "check" },
+    h("p", {}, `planned against actual (${actual.source})`),
+    rows,
+    findings.length ? h("ul", { className: "findings" }, findings) : null,
+  );
+}
+
 // The plan drawn: one column per GPU, its height the GPU's usable memory (all on one scale), filled
 // bottom-up with what the plan puts there (past the usable line, in red, where it does not fit). Under each,
-// its layers; then the refusal's reason and the ways out, or the command line.
-export function planView(plan) {
+// its layers; what a running server reports against it (``actual``: its check, or null); then the
+// refusal's reason and the ways out, or the command line.
+export function planView(plan, actual = null) {
   const scale = Math.max(1, ...plan.devices.map((d) => Math.max(d.usable_mib, d.total_mib)));
   let first = 0;
+  const tensor = plan.split_mode === "tensor";
   const columns = plan.devices.map((d) => {
-    const layers = d.layers ? `layers ${first}-${first + d.layers - 1}` : "no layers";
+    const stacked = d.layers ? `layers ${first}-${first + d.layers - 1}` : "no layers";
+    const layers = tensor ? `a share of all ${d.layers} layers` : stacked;
     first += d.layers;
     const usable = h("div", { className: "usable", "data-mib": d.usable_mib });
     usable.style.height = `${(100 * d.usable_mib) / scale}%`;
@@ -158,7 +206,7 @@ export function planView(plan) {
       h("span", {}, d.name),
       d.endpoint ? h("span", { className: "endpoint muted" }, `rpc ${d.endpoint}`) : null,
       h("span", {}, `needs ${mib(d.total_mib)}, usable ${mib(d.usable_mib)}`),
-      h("span", { className: "layers" }, layers + (d.output_layer ? " + output" : "")),
+      h("span", { className: "layers" }, layers + (d.output_layer && !tensor ? " + output" : "")),
     );
   });
   const host = plan.host.weights_mib + plan.host.kv_cache_mib + plan.host.compute_mib;
@@ -171,13 +219,16 @@ export function planView(plan) {
       h("strong", { className: "verdict" }, plan.fits ? "fits" : "does not fit"),
       ` · ${plan.backend} · ctx ${plan.ctx} · KV ${plan.cache_type_k}/${plan.cache_type_v}`,
       ` · flash-attn ${plan.flash_attn ? "on" : "off"} · ${plan.gpu_layers} GPU layers`,
-      plan.tensor_split.length > 1 ? ` · split ${plan.tensor_split.join(",")}` : "",
+      plan.tensor_split.length > 1 ? ` · ${plan.split_mode ?? "layer"} split ${plan.tensor_split.join(",")}` : "",
+      h("span", { className: "terms" }, plan.measured ? ` · measured ${plan.measured}` : " · estimated"),
     ),
+    plan.split_reason ? h("p", { className: "muted split-mode" }, `split mode ${plan.split_reason}`) : null,
     columns.length ? h("div", { className: "columns" }, columns) : h("p", { className: "muted" }, "no GPU in this plan"),
-    layerStrip(plan.devices),
+    layerStrip(plan.devices, tensor),
     columns.length ? legend() : null,
     host ? h("p", {}, `host memory: ${mib(host)}`) : null,
     plan.context && plan.fits ? h("p", { className: "muted" }, `ctx: max chose ${plan.context.reason}`) : null,
+    actual ? checkView(actual) : null,
     plan.reason ? h("p", { className: "reason" }, plan.reason) : null,
     plan.suggestions.length ? h("ul", { className: "suggestions" }, plan.suggestions.map((s) => h("li", {}, s))) : null,
     plan.command.length ? h("pre", { className: "command" }, plan.command.join(" ")) : null,

@@ -1,19 +1,26 @@
 """A stand-in for `ollama serve`: Ollama's HTTP API shapes, on OLLAMA_HOST, and a record of how it was run.
 
 Writes {"argv": [...], "env": {...}} (the environment it was given) to $STANDIN_RECORD_DIR/<port>.json.
-Answers a loaded model's POST /v1/chat/completions, and /api/generate with a prompt (with Ollama's
+Answers a loaded model's POST /v1/chat/completions and /api/chat, and /api/generate with a prompt (with Ollama's
 counters). Loads a model on POST /api/generate without a prompt (after STANDIN_LOAD_S seconds) and
 lists it in /api/ps with `size` = STANDIN_MODEL_MIB and `size_vram` = what fits the GPUs it was made to
 see (CUDA_VISIBLE_DEVICES or ROCR_VISIBLE_DEVICES entries x STANDIN_GPU_MIB). Told to misbehave:
   STANDIN_DROP_AFTER_S=S   unload the model by itself, once, S seconds after loading it
   STANDIN_CRASH_AFTER_S=S  exit 3, S seconds after loading the model
   STANDIN_HANG_AFTER_S=S   stop answering (requests hang), S seconds after loading the model
+Pulls on POST /api/pull a model of its registry, STANDIN_REGISTRY="name=path.gguf,...": streams Ollama's
+progress lines for that file (in STANDIN_PULL_STEPS steps, STANDIN_PULL_STEP_S seconds apart), then
+writes it and its manifest into the store ($OLLAMA_MODELS) as Ollama does; a model not in the registry
+gets Ollama's error line, and STANDIN_PULL_ERROR=MESSAGE fails a pull halfway with that error line.
+Serves its registry's manifests too (GET /v2/library/MODEL/manifests/TAG), as registry.ollama.ai does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -39,6 +46,10 @@ def main() -> None:
     loaded: dict[str, dict[str, object]] = {}
     lock = threading.Lock()
     hung = threading.Event()
+
+    def registry() -> dict[str, str]:
+        """Model name -> the file that stands for its blob at the registry."""
+        return dict(entry.split("=", 1) for entry in env.get("STANDIN_REGISTRY", "").split(",") if entry)
 
     def later(delay: float, act: object) -> None:
         def run() -> None:
@@ -68,16 +79,69 @@ def main() -> None:
                 self.reply({"models": [{"name": m["name"], "size": m["size"]} for m in models]})
             elif self.path == "/api/ps":
                 self.reply({"models": models})
+            elif self.path.startswith("/v2/library/") and "/manifests/" in self.path:
+                model, _, tag = self.path.removeprefix("/v2/library/").partition("/manifests/")
+                path = registry().get(f"{model}:{tag}")
+                if path is None:
+                    self.reply({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}, 404)
+                    return
+                layer = {"mediaType": "application/vnd.ollama.image.model", "size": Path(path).stat().st_size,
+                         "digest": "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()}  # fmt: skip
+                self.reply({"schemaVersion": 2, "layers": [layer]})
             else:
                 self.reply({"error": "not found"}, 404)
 
+        def pull(self, name: str) -> None:
+            """Ollama's pull: a stream of JSON lines, the connection closed at its end (HTTP/1.0)."""
+            registry_files = registry()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.end_headers()
+
+            def line(said: object) -> None:
+                self.wfile.write(json.dumps(said).encode() + b"\n")
+                self.wfile.flush()
+
+            line({"status": "pulling manifest"})
+            if name not in registry_files:
+                line({"error": "pull model manifest: file does not exist"})
+                return
+            data = Path(registry_files[name]).read_bytes()
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            steps = int(env.get("STANDIN_PULL_STEPS", "4"))
+            for step in range(1, steps + 1):
+                time.sleep(float(env.get("STANDIN_PULL_STEP_S", "0")))
+                done = len(data) * step // steps
+                line({"status": f"pulling {digest[7:19]}", "digest": digest, "total": len(data), "completed": done})
+                if env.get("STANDIN_PULL_ERROR") and step * 2 >= steps:
+                    line({"error": env["STANDIN_PULL_ERROR"]})
+                    return
+            store = Path(env.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
+            base, _, tag = name.partition(":")
+            namespace, _, model = base.rpartition("/")
+            manifest = store / "manifests" / "registry.ollama.ai" / (namespace or "library") / model / (tag or "latest")
+            manifest.parent.mkdir(parents=True, exist_ok=True)
+            (store / "blobs").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(registry_files[name], store / "blobs" / digest.replace(":", "-"))
+            layer = {"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": len(data)}
+            manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [layer]}))
+            for status in ("verifying sha256 digest", "writing manifest", "success"):
+                line({"status": status})
+
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            if self.path == "/api/pull":
+                self.pull(body.get("model") or body.get("name", ""))
+                return
             if self.path == "/v1/chat/completions" and body.get("model") in loaded:
                 message = {"role": "assistant", "content": "stand-in"}
                 usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
                 choices = [{"index": 0, "message": message, "finish_reason": "stop"}]
                 self.reply({"object": "chat.completion", "model": body["model"], "choices": choices, "usage": usage})
+                return
+            if self.path == "/api/chat" and body.get("model") in loaded:
+                message = {"role": "assistant", "content": "stand-in"}
+                self.reply({"model": body["model"], "created_at": "", "message": message, "done": True})
                 return
             if self.path == "/api/generate" and body.get("prompt") and body.get("model") in loaded:
                 counts = {"prompt_eval_count": 3, "eval_count": 5, "eval_duration": 100_000_000}  # 50 tokens/s

@@ -1,0 +1,173 @@
+"""Prompt-cache-aware routing with a real daemon and two real llama-server replicas of the tiny model on the
+CPU: `routing: prefix` against `least-busy` (the baseline, in the same run), each with llama-server's
+`--cache-ram` left at its default and set to 0 (no host-memory prompt cache: only the slots' own).
+
+The workload: K system prompts (several hundred tokens each) x Q short questions, and C chats that grow
+turn by turn (each turn resends the earlier ones), sent in one seeded random order (a chat's turns keep
+their order) by a fixed number of senders. Measured: the prompt tokens the servers computed (the sum of
+`timings.prompt_n`), time to first token (p50, p95: each request asks for one token, so its latency is the
+time to it) and the requests each replica served. Each configuration runs on a fresh daemon.
+
+Usage: .venv/bin/python -m bench.prefix_routing [--prompts 4] [--questions 6] [--chats 4] [--turns 5]
+       [--senders 4] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import random
+import statistics
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.cli import Daemon, free_port
+from bench.reload import until
+from launcher.config_yaml import dump_config_yaml
+from launcher.tinymodel import write_tiny_llama
+
+_TIMEOUT_S = 120.0
+_SIM_GPUS = [{"name": f"Sim {i}", "memory_mib": 24576} for i in range(2)]
+_WORDS = ["slot", "cache", "replica", "prompt", "token", "model", "server", "launcher", "request", "answer"]
+
+
+def _text(rng: random.Random, chars: int) -> str:
+    words: list[str] = []
+    while sum(len(w) + 1 for w in words) < chars:
+        words.append(rng.choice(_WORDS))
+    return " ".join(words)
+
+
+def workload(prompts: int, questions: int, chats: int, turns: int, seed: int) -> list[list[dict[str, str]]]:
+    """The requests' message lists in their sending order. The tiny model's vocabulary is bytes: a
+    character is a token, so a system prompt of 600 characters is 600 tokens."""
+    rng = random.Random(seed)
+    systems = [f"System prompt {k}. " + _text(rng, 600) for k in range(prompts)]
+    openers = [f"Chat {c}. " + _text(rng, 300) for c in range(chats)]
+    items = [("q", k, q) for k in range(prompts) for q in range(questions)] + [
+        ("c", c, t) for c in range(chats) for t in range(turns)
+    ]
+    rng.shuffle(items)
+    sent_turns: Counter[int] = Counter()
+    order: list[list[dict[str, str]]] = []
+    for kind, index, n in items:
+        if kind == "q":
+            order.append([{"role": "system", "content": systems[index]}, {"role": "user", "content": f"Q{n}?"}])
+            continue
+        turn = sent_turns[index]  # a chat's turns go out in order wherever the shuffle put them
+        sent_turns[index] += 1
+        messages = [{"role": "user", "content": openers[index]}]
+        for t in range(turn):
+            messages += [{"role": "assistant", "content": f"Answer {t}. " + _text(random.Random(t), 120)}]
+            messages += [{"role": "user", "content": f"Follow-up {t + 1}?"}]
+        order.append(messages)
+    return order
+
+
+@dataclass
+class Outcome:
+    prompt_n: list[int] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    per_replica: Counter[str] = field(default_factory=Counter)
+    failed: int = 0
+
+
+def run(routing: str, cache_ram: str | None, requests: list[list[dict[str, str]]], senders: int, tmp: Path) -> Outcome:
+    tmp.mkdir()
+    model, config, port = write_tiny_llama(tmp / "m.gguf"), tmp / "launcher.yaml", free_port()
+    args = ["--parallel", "2", *(["--cache-ram", cache_ram] if cache_ram is not None else [])]
+    entry = {"model": str(model), "autostart": True, "port": "auto", "ctx": 8192, "replicas": 2, "args": args}
+    daemon_keys = {"port": port, "state_dir": str(tmp / "state"), "instance_ports": [28800, 28899]}
+    models = {"tiny": {**entry, "routing": routing}}
+    config.write_text(
+        dump_config_yaml({"daemon": daemon_keys, "gpus": {"backend": "sim", "sim": _SIM_GPUS}, "models": models})
+    )
+    daemon = Daemon(config, tmp / "daemon.log")
+    outcome, work = Outcome(), queue.Queue[list[dict[str, str]]]()
+    for messages in requests:
+        work.put(messages)
+    url = f"http://127.0.0.1:{port}"
+
+    def send() -> None:
+        with httpx.Client(base_url=url, timeout=_TIMEOUT_S) as http:
+            while True:
+                try:
+                    messages = work.get_nowait()
+                except queue.Empty:
+                    return
+                began = time.perf_counter()
+                body: dict[str, Any] = {"model": "tiny", "messages": messages, "max_tokens": 1}
+                answer = http.post("/v1/chat/completions", json=body)
+                if answer.status_code != 200:
+                    outcome.failed += 1
+                    continue
+                outcome.ttft_s.append(time.perf_counter() - began)
+                outcome.prompt_n.append(answer.json()["timings"]["prompt_n"])
+
+    try:
+        daemon.wait_listening(_TIMEOUT_S)
+        with httpx.Client(base_url=url, timeout=_TIMEOUT_S) as http:
+            for name in ("tiny@0", "tiny@1"):
+                until(http, name, lambda s: s["state"] == "ready")
+            threads = [threading.Thread(target=send) for _ in range(senders)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(_TIMEOUT_S * len(requests))
+            records = http.get("/requests", params={"recent": 500}).json()
+            outcome.per_replica.update(r["instance"] for r in records if r["path"] == "/v1/chat/completions")
+        return outcome
+    finally:
+        daemon.stop()
+
+
+def _p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20)[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--questions", type=int, default=6)
+    parser.add_argument("--chats", type=int, default=4)
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    requests = workload(args.prompts, args.questions, args.chats, args.turns, args.seed)
+    print(
+        f"{len(requests)} requests ({args.prompts} system prompts x {args.questions} questions, {args.chats} chats x "
+        f"{args.turns} turns), {args.senders} senders, seed {args.seed}, 2 replicas x 2 slots, tiny model, "
+        f"{os.cpu_count()} cores"
+    )
+    print(
+        "| --cache-ram | routing | prompt tokens computed | vs least-busy | TTFT p50 | TTFT p95 "
+        "| requests per replica | failed |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        for cache_ram in (None, "0"):
+            baseline = 0
+            for routing in ("least-busy", "prefix"):
+                o = run(routing, cache_ram, requests, args.senders, Path(tmp_name) / f"{routing}-{cache_ram}")
+                total = sum(o.prompt_n)
+                baseline = baseline or total
+                counts = sorted(o.per_replica.values(), reverse=True)
+                ratio = counts[0] / counts[-1] if len(counts) == 2 and counts[-1] else float("inf")
+                print(
+                    f"| {cache_ram or 'default'} | {routing} | {total} | {total / baseline:.2f} | "
+                    f"{statistics.median(o.ttft_s) * 1000:.0f} ms | {_p95(o.ttft_s) * 1000:.0f} ms | "
+                    f"{'/'.join(map(str, counts))} ({ratio:.2f}x) | {o.failed} |"
+                )
+
+
+if __name__ == "__main__":
+    main()

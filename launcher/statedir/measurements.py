@@ -1,0 +1,85 @@
+"""STATE_DIR/measured.json: what running servers measured (launcher/plan/measured.py), by key, and the
+driver's share of GPU memory learned per GPU name and driver version.
+
+Read at each use (small, and `launcher plan --forget` may change it under a running daemon), written
+whole to a new file renamed over the old (a crash leaves the old or the new, never half). A file that is
+not what this module writes is treated as empty and replaced at the next write: a measurement is only a
+better estimate, and losing one costs one run's correction.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from launcher.plan.measured import Measurement
+
+_KEPT = 256  # measurements: the oldest beyond go (one per model and settings in use is what matters)
+_MAX_BYTES = 16 * 1024 * 1024  # a larger file is not ours
+
+
+class _File(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    measured: dict[str, Measurement] = {}
+    overheads_mib: dict[str, Annotated[int, Field(ge=0, le=2**20)]] = {}  # "GPU NAME|DRIVER" -> MiB
+
+
+def overhead_key(gpu_name: str, driver: str) -> str:
+    return f"{gpu_name}|{driver}"
+
+
+class MeasurementStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _read(self) -> _File:
+        try:
+            with self.path.open("rb") as file:
+                text = file.read(_MAX_BYTES + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            return _File()
+        if len(text) > _MAX_BYTES:
+            return _File()
+        try:
+            return _File.model_validate_json(text)
+        except ValidationError:
+            return _File()
+
+    def _write(self, content: _File) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = self.path.with_name(f"{self.path.name}.new")
+        new.write_text(content.model_dump_json(indent=1))
+        os.replace(new, self.path)
+
+    def get(self, key: str) -> Measurement | None:
+        return self._read().measured.get(key)
+
+    def put(self, key: str, measurement: Measurement) -> None:
+        content = self._read()
+        content.measured.pop(key, None)
+        content.measured[key] = measurement  # the newest last: the oldest go first
+        while len(content.measured) > _KEPT:
+            del content.measured[next(iter(content.measured))]
+        self._write(content)
+
+    def forget(self, model: str) -> int:
+        """Drop every measurement of configured model ``model``; how many there were."""
+        content = self._read()
+        keys = [key for key, found in content.measured.items() if found.model == model]
+        for key in keys:
+            del content.measured[key]
+        if keys:
+            self._write(content)
+        return len(keys)
+
+    def overheads_mib(self) -> dict[str, int]:
+        return dict(self._read().overheads_mib)
+
+    def put_overhead(self, gpu_name: str, driver: str, mib: int) -> None:
+        content = self._read()
+        content.overheads_mib[overhead_key(gpu_name, driver)] = mib
+        self._write(content)

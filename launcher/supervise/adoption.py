@@ -1,0 +1,96 @@
+"""Taking over the servers an upgrade handed over (supervise/handover.py), instead of starting them.
+
+Each server is adopted only when it is still the process the old program ran (same pid and start time,
+this daemon's child, that instance's), when the configuration as read now would run it with the very same
+command line (same settings, port and plan: a configuration edited before the upgrade is not silently
+kept), and when it answers its health check. It then goes to ready with its log, plan and claims, and no
+new process. One that does not check out is killed and its instance started normally: the hand-over
+never leaves a process nobody supervises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+import psutil
+
+from launcher.errors import LauncherError
+from launcher.plan.placement import Placement
+from launcher.schema import Event, Plan
+from launcher.supervise.handover import HandedServer, still_ours
+from launcher.supervise.instance import DaemonParts, Instance
+from launcher.supervise.process import ServerProcess
+
+
+async def adopt_all(
+    servers: Sequence[HandedServer],
+    instances: Mapping[str, Instance],
+    placement_of: Callable[[Plan], Placement],
+    parts: DaemonParts,
+    claim: Callable[[str, Plan], Awaitable[None]] | None,
+) -> list[str]:
+    """Adopt each of ``servers`` into its instance; the names of those that were not (their server, if it
+    was still ours, killed), to be started again. ``claim``: the peers' (None without peers), asked again
+    for what an adopted server's plan holds on their rpc-servers (the old program's claims lapse with it)."""
+    outcomes = await asyncio.gather(*(_adopt(s, instances.get(s.instance), placement_of, parts) for s in servers))
+    for server, adopted in zip(servers, outcomes, strict=True):
+        if adopted and claim is not None and server.plan is not None and placement_of(server.plan).rpc:
+            try:
+                await claim(server.instance, server.plan)
+            except LauncherError as exc:  # it runs on regardless: what the peer lends may now go to another
+                note = f"the peers did not take this server's claim again: {exc.message}"
+                parts.on_event(Event.now("upgrade", note, instance=server.instance))
+    return [server.instance for server, adopted in zip(servers, outcomes, strict=True) if not adopted]
+
+
+async def _adopt(
+    server: HandedServer, instance: Instance | None, placement_of: Callable[[Plan], Placement], parts: DaemonParts
+) -> bool:
+    why = gone = still_ours(server)
+    if why is None:
+        try:
+            why = await _take(server, instance, placement_of, parts)
+        except Exception as exc:  # a plan naming a GPU that is gone, no pidfd (before Linux 5.3), a bug
+            why = f"{type(exc).__name__}: {exc}"
+    if why is None:
+        return True
+    if gone is None:
+        await _kill(server.pid)
+    with contextlib.suppress(OSError):  # a full disk: counted at the next write
+        parts.registry.remove(server.pid)
+    parts.on_event(
+        Event.now("upgrade", f"the server (pid {server.pid}) was not taken over: {why}", instance=server.instance)
+    )
+    return False
+
+
+async def _take(
+    server: HandedServer, instance: Instance | None, placement_of: Callable[[Plan], Placement], parts: DaemonParts
+) -> str | None:
+    """Adopt a live server of ours into ``instance``, or say why not."""
+    if instance is None:
+        return "its model is no longer configured"
+    placement = Placement() if server.plan is None else placement_of(server.plan)
+    argv = instance.command(instance.backend.launch_spec(instance.settings, server.port, placement)).argv
+    if argv != server.argv:
+        return "the configuration now starts it with another command"
+    # The process runs its arguments; its program may differ (a wrapper script exec'd the real one).
+    running = psutil.Process(server.pid).cmdline()
+    if running[len(running) - len(argv) + 1 :] != argv[1:]:
+        return "the process does not run the command it was handed over with"
+    if not await instance.backend.is_ready(parts.http, server.port, instance.settings.health.timeout):
+        return "it does not answer its health check"
+    await instance.adopt(ServerProcess.adopt(server.pid), server.port, placement, server.plan)
+    return None
+
+
+async def _kill(pid: int) -> None:
+    """SIGKILL to the server's group, and reap it (it is this process's child)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        await asyncio.to_thread(os.waitpid, pid, 0)

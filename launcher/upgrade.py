@@ -1,0 +1,104 @@
+"""Upgrading the daemon without dropping its models (`launcher upgrade`, `POST /daemon/upgrade`, SIGUSR2): the
+daemon re-executes the installed launcher program in the same process, and the new program takes over the
+running servers (supervise/handover.py, supervise/adoption.py) instead of starting them.
+
+Why the same process: every server is the daemon's child with a parent-death signal (SIGKILL, set by
+setpriv: supervise/process.py) that fires when the *thread* that forked it ends. Servers are forked from
+the main thread, which runs the event loop, and execve from that thread keeps it and the pid: the signal
+does not fire, the new program is still the servers' parent (it reaps them), and a kill -9 of it still
+takes them along. A second process could not become their parent: it would orphan them or kill them.
+
+The daemon (daemon.py) first stops accepting connections, which then wait in the listening socket's backlog
+(the daemon keeps a descriptor of it open), and lets the requests in flight through the front door finish
+on the old program. Then `reexec` writes the record and replaces the program; the new one serves the same
+socket, so no connection is refused during the swap. It returns only when the exec failed: the daemon
+then serves on as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterable
+
+import psutil
+
+from launcher.schema import State
+from launcher.statedir.owner import StateDirLock
+from launcher.supervise.handover import LISTEN_FD_ENV, HandedServer, HandOver, write
+from launcher.supervise.instance import Instance
+
+log = logging.getLogger("launcher")
+
+# A server in these states serves and is handed over; one on its way (starting, loading, backoff) starts again.
+_SERVING = frozenset({State.READY, State.UNHEALTHY})
+# Their default action ends the process: ignored between the exec and the new program's handlers.
+_IGNORED_MEANWHILE = (signal.SIGUSR2, signal.SIGHUP)
+
+
+def cannot_reexec() -> str | None:
+    """Why this process cannot execute its program again, or None."""
+    if not sys.orig_argv:
+        return "the daemon does not know the command line it was started with"
+    if not os.access(sys.executable, os.X_OK):
+        return f"{sys.executable} is not an executable any more"
+    return None
+
+
+def record(instances: Iterable[Instance], pid: int) -> HandOver:
+    """The hand-over record of process ``pid`` and its ``instances``, as they are now."""
+    servers, starting = [], []
+    for instance in instances:
+        server = _handed(instance)
+        if server is not None:
+            servers.append(server)
+        elif instance.active:
+            starting.append(instance.name)
+    return HandOver(daemon_pid=pid, servers=servers, starting=starting)
+
+
+def _handed(instance: Instance) -> HandedServer | None:
+    pid, port, spec = instance.pid, instance.port, instance.spec
+    if instance.state not in _SERVING or not instance.running or pid is None or port is None or spec is None:
+        return None
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+    return HandedServer(
+        instance=instance.name, pid=pid, create_time=created, port=port, argv=spec.argv, plan=instance.plan
+    )
+
+
+def reexec(lock: StateDirLock, handover: HandOver, sock: socket.socket) -> OSError:
+    """Write ``handover``, and execute this program again with the same command line, handing ``sock`` and
+    the state directory's ``lock`` over (no other daemon can take the directory while the new one starts).
+    Returns only on failure, with everything as it was (the record removed, ``sock`` and the lock not
+    inheritable)."""
+    state_dir = lock.state_dir
+    try:
+        write(state_dir, handover)
+    except OSError as exc:
+        return exc
+    env = {**os.environ, LISTEN_FD_ENV: str(sock.fileno()), **lock.hand_over()}
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _IGNORED_MEANWHILE}
+    sock.set_inheritable(True)
+    log.info("upgrade: executing %s with %d server(s) handed over", " ".join(sys.orig_argv), len(handover.servers))
+    for log_handler in logging.getLogger().handlers:
+        log_handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, sys.orig_argv, env)
+    except OSError as exc:
+        sock.set_inheritable(False)
+        lock.keep_back()
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        state_dir.handover_file.unlink(missing_ok=True)
+        return exc
+    raise AssertionError("unreachable: execve returned without an error")  # pragma: no cover

@@ -1,0 +1,156 @@
+"""An Ollama model not in Ollama's store, planned from the registry's manifest, then pulled through Ollama's
+/api/pull before its start (a real daemon, the Ollama stand-in, and a second stand-in as the registry):
+`downloading` with Ollama's progress, then ready; errors in one sentence."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import pytest
+
+from launcher.errors import StartError
+from launcher.supervise.ollama_downloads import PullStream
+from launcher.tinymodel import write_tiny_llama
+from tests.conftest import ConfigWriter, Daemon, free_port, poll_until, run_cli
+from tests.test_ollama import ollama_model, sim_gpus
+
+StartDaemon = Callable[[Path], Daemon]
+
+
+@pytest.fixture
+def registry(ollama_standin: Path, marked_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """A registry (the stand-in's manifest route) whose one model, tiny:1b, is the tiny model; its URL."""
+    blob = write_tiny_llama(tmp_path / "registry" / "tiny.gguf")
+    port = free_port()
+    env = marked_env | {"OLLAMA_HOST": f"127.0.0.1:{port}", "STANDIN_REGISTRY": f"tiny:1b={blob}"}
+    server = subprocess.Popen([str(ollama_standin), "serve"], env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        poll_until(lambda: _answers(url), bool, "the registry", 30)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url + "/api/version").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def pulled_model(standin: Path, tmp_path: Path, registry: str, name: str, **env: str) -> dict[str, Any]:
+    """``name`` not in the store at tmp_path/store; the registry, and the pull, have the tiny model as tiny:1b."""
+    where = {"size_mib": None, "models_dir": str(tmp_path / "store"), "registry": registry}
+    model = ollama_model(standin, tmp_path, model=name, ollama=where)
+    model["env"] |= {"STANDIN_REGISTRY": f"tiny:1b={tmp_path / 'registry' / 'tiny.gguf'}", **env}
+    return model
+
+
+async def test_a_model_not_in_the_store_is_planned_from_the_registry_pulled_with_progress_then_serves(
+    write_config: ConfigWriter, start_daemon: StartDaemon, ollama_standin: Path, tmp_path: Path, registry: str
+) -> None:
+    pulled = pulled_model(
+        ollama_standin, tmp_path, registry, "tiny:1b", STANDIN_PULL_STEPS="6", STANDIN_PULL_STEP_S="0.4"
+    )
+    daemon = start_daemon(write_config({"ol": {**pulled, "on_demand": True}}, gpus=sim_gpus(1)))
+    size = (tmp_path / "registry" / "tiny.gguf").stat().st_size
+    planned = daemon.http.get("/plan/ol").json()
+    assert planned["fits"] and planned["architecture"] == "unknown", planned  # by its size in the manifest
+    started = daemon.http.post("/instances/ol/start")
+    assert started.status_code == 202 and started.json()["state"] == "downloading", started.text
+    status = daemon.wait_for("ol", lambda s: (s["download"] or {}).get("done_bytes", 0) > 0)
+    assert status["state"] == "downloading" and status["download"]["total_bytes"] == size
+    assert status["download"]["file"].startswith("tiny:1b (sha256:")
+    assert any(e["kind"] == "download" and " MB (" in e["message"] for e in status["events"])
+    assert re.search(r"\nol: downloading: [\d.]+ of [\d.]+ MB \(\d+ %\)", daemon.cli("status").stdout)
+    answer = daemon.http.post(
+        "/v1/chat/completions", json={"model": "ol", "messages": [{"role": "user", "content": "Hi"}]}
+    )
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "downloading"
+    assert answer.json()["error"]["message"].startswith("ol is downloading: ")
+    assert 1 <= int(answer.headers["retry-after"]) <= 60
+    ready = daemon.wait_for("ol", lambda s: s["state"] in ("ready", "failed"))
+    assert ready["state"] == "ready", ready["last_error"]
+    assert ready["plan"]["devices"][0]["layers"] == 4  # planned from the pulled blob's real shape
+    assert (tmp_path / "store" / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "1b").is_file()
+    native = ollama.AsyncClient(host=f"{daemon.url}/upstream/ol")
+    reply = await native.chat(model="tiny:1b", messages=[{"role": "user", "content": "Hi"}])
+    assert reply.message.content == "stand-in"
+
+
+def test_a_model_the_registry_lacks_is_refused_before_the_pull_in_one_sentence(
+    write_config: ConfigWriter, start_daemon: StartDaemon, ollama_standin: Path, tmp_path: Path, registry: str
+) -> None:
+    daemon = start_daemon(write_config({"ol": pulled_model(ollama_standin, tmp_path, registry, "nope:7b")}))
+    refused = daemon.http.post("/instances/ol/start")
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"] == f"the Ollama registry at {registry} has no model nope:7b"
+    shown = daemon.instance("ol")
+    assert shown["state"] == "stopped" and shown["last_error"] == refused.json()["detail"]
+
+
+def test_a_pull_that_fails_midway_leaves_the_instance_failed_with_ollamas_words(
+    write_config: ConfigWriter, start_daemon: StartDaemon, ollama_standin: Path, tmp_path: Path, registry: str
+) -> None:
+    down = "max retries exceeded: dial tcp: lookup registry.ollama.ai: no such host"
+    pulled = pulled_model(ollama_standin, tmp_path, registry, "tiny:1b", STANDIN_PULL_ERROR=down)
+    daemon = start_daemon(write_config({"ol": pulled}, gpus=sim_gpus(1)))
+    assert daemon.http.post("/instances/ol/start").json()["state"] == "downloading"
+    failed = daemon.wait_for("ol", lambda s: s["state"] in ("ready", "failed"))
+    assert failed["state"] == "failed"
+    assert failed["last_error"] == f"Ollama could not pull tiny:1b: {down}"
+    assert not (tmp_path / "store" / "manifests").exists()  # nothing in the store to plan a start from
+
+
+def test_a_pull_the_front_door_began_ends_at_a_stop_with_its_ollama_server(
+    write_config: ConfigWriter, start_daemon: StartDaemon, ollama_standin: Path, tmp_path: Path, registry: str
+) -> None:
+    slow = pulled_model(
+        ollama_standin, tmp_path, registry, "tiny:1b", STANDIN_PULL_STEPS="50", STANDIN_PULL_STEP_S="0.5"
+    )
+    daemon = start_daemon(write_config({"ol": {**slow, "on_demand": True}}, gpus=sim_gpus(1)))
+    asked = daemon.http.post(
+        "/v1/chat/completions", json={"model": "ol", "messages": [{"role": "user", "content": "Hi"}]}
+    )
+    assert asked.status_code == 503 and asked.json()["error"]["code"] == "downloading", asked.text
+    daemon.wait_for("ol", lambda s: s["download"] is not None)
+    stopped = daemon.http.post("/instances/ol/stop")
+    assert stopped.status_code == 202 and stopped.json()["state"] == "stopped", stopped.text
+    assert not (tmp_path / "store" / "manifests").exists()
+    # the pull's `ollama serve` is gone (leaves_no_process checks every marked process at the end)
+
+
+def test_launcher_pull_of_an_ollama_model_says_the_daemons_ollama_pulls_it(
+    write_config: ConfigWriter, marked_env: dict[str, str], ollama_standin: Path, tmp_path: Path
+) -> None:
+    config = write_config({"ol": ollama_model(ollama_standin, tmp_path, model="tiny:1b")})
+    result = run_cli("--config", str(config), "pull", "ol", env=marked_env)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "ol is an Ollama model: Ollama pulls it through its own server, which the daemon runs" in result.stderr
+    assert "`launcher up ol` pulls it through the daemon's Ollama" in result.stderr
+
+
+def test_ollamas_progress_lines_are_summed_over_its_layers_and_its_error_line_is_one_sentence() -> None:
+    stream = PullStream("qwen2.5:7b")
+    assert stream.line('{"status": "pulling manifest"}') is None
+    stream.line('{"status": "pulling 2bada8a74506", "digest": "sha256:2bada8a7", "total": 4000}')  # none done yet
+    stream.line('{"status": "pulling 66b9ea09bd5b", "digest": "sha256:66b9ea09", "total": 68, "completed": 68}')
+    progress = stream.line(
+        '{"status": "pulling 2bada8a74506", "digest": "sha256:2bada8a7", "total": 4000, "completed": 1000}'
+    )
+    assert progress is not None and (progress.done_bytes, progress.total_bytes) == (1068, 4068)
+    with pytest.raises(
+        StartError, match=r"^Ollama could not pull qwen2\.5:7b: pull model manifest: file does not exist$"
+    ):
+        stream.line('{"error": "pull model manifest: file does not exist"}')
+    with pytest.raises(StartError, match=r"^Ollama's pull of qwen2\.5:7b answered something not JSON: '<html>'$"):
+        stream.line("<html>")

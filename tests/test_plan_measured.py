@@ -1,0 +1,164 @@
+"""Correction from measurement (issue 23 point 3) without a server: a check of a plan on a GPU read
+through the NVML fake (the server's buffers from load-log lines in llama.cpp's shape, the process's memory
+from the fake's process list) is kept in the state directory; the next plan of the same key takes the
+measured terms within 1 MiB and the driver's share learned for that GPU name and driver version; another
+key, another layout or `--estimate` keep the estimate; a hostile file is no measurement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher.backends import llama_log
+from launcher.config import GpuSettings, ModelSettings
+from launcher.gpu.nvml import NvmlBackend
+from launcher.gpu.sampler import read_sample
+from launcher.plan.measured import MeasuredTerms, Measurement, with_measured, with_process_mib
+from launcher.plan.planner import Measured, Planner
+from launcher.schema import GpuSample, Plan
+from launcher.statedir.measurements import MeasurementStore
+from launcher.supervise.measuring import Measuring, measurement_key
+from tests.fakes import GIB, FakeGpu, FakeNvml
+
+MIB = 1024 * 1024
+SERVER_PID = 4242
+
+
+@pytest.fixture
+def nvml() -> NvmlBackend:
+    # the server's process holds 700 MiB on GPU 0: its buffers (below) and the driver's share
+    gpu = FakeGpu(name="NVIDIA H200", total_bytes=140 * GIB, used_bytes=1 * GIB, processes=[(SERVER_PID, 700 * MIB)])
+    return NvmlBackend(FakeNvml([gpu]))
+
+
+def _samples(nvml: NvmlBackend) -> list[GpuSample]:
+    return [read_sample(nvml, g, processes=True) for g in nvml.identities()]
+
+
+def _log(plan: Plan, weights: float, kv: float, compute: float) -> str:
+    """The load-log lines llama-server prints for ``plan``'s one GPU (and a little on the host)."""
+    assert [d.gpu for d in plan.devices] == [0]
+    return "\n".join(
+        [
+            f"0.00.038.843 I load_tensors:        CUDA0 model buffer size = {weights:10.2f} MiB",
+            "0.00.038.843 I load_tensors:   CPU_Mapped model buffer size =       0.35 MiB",
+            "0.00.041.980 I llama_context:  CUDA_Host  output buffer size =       0.49 MiB",
+            f"0.00.042.060 I llama_kv_cache:        CUDA0 KV buffer size = {kv:10.2f} MiB",
+            f"0.00.049.398 I sched_reserve:        CUDA0 compute buffer size = {compute:10.2f} MiB",
+            "0.00.049.398 I sched_reserve:    CUDA_Host compute buffer size =       4.01 MiB",
+        ]
+    )
+
+
+def test_a_measured_gpu_run_plans_the_next_within_1_mib_and_teaches_the_drivers_share(
+    nvml: NvmlBackend, tiny_model: Path, tmp_path: Path
+) -> None:
+    model = ModelSettings(model=tiny_model, ctx=2048)
+    binary = tmp_path / "llama-server"
+    binary.write_bytes(b"a build")
+    planner = Planner(GpuSettings(), nvml.identities(), {})
+    estimated = planner.plan("tiny", model, tiny_model, _samples(nvml), {})
+    [gpu] = estimated.devices
+    assert (estimated.measured, gpu.overhead_mib) == (None, GpuSettings().overhead_mib)
+
+    check = llama_log.check(estimated, llama_log.parse(_log(estimated, 0.35, 40.0, 120.25)))
+    # what the GPU reading says the server's process holds, beside its buffers
+    readings = {s.index: s.processes for s in _samples(nvml)}
+    assert with_process_mib(check, estimated, 1, readings).devices[0].process_mib is None  # another pid's only
+    check = with_process_mib(check, estimated, SERVER_PID, readings)
+    assert check.devices[0].process_mib == 700
+
+    store = MeasurementStore(tmp_path / "state" / "measured.json")
+    measuring = Measuring(store, nvml.identities())
+    # a server whose log names no buffer on the planned GPU (it ran on the CPU): nothing kept
+    on_cpu = llama_log.check(estimated, llama_log.parse(_log(estimated, 0.35, 40.0, 120.25).replace("CUDA0", "CPU")))
+    assert measuring.record("tiny", model, tiny_model, binary, estimated, on_cpu) is None
+    assert not store.path.exists()
+    kept = measuring.record("tiny", model, tiny_model, binary, estimated, check)
+    assert kept is not None and kept.devices[0].process_mib == 700
+    # the driver's share: 700 - (0.35 + 40 + 120.25) = 539.4, rounded up; per GPU name and driver version
+    assert store.overheads_mib() == {"NVIDIA H200|550.54.15": 540}
+    assert measuring.overheads_mib() == {0: 540}
+
+    found = measuring.lookup(model, tiny_model, binary)
+    assert found == kept
+    measured = planner.plan("tiny", model, tiny_model, _samples(nvml), {}, measured=Measured(found, {0: 540}))
+    [gpu] = measured.devices
+    assert measured.measured == kept.date and measured.fits
+    assert (gpu.weights_mib, gpu.kv_cache_mib, gpu.compute_mib, gpu.overhead_mib) == (1, 40, 121, 540)
+    assert (measured.host.weights_mib, measured.host.compute_mib, measured.host.output_mib) == (1, 5, 1)
+    # every term within 1 MiB of what was measured: the next check finds the plan right
+    again = llama_log.check(measured, llama_log.parse(_log(measured, 0.35, 40.0, 120.25)))
+    for device in again.devices:
+        for term in device.terms.values():
+            assert 0 <= -term.difference_mib < 1
+
+    # the estimate, whatever was measured (`launcher plan --estimate`): no argument given
+    assert planner.plan("tiny", model, tiny_model, _samples(nvml), {}).measured is None
+
+
+def test_anything_in_the_key_changed_is_another_key(tiny_model: Path, tmp_path: Path) -> None:
+    binary = tmp_path / "llama-server"
+    binary.write_bytes(b"a build")
+    model = ModelSettings(model=tiny_model, ctx=2048, args=["-fa", "on"])
+    key = measurement_key(model, tiny_model, binary)
+    assert key == measurement_key(ModelSettings(model=tiny_model, ctx=2048, args=["-fa", "on"]), tiny_model, binary)
+    others = [
+        ModelSettings(model=tiny_model, ctx=4096, args=["-fa", "on"]),
+        ModelSettings(model=tiny_model, ctx=2048, args=["-fa", "on", "-ub", "1024"]),
+        ModelSettings(model=tiny_model, ctx=2048, args=["-fa", "on"], env={"LLAMA_ARG_UBATCH": "4096"}),
+    ]
+    assert all(measurement_key(other, tiny_model, binary) != key for other in others)
+    binary.write_bytes(b"another build")  # a new server version
+    assert measurement_key(model, tiny_model, binary) != key
+
+
+def _measurement(plan: Plan, **changes: object) -> Measurement:
+    devices = [
+        {"remote": False, "gpu": d.gpu, "name": d.name, "layers": d.layers, "output_layer": d.output_layer,
+         "terms": MeasuredTerms(weights=1, kv=2)} | changes
+        for d in plan.devices
+    ]  # fmt: skip
+    return Measurement.model_validate(
+        {"model": "tiny", "date": "2026-12-02", "ctx": plan.ctx, "devices": devices, "host": MeasuredTerms()}
+    )
+
+
+def test_another_layout_keeps_the_estimate_and_a_measured_plan_that_no_longer_fits_says_so(
+    nvml: NvmlBackend, tiny_model: Path
+) -> None:
+    model = ModelSettings(model=tiny_model, ctx=2048)
+    plan = Planner(GpuSettings(), nvml.identities(), {}).plan("tiny", model, tiny_model, _samples(nvml), {})
+    assert with_measured(plan, _measurement(plan)).measured == "2026-12-02"
+    assert with_measured(plan, _measurement(plan, layers=plan.devices[0].layers - 1)) == plan
+    assert with_measured(plan, _measurement(plan, remote=True)) == plan
+    other_context = _measurement(plan).model_copy(update={"ctx": 4096})  # `ctx: max` chose another
+    assert with_measured(plan, other_context) == plan
+    huge = _measurement(plan, terms=MeasuredTerms(weights=200 * 1024))  # 200 GiB of weights on a 140 GiB GPU
+    refused = with_measured(plan, huge)
+    assert not refused.fits and refused.reason is not None and "measured" in refused.reason
+    assert "`launcher plan --forget" in refused.suggestions[-1]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not json", b'{"measured": {"k": {"model": "x"}}}', b'{"measured": {}, "extra": 1}', b"[" * 100_000, b"\xff\xfe"],
+)
+def test_a_hostile_state_file_is_no_measurement_and_is_replaced_whole(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "measured.json"
+    path.write_bytes(content)
+    store = MeasurementStore(path)
+    assert store.get("k") is None and store.overheads_mib() == {}
+    kept = Measurement(model="tiny", date="2026-12-02", devices=[], host=MeasuredTerms(kv=1.5))
+    store.put("k", kept)
+    assert MeasurementStore(path).get("k") == kept
+
+
+def test_forget_drops_one_models_measurements_and_the_store_is_bounded(tmp_path: Path) -> None:
+    store = MeasurementStore(tmp_path / "measured.json")
+    for i in range(260):
+        store.put(f"k{i}", Measurement(model="a" if i % 2 else "b", date="d", devices=[], host=MeasuredTerms()))
+    assert store.get("k0") is None and store.get("k4") is not None  # the oldest beyond 256 went
+    assert store.forget("a") == 128 and store.forget("a") == 0
+    assert store.get("k5") is None and store.get("k4") is not None
