@@ -78,6 +78,17 @@ class DaemonSettings(_Strict):
         description="Whether reads (logs, plans, events, GPUs, metrics) need the token; `auto`: when the daemon "
         "listens beyond loopback. `/health` never does.",
     )
+    kv_cache_dir: Path | None = Field(
+        default=None,
+        description="Where llama-server instances save their slots' prompt caches when the launcher stops them "
+        "on purpose, to restore them at their next start with the same file and settings; default "
+        "`STATE_DIR/kv-cache`.",
+    )
+    kv_cache_max_gib: NonNegative = Field(
+        default=32.0,
+        description="The saved prompt caches of all instances together stay under this size, least recently "
+        "used deleted first.",
+    )
     watch_config: bool = Field(
         default=False,
         description="Reload the configuration when its file changes, as `launcher reload` does (debounced; only "
@@ -373,6 +384,7 @@ _MODEL_ONLY = (
     "queue_max",
     "queue_timeout_s",
     "drain_timeout_s",
+    "kv_cache_max_gib",
 )
 
 
@@ -503,6 +515,12 @@ class ModelSettings(_Strict):
     )
     queue_timeout_s: Positive = Field(
         default=60.0, description="Seconds a request may wait in the queue; beyond it 429."
+    )
+    kv_cache_max_gib: NonNegative = Field(
+        default=8.0,
+        description="llama-server: its slots' prompt caches saved at a planned stop (and restored at its next "
+        "start with the same file and settings) stay under this size, least recently used deleted first; "
+        "0: none saved.",
     )
     drain_timeout_s: NonNegative = Field(
         default=30.0,

@@ -4,6 +4,7 @@ STATE_DIR/daemon.lock      the owner record, locked by the daemon that owns the 
 STATE_DIR/children.json    the servers that daemon runs (children.py)
 STATE_DIR/handover.json    what an upgrade's old program hands its new one (supervise/handover.py)
 STATE_DIR/logs/NAME.log    each instance's server output, NAME.log.1.. its rotated copies (logs.py)
+STATE_DIR/kv-cache/NAME/   llama-server slots' saved prompt caches (supervise/slot_store.py)
 STATE_DIR/measured.json   what running servers measured, and the driver's share per GPU (measurements.py)
 STATE_DIR/daemon.log       the output of a daemon `launcher up --detach` started in the background
 STATE_DIR/hub-headers/ORG--REPO/COMMIT/FILE.header
@@ -49,6 +50,11 @@ class StateDir:
     @property
     def measured_file(self) -> Path:
         return self.root / "measured.json"
+
+    @property
+    def kv_cache_dir(self) -> Path:
+        """The slots' saved prompt caches, a directory per instance (supervise/slot_store.py)."""
+        return self.root / "kv-cache"
 
     @property
     def daemon_log(self) -> Path:

@@ -75,7 +75,7 @@ async def _take(
     if instance is None:
         return "its model is no longer configured"
     placement = Placement() if server.plan is None else placement_of(server.plan)
-    argv = instance.backend.launch_spec(instance.settings, server.port, placement).argv
+    argv = instance.command(instance.backend.launch_spec(instance.settings, server.port, placement)).argv
     if argv != server.argv:
         return "the configuration now starts it with another command"
     # The process runs its arguments; its program may differ (a wrapper script exec'd the real one).

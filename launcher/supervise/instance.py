@@ -27,13 +27,14 @@ from launcher.plan.placement import Placement
 from launcher.schema import Download, Event, GpuProcess, InstanceStatus, Plan, PlanCheck, State
 from launcher.statedir import logs
 from launcher.statedir.layout import StateDir
-from launcher.supervise import drain
+from launcher.supervise import drain, slot_cache
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
 from launcher.supervise.measuring import Measuring
 from launcher.supervise.policy import RestartPolicy, StartFailure
 from launcher.supervise.ports import ensure_port_free
 from launcher.supervise.process import ExitStatus, ServerProcess
 from launcher.supervise.server_errors import server_error
+from launcher.supervise.slot_store import SlotStore, gib_bytes
 from launcher.supervise.transitions import check_transition
 from launcher.supervise.vram import VramGate
 from launcher.supervise.writes import StateWrites
@@ -48,6 +49,8 @@ _LINES_AT_THE_END = 20  # of a server that served before it ended: where why it 
 # Of a server just ready: where its load log (what it allocated per device) is looked for. A -lv 4 load
 # of a large model writes a few hundred lines; the start marker bounds it first.
 _LOAD_LINES_READ = 5000
+# The states a planned stop saves the slots' prompt caches from: the server served until now.
+_SAVED_FROM = frozenset({State.READY, State.UNHEALTHY, State.DRAINING})
 
 
 class BlockedCheck(Protocol):
@@ -79,6 +82,8 @@ class DaemonParts:
     measuring: Measuring | None = None
     # The processes on these GPUs and what each holds, read now (None: no GPU reading of processes).
     gpu_processes: Callable[[Sequence[int]], Awaitable[Mapping[int, tuple[GpuProcess, ...] | None]]] | None = None
+    # Where llama-servers save their slots' prompt caches at a planned stop; None: they save none.
+    slot_store: SlotStore | None = None
 
 
 class Instance:
@@ -122,6 +127,8 @@ class Instance:
         self.download: Download | None = None
         # Why it starts no server any more (a reload removed it, the daemon is stopping), or None.
         self._retired: str | None = None
+        # The key of the current start's prompt caches (slot_cache.py); None: it saves and restores none.
+        self._slot_key: str | None = None
 
     def retire(self, reason: str) -> None:
         """Start no server from now on, ``reason`` saying why: a start or restart that waits on the lock
@@ -236,7 +243,7 @@ class Instance:
             if self.active:
                 raise ConflictError(f"{self.name} is already {self.state}")
             self.port, self.placement, self.plan = port, placement, plan
-            self._begin(self.backend.launch_spec(self.settings, port, placement), adopted=proc)
+            self._begin(self._with_slot_cache(self.backend.launch_spec(self.settings, port, placement)), adopted=proc)
 
     async def stop(self) -> None:
         if self.downloading:
@@ -335,9 +342,39 @@ class Instance:
         """Everything that can be checked before spawning, and the command to spawn (computed once per
         start of a process); raises with the reason."""
         port = self._startable_port()
-        spec = self.backend.launch_spec(self.settings, port, self.placement)
+        base = self.backend.launch_spec(self.settings, port, self.placement)
         ensure_port_free(port)
-        return spec
+        return self._with_slot_cache(base)
+
+    def _with_slot_cache(self, base: LaunchSpec) -> LaunchSpec:
+        """``base`` with the directory of the slots' prompt caches (`command`), made, and the key of this
+        run's caches taken; ``base`` itself when it keeps none."""
+        spec = self.command(base)
+        self._slot_key = None if spec is base else self._prepare_slot_cache(spec)
+        return spec if self._slot_key is not None else base
+
+    def command(self, spec: LaunchSpec) -> LaunchSpec:
+        """``spec`` (the backend's) as this instance runs it: a llama-server's with the directory its slots'
+        prompt caches are saved in; unchanged when it saves none (or its args name their own directory)."""
+        store = self._parts.slot_store
+        if (
+            store is None
+            or self.backend.name != "llama-server"
+            or self.settings.kv_cache_max_gib <= 0
+            or slot_cache.SAVE_PATH_FLAG in spec.argv
+        ):
+            return spec
+        return replace(spec, argv=[*spec.argv, slot_cache.SAVE_PATH_FLAG, str(store.directory(self.name))])
+
+    def _prepare_slot_cache(self, spec: LaunchSpec) -> str | None:
+        """The directory of the slots' prompt caches made, and the key of this start's; None when it cannot
+        be made (the start goes on without)."""
+        assert self._parts.slot_store is not None  # `command` added its directory
+        try:
+            return self._parts.slot_store.prepare(self.name, spec.argv)
+        except OSError as exc:
+            self._emit("kv-cache", f"prompt caches not kept: {exc}")
+            return None
 
     def _startable_port(self) -> int:
         """The port assigned, once the model file is seen to be there."""
@@ -396,7 +433,10 @@ class Instance:
     async def _halt(self, final: State = State.STOPPED, why: str = "") -> None:
         task = self._task
         if task is not None and not task.done():
+            served = self.state in _SAVED_FROM and self.running
             self._set_state(State.STOPPING)
+            if final == State.STOPPED and served:  # a planned stop: not a hold, whose server lost a peer
+                await self._save_slots()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait([task])  # an error it ended by is `_supervision_ended`'s to record
@@ -503,7 +543,10 @@ class Instance:
         argv0 = spec.argv[0]
         self._write(self._parts.registry.path, lambda: self._parts.registry.add(self.name, proc.pid, argv0))
         self._set_state(State.LOADING, f"pid {proc.pid} on port {self.port}")
-        return await self._run_until_end(proc, spec, ready=await self._await_ready(proc))
+        ready = await self._await_ready(proc)
+        if ready:  # before it is marked ready: its first request finds the prompts a planned stop saved
+            await self._restore_slots()
+        return await self._run_until_end(proc, spec, ready=ready)
 
     async def _run_adopted(self, proc: ServerProcess, spec: LaunchSpec) -> float | None:
         """Run an adopted server (see `adopt`) until it ends, as `_run_once` runs one it spawned."""
@@ -559,6 +602,25 @@ class Instance:
                 self._record_error(gave_up if said is None else f"{said} ({gave_up})")
             self._set_state(State.FAILED if failure else State.STOPPED)
         return delay
+
+    async def _save_slots(self) -> None:
+        """Save the slots' prompt caches, half the stop timeout at most: the halt that follows has the rest."""
+        store, key = self._parts.slot_store, self._slot_key
+        if store is None or key is None or self.port is None:
+            return
+        budget_s = self.settings.stop_timeout / 2
+        said = await store.save(self.name, self.port, key, budget_s, gib_bytes(self.settings.kv_cache_max_gib))
+        self._emit("kv-cache", said)
+
+    async def _restore_slots(self) -> None:
+        """Before a ready server is marked ready: the prompt caches a planned stop of the same model with
+        the same settings saved, so its first request does not compute its prompt again."""
+        store, key = self._parts.slot_store, self._slot_key
+        if store is None or key is None or self.port is None:
+            return
+        said = await store.restore(self.name, self.port, key, self.settings.health.load_timeout)
+        if said is not None:
+            self._emit("kv-cache", said)
 
     async def _await_ready(self, proc: ServerProcess) -> bool:
         """Probe until ready; False when the process ended or the load timed out."""

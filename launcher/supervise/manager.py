@@ -57,6 +57,7 @@ from launcher.supervise.measuring import MEASURED_BACKEND, Measuring
 from launcher.supervise.ollama_downloads import begin_ollama_pull
 from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
+from launcher.supervise.slot_store import SlotStore, gib_bytes
 from launcher.supervise.table import InstanceTable
 from launcher.supervise.vram import VramGate
 from launcher.supervise.writes import StateWrites
@@ -123,6 +124,11 @@ class Manager:
             blocked=self._degrader,
             measuring=self.measuring,
             gpu_processes=sampler.processes,
+            slot_store=SlotStore(
+                settings.daemon.kv_cache_dir or state_dir.kv_cache_dir,
+                gib_bytes(settings.daemon.kv_cache_max_gib),
+                http,
+            ),
         )
         for name, (group, model) in self._configured.items():
             table.add(self._instance(name, group, model))
@@ -248,7 +254,7 @@ class Manager:
             if instance.running and instance.spec is not None:
                 return with_command(instance.plan, instance.spec)
             spec = instance.backend.launch_spec(instance.settings, self._port_for(instance), instance.placement)
-            return with_command(instance.plan, spec)
+            return with_command(instance.plan, instance.command(spec))
         samples, remote = self.sampler.latest(), self._remote(instance)
         claims = self.lending.claimed_mib(self._others(instance))
 
@@ -258,7 +264,7 @@ class Manager:
         if plan.hub is not None:  # no command until its files are downloaded
             return plan
         spec = instance.backend.launch_spec(instance.settings, self._port_for(instance), self.planner.placement(plan))
-        return with_command(plan, spec)
+        return with_command(plan, instance.command(spec))
 
     def _planned(
         self,

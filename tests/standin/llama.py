@@ -10,6 +10,7 @@ Takes llama-server's `--host` and `--port` (everything else is ignored; `--help`
   STANDIN_GRANDCHILD=1      fork a child that ignores SIGTERM and sleeps forever
   STANDIN_STALL=1           take each completion and go silent (a stream after its first event) until the
                             client goes away, its slot in `GET /slots` busy with no progress
+  STANDIN_HANG_SLOTS=1      never answer GET /slots (a prompt cache save that hangs)
 
 For the front door it also speaks a little of the OpenAI API, in llama-server's shapes:
   POST /v1/chat/completions, /v1/completions   an answer naming the `model` it was sent, with usage and
@@ -172,6 +173,8 @@ def main() -> None:
 
         def do_GET(self) -> None:
             if hung.is_set():
+                time.sleep(3600)
+            if self.path == "/slots" and os.environ.get("STANDIN_HANG_SLOTS"):
                 time.sleep(3600)
             if self.path == "/slots":
                 with released:

@@ -1,0 +1,102 @@
+"""Prompt caches that survive a planned stop, with a real llama-server: a long prompt, a stop (or a
+restart), a start, and the same prompt is not computed again; a changed setting restores nothing; a save
+that hangs does not hold the stop up."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from launcher.schema import State
+from launcher.supervise.manager import Manager
+from tests.conftest import ConfigWriter, OpenManager
+
+READY_TIMEOUT_S = 60
+# About 830 tokens of the tiny model's vocabulary.
+LONG_PROMPT = " ".join(f"hello world {i}" for i in range(40))
+SETTINGS = {"ctx": 2048}
+
+
+def is_ready(instance: object) -> bool:
+    return getattr(instance, "state", None) == State.READY
+
+
+async def prompt_tokens_evaluated(manager: Manager, name: str) -> tuple[int, int]:
+    """The long prompt sent to the instance's server: (tokens in the prompt, tokens it evaluated)."""
+    port = manager.instances[name].port
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"http://127.0.0.1:{port}/completion", json={"prompt": LONG_PROMPT, "n_predict": 1}, timeout=60
+        )
+    answer: dict[str, Any] = response.json()
+    return answer["tokens_evaluated"], answer["timings"]["prompt_n"]
+
+
+async def start_ready(manager: Manager, name: str = "tiny") -> None:
+    await manager.start(name)
+    await manager.instances[name].wait_until(is_ready, READY_TIMEOUT_S)
+
+
+def kv_events(manager: Manager, name: str = "tiny") -> list[str]:
+    return [e.message for e in manager.instances[name].events if e.kind == "kv-cache"]
+
+
+async def test_a_stop_and_a_restart_keep_the_prompt_cache(
+    write_config: ConfigWriter, open_manager: OpenManager
+) -> None:
+    manager = await open_manager(write_config({"tiny": SETTINGS}))
+    await start_ready(manager)
+    total, evaluated = await prompt_tokens_evaluated(manager, "tiny")
+    assert total > 500 and evaluated > total * 0.95  # the first time, all of it
+
+    await manager.stop("tiny")
+    assert any(m.startswith("prompt cache saved: 1 slots") for m in kv_events(manager)), kv_events(manager)
+    await start_ready(manager)
+    assert any(m.startswith("prompt cache restored") for m in kv_events(manager)), kv_events(manager)
+    _, evaluated = await prompt_tokens_evaluated(manager, "tiny")
+    assert evaluated < total * 0.05
+
+    await manager.restart("tiny")
+    await manager.instances["tiny"].wait_until(is_ready, READY_TIMEOUT_S)
+    _, evaluated = await prompt_tokens_evaluated(manager, "tiny")
+    assert evaluated < total * 0.05
+
+
+async def test_a_changed_setting_restores_nothing(write_config: ConfigWriter, open_manager: OpenManager) -> None:
+    manager = await open_manager(write_config({"tiny": SETTINGS}))
+    await start_ready(manager)
+    total, _ = await prompt_tokens_evaluated(manager, "tiny")
+    await manager.stop("tiny")
+    instance = manager.instances["tiny"]
+    instance.reconfigure(instance.settings.model_copy(update={"ctx": 1536}), instance.backend)
+    await start_ready(manager)
+    assert not any(m.startswith("prompt cache restored") for m in kv_events(manager))
+    _, evaluated = await prompt_tokens_evaluated(manager, "tiny")
+    assert evaluated > total * 0.95
+
+
+async def test_a_model_that_keeps_no_cache_gets_no_save_path(
+    write_config: ConfigWriter, open_manager: OpenManager
+) -> None:
+    manager = await open_manager(write_config({"tiny": {**SETTINGS, "kv_cache_max_gib": 0}}))
+    await start_ready(manager)
+    assert "--slot-save-path" not in (manager.instances["tiny"].spec or pytest.fail("no command")).argv
+    await manager.stop("tiny")
+    assert kv_events(manager) == []
+
+
+async def test_a_save_that_hangs_does_not_hold_the_stop_past_its_timeout(
+    write_config: ConfigWriter, open_manager: OpenManager, standin: Path
+) -> None:
+    stop_timeout_s = 1.0
+    entry = {"binary": str(standin), "stop_timeout": stop_timeout_s, "env": {"STANDIN_HANG_SLOTS": "1"}}
+    manager = await open_manager(write_config({"tiny": entry}))
+    await start_ready(manager)
+    began = time.monotonic()
+    await manager.stop("tiny")
+    assert time.monotonic() - began < stop_timeout_s
+    assert any("took over" in m for m in kv_events(manager)), kv_events(manager)
