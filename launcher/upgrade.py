@@ -69,7 +69,13 @@ def _handed(instance: Instance) -> HandedServer | None:
     except psutil.Error:
         return None
     return HandedServer(
-        instance=instance.name, pid=pid, create_time=created, port=port, argv=spec.argv, plan=instance.plan
+        instance=instance.name,
+        pid=pid,
+        create_time=created,
+        port=port,
+        argv=spec.argv,
+        settings_json=instance.settings.model_dump_json(),
+        plan=instance.plan,
     )
 
 

@@ -4,6 +4,7 @@ takes its servers along when it is killed, and a hand-over that cannot be done e
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,7 +20,8 @@ import psutil
 import pytest
 import yaml
 
-from launcher.supervise import handover
+from launcher.config import ModelSettings
+from launcher.supervise import adoption, handover
 from tests.conftest import READY_TIMEOUT_S, ConfigWriter, Daemon, poll_until
 from tests.test_drain import completed, serving, the_rest
 from tests.test_front_door import first_event, held
@@ -175,7 +177,40 @@ def test_a_server_the_configuration_now_runs_otherwise_is_started_again(
     assert "512" in psutil.Process(status["pid"]).cmdline()
     assert gone(pid)
     events = httpx.get(f"{daemon.url}/events", params={"recent": 100, "follow": "false"}, timeout=10).text
-    assert "was not taken over: the configuration now starts it with another command" in events
+    assert "was not taken over: its model's settings changed since it started" in events
+
+
+def test_a_new_program_that_would_build_another_command_from_the_same_settings_takes_the_server_over(
+    write_config: ConfigWriter, start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """What a new version adds to the command it builds (here: another prompt cache folder, a daemon key)
+    must not restart the models: the server keeps the command it runs until its next start."""
+    config = write_config({"tiny": {"autostart": True}})
+    daemon = start_daemon(config)
+    pid = daemon.wait_for("tiny", ready)["pid"]
+    before = program_started_at(daemon)
+    assert before is not None
+    running = psutil.Process(pid).cmdline()
+    write_config({"tiny": {"autostart": True}}, daemon={**_same_daemon(config), "kv_cache_dir": str(tmp_path / "kv")})
+
+    daemon.proc.send_signal(signal.SIGUSR2)
+
+    upgraded(daemon, before)
+    assert daemon.instance("tiny")["pid"] == pid
+    plan = daemon.http.get("/plan/tiny").json()
+    assert plan["command"][1:] == running[len(running) - len(plan["command"]) + 1 :]  # the command it runs
+
+
+def test_settings_compare_by_the_keys_the_old_program_knew() -> None:
+    settings = ModelSettings.model_validate({"model": "/m.gguf", "ctx": 512})
+    recorded = json.loads(settings.model_dump_json())
+    assert adoption.same_settings(json.dumps(recorded), settings)
+    del recorded["priority"]  # a key new in this version: the old program ran it as its default
+    assert adoption.same_settings(json.dumps(recorded), settings)
+    assert not adoption.same_settings(json.dumps({**recorded, "ctx": 1024}), settings)
+    assert not adoption.same_settings(json.dumps({**recorded, "gone_key": 1}), settings)  # a key dropped since
+    assert not adoption.same_settings("not json", settings)
+    assert not adoption.same_settings("[1]", settings)
 
 
 def test_a_server_that_does_not_answer_is_killed_and_started_again(

@@ -1,9 +1,11 @@
 """Taking over the servers an upgrade handed over (supervise/handover.py), instead of starting them.
 
 Each server is adopted only when it is still the process the old program ran (same pid and start time,
-this daemon's child, that instance's), when the configuration as read now would run it with the very same
-command line (same settings, port and plan: a configuration edited before the upgrade is not silently
-kept), and when it answers its health check. It then goes to ready with its log, plan and claims, and no
+this daemon's child, that instance's, running the command it was handed over with), when its model's
+settings as read now are the ones it was started with (a configuration edited before the upgrade is not
+silently kept), and when it answers its health check. Its command is not compared with the one this
+program would build: a new version that adds a flag would otherwise restart every model; the server keeps
+its command until its next start. It then goes to ready with its log, plan and claims, and no
 new process. One that does not check out is killed and its instance started normally: the hand-over
 never leaves a process nobody supervises.
 """
@@ -12,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import psutil
 
+from launcher.config import ModelSettings
 from launcher.errors import LauncherError
 from launcher.plan.placement import Placement
 from launcher.schema import Event, Plan
@@ -75,17 +79,29 @@ async def _take(
     if instance is None:
         return "its model is no longer configured"
     placement = Placement() if server.plan is None else placement_of(server.plan)
-    argv = instance.command(instance.backend.launch_spec(instance.settings, server.port, placement)).argv
-    if argv != server.argv:
-        return "the configuration now starts it with another command"
+    if not same_settings(server.settings_json, instance.settings):
+        return "its model's settings changed since it started"
+    argv = server.argv
     # The process runs its arguments; its program may differ (a wrapper script exec'd the real one).
     running = psutil.Process(server.pid).cmdline()
     if running[len(running) - len(argv) + 1 :] != argv[1:]:
         return "the process does not run the command it was handed over with"
     if not await instance.backend.is_ready(parts.http, server.port, instance.settings.health.timeout):
         return "it does not answer its health check"
-    await instance.adopt(ServerProcess.adopt(server.pid), server.port, placement, server.plan)
+    await instance.adopt(ServerProcess.adopt(server.pid), server.port, placement, server.plan, argv)
     return None
+
+
+def same_settings(recorded_json: str, settings: ModelSettings) -> bool:
+    """Whether the settings a server was started with (the old program's JSON of them) are ``settings``: every
+    key the old program knew has the same value now; a key new in this version is taken as its old default
+    (the old program could not have set it), a key this version dropped as a change."""
+    try:
+        recorded = json.loads(recorded_json)
+    except ValueError:
+        return False
+    now = json.loads(settings.model_dump_json())
+    return isinstance(recorded, dict) and set(recorded) <= set(now) and all(recorded[k] == now[k] for k in recorded)
 
 
 async def _kill(pid: int) -> None:

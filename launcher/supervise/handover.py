@@ -40,7 +40,10 @@ class HandedServer(BaseModel):
     pid: int = Field(gt=1, le=_PID_MAX)
     create_time: float = Field(ge=0, allow_inf_nan=False)  # the process's start time: a reused pid is not it
     port: int = Field(gt=0, lt=65536)
-    argv: list[str] = Field(min_length=1)  # its command line: a changed configuration is not adopted
+    argv: list[str] = Field(min_length=1)  # its command line, which it keeps until its next start
+    # Its model's settings as the old program ran it (JSON): a changed configuration is not adopted, while a
+    # new program that would build another command from the same settings still takes the server over.
+    settings_json: str = Field(max_length=1 << 20)
     plan: Plan | None
 
 

@@ -235,15 +235,19 @@ class Instance:
             await prepare(self)
             self._begin(self.preflight())
 
-    async def adopt(self, proc: ServerProcess, port: int, placement: Placement, plan: Plan | None) -> None:
-        """Supervise a server that already serves: the daemon's previous program started it, and an upgrade
-        handed it over (supervise/adoption.py checked it is the same process, with this command, and that it
-        answers). It goes through starting and loading to ready at once, with no new process."""
+    async def adopt(
+        self, proc: ServerProcess, port: int, placement: Placement, plan: Plan | None, argv: list[str]
+    ) -> None:
+        """Supervise a server that already serves: the daemon's previous program started it with ``argv``, and
+        an upgrade handed it over (supervise/adoption.py checked it is the same process, with these settings,
+        and that it answers). It goes through starting and loading to ready at once, with no new process; its
+        next start takes the command this program builds."""
         async with self._lock:
             if self.active:
                 raise ConflictError(f"{self.name} is already {self.state}")
             self.port, self.placement, self.plan = port, placement, plan
-            self._begin(self._with_slot_cache(self.backend.launch_spec(self.settings, port, placement)), adopted=proc)
+            spec = self._with_slot_cache(self.backend.launch_spec(self.settings, port, placement))
+            self._begin(LaunchSpec(argv=argv, env=spec.env), adopted=proc)
 
     async def stop(self) -> None:
         if self.downloading:
