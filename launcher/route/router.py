@@ -96,6 +96,7 @@ class Router:
         self.admission = Admission(self._replicas, table.requests, self._prefix_epsilon)
         self._slots: dict[str, int] = {}  # instance -> requests its server takes at once, read when ready
         self._taken_out: dict[str, asyncio.Task[None]] = {}  # instance -> the probe that puts it back
+        self._room_changes = 0  # calls of _next_swap: a model went idle or an instance changed state
         self._placing = asyncio.Lock()  # one on-demand decision at a time: each sees the last one's start
         self._closing: set[str] = set()  # models the router is stopping (idle, evicted): given no new request
         self._wake_timer = asyncio.Event()
@@ -370,6 +371,9 @@ class Router:
         """Stop what `choose.make_room` picks so that ``model`` fits beside what runs: True when it may
         start now; False when its requests wait for busy models to go idle (or a resident time to end).
         RouteError when nothing the rules allow to stop would make room."""
+        # A model that goes idle while this decides (the planner runs in a thread) calls _next_swap before this
+        # one waits: seen by the count, the decision is taken again rather than waiting for a wake already gone.
+        changes = self._room_changes
         await self._manager.await_vacated(model)  # a server stopped a moment ago: its memory counts as free
         plan_without = self._manager.planner_with_stopped(routed.instances[0])
         residents = [
@@ -394,7 +398,7 @@ class Router:
         decide = functools.partial(choose.make_room, residents, routed.settings.priority, time.monotonic(), fits)
         room = await self._manager.in_planning_thread(decide)
         if room.stop is None and room.wait:
-            self._await_room(model, routed, room)
+            self._await_room(model, routed, room, stale=self._room_changes != changes)
             return False
         if room.stop is None:
             plan = await self._manager.in_planning_thread(functools.partial(plan_without, []))
@@ -404,20 +408,23 @@ class Router:
             )
         for victim in room.stop:
             if self.admission.busy(victim, self._models[victim].instances):  # a request came while the planner ran
-                self._await_room(model, routed, choose.Room(None, wait=True, kept=(f"{victim} is busy",)))
+                room = choose.Room(None, wait=True, kept=(f"{victim} is busy",))
+                self._await_room(model, routed, room, stale=self._room_changes != changes)
                 return False
             await self._stop_model(victim, f"stopping idle {victim} to make room for {model}", "evict")
         return True
 
-    def _await_room(self, model: str, routed: _RoutedModel, room: choose.Room) -> None:
+    def _await_room(self, model: str, routed: _RoutedModel, room: choose.Room, *, stale: bool) -> None:
         """Let ``model``'s requests wait in its queue until a model in its way goes idle (its requests are
-        served first, collated: see _next_swap) or its resident time ends."""
+        served first, collated: see _next_swap) or its resident time ends; ``stale``: room may have been
+        freed since the decision, so it is taken again now."""
         if routed.awaiting_room_s is None:
             routed.awaiting_room_s = time.monotonic()
             why = "; ".join(room.kept)
             self._events.publish(Event.now("on-demand", f"{model} waits for room: {why}", instance=model))
-        if room.retry_at_s is not None:
-            self._spawn(self._swap_at(room.retry_at_s))
+        retry_at_s = time.monotonic() if stale else room.retry_at_s
+        if retry_at_s is not None:
+            self._spawn(self._swap_at(retry_at_s))
 
     async def _swap_at(self, at_s: float) -> None:
         await asyncio.sleep(max(0.0, at_s - time.monotonic()))
@@ -426,6 +433,7 @@ class Router:
     def _next_swap(self) -> None:
         """Start the next model whose requests wait for room, in `choose.collate`'s order: the one whose
         oldest request waits longest (a running model's requests were served meanwhile, without a swap)."""
+        self._room_changes += 1
         waiting: list[tuple[float, str]] = []
         for name, routed in self._models.items():
             if routed.awaiting_room_s is None:

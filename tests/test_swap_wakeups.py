@@ -1,0 +1,125 @@
+"""The front door's swaps, with the manager and the servers faked: a request waiting for room is woken by
+the model in its way going idle, even when that happens while its own decision is being planned."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+from starlette.types import Message, Send
+
+from launcher.config import ModelSettings, Settings
+from launcher.events import Bus
+from launcher.route.proxy import Answer
+from launcher.route.router import Router
+from launcher.schema import Event, State
+from launcher.supervise.table import InstanceTable
+
+
+@dataclass
+class _Instance:
+    name: str
+    state: State
+    active: bool
+    port: int = 1
+    restarting: bool = False
+    downloading: bool = False
+    download: None = None
+    settings: ModelSettings = field(default_factory=lambda: ModelSettings(model=Path("/m.gguf")))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    fits: bool
+    reason: str | None = None
+
+
+class _Manager:
+    """Room for `a` only once `b` is stopped; its planning hands over to ``meanwhile`` after deciding."""
+
+    def __init__(self, table: InstanceTable, events: Bus[Event], meanwhile: Callable[[], Any]) -> None:
+        self._table = table
+        self._events = events
+        self._meanwhile = meanwhile
+        self.started: list[str] = []
+
+    def _set(self, name: str, state: State) -> None:
+        instance = cast(_Instance, self._table.instances[name])
+        instance.state, instance.active = state, state == State.READY
+        self._events.publish(Event.now("state", state.value, instance=name, state=state))
+
+    async def await_vacated(self, model: str) -> None:
+        return None
+
+    def planner_with_stopped(self, instance: str) -> Callable[[Sequence[str]], _Plan]:
+        return lambda stopped: _Plan("b" in stopped)
+
+    async def in_planning_thread(self, decide: Callable[[], Any]) -> Any:
+        decided = decide()
+        await self._meanwhile()  # what happens while the planner's thread runs
+        return decided
+
+    async def stop(self, name: str) -> None:
+        self._set(name, State.STOPPED)
+
+    async def start(self, name: str) -> None:
+        self.started.append(name)
+        self._set(name, State.READY)
+
+    async def restart(self, name: str) -> None:
+        raise AssertionError("no restart here")
+
+
+class _Upstream:
+    """Answers at once, but `b`'s request only once ``b_may_end`` is set."""
+
+    def __init__(self) -> None:
+        self.b_may_end = asyncio.Event()
+
+    async def forward(self, method: str, url: str, headers: Any, body: bytes, send: Send, *_: Any, **__: Any) -> Answer:
+        if url.startswith("http://127.0.0.1:2/"):
+            await self.b_may_end.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+        return Answer(status=200, streamed=False, ttfb_s=0.0, kept=b"{}")
+
+    async def close(self) -> None:
+        return None
+
+
+async def _ignore(_: Message) -> None:
+    return None
+
+
+async def test_a_model_going_idle_while_a_waiting_ones_room_is_planned_still_wakes_it() -> None:
+    models = {m: {"model": f"/{m}.gguf", "on_demand": True, "queue_timeout_s": 5} for m in "ab"}
+    settings = Settings.model_validate({"models": models})
+    table = InstanceTable()
+    instances = {"a": _Instance("a", State.STOPPED, False), "b": _Instance("b", State.READY, True, port=2)}
+    table.instances = cast(Any, instances)
+    table.groups = {"a": ["a"], "b": ["b"]}
+    upstream = _Upstream()
+    b_request: asyncio.Task[Any] | None = None
+
+    async def b_ends() -> None:  # b's one request ends after a's decision (b busy: wait) and before a waits
+        if b_request is not None and not b_request.done():
+            upstream.b_may_end.set()
+            await b_request
+
+    events = Bus[Event](100, keep=100)
+    manager = _Manager(table, events, b_ends)
+    async with httpx.AsyncClient() as http:
+        router = Router(
+            settings, manager=cast(Any, manager), table=table, events=events,
+            peers=None, http=http, upstream=cast(Any, upstream),
+        )  # fmt: skip
+        async with router:
+            loop = asyncio.get_running_loop()
+            b_request = asyncio.create_task(router.serve("b", "POST", "/v1/x", [], b"{}", _ignore, loop.time()))
+            await asyncio.sleep(0)  # b's request is in flight
+            served = await asyncio.wait_for(router.serve("a", "POST", "/v1/x", [], b"{}", _ignore, loop.time()), 4)
+    assert served.status == 200 and served.instance == "a" and manager.started == ["a"]
