@@ -56,7 +56,8 @@ class _Manager:
         return None
 
     def planner_with_stopped(self, instance: str) -> Callable[[Sequence[str]], _Plan]:
-        return lambda stopped: _Plan("b" in stopped)
+        in_the_way = {"a": "b", "c": "d"}[instance]  # a fits once b is stopped, c once d is
+        return lambda stopped: _Plan(in_the_way in stopped)
 
     async def in_planning_thread(self, decide: Callable[[], Any]) -> Any:
         decided = decide()
@@ -75,14 +76,15 @@ class _Manager:
 
 
 class _Upstream:
-    """Answers at once, but `b`'s request only once ``b_may_end`` is set."""
+    """Answers at once, but a request to a port of ``held`` only once its event is set."""
 
-    def __init__(self) -> None:
-        self.b_may_end = asyncio.Event()
+    def __init__(self, *held: int) -> None:
+        self.held = {port: asyncio.Event() for port in held}
 
     async def forward(self, method: str, url: str, headers: Any, body: bytes, send: Send, *_: Any, **__: Any) -> Answer:
-        if url.startswith("http://127.0.0.1:2/"):
-            await self.b_may_end.wait()
+        port = int(url.split(":")[2].split("/")[0])
+        if port in self.held:
+            await self.held[port].wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}", "more_body": False})
         return Answer(status=200, streamed=False, ttfb_s=0.0, kept=b"{}")
@@ -102,12 +104,12 @@ async def test_a_model_going_idle_while_a_waiting_ones_room_is_planned_still_wak
     instances = {"a": _Instance("a", State.STOPPED, False), "b": _Instance("b", State.READY, True, port=2)}
     table.instances = cast(Any, instances)
     table.groups = {"a": ["a"], "b": ["b"]}
-    upstream = _Upstream()
+    upstream = _Upstream(2)
     b_request: asyncio.Task[Any] | None = None
 
     async def b_ends() -> None:  # b's one request ends after a's decision (b busy: wait) and before a waits
         if b_request is not None and not b_request.done():
-            upstream.b_may_end.set()
+            upstream.held[2].set()
             await b_request
 
     events = Bus[Event](100, keep=100)
@@ -123,3 +125,54 @@ async def test_a_model_going_idle_while_a_waiting_ones_room_is_planned_still_wak
             await asyncio.sleep(0)  # b's request is in flight
             served = await asyncio.wait_for(router.serve("a", "POST", "/v1/x", [], b"{}", _ignore, loop.time()), 4)
     assert served.status == 200 and served.instance == "a" and manager.started == ["a"]
+
+
+async def test_a_waiting_model_that_could_start_is_not_held_behind_an_older_one_that_cannot() -> None:
+    """a waits for busy b, then c for busy d; d goes idle while b stays busy: c starts (a still waits)."""
+    models = {m: {"model": f"/{m}.gguf", "on_demand": True, "queue_timeout_s": 5} for m in "abcd"}
+    settings = Settings.model_validate({"models": models})
+    table = InstanceTable()
+    instances = {
+        "a": _Instance("a", State.STOPPED, False),
+        "b": _Instance("b", State.READY, True, port=2),
+        "c": _Instance("c", State.STOPPED, False),
+        "d": _Instance("d", State.READY, True, port=4),
+    }
+    table.instances = cast(Any, instances)
+    table.groups = {m: [m] for m in "abcd"}
+    upstream = _Upstream(2, 4)
+    events = Bus[Event](100, keep=100)
+
+    async def nothing() -> None:
+        return None
+
+    manager = _Manager(table, events, nothing)
+    async with httpx.AsyncClient() as http:
+        router = Router(
+            settings, manager=cast(Any, manager), table=table, events=events,
+            peers=None, http=http, upstream=cast(Any, upstream),
+        )  # fmt: skip
+        async with router:
+            loop = asyncio.get_running_loop()
+
+            def request(model: str) -> asyncio.Task[Any]:
+                return asyncio.create_task(router.serve(model, "POST", "/v1/x", [], b"{}", _ignore, loop.time()))
+
+            told = events.subscribe()
+
+            async def waits(model: str) -> None:
+                while f"{model} waits for room" not in (await told.get()).message:
+                    pass
+
+            held = [request("b"), request("d")]
+            await asyncio.sleep(0)  # b's and d's requests are in flight
+            waiting_a = request("a")
+            await asyncio.wait_for(waits("a"), 2)
+            waiting_c = request("c")
+            await asyncio.wait_for(waits("c"), 2)
+            upstream.held[4].set()  # d goes idle; b stays busy
+            served = await asyncio.wait_for(waiting_c, 4)
+            assert served.instance == "c" and manager.started == ["c"] and not waiting_a.done()
+            upstream.held[2].set()
+            assert (await asyncio.wait_for(waiting_a, 4)).instance == "a"
+            await asyncio.gather(*held)

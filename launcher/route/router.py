@@ -335,13 +335,16 @@ class Router:
 
     # ---- on demand --------------------------------------------------------------------------------------
 
-    async def _bring_up(self, model: str, routed: _RoutedModel) -> None:
+    async def _bring_up(self, model: str, routed: _RoutedModel, passed: frozenset[str] = frozenset()) -> None:
         """Start ``model`` for a request, making room first when the router may; the waiting requests get
-        the reason when it cannot start."""
+        the reason when it cannot start. ``passed``: the waiting models _next_swap tried before, which wait
+        still."""
         failure: RouteError | None = None
+        waits = False
         try:
             async with self._placing:
                 if not await self._make_room(model, routed):
+                    waits = True
                     return  # its requests wait for room (see _next_swap)
                 routed.awaiting_room_s = None
                 routed.resident_until_s = time.monotonic() + routed.settings.min_resident_s
@@ -364,6 +367,8 @@ class Router:
             failure = RouteError(503, f"{model} could not start: {type(exc).__name__}: {exc}", "start_failed")
         finally:
             routed.bringing_up = None
+            if waits:  # the next waiting model may fit where this one does not: not held behind it
+                self._next_swap(passed | {model})
         if failure is not None and (failure.code == "downloading" or not self._active(routed)):
             self.admission.fail(model, failure)
 
@@ -430,13 +435,14 @@ class Router:
         await asyncio.sleep(max(0.0, at_s - time.monotonic()))
         self._next_swap()
 
-    def _next_swap(self) -> None:
+    def _next_swap(self, passed: frozenset[str] = frozenset()) -> None:
         """Start the next model whose requests wait for room, in `choose.collate`'s order: the one whose
-        oldest request waits longest (a running model's requests were served meanwhile, without a swap)."""
+        oldest request waits longest (a running model's requests were served meanwhile, without a swap).
+        ``passed``: models tried since the last change that wait still; the next one is tried in turn."""
         self._room_changes += 1
         waiting: list[tuple[float, str]] = []
         for name, routed in self._models.items():
-            if routed.awaiting_room_s is None:
+            if routed.awaiting_room_s is None or name in passed:
                 continue
             if not self.admission.queued(name):  # its requests gave up (timed out, left)
                 routed.awaiting_room_s = None
@@ -446,7 +452,7 @@ class Router:
         order = choose.collate([name for _, name in sorted(waiting)], running)
         if order and order[0] not in running:  # one swap at a time: a waiting model on its way goes first
             routed = self._models[order[0]]
-            routed.bringing_up = asyncio.create_task(self._bring_up(order[0], routed))
+            routed.bringing_up = asyncio.create_task(self._bring_up(order[0], routed, passed))
 
     # ---- the idle timer ---------------------------------------------------------------------------------
 
