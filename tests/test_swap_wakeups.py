@@ -4,7 +4,8 @@ the model in its way going idle, even when that happens while its own decision i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -97,82 +98,78 @@ async def _ignore(_: Message) -> None:
     return None
 
 
-async def test_a_model_going_idle_while_a_waiting_ones_room_is_planned_still_wakes_it() -> None:
-    models = {m: {"model": f"/{m}.gguf", "on_demand": True, "queue_timeout_s": 5} for m in "ab"}
-    settings = Settings.model_validate({"models": models})
+@dataclass
+class _FrontDoor:
+    router: Router
+    manager: _Manager
+    upstream: _Upstream
+    events: Bus[Event]
+
+    def request(self, model: str) -> asyncio.Task[Any]:
+        arrived_s = asyncio.get_running_loop().time()
+        return asyncio.create_task(self.router.serve(model, "POST", "/v1/x", [], b"{}", _ignore, arrived_s))
+
+
+@asynccontextmanager
+async def _front_door(models: str, running: str, meanwhile: Callable[[], Any]) -> AsyncIterator[_FrontDoor]:
+    """On-demand ``models`` (instance n's port n + 1), ``running`` ones ready, their requests held."""
+    config = {m: {"model": f"/{m}.gguf", "on_demand": True, "queue_timeout_s": 5} for m in models}
     table = InstanceTable()
-    instances = {"a": _Instance("a", State.STOPPED, False), "b": _Instance("b", State.READY, True, port=2)}
+    ports = {m: n + 1 for n, m in enumerate(models)}
+    instances = {
+        m: _Instance(m, State.READY if m in running else State.STOPPED, m in running, ports[m]) for m in models
+    }
     table.instances = cast(Any, instances)
-    table.groups = {"a": ["a"], "b": ["b"]}
-    upstream = _Upstream(2)
+    table.groups = {m: [m] for m in models}
+    upstream = _Upstream(*(ports[m] for m in running))
+    events = Bus[Event](100, keep=100)
+    manager = _Manager(table, events, meanwhile)
+    async with httpx.AsyncClient() as http:
+        router = Router(
+            Settings.model_validate({"models": config}), manager=cast(Any, manager), table=table, events=events,
+            peers=None, http=http, upstream=cast(Any, upstream),
+        )  # fmt: skip
+        async with router:
+            yield _FrontDoor(router, manager, upstream, events)
+
+
+async def test_a_model_going_idle_while_a_waiting_ones_room_is_planned_still_wakes_it() -> None:
     b_request: asyncio.Task[Any] | None = None
 
     async def b_ends() -> None:  # b's one request ends after a's decision (b busy: wait) and before a waits
         if b_request is not None and not b_request.done():
-            upstream.held[2].set()
+            door.upstream.held[2].set()
             await b_request
 
-    events = Bus[Event](100, keep=100)
-    manager = _Manager(table, events, b_ends)
-    async with httpx.AsyncClient() as http:
-        router = Router(
-            settings, manager=cast(Any, manager), table=table, events=events,
-            peers=None, http=http, upstream=cast(Any, upstream),
-        )  # fmt: skip
-        async with router:
-            loop = asyncio.get_running_loop()
-            b_request = asyncio.create_task(router.serve("b", "POST", "/v1/x", [], b"{}", _ignore, loop.time()))
-            await asyncio.sleep(0)  # b's request is in flight
-            served = await asyncio.wait_for(router.serve("a", "POST", "/v1/x", [], b"{}", _ignore, loop.time()), 4)
-    assert served.status == 200 and served.instance == "a" and manager.started == ["a"]
+    async with _front_door("ab", "b", b_ends) as door:
+        b_request = door.request("b")
+        await asyncio.sleep(0)  # b's request is in flight
+        served = await asyncio.wait_for(door.request("a"), 4)
+    assert served.status == 200 and served.instance == "a" and door.manager.started == ["a"]
 
 
 async def test_a_waiting_model_that_could_start_is_not_held_behind_an_older_one_that_cannot() -> None:
     """a waits for busy b, then c for busy d; d goes idle while b stays busy: c starts (a still waits)."""
-    models = {m: {"model": f"/{m}.gguf", "on_demand": True, "queue_timeout_s": 5} for m in "abcd"}
-    settings = Settings.model_validate({"models": models})
-    table = InstanceTable()
-    instances = {
-        "a": _Instance("a", State.STOPPED, False),
-        "b": _Instance("b", State.READY, True, port=2),
-        "c": _Instance("c", State.STOPPED, False),
-        "d": _Instance("d", State.READY, True, port=4),
-    }
-    table.instances = cast(Any, instances)
-    table.groups = {m: [m] for m in "abcd"}
-    upstream = _Upstream(2, 4)
-    events = Bus[Event](100, keep=100)
 
     async def nothing() -> None:
         return None
 
-    manager = _Manager(table, events, nothing)
-    async with httpx.AsyncClient() as http:
-        router = Router(
-            settings, manager=cast(Any, manager), table=table, events=events,
-            peers=None, http=http, upstream=cast(Any, upstream),
-        )  # fmt: skip
-        async with router:
-            loop = asyncio.get_running_loop()
+    async with _front_door("abcd", "bd", nothing) as door:
+        told = door.events.subscribe()
 
-            def request(model: str) -> asyncio.Task[Any]:
-                return asyncio.create_task(router.serve(model, "POST", "/v1/x", [], b"{}", _ignore, loop.time()))
+        async def waits(model: str) -> None:
+            while f"{model} waits for room" not in (await told.get()).message:
+                pass
 
-            told = events.subscribe()
-
-            async def waits(model: str) -> None:
-                while f"{model} waits for room" not in (await told.get()).message:
-                    pass
-
-            held = [request("b"), request("d")]
-            await asyncio.sleep(0)  # b's and d's requests are in flight
-            waiting_a = request("a")
-            await asyncio.wait_for(waits("a"), 2)
-            waiting_c = request("c")
-            await asyncio.wait_for(waits("c"), 2)
-            upstream.held[4].set()  # d goes idle; b stays busy
-            served = await asyncio.wait_for(waiting_c, 4)
-            assert served.instance == "c" and manager.started == ["c"] and not waiting_a.done()
-            upstream.held[2].set()
-            assert (await asyncio.wait_for(waiting_a, 4)).instance == "a"
-            await asyncio.gather(*held)
+        held = [door.request("b"), door.request("d")]
+        await asyncio.sleep(0)  # b's and d's requests are in flight
+        waiting_a = door.request("a")
+        await asyncio.wait_for(waits("a"), 2)
+        waiting_c = door.request("c")
+        await asyncio.wait_for(waits("c"), 2)
+        door.upstream.held[4].set()  # d goes idle; b stays busy
+        served = await asyncio.wait_for(waiting_c, 4)
+        assert served.instance == "c" and door.manager.started == ["c"] and not waiting_a.done()
+        door.upstream.held[2].set()
+        assert (await asyncio.wait_for(waiting_a, 4)).instance == "a"
+        await asyncio.gather(*held)
