@@ -231,3 +231,30 @@ def test_naming_rewrites_each_event_of_a_stream_across_chunk_boundaries() -> Non
     assert naming.end() == b'{"model":"a \\"quoted\\" alias","done":false}'
     long_line = b"x" * (1024 * 1024 + 1)
     assert StreamNaming("a").feed(long_line) == long_line  # no line end for 1 MiB: passed on as it is
+
+
+def test_naming_keeps_every_byte_a_parser_would_not_write_again() -> None:
+    # A nested `model` sends the rename past the one-member shortcut: the rest must still be the server's
+    # bytes (a lone surrogate escape cannot be encoded again, 1e400 would come back as Infinity).
+    answer = b'{"model":"/m.gguf","content":"\\ud83d","x":1e400,"meta":{"model":"inner"}}'
+    assert rename_document(answer, "chat") == answer.replace(b'"model":"/m.gguf"', b'"model":"chat"')
+    bracket_in_text = b'{"content":"{\\"model\\": [","model":"/m.gguf","o":{"model":"k"}}'
+    assert json.loads(rename_document(bracket_in_text, "chat")) == {**json.loads(bracket_in_text), "model": "chat"}
+
+
+def test_naming_leaves_a_nested_model_of_a_streamed_event_alone() -> None:
+    # Ollama streams a tool call's arguments as an object: a `model` argument is the client's data.
+    event = b'{"model":"qwen","message":{"tool_calls":[{"function":{"arguments":{"model":"%s"}}}]},"done":false}\n'
+    for argument in (b"gpt-4", b"qwen"):
+        naming = StreamNaming("chat")
+        renamed = json.loads(naming.feed(event % argument))
+        assert renamed["model"] == "chat"
+        assert renamed["message"]["tool_calls"][0]["function"]["arguments"] == {"model": argument.decode()}
+
+
+def test_naming_passes_the_rest_of_an_overlong_line_unchanged() -> None:
+    naming = StreamNaming("chat")
+    head = b'data: {"content":"' + b"x" * (1024 * 1024)
+    assert naming.feed(head) == head
+    tail = b'","model":"/m.gguf"}\n'
+    assert naming.feed(tail + b'data: {"model":"/m.gguf"}\n') == tail + b'data: {"model":"chat"}\n'

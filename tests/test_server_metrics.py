@@ -151,6 +151,38 @@ async def test_a_server_that_misbehaves_keeps_its_last_values_and_is_marked_stal
         assert server_metrics.series()["m"].error is None
 
 
+# A server that writes names the daemon's own series have, or one name under two families.
+HOSTILE_EXPOSITION = """\
+# TYPE metrics_up gauge
+metrics_up 0
+# TYPE y counter
+y_total 1
+# TYPE y_total gauge
+y_total 2
+# TYPE x_bucket gauge
+x_bucket 3
+# TYPE x histogram
+x_bucket{le="+Inf"} 1
+x_count 1
+x_sum 1
+"""
+
+
+async def test_a_server_cannot_write_a_name_twice_or_speak_for_the_daemon() -> None:
+    async with _server([_ok(HOSTILE_EXPOSITION)]) as port, httpx.AsyncClient() as http:
+        server_metrics = ServerMetrics({"m": _Instance(port)}, http, lambda: 60.0)
+        await server_metrics.read_all()
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(ServerSeriesCollector(server_metrics))
+        text = generate_latest(registry).decode()
+    helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP")]
+    assert len(helps) == len(set(helps)), text  # a strict reader (Go's expfmt) refuses a second HELP
+    samples = [line.split()[0] for line in text.splitlines() if not line.startswith("#")]
+    assert len(samples) == len(set(samples)), text
+    assert 'launcher_server_metrics_up{instance="m",model="m"} 1.0' in text.splitlines()
+    assert 'launcher_server_x_bucket{instance="m",model="m"} 3.0' in text.splitlines()
+
+
 async def test_a_stopped_instance_drops_out_and_one_not_serving_is_never_asked() -> None:
     async with _server([_ok(LLAMA_EXPOSITION)]) as port:
         asked: list[str] = []

@@ -175,3 +175,32 @@ async def test_stalls_count_from_the_last_ready_and_replace_at_the_limit() -> No
     told = [e.message for e in events.recent(10)]
     assert [m.rsplit("(", 1)[-1] for m in told if "stall " in m] == ["stall 1/2)", "stall 1/2)", "stall 2/2)"]
     assert told[-1] == "replacing it after 2 stalls"
+
+
+async def test_a_client_slow_to_take_the_answer_is_no_stall_of_the_server() -> None:
+    """The server answered (no slot busy) and the client reads slowly: the wait is on the client, so the
+    request is neither cut nor counted against the server."""
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda _: httpx.Response(200, json=[])))
+    events: Bus[Event] = Bus(10, keep=10)
+    client_reads = asyncio.Event()
+
+    async def restart(instance: str) -> None:
+        raise AssertionError(f"{instance} restarted for its client's pace")
+
+    async def slow_client(message: Message) -> None:
+        if message.get("body"):
+            await client_reads.wait()
+
+    async def answered(send: Send) -> Answer:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * 1024, "more_body": False})
+        return Answer(status=200, streamed=False, ttfb_s=0.0, kept=b"")
+
+    spawned: list[asyncio.Task[None]] = []
+    watch = StallWatch(http, events, restart, lambda c: spawned.append(asyncio.ensure_future(c)))
+    health = HealthSettings(stall_s=0.2, stall_failures=1)
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.6, client_reads.set)  # three times stall_s with the answer on its way
+    answer = await watch.guard("m", 1, health, "POST /v1/completions", answered, slow_client)
+    await http.aclose()
+    assert answer.status == 200 and not spawned and not [e for e in events.recent(10) if e.kind == "stall"]

@@ -161,6 +161,11 @@ class LauncherCollector(Collector):
         yield from links.values()
 
 
+# The daemon's own series about the servers' reads, under the prefix the servers' series get too.
+_SERVER_UP = "launcher_server_metrics_up"
+_SERVER_AGE = "launcher_server_metrics_age_seconds"
+
+
 class ServerSeriesCollector(Collector):
     """The servers' own series, from the cache ``server_metrics`` keeps: a scrape never asks a server."""
 
@@ -170,11 +175,9 @@ class ServerSeriesCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         cache = self._server_metrics.series()
         labels = ["model", "instance"]
-        up = GaugeMetricFamily(
-            "launcher_server_metrics_up", "1 when the last read of the server's /metrics succeeded", labels=labels
-        )
+        up = GaugeMetricFamily(_SERVER_UP, "1 when the last read of the server's /metrics succeeded", labels=labels)
         age = GaugeMetricFamily(
-            "launcher_server_metrics_age_seconds",
+            _SERVER_AGE,
             "how old the server's series shown are: time since its /metrics was last read",
             labels=labels,
         )
@@ -185,4 +188,4 @@ class ServerSeriesCollector(Collector):
                 age.add_metric([kept.model, name], max(0.0, now - kept.read_at))
         yield up
         yield age
-        yield from merged(kept.families for kept in cache.values())
+        yield from merged((kept.families for kept in cache.values()), reserved={_SERVER_UP, _SERVER_AGE})

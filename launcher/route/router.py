@@ -96,6 +96,7 @@ class Router:
         self.admission = Admission(self._replicas, table.requests, self._prefix_epsilon)
         self._slots: dict[str, int] = {}  # instance -> requests its server takes at once, read when ready
         self._taken_out: dict[str, asyncio.Task[None]] = {}  # instance -> the probe that puts it back
+        self._room_changes = 0  # calls of _next_swap: a model went idle or an instance changed state
         self._placing = asyncio.Lock()  # one on-demand decision at a time: each sees the last one's start
         self._closing: set[str] = set()  # models the router is stopping (idle, evicted): given no new request
         self._wake_timer = asyncio.Event()
@@ -334,13 +335,16 @@ class Router:
 
     # ---- on demand --------------------------------------------------------------------------------------
 
-    async def _bring_up(self, model: str, routed: _RoutedModel) -> None:
+    async def _bring_up(self, model: str, routed: _RoutedModel, passed: frozenset[str] = frozenset()) -> None:
         """Start ``model`` for a request, making room first when the router may; the waiting requests get
-        the reason when it cannot start."""
+        the reason when it cannot start. ``passed``: the waiting models _next_swap tried before, which wait
+        still."""
         failure: RouteError | None = None
+        waits = False
         try:
             async with self._placing:
                 if not await self._make_room(model, routed):
+                    waits = True
                     return  # its requests wait for room (see _next_swap)
                 routed.awaiting_room_s = None
                 routed.resident_until_s = time.monotonic() + routed.settings.min_resident_s
@@ -363,6 +367,8 @@ class Router:
             failure = RouteError(503, f"{model} could not start: {type(exc).__name__}: {exc}", "start_failed")
         finally:
             routed.bringing_up = None
+            if waits:  # the next waiting model may fit where this one does not: not held behind it
+                self._next_swap(passed | {model})
         if failure is not None and (failure.code == "downloading" or not self._active(routed)):
             self.admission.fail(model, failure)
 
@@ -370,6 +376,9 @@ class Router:
         """Stop what `choose.make_room` picks so that ``model`` fits beside what runs: True when it may
         start now; False when its requests wait for busy models to go idle (or a resident time to end).
         RouteError when nothing the rules allow to stop would make room."""
+        # A model that goes idle while this decides (the planner runs in a thread) calls _next_swap before this
+        # one waits: seen by the count, the decision is taken again rather than waiting for a wake already gone.
+        changes = self._room_changes
         await self._manager.await_vacated(model)  # a server stopped a moment ago: its memory counts as free
         plan_without = self._manager.planner_with_stopped(routed.instances[0])
         residents = [
@@ -394,7 +403,7 @@ class Router:
         decide = functools.partial(choose.make_room, residents, routed.settings.priority, time.monotonic(), fits)
         room = await self._manager.in_planning_thread(decide)
         if room.stop is None and room.wait:
-            self._await_room(model, routed, room)
+            self._await_room(model, routed, room, stale=self._room_changes != changes)
             return False
         if room.stop is None:
             plan = await self._manager.in_planning_thread(functools.partial(plan_without, []))
@@ -404,31 +413,36 @@ class Router:
             )
         for victim in room.stop:
             if self.admission.busy(victim, self._models[victim].instances):  # a request came while the planner ran
-                self._await_room(model, routed, choose.Room(None, wait=True, kept=(f"{victim} is busy",)))
+                room = choose.Room(None, wait=True, kept=(f"{victim} is busy",))
+                self._await_room(model, routed, room, stale=self._room_changes != changes)
                 return False
             await self._stop_model(victim, f"stopping idle {victim} to make room for {model}", "evict")
         return True
 
-    def _await_room(self, model: str, routed: _RoutedModel, room: choose.Room) -> None:
+    def _await_room(self, model: str, routed: _RoutedModel, room: choose.Room, *, stale: bool) -> None:
         """Let ``model``'s requests wait in its queue until a model in its way goes idle (its requests are
-        served first, collated: see _next_swap) or its resident time ends."""
+        served first, collated: see _next_swap) or its resident time ends; ``stale``: room may have been
+        freed since the decision, so it is taken again now."""
         if routed.awaiting_room_s is None:
             routed.awaiting_room_s = time.monotonic()
             why = "; ".join(room.kept)
             self._events.publish(Event.now("on-demand", f"{model} waits for room: {why}", instance=model))
-        if room.retry_at_s is not None:
-            self._spawn(self._swap_at(room.retry_at_s))
+        retry_at_s = time.monotonic() if stale else room.retry_at_s
+        if retry_at_s is not None:
+            self._spawn(self._swap_at(retry_at_s))
 
     async def _swap_at(self, at_s: float) -> None:
         await asyncio.sleep(max(0.0, at_s - time.monotonic()))
         self._next_swap()
 
-    def _next_swap(self) -> None:
+    def _next_swap(self, passed: frozenset[str] = frozenset()) -> None:
         """Start the next model whose requests wait for room, in `choose.collate`'s order: the one whose
-        oldest request waits longest (a running model's requests were served meanwhile, without a swap)."""
+        oldest request waits longest (a running model's requests were served meanwhile, without a swap).
+        ``passed``: models tried since the last change that wait still; the next one is tried in turn."""
+        self._room_changes += 1
         waiting: list[tuple[float, str]] = []
         for name, routed in self._models.items():
-            if routed.awaiting_room_s is None:
+            if routed.awaiting_room_s is None or name in passed:
                 continue
             if not self.admission.queued(name):  # its requests gave up (timed out, left)
                 routed.awaiting_room_s = None
@@ -438,7 +452,7 @@ class Router:
         order = choose.collate([name for _, name in sorted(waiting)], running)
         if order and order[0] not in running:  # one swap at a time: a waiting model on its way goes first
             routed = self._models[order[0]]
-            routed.bringing_up = asyncio.create_task(self._bring_up(order[0], routed))
+            routed.bringing_up = asyncio.create_task(self._bring_up(order[0], routed, passed))
 
     # ---- the idle timer ---------------------------------------------------------------------------------
 

@@ -117,6 +117,7 @@ class _Progress:
     last_s: float
     started: bool = False
     event_stream: bool = False
+    sending: bool = False  # a message on its way to the client
     readings: list[Reading] = field(default_factory=list)
 
 
@@ -161,9 +162,17 @@ class StallWatch:
                 progress.event_stream = any(
                     k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in message["headers"]
                 )
-            elif message.get("body"):
-                progress.last_s = time.monotonic()
-            await send(message)
+                await send(message)
+                return
+            # A send that waits is the client's pace (its socket full), not the server's: not judged meanwhile,
+            # and its bytes count when they are taken. Else a slow client had a healthy server cut and replaced.
+            progress.sending = True
+            try:
+                await send(message)
+            finally:
+                progress.sending = False
+                if message.get("body"):
+                    progress.last_s = time.monotonic()
 
         # The request runs in this task and a timer checks on it every quarter of stall_s: a request that
         # ends before the first check costs one timer (a task per request and asyncio.wait cost ~12x more).
@@ -177,7 +186,7 @@ class StallWatch:
 
         async def read() -> None:
             nonlocal found, timer
-            if time.monotonic() - progress.last_s >= interval_s:  # else bytes flow: nothing to read
+            if not progress.sending and time.monotonic() - progress.last_s >= interval_s:  # else bytes flow
                 reading = await self._read(instance, port, timeout_s, interval_s / 2)
                 # A reading from before the last byte never counts; enough are kept to span stall_s.
                 progress.readings = [r for r in progress.readings if r.at_s >= progress.last_s][-8:]

@@ -9,7 +9,7 @@ timestamps are dropped: the values are as of the daemon's last read.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from prometheus_client.core import Metric
@@ -61,19 +61,36 @@ def _label(key: str) -> str:
     return f"exported_{key}" if key in _OURS else _NOT_IN_NAME.sub("_", key)
 
 
-def merged(per_instance: Iterable[tuple[Family, ...]]) -> list[Metric]:
+def _exposed(family: Family) -> set[str]:
+    """The names ``family`` takes in the exposition: its header's (a counter's is written with `_total`,
+    an info's with `_info`) and its samples'."""
+    header = family.name + {"counter": "_total", "info": "_info"}.get(family.type, "")
+    return {header, family.name, *(sample.name for sample in family.samples)}
+
+
+def merged(per_instance: Iterable[tuple[Family, ...]], reserved: Collection[str] = ()) -> list[Metric]:
     """One family per name across instances (the exposition format allows no other): the first instance's
-    type and help win; a family another server typed differently is left out rather than mislabelled."""
+    type and help win; a family another server typed differently is left out rather than mislabelled, and
+    so is one that would write a name another family writes (a server's gauge `x_total` beside its counter
+    `x`) or one of ``reserved`` (the daemon's own series): a name written twice makes a strict reader (the
+    Go client's parser) refuse the whole scrape, and a reserved one would let a server speak for the daemon."""
     metrics: dict[str, Metric] = {}
+    owner = dict.fromkeys(reserved, "")  # each name written -> the family that writes it
     seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
     for families in per_instance:
         for family in families:
             metric = metrics.get(family.name)
             if metric is None:
+                names = _exposed(family)
+                if any(owner.get(name, family.name) != family.name for name in names):
+                    continue
+                owner.update(dict.fromkeys(names, family.name))
                 metric = metrics[family.name] = Metric(family.name, family.help, family.type)
             elif metric.type != family.type:
                 continue
             for sample in family.samples:
+                if owner.setdefault(sample.name, family.name) != family.name:
+                    continue  # a later instance's sample under another family's name
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 if key not in seen:  # a server that repeats a series would make the whole scrape invalid
                     seen.add(key)
