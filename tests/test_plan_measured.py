@@ -6,6 +6,7 @@ key, another layout or `--estimate` keep the estimate; a hostile file is no meas
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,27 @@ def test_forget_drops_one_models_measurements_and_the_store_is_bounded(tmp_path:
     assert store.get("k0") is None and store.get("k4") is not None  # the oldest beyond 256 went
     assert store.forget("a") == 128 and store.forget("a") == 0
     assert store.get("k5") is None and store.get("k4") is not None
+
+
+def test_two_writers_at_once_lose_nothing_and_never_fail(tmp_path: Path) -> None:
+    """The daemon files measurements while `launcher plan --forget` (another process) may change the file: each
+    change is whole (before: both wrote measured.json.new, one rename failed, and one undid the other's)."""
+    store = MeasurementStore(tmp_path / "measured.json")
+    errors: list[BaseException] = []
+
+    def put_many(model: str) -> None:
+        try:
+            for i in range(100):
+                store.put(f"{model}{i}", Measurement(model=model, date="d", devices=[], host=MeasuredTerms()))
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=put_many, args=(m,)) for m in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert all(store.get(f"{m}{i}") is not None for m in ("a", "b") for i in range(100))
+    assert not list(tmp_path.glob("*.new"))
+
