@@ -187,3 +187,8 @@ def test_two_writers_at_once_lose_nothing_and_never_fail(tmp_path: Path) -> None
     assert all(store.get(f"{m}{i}") is not None for m in ("a", "b") for i in range(100))
     assert not list(tmp_path.glob("*.new"))
 
+
+def test_a_state_file_that_cannot_be_read_leaves_plans_estimated(tmp_path: Path) -> None:
+    (tmp_path / "measured.json").mkdir()  # not a file the launcher wrote: planning goes on from the estimate
+    measuring = Measuring(MeasurementStore(tmp_path / "measured.json"), [])
+    assert measuring.overheads_mib() == {}

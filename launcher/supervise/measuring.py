@@ -68,7 +68,10 @@ class Measuring:
 
     def overheads_mib(self) -> dict[int, int]:
         """The driver's share learned for each of this host's GPUs (by its name and driver), by index."""
-        learned = self._store.overheads_mib()
+        try:
+            learned = self._store.overheads_mib()
+        except OSError:  # a state file that cannot be read (a directory, no permission): the defaults
+            return {}
         return {
             index: learned[key]
             for index, gpu in self._identities.items()
