@@ -192,3 +192,28 @@ def test_a_state_file_that_cannot_be_read_leaves_plans_estimated(tmp_path: Path)
     (tmp_path / "measured.json").mkdir()  # not a file the launcher wrote: planning goes on from the estimate
     measuring = Measuring(MeasurementStore(tmp_path / "measured.json"), [])
     assert measuring.overheads_mib() == {}
+
+
+def test_a_hub_projector_is_keyed_by_the_file_it_resolves_to_in_the_cache(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub projector is pulled at main: a new commit there is another file, measured anew (before, the
+    key held its reference alone, so the old projector's measurement was applied to the new one)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    binary = tmp_path / "llama-server"
+    binary.write_bytes(b"a build")
+    repo = tmp_path / "hub" / "models--org--vision-GGUF"
+    model = ModelSettings.model_validate(
+        {"model": "hf:org/vision-GGUF:F16", "mmproj": "hf:org/vision-GGUF/mmproj-F16.gguf"}
+    )
+    keys = []
+    for commit, size in (("a" * 40, 10), ("b" * 40, 20)):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "mmproj-F16.gguf").write_bytes(b"\0" * size)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        keys.append(measurement_key(model, tiny_model, binary))
+    assert keys[0] != keys[1]
+    assert keys[1] == measurement_key(model, tiny_model, binary)
