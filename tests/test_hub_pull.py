@@ -367,3 +367,14 @@ def test_a_projector_named_wrongly_is_one_sentence_at_load(
 ) -> None:
     result = run_cli("--config", str(write_config({"m": entry})), "plan", "m", env=marked_env)
     assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_cache_that_cannot_be_written_is_one_sentence(
+    hub: StandInHub, hub_env: dict[str, str], write_config: ConfigWriter, tmp_path: Path
+) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    env = {**hub_env, "HF_HUB_CACHE": str(tmp_path / "a-file" / "hub")}
+    result = run_cli("--config", str(write_config({"m": {"model": "hf:org/tiny-GGUF:F16"}})), "pull", "m", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    said, hint = result.stderr.strip().splitlines()[-2:]
+    assert said.startswith("launcher: the Hugging Face cache") and "a-file" in said and hint.startswith("hint: ")

@@ -197,20 +197,27 @@ def pull(
     done = sum(partial.values())
     if remotes:  # where it starts (a resumed pull: past its partial files), the first reading of its rate
         on_progress(PullProgress(done, total, remotes[0].file.path))
-    for remote in remotes:
-        if not (blobs / remote.etag).is_file():
+    try:
+        for remote in remotes:
+            if not (blobs / remote.etag).is_file():
 
-            def counted(n: int, file: str = remote.file.path) -> None:
-                nonlocal done
-                done += n
-                on_progress(PullProgress(done, total, file))
+                def counted(n: int, file: str = remote.file.path) -> None:
+                    nonlocal done
+                    done += n
+                    on_progress(PullProgress(done, total, file))
 
-            _fetch(repo, remote, blobs, token, counted, cancelled)
-        else:
-            done += remote.size_bytes - partial[remote.etag]
-        _link(repo, commit, remote.file, cache, token, endpoint)
-        on_progress(PullProgress(done, total, remote.file.path))
-    write_ref(repo, revision, commit, cache)
+                _fetch(repo, remote, blobs, token, counted, cancelled)
+            else:
+                done += remote.size_bytes - partial[remote.etag]
+            _link(repo, commit, remote.file, cache, token, endpoint)
+            on_progress(PullProgress(done, total, remote.file.path))
+        write_ref(repo, revision, commit, cache)
+    except OSError as exc:  # the cache's folders, lock, link or ref (the transfer's own errors are said in _fetch)
+        raise HubError(
+            f"the Hugging Face cache {cache} cannot be written for {repo}: {exc.strerror or exc} "
+            f"({exc.filename or cache})",
+            hint="set HF_HUB_CACHE (or HF_HOME) to a folder this user may write",
+        ) from None
     return [snapshot / f.path for f in files]
 
 
