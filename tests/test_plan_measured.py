@@ -20,6 +20,7 @@ from launcher.plan.planner import Measured, Planner
 from launcher.schema import GpuSample, Plan
 from launcher.statedir.measurements import MeasurementStore
 from launcher.supervise.measuring import Measuring, measurement_key
+from launcher.tinymodel import TinyShape, write_tiny_llama
 from tests.fakes import GIB, FakeGpu, FakeNvml
 
 MIB = 1024 * 1024
@@ -217,3 +218,36 @@ def test_a_hub_projector_is_keyed_by_the_file_it_resolves_to_in_the_cache(
         keys.append(measurement_key(model, tiny_model, binary))
     assert keys[0] != keys[1]
     assert keys[1] == measurement_key(model, tiny_model, binary)
+
+
+def _over_estimate(plan: Plan, share: float) -> Measurement:
+    """A run of ``plan`` whose server measured ``share`` more than the estimate of every GPU term."""
+    [gpu] = plan.devices
+    terms = MeasuredTerms(
+        weights=gpu.weights_mib * (1 + share), kv=gpu.kv_cache_mib * (1 + share), compute=gpu.compute_mib * (1 + share)
+    )
+    device = {"remote": False, "gpu": 0, "name": gpu.name, "layers": gpu.layers, "output_layer": gpu.output_layer}
+    return Measurement.model_validate(
+        {"model": "m", "date": "2026-12-02", "ctx": plan.ctx, "devices": [device | {"terms": terms}], "host": {}}
+    )
+
+
+def test_ctx_max_after_a_run_above_the_estimate_chooses_a_smaller_context_not_a_refusal(tmp_path: Path) -> None:
+    """`ctx: max` fills the GPU by the estimate; a server 2 % above it there (within the planner's targets)
+    made the next plan at that context not fit, refused (before) instead of a context that fits."""
+    shape = TinyShape(n_layer=8, n_embd=1024, n_head=8, n_head_kv=8, n_ff=2048, context_length=1 << 20)
+    model_file = write_tiny_llama(tmp_path / "m.gguf", shape)
+    nvml = NvmlBackend(FakeNvml([FakeGpu(name="NVIDIA H200", total_bytes=8 * GIB, used_bytes=0)]))
+    planner = Planner(GpuSettings(), nvml.identities(), {})
+    model = ModelSettings(model=model_file, ctx="max")
+    first = planner.plan("m", model, model_file, _samples(nvml), {})
+    assert first.fits and first.devices[0].free_after_mib < first.devices[0].kv_cache_mib // 16  # the GPU filled
+    run = _over_estimate(first, 0.02)
+    second = planner.plan("m", model, model_file, _samples(nvml), {}, measured=Measured(run))
+    assert second.fits and second.ctx < first.ctx, second.reason
+    excess = -(-sum(run.devices[0].terms.model_dump().values()) // 1) - (first.devices[0].total_mib - 512)
+    assert second.devices[0].total_mib + excess <= first.devices[0].usable_mib  # room for what it measures
+    assert any("held back" in warning for warning in second.warnings)
+    # that smaller context measured in turn: planned again at it, from its measured terms, and it fits
+    third = planner.plan("m", model, model_file, _samples(nvml), {}, measured=Measured(_over_estimate(second, 0.02)))
+    assert third.fits and third.ctx <= second.ctx
