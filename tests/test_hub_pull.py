@@ -378,3 +378,19 @@ def test_a_cache_that_cannot_be_written_is_one_sentence(
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     said, hint = result.stderr.strip().splitlines()[-2:]
     assert said.startswith("launcher: the Hugging Face cache") and "a-file" in said and hint.startswith("hint: ")
+
+
+@pytest.mark.parametrize("extra", [0, 100], ids=["whole", "longer"])
+def test_a_partial_file_already_whole_or_longer_is_checked_not_asked_for_beyond_its_end(
+    hub: StandInHub, tmp_path: Path, mid: Listing, pull_files: dict[str, Repo], extra: int
+) -> None:
+    """A pull killed after its last byte but before the rename leaves the whole file as `.incomplete` (and a
+    foreign tool may leave a longer one): the next pull must not ask for the bytes past its end forever."""
+    original = pull_files["org/mid-GGUF"].files["mid-F16.gguf"]
+    blobs = tmp_path / "cache" / "models--org--mid-GGUF" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / f"{hub.sha256(original)}.incomplete").write_bytes(original.read_bytes() + b"\0" * extra)
+    seen: list[PullProgress] = []
+    paths = _pull(hub, mid, tmp_path / "cache", on_progress=seen.append)
+    assert paths[0].read_bytes() == original.read_bytes()
+    assert all(p.done_bytes <= p.total_bytes for p in seen) and seen[-1].done_bytes == seen[-1].total_bytes
