@@ -348,6 +348,11 @@ def test_a_hub_projector_is_planned_from_its_header_pulled_with_the_model_and_pa
     assert _sent(hub, "org/vision-GGUF") == 2 * 64 * 1024  # the first range of each header, no more
     result = run_cli("--config", str(config), "pull", "m", env=hub_env)
     assert result.returncode == 0, result.stderr
+    # one progress over both files: the total the model's and the projector's, what is done never going back
+    shown = [re.search(r": ([\d.]+) of ([\d.]+) MB", line) for line in result.stderr.splitlines()]
+    readings = [(float(m[1]), float(m[2])) for m in shown if m is not None]
+    assert len({total for _, total in readings}) == 1 and readings[-1][0] == readings[-1][1] >= 31, readings
+    assert [done for done, _ in readings] == sorted(done for done, _ in readings)
     snapshot = _repo_dir(tmp_path, "org/vision-GGUF") / "snapshots" / pull_files["org/vision-GGUF"].commit
     assert sorted(p.name for p in snapshot.iterdir()) == ["mmproj-vision-F16.gguf", "tiny-F16.gguf"]
     after = run_cli("--config", str(config), "plan", "m", env=hub_env)
