@@ -164,6 +164,8 @@ def test_forget_drops_one_models_measurements_and_the_store_is_bounded(tmp_path:
     assert store.get("k0") is None and store.get("k4") is not None  # the oldest beyond 256 went
     assert store.forget("a") == 128 and store.forget("a") == 0
     assert store.get("k5") is None and store.get("k4") is not None
+    # nothing to forget: nothing written, not even the state directory
+    assert MeasurementStore(tmp_path / "none" / "measured.json").forget("a") == 0 and not (tmp_path / "none").exists()
 
 
 def test_two_writers_at_once_lose_nothing_and_never_fail(tmp_path: Path) -> None:

@@ -78,6 +78,8 @@ class MeasurementStore:
 
     def forget(self, model: str) -> int:
         """Drop every measurement of configured model ``model``; how many there were."""
+        if not any(found.model == model for found in self._read().measured.values()):
+            return 0  # nothing to change: nothing written (a state directory this user may not write included)
         with self._changing() as content:
             keys = [key for key, found in content.measured.items() if found.model == model]
             for key in keys:
