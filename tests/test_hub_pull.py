@@ -348,6 +348,11 @@ def test_a_hub_projector_is_planned_from_its_header_pulled_with_the_model_and_pa
     assert _sent(hub, "org/vision-GGUF") == 2 * 64 * 1024  # the first range of each header, no more
     result = run_cli("--config", str(config), "pull", "m", env=hub_env)
     assert result.returncode == 0, result.stderr
+    # one progress over both files: the total the model's and the projector's, what is done never going back
+    shown = [re.search(r": ([\d.]+) of ([\d.]+) MB", line) for line in result.stderr.splitlines()]
+    readings = [(float(m[1]), float(m[2])) for m in shown if m is not None]
+    assert len({total for _, total in readings}) == 1 and readings[-1][0] == readings[-1][1] >= 31, readings
+    assert [done for done, _ in readings] == sorted(done for done, _ in readings)
     snapshot = _repo_dir(tmp_path, "org/vision-GGUF") / "snapshots" / pull_files["org/vision-GGUF"].commit
     assert sorted(p.name for p in snapshot.iterdir()) == ["mmproj-vision-F16.gguf", "tiny-F16.gguf"]
     after = run_cli("--config", str(config), "plan", "m", env=hub_env)
@@ -367,3 +372,30 @@ def test_a_projector_named_wrongly_is_one_sentence_at_load(
 ) -> None:
     result = run_cli("--config", str(write_config({"m": entry})), "plan", "m", env=marked_env)
     assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_cache_that_cannot_be_written_is_one_sentence(
+    hub: StandInHub, hub_env: dict[str, str], write_config: ConfigWriter, tmp_path: Path
+) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    env = {**hub_env, "HF_HUB_CACHE": str(tmp_path / "a-file" / "hub")}
+    result = run_cli("--config", str(write_config({"m": {"model": "hf:org/tiny-GGUF:F16"}})), "pull", "m", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    said, hint = result.stderr.strip().splitlines()[-2:]
+    assert said.startswith("launcher: the Hugging Face cache") and "a-file" in said and hint.startswith("hint: ")
+
+
+@pytest.mark.parametrize("extra", [0, 100], ids=["whole", "longer"])
+def test_a_partial_file_already_whole_or_longer_is_checked_not_asked_for_beyond_its_end(
+    hub: StandInHub, tmp_path: Path, mid: Listing, pull_files: dict[str, Repo], extra: int
+) -> None:
+    """A pull killed after its last byte but before the rename leaves the whole file as `.incomplete` (and a
+    foreign tool may leave a longer one): the next pull must not ask for the bytes past its end forever."""
+    original = pull_files["org/mid-GGUF"].files["mid-F16.gguf"]
+    blobs = tmp_path / "cache" / "models--org--mid-GGUF" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / f"{hub.sha256(original)}.incomplete").write_bytes(original.read_bytes() + b"\0" * extra)
+    seen: list[PullProgress] = []
+    paths = _pull(hub, mid, tmp_path / "cache", on_progress=seen.append)
+    assert paths[0].read_bytes() == original.read_bytes()
+    assert all(p.done_bytes <= p.total_bytes for p in seen) and seen[-1].done_bytes == seen[-1].total_bytes

@@ -4,8 +4,11 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import re
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,8 @@ import httpx
 import ollama
 import pytest
 
-from launcher.errors import StartError
+from launcher.backends.ollama_registry import registry_model_bytes
+from launcher.errors import ConfigError, StartError
 from launcher.supervise.ollama_downloads import PullStream
 from launcher.tinymodel import write_tiny_llama
 from tests.conftest import ConfigWriter, Daemon, free_port, poll_until, run_cli
@@ -154,3 +158,28 @@ def test_ollamas_progress_lines_are_summed_over_its_layers_and_its_error_line_is
         stream.line('{"error": "pull model manifest: file does not exist"}')
     with pytest.raises(StartError, match=r"^Ollama's pull of qwen2\.5:7b answered something not JSON: '<html>'$"):
         stream.line("<html>")
+
+
+@pytest.mark.parametrize("manifest", [{"layers": 5}, {"layers": None}, {"layers": {"size": 1}}, [1], "text"])
+def test_a_manifest_that_is_not_one_is_one_sentence(manifest: object) -> None:
+    class Registry(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(manifest).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ConfigError, match="lists no model layer with its size"):
+            registry_model_bytes("tiny:1b", f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -6,6 +6,7 @@ key, another layout or `--estimate` keep the estimate; a hostile file is no meas
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from launcher.plan.planner import Measured, Planner
 from launcher.schema import GpuSample, Plan
 from launcher.statedir.measurements import MeasurementStore
 from launcher.supervise.measuring import Measuring, measurement_key
+from launcher.tinymodel import TinyShape, write_tiny_llama
 from tests.fakes import GIB, FakeGpu, FakeNvml
 
 MIB = 1024 * 1024
@@ -162,3 +164,92 @@ def test_forget_drops_one_models_measurements_and_the_store_is_bounded(tmp_path:
     assert store.get("k0") is None and store.get("k4") is not None  # the oldest beyond 256 went
     assert store.forget("a") == 128 and store.forget("a") == 0
     assert store.get("k5") is None and store.get("k4") is not None
+    # nothing to forget: nothing written, not even the state directory
+    assert MeasurementStore(tmp_path / "none" / "measured.json").forget("a") == 0 and not (tmp_path / "none").exists()
+
+
+def test_two_writers_at_once_lose_nothing_and_never_fail(tmp_path: Path) -> None:
+    """The daemon files measurements while `launcher plan --forget` (another process) may change the file: each
+    change is whole (before: both wrote measured.json.new, one rename failed, and one undid the other's)."""
+    store = MeasurementStore(tmp_path / "measured.json")
+    errors: list[BaseException] = []
+
+    def put_many(model: str) -> None:
+        try:
+            for i in range(100):
+                store.put(f"{model}{i}", Measurement(model=model, date="d", devices=[], host=MeasuredTerms()))
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=put_many, args=(m,)) for m in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert all(store.get(f"{m}{i}") is not None for m in ("a", "b") for i in range(100))
+    assert not list(tmp_path.glob("*.new"))
+
+
+def test_a_state_file_that_cannot_be_read_leaves_plans_estimated(tmp_path: Path) -> None:
+    (tmp_path / "measured.json").mkdir()  # not a file the launcher wrote: planning goes on from the estimate
+    measuring = Measuring(MeasurementStore(tmp_path / "measured.json"), [])
+    assert measuring.overheads_mib() == {}
+
+
+def test_a_hub_projector_is_keyed_by_the_file_it_resolves_to_in_the_cache(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub projector is pulled at main: a new commit there is another file, measured anew (before, the
+    key held its reference alone, so the old projector's measurement was applied to the new one)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    binary = tmp_path / "llama-server"
+    binary.write_bytes(b"a build")
+    repo = tmp_path / "hub" / "models--org--vision-GGUF"
+    model = ModelSettings.model_validate(
+        {"model": "hf:org/vision-GGUF:F16", "mmproj": "hf:org/vision-GGUF/mmproj-F16.gguf"}
+    )
+    keys = []
+    for commit, size in (("a" * 40, 10), ("b" * 40, 20)):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "mmproj-F16.gguf").write_bytes(b"\0" * size)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        keys.append(measurement_key(model, tiny_model, binary))
+    assert keys[0] != keys[1]
+    assert keys[1] == measurement_key(model, tiny_model, binary)
+
+
+def _over_estimate(plan: Plan, share: float) -> Measurement:
+    """A run of ``plan`` whose server measured ``share`` more than the estimate of every GPU term."""
+    [gpu] = plan.devices
+    terms = MeasuredTerms(
+        weights=gpu.weights_mib * (1 + share), kv=gpu.kv_cache_mib * (1 + share), compute=gpu.compute_mib * (1 + share)
+    )
+    device = {"remote": False, "gpu": 0, "name": gpu.name, "layers": gpu.layers, "output_layer": gpu.output_layer}
+    return Measurement.model_validate(
+        {"model": "m", "date": "2026-12-02", "ctx": plan.ctx, "devices": [device | {"terms": terms}], "host": {}}
+    )
+
+
+def test_ctx_max_after_a_run_above_the_estimate_chooses_a_smaller_context_not_a_refusal(tmp_path: Path) -> None:
+    """`ctx: max` fills the GPU by the estimate; a server 2 % above it there (within the planner's targets)
+    made the next plan at that context not fit, refused (before) instead of a context that fits."""
+    shape = TinyShape(n_layer=8, n_embd=1024, n_head=8, n_head_kv=8, n_ff=2048, context_length=1 << 20)
+    model_file = write_tiny_llama(tmp_path / "m.gguf", shape)
+    nvml = NvmlBackend(FakeNvml([FakeGpu(name="NVIDIA H200", total_bytes=8 * GIB, used_bytes=0)]))
+    planner = Planner(GpuSettings(), nvml.identities(), {})
+    model = ModelSettings(model=model_file, ctx="max")
+    first = planner.plan("m", model, model_file, _samples(nvml), {})
+    assert first.fits and first.devices[0].free_after_mib < first.devices[0].kv_cache_mib // 16  # the GPU filled
+    run = _over_estimate(first, 0.02)
+    second = planner.plan("m", model, model_file, _samples(nvml), {}, measured=Measured(run))
+    assert second.fits and second.ctx < first.ctx, second.reason
+    excess = -(-sum(run.devices[0].terms.model_dump().values()) // 1) - (first.devices[0].total_mib - 512)
+    assert second.devices[0].total_mib + excess <= first.devices[0].usable_mib  # room for what it measures
+    assert any("held back" in warning for warning in second.warnings)
+    # that smaller context measured in turn: planned again at it, from its measured terms, and it fits
+    third = planner.plan("m", model, model_file, _samples(nvml), {}, measured=Measured(_over_estimate(second, 0.02)))
+    assert third.fits and third.ctx <= second.ctx

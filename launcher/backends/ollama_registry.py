@@ -44,7 +44,7 @@ def registry_model_bytes(name: str, registry: str, timeout_s: float = _TIMEOUT_S
         layers = None
     sizes = [
         layer["size"]
-        for layer in layers or []
+        for layer in (layers if isinstance(layers, list) else [])
         if isinstance(layer, dict)
         and layer.get("mediaType") in (_MODEL_LAYER, _PROJECTOR_LAYER)
         and isinstance(layer.get("size"), int)

@@ -191,26 +191,33 @@ def pull(
         )
     remotes = [_remote(repo, commit, f, token, endpoint) for f in lacking]
     blobs = repo_dir(repo, cache) / "blobs"
-    partial = {r.etag: _partial_size(blobs / f"{r.etag}.incomplete") for r in remotes}
+    partial = {r.etag: min(_partial_size(blobs / f"{r.etag}.incomplete"), r.size_bytes) for r in remotes}
     _check_space(repo, remotes, partial, cache, free_bytes)
     total = sum(r.size_bytes for r in remotes)
     done = sum(partial.values())
     if remotes:  # where it starts (a resumed pull: past its partial files), the first reading of its rate
         on_progress(PullProgress(done, total, remotes[0].file.path))
-    for remote in remotes:
-        if not (blobs / remote.etag).is_file():
+    try:
+        for remote in remotes:
+            if not (blobs / remote.etag).is_file():
 
-            def counted(n: int, file: str = remote.file.path) -> None:
-                nonlocal done
-                done += n
-                on_progress(PullProgress(done, total, file))
+                def counted(n: int, file: str = remote.file.path) -> None:
+                    nonlocal done
+                    done += n
+                    on_progress(PullProgress(done, total, file))
 
-            _fetch(repo, remote, blobs, token, counted, cancelled)
-        else:
-            done += remote.size_bytes - partial[remote.etag]
-        _link(repo, commit, remote.file, cache, token, endpoint)
-        on_progress(PullProgress(done, total, remote.file.path))
-    write_ref(repo, revision, commit, cache)
+                _fetch(repo, remote, blobs, token, counted, cancelled)
+            else:
+                done += remote.size_bytes - partial[remote.etag]
+            _link(repo, commit, remote.file, cache, token, endpoint)
+            on_progress(PullProgress(done, total, remote.file.path))
+        write_ref(repo, revision, commit, cache)
+    except OSError as exc:  # the cache's folders, lock, link or ref (the transfer's own errors are said in _fetch)
+        raise HubError(
+            f"the Hugging Face cache {cache} cannot be written for {repo}: {exc.strerror or exc} "
+            f"({exc.filename or cache})",
+            hint="set HF_HUB_CACHE (or HF_HOME) to a folder this user may write",
+        ) from None
     return [snapshot / f.path for f in files]
 
 
@@ -239,7 +246,7 @@ def _partial_size(path: Path) -> int:
 def _check_space(
     repo: str, remotes: Sequence[_Remote], partial: dict[str, int], cache: Path, free_bytes: Callable[[Path], int]
 ) -> None:
-    need = sum(r.size_bytes - min(partial[r.etag], r.size_bytes) for r in remotes)
+    need = sum(r.size_bytes - partial[r.etag] for r in remotes)
     free = free_bytes(cache)
     if need > free:
         raise HubError(
@@ -269,7 +276,9 @@ def _fetch(
         if (blobs / remote.etag).is_file():
             return
         incomplete.touch()
-        resume = min(incomplete.stat().st_size, remote.size_bytes)
+        if incomplete.stat().st_size > remote.size_bytes:  # not a partial of this file: its prefix may be
+            os.truncate(incomplete, remote.size_bytes)  # (the hash says), and nothing beyond the end is asked for
+        resume = incomplete.stat().st_size
         target = _CheckedFile(incomplete, remote, on_bytes, cancelled)
         try:
             with _said(name, repo):

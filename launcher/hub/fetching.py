@@ -11,6 +11,7 @@ from pathlib import Path
 
 from launcher.config import HubSettings, ModelSettings
 from launcher.config_file import read_token
+from launcher.hub.cache import missing
 from launcher.hub.download import PullProgress, disk_free_bytes, pull
 from launcher.hub.headers import HubError, HubReader
 from launcher.hub.repo import HubFile
@@ -63,21 +64,32 @@ def pull_planned(
     if any(path not in by_path for path in hub.files):
         raise HubError(f"{hub.repo} at {hub.commit[:12]} no longer lists the files planned", hint="plan it again")
 
-    def fetch(repo: str, revision: str, commit: str, files: list[HubFile]) -> list[Path]:
-        meter = RateMeter()  # per pull: a rate across two of them would mix their totals
+    # The projector (`mmproj: hf:...`, at main) is found first, so that one progress covers both pulls.
+    projector = model.mmproj
+    projector_pull: tuple[str, str, list[HubFile]] | None = None  # repo, commit, files
+    if isinstance(projector, HubRef) and projector.file is not None:
+        projector_listing = reader.listing(projector.repo, None)
+        found = [f for f in projector_listing.files if f.path == projector.file]
+        if not found:
+            raise HubError(f"mmproj: {projector.file} is not a GGUF file in {projector.repo} at main")
+        projector_pull = (projector.repo, projector_listing.commit, found)
+    model_files = [by_path[path] for path in hub.files]
+    meter = RateMeter()  # one over both pulls: the bytes done and the total are the model's and the projector's
 
+    def left(repo: str, commit: str, files: list[HubFile]) -> int:
+        return sum(f.size_bytes for f in missing(repo, commit, tuple(files), cache))
+
+    def fetch(repo: str, revision: str, commit: str, files: list[HubFile], before: int, after: int) -> list[Path]:
         def shown(progress: PullProgress) -> None:
-            on_progress(meter.reading(progress))
+            whole = PullProgress(before + progress.done_bytes, before + progress.total_bytes + after, progress.file)
+            on_progress(meter.reading(whole))
 
         return pull(repo, revision, commit, files, cache=cache, token=token, cancelled=cancelled,
                     on_progress=shown, free_bytes=free_bytes)  # fmt: skip
 
-    paths = fetch(hub.repo, hub.revision, hub.commit, [by_path[path] for path in hub.files])
-    projector = model.mmproj
-    if isinstance(projector, HubRef) and projector.file is not None:
-        listing = reader.listing(projector.repo, None)
-        found = [f for f in listing.files if f.path == projector.file]
-        if not found:
-            raise HubError(f"mmproj: {projector.file} is not a GGUF file in {projector.repo} at main")
-        fetch(projector.repo, "main", listing.commit, found)
+    model_left = left(hub.repo, hub.commit, model_files)
+    projector_left = left(*projector_pull) if projector_pull is not None else 0
+    paths = fetch(hub.repo, hub.revision, hub.commit, model_files, 0, projector_left)
+    if projector_pull is not None:
+        fetch(projector_pull[0], "main", projector_pull[1], projector_pull[2], model_left, 0)
     return paths

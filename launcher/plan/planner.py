@@ -120,10 +120,32 @@ class Planner:
             shape = size_only((model.ollama.size_mib or 0) * 1024 * 1024)
         if projector is None:
             projector = projector_bytes(model) if model.backend == "llama-server" else 0
-        plan = make_plan(
-            name, model, shape, samples, self._links, claims, self._gpus, projector, remote, measured.overheads_mib
-        )
-        return with_measured(plan, measured.run)
+
+        def planned(at: ModelSettings, held: Mapping[int, int]) -> Plan:
+            return make_plan(
+                name, at, shape, samples, self._links, held, self._gpus, projector, remote, measured.overheads_mib
+            )
+
+        run = measured.run
+        if model.ctx != "max" or run is None:
+            return with_measured(planned(model, claims), run)
+        # `ctx: max` fills the GPUs by the estimate: where a server measured more than it at its context, the
+        # context is sized with that excess held back (a smaller one), not refused at every other start.
+        estimated = planned(model.model_copy(update={"ctx": run.ctx}), claims)
+        excess = {
+            e.gpu: m.total_mib - e.total_mib
+            for e, m in zip(estimated.devices, with_measured(estimated, run).devices, strict=True)
+            if e.endpoint is None and m.total_mib > e.total_mib
+        }
+        if not excess:
+            return with_measured(planned(model, claims), run)
+        sized = planned(model, {**claims, **{g: claims.get(g, 0) + mib for g, mib in excess.items()}})
+        plan = sized
+        if sized.ctx == run.ctx:  # the measured context again: its measured terms against the GPUs' own room
+            plan = with_measured(estimated, run).model_copy(update={"context": sized.context})
+        said = ", ".join(f"{mib} MiB on GPU {gpu}" for gpu, mib in excess.items())
+        why = f"ctx: max sized with {said} held back: a server measured that much above the estimate at ctx {run.ctx}"
+        return plan.model_copy(update={"warnings": [*plan.warnings, why]})
 
     def place(
         self,

@@ -2,14 +2,19 @@
 driver's share of GPU memory learned per GPU name and driver version.
 
 Read at each use (small, and `launcher plan --forget` may change it under a running daemon), written
-whole to a new file renamed over the old (a crash leaves the old or the new, never half). A file that is
+whole to a new file renamed over the old (a crash leaves the old or the new, never half). A change (read,
+changed, written) holds an flock on `measured.json.lock`: the daemon's record and a `--forget` from the CLI
+never write the same temporary file at once, nor does either undo the other's change. A file that is
 not what this module writes is treated as empty and replaced at the next write: a measurement is only a
 better estimate, and losing one costs one run's correction.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -49,37 +54,41 @@ class MeasurementStore:
         except ValidationError:
             return _File()
 
-    def _write(self, content: _File) -> None:
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[_File]:
+        """The content, to change in place: written when the block ends, under the lock throughout."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = self.path.with_name(f"{self.path.name}.new")
-        new.write_text(content.model_dump_json(indent=1))
-        os.replace(new, self.path)
+        with self.path.with_name(f"{self.path.name}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            content = self._read()
+            yield content
+            new = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
+            new.write_text(content.model_dump_json(indent=1))
+            os.replace(new, self.path)
 
     def get(self, key: str) -> Measurement | None:
         return self._read().measured.get(key)
 
     def put(self, key: str, measurement: Measurement) -> None:
-        content = self._read()
-        content.measured.pop(key, None)
-        content.measured[key] = measurement  # the newest last: the oldest go first
-        while len(content.measured) > _KEPT:
-            del content.measured[next(iter(content.measured))]
-        self._write(content)
+        with self._changing() as content:
+            content.measured.pop(key, None)
+            content.measured[key] = measurement  # the newest last: the oldest go first
+            while len(content.measured) > _KEPT:
+                del content.measured[next(iter(content.measured))]
 
     def forget(self, model: str) -> int:
         """Drop every measurement of configured model ``model``; how many there were."""
-        content = self._read()
-        keys = [key for key, found in content.measured.items() if found.model == model]
-        for key in keys:
-            del content.measured[key]
-        if keys:
-            self._write(content)
+        if not any(found.model == model for found in self._read().measured.values()):
+            return 0  # nothing to change: nothing written (a state directory this user may not write included)
+        with self._changing() as content:
+            keys = [key for key, found in content.measured.items() if found.model == model]
+            for key in keys:
+                del content.measured[key]
         return len(keys)
 
     def overheads_mib(self) -> dict[str, int]:
         return dict(self._read().overheads_mib)
 
     def put_overhead(self, gpu_name: str, driver: str, mib: int) -> None:
-        content = self._read()
-        content.overheads_mib[overhead_key(gpu_name, driver)] = mib
-        self._write(content)
+        with self._changing() as content:
+            content.overheads_mib[overhead_key(gpu_name, driver)] = mib

@@ -31,11 +31,13 @@ async def begin_download(
     they download in the background and ``then_start`` runs at the end; True then. False: they are there."""
     if instance.downloading:
         raise ConflictError(f"{instance.name} is already downloading")
+    instance.refuse_if_retired()  # the daemon stops, or a reload removed it: nothing is fetched for it
     if instance.active or await asyncio.to_thread(hub_files_cached, instance.settings):
         return False
     planned = await planned_to_fit(instance, plan, lambda p: p.hub is not None)
     hub = planned.hub
     assert hub is not None  # checked by planned_to_fit
+    instance.refuse_if_retired()  # meanwhile: its stop found no download to end, and none would end this one
     if instance.downloading or instance.active:  # started meanwhile (by the front door while this planned)
         raise ConflictError(f"{instance.name} is already {instance.state}")
     task = asyncio.create_task(

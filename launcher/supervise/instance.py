@@ -136,7 +136,8 @@ class Instance:
         server runs on until it is stopped (`stop`, which a retired instance still takes)."""
         self._retired = reason
 
-    def _refuse_if_retired(self) -> None:
+    def refuse_if_retired(self) -> None:
+        """ConflictError once retired: a download before a start checks it too (before and after its plan)."""
         if self._retired is not None:
             raise ConflictError(f"{self.name} does not start: {self._retired}")
 
@@ -229,7 +230,7 @@ class Instance:
     async def start(self, prepare: Callable[[Instance], Awaitable[None]]) -> None:
         """Start supervising; ``prepare`` (port and placement) runs first, under the instance's lock."""
         async with self._lock:
-            self._refuse_if_retired()
+            self.refuse_if_retired()
             if self.active:
                 raise ConflictError(f"{self.name} is already {self.state}")
             await prepare(self)
@@ -286,7 +287,7 @@ class Instance:
             async with self._lock:
                 # Refuse before stopping a running server that could not come back (its port is its own).
                 # Its command waits for the new placement, made once the old server's memory is back.
-                self._refuse_if_retired()
+                self.refuse_if_retired()
                 port = self._startable_port()
                 self.backend.binary(self.settings)
                 if self.active:
@@ -294,7 +295,7 @@ class Instance:
                     await self._halt()
                 else:
                     ensure_port_free(port)
-                self._refuse_if_retired()  # retired during the drain: stopped, and not started again
+                self.refuse_if_retired()  # retired during the drain: stopped, and not started again
                 await prepare(self)
                 self._begin(self.preflight())
         finally:
@@ -326,7 +327,7 @@ class Instance:
                     await self._halt()
                 self.reconfigure(settings, backend)
                 if running:
-                    self._refuse_if_retired()  # the daemon began to stop meanwhile: stopped, not started again
+                    self.refuse_if_retired()  # the daemon began to stop meanwhile: stopped, not started again
                     await prepare(self)
                     self._begin(self.preflight())
         finally:

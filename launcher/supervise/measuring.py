@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from launcher.backends.base import local_projector
 from launcher.config import ModelSettings
 from launcher.gpu.types import GpuIdentity
 from launcher.hub_ref import HubRef
@@ -34,14 +35,22 @@ def _identity(path: Path) -> list[object]:
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
+def _projector(model: ModelSettings) -> object:
+    """A projector by its file's identity; a hub one by the file its reference resolves to in the cache
+    now (pulled at main: a new commit there is another file), by the reference while it is not there."""
+    projector = arg_value(model.args, *MMPROJ) or model.mmproj
+    if isinstance(projector, HubRef):
+        local = local_projector(model)
+        return _identity(local) if local is not None else str(projector)
+    return projector and _identity(Path(projector))
+
+
 def measurement_key(model: ModelSettings, model_file: Path, binary: Path) -> str:
     """The key of a model's measurements (it reads the files' metadata: call it off the event loop)."""
-    projector = arg_value(model.args, *MMPROJ) or model.mmproj
     facts = {
         "backend": model.backend,
         "model": _identity(model_file),
-        # A hub projector by its reference (its revision is the model's); a file by its identity.
-        "mmproj": str(projector) if isinstance(projector, HubRef) else projector and _identity(Path(projector)),
+        "mmproj": _projector(model),
         "server": _identity(binary),
         "split_mode": model.split_mode,
         "ctx": model.ctx,
@@ -68,7 +77,10 @@ class Measuring:
 
     def overheads_mib(self) -> dict[int, int]:
         """The driver's share learned for each of this host's GPUs (by its name and driver), by index."""
-        learned = self._store.overheads_mib()
+        try:
+            learned = self._store.overheads_mib()
+        except OSError:  # a state file that cannot be read (a directory, no permission): the defaults
+            return {}
         return {
             index: learned[key]
             for index, gpu in self._identities.items()

@@ -82,9 +82,11 @@ async def begin_ollama_pull(
     ``then_start`` at the end; True then. False: nothing to pull."""
     if instance.downloading:
         raise ConflictError(f"{instance.name} is already downloading")
+    instance.refuse_if_retired()  # the daemon stops, or a reload removed it: no `ollama serve` for a pull
     if instance.active or not await asyncio.to_thread(needs_pull, instance):
         return False
     await planned_to_fit(instance, plan)
+    instance.refuse_if_retired()  # meanwhile: its stop found no pull to end, and none would end this one
     if instance.downloading or instance.active:  # started meanwhile (by the front door while this planned)
         raise ConflictError(f"{instance.name} is already {instance.state}")
     spec = instance.backend.launch_spec(instance.settings, port, Placement())  # the pull uses no GPU
