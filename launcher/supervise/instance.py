@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import stat
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -789,11 +790,13 @@ def _tenth(download: Download) -> int:
 
 def _start_inputs(argv: list[str], env: Mapping[str, str]) -> tuple[object, ...]:
     """What a start was made of, to tell a repeat from a retry that could go otherwise: the command, the
-    environment, and the size and modification time of every file the command names (binary, model)."""
+    environment, and the size and modification time of every regular file the command names (binary,
+    model); not a folder's (the prompt cache folder's changes as caches come and go)."""
     files = []
     for arg in argv:
         if arg.startswith("/"):
             with contextlib.suppress(OSError):
                 found = Path(arg).stat()
-                files.append((arg, found.st_size, found.st_mtime_ns))
+                if stat.S_ISREG(found.st_mode):
+                    files.append((arg, found.st_size, found.st_mtime_ns))
     return (tuple(argv), tuple(sorted(env.items())), tuple(files))
