@@ -399,3 +399,16 @@ def test_a_partial_file_already_whole_or_longer_is_checked_not_asked_for_beyond_
     paths = _pull(hub, mid, tmp_path / "cache", on_progress=seen.append)
     assert paths[0].read_bytes() == original.read_bytes()
     assert all(p.done_bytes <= p.total_bytes for p in seen) and seen[-1].done_bytes == seen[-1].total_bytes
+
+
+def test_a_restart_of_a_hub_model_not_downloaded_downloads_it_then_serves(
+    hub: StandInHub,
+    hub_env: dict[str, str],
+    write_config: ConfigWriter,
+    start_daemon: Callable[[Path], Daemon],
+) -> None:
+    daemon = start_daemon(write_config({"m": {"model": "hf:org/tiny-GGUF:F16"}}))
+    restarted = daemon.http.post("/instances/m/restart")
+    assert restarted.status_code == 202 and restarted.json()["state"] == "downloading", restarted.text
+    ready = daemon.wait_for("m", lambda s: s["state"] in ("ready", "failed"))
+    assert ready["state"] == "ready", ready["last_error"]

@@ -353,6 +353,8 @@ class Manager:
         if name not in self.instances and members:  # replicas (`per-gpu` on one GPU: a roll of one)
             return await self._roll(name, members, self._restart_as_configured)
         instance = self.get(name)
+        if not instance.active and not instance.downloading:  # nothing runs: a start (a download first, if due)
+            return await self.start(name)
         await instance.restart(prepare=self._place)
         return instance.status()
 
