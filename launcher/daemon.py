@@ -34,7 +34,7 @@ from launcher.api.app import create_app
 from launcher.api.limits import limited_protocol
 from launcher.config import ModelSettings, Settings
 from launcher.errors import ConflictError, LauncherError, StartError
-from launcher.reloading import Reloader
+from launcher.reloading import Reloader, read_like_serve
 from launcher.route.front import FrontDoor
 from launcher.schema import Event, ReloadReport, State, UpgradeStarted
 from launcher.supervise.manager import Manager
@@ -132,19 +132,13 @@ class Daemon:
             self._server.should_exit = True
         self._stop_asked.set()
 
-    def request_upgrade(self) -> UpgradeStarted:
+    async def request_upgrade(self) -> UpgradeStarted:
         """Upgrade in place: the API stops accepting (connections wait in the backlog), its requests in flight
         finish (up to the models' longest drain_timeout_s), then the program is executed again. ConflictError
         when that cannot be done now."""
-        why = upgrade.cannot_reexec()
-        if self._hangup_stops:  # `launcher up` in the foreground: its command line starts models, not a daemon
-            why = "it runs in the foreground (`launcher up`): stop it and run it again"
-        elif self._server is None or not self._served:
-            why = "the daemon is still starting"
-        elif self._stop_asked.is_set():
-            why = "the daemon is stopping"
-        elif self._upgrading:
-            why = "an upgrade is already under way"
+        why = self._cannot_upgrade_now()
+        if why is None:  # read in a thread: the file, and the --help of a server binary not asked yet
+            why = await asyncio.to_thread(self._cannot_serve_again) or self._cannot_upgrade_now()
         if why is not None:
             raise ConflictError(f"the daemon cannot be upgraded now: {why}")
         assert self._server is not None
@@ -160,10 +154,36 @@ class Daemon:
         asyncio.get_running_loop().call_later(_SETTLE_S, lambda: setattr(server, "should_exit", True))
         return UpgradeStarted(pid=os.getpid(), program_started_at=self._program_started_at)
 
+    def _cannot_upgrade_now(self) -> str | None:
+        why = upgrade.cannot_reexec()
+        if self._hangup_stops:  # `launcher up` in the foreground: its command line starts models, not a daemon
+            why = "it runs in the foreground (`launcher up`): stop it and run it again"
+        elif self._server is None or not self._served:
+            why = "the daemon is still starting"
+        elif self._stop_asked.is_set():
+            why = "the daemon is stopping"
+        elif self._upgrading:
+            why = "an upgrade is already under way"
+        return why
+
+    def _cannot_serve_again(self) -> str | None:
+        """Why the program executed again would not serve (it reads the configuration as `serve` does, and
+        one that does not load would end it, and every server with it), or None."""
+        try:
+            api_token(read_like_serve(self._settings.source))
+        except LauncherError as exc:
+            return f"the configuration does not load: {exc.message}"
+        return None
+
     def _user_signal(self) -> None:
         log.info("SIGUSR2: upgrading in place")
+        task = asyncio.create_task(self._upgrade_on_signal())
+        self._reloads.add(task)  # ended with the daemon, as SIGHUP's reloads are
+        task.add_done_callback(self._reloads.discard)
+
+    async def _upgrade_on_signal(self) -> None:
         try:
-            self.request_upgrade()
+            await self.request_upgrade()
         except ConflictError as exc:
             log.warning("SIGUSR2 ignored: %s", exc.message)
 
@@ -364,7 +384,7 @@ def rest_api(
     token: str | None = None,
     on_started: Callable[[], Awaitable[None]] | None = None,
     reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
-    upgrade: Callable[[], UpgradeStarted] | None = None,
+    upgrade: Callable[[], Awaitable[UpgradeStarted]] | None = None,
     program_started_at: float | None = None,
 ) -> FastAPI:
     """The REST API over the wired parts."""
