@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import psutil
 
 from launcher.schema import State
-from launcher.statedir.owner import StateDirLock
+from launcher.statedir.owner import StateDirLock, handing_fds
 from launcher.supervise.handover import LISTEN_FD_ENV, HandedServer, HandOver, write
 from launcher.supervise.instance import Instance
 
@@ -83,7 +83,7 @@ def reexec(lock: StateDirLock, handover: HandOver, sock: socket.socket) -> OSErr
         write(state_dir, handover)
     except OSError as exc:
         return exc
-    env = {**os.environ, LISTEN_FD_ENV: str(sock.fileno()), **lock.hand_over()}
+    env = {**os.environ, LISTEN_FD_ENV: handing_fds([sock.fileno()]), **lock.hand_over()}
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _IGNORED_MEANWHILE}
     sock.set_inheritable(True)
     log.info("upgrade: executing %s with %d server(s) handed over", " ".join(sys.orig_argv), len(handover.servers))

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher.schema import Plan
 from launcher.statedir.layout import StateDir
+from launcher.statedir.owner import handed_fds
 from launcher.supervise.leftovers import INSTANCE_ENV
 
 log = logging.getLogger("launcher")
@@ -100,13 +101,14 @@ def inherited_socket(host: str, port: int) -> socket.socket | None:
     """The listening socket the old program handed over (see $LAUNCHER_LISTEN_FD), when it listens on
     ``host``:``port``; one that does not (the port changed with the upgrade) is closed. Not inherited by
     anything this program starts."""
-    value = os.environ.pop(LISTEN_FD_ENV, None)
-    if value is None:
+    fds = handed_fds(LISTEN_FD_ENV)
+    if fds is None:
         return None
     try:
-        sock = socket.socket(fileno=int(value))
+        (fd,) = fds
+        sock = socket.socket(fileno=fd)
     except (ValueError, OSError) as exc:
-        log.warning("upgrade: %s=%r is not a socket (%s): listening anew", LISTEN_FD_ENV, value, exc)
+        log.warning("upgrade: %s=%r is not a socket (%s): listening anew", LISTEN_FD_ENV, fds, exc)
         return None
     sock.set_inheritable(False)
     try:
