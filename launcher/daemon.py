@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import faulthandler
 import logging
-import math
 import os
 import signal
 import socket
@@ -116,6 +115,8 @@ class Daemon:
         self._served = False  # the API served once: a second time is after a failed upgrade
         self._program_started_at = time.time()
         self._watching: _Watching | None = None  # daemon.watch_config's watcher, while the daemon serves
+        self._door: FrontDoor | None = None  # the front door of the API serving now
+        self._ending_for_upgrade: asyncio.Task[None] | None = None
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
         """End serving: every server drains (the front door's requests in flight finish, new ones wait),
@@ -141,18 +142,28 @@ class Daemon:
             why = await asyncio.to_thread(self._cannot_serve_again) or self._cannot_upgrade_now()
         if why is not None:
             raise ConflictError(f"the daemon cannot be upgraded now: {why}")
-        assert self._server is not None
+        assert self._server is not None and self._door is not None
         self._upgrading = True
         models = self._settings.models.values()
         drain_s = max((m.drain_timeout_s for m in models), default=0.0)
-        self._server.config.timeout_graceful_shutdown = max(_GRACEFUL_SHUTDOWN_S, math.ceil(drain_s))
-        # Accept nothing more (new connections wait in the backlog) and let those just accepted deliver their
-        # request before the API's end closes every connection with none under way.
+        # Accept nothing more (new connections wait in the backlog).
         for listener in self._server.servers:
             listener.close()
-        server = self._server
-        asyncio.get_running_loop().call_later(_SETTLE_S, lambda: setattr(server, "should_exit", True))
+        self._ending_for_upgrade = asyncio.create_task(self._end_for_upgrade(self._server, self._door, drain_s))
         return UpgradeStarted(pid=os.getpid(), program_started_at=self._program_started_at)
+
+    @staticmethod
+    async def _end_for_upgrade(server: _Server, door: FrontDoor, drain_s: float) -> None:
+        """End the API for an upgrade once the front door's requests in flight finished (``drain_s`` at
+        most). Only those are waited for: an API stream that follows events or a log never ends by itself,
+        and waiting for it kept every new connection unanswered for the whole ``drain_s``."""
+        # Those just accepted deliver their request first (the API's end closes connections with none).
+        await asyncio.sleep(_SETTLE_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(door.quiet(), drain_s)
+        server.should_exit = True
+        await asyncio.sleep(_SETTLE_S)  # an API request under way is answered; the exec ends what is left
+        server.force_exit = True
 
     def _cannot_upgrade_now(self) -> str | None:
         why = upgrade.cannot_reexec()
@@ -345,7 +356,7 @@ class Daemon:
             upgrade=self.request_upgrade,
             program_started_at=self._program_started_at,
         )
-        door = FrontDoor(api, wired.router, router_keys(self._settings, self._token))
+        door = self._door = FrontDoor(api, wired.router, router_keys(self._settings, self._token))
         if reloader is not None:  # the API token waits for a restart: the keys of a reload come with it
             reloader.subscribe(lambda settings: door.use_keys(router_keys(settings, self._token)))
         app = front_door(door, self._settings)
