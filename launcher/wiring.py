@@ -134,6 +134,9 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
         handed = handover.take(lock.state_dir, os.getpid())
         registry = ChildRegistry(lock)
         kept = [s for s in handed.servers if handover.still_ours(s) is None] if handed is not None else []
+        for server in handed.servers if handed is not None else []:
+            if server not in kept:
+                handover.reap(server.pid)
         leftovers = registry.clean_leftovers(keep={s.pid for s in kept})
         events = Bus[Event](_EVENTS_KEPT, keep=_EVENTS_KEPT, listener=on_event)
         for leftover in leftovers:

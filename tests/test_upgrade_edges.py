@@ -3,14 +3,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import httpx
+import psutil
 
-from tests.conftest import ConfigWriter, Daemon
+from launcher.plan.placement import Placement
+from launcher.schema import Event
+from launcher.statedir.owner import StateDirLock
+from launcher.supervise.adoption import adopt_all
+from launcher.supervise.handover import HandedServer
+from launcher.supervise.instance import DaemonParts
+from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
+from tests.conftest import ConfigWriter, Daemon, poll_until
 from tests.test_drain import serving
 from tests.test_upgrade import program_started_at, upgraded
 
@@ -54,3 +68,39 @@ def test_an_open_event_stream_does_not_hold_the_upgrade_up(
         waited_s = time.monotonic() - began
     assert waited_s < 5, f"the API answered again only after {waited_s:.1f}s"
     assert daemon.instance("m")["pid"] == pid
+
+
+def test_a_handed_over_server_that_ended_before_its_adoption_is_reaped(tmp_path: Path) -> None:
+    """A server that dies between the record and the adoption is this process's child: it is reaped, not
+    left a zombie for the daemon's whole life (before: nothing waited for it)."""
+    child = subprocess.Popen([sys.executable, "-c", ""], env={**os.environ, INSTANCE_ENV: "m"})
+    created = psutil.Process(child.pid).create_time()
+    poll_until(lambda: psutil.Process(child.pid).status(), lambda s: s == psutil.STATUS_ZOMBIE, "its end", 10)
+    server = HandedServer(instance="m", pid=child.pid, create_time=created, port=1, argv=["x"], plan=None)
+    lock = StateDirLock.claim(tmp_path / "state", "http://test")
+    events: list[Event] = []
+    parts = SimpleNamespace(registry=ChildRegistry(lock), on_event=events.append)
+    try:
+        again = asyncio.run(adopt_all([server], {}, lambda _plan: Placement(), cast(DaemonParts, parts), None))
+    finally:
+        lock.release()
+    assert again == ["m"] and "it has ended" in events[0].message
+    assert not psutil.pid_exists(child.pid)
+    child.returncode = 0  # reaped by the adoption: Popen must not wait for it again
+
+
+def test_a_server_killed_during_the_exec_is_reaped_and_started_again(
+    write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path
+) -> None:
+    """Killed while the new program loads (after the record, before its adoption): reaped, not left a zombie
+    child of the daemon, and its model started again."""
+    daemon = serving(write_config, start_daemon, standin)
+    pid = daemon.instance("m")["pid"]
+    before = program_started_at(daemon)
+    assert before is not None
+    daemon.proc.send_signal(signal.SIGUSR2)
+    poll_until(lambda: "upgrade: executing" in "".join(daemon.log), bool, "the exec", 30)
+    os.kill(pid, signal.SIGKILL)  # the new program is still importing its modules
+    upgraded(daemon, before)
+    assert daemon.wait_for("m", lambda s: s["state"] == "ready" and s["pid"] != pid)["restarts"] == 0
+    assert not psutil.pid_exists(pid)

@@ -143,3 +143,10 @@ def still_ours(server: HandedServer) -> str | None:
     except psutil.Error:
         return "it has ended"
     return None
+
+
+def reap(pid: int) -> None:
+    """A handed-over server that ended since the record is still this process's child: reap it, or it stays
+    a zombie for the daemon's whole life (WNOHANG: a pid that is not our child, or runs, is left as it is)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
