@@ -141,6 +141,8 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
         events = Bus[Event](_EVENTS_KEPT, keep=_EVENTS_KEPT, listener=on_event)
         for leftover in leftovers:
             events.publish(Event.now("error", f"stopped a server an earlier daemon left running: {leftover}"))
+        for stray in handover.stop_unrecorded({s.pid for s in kept}) if handed is not None else []:
+            events.publish(Event.now("upgrade", f"stopped a server the old program had not recorded yet: {stray}"))
         table = InstanceTable()
         claims = ClaimBook(
             on_expired=lambda r: events.publish(Event.now("peer", f"the claim of {r.holder} on {r.endpoint} lapsed"))

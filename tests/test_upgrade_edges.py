@@ -21,10 +21,10 @@ from launcher.plan.placement import Placement
 from launcher.schema import Event
 from launcher.statedir.owner import StateDirLock
 from launcher.supervise.adoption import adopt_all
-from launcher.supervise.handover import HandedServer
+from launcher.supervise.handover import HandedServer, HandOver
 from launcher.supervise.instance import DaemonParts
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
-from tests.conftest import ConfigWriter, Daemon, poll_until
+from tests.conftest import ConfigWriter, Daemon, OpenWired, poll_until
 from tests.test_drain import serving
 from tests.test_upgrade import program_started_at, upgraded
 
@@ -104,3 +104,27 @@ def test_a_server_killed_during_the_exec_is_reaped_and_started_again(
     upgraded(daemon, before)
     assert daemon.wait_for("m", lambda s: s["state"] == "ready" and s["pid"] != pid)["restarts"] == 0
     assert not psutil.pid_exists(pid)
+
+
+async def test_a_server_the_old_program_had_not_recorded_is_stopped_by_the_new_one(
+    write_config: ConfigWriter, open_wired: OpenWired, tmp_path: Path
+) -> None:
+    """The exec may come while a start is suspended between its fork and the children file: that server,
+    in no record, would run unsupervised beside its model's new start until the daemon ends. Here this
+    process stands in for the daemon executed again, with such a child."""
+    config = write_config({"m": {}})
+    (tmp_path / "state").mkdir(exist_ok=True)
+    (tmp_path / "state" / "handover.json").write_text(HandOver(daemon_pid=os.getpid(), servers=[]).model_dump_json())
+    stray = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import time; time.sleep(60)",
+        env={**os.environ, INSTANCE_ENV: "m"},
+        start_new_session=True,
+    )
+
+    wired = await open_wired(config)
+
+    assert await asyncio.wait_for(stray.wait(), 10) == -signal.SIGKILL
+    described = [e.message for e in wired.events.recent(50)]
+    assert any(f"not recorded yet: m (pid {stray.pid})" in message for message in described), described

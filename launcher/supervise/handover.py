@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+from collections.abc import Collection
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -150,3 +152,23 @@ def reap(pid: int) -> None:
     a zombie for the daemon's whole life (WNOHANG: a pid that is not our child, or runs, is left as it is)."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def stop_unrecorded(kept: Collection[int]) -> list[str]:
+    """Kill (the group) and reap each child of this process that carries a server's mark but is not in
+    ``kept``: one the old program forked as it executed the new one, before it recorded it (its start was
+    suspended between the fork and the children file), which nothing would supervise; described each."""
+    stopped = []
+    for child in psutil.Process().children():
+        try:
+            instance = child.environ().get(INSTANCE_ENV)
+        except psutil.Error:
+            continue
+        if instance is None or child.pid in kept:
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child.pid, 0)
+        stopped.append(f"{instance} (pid {child.pid})")
+    return stopped
