@@ -198,14 +198,20 @@ class Daemon:
         except ConflictError as exc:
             log.warning("SIGUSR2 ignored: %s", exc.message)
 
-    def _hand_over(self, wired: Wired, sock: socket.socket) -> None:
+    def _hand_over(self, wired: Wired, sock: socket.socket) -> bool:
         """Execute the program again, handing the servers and ``sock`` over (launcher/upgrade.py); returns
-        only when that failed, and the daemon then serves on as it was."""
+        only when that did not happen: True when it failed (the daemon serves on as it was), False when a
+        SIGTERM or SIGINT came meanwhile (it stops)."""
         self._notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         handover = upgrade.record(wired.manager.instances.values(), os.getpid())
-        error = upgrade.reexec(wired.state_lock, handover, sock)
-        log.error("upgrade: %s; serving on with the running program", error.strerror or error)
+        outcome = upgrade.reexec(wired.state_lock, handover, sock)
         self._upgrading = False
+        if isinstance(outcome, upgrade.StopAsked):
+            log.warning("upgrade: %s came during the hand-over: stopping instead", outcome.signal.name)
+            self._stop_asked.set()
+            return False
+        log.error("upgrade: %s; serving on with the running program", outcome.strerror or outcome)
+        return True
 
     def _close(self, wired: Wired, reloader: Reloader | None) -> None:
         """The daemon begins to stop: the front door gives no instance a new request (new and queued ones
@@ -277,8 +283,11 @@ class Daemon:
                 notifying = self._notify(wired)
                 watching = self._watching = self._watch_config(self._reloader)
                 try:
-                    while await self._serve(wired, sock) and not self._stop_asked.is_set():
-                        self._hand_over(wired, sock)
+                    while await self._serve(wired, sock):
+                        for _ in range(3):  # a stop the loop has not handled yet would be lost in the exec
+                            await asyncio.sleep(0)
+                        if self._stop_asked.is_set() or not self._hand_over(wired, sock):
+                            break
                 finally:
                     sock.close()
                     self._reloader = None
