@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import faulthandler
 import logging
-import math
 import os
 import signal
 import socket
@@ -34,7 +33,7 @@ from launcher.api.app import create_app
 from launcher.api.limits import limited_protocol
 from launcher.config import ModelSettings, Settings
 from launcher.errors import ConflictError, LauncherError, StartError
-from launcher.reloading import Reloader
+from launcher.reloading import Reloader, read_like_serve
 from launcher.route.front import FrontDoor
 from launcher.schema import Event, ReloadReport, State, UpgradeStarted
 from launcher.supervise.manager import Manager
@@ -116,6 +115,8 @@ class Daemon:
         self._served = False  # the API served once: a second time is after a failed upgrade
         self._program_started_at = time.time()
         self._watching: _Watching | None = None  # daemon.watch_config's watcher, while the daemon serves
+        self._door: FrontDoor | None = None  # the front door of the API serving now
+        self._ending_for_upgrade: asyncio.Task[None] | None = None
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
         """End serving: every server drains (the front door's requests in flight finish, new ones wait),
@@ -132,10 +133,39 @@ class Daemon:
             self._server.should_exit = True
         self._stop_asked.set()
 
-    def request_upgrade(self) -> UpgradeStarted:
+    async def request_upgrade(self) -> UpgradeStarted:
         """Upgrade in place: the API stops accepting (connections wait in the backlog), its requests in flight
         finish (up to the models' longest drain_timeout_s), then the program is executed again. ConflictError
         when that cannot be done now."""
+        why = self._cannot_upgrade_now()
+        if why is None:  # read in a thread: the file, and the --help of a server binary not asked yet
+            why = await asyncio.to_thread(self._cannot_serve_again) or self._cannot_upgrade_now()
+        if why is not None:
+            raise ConflictError(f"the daemon cannot be upgraded now: {why}")
+        assert self._server is not None and self._door is not None
+        self._upgrading = True
+        models = self._settings.models.values()
+        drain_s = max((m.drain_timeout_s for m in models), default=0.0)
+        # Accept nothing more (new connections wait in the backlog).
+        for listener in self._server.servers:
+            listener.close()
+        self._ending_for_upgrade = asyncio.create_task(self._end_for_upgrade(self._server, self._door, drain_s))
+        return UpgradeStarted(pid=os.getpid(), program_started_at=self._program_started_at)
+
+    @staticmethod
+    async def _end_for_upgrade(server: _Server, door: FrontDoor, drain_s: float) -> None:
+        """End the API for an upgrade once the front door's requests in flight finished (``drain_s`` at
+        most). Only those are waited for: an API stream that follows events or a log never ends by itself,
+        and waiting for it kept every new connection unanswered for the whole ``drain_s``."""
+        # Those just accepted deliver their request first (the API's end closes connections with none).
+        await asyncio.sleep(_SETTLE_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(door.quiet(), drain_s)
+        server.should_exit = True
+        await asyncio.sleep(_SETTLE_S)  # an API request under way is answered; the exec ends what is left
+        server.force_exit = True
+
+    def _cannot_upgrade_now(self) -> str | None:
         why = upgrade.cannot_reexec()
         if self._hangup_stops:  # `launcher up` in the foreground: its command line starts models, not a daemon
             why = "it runs in the foreground (`launcher up`): stop it and run it again"
@@ -145,36 +175,43 @@ class Daemon:
             why = "the daemon is stopping"
         elif self._upgrading:
             why = "an upgrade is already under way"
-        if why is not None:
-            raise ConflictError(f"the daemon cannot be upgraded now: {why}")
-        assert self._server is not None
-        self._upgrading = True
-        models = self._settings.models.values()
-        drain_s = max((m.drain_timeout_s for m in models), default=0.0)
-        self._server.config.timeout_graceful_shutdown = max(_GRACEFUL_SHUTDOWN_S, math.ceil(drain_s))
-        # Accept nothing more (new connections wait in the backlog) and let those just accepted deliver their
-        # request before the API's end closes every connection with none under way.
-        for listener in self._server.servers:
-            listener.close()
-        server = self._server
-        asyncio.get_running_loop().call_later(_SETTLE_S, lambda: setattr(server, "should_exit", True))
-        return UpgradeStarted(pid=os.getpid(), program_started_at=self._program_started_at)
+        return why
+
+    def _cannot_serve_again(self) -> str | None:
+        """Why the program executed again would not serve (it reads the configuration as `serve` does, and
+        one that does not load would end it, and every server with it), or None."""
+        try:
+            api_token(read_like_serve(self._settings.source))
+        except LauncherError as exc:
+            return f"the configuration does not load: {exc.message}"
+        return None
 
     def _user_signal(self) -> None:
         log.info("SIGUSR2: upgrading in place")
+        task = asyncio.create_task(self._upgrade_on_signal())
+        self._reloads.add(task)  # ended with the daemon, as SIGHUP's reloads are
+        task.add_done_callback(self._reloads.discard)
+
+    async def _upgrade_on_signal(self) -> None:
         try:
-            self.request_upgrade()
+            await self.request_upgrade()
         except ConflictError as exc:
             log.warning("SIGUSR2 ignored: %s", exc.message)
 
-    def _hand_over(self, wired: Wired, sock: socket.socket) -> None:
+    def _hand_over(self, wired: Wired, sock: socket.socket) -> bool:
         """Execute the program again, handing the servers and ``sock`` over (launcher/upgrade.py); returns
-        only when that failed, and the daemon then serves on as it was."""
+        only when that did not happen: True when it failed (the daemon serves on as it was), False when a
+        SIGTERM or SIGINT came meanwhile (it stops)."""
         self._notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         handover = upgrade.record(wired.manager.instances.values(), os.getpid())
-        error = upgrade.reexec(wired.state_lock, handover, sock)
-        log.error("upgrade: %s; serving on with the running program", error.strerror or error)
+        outcome = upgrade.reexec(wired.state_lock, handover, sock)
         self._upgrading = False
+        if isinstance(outcome, upgrade.StopAsked):
+            log.warning("upgrade: %s came during the hand-over: stopping instead", outcome.signal.name)
+            self._stop_asked.set()
+            return False
+        log.error("upgrade: %s; serving on with the running program", outcome.strerror or outcome)
+        return True
 
     def _close(self, wired: Wired, reloader: Reloader | None) -> None:
         """The daemon begins to stop: the front door gives no instance a new request (new and queued ones
@@ -246,8 +283,11 @@ class Daemon:
                 notifying = self._notify(wired)
                 watching = self._watching = self._watch_config(self._reloader)
                 try:
-                    while await self._serve(wired, sock) and not self._stop_asked.is_set():
-                        self._hand_over(wired, sock)
+                    while await self._serve(wired, sock):
+                        for _ in range(3):  # a stop the loop has not handled yet would be lost in the exec
+                            await asyncio.sleep(0)
+                        if self._stop_asked.is_set() or not self._hand_over(wired, sock):
+                            break
                 finally:
                     sock.close()
                     self._reloader = None
@@ -325,7 +365,7 @@ class Daemon:
             upgrade=self.request_upgrade,
             program_started_at=self._program_started_at,
         )
-        door = FrontDoor(api, wired.router, router_keys(self._settings, self._token))
+        door = self._door = FrontDoor(api, wired.router, router_keys(self._settings, self._token))
         if reloader is not None:  # the API token waits for a restart: the keys of a reload come with it
             reloader.subscribe(lambda settings: door.use_keys(router_keys(settings, self._token)))
         app = front_door(door, self._settings)
@@ -364,7 +404,7 @@ def rest_api(
     token: str | None = None,
     on_started: Callable[[], Awaitable[None]] | None = None,
     reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
-    upgrade: Callable[[], UpgradeStarted] | None = None,
+    upgrade: Callable[[], Awaitable[UpgradeStarted]] | None = None,
     program_started_at: float | None = None,
 ) -> FastAPI:
     """The REST API over the wired parts."""

@@ -17,6 +17,7 @@ then serves on as it was.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ from collections.abc import Iterable
 import psutil
 
 from launcher.schema import State
-from launcher.statedir.owner import StateDirLock
+from launcher.statedir.owner import StateDirLock, handing_fds
 from launcher.supervise.handover import LISTEN_FD_ENV, HandedServer, HandOver, write
 from launcher.supervise.instance import Instance
 
@@ -37,6 +38,8 @@ log = logging.getLogger("launcher")
 _SERVING = frozenset({State.READY, State.UNHEALTHY})
 # Their default action ends the process: ignored between the exec and the new program's handlers.
 _IGNORED_MEANWHILE = (signal.SIGUSR2, signal.SIGHUP)
+# A stop asked for during the hand-over interrupts it (`StopAsked`).
+_STOPPING = (signal.SIGTERM, signal.SIGINT)
 
 
 def cannot_reexec() -> str | None:
@@ -79,32 +82,46 @@ def _handed(instance: Instance) -> HandedServer | None:
     )
 
 
-def reexec(lock: StateDirLock, handover: HandOver, sock: socket.socket) -> OSError:
+class StopAsked(Exception):
+    """SIGTERM or SIGINT came during the hand-over: the daemon stops instead of executing its program (the
+    event loop, which handles them otherwise, does not run again before the exec: it would be lost)."""
+
+    def __init__(self, sig: int) -> None:
+        super().__init__(signal.Signals(sig).name)
+        self.signal = signal.Signals(sig)
+
+
+def _stop_asked(sig: int, _frame: object) -> None:
+    raise StopAsked(sig)
+
+
+def reexec(lock: StateDirLock, handover: HandOver, sock: socket.socket) -> OSError | StopAsked:
     """Write ``handover``, and execute this program again with the same command line, handing ``sock`` and
     the state directory's ``lock`` over (no other daemon can take the directory while the new one starts).
-    Returns only on failure, with everything as it was (the record removed, ``sock`` and the lock not
-    inheritable)."""
+    Returns only when that did not happen (an OSError, or a stop asked for meanwhile), with everything as it
+    was (the record removed, ``sock`` and the lock not inheritable, the signal handlers back)."""
     state_dir = lock.state_dir
+    stopping = {sig: signal.signal(sig, _stop_asked) for sig in _STOPPING}
+    previous = {}
     try:
         write(state_dir, handover)
-    except OSError as exc:
-        return exc
-    env = {**os.environ, LISTEN_FD_ENV: str(sock.fileno()), **lock.hand_over()}
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _IGNORED_MEANWHILE}
-    sock.set_inheritable(True)
-    log.info("upgrade: executing %s with %d server(s) handed over", " ".join(sys.orig_argv), len(handover.servers))
-    for log_handler in logging.getLogger().handlers:
-        log_handler.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
+        env = {**os.environ, LISTEN_FD_ENV: handing_fds([sock.fileno()]), **lock.hand_over()}
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _IGNORED_MEANWHILE}
+        sock.set_inheritable(True)
+        log.info("upgrade: executing %s with %d server(s) handed over", " ".join(sys.orig_argv), len(handover.servers))
+        for log_handler in logging.getLogger().handlers:
+            log_handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, env)
-    except OSError as exc:
-        sock.set_inheritable(False)
-        lock.keep_back()
-        for sig, handler in previous.items():
+    except (OSError, StopAsked) as exc:
+        for sig, handler in {**stopping, **previous}.items():
             if handler is not None:
                 signal.signal(sig, handler)
-        state_dir.handover_file.unlink(missing_ok=True)
+        sock.set_inheritable(False)
+        lock.keep_back()
+        for path in (state_dir.handover_file, state_dir.handover_file.with_suffix(".tmp")):
+            with contextlib.suppress(OSError):  # not there, or not ours to remove (a directory)
+                path.unlink()
         return exc
     raise AssertionError("unreachable: execve returned without an error")  # pragma: no cover

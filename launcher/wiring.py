@@ -134,10 +134,15 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
         handed = handover.take(lock.state_dir, os.getpid())
         registry = ChildRegistry(lock)
         kept = [s for s in handed.servers if handover.still_ours(s) is None] if handed is not None else []
+        for server in handed.servers if handed is not None else []:
+            if server not in kept:
+                handover.reap(server.pid)
         leftovers = registry.clean_leftovers(keep={s.pid for s in kept})
         events = Bus[Event](_EVENTS_KEPT, keep=_EVENTS_KEPT, listener=on_event)
         for leftover in leftovers:
             events.publish(Event.now("error", f"stopped a server an earlier daemon left running: {leftover}"))
+        for stray in handover.stop_unrecorded({s.pid for s in kept}) if handed is not None else []:
+            events.publish(Event.now("upgrade", f"stopped a server the old program had not recorded yet: {stray}"))
         table = InstanceTable()
         claims = ClaimBook(
             on_expired=lambda r: events.publish(Event.now("peer", f"the claim of {r.holder} on {r.endpoint} lapsed"))

@@ -43,9 +43,12 @@ def test_the_owner_and_its_children_are_recorded_where_the_layout_says(tmp_path:
 
 
 _CLAIM = """
+import os
 import sys
 from pathlib import Path
-from launcher.statedir.owner import StateDirLock
+from launcher.statedir.owner import LOCK_FDS_ENV, StateDirLock
+# An exec keeps the pid the value is bound to; this child stands in for it under a pid of its own.
+os.environ[LOCK_FDS_ENV] = str(os.getpid()) + ":" + os.environ[LOCK_FDS_ENV].partition(":")[2]
 lock = StateDirLock.claim(Path(sys.argv[1]), "http://new")
 print("claimed", flush=True)
 sys.stdin.read()
@@ -60,7 +63,7 @@ def test_an_upgrade_hands_the_state_directory_lock_over_so_no_other_daemon_takes
     state = tmp_path / "state"
     lock = StateDirLock.claim(state, "http://old")
     env = {**os.environ, **lock.hand_over()}
-    fds = [int(fd) for fd in env[LOCK_FDS_ENV].split(",")]
+    fds = [int(fd) for fd in env[LOCK_FDS_ENV].partition(":")[2].split(",")]
     new = subprocess.Popen(
         [sys.executable, "-c", _CLAIM, str(state)],
         env=env,
@@ -91,3 +94,22 @@ def test_descriptors_handed_over_for_another_directory_are_not_adopted(
     mine = StateDirLock.claim(tmp_path / "mine", "http://mine")  # claimed as usual: not the other's lock
     assert json.loads(StateDir(tmp_path / "mine").lock_file.read_text())["url"] == "http://mine"
     mine.release()
+
+
+@pytest.mark.parametrize("bound_to_parent", [False, True])
+def test_descriptors_named_by_another_process_are_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bound_to_parent: bool
+) -> None:
+    """A value a normal start inherited (stale, or forged) names descriptors that are not the lock: they are
+    neither taken nor closed (before: a pipe named there was closed, and its number reused for the lock)."""
+    StateDirLock.claim(tmp_path / "state", "http://first").release()
+    read_end, write_end = os.pipe()
+    try:
+        monkeypatch.setenv(LOCK_FDS_ENV, f"{os.getppid()}:{write_end}" if bound_to_parent else str(write_end))
+        lock = StateDirLock.claim(tmp_path / "state", "http://mine")
+        assert os.write(write_end, b"x") == 1 and os.read(read_end, 1) == b"x"  # still the pipe
+        assert LOCK_FDS_ENV not in os.environ
+        lock.release()
+    finally:
+        os.close(read_end)
+        os.close(write_end)

@@ -291,7 +291,7 @@ def test_the_inherited_socket_is_taken_only_where_the_daemon_listens(monkeypatch
         for asked_port, taken in ((port, True), (port + 1, False)):
             fd = os.dup(listening.fileno())
             os.set_inheritable(fd, True)
-            monkeypatch.setenv(handover.LISTEN_FD_ENV, str(fd))
+            monkeypatch.setenv(handover.LISTEN_FD_ENV, f"{os.getpid()}:{fd}")
             sock = handover.inherited_socket("127.0.0.1", asked_port)
             assert handover.LISTEN_FD_ENV not in os.environ  # never passed on to a server
             if taken:
@@ -301,3 +301,17 @@ def test_the_inherited_socket_is_taken_only_where_the_daemon_listens(monkeypatch
                 assert sock is None
                 with pytest.raises(OSError, match="Bad file descriptor"):
                     os.fstat(fd)  # closed
+
+
+@pytest.mark.parametrize("bound_to_parent", [False, True])
+def test_a_listening_fd_named_by_another_process_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch, bound_to_parent: bool
+) -> None:
+    """$LAUNCHER_LISTEN_FD inherited by a normal start (the journal's stream on fd 2, say) is not closed."""
+    first, second = socket.socketpair()
+    with first, second:
+        value = f"{os.getppid()}:{first.fileno()}" if bound_to_parent else str(first.fileno())
+        monkeypatch.setenv(handover.LISTEN_FD_ENV, value)
+        assert handover.inherited_socket("127.0.0.1", 8000) is None
+        first.sendall(b"x")  # still open
+        assert second.recv(1) == b"x"

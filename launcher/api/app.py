@@ -107,7 +107,7 @@ def create_app(
     token: str | None = None,
     on_started: Callable[[], Awaitable[None]] | None = None,
     reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
-    upgrade: Callable[[], UpgradeStarted] | None = None,
+    upgrade: Callable[[], Awaitable[UpgradeStarted]] | None = None,
     program_started_at: float | None = None,
 ) -> FastAPI:
     """The REST API. ``router``: the front door's, whose requests `/requests` and `/metrics` report;
@@ -258,7 +258,7 @@ def create_app(
             """Upgrade the daemon in place (as SIGUSR2 does): the requests in flight finish, then the
             installed program is executed again in the same process and takes over the running servers and
             the listening socket. 409 when it cannot be done now (starting, stopping, already upgrading)."""
-            return _json(upgrade().model_dump_json(), status_code=202)
+            return _json((await upgrade()).model_dump_json(), status_code=202)
 
     registry = CollectorRegistry(auto_describe=True)
     registry.register(LauncherCollector(manager))

@@ -48,6 +48,13 @@ class FrontDoor:
         self._router = router
         self._keys = keys
         self._created = int(time.time())
+        self._in_flight = 0
+        self._quiet = asyncio.Event()  # no request in flight through the door (an upgrade waits for it)
+        self._quiet.set()
+
+    async def quiet(self) -> None:
+        """Return once no request is in flight through the door (the API's own requests do not count)."""
+        await self._quiet.wait()
 
     def use_keys(self, keys: frozenset[str] | None) -> None:
         """Take the keys of a reload (router.api_keys) from the next request on."""
@@ -55,7 +62,14 @@ class FrontDoor:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and on_front_door(scope.get("path", "")):
-            await self._door(scope, receive, send)
+            self._in_flight += 1
+            self._quiet.clear()
+            try:
+                await self._door(scope, receive, send)
+            finally:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._quiet.set()
         else:
             await self._api(scope, receive, send)
 

@@ -28,6 +28,27 @@ from launcher.statedir.layout import StateDir
 LOCK_FDS_ENV = "LAUNCHER_LOCK_FDS"  # an upgrade's exec: the locked descriptors it hands over
 
 
+def handing_fds(fds: list[int]) -> str:
+    """The value naming ``fds`` to the program an upgrade executes in this process: bound to its pid (the
+    exec keeps it), so that a value a normal start inherits by mistake is never taken (see `handed_fds`)."""
+    return f"{os.getpid()}:{','.join(str(fd) for fd in fds)}"
+
+
+def handed_fds(name: str) -> list[int] | None:
+    """The descriptors this process's previous program named in $``name`` (`handing_fds`), taken out of
+    the environment; None when there are none, or the value was not left by an exec of this process (a
+    stale or forged value of a normal start: its descriptors are not ours, and are left open)."""
+    value = os.environ.pop(name, None)
+    if value is None:
+        return None
+    pid, _, named = value.partition(":")
+    try:
+        fds = [int(fd) for fd in named.split(",")]
+        return fds if int(pid) == os.getpid() and all(fd >= 0 for fd in fds) else None
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class Owner:
     """The daemon that owns a state directory."""
@@ -103,7 +124,7 @@ class StateDirLock:
         again (they stay open across the exec; `claim` there adopts them)."""
         for fd in self._fds:
             os.set_inheritable(fd, True)
-        return {LOCK_FDS_ENV: ",".join(str(fd) for fd in self._fds)}
+        return {LOCK_FDS_ENV: handing_fds(self._fds)}
 
     def keep_back(self) -> None:
         """The exec failed: the descriptors are close-on-exec again (no server ever inherits them)."""
@@ -124,14 +145,13 @@ def _inherited(state_dir: Path) -> list[int] | None:
     """The locked descriptors of ``state_dir`` (the directory's, then daemon.lock's; or daemon.lock's alone)
     that the program before an upgrade's exec handed over in $LAUNCHER_LOCK_FDS; None when there are none
     or they are not this directory's (they are closed then, and the directory claimed as usual)."""
-    named = os.environ.pop(LOCK_FDS_ENV, None)
-    if named is None:
+    fds = handed_fds(LOCK_FDS_ENV)
+    if fds is None:
         return None
     try:
-        fds = [int(fd) for fd in named.split(",")]
         found = [os.fstat(fd) for fd in fds]
         wanted = [os.stat(state_dir), os.stat(StateDir(state_dir).lock_file)][-len(fds) :]
-    except (OSError, ValueError):
+    except OSError:
         return None
     if not 1 <= len(fds) <= 2 or [(f.st_dev, f.st_ino) for f in found] != [(w.st_dev, w.st_ino) for w in wanted]:
         for fd in fds:

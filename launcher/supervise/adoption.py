@@ -25,7 +25,7 @@ from launcher.config import ModelSettings
 from launcher.errors import LauncherError
 from launcher.plan.placement import Placement
 from launcher.schema import Event, Plan
-from launcher.supervise.handover import HandedServer, still_ours
+from launcher.supervise.handover import HandedServer, reap, still_ours
 from launcher.supervise.instance import DaemonParts, Instance
 from launcher.supervise.process import ServerProcess
 
@@ -64,6 +64,8 @@ async def _adopt(
         return True
     if gone is None:
         await _kill(server.pid)
+    else:
+        reap(server.pid)
     with contextlib.suppress(OSError):  # a full disk: counted at the next write
         parts.registry.remove(server.pid)
     parts.on_event(

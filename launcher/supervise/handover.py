@@ -15,13 +15,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+from collections.abc import Collection
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher.schema import Plan
 from launcher.statedir.layout import StateDir
+from launcher.statedir.owner import handed_fds
 from launcher.supervise.leftovers import INSTANCE_ENV
 
 log = logging.getLogger("launcher")
@@ -103,13 +106,14 @@ def inherited_socket(host: str, port: int) -> socket.socket | None:
     """The listening socket the old program handed over (see $LAUNCHER_LISTEN_FD), when it listens on
     ``host``:``port``; one that does not (the port changed with the upgrade) is closed. Not inherited by
     anything this program starts."""
-    value = os.environ.pop(LISTEN_FD_ENV, None)
-    if value is None:
+    fds = handed_fds(LISTEN_FD_ENV)
+    if fds is None:
         return None
     try:
-        sock = socket.socket(fileno=int(value))
+        (fd,) = fds
+        sock = socket.socket(fileno=fd)
     except (ValueError, OSError) as exc:
-        log.warning("upgrade: %s=%r is not a socket (%s): listening anew", LISTEN_FD_ENV, value, exc)
+        log.warning("upgrade: %s=%r is not a socket (%s): listening anew", LISTEN_FD_ENV, fds, exc)
         return None
     sock.set_inheritable(False)
     try:
@@ -144,3 +148,30 @@ def still_ours(server: HandedServer) -> str | None:
     except psutil.Error:
         return "it has ended"
     return None
+
+
+def reap(pid: int) -> None:
+    """A handed-over server that ended since the record is still this process's child: reap it, or it stays
+    a zombie for the daemon's whole life (WNOHANG: a pid that is not our child, or runs, is left as it is)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def stop_unrecorded(kept: Collection[int]) -> list[str]:
+    """Kill (the group) and reap each child of this process that carries a server's mark but is not in
+    ``kept``: one the old program forked as it executed the new one, before it recorded it (its start was
+    suspended between the fork and the children file), which nothing would supervise; described each."""
+    stopped = []
+    for child in psutil.Process().children():
+        try:
+            instance = child.environ().get(INSTANCE_ENV)
+        except psutil.Error:
+            continue
+        if instance is None or child.pid in kept:
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child.pid, 0)
+        stopped.append(f"{instance} (pid {child.pid})")
+    return stopped

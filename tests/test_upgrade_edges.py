@@ -1,0 +1,159 @@
+"""Upgrades in place at their edges: a configuration that does not load, an API stream that never ends
+(stand-in servers)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import httpx
+import psutil
+
+from launcher.plan.placement import Placement
+from launcher.schema import Event
+from launcher.statedir.owner import StateDirLock
+from launcher.supervise.adoption import adopt_all
+from launcher.supervise.handover import HandedServer, HandOver
+from launcher.supervise.instance import DaemonParts
+from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
+from tests.conftest import ConfigWriter, Daemon, OpenWired, poll_until
+from tests.test_drain import serving
+from tests.test_upgrade import program_started_at, upgraded
+
+StartDaemon = Callable[[Path], Daemon]
+
+
+def test_an_upgrade_with_a_configuration_that_does_not_load_keeps_the_daemon_and_its_servers(
+    write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path
+) -> None:
+    """The program executed again reads the file as `serve` does: one that does not load would end the
+    daemon, and every server with it (before: 202, then the daemon exited 2 and its servers were killed)."""
+    daemon = serving(write_config, start_daemon, standin)
+    pid = daemon.instance("m")["pid"]
+    before = program_started_at(daemon)
+    config = Path(daemon.config)
+    config.write_text(config.read_text() + "\nnot_a_key: 1\n")
+
+    answer = httpx.post(f"{daemon.url}/daemon/upgrade", timeout=10)
+
+    assert answer.status_code == 409, answer.text
+    assert "not_a_key" in answer.json()["detail"]
+    assert daemon.proc.poll() is None and program_started_at(daemon) == before
+    assert daemon.instance("m")["pid"] == pid
+
+
+def test_an_open_event_stream_does_not_hold_the_upgrade_up(
+    write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path
+) -> None:
+    """A dashboard or `launcher events` follows /events for hours: the API must not stay unanswered for the
+    models' drain_timeout_s (30 s by default) while it waits for that stream, which never ends by itself
+    (before: 21.7 s here, with drain_timeout_s 20)."""
+    daemon = serving(write_config, start_daemon, standin, drain_timeout_s=20)
+    pid = daemon.instance("m")["pid"]
+    before = program_started_at(daemon)
+    assert before is not None
+    with daemon.http.stream("GET", "/events", params={"follow": "true"}, timeout=60) as stream:
+        assert stream.status_code == 200
+        began = time.monotonic()
+        daemon.proc.send_signal(signal.SIGUSR2)
+        upgraded(daemon, before)
+        waited_s = time.monotonic() - began
+    assert waited_s < 5, f"the API answered again only after {waited_s:.1f}s"
+    assert daemon.instance("m")["pid"] == pid
+
+
+def test_a_handed_over_server_that_ended_before_its_adoption_is_reaped(tmp_path: Path) -> None:
+    """A server that dies between the record and the adoption is this process's child: it is reaped, not
+    left a zombie for the daemon's whole life (before: nothing waited for it)."""
+    child = subprocess.Popen([sys.executable, "-c", ""], env={**os.environ, INSTANCE_ENV: "m"})
+    created = psutil.Process(child.pid).create_time()
+    poll_until(lambda: psutil.Process(child.pid).status(), lambda s: s == psutil.STATUS_ZOMBIE, "its end", 10)
+    server = HandedServer(instance="m", pid=child.pid, create_time=created, port=1, argv=["x"], plan=None)
+    lock = StateDirLock.claim(tmp_path / "state", "http://test")
+    events: list[Event] = []
+    parts = SimpleNamespace(registry=ChildRegistry(lock), on_event=events.append)
+    try:
+        again = asyncio.run(adopt_all([server], {}, lambda _plan: Placement(), cast(DaemonParts, parts), None))
+    finally:
+        lock.release()
+    assert again == ["m"] and "it has ended" in events[0].message
+    assert not psutil.pid_exists(child.pid)
+    child.returncode = 0  # reaped by the adoption: Popen must not wait for it again
+
+
+def test_a_server_killed_during_the_exec_is_reaped_and_started_again(
+    write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path
+) -> None:
+    """Killed while the new program loads (after the record, before its adoption): reaped, not left a zombie
+    child of the daemon, and its model started again."""
+    daemon = serving(write_config, start_daemon, standin)
+    pid = daemon.instance("m")["pid"]
+    before = program_started_at(daemon)
+    assert before is not None
+    daemon.proc.send_signal(signal.SIGUSR2)
+    poll_until(lambda: "upgrade: executing" in "".join(daemon.log), bool, "the exec", 30)
+    os.kill(pid, signal.SIGKILL)  # the new program is still importing its modules
+    upgraded(daemon, before)
+    assert daemon.wait_for("m", lambda s: s["state"] == "ready" and s["pid"] != pid)["restarts"] == 0
+    assert not psutil.pid_exists(pid)
+
+
+async def test_a_server_the_old_program_had_not_recorded_is_stopped_by_the_new_one(
+    write_config: ConfigWriter, open_wired: OpenWired, tmp_path: Path
+) -> None:
+    """The exec may come while a start is suspended between its fork and the children file: that server,
+    in no record, would run unsupervised beside its model's new start until the daemon ends. Here this
+    process stands in for the daemon executed again, with such a child."""
+    config = write_config({"m": {}})
+    (tmp_path / "state").mkdir(exist_ok=True)
+    (tmp_path / "state" / "handover.json").write_text(HandOver(daemon_pid=os.getpid(), servers=[]).model_dump_json())
+    stray = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import time; time.sleep(60)",
+        env={**os.environ, INSTANCE_ENV: "m"},
+        start_new_session=True,
+    )
+
+    wired = await open_wired(config)
+
+    await asyncio.wait_for(stray.wait(), 10)  # its code is unknown: the wiring reaped it
+    assert not psutil.pid_exists(stray.pid)
+    described = [e.message for e in wired.events.recent(50)]
+    assert any(f"not recorded yet: m (pid {stray.pid})" in message for message in described), described
+
+
+def test_a_sigterm_during_the_hand_over_stops_the_daemon(
+    write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path, tmp_path: Path
+) -> None:
+    """The hand-over runs outside the event loop, which handles SIGTERM: one that came then was lost in the
+    exec, and the new program served on. Here the record's write waits on a FIFO in its place, so the
+    SIGTERM comes while the hand-over is under way."""
+    daemon = serving(write_config, start_daemon, standin)
+    pid = daemon.instance("m")["pid"]
+    fifo = tmp_path / "state" / "handover.tmp"
+    os.mkfifo(fifo)
+    daemon.proc.send_signal(signal.SIGUSR2)
+    poll_until(lambda: "SIGUSR2: upgrading" in "".join(daemon.log), bool, "the upgrade's start", 10)
+    poll_until(lambda: _waits_on_a_fifo(daemon.proc.pid), bool, "the record's write waiting on the FIFO", 10)
+    daemon.proc.send_signal(signal.SIGTERM)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # lets a write still waiting go on
+    try:
+        assert daemon.proc.wait(timeout=30) == 0
+    finally:
+        os.close(reader)
+    assert "SIGTERM came during the hand-over: stopping instead" in "".join(daemon.log)
+    assert not psutil.pid_exists(pid)
+
+
+def _waits_on_a_fifo(pid: int) -> bool:
+    """The process's main thread waits in open(2) of a FIFO for a reader (the kernel's wait channel)."""
+    return Path(f"/proc/{pid}/wchan").read_text() in ("wait_for_partner", "fifo_open")
