@@ -76,7 +76,9 @@ def test_a_handed_over_server_that_ended_before_its_adoption_is_reaped(tmp_path:
     child = subprocess.Popen([sys.executable, "-c", ""], env={**os.environ, INSTANCE_ENV: "m"})
     created = psutil.Process(child.pid).create_time()
     poll_until(lambda: psutil.Process(child.pid).status(), lambda s: s == psutil.STATUS_ZOMBIE, "its end", 10)
-    server = HandedServer(instance="m", pid=child.pid, create_time=created, port=1, argv=["x"], plan=None)
+    server = HandedServer(
+        instance="m", pid=child.pid, create_time=created, port=1, argv=["x"], settings_json="{}", plan=None
+    )
     lock = StateDirLock.claim(tmp_path / "state", "http://test")
     events: list[Event] = []
     parts = SimpleNamespace(registry=ChildRegistry(lock), on_event=events.append)
