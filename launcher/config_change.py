@@ -61,6 +61,7 @@ MODEL_KEYS: dict[str, Applied] = {
     "ollama": "restart",
     "replicas": "restart",  # a replica's own is always 1: the count changes which instances there are
     "hosts": "restart",
+    "kv_cache_max_gib": "restart",  # 0 or not decides whether the command carries --slot-save-path
 }
 
 # The daemon-level keys, dotted (`peers` as a whole). `live`: read anew by the part that owns them; the
@@ -85,6 +86,8 @@ DAEMON_KEYS: dict[str, Applied] = {
             "cors_origins",
             "request_timeout_s",
             "body_budget_mib",
+            "kv_cache_dir",  # the prompt caches' store is built once, with its folder and budget
+            "kv_cache_max_gib",
         )
     },
     # the manager hands them to the sampler, the planner, the lending and the VRAM gate; the thermal guard
