@@ -56,6 +56,9 @@ def test_a_replica_stopped_or_removed_during_the_roll_is_passed_over_one_stopped
     assert left_out(["m@0", "m@1", "m@2", "m@3"], [], began, {**now, "m@0": S}) == ["m@2", "m@3"]
     # restarted, then stopped: nothing left to pass over
     assert left_out(["m@1"], ["m@1"], began, {"m@1": S}) == []
+    # a stop by hand still draining or stopping when the roll looks: passed over too, not started after it
+    for stopping in (State.DRAINING, State.STOPPING):
+        assert left_out(["m@1", "m@2"], [], began, {**now, "m@1": stopping, "m@2": R}) == ["m@1"]
 
 
 def test_a_replica_is_back_when_ready_and_failed_when_its_new_server_ended_before() -> None:

@@ -72,14 +72,19 @@ def left_out(
     order: Sequence[str], done: Collection[str], states_began: Mapping[str, State], states_now: Mapping[str, State]
 ) -> list[str]:
     """The replicas of ``order`` not yet restarted that the roll passes over: gone from the model (a reload
-    removed it) or stopped since the roll began (by hand: a roll does not undo a stop asked for meanwhile;
-    one stopped before the roll began is started, as a single instance's restart starts it)."""
+    removed it) or stopped since the roll began, or on their way there (by hand: a roll does not undo a stop
+    asked for meanwhile, nor start what a stop under way is draining; one stopped before the roll began is
+    started, as a single instance's restart starts it)."""
     return [
         name
         for name in order
         if name not in done
-        and (name not in states_now or (states_now[name] == State.STOPPED and states_began[name] != State.STOPPED))
+        and (name not in states_now or (states_now[name] in _STOPPING and states_began.get(name) not in _STOPPING))
     ]
+
+
+# A stop asked for, under way or done (a roll's own stops are over before it looks: its replica is done).
+_STOPPING = (State.STOPPED, State.DRAINING, State.STOPPING)
 
 
 def next_step(
