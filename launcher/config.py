@@ -483,13 +483,18 @@ class ModelSettings(_Strict):
         description="Started by the first front-door request for it, when the planner finds room; may be "
         "evicted when idle.",
     )
-    idle_ttl_s: Positive | None = Field(default=None, description="Stopped after this many seconds without a request.")
+    idle_ttl_s: Positive | None = Field(
+        default=None, description="Stopped after this many seconds without a request; not with `pinned: true`."
+    )
     priority: int = Field(
         default=0,
         description="Rank when on-demand models compete for the GPUs: a request for a model may evict idle ones "
         "of lower or equal priority (lowest first, then least recently used), never a higher one.",
     )
-    pinned: bool = Field(default=False, description="Never evicted to make room for another model.")
+    pinned: bool = Field(
+        default=False,
+        description="Never evicted to make room for another model, nor stopped when idle (no `idle_ttl_s`).",
+    )
     min_resident_s: NonNegative = Field(
         default=0.0,
         description="Seconds a model started on demand stays before it may be evicted; within them only a "
@@ -644,6 +649,15 @@ class ModelSettings(_Strict):
                     f"ctx_min {self.ctx_min} and ctx_max {self.ctx_max} hold no multiple of {CTX_CELLS} "
                     f"between them, the steps llama.cpp sizes a context in"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _pinned_not_stopped_when_idle(self) -> ModelSettings:
+        if self.pinned and self.idle_ttl_s is not None:  # both set on this model: which one it meant is unclear
+            raise ValueError(
+                "pinned and idle_ttl_s: a pinned model is never stopped for another, idle_ttl_s stops it when "
+                "idle: keep one (a high priority instead of pinned lets it stop when idle)"
+            )
         return self
 
     @model_validator(mode="after")
