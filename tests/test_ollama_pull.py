@@ -5,11 +5,15 @@
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import re
 import subprocess
 import threading
+import time
+import tracemalloc
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -160,26 +164,75 @@ def test_ollamas_progress_lines_are_summed_over_its_layers_and_its_error_line_is
         stream.line("<html>")
 
 
-@pytest.mark.parametrize("manifest", [{"layers": 5}, {"layers": None}, {"layers": {"size": 1}}, [1], "text"])
-def test_a_manifest_that_is_not_one_is_one_sentence(manifest: object) -> None:
+@contextmanager
+def registry_double(send: Callable[[io.BufferedIOBase], object]) -> Iterator[str]:
+    """A registry on loopback whose every answer is 200 with the body ``send`` writes (ended by closing the
+    connection); its URL."""
+
     class Registry(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = json.dumps(manifest).encode()
             self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            with suppress(OSError):  # the client stopped reading
+                send(self.wfile)
 
         def log_message(self, *args: object) -> None:
             return
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        with pytest.raises(ConfigError, match="lists no model layer with its size"):
-            registry_model_bytes("tiny:1b", f"http://127.0.0.1:{server.server_address[1]}")
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("manifest", [{"layers": 5}, {"layers": None}, {"layers": {"size": 1}}, [1], "text"])
+def test_a_manifest_that_is_not_one_is_one_sentence(manifest: object) -> None:
+    with (
+        registry_double(lambda out: out.write(json.dumps(manifest).encode())) as url,
+        pytest.raises(ConfigError, match="lists no model layer with its size"),
+    ):
+        registry_model_bytes("tiny:1b", url)
+
+
+def test_a_registry_that_sends_without_end_is_refused_after_1_mib_read_as_it_came() -> None:
+    """64 MiB of JSON blanks offered (before: all read, then the 1 MiB check): at most the limit is held."""
+    offered, chunk = 64 * 1024 * 1024, b" " * 65536
+
+    def endless(out: io.BufferedIOBase) -> None:
+        for _ in range(offered // len(chunk)):
+            out.write(chunk)
+
+    with registry_double(endless) as url:
+        tracemalloc.start()
+        try:
+            with pytest.raises(ConfigError) as refused:
+                registry_model_bytes("tiny:1b", url)
+            peak_bytes = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert refused.value.message == (
+        f"the Ollama registry at {url} answered more than 1024 KiB for tiny:1b's manifest (a few hundred bytes)"
+    )
+    assert peak_bytes < 4 * 1024 * 1024, peak_bytes
+
+
+def test_a_registry_that_sends_a_byte_at_a_time_is_refused_at_the_timeout_in_all() -> None:
+    """A blank each 50 ms for up to 10 s: each read within the timeout, the whole not (before: all waited for)."""
+
+    def trickle(out: io.BufferedIOBase) -> None:
+        for _ in range(200):
+            out.write(b" ")
+            out.flush()
+            time.sleep(0.05)
+
+    with registry_double(trickle) as url, pytest.raises(ConfigError) as refused:
+        registry_model_bytes("tiny:1b", url, timeout_s=1.0)
+    assert refused.value.message == (
+        f"the Ollama registry at {url} took more than 1 s to answer for tiny:1b's manifest (a few hundred bytes)"
+    )

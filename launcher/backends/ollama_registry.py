@@ -4,6 +4,9 @@ so it is planned before Ollama pulls a byte of it."""
 
 from __future__ import annotations
 
+import json
+import time
+
 import httpx
 
 from launcher.errors import ConfigError
@@ -25,22 +28,25 @@ def manifest_url(name: str, registry: str) -> str:
 def registry_model_bytes(name: str, registry: str, timeout_s: float = _TIMEOUT_S) -> int:
     """The bytes of ``name``'s weights (its model and projector layers) per its manifest at ``registry``;
     ConfigError in one sentence when the registry does not have it, cannot be reached or answers nonsense."""
-    url = manifest_url(name, registry)
     try:
-        answer = httpx.get(url, headers={"Accept": _MANIFEST_TYPE}, timeout=timeout_s, follow_redirects=True)
+        status, body = _manifest(manifest_url(name, registry), timeout_s)
+    except _Unbounded as exc:
+        raise ConfigError(
+            f"the Ollama registry at {registry} {exc} for {name}'s manifest (a few hundred bytes)"
+        ) from None
     except httpx.HTTPError as exc:
         raise ConfigError(
             f"the Ollama registry at {registry} cannot be reached to plan {name} before its pull: "
             f"{exc or type(exc).__name__}",
             hint="check the network, or pull it with `ollama pull` (or set ollama.size_mib)",
         ) from None
-    if answer.status_code == 404:
+    if status == 404:
         raise ConfigError(f"the Ollama registry at {registry} has no model {name}", hint="check models.*.model")
-    if answer.status_code != 200:
-        raise ConfigError(f"the Ollama registry at {registry} answered HTTP {answer.status_code} for {name}'s manifest")
+    if status != 200:
+        raise ConfigError(f"the Ollama registry at {registry} answered HTTP {status} for {name}'s manifest")
     try:
-        layers = answer.json().get("layers") if len(answer.content) <= _MANIFEST_BYTES else None
-    except (ValueError, AttributeError):
+        layers = json.loads(body).get("layers")
+    except (ValueError, AttributeError, RecursionError):
         layers = None
     sizes = [
         layer["size"]
@@ -53,3 +59,26 @@ def registry_model_bytes(name: str, registry: str, timeout_s: float = _TIMEOUT_S
     if not sizes:
         raise ConfigError(f"the manifest of {name} at {registry} lists no model layer with its size")
     return sum(sizes)
+
+
+class _Unbounded(Exception):
+    """An answer past the bounds of a manifest, in words that follow "the registry at X"."""
+
+
+def _manifest(url: str, timeout_s: float) -> tuple[int, bytes]:
+    """The answer's status and body, read as it comes and given up past ``_MANIFEST_BYTES`` or ``timeout_s``
+    in all: a registry that sends without end, or a byte at a time, costs no more. Asked uncompressed and
+    read raw, so that no small chunk inflates to a large one."""
+    deadline_s = time.monotonic() + timeout_s
+    headers = {"Accept": _MANIFEST_TYPE, "Accept-Encoding": "identity"}
+    with httpx.stream("GET", url, headers=headers, timeout=timeout_s, follow_redirects=True) as answer:
+        if answer.status_code != 200:
+            return answer.status_code, b""
+        body = bytearray()
+        for chunk in answer.iter_raw():
+            body += chunk
+            if len(body) > _MANIFEST_BYTES:
+                raise _Unbounded(f"answered more than {_MANIFEST_BYTES // 1024} KiB")
+            if time.monotonic() > deadline_s:
+                raise _Unbounded(f"took more than {timeout_s:g} s to answer")
+        return answer.status_code, bytes(body)
