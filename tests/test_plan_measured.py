@@ -6,10 +6,13 @@ key, another layout or `--estimate` keep the estimate; a hostile file is no meas
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from launcher.backends import llama_log
 from launcher.config import GpuSettings, ModelSettings
@@ -155,6 +158,27 @@ def test_a_hostile_state_file_is_no_measurement_and_is_replaced_whole(tmp_path: 
     kept = Measurement(model="tiny", date="2026-12-02", devices=[], host=MeasuredTerms(kv=1.5))
     store.put("k", kept)
     assert MeasurementStore(path).get("k") == kept
+
+
+@pytest.mark.parametrize("field", ["model", "date"])
+def test_a_state_file_with_a_huge_string_is_no_measurement_and_says_so_once(
+    tmp_path: Path, field: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """8 MiB where the launcher writes a name or a date (before: loaded, then shown in plans and messages)."""
+    path = tmp_path / "measured.json"
+    kept = Measurement(model="tiny", date="2026-12-02T07:00:00+00:00", devices=[], host=MeasuredTerms())
+    path.write_text(json.dumps({"measured": {"k": kept.model_dump() | {field: "x" * 8 * MIB}}}))
+    store = MeasurementStore(path)
+    with caplog.at_level(logging.WARNING, logger="launcher"):
+        assert store.get("k") is None and store.get("k") is None  # read at each plan: said once
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path} is not what the launcher writes (measured.k.{field}: String should have at most 64 characters): "
+        "ignored, plans are estimated until the next measurement replaces it"
+    ]
+    with pytest.raises(ValidationError):
+        Measurement.model_validate(kept.model_dump() | {field: "x" * 65})
+    store.put("k", kept)  # replaced whole at the next write
+    assert store.get("k") == kept
 
 
 def test_forget_drops_one_models_measurements_and_the_store_is_bounded(tmp_path: Path) -> None:

@@ -21,6 +21,10 @@ from launcher.schema import DevicePlan, GpuProcess, HostPlan, Plan, PlanCheck
 
 # What one term may be: no server reports a negative size, or more than an exbibyte.
 TermMib = Annotated[float, Field(ge=0, le=2**40, allow_inf_nan=False)]
+# The name and date are shown in plans and messages, and a state file written by something else may hold
+# strings of any size: bounded by what the launcher writes there (a model's name has at most 64 characters).
+ModelName = Annotated[str, Field(min_length=1, max_length=64)]
+Date = Annotated[str, Field(min_length=1, max_length=64)]  # ISO 8601 to the second: 25 characters
 
 
 class MeasuredTerms(BaseModel):
@@ -54,8 +58,8 @@ class Measurement(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str  # the configured name, by which `launcher plan --forget` finds it
-    date: str  # ISO 8601
+    model: ModelName  # the configured name, by which `launcher plan --forget` finds it
+    date: Date
     ctx: Annotated[int, Field(ge=0)] = 0  # the context it ran with (`ctx: max` may choose another next time)
     devices: list[MeasuredDevice]
     host: MeasuredTerms

@@ -5,14 +5,16 @@ Read at each use (small, and `launcher plan --forget` may change it under a runn
 whole to a new file renamed over the old (a crash leaves the old or the new, never half). A change (read,
 changed, written) holds an flock on `measured.json.lock`: the daemon's record and a `--forget` from the CLI
 never write the same temporary file at once, nor does either undo the other's change. A file that is
-not what this module writes is treated as empty and replaced at the next write: a measurement is only a
-better estimate, and losing one costs one run's correction.
+not what this module writes (a string longer than the launcher writes included) is treated as empty, said
+once in the log, and replaced at the next write: a measurement is only a better estimate, and losing one
+costs one run's correction.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,10 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from launcher.config_yaml import clip
 from launcher.plan.measured import Measurement
+
+log = logging.getLogger("launcher")
 
 _KEPT = 256  # measurements: the oldest beyond go (one per model and settings in use is what matters)
 _MAX_BYTES = 16 * 1024 * 1024  # a larger file is not ours
@@ -29,7 +34,7 @@ _MAX_BYTES = 16 * 1024 * 1024  # a larger file is not ours
 class _File(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    measured: dict[str, Measurement] = {}
+    measured: dict[Annotated[str, Field(max_length=64)], Measurement] = {}  # measurement_key's 32 hex digits
     overheads_mib: dict[str, Annotated[int, Field(ge=0, le=2**20)]] = {}  # "GPU NAME|DRIVER" -> MiB
 
 
@@ -40,19 +45,38 @@ def overhead_key(gpu_name: str, driver: str) -> str:
 class MeasurementStore:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._ignored: tuple[int, int] | None = None  # the (size, mtime) of the last file said to be ignored
 
     def _read(self) -> _File:
         try:
             with self.path.open("rb") as file:
                 text = file.read(_MAX_BYTES + 1)
+                stamp = os.fstat(file.fileno())
         except (FileNotFoundError, NotADirectoryError):
             return _File()
         if len(text) > _MAX_BYTES:
-            return _File()
+            return self._ignore((stamp.st_size, stamp.st_mtime_ns), f"larger than {_MAX_BYTES // 2**20} MiB")
         try:
             return _File.model_validate_json(text)
-        except ValidationError:
-            return _File()
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = clip(".".join(str(part) for part in first["loc"]), 120)
+            return self._ignore(
+                (stamp.st_size, stamp.st_mtime_ns), f"{where}: {first['msg']}" if where else first["msg"]
+            )
+
+    def _ignore(self, stamp: tuple[int, int], why: str) -> _File:
+        """No measurement: the file is not one this module writes. Said once per such file (it is read at
+        each plan)."""
+        if stamp != self._ignored:
+            self._ignored = stamp
+            log.warning(
+                "%s is not what the launcher writes (%s): ignored, plans are estimated until the next "
+                "measurement replaces it",
+                self.path,
+                why,
+            )
+        return _File()
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[_File]:
