@@ -14,6 +14,7 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,25 @@ def test_ollamas_progress_lines_are_summed_over_its_layers_and_its_error_line_is
         stream.line('{"error": "pull model manifest: file does not exist"}')
     with pytest.raises(StartError, match=r"^Ollama's pull of qwen2\.5:7b answered something not JSON: '<html>'$"):
         stream.line("<html>")
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        {"total": -4000, "completed": 0},
+        {"total": 4000, "completed": -1000},
+        {"total": 2**63, "completed": 1000},  # absurd: 8 EiB
+        {"total": True, "completed": True},  # JSON's true is no byte count
+        {"total": 4000.5, "completed": 1000},
+    ],
+)
+def test_a_progress_line_with_a_negative_or_absurd_size_is_not_shown(said: dict[str, object]) -> None:
+    stream = PullStream("qwen2.5:7b")
+    layer = {"status": "pulling 66b9ea09bd5b", "digest": "sha256:66b9ea09", "total": 68, "completed": 34}
+    shown = stream.line(json.dumps(layer))
+    assert shown is not None and (shown.done_bytes, shown.total_bytes) == (34, 68)
+    assert stream.line(json.dumps({"status": "pulling 2bada8a74506", "digest": "sha256:2bada8a7", **said})) is None
+    assert stream.line(json.dumps(layer | {"completed": 68})) == replace(shown, done_bytes=68)  # the line ignored
 
 
 @contextmanager

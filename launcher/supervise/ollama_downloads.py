@@ -16,6 +16,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeGuard
 
 import httpx
 
@@ -33,6 +34,7 @@ from launcher.supervise.process import ServerProcess
 _SERVER_UP_S = 30.0  # for `ollama serve` to answer before the pull
 _STOP_S = 10.0
 _PROBE_S = 0.1
+_LAYER_MAX_BYTES = 2**50
 
 
 def needs_pull(instance: Instance) -> bool:
@@ -43,6 +45,11 @@ def needs_pull(instance: Instance) -> bool:
         and settings.ollama.size_mib is None
         and blob_for(str(settings.model), models_dir(settings)) is None
     )
+
+
+def _is_size(value: object) -> TypeGuard[int]:
+    """A byte count a layer may have: an integer from 0 to a pebibyte (the largest models are a few TB)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _LAYER_MAX_BYTES
 
 
 class PullStream:
@@ -64,9 +71,9 @@ class PullStream:
         if said.get("error"):
             raise StartError(f"Ollama could not pull {self._model}: {str(said['error'])[:300]}")
         digest, total, completed = said.get("digest"), said.get("total"), said.get("completed", 0)
-        if not isinstance(digest, str) or not isinstance(total, int) or not isinstance(completed, int):
-            return None
-        self._layers[digest] = (min(max(completed, 0), total), total)
+        if not isinstance(digest, str) or not _is_size(total) or not _is_size(completed):
+            return None  # no progress to show: never a negative or absurd one
+        self._layers[digest] = (min(completed, total), total)
         return PullProgress(
             done_bytes=sum(done for done, _ in self._layers.values()),
             total_bytes=sum(size for _, size in self._layers.values()),
