@@ -1,7 +1,8 @@
 """A stand-in for the Hugging Face hub on loopback: the routes the `huggingface_hub` client uses to list a
 repo (`/api/models/ORG/REPO[/revision/REV]?blobs=true`) and to read a file (`/ORG/REPO/resolve/REV/PATH`,
 GET with Range, and HEAD with the headers `hf_hub_download` reads: X-Repo-Commit, X-Linked-Etag (the
-sha256, as the hub gives an LFS file), X-Linked-Size), serving files from disk, gating repos behind a token,
+sha256, as the hub gives an LFS file), X-Linked-Size), serving files from disk, gating repos behind a token
+(401 without one, 403 with another, X-Error-Code GatedRepo as the hub answers),
 and counting the bytes of every file it sends (only what it writes to the socket counts).
 
 For the download's tests it can slow its sending (`rate_bytes_s`), drop a connection once mid-file
@@ -16,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -75,6 +76,10 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: object) -> None:  # quiet
             return
 
+        def handle(self) -> None:
+            with suppress(ConnectionResetError):  # a client that exits with an answer unread (a CLI the gate refused)
+                super().handle()
+
         def _error(self, status: int, code: str, message: str) -> None:
             body = json.dumps({"error": message}).encode()
             self.send_response(status)
@@ -126,8 +131,9 @@ def _handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
             if repo is None:
                 self._error(401, "RepoNotFound", "Repository not found")
                 return
-            if repo.token is not None and self.headers.get("Authorization") != f"Bearer {repo.token}":
-                self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted.")
+            given = self.headers.get("Authorization")
+            if repo.token is not None and given != f"Bearer {repo.token}":  # as the hub: 403 for a token without access
+                self._error(403 if given else 401, "GatedRepo", f"Access to model {repo_id} is restricted.")
                 return
             if revision not in ("main", repo.commit) or name not in repo.files:
                 self._error(404, "EntryNotFound", f"{name} not found")

@@ -32,6 +32,7 @@ from tests.hubstandin import Repo, StandInHub, serving
 MIB = 1024 * 1024
 # A loadable model of about 31 MiB: more than three of the library's 10 MiB download chunks.
 MID = TinyShape(n_layer=4, n_embd=512, n_head=8, n_head_kv=4, n_ff=2048)
+GATED_TOKEN = "hf_gated_access"
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,7 @@ def pull_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Repo]:
         "org/bad-GGUF": Repo({"tiny-F16.gguf": tiny}, wrong_sha256={"tiny-F16.gguf"}),
         # a model and its projector (any GGUF stands for one to the planner and the download)
         "org/vision-GGUF": Repo({"tiny-F16.gguf": tiny, "mmproj-vision-F16.gguf": mid}),
+        "org/gated-GGUF": Repo({"tiny-F16.gguf": tiny}, token=GATED_TOKEN),
     }
 
 
@@ -111,6 +113,38 @@ def test_a_file_whose_bytes_do_not_match_the_hubs_checksum_is_refused_and_remove
     assert not (repo_dir / "snapshots").exists()
     plan = run_cli("--config", str(config), "plan", "m", env=hub_env)
     assert "--model" not in plan.stdout  # never taken for downloaded
+
+
+@pytest.mark.parametrize("token", [None, "hf_no_access"], ids=["no token (401)", "a token without access (403)"])
+def test_a_gated_repo_is_one_sentence_saying_what_to_do_and_leaves_nothing_behind(
+    hub: StandInHub, hub_env: dict[str, str], write_config: ConfigWriter, tmp_path: Path, token: str | None
+) -> None:
+    config = write_config({"m": {"model": "hf:org/gated-GGUF:F16"}})
+    result = run_cli("--config", str(config), "pull", "m", env=hub_env | ({"HF_TOKEN": token} if token else {}))
+    assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "launcher: org/gated-GGUF is a gated repo: org/gated-GGUF/tiny-F16.gguf needs access",
+        f"hint: ask for access on its page ({hub.url}/org/gated-GGUF), then set HF_TOKEN or hub.token_file",
+    ]
+    assert _sent(hub, "org/gated-GGUF") == 0 and not _repo_dir(tmp_path, "org/gated-GGUF").exists()
+    allowed = run_cli("--config", str(config), "pull", "m", env=hub_env | {"HF_TOKEN": GATED_TOKEN})
+    assert allowed.returncode == 0, allowed.stderr  # the same pull with access: the refusal was the gate's
+
+
+@pytest.mark.parametrize("token", [None, "hf_no_access"], ids=["no token (401)", "a token without access (403)"])
+def test_a_download_the_gate_refuses_after_its_plan_is_one_sentence_and_writes_nothing(
+    hub: StandInHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token: str | None
+) -> None:
+    """Planned with access (its header read with the token), downloaded without: the access revoked, or the
+    token gone, between the two."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    gated = HubReader(tmp_path / "headers", GATED_TOKEN, 16 * MIB, endpoint=hub.url).listing("org/gated-GGUF", None)
+    cache = tmp_path / "cache"
+    with pytest.raises(HubError) as refused:
+        pull(gated.repo, "main", gated.commit, gated.files, cache=cache, token=token, endpoint=hub.url)
+    assert refused.value.message == "org/gated-GGUF is a gated repo: org/gated-GGUF/tiny-F16.gguf needs access"
+    assert refused.value.hint is not None and "HF_TOKEN" in refused.value.hint
+    assert _sent(hub, "org/gated-GGUF") == 0 and not (cache / "models--org--gated-GGUF").exists()
 
 
 @pytest.fixture
