@@ -205,6 +205,15 @@ def poll_until(fetch: Callable[[], T], predicate: Callable[[T], bool], what: str
         time.sleep(0.05)
 
 
+def assert_downloading(answer: httpx.Response, model: str) -> None:
+    """``answer`` is the front door's while ``model``'s files download (a hub model's, an Ollama pull): 503
+    with code `downloading`, the progress in its message, and Retry-After the time left (at most a minute)."""
+    assert answer.status_code == 503, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "downloading" and error["message"].startswith(f"{model} is downloading: "), error
+    assert 1 <= int(answer.headers["retry-after"]) <= 60, answer.headers
+
+
 class Daemon:
     """``prefix`` runs it (and its CLI) elsewhere, e.g. in a network namespace (`ip netns exec NAME`)."""
 

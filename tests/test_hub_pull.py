@@ -26,7 +26,7 @@ from launcher.hub.download import PullCancelled, PullProgress, _CheckedFile, pul
 from launcher.hub.headers import HubError, HubReader
 from launcher.hub.repo import Listing
 from launcher.tinymodel import TinyShape, write_tiny_llama
-from tests.conftest import ConfigWriter, Daemon, poll_until, run_cli, stop_process
+from tests.conftest import ConfigWriter, Daemon, assert_downloading, poll_until, run_cli, stop_process
 from tests.hubstandin import Repo, StandInHub, serving
 
 MIB = 1024 * 1024
@@ -247,11 +247,7 @@ def test_an_on_demand_model_downloading_answers_503_with_its_progress_then_serve
     hub.rate_bytes_s = 256 * 1024  # about 1.5 s for its 372 KB
     daemon = start_daemon(config)
     body = {"model": "m", "prompt": "Hello", "max_tokens": 4}
-    answer = daemon.http.post("/v1/completions", json=body)
-    assert answer.status_code == 503, answer.text
-    assert answer.json()["error"]["code"] == "downloading"
-    assert answer.json()["error"]["message"].startswith("m is downloading: ")
-    assert 1 <= int(answer.headers["retry-after"]) <= 60
+    assert_downloading(daemon.http.post("/v1/completions", json=body), "m")
     ready = daemon.wait_for("m", lambda s: s["state"] in ("ready", "failed"))
     assert ready["state"] == "ready", ready["last_error"]
     served = daemon.http.post("/v1/completions", json=body)

@@ -26,10 +26,11 @@ from launcher.backends.ollama_registry import registry_model_bytes
 from launcher.errors import ConfigError, StartError
 from launcher.supervise.ollama_downloads import PullStream
 from launcher.tinymodel import write_tiny_llama
-from tests.conftest import ConfigWriter, Daemon, free_port, poll_until, run_cli
+from tests.conftest import ConfigWriter, Daemon, assert_downloading, free_port, poll_until, run_cli
 from tests.test_ollama import ollama_model, sim_gpus
 
 StartDaemon = Callable[[Path], Daemon]
+HI = {"model": "ol", "messages": [{"role": "user", "content": "Hi"}]}
 
 
 @pytest.fixture
@@ -80,13 +81,7 @@ async def test_a_model_not_in_the_store_is_planned_from_the_registry_pulled_with
     assert status["download"]["file"].startswith("tiny:1b (sha256:")
     assert any(e["kind"] == "download" and " MB (" in e["message"] for e in status["events"])
     assert re.search(r"\nol: downloading: [\d.]+ of [\d.]+ MB \(\d+ %\)", daemon.cli("status").stdout)
-    answer = daemon.http.post(
-        "/v1/chat/completions", json={"model": "ol", "messages": [{"role": "user", "content": "Hi"}]}
-    )
-    assert answer.status_code == 503, answer.text
-    assert answer.json()["error"]["code"] == "downloading"
-    assert answer.json()["error"]["message"].startswith("ol is downloading: ")
-    assert 1 <= int(answer.headers["retry-after"]) <= 60
+    assert_downloading(daemon.http.post("/v1/chat/completions", json=HI), "ol")
     ready = daemon.wait_for("ol", lambda s: s["state"] in ("ready", "failed"))
     assert ready["state"] == "ready", ready["last_error"]
     assert ready["plan"]["devices"][0]["layers"] == 4  # planned from the pulled blob's real shape
@@ -127,10 +122,7 @@ def test_a_pull_the_front_door_began_ends_at_a_stop_with_its_ollama_server(
         ollama_standin, tmp_path, registry, "tiny:1b", STANDIN_PULL_STEPS="50", STANDIN_PULL_STEP_S="0.5"
     )
     daemon = start_daemon(write_config({"ol": {**slow, "on_demand": True}}, gpus=sim_gpus(1)))
-    asked = daemon.http.post(
-        "/v1/chat/completions", json={"model": "ol", "messages": [{"role": "user", "content": "Hi"}]}
-    )
-    assert asked.status_code == 503 and asked.json()["error"]["code"] == "downloading", asked.text
+    assert_downloading(daemon.http.post("/v1/chat/completions", json=HI), "ol")
     daemon.wait_for("ol", lambda s: s["download"] is not None)
     stopped = daemon.http.post("/instances/ol/stop")
     assert stopped.status_code == 202 and stopped.json()["state"] == "stopped", stopped.text
