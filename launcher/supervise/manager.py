@@ -50,11 +50,12 @@ from launcher.supervise import adoption, rolling, thermal
 from launcher.supervise.degrade import Degrader
 from launcher.supervise.downloads import begin_download
 from launcher.supervise.handover import HandedServer
-from launcher.supervise.instance import DaemonParts, Instance
+from launcher.supervise.instance import Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
 from launcher.supervise.measuring import MEASURED_BACKEND, Measuring
 from launcher.supervise.ollama_downloads import begin_ollama_pull
+from launcher.supervise.parts import DaemonParts
 from launcher.supervise.planning import PlanningThreads
 from launcher.supervise.ports import pick_free_port
 from launcher.supervise.slot_store import SlotStore, gib_bytes
