@@ -18,9 +18,10 @@ from launcher.errors import ConflictError
 from launcher.schema import Event, HubPlan, Plan, State
 from launcher.statedir.owner import StateDirLock
 from launcher.supervise.downloads import begin_download
-from launcher.supervise.instance import DaemonParts, Instance
+from launcher.supervise.instance import Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.ollama_downloads import begin_ollama_pull
+from launcher.supervise.parts import DaemonParts
 from launcher.supervise.table import RequestLoad
 from launcher.supervise.vram import VramGate
 from launcher.supervise.writes import StateWrites

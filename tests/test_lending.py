@@ -18,9 +18,10 @@ from launcher.errors import NotFoundError
 from launcher.rpc.claims import ClaimBook
 from launcher.schema import ClaimDevice, ClaimRequest, Event, GpuSample, RpcReport
 from launcher.statedir.owner import StateDirLock
-from launcher.supervise.instance import DaemonParts, Instance
+from launcher.supervise.instance import Instance
 from launcher.supervise.leftovers import ChildRegistry
 from launcher.supervise.lending import Lending, claims_total
+from launcher.supervise.parts import DaemonParts
 from launcher.supervise.table import RequestLoad
 from launcher.supervise.vram import VramGate
 from launcher.supervise.writes import StateWrites

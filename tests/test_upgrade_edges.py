@@ -22,8 +22,8 @@ from launcher.schema import Event
 from launcher.statedir.owner import StateDirLock
 from launcher.supervise.adoption import adopt_all
 from launcher.supervise.handover import HandedServer, HandOver
-from launcher.supervise.instance import DaemonParts
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
+from launcher.supervise.parts import DaemonParts
 from tests.conftest import ConfigWriter, Daemon, OpenWired, poll_until
 from tests.test_drain import serving
 from tests.test_upgrade import program_started_at, upgraded

@@ -26,7 +26,8 @@ from launcher.errors import LauncherError
 from launcher.plan.placement import Placement
 from launcher.schema import Event, Plan
 from launcher.supervise.handover import HandedServer, reap, still_ours
-from launcher.supervise.instance import DaemonParts, Instance
+from launcher.supervise.instance import Instance
+from launcher.supervise.parts import DaemonParts
 from launcher.supervise.process import ServerProcess
 
 

@@ -12,7 +12,7 @@ from launcher.errors import LauncherError
 from launcher.rpc.failover import Act, judge, remote_endpoints, retry_delay_s
 from launcher.rpc.peers import Peers
 from launcher.rpc.wire import say_hello
-from launcher.schema import State
+from launcher.schema import Plan, State
 from launcher.supervise.instance import Instance
 
 _HELLO_TIMEOUT_S = 2.0  # a live rpc-server with nothing attached answers in milliseconds
@@ -39,17 +39,17 @@ class Degrader:
         """The daemon is stopping: stop or start nothing more."""
         self._closed = True
 
-    async def blocked(self, instance: Instance) -> str | None:
-        """Asked when ``instance``'s server ended: why it cannot run now, or None. The rpc-servers are
+    async def blocked(self, name: str, plan: Plan | None) -> str | None:
+        """Asked when instance ``name``'s server ended: why it cannot run now, or None. The rpc-servers are
         asked directly (nothing of ours is attached now): the peers' last reads may be older than the exit."""
-        used = remote_endpoints(instance.plan)
+        used = remote_endpoints(plan)
         if not used:
             return None
         hello = {}
         for _host, address in used:
             host, _, port = address.rpartition(":")
             hello[address] = await say_hello(host, int(port), _HELLO_TIMEOUT_S) is not None
-        verdict = judge(used, self._peers.statuses(), self._peers.holder(instance.name), ready_for_s=None, hello=hello)
+        verdict = judge(used, self._peers.statuses(), self._peers.holder(name), ready_for_s=None, hello=hello)
         return verdict.reason if verdict.act == Act.WAIT else None
 
     def judge_all(self) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from launcher.errors import LauncherError, StartError
 from launcher.schema import Event, RollReport, State
 from launcher.supervise.instance import Instance
+from launcher.supervise.table import InstanceTable
 
 # A replica in these states takes the front door's requests (the router serves only ready ones).
 _SERVING = frozenset({State.READY})
@@ -131,6 +132,34 @@ def replica_done(name: str, index: int, count: int, took_s: float) -> str:
 
 
 # ---- carrying it out ----------------------------------------------------------------------------------
+
+
+class Rolls:
+    """The rolls of the configured models: one model's one after another, never interleaved, and every one
+    ended by the daemon's own stop (`end_all`)."""
+
+    def __init__(self, table: InstanceTable, publish: Callable[[Event], None]) -> None:
+        """``table``: the instances and each configured model's replicas, as they come and go."""
+        self._table = table
+        self._publish = publish
+        self._locks: dict[str, asyncio.Lock] = {}  # configured model -> held while its replicas roll
+        self._stopping = asyncio.Event()
+
+    def end_all(self) -> None:
+        """The daemon's own stop began: the rolls under way end, and none begins."""
+        self._stopping.set()
+
+    async def roll(self, model: str, names: list[str], act: Callable[[Instance], Awaitable[None]]) -> RollReport:
+        """A rolling restart of ``names`` (replicas of ``model``) by ``act`` (`roll_unless`)."""
+
+        def replicas() -> dict[str, Instance]:
+            # a replica a reload removes leaves its model at once (the manager's `reconfigure`), before it is
+            # stopped: the roll leaves it out from then on, and never starts it again
+            members = self._table.groups.get(model, ())
+            return {n: self._table.instances[n] for n in names if n in members}
+
+        async with self._locks.setdefault(model, asyncio.Lock()):
+            return await roll_unless(self._stopping, model, replicas, act, self._publish)
 
 
 async def roll_unless(

@@ -1,7 +1,7 @@
-"""The moves an instance's state may make, as data: `Instance._set_state` checks each one against it.
+"""The moves an instance's state may make, as data: `InstanceRecord.set_state` checks each one against it.
 
-Derived from what supervision does (instance.py): a start of a hub model whose files are not in the cache
-downloads them first; a start request or a restart after backoff starts; a
+Derived from what supervision does (instance.py, server_runs.py): a start of a hub model whose files are
+not in the cache downloads them first; a start request or a restart after backoff starts; a
 started server loads, then serves (unhealthy while its health checks fail); a run that ends goes to
 backoff, stopped, failed (the restart policy) or degraded (a peer its plan uses went away); a stop or hold
 goes through stopping, a planned stop of a serving server through draining first (supervise/drain.py).
