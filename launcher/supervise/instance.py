@@ -20,12 +20,14 @@ from typing import Protocol
 import httpx
 
 from launcher.backends import Health, LaunchSpec, ServerBackend
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConflictError, LauncherError
 from launcher.plan import verdict
 from launcher.plan.measured import with_process_mib
 from launcher.plan.placement import Placement
-from launcher.schema import Download, Event, GpuProcess, InstanceStatus, Plan, PlanCheck, State
+from launcher.schema_gpus import GpuProcess
+from launcher.schema_instances import Download, Event, InstanceStatus, State
+from launcher.schema_plans import Plan, PlanCheck
 from launcher.statedir import logs
 from launcher.statedir.layout import StateDir
 from launcher.supervise import drain, slot_cache

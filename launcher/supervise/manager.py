@@ -22,7 +22,9 @@ import httpx
 from launcher import replicas
 from launcher.backends import backend_for, planned_file, planned_model, with_command
 from launcher.backends.base import hub_files_cached, with_local_projector
-from launcher.config import GpuSettings, ModelSettings, Settings
+from launcher.config import Settings
+from launcher.config_gpus import GpuSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConflictError, LauncherError
 from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
@@ -33,17 +35,10 @@ from launcher.plan.gguf import ModelFileError
 from launcher.plan.planner import NOT_MEASURED, Measured, Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
-from launcher.schema import (
-    Change,
-    Event,
-    GpuSample,
-    InstanceChange,
-    InstanceStatus,
-    Plan,
-    ReloadReport,
-    RollReport,
-    State,
-)
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import Event, InstanceStatus, State
+from launcher.schema_plans import Plan
+from launcher.schema_reload import Change, InstanceChange, ReloadReport, RollReport
 from launcher.statedir.layout import StateDir
 from launcher.statedir.measurements import MeasurementStore
 from launcher.supervise import adoption, rolling, thermal
