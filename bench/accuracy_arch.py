@@ -27,9 +27,9 @@ from bench.realbuffers import Buffers, Reported, measure_argv, rpc_servers
 from bench.realplan import PlannedLaunch, planned_launch
 from launcher.backends import llama_log
 from launcher.backends.llama_server import find_llama_server
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.plan import verdict
-from launcher.schema import Plan
+from launcher.schema_plans import Plan
 from tests import archcorpus
 
 CONTEXTS = (2048, 32768)

@@ -14,11 +14,13 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from launcher.config import GpuSettings, ModelSettings
+from launcher.config_gpus import GpuSettings
+from launcher.config_model import ModelSettings
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import read_gguf
 from launcher.plan.model_plan import make_plan
-from launcher.schema import GpuSample, Plan
+from launcher.schema_gpus import GpuSample
+from launcher.schema_plans import Plan
 from launcher.tinymodel import TinyShape, write_tiny_llama
 
 BIG = TinyShape(

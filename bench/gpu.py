@@ -32,7 +32,7 @@ import httpx
 from bench import gpu_buffers, gpu_smi
 from bench.gpu_buffers import Setup
 from bench.realbuffers import free_port
-from launcher.config import GpuSettings
+from launcher.config_gpus import GpuSettings
 from launcher.gpu import open_backend
 from launcher.tinymodel import TinyShape
 

@@ -25,7 +25,7 @@ from launcher.backends import llama_log
 from launcher.config_file import load_settings
 from launcher.gpu.base import GpuBackend
 from launcher.local import plan_here
-from launcher.schema import Plan, TermCheck
+from launcher.schema_plans import Plan, TermCheck
 from launcher.tinymodel import TinyShape, write_tiny_llama
 
 _FLASH = re.compile(r"Flash Attention (enabled|not supported)")

@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from launcher.schema import GpuReading
+from launcher.schema_gpus import GpuReading
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from launcher.config import GpuSettings, ModelSettings, SimGpu
+from launcher.config_gpus import GpuSettings, SimGpu
+from launcher.config_model import ModelSettings
 from launcher.gpu.sampler import read_sample
 from launcher.gpu.sim import SimBackend
 from launcher.hub.headers import HubReader

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from bench.log_verbosity import serving
 from launcher.backends.llama_server import LLAMA_SERVER_LOG_ARGS, LlamaServerBackend, find_llama_server
-from launcher.config import GpuSettings, ModelSettings
+from launcher.config_gpus import GpuSettings
+from launcher.config_model import ModelSettings
 from launcher.plan import verdict
 from launcher.plan.planner import Planner
 from launcher.statedir import logs

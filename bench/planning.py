@@ -20,12 +20,13 @@ from pathlib import Path
 
 import gguf
 
-from launcher.config import GpuSettings, ModelSettings
+from launcher.config_gpus import GpuSettings
+from launcher.config_model import ModelSettings
 from launcher.gpu.types import Link
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import read_gguf
 from launcher.plan.model_plan import make_plan
-from launcher.schema import GpuSample
+from launcher.schema_gpus import GpuSample
 from launcher.tinymodel import TinyShape, write_tiny_llama
 
 BIG = TinyShape(

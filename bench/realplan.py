@@ -14,7 +14,8 @@ from pathlib import Path
 from bench.accuracy import plan_for
 from bench.realbuffers import free_port
 from launcher.backends.llama_server import LlamaServerBackend
-from launcher.config import GpuSettings, ModelSettings, SimGpu
+from launcher.config_gpus import GpuSettings, SimGpu
+from launcher.config_model import ModelSettings
 from launcher.gpu.sampler import read_sample
 from launcher.gpu.sim import SimBackend
 from launcher.plan.estimate import ModelShape

@@ -30,7 +30,7 @@ import httpx
 from bench.netns import namespace, unavailable
 from bench.realbuffers import free_port, rpc_servers
 from launcher.backends.llama_server import find_llama_server
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import read_gguf
 from launcher.plan.layout import Layout, UsableGpu

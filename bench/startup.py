@@ -29,7 +29,7 @@ from launcher.backends.llama_server import LlamaServerBackend
 from launcher.config_file import load_settings
 from launcher.config_yaml import dump_config_yaml
 from launcher.plan.placement import Placement
-from launcher.schema import State
+from launcher.schema_instances import State
 from launcher.supervise.instance import Instance
 from launcher.supervise.ports import pick_free_port
 from launcher.tinymodel import write_tiny_llama

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from launcher.config_file import load_settings
 from launcher.config_yaml import dump_config_yaml
-from launcher.schema import State
+from launcher.schema_instances import State
 from launcher.supervise.instance import Instance
 from launcher.tinymodel import write_tiny_llama
 from launcher.wiring import supervision

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import re
 
-from launcher.config import ModelSettings, Settings
+from launcher.config import Settings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConfigError
 from launcher.hub_ref import HubRef, is_hub_ref, parse_hub_ref
 

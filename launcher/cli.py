@@ -34,10 +34,13 @@ from launcher.cli_output import (
 from launcher.cli_progress import DownloadBar, ProgressPrinter, all_ready, ready_report
 from launcher.cli_upgrade import upgrade
 from launcher.client import DaemonClient
-from launcher.config import DaemonSettings, Settings
+from launcher.config import Settings
+from launcher.config_daemon import DaemonSettings
 from launcher.config_file import default_settings, load_daemon_settings, load_settings, read_token
 from launcher.errors import ConfigError, ConflictError, LauncherError
-from launcher.schema import GpuSample, InstanceStatus, RollReport
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import InstanceStatus
+from launcher.schema_reload import RollReport
 from launcher.statedir.layout import StateDir
 from launcher.statedir.owner import read_owner, unanswered
 

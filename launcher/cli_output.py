@@ -9,7 +9,11 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from launcher.schema import GpuSample, HubPlan, InstanceStatus, PeerStatus, Plan, ReloadReport, State
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import InstanceStatus, State
+from launcher.schema_plans import HubPlan, Plan
+from launcher.schema_reload import ReloadReport
+from launcher.schema_rpc import PeerStatus
 
 
 def as_json(items: BaseModel | Sequence[BaseModel]) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from launcher.errors import LauncherError
-from launcher.schema import Download, InstanceStatus, State
+from launcher.schema_instances import Download, InstanceStatus, State
 
 
 def all_ready(statuses: Sequence[InstanceStatus]) -> bool:

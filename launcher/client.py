@@ -16,22 +16,13 @@ from urllib.parse import quote, urlencode, urlsplit
 from pydantic import BaseModel, ValidationError
 
 from launcher.errors import ConfigError, ConflictError, LauncherError, NotFoundError, StartError
-from launcher.schema import (
-    ClaimRequest,
-    ErrorBody,
-    GpuSample,
-    Health,
-    InstanceStatus,
-    ModelList,
-    PeerStatus,
-    Plan,
-    ReloadReport,
-    RollReport,
-    RpcClaim,
-    RpcReport,
-    ServedModel,
-    UpgradeStarted,
-)
+from launcher.schema import ErrorBody
+from launcher.schema_front_door import ModelList, ServedModel
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import Health, InstanceStatus
+from launcher.schema_plans import Plan
+from launcher.schema_reload import ReloadReport, RollReport, UpgradeStarted
+from launcher.schema_rpc import ClaimRequest, PeerStatus, RpcClaim, RpcReport
 
 _ERRORS_BY_STATUS: dict[int, type[LauncherError]] = {
     404: NotFoundError,

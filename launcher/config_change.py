@@ -17,8 +17,9 @@ from typing import Literal
 from pydantic import BaseModel
 
 from launcher import replicas
-from launcher.config import ModelSettings, Settings
-from launcher.schema import Change, InstanceChange, ReloadReport
+from launcher.config import Settings
+from launcher.config_model import ModelSettings
+from launcher.schema_reload import Change, InstanceChange, ReloadReport
 
 Applied = Literal["live", "restart"]
 

@@ -11,7 +11,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from pydantic_settings.sources import EnvSettingsSource
 
-from launcher.config import DaemonSettings, GpuSettings
+from launcher.config_daemon import DaemonSettings
+from launcher.config_gpus import GpuSettings
 from launcher.config_yaml import clip
 from launcher.errors import ConfigError
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from launcher.config import DaemonSettings, Settings
+from launcher.config import Settings
+from launcher.config_daemon import DaemonSettings
 from launcher.config_yaml import clip, collector_paused, parse_config_yaml, read_config_text, shown
 from launcher.errors import ConfigError
 

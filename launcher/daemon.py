@@ -31,11 +31,13 @@ from fastapi import FastAPI
 from launcher import config_watch, upgrade
 from launcher.api.app import create_app
 from launcher.api.limits import limited_protocol
-from launcher.config import ModelSettings, Settings
+from launcher.config import Settings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConflictError, LauncherError, StartError
 from launcher.reloading import Reloader, read_like_serve
 from launcher.route.front import FrontDoor
-from launcher.schema import Event, ReloadReport, State, UpgradeStarted
+from launcher.schema_instances import Event, State
+from launcher.schema_reload import ReloadReport, UpgradeStarted
 from launcher.supervise.manager import Manager
 from launcher.systemd import JournalFormatter, Notifier, sampler_problem, status_line, under_journal
 from launcher.wiring import Wired, api_token, front_door, listen, router_keys, supervision

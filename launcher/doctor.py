@@ -25,7 +25,8 @@ from launcher.backends.ollama import OllamaBackend
 from launcher.backends.options import args_problems
 from launcher.backends.rpc_server import find_rpc_server
 from launcher.client import DaemonClient
-from launcher.config import ModelSettings, Settings
+from launcher.config import Settings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConfigError, LauncherError
 from launcher.gpu.link_health import link_problems
 from launcher.gpu.sysfs import amd_cards
@@ -36,7 +37,8 @@ from launcher.plan.arch import rule_of
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import GgufFile, ModelFileError, read_gguf, regular_problem
 from launcher.rpc.sockets import sockets_on
-from launcher.schema import GpuSample, InstanceStatus
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import InstanceStatus
 from launcher.server_args import GPU_LAYERS, MMPROJ, TENSOR_SPLIT, arg_value, tensor_split
 from launcher.statedir.owner import read_owner, unanswered
 from launcher.supervise.ports import port_holder, port_is_free

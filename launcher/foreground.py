@@ -12,7 +12,7 @@ from launcher.cli_output import as_json
 from launcher.cli_progress import ProgressPrinter, all_ready, ready_report
 from launcher.config import Settings
 from launcher.daemon import Daemon
-from launcher.schema import Event, InstanceStatus
+from launcher.schema_instances import Event, InstanceStatus
 from launcher.supervise.manager import Manager
 
 _POLL_S = 0.1

@@ -15,14 +15,17 @@ from pathlib import Path
 from launcher import replicas
 from launcher.backends import backend_for, planned_model, with_command
 from launcher.backends.base import hub_files_cached, with_local_projector
-from launcher.config import ModelSettings, Settings
+from launcher.config import Settings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConfigError
 from launcher.gpu import open_backend
 from launcher.gpu.base import GpuBackend
 from launcher.gpu.sampler import read_sample
 from launcher.hub_ref import HubRef
 from launcher.plan.planner import NOT_MEASURED, Measured, Planner
-from launcher.schema import Download, GpuSample, Plan
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import Download
+from launcher.schema_plans import Plan
 from launcher.statedir.layout import StateDir
 from launcher.statedir.measurements import MeasurementStore
 from launcher.supervise.measuring import Measuring

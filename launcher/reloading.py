@@ -24,7 +24,8 @@ from launcher.config import Settings
 from launcher.config_change import in_effect, plan_reload
 from launcher.config_file import load_settings
 from launcher.errors import ConflictError, LauncherError
-from launcher.schema import Change, Event, ReloadReport
+from launcher.schema_instances import Event
+from launcher.schema_reload import Change, ReloadReport
 from launcher.wiring import Wired
 
 

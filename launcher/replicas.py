@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from launcher.config import ModelSettings, Settings
+from launcher.config import Settings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConfigError, NotFoundError
 
 

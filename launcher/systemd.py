@@ -16,7 +16,8 @@ import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
 
-from launcher.schema import GpuSample, InstanceStatus, State
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import InstanceStatus, State
 
 log = logging.getLogger("launcher")
 

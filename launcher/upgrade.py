@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 import psutil
 
-from launcher.schema import State
+from launcher.schema_instances import State
 from launcher.statedir.owner import StateDirLock, handing_fds
 from launcher.supervise.handover import LISTEN_FD_ENV, HandedServer, HandOver, write
 from launcher.supervise.instance import Instance

@@ -40,7 +40,7 @@ from launcher.route.proxy import Upstream
 from launcher.route.router import Router
 from launcher.rpc.claims import ClaimBook
 from launcher.rpc.peers import Peers
-from launcher.schema import Event
+from launcher.schema_instances import Event
 from launcher.statedir.owner import StateDirLock
 from launcher.supervise import handover
 from launcher.supervise.leftovers import ChildRegistry

@@ -175,7 +175,7 @@ def configuration_reference(settings: type[BaseModel] | None = None) -> str:
     if undescribed:
         raise PluginError(
             f"configuration keys without a description: {', '.join(undescribed)} "
-            "(give each a Field(description=...) in launcher/config.py)"
+            "(give each a Field(description=...) in launcher/config.py or its section's launcher/config_*.py)"
         )
     return "\n".join(lines)
 

@@ -26,10 +26,11 @@ import pytest
 import yaml
 
 from launcher.backends.llama_server import find_llama_server
-from launcher.config import DaemonSettings, Settings
+from launcher.config import Settings
+from launcher.config_daemon import DaemonSettings
 from launcher.config_file import load_settings
 from launcher.config_yaml import dump_config_yaml
-from launcher.schema import GpuSample
+from launcher.schema_gpus import GpuSample
 from launcher.supervise.manager import Manager
 from launcher.tinymodel import write_tiny_llama
 from launcher.wiring import Wired, supervision

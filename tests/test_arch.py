@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from launcher.cli_output import format_plan
-from launcher.config import GpuSettings, ModelSettings
+from launcher.config_gpus import GpuSettings
+from launcher.config_model import ModelSettings
 from launcher.plan.arch import RULES, StateWidths, kv_layers, recurrent_layers, rule_of, sliding_window, state_widths
 from launcher.plan.estimate import MIB, ModelShape, Runtime, context_cells, kv_bytes, window_cells
 from launcher.plan.gguf import read_gguf

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import GpuSettings, ModelSettings, SimGpu
+from launcher.config_gpus import GpuSettings, SimGpu
+from launcher.config_model import ModelSettings
 from launcher.gpu.sampler import read_sample
 from launcher.gpu.sim import SimBackend
 from launcher.plan.planner import Planner

@@ -8,19 +8,17 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from launcher.config import (
-    DaemonSettings,
-    GpuSettings,
-    HubSettings,
-    ModelSettings,
-    RouterSettings,
-    RpcSettings,
-    Settings,
-)
+from launcher.config import Settings
 from launcher.config_change import DAEMON_KEYS, MODEL_KEYS, in_effect, plan_reload
+from launcher.config_daemon import DaemonSettings
 from launcher.config_file import parse_settings
+from launcher.config_gpus import GpuSettings
+from launcher.config_hub import HubSettings
+from launcher.config_model import ModelSettings
+from launcher.config_router import RouterSettings
+from launcher.config_rpc import RpcSettings
 from launcher.errors import ConfigError
-from launcher.schema import Change
+from launcher.schema_reload import Change
 
 GPUS = [0, 1, 2]
 

@@ -11,14 +11,16 @@ import pytest
 from pydantic import ValidationError
 
 from launcher.backends.llama_server import LlamaServerBackend
-from launcher.config import GpuSettings, ModelSettings
+from launcher.config_gpus import GpuSettings
+from launcher.config_model import ModelSettings
 from launcher.gpu.types import GpuIdentity
 from launcher.plan.context import largest
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import read_gguf
 from launcher.plan.model_plan import make_plan
 from launcher.plan.planner import Planner
-from launcher.schema import GpuSample, Plan
+from launcher.schema_gpus import GpuSample
+from launcher.schema_plans import Plan
 from launcher.tinymodel import TinyShape, write_tiny_llama
 
 # About 11 GiB of q8_0 weights and 160 KiB of f16 KV cache per cell, trained for 128k: a 24 GB card holds it

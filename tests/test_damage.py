@@ -18,7 +18,8 @@ import psutil
 
 from launcher.config_file import load_settings
 from launcher.gpu.sampler import Sampler
-from launcher.schema import GpuSample, State
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import State
 from launcher.supervise.instance import Instance
 from tests.conftest import ConfigWriter, Daemon, OpenManager, OpenWired, marked_processes
 

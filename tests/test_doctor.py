@@ -10,7 +10,7 @@ from typing import Any
 from launcher.config_file import parse_settings
 from launcher.doctor import Finding, Machine, examine
 from launcher.gpu.types import Link
-from launcher.schema import GpuSample
+from launcher.schema_gpus import GpuSample
 from tests.archmodels import write_gemma3, write_unknown_architecture
 from tests.conftest import ConfigWriter, free_port, run_cli
 

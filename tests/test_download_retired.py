@@ -12,10 +12,12 @@ import httpx
 import pytest
 
 from launcher.backends import backend_for
-from launcher.config import GpuSettings, HubSettings
 from launcher.config_file import load_settings
+from launcher.config_gpus import GpuSettings
+from launcher.config_hub import HubSettings
 from launcher.errors import ConflictError
-from launcher.schema import Event, HubPlan, Plan, State
+from launcher.schema_instances import Event, State
+from launcher.schema_plans import HubPlan, Plan
 from launcher.statedir.owner import StateDirLock
 from launcher.supervise.downloads import begin_download
 from launcher.supervise.instance import Instance

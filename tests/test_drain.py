@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from launcher.schema import State
+from launcher.schema_instances import State
 from launcher.supervise import drain
 from tests.conftest import ConfigWriter, Daemon, poll_until
 from tests.test_front_door import first_event, held

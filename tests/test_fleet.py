@@ -13,7 +13,8 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from launcher.route.errors import RouteError
 from launcher.route.where import Local, OnPeer, peer_models, where
-from launcher.schema import PeerStatus, ServedModel
+from launcher.schema_front_door import ServedModel
+from launcher.schema_rpc import PeerStatus
 from tests.conftest import ConfigWriter, Daemon, free_port, poll_until, write_secret
 
 StartDaemon = Callable[[Path], Daemon]

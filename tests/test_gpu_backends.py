@@ -9,7 +9,7 @@ import pynvml
 import pytest
 
 import launcher.gpu
-from launcher.config import GpuSettings, SimGpu
+from launcher.config_gpus import GpuSettings, SimGpu
 from launcher.errors import StartError
 from launcher.gpu import amd, nvml, open_backend, visibility_env
 from launcher.gpu.amd import AmdSmiBackend
@@ -18,7 +18,7 @@ from launcher.gpu.nvml import NvmlBackend
 from launcher.gpu.sim import SimBackend
 from launcher.gpu.sysfs import SysfsBackend
 from launcher.gpu.types import GpuError, GpuIdentity, Link, sample_of
-from launcher.schema import GpuProcess
+from launcher.schema_gpus import GpuProcess
 from tests.fakes import GIB, FakeAmdSmi, FakeGpu, FakeNvml
 
 MIB = 1024 * 1024

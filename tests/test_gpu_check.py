@@ -16,9 +16,9 @@ import pytest
 from bench import gpu_buffers, gpu_smi
 from bench.gpu import filling, header, nvml_vs_smi
 from bench.gpu_buffers import Setup
-from launcher.config import GpuSettings
+from launcher.config_gpus import GpuSettings
 from launcher.gpu import open_backend
-from launcher.schema import GpuReading
+from launcher.schema_gpus import GpuReading
 from launcher.tinymodel import TinyShape
 from tests.conftest import MARK
 

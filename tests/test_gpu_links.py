@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from launcher.config import SimGpu
+from launcher.config_gpus import SimGpu
 from launcher.gpu.amd import AmdSmiBackend
 from launcher.gpu.link_health import link_problems
 from launcher.gpu.nvml import NvmlBackend
 from launcher.gpu.rates import Count, bytes_per_second
 from launcher.gpu.sim import SimBackend
-from launcher.schema import GpuLinkReading
+from launcher.schema_gpus import GpuLinkReading
 from tests.conftest import ConfigWriter, Daemon, poll_until, run_cli
 from tests.fakes import FakeAmdSmi, FakeGpu, FakeNvml
 from tests.test_gpu_backends import amd_card

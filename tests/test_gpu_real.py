@@ -14,7 +14,7 @@ from typing import TypeVar
 import pynvml
 import pytest
 
-from launcher.config import GpuSettings
+from launcher.config_gpus import GpuSettings
 from launcher.gpu import open_backend
 from launcher.gpu.amd import AmdSmiBackend
 from launcher.gpu.nvml import NvmlBackend

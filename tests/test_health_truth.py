@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from launcher.config_yaml import dump_config_yaml
-from launcher.schema import State
+from launcher.schema_instances import State
 from launcher.supervise.manager import Manager
 from launcher.supervise.process import ExitStatus, ServerProcess
 from tests.conftest import READY_TIMEOUT_S, ConfigWriter, Daemon, OpenManager, free_port, poll_until, run_cli

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import GpuSettings, ModelSettings, SimGpu
+from launcher.config_gpus import GpuSettings, SimGpu
+from launcher.config_model import ModelSettings
 from launcher.errors import ConfigError
 from launcher.gpu.sampler import read_sample
 from launcher.gpu.sim import SimBackend
@@ -21,7 +22,7 @@ from launcher.hub.planning import plan_from_hub
 from launcher.hub_ref import HubRef, parse_hub_ref
 from launcher.plan.gguf import HeaderIncomplete, parse_header
 from launcher.plan.planner import Planner
-from launcher.schema import Plan
+from launcher.schema_plans import Plan
 from launcher.tinymodel import TinyShape, write_tiny_llama
 from tests.conftest import ConfigWriter, Daemon, free_port, run_cli, write_secret
 from tests.hubstandin import Repo, StandInHub, serving
@@ -311,7 +312,7 @@ def test_a_hub_model_cannot_start_before_it_is_downloaded(
     write_config: ConfigWriter, marked_env: dict[str, str]
 ) -> None:
     from launcher.backends import backend_for, planned_file
-    from launcher.config import RpcSettings
+    from launcher.config_rpc import RpcSettings
 
     model = ModelSettings(model=parse_hub_ref("hf:org/repo:Q4_K_M"))
     with pytest.raises(ConfigError, match="not downloaded"):

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from launcher.config import DaemonSettings
+from launcher.config_daemon import DaemonSettings
 from launcher.hub.download import PullCancelled, PullProgress, _CheckedFile, pull
 from launcher.hub.headers import HubError, HubReader
 from launcher.hub.repo import Listing

@@ -28,13 +28,34 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "launcher",
         "errors",
         "schema",
+        "schema_instances",
+        "schema_plans",
+        "schema_reload",
+        "schema_front_door",
+        "schema_rpc",
+        "schema_gpus",
         "config_yaml",
         "address",
         "server_args",
         "events",
         "hub_ref",
     ),  # standard library leaves
-    1: ("config", "config_env", "config_file", "config_change", "replicas"),  # the settings
+    1: (
+        "config_fields",
+        "config_daemon",
+        "config_gpus",
+        "config_supervision",
+        "config_ollama",
+        "config_model",
+        "config_hub",
+        "config_router",
+        "config_rpc",
+        "config",
+        "config_env",
+        "config_file",
+        "config_change",
+        "replicas",
+    ),  # the settings
     2: ("client", "gpu"),  # readers: the daemon's HTTP client, the GPUs
     3: ("rpc",),  # the wire protocol and the peers' reader
     4: ("plan",),  # pure planning, owning its output type

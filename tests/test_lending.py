@@ -12,11 +12,13 @@ import httpx
 import pytest
 
 from launcher.backends import backend_for
-from launcher.config import GpuSettings
 from launcher.config_file import load_settings
+from launcher.config_gpus import GpuSettings
 from launcher.errors import NotFoundError
 from launcher.rpc.claims import ClaimBook
-from launcher.schema import ClaimDevice, ClaimRequest, Event, GpuSample, RpcReport
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import Event
+from launcher.schema_rpc import ClaimDevice, ClaimRequest, RpcReport
 from launcher.statedir.owner import StateDirLock
 from launcher.supervise.instance import Instance
 from launcher.supervise.leftovers import ChildRegistry

@@ -11,8 +11,8 @@ import pytest
 
 from launcher.backends.llama_log import TERMS, Where, check, parse
 from launcher.backends.llama_server import LlamaServerBackend
-from launcher.config import ModelSettings
-from launcher.schema import Plan
+from launcher.config_model import ModelSettings
+from launcher.schema_plans import Plan
 
 LOGS = Path(__file__).parent / "llama_logs"
 B, C = "127.0.0.1:51101", "127.0.0.1:51102"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from launcher.errors import ConfigError
-from launcher.schema import State
+from launcher.schema_instances import State
 from launcher.supervise.instance import Instance
 from launcher.supervise.manager import Manager
 from launcher.tinymodel import write_tiny_llama

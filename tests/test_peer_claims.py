@@ -16,7 +16,8 @@ import pytest
 from launcher.config import Settings
 from launcher.events import Bus
 from launcher.rpc.peers import Peers
-from launcher.schema import DevicePlan, Event, HostPlan, Plan
+from launcher.schema_instances import Event
+from launcher.schema_plans import DevicePlan, HostPlan, Plan
 
 _ENDPOINT = "10.0.0.2:50052"
 

@@ -15,12 +15,14 @@ import pytest
 from pydantic import ValidationError
 
 from launcher.backends import llama_log
-from launcher.config import GpuSettings, ModelSettings
+from launcher.config_gpus import GpuSettings
+from launcher.config_model import ModelSettings
 from launcher.gpu.nvml import NvmlBackend
 from launcher.gpu.sampler import read_sample
 from launcher.plan.measured import MeasuredTerms, Measurement, with_measured, with_process_mib
 from launcher.plan.planner import Measured, Planner
-from launcher.schema import GpuSample, Plan
+from launcher.schema_gpus import GpuSample
+from launcher.schema_plans import Plan
 from launcher.statedir.measurements import MeasurementStore
 from launcher.supervise.measuring import Measuring, measurement_key
 from launcher.tinymodel import TinyShape, write_tiny_llama

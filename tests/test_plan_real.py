@@ -14,7 +14,7 @@ from bench.accuracy import SHAPES
 from bench.realbuffers import measure_argv, rpc_servers
 from bench.realplan import planned_launch
 from launcher.backends.llama_server import find_llama_server
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.tinymodel import write_tiny_llama
 from tests.archmodels import write_gemma3, write_mamba, write_qwen3moe
 from tests.conftest import MARK

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from launcher.backends.llama_log import TERMS
 from launcher.plan.verdict import findings
-from launcher.schema import DeviceCheck, PlanCheck, TermCheck
+from launcher.schema_plans import DeviceCheck, PlanCheck, TermCheck
 
 
 def _device(name: str, planned: dict[str, float], actual: dict[str, float], seen: bool = True) -> DeviceCheck:

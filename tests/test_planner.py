@@ -7,14 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import GpuSettings, ModelSettings
+from launcher.config_gpus import GpuSettings
+from launcher.config_model import ModelSettings
 from launcher.gpu.types import Link
 from launcher.plan.estimate import MIB, ModelShape, Runtime, kv_bytes
 from launcher.plan.gguf import ModelFileError, read_gguf
 from launcher.plan.layout import Layout, UsableGpu, balanced, candidate_sets, counts_from_split, fewest_gpus, holds
 from launcher.plan.model_plan import make_plan
 from launcher.plan.runtime import runtime_for
-from launcher.schema import GpuSample, Plan
+from launcher.schema_gpus import GpuSample
+from launcher.schema_plans import Plan
 from launcher.tinymodel import TinyShape, write_tiny_llama
 
 GIB = 1024

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.config import RestartSettings
+from launcher.config_supervision import RestartSettings
 from launcher.supervise.policy import RestartPolicy, StartFailure
 
 

@@ -21,7 +21,7 @@ import yaml
 from launcher.config_file import load_settings
 from launcher.errors import LauncherError
 from launcher.reloading import Reloader
-from launcher.schema import ReloadReport
+from launcher.schema_reload import ReloadReport
 from launcher.supervise.leftovers import INSTANCE_ENV
 from tests.conftest import ConfigWriter, Daemon, OpenWired
 from tests.test_drain import await_event, completed, draining, events_of, is_state, release, the_rest

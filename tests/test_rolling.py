@@ -3,7 +3,8 @@ from what was done and the states now, and what a replica's state after its rest
 
 from __future__ import annotations
 
-from launcher.schema import RollReport, State
+from launcher.schema_instances import State
+from launcher.schema_reload import RollReport
 from launcher.supervise.rolling import (
     BACK,
     WAIT,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.rpc.failover import Act, Verdict, judge, retry_delay_s
-from launcher.schema import RpcClaim
+from launcher.schema_rpc import RpcClaim
 from tests.conftest import ConfigWriter, Daemon, free_port, poll_until
 from tests.test_rpc_peers import _peer, _worker_host
 

@@ -14,14 +14,17 @@ import httpx
 import pytest
 
 from bench.realbuffers import parse
-from launcher.config import GpuSettings, ModelSettings
+from launcher.config_gpus import GpuSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConflictError
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import read_gguf
 from launcher.plan.model_plan import make_plan
 from launcher.plan.remote import Remote, remote_for
 from launcher.rpc.claims import ClaimBook
-from launcher.schema import ClaimDevice, ClaimRequest, GpuSample, PeerStatus, Plan, RpcClaim, RpcDevice, RpcEndpoint
+from launcher.schema_gpus import GpuSample
+from launcher.schema_plans import Plan
+from launcher.schema_rpc import ClaimDevice, ClaimRequest, PeerStatus, RpcClaim, RpcDevice, RpcEndpoint
 from launcher.tinymodel import TinyShape, write_tiny_llama
 from tests.conftest import ConfigWriter, Daemon, poll_until, write_secret
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from launcher.config import SimGpu
 from launcher.config_file import parse_settings
+from launcher.config_gpus import SimGpu
 from launcher.daemon import rest_api
 from launcher.gpu.sampler import Sampler
 from launcher.gpu.sim import Hold, SimBackend
-from launcher.schema import GpuSample
+from launcher.schema_gpus import GpuSample
 from tests.conftest import OpenWired
 
 POLL_S = 0.05

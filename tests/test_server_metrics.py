@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from launcher.api.metrics import ServerSeriesCollector
-from launcher.schema import State
+from launcher.schema_instances import State
 from launcher.supervise.server_metrics import ServerMetrics
 from launcher.supervise.server_series import relabel
 from tests.conftest import ConfigWriter, Daemon, poll_until

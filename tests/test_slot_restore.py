@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from launcher.schema import State
+from launcher.schema_instances import State
 from launcher.supervise.manager import Manager
 from tests.conftest import ConfigWriter, OpenManager
 

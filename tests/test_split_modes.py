@@ -18,7 +18,8 @@ import pytest
 from bench.realbuffers import _wait_listening, free_port, measure_argv
 from launcher.backends.llama_server import LlamaServerBackend, find_llama_server
 from launcher.cli_output import format_plan
-from launcher.config import GpuSettings, ModelSettings, SimGpu
+from launcher.config_gpus import GpuSettings, SimGpu
+from launcher.config_model import ModelSettings
 from launcher.errors import StartError
 from launcher.gpu.sampler import read_sample
 from launcher.gpu.sim import SimBackend

@@ -16,11 +16,11 @@ import psutil
 import pytest
 from starlette.types import Message, Send
 
-from launcher.config import HealthSettings
+from launcher.config_supervision import HealthSettings
 from launcher.events import Bus
 from launcher.route.proxy import Answer
 from launcher.route.stall import Reading, Stalled, StallWatch, busy_slots, describe, stalled
-from launcher.schema import Event
+from launcher.schema_instances import Event
 from tests.conftest import ConfigWriter, Daemon, poll_until
 from tests.test_front_door import CHAT, error_of, event_messages
 

@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 
-from launcher.config import DaemonSettings, Settings
+from launcher.config import Settings
+from launcher.config_daemon import DaemonSettings
 from launcher.config_file import load_settings
 from launcher.daemon import Daemon
 from launcher.errors import StartError
 from launcher.gpu.sampler import Sampler, open_sampler
 from launcher.gpu.sim import Hold, SimBackend
-from launcher.schema import State
+from launcher.schema_instances import State
 from launcher.statedir.owner import read_owner
 from tests.conftest import ConfigWriter, OpenManager, run_cli
 

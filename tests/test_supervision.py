@@ -14,7 +14,7 @@ import pytest
 
 from launcher.backends.llama_server import LlamaServerBackend
 from launcher.errors import ConfigError, ConflictError, StartError
-from launcher.schema import State
+from launcher.schema_instances import State
 from launcher.supervise import instance as instance_module
 from launcher.supervise.manager import Manager
 from launcher.tinymodel import write_tiny_llama

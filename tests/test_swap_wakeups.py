@@ -13,11 +13,12 @@ from typing import Any, cast
 import httpx
 from starlette.types import Message, Send
 
-from launcher.config import ModelSettings, Settings
+from launcher.config import Settings
+from launcher.config_model import ModelSettings
 from launcher.events import Bus
 from launcher.route.proxy import Answer
 from launcher.route.router import Router
-from launcher.schema import Event, State
+from launcher.schema_instances import Event, State
 from launcher.supervise.table import InstanceTable
 
 

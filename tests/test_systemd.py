@@ -20,9 +20,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.daemon import longest_stop_s
-from launcher.schema import GpuSample, InstanceStatus, State
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import InstanceStatus, State
 from launcher.systemd import (
     JournalFormatter,
     Notifier,

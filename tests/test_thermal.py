@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from launcher.config_file import load_settings
-from launcher.schema import GpuSample, State
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import State
 from launcher.supervise.thermal import ThermalVerdict, judge
 from tests.conftest import ConfigWriter, OpenManager, OpenWired
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from launcher.schema import State
+from launcher.schema_instances import State
 from launcher.supervise import transitions
 from launcher.supervise.transitions import ALLOWED, IllegalTransition, check_transition
 from tests.conftest import READY_TIMEOUT_S, ConfigWriter, OpenManager

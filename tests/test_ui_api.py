@@ -12,7 +12,7 @@ import httpx
 
 from launcher.config_file import parse_settings
 from launcher.daemon import rest_api
-from launcher.schema import GpuSample, GpuTopology
+from launcher.schema_gpus import GpuSample, GpuTopology
 from launcher.wiring import Wired
 from tests.conftest import OpenWired, write_secret
 

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.supervise import adoption, handover
 from tests.conftest import READY_TIMEOUT_S, ConfigWriter, Daemon, poll_until
 from tests.test_drain import completed, serving, the_rest

@@ -18,7 +18,7 @@ import httpx
 import psutil
 
 from launcher.plan.placement import Placement
-from launcher.schema import Event
+from launcher.schema_instances import Event
 from launcher.statedir.owner import StateDirLock
 from launcher.supervise.adoption import adopt_all
 from launcher.supervise.handover import HandedServer, HandOver

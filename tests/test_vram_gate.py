@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-from launcher.config import GpuSettings
-from launcher.schema import Event, GpuSample
+from launcher.config_gpus import GpuSettings
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import Event
 from launcher.supervise.vram import VramGate
 from tests.conftest import gpu_sample
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from launcher.api.origin import HostNames, from_another_page, split_host
-from launcher.config import DaemonSettings
+from launcher.config_daemon import DaemonSettings
 from tests.conftest import ConfigWriter, Daemon, poll_until, write_secret
 
 StartDaemon = Callable[[Path], Daemon]

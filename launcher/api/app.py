@@ -35,22 +35,13 @@ from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
 from launcher.route.router import Router
 from launcher.rpc.peers import Peers
-from launcher.schema import (
-    ClaimRequest,
-    ErrorBody,
-    Event,
-    GpuSample,
-    Health,
-    InstanceStatus,
-    PeerStatus,
-    Plan,
-    ReloadReport,
-    RequestRecord,
-    RollReport,
-    RpcClaim,
-    RpcReport,
-    UpgradeStarted,
-)
+from launcher.schema import ErrorBody
+from launcher.schema_front_door import RequestRecord
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import Event, Health, InstanceStatus
+from launcher.schema_plans import Plan
+from launcher.schema_reload import ReloadReport, RollReport, UpgradeStarted
+from launcher.schema_rpc import ClaimRequest, PeerStatus, RpcClaim, RpcReport
 from launcher.statedir import logs
 from launcher.supervise.lending import Lending
 from launcher.supervise.manager import Manager

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from launcher.schema import State
+from launcher.schema_instances import State
 from launcher.supervise.manager import Manager
 from launcher.supervise.server_metrics import ServerMetrics
 from launcher.supervise.server_series import merged

@@ -31,7 +31,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from launcher.api.limits import error_answer
-from launcher.config import DEFAULT_PORTS, DaemonSettings
+from launcher.config_daemon import DEFAULT_PORTS, DaemonSettings
 
 _WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})
 # A Host header: a name or IPv4 address, or an IPv6 address in brackets; then an optional port.

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
-from launcher.schema import Event, InstanceStatus, Plan
+from launcher.schema_instances import Event, InstanceStatus
+from launcher.schema_plans import Plan
 
 REDACTED = "<redacted>"
 SERVER_WORDS_HIDDEN = "<the server's words: shown with the API token>"

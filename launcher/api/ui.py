@@ -14,11 +14,11 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query
 from fastapi.responses import Response, StreamingResponse
 
-from launcher.config import GpuSettings
+from launcher.config_gpus import GpuSettings
 from launcher.errors import NotFoundError
 from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
-from launcher.schema import GpuLink, GpuSample, GpuTopology
+from launcher.schema_gpus import GpuLink, GpuSample, GpuTopology
 from launcher.supervise.table import InstanceTable
 
 Responses = dict[int | str, dict[str, Any]]

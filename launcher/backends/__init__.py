@@ -12,7 +12,8 @@ from launcher.backends.base import Health, LaunchSpec, ServerBackend, planned_fi
 from launcher.backends.llama_server import LlamaServerBackend
 from launcher.backends.ollama import OllamaBackend
 from launcher.backends.rpc_server import RpcServerBackend
-from launcher.config import ModelSettings, RpcSettings
+from launcher.config_model import ModelSettings
+from launcher.config_rpc import RpcSettings
 
 __all__ = [
     "Health",

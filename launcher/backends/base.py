@@ -11,14 +11,14 @@ from typing import Protocol, runtime_checkable
 
 import httpx
 
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConfigError
 from launcher.gpu import visibility_env
 from launcher.hub_ref import HubRef
 from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import ModelFileError, regular_problem
 from launcher.plan.placement import Placement
-from launcher.schema import Plan, PlanCheck
+from launcher.schema_plans import Plan, PlanCheck
 
 # Variables that belong to the daemon's own relationship with systemd, never to a child: a child that
 # inherits NOTIFY_SOCKET can tell systemd the daemon is ready or stopping (or feed its watchdog), and one

@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from launcher.schema import DeviceCheck, DevicePlan, HostPlan, Plan, PlanCheck, TermCheck
+from launcher.schema_plans import DeviceCheck, DevicePlan, HostPlan, Plan, PlanCheck, TermCheck
 
 TERMS = ("weights", "kv", "state", "compute", "output", "other")
 SOURCE = "llama-server's load log"

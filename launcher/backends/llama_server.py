@@ -18,10 +18,10 @@ from launcher.backends.base import (
     local_model_file,
     local_projector,
 )
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConfigError
 from launcher.plan.placement import Placement
-from launcher.schema import Plan, PlanCheck
+from launcher.schema_plans import Plan, PlanCheck
 from launcher.server_args import PARALLEL, arg_value, last_switch
 
 BINARY_NAME = "llama-server"

@@ -20,12 +20,12 @@ import httpx
 
 from launcher.backends.base import Health, LaunchSpec, child_environment, configured_binary
 from launcher.backends.ollama_registry import registry_model_bytes
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConfigError
 from launcher.plan.estimate import ModelShape, size_only
 from launcher.plan.gguf import ModelFileError, open_regular
 from launcher.plan.placement import Placement
-from launcher.schema import Plan, PlanCheck
+from launcher.schema_plans import Plan, PlanCheck
 
 _MODEL_LAYER = "application/vnd.ollama.image.model"
 _REGISTRY = "registry.ollama.ai"

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.backends import backend_for
-from launcher.config import ModelSettings, Settings
+from launcher.config import Settings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConfigError
 
 # The servers whose options are llama.cpp's, read from the same kind of help text.

@@ -14,12 +14,12 @@ import httpx
 
 from launcher.backends.base import Health, LaunchSpec, child_environment, configured_binary
 from launcher.backends.llama_server import find_llama_server
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConfigError, LauncherError
 from launcher.plan.placement import Placement
 from launcher.rpc.sockets import sockets_on
 from launcher.rpc.wire import Hello, say_hello
-from launcher.schema import Plan, PlanCheck
+from launcher.schema_plans import Plan, PlanCheck
 
 # The name CMake gives it since the tools were renamed; llama.cpp's own build used to call it rpc-server.
 BINARY_NAMES = ("ggml-rpc-server", "rpc-server")

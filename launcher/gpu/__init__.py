@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from launcher.config import GpuSettings
+from launcher.config_gpus import GpuSettings
 from launcher.errors import StartError
 from launcher.gpu.base import GpuBackend, NoGpus
 from launcher.gpu.types import GpuIdentity, HeldMib, nothing_held

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from launcher.gpu.rates import Count, Rates
 from launcher.gpu.sysfs import pcie_gen, rocr_id
 from launcher.gpu.types import GpuError, GpuIdentity, Link
-from launcher.schema import GpuLinkReading, GpuProcess, GpuReading
+from launcher.schema_gpus import GpuLinkReading, GpuProcess, GpuReading
 
 _MIB = 1024 * 1024
 _XGMI = 2  # AMDSMI_LINK_TYPE_XGMI: Infinity Fabric between GPUs

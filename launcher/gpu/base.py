@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from launcher.gpu.types import GpuIdentity, Link
-from launcher.schema import GpuReading
+from launcher.schema_gpus import GpuReading
 
 
 class GpuBackend(Protocol):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from launcher.schema import GpuLinkReading
+from launcher.schema_gpus import GpuLinkReading
 
 
 def link_problems(links: Sequence[GpuLinkReading]) -> list[str]:

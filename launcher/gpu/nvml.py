@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from launcher.gpu.rates import Count, Rates
 from launcher.gpu.types import GpuError, GpuIdentity, Link
-from launcher.schema import GpuLinkReading, GpuProcess, GpuReading
+from launcher.schema_gpus import GpuLinkReading, GpuProcess, GpuReading
 
 _MIB = 1024 * 1024
 _KIB = 1024  # NVML's PCIe throughput is in KB/s and its NVLink counters in KiB: both 1024 bytes

@@ -19,7 +19,7 @@ from launcher.config import Settings
 from launcher.gpu import open_backend
 from launcher.gpu.base import GpuBackend
 from launcher.gpu.types import GpuIdentity, Link, sample_of
-from launcher.schema import GpuProcess, GpuSample
+from launcher.schema_gpus import GpuProcess, GpuSample
 
 Listener = Callable[[GpuSample], None]
 _STALE_AFTER_POLLS = 3

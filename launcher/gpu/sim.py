@@ -9,9 +9,9 @@ import threading
 import time
 from collections.abc import Iterator
 
-from launcher.config import SimGpu
+from launcher.config_gpus import SimGpu
 from launcher.gpu.types import GpuError, GpuIdentity, HeldMib, Link, nothing_held
-from launcher.schema import GpuLinkReading, GpuReading
+from launcher.schema_gpus import GpuLinkReading, GpuReading
 
 _MIB = 1024 * 1024
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from launcher.gpu.types import GpuError, GpuIdentity, Link
-from launcher.schema import GpuReading
+from launcher.schema_gpus import GpuReading
 
 AMD_VENDOR_ID = "0x1002"
 _MIB = 1024 * 1024

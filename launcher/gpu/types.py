@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from launcher.schema import GpuReading, GpuSample
+from launcher.schema_gpus import GpuReading, GpuSample
 
 
 class GpuError(Exception):

@@ -9,14 +9,16 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from launcher.config import HubSettings, ModelSettings
 from launcher.config_file import read_token
+from launcher.config_hub import HubSettings
+from launcher.config_model import ModelSettings
 from launcher.hub.cache import missing
 from launcher.hub.download import PullProgress, disk_free_bytes, pull
 from launcher.hub.headers import HubError, HubReader
 from launcher.hub.repo import HubFile
 from launcher.hub_ref import HubRef
-from launcher.schema import Download, HubPlan
+from launcher.schema_instances import Download
+from launcher.schema_plans import HubPlan
 
 _RATE_WINDOW_S = 5.0
 

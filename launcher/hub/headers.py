@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.config import HubSettings
 from launcher.config_file import read_token
+from launcher.config_hub import HubSettings
 from launcher.errors import LauncherError
 from launcher.hub.repo import HubFile, Listing, listing_of
 from launcher.plan.gguf import HeaderIncomplete, HeaderPart, ModelFileError, parse_header

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConfigError
 from launcher.hub.cache import cached_file
 from launcher.hub.headers import Header, HubReader
@@ -20,7 +20,8 @@ from launcher.plan.estimate import ModelShape
 from launcher.plan.gguf import ModelFileError, assemble, split_siblings
 from launcher.plan.planner import Planner
 from launcher.plan.remote import NO_REMOTE, Remote
-from launcher.schema import GpuSample, HubPlan, Plan, QuantPlan
+from launcher.schema_gpus import GpuSample
+from launcher.schema_plans import HubPlan, Plan, QuantPlan
 
 
 def choose(quants: Sequence[QuantPlan]) -> int | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from launcher.plan.estimate import MIB, ModelShape, Runtime
 from launcher.plan.layout import Layout, UsableGpu, layout
-from launcher.schema import ContextChoice
+from launcher.schema_plans import ContextChoice
 from launcher.server_args import CTX_CELLS
 
 # llama-server's own floor for a context it chooses (`--fit-ctx`, common/arg.cpp `fit_params_min_ctx`): below

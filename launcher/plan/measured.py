@@ -17,7 +17,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from launcher.schema import DevicePlan, GpuProcess, HostPlan, Plan, PlanCheck
+from launcher.schema_gpus import GpuProcess
+from launcher.schema_plans import DevicePlan, HostPlan, Plan, PlanCheck
 
 # What one term may be: no server reports a negative size, or more than an exbibyte.
 TermMib = Annotated[float, Field(ge=0, le=2**40, allow_inf_nan=False)]

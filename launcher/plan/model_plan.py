@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from launcher.config import GpuSettings, ModelSettings
+from launcher.config_gpus import GpuSettings
+from launcher.config_model import ModelSettings
 from launcher.gpu.types import Link
 from launcher.plan.context import CELLS, largest, size_context, streams
 from launcher.plan.estimate import MIB, ModelShape, Runtime, kv_bytes, padded_ctx
@@ -25,7 +26,8 @@ from launcher.plan.remote import NO_REMOTE, Remote, across_hosts, network_cost
 from launcher.plan.runtime import not_modelled, runtime_for
 from launcher.plan.split_modes import SplitChoice, SplitMode
 from launcher.plan.tensor_plan import apply_split_mode, tensor_instead
-from launcher.schema import DevicePlan, GpuSample, HostPlan, Plan
+from launcher.schema_gpus import GpuSample
+from launcher.schema_plans import DevicePlan, HostPlan, Plan
 
 GIB = 1024 * MIB
 

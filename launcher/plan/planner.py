@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.config import GpuSettings, ModelSettings
+from launcher.config_gpus import GpuSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConfigError, StartError
 from launcher.gpu.types import GpuIdentity, Link
 from launcher.hub_ref import HubRef
@@ -22,7 +23,8 @@ from launcher.plan.model_plan import make_plan
 from launcher.plan.placement import Placement
 from launcher.plan.remote import NO_REMOTE, Remote
 from launcher.plan.rpc_server import lending_plan
-from launcher.schema import GpuSample, Plan
+from launcher.schema_gpus import GpuSample
+from launcher.schema_plans import Plan
 from launcher.server_args import MMPROJ, arg_value
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from launcher.plan.estimate import ModelShape, Runtime
 from launcher.plan.layout import LOCAL, Layout, UsableGpu, balanced
-from launcher.schema import NetworkCost, PeerStatus, RpcEndpoint
+from launcher.schema_plans import NetworkCost
+from launcher.schema_rpc import PeerStatus, RpcEndpoint
 
 _F32_B = 4  # activations and logits cross as f32
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from launcher.config import GpuSettings, ModelSettings
+from launcher.config_gpus import GpuSettings
+from launcher.config_model import ModelSettings
 from launcher.plan.model_plan import usable_gpus
-from launcher.schema import DevicePlan, GpuSample, HostPlan, Plan
+from launcher.schema_gpus import GpuSample
+from launcher.schema_plans import DevicePlan, HostPlan, Plan
 
 _LENDS = "lends these GPUs over RPC: what a llama-server puts on them is that llama-server's plan"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.plan.estimate import ModelShape, Runtime, flash_attention_default
 from launcher.server_args import (
     BATCH,

@@ -12,7 +12,7 @@ the way to an out-of-memory crash): a warning. Under: memory left unused: inform
 
 from __future__ import annotations
 
-from launcher.schema import DeviceCheck, PlanCheck, PlanFinding
+from launcher.schema_plans import DeviceCheck, PlanCheck, PlanFinding
 
 KV_TOLERANCE = 0.02
 TOTAL_TOLERANCE = 0.03

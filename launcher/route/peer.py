@@ -15,7 +15,7 @@ from launcher.route.proxy import UpstreamClient, UpstreamFailed
 from launcher.route.served import Served
 from launcher.route.where import PEER_RETRY_S, OnPeer
 from launcher.rpc.peers import Peers
-from launcher.schema import PeerStatus
+from launcher.schema_rpc import PeerStatus
 
 
 class PeerForwarder:

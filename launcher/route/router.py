@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 from starlette.types import Send
 
-from launcher.config import ModelSettings, Settings
+from launcher.config import Settings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConflictError, LauncherError, StartError
 from launcher.events import Bus
 from launcher.route import choose
@@ -38,7 +39,8 @@ from launcher.route.stall import Stalled, StallWatch
 from launcher.route.usage import Tokens, of_body
 from launcher.route.where import Local, OnPeer, where
 from launcher.rpc.peers import Peers
-from launcher.schema import Event, RequestRecord, State
+from launcher.schema_front_door import RequestRecord
+from launcher.schema_instances import Event, State
 from launcher.supervise.manager import Manager
 from launcher.supervise.table import InstanceTable
 

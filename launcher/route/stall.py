@@ -26,11 +26,11 @@ from typing import Any
 import httpx
 from starlette.types import Message, Send
 
-from launcher.config import HealthSettings
+from launcher.config_supervision import HealthSettings
 from launcher.errors import LauncherError
 from launcher.events import Bus
 from launcher.route.proxy import Answer
-from launcher.schema import Event
+from launcher.schema_instances import Event
 
 # A busy slot's progress: its id -> (prompt tokens processed, tokens decoded, the server's task id).
 Slots = Mapping[int, tuple[int, int, int | None]]

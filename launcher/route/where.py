@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from launcher.route.errors import RouteError
-from launcher.schema import PeerStatus, ServedModel
+from launcher.schema_front_door import ServedModel
+from launcher.schema_rpc import PeerStatus
 
 PEER_RETRY_S = 5  # Retry-After for a peer that does not answer: about one beat of its reads
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from launcher.errors import ConfigError, ConflictError, NotFoundError
-from launcher.schema import ClaimRequest, RpcClaim
+from launcher.schema_rpc import ClaimRequest, RpcClaim
 
 
 @dataclass(frozen=True)

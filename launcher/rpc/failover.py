@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from launcher.schema import PeerStatus, Plan, RpcEndpoint
+from launcher.schema_plans import Plan
+from launcher.schema_rpc import PeerStatus, RpcEndpoint
 
 
 class Act(StrEnum):

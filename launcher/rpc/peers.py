@@ -18,11 +18,15 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from launcher.client import DaemonClient
-from launcher.config import PeerSettings, RpcSettings, Settings
+from launcher.config import Settings
 from launcher.config_file import read_token
+from launcher.config_rpc import PeerSettings, RpcSettings
 from launcher.errors import LauncherError, StartError
 from launcher.events import Bus
-from launcher.schema import ClaimDevice, ClaimRequest, Event, PeerStatus, Plan, RpcEndpoint, RpcReport, ServedModel
+from launcher.schema_front_door import ServedModel
+from launcher.schema_instances import Event
+from launcher.schema_plans import Plan
+from launcher.schema_rpc import ClaimDevice, ClaimRequest, PeerStatus, RpcEndpoint, RpcReport
 
 _READ_TIMEOUT_S = 5.0
 T = TypeVar("T")

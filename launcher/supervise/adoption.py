@@ -21,10 +21,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import psutil
 
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import LauncherError
 from launcher.plan.placement import Placement
-from launcher.schema import Event, Plan
+from launcher.schema_instances import Event
+from launcher.schema_plans import Plan
 from launcher.supervise.handover import HandedServer, reap, still_ours
 from launcher.supervise.instance import Instance
 from launcher.supervise.parts import DaemonParts

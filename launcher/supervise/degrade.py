@@ -12,7 +12,8 @@ from launcher.errors import LauncherError
 from launcher.rpc.failover import Act, judge, remote_endpoints, retry_delay_s
 from launcher.rpc.peers import Peers
 from launcher.rpc.wire import say_hello
-from launcher.schema import Plan, State
+from launcher.schema_instances import State
+from launcher.schema_plans import Plan
 from launcher.supervise.instance import Instance
 
 _HELLO_TIMEOUT_S = 2.0  # a live rpc-server with nothing attached answers in milliseconds

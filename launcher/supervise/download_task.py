@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 
 from launcher.errors import LauncherError
-from launcher.schema import Download, State
+from launcher.schema_instances import Download, State
 from launcher.supervise.record import InstanceRecord
 
 

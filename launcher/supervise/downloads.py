@@ -12,11 +12,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from launcher.backends.base import hub_files_cached
-from launcher.config import HubSettings, ModelSettings
+from launcher.config_hub import HubSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConflictError, LauncherError, StartError
 from launcher.hub.cache import cache_dir
 from launcher.hub.fetching import pull_planned
-from launcher.schema import Download, HubPlan, Plan
+from launcher.schema_instances import Download
+from launcher.schema_plans import HubPlan, Plan
 from launcher.supervise.instance import Instance
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from launcher.schema import State
+from launcher.schema_instances import State
 
 # The states a drain begins in: the server serves (a draining one is drained already).
 _SERVING = frozenset({State.READY, State.UNHEALTHY})

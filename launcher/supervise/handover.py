@@ -22,7 +22,7 @@ from collections.abc import Collection
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from launcher.schema import Plan
+from launcher.schema_plans import Plan
 from launcher.statedir.layout import StateDir
 from launcher.statedir.owner import handed_fds
 from launcher.supervise.leftovers import INSTANCE_ENV

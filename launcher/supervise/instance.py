@@ -16,10 +16,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from launcher.backends import LaunchSpec, ServerBackend
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConflictError, LauncherError
 from launcher.plan.placement import Placement
-from launcher.schema import Download, Event, InstanceStatus, Plan, PlanCheck, State
+from launcher.schema_instances import Download, Event, InstanceStatus, State
+from launcher.schema_plans import Plan, PlanCheck
 from launcher.supervise import drain
 from launcher.supervise.download_task import DownloadTask
 from launcher.supervise.instance_status import Shown, instance_status

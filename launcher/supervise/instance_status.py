@@ -7,9 +7,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.plan.placement import Placement
-from launcher.schema import InstanceStatus, Plan, State
+from launcher.schema_instances import InstanceStatus, State
+from launcher.schema_plans import Plan
 from launcher.statedir import logs
 from launcher.supervise.download_task import DownloadTask
 from launcher.supervise.plan_check import PlanChecker

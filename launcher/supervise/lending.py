@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
-from launcher.config import GpuSettings
+from launcher.config_gpus import GpuSettings
 from launcher.plan.model_plan import usable_gpus
 from launcher.rpc.claims import ClaimBook
-from launcher.schema import ClaimRequest, GpuSample, RpcClaim, RpcReport
+from launcher.schema_gpus import GpuSample
+from launcher.schema_rpc import ClaimRequest, RpcClaim, RpcReport
 from launcher.supervise.instance import Instance
 from launcher.supervise.rpc_report import ready_rpc_servers, rpc_report
 

@@ -20,24 +20,19 @@ import httpx
 
 from launcher import replicas
 from launcher.backends import backend_for
-from launcher.config import GpuSettings, ModelSettings, Settings
+from launcher.config import Settings
+from launcher.config_gpus import GpuSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConflictError, LauncherError
 from launcher.events import Bus
 from launcher.gpu.sampler import Sampler
 from launcher.hub_ref import HubRef
 from launcher.plan.planner import Planner
 from launcher.rpc.peers import Peers
-from launcher.schema import (
-    Change,
-    Event,
-    GpuSample,
-    InstanceChange,
-    InstanceStatus,
-    Plan,
-    ReloadReport,
-    RollReport,
-    State,
-)
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import Event, InstanceStatus, State
+from launcher.schema_plans import Plan
+from launcher.schema_reload import Change, InstanceChange, ReloadReport, RollReport
 from launcher.statedir.layout import StateDir
 from launcher.statedir.measurements import MeasurementStore
 from launcher.supervise import adoption, rolling, thermal

@@ -19,11 +19,11 @@ from datetime import datetime
 from pathlib import Path
 
 from launcher.backends.base import local_projector
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.gpu.types import GpuIdentity
 from launcher.hub_ref import HubRef
 from launcher.plan.measured import Measurement, driver_share_mib, measurement_of
-from launcher.schema import Plan, PlanCheck
+from launcher.schema_plans import Plan, PlanCheck
 from launcher.server_args import MMPROJ, arg_value
 from launcher.statedir.measurements import MeasurementStore, overhead_key
 

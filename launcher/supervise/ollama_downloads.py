@@ -26,7 +26,7 @@ from launcher.errors import ConflictError, StartError
 from launcher.hub.download import PullProgress
 from launcher.hub.fetching import RateMeter
 from launcher.plan.placement import Placement
-from launcher.schema import Plan
+from launcher.schema_plans import Plan
 from launcher.supervise.downloads import planned_to_fit
 from launcher.supervise.instance import Instance
 from launcher.supervise.process import ServerProcess

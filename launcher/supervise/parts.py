@@ -8,7 +8,9 @@ from typing import Protocol
 
 import httpx
 
-from launcher.schema import Event, GpuProcess, Plan
+from launcher.schema_gpus import GpuProcess
+from launcher.schema_instances import Event
+from launcher.schema_plans import Plan
 from launcher.statedir.layout import StateDir
 from launcher.supervise import drain
 from launcher.supervise.leftovers import ChildRegistry

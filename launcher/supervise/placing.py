@@ -24,7 +24,8 @@ from launcher.plan.gguf import ModelFileError
 from launcher.plan.planner import NOT_MEASURED, Measured, Placed, Planner, freed
 from launcher.plan.remote import NO_REMOTE, Remote, remote_for
 from launcher.rpc.peers import Peers
-from launcher.schema import GpuSample, Plan
+from launcher.schema_gpus import GpuSample
+from launcher.schema_plans import Plan
 from launcher.supervise.instance import Instance
 from launcher.supervise.lending import Lending, claims_total
 from launcher.supervise.measuring import MEASURED_BACKEND, Measuring

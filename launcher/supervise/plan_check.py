@@ -7,10 +7,10 @@ import asyncio
 from pathlib import Path
 
 from launcher.backends import LaunchSpec, ServerBackend
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.plan import verdict
 from launcher.plan.measured import with_process_mib
-from launcher.schema import Plan, PlanCheck
+from launcher.schema_plans import Plan, PlanCheck
 from launcher.statedir import logs
 from launcher.supervise.parts import DaemonParts
 from launcher.supervise.record import InstanceRecord

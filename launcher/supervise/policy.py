@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from launcher.config import RestartSettings
+from launcher.config_supervision import RestartSettings
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from launcher.backends import LaunchSpec
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.supervise import slot_cache
 from launcher.supervise.record import InstanceRecord
 from launcher.supervise.slot_store import SlotStore, gib_bytes

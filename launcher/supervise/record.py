@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from launcher.schema import Event, State
+from launcher.schema_instances import Event, State
 from launcher.supervise.transitions import check_transition
 
 EVENTS_KEPT = 50

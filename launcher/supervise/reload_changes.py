@@ -9,9 +9,10 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import ConflictError, LauncherError
-from launcher.schema import Change, InstanceChange, InstanceStatus, ReloadReport, RollReport, State
+from launcher.schema_instances import InstanceStatus, State
+from launcher.schema_reload import Change, InstanceChange, ReloadReport, RollReport
 from launcher.supervise.instance import Instance
 from launcher.supervise.table import InstanceTable
 

@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from launcher.errors import LauncherError, StartError
-from launcher.schema import Event, RollReport, State
+from launcher.schema_instances import Event, State
+from launcher.schema_reload import RollReport
 from launcher.supervise.instance import Instance
 from launcher.supervise.table import InstanceTable
 

@@ -9,7 +9,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from launcher.backends.rpc_server import RpcServerBackend
 from launcher.rpc.claims import ClaimBook
 from launcher.rpc.sockets import sockets_on
-from launcher.schema import GpuSample, RpcDevice, RpcEndpoint, RpcReport, State
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import State
+from launcher.schema_rpc import RpcDevice, RpcEndpoint, RpcReport
 from launcher.supervise.instance import Instance
 
 

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import httpx
 
-from launcher.schema import State
+from launcher.schema_instances import State
 from launcher.server_args import arg_value
 from launcher.supervise.server_series import Family, relabel
 

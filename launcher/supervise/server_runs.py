@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Protocol
 
 from launcher.backends import Health, LaunchSpec, ServerBackend
-from launcher.config import ModelSettings
+from launcher.config_model import ModelSettings
 from launcher.errors import LauncherError
 from launcher.plan.placement import Placement
-from launcher.schema import Plan, State
+from launcher.schema_instances import State
+from launcher.schema_plans import Plan
 from launcher.statedir import logs
 from launcher.supervise.leftovers import INSTANCE_ENV
 from launcher.supervise.parts import DaemonParts

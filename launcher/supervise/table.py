@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from launcher.backends import ServerBackend
-from launcher.config import ModelSettings
-from launcher.schema import Download, State
+from launcher.config_model import ModelSettings
+from launcher.schema_instances import Download, State
 from launcher.supervise.instance import Instance
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from launcher.schema import GpuSample
+from launcher.schema_gpus import GpuSample
 
 # Cooling this far below the limit ends the episode, so a GPU hovering at the limit is not a flood.
 HYSTERESIS_C = 5.0

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from launcher.schema import State
+from launcher.schema_instances import State
 
 # Where a server that serves may go.
 _FROM_SERVING = frozenset({State.BACKOFF, State.STOPPED, State.DEGRADED, State.DRAINING, State.STOPPING, State.FAILED})

@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
-from launcher.config import GpuSettings
-from launcher.schema import Event, GpuSample
+from launcher.config_gpus import GpuSettings
+from launcher.schema_gpus import GpuSample
+from launcher.schema_instances import Event
 
 
 class Readings(Protocol):
