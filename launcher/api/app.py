@@ -263,7 +263,7 @@ def create_app(
     registry = CollectorRegistry(auto_describe=True)
     registry.register(LauncherCollector(manager))
     if router is not None:
-        registry.register(router.metrics)
+        registry.register(router.request_log.metrics)
     if server_metrics is not None:
         registry.register(ServerSeriesCollector(server_metrics))
     records_json = TypeAdapter(list[RequestRecord])
@@ -271,7 +271,7 @@ def create_app(
     @app.get("/requests", response_model=list[RequestRecord], responses={**read, **_errors(422)})
     async def requests(recent: Annotated[int, Query(ge=1, le=500)] = 100) -> Response:
         """The front door's most recent requests (/v1, /upstream), oldest first."""
-        records = list(router.records)[-recent:] if router is not None else []
+        records = list(router.request_log.records)[-recent:] if router is not None else []
         return _json(records_json.dump_json(records))
 
     @app.get("/metrics", response_class=Response, responses={**_text(CONTENT_TYPE_LATEST, "Prometheus"), **read})
