@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config_file import parse_settings
-from launcher.doctor import Finding, Machine, examine
+from launcher.doctor import examine
+from launcher.doctor_findings import Finding, Machine
 from launcher.gpu.types import Link
 from launcher.schema_gpus import GpuSample
 from tests.archmodels import write_gemma3, write_unknown_architecture

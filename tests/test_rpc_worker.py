@@ -19,7 +19,7 @@ import pytest
 
 from launcher.backends.rpc_server import RpcServerBackend, find_rpc_server
 from launcher.config_file import parse_settings
-from launcher.doctor import rpc_exposure
+from launcher.doctor_ports import rpc_exposure
 from launcher.errors import ConfigError
 from launcher.rpc.sockets import sockets_on
 from launcher.rpc.wire import say_hello

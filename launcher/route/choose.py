@@ -1,8 +1,8 @@
 """The front door's decisions, as pure functions of the facts passed in (no clocks; the planner's verdict
 comes in as a function): which replica takes a request, which idle models make room for another (by
 priority, pins and resident time) and in which order waiting models are served, and when an idle model is
-due to stop. The router (launcher/route/router.py) gathers the facts and carries the
-decisions out.
+due to stop. The router (launcher/route/router.py) and its on-demand loader (launcher/route/on_demand.py)
+gather the facts and carry the decisions out.
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ class FrontDoor:
             served = Served(status=exc.status, instance=exc.instance)
         except _ClientLeft:
             served = Served(status=_CLIENT_LEFT, instance=None)
-        self._router.record(model, method, path, arrived, served, time.monotonic() - arrived_s)
+        self._router.request_log.record(model, method, path, arrived, served, time.monotonic() - arrived_s)
 
     def _check_key(self, headers: list[tuple[bytes, bytes]]) -> None:
         if self._keys is None:
