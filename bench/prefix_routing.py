@@ -8,8 +8,12 @@ their order) by a fixed number of senders. Measured: the prompt tokens the serve
 `timings.prompt_n`), time to first token (p50, p95: each request asks for one token, so its latency is the
 time to it) and the requests each replica served. Each configuration runs on a fresh daemon.
 
+`--epsilon` takes several values: one `prefix` row for each (`routing_epsilon`); with a large one (100) the
+bound never passes a request on, which is what waiting for the owner would give in prompt tokens while the
+senders are no more than the owner's slots (the owner always has room then).
+
 Usage: .venv/bin/python -m bench.prefix_routing [--prompts 4] [--questions 6] [--chats 4] [--turns 5]
-       [--senders 4] [--seed 1]
+       [--senders 4] [--seed 1] [--epsilon 0.25 ...]
 """
 
 from __future__ import annotations
@@ -80,13 +84,15 @@ class Outcome:
     failed: int = 0
 
 
-def run(routing: str, cache_ram: str | None, requests: list[list[dict[str, str]]], senders: int, tmp: Path) -> Outcome:
+def run(
+    routing: str, epsilon: float, cache_ram: str | None, requests: list[list[dict[str, str]]], senders: int, tmp: Path
+) -> Outcome:
     tmp.mkdir()
     model, config, port = write_tiny_llama(tmp / "m.gguf"), tmp / "launcher.yaml", free_port()
     args = ["--parallel", "2", *(["--cache-ram", cache_ram] if cache_ram is not None else [])]
     entry = {"model": str(model), "autostart": True, "port": "auto", "ctx": 8192, "replicas": 2, "args": args}
     daemon_keys = {"port": port, "state_dir": str(tmp / "state"), "instance_ports": [28800, 28899]}
-    models = {"tiny": {**entry, "routing": routing}}
+    models = {"tiny": {**entry, "routing": routing, "routing_epsilon": epsilon}}
     config.write_text(
         dump_config_yaml({"daemon": daemon_keys, "gpus": {"backend": "sim", "sim": _SIM_GPUS}, "models": models})
     )
@@ -141,6 +147,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--epsilon", type=float, nargs="+", default=[0.25], help="routing_epsilon: a prefix row each")
     args = parser.parse_args()
     requests = workload(args.prompts, args.questions, args.chats, args.turns, args.seed)
     print(
@@ -149,23 +156,27 @@ def main() -> None:
         f"{os.cpu_count()} cores"
     )
     print(
-        "| --cache-ram | routing | prompt tokens computed | vs least-busy | TTFT p50 | TTFT p95 "
+        "| --cache-ram | routing | prompt tokens computed | vs least-busy | TTFT p50 | vs least-busy | TTFT p95 "
         "| requests per replica | failed |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = [("least-busy", 0.25)] + [("prefix", epsilon) for epsilon in args.epsilon]
     with tempfile.TemporaryDirectory() as tmp_name:
         for cache_ram in (None, "0"):
-            baseline = 0
-            for routing in ("least-busy", "prefix"):
-                o = run(routing, cache_ram, requests, args.senders, Path(tmp_name) / f"{routing}-{cache_ram}")
-                total = sum(o.prompt_n)
-                baseline = baseline or total
+            base_tokens, base_p50 = 0, 0.0
+            for routing, epsilon in rows:
+                tmp = Path(tmp_name) / f"{routing}-{epsilon}-{cache_ram}"
+                o = run(routing, epsilon, cache_ram, requests, args.senders, tmp)
+                total, p50 = sum(o.prompt_n), statistics.median(o.ttft_s)
+                base_tokens, base_p50 = base_tokens or total, base_p50 or p50
                 counts = sorted(o.per_replica.values(), reverse=True)
                 ratio = counts[0] / counts[-1] if len(counts) == 2 and counts[-1] else float("inf")
+                name = routing if routing == "least-busy" else f"prefix, ε {epsilon:g}"
                 print(
-                    f"| {cache_ram or 'default'} | {routing} | {total} | {total / baseline:.2f} | "
-                    f"{statistics.median(o.ttft_s) * 1000:.0f} ms | {_p95(o.ttft_s) * 1000:.0f} ms | "
-                    f"{'/'.join(map(str, counts))} ({ratio:.2f}x) | {o.failed} |"
+                    f"| {cache_ram or 'default'} | {name} | {total} | {total / base_tokens:.2f} | "
+                    f"{p50 * 1000:.0f} ms | {p50 / base_p50:.2f} | {_p95(o.ttft_s) * 1000:.0f} ms | "
+                    f"{'/'.join(map(str, counts))} ({ratio:.2f}x) | {o.failed} |",
+                    flush=True,
                 )
 
 

@@ -21,6 +21,7 @@ class Replica:
     serving: bool  # ready, and not taken out after failing a request
     in_flight: int
     limit: int  # requests in flight before the next one waits
+    recent: int = 0  # requests it was given among its model's last prefix_ring.RECENT_REQUESTS
 
 
 def pick(replicas: Sequence[Replica], turn: int, prefix: str | None = None, epsilon: float = 0.25) -> str | None:
