@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from bench.cli import Daemon, free_port
+from bench.cli import Daemon, free_port, free_port_range
 from bench.reload import until
 from launcher.config_yaml import dump_config_yaml
 from launcher.tinymodel import write_tiny_llama
@@ -91,7 +91,7 @@ def run(
     model, config, port = write_tiny_llama(tmp / "m.gguf"), tmp / "launcher.yaml", free_port()
     args = ["--parallel", "2", *(["--cache-ram", cache_ram] if cache_ram is not None else [])]
     entry = {"model": str(model), "autostart": True, "port": "auto", "ctx": 8192, "replicas": 2, "args": args}
-    daemon_keys = {"port": port, "state_dir": str(tmp / "state"), "instance_ports": [28800, 28899]}
+    daemon_keys = {"port": port, "state_dir": str(tmp / "state"), "instance_ports": list(free_port_range(20))}
     models = {"tiny": {**entry, "routing": routing, "routing_epsilon": epsilon}}
     config.write_text(
         dump_config_yaml({"daemon": daemon_keys, "gpus": {"backend": "sim", "sim": _SIM_GPUS}, "models": models})
@@ -122,7 +122,10 @@ def run(
         daemon.wait_listening(_TIMEOUT_S)
         with httpx.Client(base_url=url, timeout=_TIMEOUT_S) as http:
             for name in ("tiny@0", "tiny@1"):
-                until(http, name, lambda s: s["state"] == "ready")
+                try:
+                    until(http, name, lambda s: s["state"] == "ready")
+                except TimeoutError:
+                    raise SystemExit(f"{name} never ready; the daemon's log ends:\n{daemon.tail()}") from None
             threads = [threading.Thread(target=send) for _ in range(senders)]
             for thread in threads:
                 thread.start()
