@@ -13,7 +13,7 @@ bound never passes a request on, which is what waiting for the owner would give 
 senders are no more than the owner's slots (the owner always has room then).
 
 Usage: .venv/bin/python -m bench.prefix_routing [--prompts 4] [--questions 6] [--chats 4] [--turns 5]
-       [--senders 4] [--seed 1] [--epsilon 0.25 ...]
+       [--senders 4] [--seed 1] [--epsilon 0.1 ...]
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--epsilon", type=float, nargs="+", default=[0.25], help="routing_epsilon: a prefix row each")
+    parser.add_argument("--epsilon", type=float, nargs="+", default=[0.1], help="routing_epsilon: a prefix row each")
     args = parser.parse_args()
     requests = workload(args.prompts, args.questions, args.chats, args.turns, args.seed)
     print(

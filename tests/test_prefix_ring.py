@@ -185,3 +185,4 @@ def test_one_hot_prefix_sent_one_at_a_time_is_shared_within_the_bound(epsilon: f
     # The owner fills its bound and no more: 125/75 (1.67x) at ε 0.25, 111/89 (1.25x) at ε 0.1; two
     # replicas within 1.3x of each other need ε <= 0.13.
     assert (1 + epsilon) * 100 - 1 <= given[owner] <= math.ceil((1 + epsilon) * 200 / 2)
+    assert given[other] == 200 - given[owner]  # the rest went to the next replica on the ring

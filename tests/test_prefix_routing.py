@@ -54,7 +54,7 @@ def test_a_shared_system_prompt_goes_to_one_replica_and_hits_its_cache(
 
     instances, computed = ask(daemon, [f"Question {n}: what does a replica do?" for n in range(4)], 0)
     # The prefix's replica, but for the third: the owner had 2 of the 2 requests given, at the bound on
-    # requests given, ceil(1.25 x 3 / 2) = 2, so that one went to the next replica on the ring.
+    # requests given, ceil(1.1 x 3 / 2) = 2 (routing_epsilon 0.1), so that one went to the next replica.
     owner, other = instances[0], instances[2]
     assert instances == [owner, owner, other, owner] and other != owner, instances
     assert computed[0] > len(SYSTEM) and computed[2] > len(SYSTEM), computed  # each replica's first: whole
