@@ -10,10 +10,13 @@ time to it) and the requests each replica served. Each configuration runs on a f
 
 `--epsilon` takes several values: one `prefix` row for each (`routing_epsilon`); with a large one (100) the
 bound never passes a request on, which is what waiting for the owner would give in prompt tokens while the
-senders are no more than the owner's slots (the owner always has room then).
+senders are no more than the owner's slots (the owner always has room then). `--owner-waits` adds a row
+where a request always waits for its prefix's owner (no bound, and no other replica when the owner's slots
+are full: its queue is served oldest first, each request by its owner), a bench-only seam in the daemon's
+subprocess (`--serve-daemon CONFIG`), to weigh waiting against spilling.
 
 Usage: .venv/bin/python -m bench.prefix_routing [--prompts 4] [--questions 6] [--chats 4] [--turns 5]
-       [--senders 4] [--seed 1] [--epsilon 0.1 ...]
+       [--senders 4] [--seed 1] [--epsilon 0.1 ...] [--owner-waits]
 """
 
 from __future__ import annotations
@@ -27,15 +30,21 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 
-from bench.cli import Daemon, free_port, free_port_range
+from bench.cli import PYTHON, Daemon, free_port, free_port_range
 from bench.reload import until
+from launcher.config_file import load_settings
 from launcher.config_yaml import dump_config_yaml
+from launcher.daemon import serve
+from launcher.route import choose
+from launcher.route.prefix_ring import Replica, ring_order
 from launcher.tinymodel import write_tiny_llama
 
 _TIMEOUT_S = 120.0
@@ -76,6 +85,22 @@ def workload(prompts: int, questions: int, chats: int, turns: int, seed: int) ->
     return order
 
 
+def owner_waits(replicas: Sequence[Replica], key: str, epsilon: float) -> str | None:
+    """`prefix_ring.pick_by_prefix` with no bound and no spill: the key's first serving replica on the
+    ring, or None (the request waits in the queue) while that one's slots are full."""
+    serving = {r.name: r for r in replicas if r.serving}
+    for name in ring_order([r.name for r in replicas], key):
+        if name in serving:
+            return name if serving[name].in_flight < serving[name].limit else None
+    return None
+
+
+def serve_daemon(config: Path) -> None:
+    """`launcher serve` whose prefix routing waits for the owner (the daemon's subprocess)."""
+    with mock.patch.object(choose, "pick_by_prefix", owner_waits):
+        serve(load_settings(config))
+
+
 @dataclass
 class Outcome:
     prompt_n: list[int] = field(default_factory=list)
@@ -92,11 +117,13 @@ def run(
     args = ["--parallel", "2", *(["--cache-ram", cache_ram] if cache_ram is not None else [])]
     entry = {"model": str(model), "autostart": True, "port": "auto", "ctx": 8192, "replicas": 2, "args": args}
     daemon_keys = {"port": port, "state_dir": str(tmp / "state"), "instance_ports": list(free_port_range(20))}
-    models = {"tiny": {**entry, "routing": routing, "routing_epsilon": epsilon}}
+    waits = routing == "prefix, owner waits"
+    models = {"tiny": {**entry, "routing": "prefix" if waits else routing, "routing_epsilon": epsilon}}
     config.write_text(
         dump_config_yaml({"daemon": daemon_keys, "gpus": {"backend": "sim", "sim": _SIM_GPUS}, "models": models})
     )
-    daemon = Daemon(config, tmp / "daemon.log")
+    argv = [PYTHON, "-m", "bench.prefix_routing", "--serve-daemon", str(config)] if waits else None
+    daemon = Daemon(config, tmp / "daemon.log", argv)
     outcome, work = Outcome(), queue.Queue[list[dict[str, str]]]()
     for messages in requests:
         work.put(messages)
@@ -151,7 +178,12 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--epsilon", type=float, nargs="+", default=[0.1], help="routing_epsilon: a prefix row each")
+    parser.add_argument("--owner-waits", action="store_true", help="a row where requests wait for their owner")
+    parser.add_argument("--serve-daemon", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_daemon is not None:
+        serve_daemon(args.serve_daemon)
+        return
     requests = workload(args.prompts, args.questions, args.chats, args.turns, args.seed)
     print(
         f"{len(requests)} requests ({args.prompts} system prompts x {args.questions} questions, {args.chats} chats x "
@@ -164,6 +196,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     rows = [("least-busy", 0.25)] + [("prefix", epsilon) for epsilon in args.epsilon]
+    rows += [("prefix, owner waits", 100.0)] if args.owner_waits else []
     with tempfile.TemporaryDirectory() as tmp_name:
         for cache_ram in (None, "0"):
             base_tokens, base_p50 = 0, 0.0
@@ -174,7 +207,7 @@ def main() -> None:
                 base_tokens, base_p50 = base_tokens or total, base_p50 or p50
                 counts = sorted(o.per_replica.values(), reverse=True)
                 ratio = counts[0] / counts[-1] if len(counts) == 2 and counts[-1] else float("inf")
-                name = routing if routing == "least-busy" else f"prefix, ε {epsilon:g}"
+                name = f"prefix, ε {epsilon:g}" if routing == "prefix" else routing
                 print(
                     f"| {cache_ram or 'default'} | {name} | {total} | {total / base_tokens:.2f} | "
                     f"{p50 * 1000:.0f} ms | {p50 / base_p50:.2f} | {_p95(o.ttft_s) * 1000:.0f} ms | "
