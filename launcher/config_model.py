@@ -169,9 +169,10 @@ class ModelSettings(StrictSettings):
         "flight, round-robin among equals. One replica: the same either way.",
     )
     routing_epsilon: Annotated[float, Field(gt=0)] = Field(
-        default=0.25,
+        default=0.1,
         description="`prefix` routing's balance bound: a replica with more than (1 + this) times the mean "
-        "requests in flight passes a request on to the next replica on the ring.",
+        "requests in flight, or of the requests given among the model's last 128, passes a request on to the "
+        "next replica on the ring.",
     )
     queue_max: Annotated[int, Field(ge=0)] = Field(
         default=64, description="Requests that may wait for an instance; beyond it 429."

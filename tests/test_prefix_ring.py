@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 
 import pytest
 
 from launcher.route.choose import Replica, pick
-from launcher.route.prefix_ring import PREFIX_CHARS, load_bound, pick_by_prefix, prefix_key, ring_order
+from launcher.route.prefix_ring import (
+    KEY_MIN_CHARS,
+    PREFIX_CHARS,
+    load_bound,
+    pick_by_prefix,
+    prefix_key,
+    ring_order,
+)
 
 SYSTEM = "You answer questions about the launcher. " * 40  # longer than the key
 
@@ -39,6 +47,26 @@ def test_a_growing_chat_keeps_its_key_once_its_start_fills_it() -> None:
     turns = ["Tell me about slots " * 60, "They hold a prompt each.", "And caches?"]
     keys = {prefix_key(chat(*turns[: n + 1], system="Short system prompt.")) for n in range(len(turns))}
     assert len(keys) == 1
+
+
+def test_a_chat_shorter_than_the_key_keeps_its_key_once_its_whole_messages_hold_the_minimum() -> None:
+    """Whole messages until KEY_MIN_CHARS: a 312-character opening is the key of every turn (a cut at
+    PREFIX_CHARS gave each of the first turns its own key); a short opening grows its key by whole messages
+    until they hold the minimum, and keeps it from then on."""
+    opening = "Chat about slot caches. " * 13
+    assert KEY_MIN_CHARS < len(opening) < PREFIX_CHARS
+    later = ["A slot holds one prompt. " * 12, "And the host cache?", "It keeps more.", "Thanks?"]
+
+    def turns(first: str, n: int, system: str | None = None) -> dict[str, object]:
+        said = [first, *later][:n]
+        head = [{"role": "system", "content": system}] if system else []
+        return {"messages": head + [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(said)]}
+
+    assert {prefix_key(turns(opening, n)) for n in (1, 2, 3, 4, 5)} == {f"user:{opening}"}
+    question = "How do slots work? " * 5  # 95 characters
+    keys = [prefix_key(turns(question, n, system="Be brief.")) for n in (1, 3, 5)]
+    assert keys[0] == f"system:Be brief.\nuser:{question}"  # under the minimum: all of it
+    assert keys[1] == keys[2] == f"{keys[0]}\nassistant:{later[0]}"  # whole messages up to the minimum
 
 
 def names(n: int) -> list[str]:
@@ -122,3 +150,39 @@ def test_pick_routes_by_prefix_only_when_given_a_key() -> None:
     replicas = [Replica(owner, True, 1, 4), Replica(other, True, 0, 4)]
     assert pick(replicas, 0) == other  # least busy
     assert pick(replicas, 0, key, 1.0) == owner  # bound ceil(2*2/2) = 2: the owner holds its prefix
+
+
+def test_an_owner_above_the_bound_on_requests_recently_given_passes_the_next_one_on() -> None:
+    """The second bound: requests given among the recent ones, when none is in flight (a low concurrency,
+    where the first bound never binds)."""
+    owner, other = ring_order(names(2), "k")
+
+    def given(owner_recent: int, other_recent: int) -> str | None:
+        replicas = [Replica(owner, True, 0, 4, owner_recent), Replica(other, True, 0, 4, other_recent)]
+        return pick_by_prefix(replicas, "k", 0.25)
+
+    assert given(3, 1) == owner  # bound ceil(1.25 * 5 / 2) = 4
+    assert given(4, 1) == other  # bound ceil(1.25 * 6 / 2) = 4: the owner is at it
+    assert given(4, 4) == owner  # bound ceil(1.25 * 9 / 2) = 6
+    busy = [Replica(owner, True, 1, 4, 0), Replica(other, True, 0, 4, 9)]
+    assert pick_by_prefix(busy, "k", 0.25) == owner  # in flight bound ceil(1.25 * 2 / 2) = 2; recent 0 < 7
+    over_both = [Replica(owner, True, 1, 4, 9), Replica(other, True, 1, 4, 9)]
+    assert pick_by_prefix(over_both, "k", 0.25) == owner  # each under both bounds: the owner
+    crowded = [Replica(owner, True, 2, 4, 0), Replica(other, True, 0, 2, 30)]
+    assert pick_by_prefix(crowded, "k", 0.25) == other  # the owner at the in-flight bound (2): the next one
+
+
+@pytest.mark.parametrize("epsilon", [0.25, 0.1])
+def test_one_hot_prefix_sent_one_at_a_time_is_shared_within_the_bound(epsilon: float) -> None:
+    """Requests that all share one prefix, none in flight when the next comes: the owner takes at most
+    (1 + ε) x the mean of the recent requests, the next replica on the ring the rest."""
+    owner, other = ring_order(names(2), "hot")
+    given: Counter[str] = Counter()
+    for _ in range(200):
+        chosen = pick_by_prefix([Replica(r, True, 0, 4, given[r]) for r in names(2)], "hot", epsilon)
+        assert chosen is not None
+        given[chosen] += 1
+    # The owner fills its bound and no more: 125/75 (1.67x) at ε 0.25, 111/89 (1.25x) at ε 0.1; two
+    # replicas within 1.3x of each other need ε <= 0.13.
+    assert (1 + epsilon) * 100 - 1 <= given[owner] <= math.ceil((1 + epsilon) * 200 / 2)
+    assert given[other] == 200 - given[owner]  # the rest went to the next replica on the ring

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 
 from launcher.route.choose import Replica, pick
 from launcher.route.errors import RouteError
+from launcher.route.prefix_ring import RECENT_REQUESTS
 from launcher.supervise.table import RequestLoad
 
 
@@ -28,6 +29,7 @@ class Admission:
         # model -> requests waiting, oldest first, each with its prefix key
         self._waiting: dict[str, deque[tuple[asyncio.Future[str], str | None]]] = {}
         self._turn: dict[str, int] = {}  # model -> round-robin position among equals
+        self._given: dict[str, deque[str]] = {}  # model -> the instances its last RECENT_REQUESTS went to
 
     def in_flight(self, instance: str) -> int:
         return self._load.on(instance)
@@ -46,12 +48,16 @@ class Admission:
     def _take(self, model: str, prefix: str | None, *, unbounded: bool = False) -> str | None:
         turn = self._turn.get(model, 0)
         replicas = self._replicas(model)
+        given = self._given.setdefault(model, deque(maxlen=RECENT_REQUESTS))
+        recent = Counter(given)
+        replicas = [dataclasses.replace(r, recent=recent[r.name]) for r in replicas]
         if unbounded:
             replicas = [dataclasses.replace(r, limit=r.in_flight + 1) for r in replicas]
         epsilon = self._prefix_epsilon(model)
         name = pick(replicas, turn) if epsilon is None or prefix is None else pick(replicas, turn, prefix, epsilon)
         if name is not None:
             self._turn[model] = turn + 1
+            given.append(name)
             self._load.take(name)
         return name
 

@@ -21,9 +21,10 @@ class Replica:
     serving: bool  # ready, and not taken out after failing a request
     in_flight: int
     limit: int  # requests in flight before the next one waits
+    recent: int = 0  # requests it was given among its model's last prefix_ring.RECENT_REQUESTS
 
 
-def pick(replicas: Sequence[Replica], turn: int, prefix: str | None = None, epsilon: float = 0.25) -> str | None:
+def pick(replicas: Sequence[Replica], turn: int, prefix: str | None = None, epsilon: float = 0.1) -> str | None:
     """With a ``prefix`` key (`routing: prefix`), `prefix_ring.pick_by_prefix`'s replica. Without, the
     replica with the fewest requests in flight that has room; among equals, round-robin: the first one at
     or after position ``turn % len(replicas)``. None when none can take a request now."""

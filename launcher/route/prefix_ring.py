@@ -4,6 +4,9 @@ the server will tokenize it, is hashed onto a ring of the model's replicas, so r
 them. Consistent hashing with bounded load (Mirrokni, Thorup, Zadimoghaddam 2018): a replica already above
 (1 + ε) x the mean load passes the request on to the next replica on the ring, so uneven prefixes do not pile
 onto one replica; each replica has many points on the ring, so one that comes or goes moves only its share.
+The load is counted twice and bounded on both: the requests in flight (a burst spreads over the replicas)
+and the requests each replica was given among the model's recent ones (the totals stay within the bound
+when a few prefixes carry most requests at a concurrency too low for the first bound ever to bind).
 Pure functions of the facts passed in.
 """
 
@@ -28,21 +31,30 @@ class Replica(Protocol):
     def in_flight(self) -> int: ...
     @property
     def limit(self) -> int: ...
+    @property
+    def recent(self) -> int: ...
 
 
-# The key is the first PREFIX_CHARS characters of the rendered prompt (about 128 tokens of English). Shorter
-# keys send different prompts that share a short opening to one replica (bounded load spreads them again);
-# longer ones split requests whose shared start (a system prompt, a chat's opening turn) is shorter than the
-# key, each replica computing it. 512 characters bounds that loss at about 128 tokens, while a system prompt
-# of a few hundred tokens fills the whole key. Measured with bench/prefix_routing.py (docs/figures.md).
+# The key is the prompt's leading messages, whole, until they hold KEY_MIN_CHARS characters, cut at
+# PREFIX_CHARS (about 64 and 128 tokens of English). Whole messages: a chat's key is the same at every turn
+# once its opening messages fill KEY_MIN_CHARS, where a plain cut at PREFIX_CHARS changed the key of each
+# turn until the chat outgrew it (measured with bench/prefix_routing.py: a chat of a 300-character opening
+# had three keys, on either replica, and its later turns recomputed the whole chat). Shorter keys send
+# different prompts that share a short opening to one replica (bounded load spreads them again); longer
+# ones split requests whose shared start is shorter than the key. docs/figures.md has the measurements.
+KEY_MIN_CHARS = 256
 PREFIX_CHARS = 512
+# The requests a model's replicas were given that the second bound counts: enough that the totals of a
+# run of requests stay balanced, few enough that a replica back from a restart catches up within them.
+RECENT_REQUESTS = 128
 POINTS_PER_REPLICA = 64  # more points: each replica's share closer to 1/n, and a leaving one's spread wider
 
 
-def prefix_key(doc: Any, chars: int = PREFIX_CHARS) -> str | None:
-    """The first ``chars`` characters of the prompt a request body ``doc`` gives the server: its system
-    prompt (Ollama's and Anthropic's `system`), then its chat `messages` in order as role and text, then a
-    completion's `prompt`. None when the body has no prompt (an embedding, a body that is not an object)."""
+def prefix_key(doc: Any, chars: int = PREFIX_CHARS, min_chars: int = KEY_MIN_CHARS) -> str | None:
+    """The start of the prompt a request body ``doc`` gives the server: its system prompt (Ollama's and
+    Anthropic's `system`), then its chat `messages` in order as role and text, then a completion's
+    `prompt`, taken whole until they hold ``min_chars`` characters and cut at ``chars``. None when the body
+    has no prompt (an embedding, a body that is not an object)."""
     if not isinstance(doc, dict):
         return None
     parts: list[str] = []
@@ -52,7 +64,7 @@ def prefix_key(doc: Any, chars: int = PREFIX_CHARS) -> str | None:
         nonlocal size
         parts.append(text)
         size += len(text) + 1
-        return size >= chars
+        return size >= min_chars
 
     if (system := _text(doc.get("system"))) and add(system):
         return _joined(parts, chars)
@@ -105,22 +117,24 @@ def ring_order(names: Sequence[str], key: str) -> list[str]:
     return list(order)
 
 
-def load_bound(in_flight: Sequence[int], epsilon: float) -> int:
-    """Requests in flight a replica may hold before it passes the next one on: ⌈(1 + ε) x the mean load
-    with this request counted⌉."""
-    return math.ceil((1 + epsilon) * (sum(in_flight) + 1) / len(in_flight))
+def load_bound(loads: Sequence[int], epsilon: float) -> int:
+    """The load a replica may hold before it passes the next request on: ⌈(1 + ε) x the mean load with
+    this request counted⌉ (``loads``: one per serving replica, requests in flight or recently given)."""
+    return math.ceil((1 + epsilon) * (sum(loads) + 1) / len(loads))
 
 
 def pick_by_prefix(replicas: Sequence[Replica], key: str, epsilon: float) -> str | None:
-    """The first replica on ``key``'s way round the ring that serves, has room and is under the load
-    bound; the least busy one with room when none is under it; None when none can take a request now. The
-    ring holds every replica, serving or not: one taken out or back moves only the keys that it owns."""
+    """The first replica on ``key``'s way round the ring that serves, has room and is under both load
+    bounds (requests in flight, requests recently given); the one with the fewest in flight, then recently
+    given, with room when none is under them; None when none can take a request now. The ring holds every
+    replica, serving or not: one taken out or back moves only the keys that it owns."""
     serving = [r for r in replicas if r.serving]
     free = {r.name: r for r in serving if r.in_flight < r.limit}
     if not free:
         return None
-    bound = load_bound([r.in_flight for r in serving], epsilon)
+    in_flight_bound = load_bound([r.in_flight for r in serving], epsilon)
+    recent_bound = load_bound([r.recent for r in serving], epsilon)
     for name in ring_order([r.name for r in replicas], key):
-        if name in free and free[name].in_flight < bound:
+        if name in free and free[name].in_flight < in_flight_bound and free[name].recent < recent_bound:
             return name
-    return min(free.values(), key=lambda r: r.in_flight).name
+    return min(free.values(), key=lambda r: (r.in_flight, r.recent)).name
