@@ -10,7 +10,7 @@ import contextlib
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -111,13 +111,15 @@ def test_what_llama_cpp_cannot_run_falls_back_to_layer_with_a_warning() -> None:
     assert (asked.mode, asked.warning) == (SplitMode.TENSOR, None)  # as configured, links or not
 
 
-def place(model: ModelSettings, memory_mib: int, link_group: str | None, count: int = 2) -> Placed:
-    """The launcher's plan for ``model`` on ``count`` simulated GPUs of ``memory_mib``, in ``link_group``."""
+def place(model: ModelSettings, memory_mib: int | Sequence[int], link_group: str | None, count: int = 2) -> Placed:
+    """The launcher's plan for ``model`` on ``count`` simulated GPUs of ``memory_mib`` (or one GPU per size
+    given), in ``link_group``."""
+    sizes = [memory_mib] * count if isinstance(memory_mib, int) else list(memory_mib)
     settings = GpuSettings(
         backend="sim",
         margin_mib=0,
         overhead_mib=0,
-        sim=[SimGpu(name="sim", memory_mib=memory_mib, link_group=link_group) for _ in range(count)],
+        sim=[SimGpu(name="sim", memory_mib=size, link_group=link_group) for size in sizes],
     )
     gpus = SimBackend(settings.sim)
     samples = [read_sample(gpus, gpu, processes=False) for gpu in gpus.identities()]
@@ -209,12 +211,23 @@ def write_model(kind: str, path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("kind", "devices", "memory_mib"), [("llama", 2, 90), ("uneven", 3, 96), ("gemma3", 2, 200), ("qwen3moe", 2, 300)]
+    ("kind", "memory_mib", "shares"),
+    [
+        ("llama", [90, 90], [1, 1]),
+        ("uneven", [96, 96, 96], [1, 1, 1]),
+        ("gemma3", [200, 200], [1, 1]),
+        ("qwen3moe", [300, 300], [1, 1]),
+        # unequal GPUs: -ts from each one's room once the mirrored weights and compute buffer are set aside
+        ("llama", [60, 120], [1, 2.1]),
+        ("uneven", [80, 100, 140], [1, 1.26, 1.8]),
+        ("gemma3", [100, 200], [1, 2.1]),
+        ("qwen3moe", [200, 400], [1, 2.03]),
+    ],
 )
 def test_each_rpc_device_holds_its_planned_slice(
     kind: str,
-    devices: int,
-    memory_mib: int,
+    memory_mib: list[int],
+    shares: list[float],
     tmp_path: Path,
     leaves_no_process: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -222,8 +235,10 @@ def test_each_rpc_device_holds_its_planned_slice(
     monkeypatch.setenv(MARK, leaves_no_process)
     path = write_model(kind, tmp_path / "m.gguf")
     model = ModelSettings(model=path, ctx=32768, args=["-ub", "64", "-lv", "4"])
-    placed = place(model, memory_mib, "nv", devices)
+    devices = len(memory_mib)
+    placed = place(model, memory_mib, "nv")
     assert (placed.plan.split_mode, len(placed.plan.devices)) == ("tensor", devices)
+    assert placed.plan.tensor_split == shares
     port = free_port()
     spec = LlamaServerBackend(model).launch_spec(model, port, placed.placement)
     assert spec.argv[0] == str(find_llama_server(None))

@@ -229,6 +229,7 @@ class TensorSplit:
 
     weights_b: tuple[int, ...]
     kv_fraction: tuple[tuple[float, ...], ...]  # per layer: each device's share of that layer's KV cache
+    mirrored_b: int  # of each device's weights, those whole on every device: no share changes them
 
 
 def tensor_split(
@@ -243,6 +244,7 @@ def tensor_split(
     n = len(split)
     by_name = {t.name: t for t in tensors}
     weights = [0] * n
+    mirrored = 0
     rotation = [sum(kinds[p] == kinds[il] for p in range(il)) % n for il in range(len(kinds))]
     for tensor in tensors:
         if tensor.name == "token_embd.weight":
@@ -250,6 +252,7 @@ def tensor_split(
             # (TENSOR_DUPLICATED), which no split pattern matches: mirrored
             if "output.weight" not in by_name:
                 weights = [w + tensor.n_bytes for w in weights]
+                mirrored += tensor.n_bytes
             continue
         found = _LAYER.match(tensor.name)
         if found is None:
@@ -257,6 +260,8 @@ def tensor_split(
         else:
             il = int(found.group(1))
             share = _layer_share(tensor, found.group(2), il, by_name, heads[il], rotation[il], split)
+        if n > 1 and all(part == tensor.n_bytes for part in share):
+            mirrored += tensor.n_bytes
         for d in range(n):
             weights[d] += share[d]
     kv: list[tuple[float, ...]] = []
@@ -265,7 +270,7 @@ def tensor_split(
         g = _granularities(h, _block(out.ggml_type) if out else 1, n)
         k = slices(h.n_head_kv * h.head_k, g["k"], rotation[il], split)
         kv.append(tuple(part / max(1, h.n_head_kv * h.head_k) for part in k))
-    return TensorSplit(tuple(weights), tuple(kv))
+    return TensorSplit(tuple(weights), tuple(kv), mirrored if n > 1 else 0)
 
 
 def _bytes(tensor: TensorInfo, axis: int, parts: Sequence[int]) -> list[int]:

@@ -4,10 +4,12 @@ layer plan needs, and a `-sm tensor` layout sized per device from split_modes.py
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from launcher.gpu.types import Link
-from launcher.plan.estimate import ModelShape, Runtime, kv_bytes, state_bytes
+from launcher.plan.estimate import MIB, ModelShape, Runtime, kv_bytes, state_bytes
 from launcher.plan.layout import DeviceLoad, Layout, UsableGpu, layout
 from launcher.plan.split_modes import SEGMENTED, Heads, SplitChoice, SplitMode, choose, tensor_split
 
@@ -20,11 +22,31 @@ def heads_of(shape: ModelShape) -> list[Heads]:
 
 
 def tensor_layout(shape: ModelShape, runtime: Runtime, gpus: Sequence[UsableGpu], overhead_b: int) -> Layout:
-    """Every layer on every GPU of ``gpus``, each holding its slice of every split tensor (equal shares,
-    `-ts 1,1,...`), the mirrored ones whole, its heads' part of the KV cache, and a compute buffer as large
-    as one device's that held the whole model: the Meta device runs the full graph on each device, its
-    activations mirrored or partial sums at full size (measured: 17.01 MiB per device against 17.0 for one)."""
-    split = (1.0,) * len(gpus)
+    """Every layer on every GPU of ``gpus``, each holding its slice of every split tensor, the mirrored ones
+    whole, its heads' part of the KV cache, and a compute buffer as large as one device's that held the
+    whole model: the Meta device runs the full graph on each device, its activations mirrored or partial
+    sums at full size (measured: 17.01 MiB per device against 17.0 for one). The shares (`-ts`) follow each
+    GPU's room once the parts that no share changes are set aside (see ``shares``); equal shares where
+    those do not fit and equal ones do."""
+    even = _laid(shape, runtime, gpus, overhead_b, (1.0,) * len(gpus))
+    weighted = shares(even, gpus)
+    if weighted == even.split:
+        return even.layout
+    found = _laid(shape, runtime, gpus, overhead_b, weighted).layout
+    return found if found.fits or not even.layout.fits else even.layout
+
+
+@dataclass(frozen=True)
+class _Laid:
+    layout: Layout
+    split: tuple[float, ...]
+    fixed_b: tuple[int, ...]  # per device: what no share changes (mirrored weights, compute, overhead, ...)
+    shared_b: int  # the weights and KV cache the shares divide, over all devices
+
+
+def _laid(
+    shape: ModelShape, runtime: Runtime, gpus: Sequence[UsableGpu], overhead_b: int, split: tuple[float, ...]
+) -> _Laid:
     kinds = [(il in shape.recurrent_layers, il in shape.swa_layers) for il in range(shape.n_layer)]
     parts = tensor_split(shape.tensors, heads_of(shape), kinds, split)
     whole = layout(shape, runtime, gpus[:1], [shape.n_layer + 1], overhead_b)
@@ -50,7 +72,21 @@ def tensor_layout(shape: ModelShape, runtime: Runtime, gpus: Sequence[UsableGpu]
                 endpoint=gpu.endpoint,
             )
         )
-    return Layout(tuple(devices), whole.host, shape.n_layer + 1, split)
+    fixed = tuple(d.total_b - (d.weights_b - parts.mirrored_b) - d.kv_b for d in devices)
+    shared = sum(d.total_b for d in devices) - sum(fixed)
+    return _Laid(Layout(tuple(devices), whole.host, shape.n_layer + 1, split), split, fixed, shared)
+
+
+def shares(even: _Laid, gpus: Sequence[UsableGpu]) -> tuple[float, ...]:
+    """The `-ts` weights: each GPU's room once its fixed part is set aside, as a ratio to the smallest room,
+    in hundredths (so equal GPUs read `1,1`). llama.cpp divides every split tensor and the KV cache by them
+    (src/llama-model.cpp, llama_meta_device_get_split_state: row ne x cumulative share / total, rounded down
+    to the granularity), so a GPU with twice the room takes twice the slice. Equal where some GPU has no
+    room left at all (nothing fits then)."""
+    rooms = [gpu.usable_mib * MIB - fixed for gpu, fixed in zip(gpus, even.fixed_b, strict=True)]
+    if min(rooms) <= 0:
+        return even.split
+    return tuple(math.floor(room / min(rooms) * 100) / 100 for room in rooms)
 
 
 def apply_split_mode(
@@ -91,10 +127,10 @@ def tensor_instead(
     links: Mapping[tuple[int, int], Link],
     overhead_b: int,
 ) -> tuple[Layout, Runtime, SplitChoice] | None:
-    """A tensor split where the layer split finds no room: on the fewest of the roomiest GPUs (equal shares:
-    the smallest of them binds), directly linked ones only for `auto`. None where none fits or the mode
+    """A tensor split where the layer split finds no room: on the fewest of the roomiest GPUs (shares weighted
+    by their room), directly linked ones only for `auto`. None where none fits or the mode
     cannot run. A pipeline keeps copies of its inputs per device and a compute buffer per stage; a tensor
-    split halves the KV cache and matrices instead, so it can fit where layers do not."""
+    split divides the KV cache and matrices instead, so it can fit where layers do not."""
     roomiest = sorted(allowed, key=lambda g: -g.usable_mib)
     on = dataclasses.replace(runtime, flash_attn=True)
     for size in range(2, len(roomiest) + 1):
