@@ -6,16 +6,13 @@ ggml/src/ggml-backend-meta.cpp, ggml_backend_meta_buffer_type_alloc_buffer_n, si
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from bench.realbuffers import _wait_listening, free_port, measure_argv
+from bench.realbuffers import Allocated, allocations, free_port, measure_argv, rpc_servers
 from launcher.backends.llama_server import LlamaServerBackend, find_llama_server
 from launcher.cli_output import format_plan
 from launcher.config import GpuSettings, ModelSettings, SimGpu
@@ -174,34 +171,6 @@ def test_the_command_carries_the_mode_the_split_and_flash_attention(tiny: Path) 
 # ---- against a real llama-server over two RPC devices --------------------------------------------------
 
 
-@contextlib.contextmanager
-def logged_rpc_servers(bin_dir: Path, count: int, logs: Path) -> Iterator[list[Path]]:
-    """``count`` ggml-rpc-servers on loopback that log each buffer they allocate (GGML_RPC_DEBUG): the exact
-    bytes of each device. Yields their log files; their addresses are in `addresses.txt` beside them."""
-    procs, files, addresses = [], [], []
-    env = {**os.environ, "GGML_RPC_DEBUG": "1"}
-    try:
-        for i in range(count):
-            port = free_port()
-            files.append(logs / f"rpc{i}.log")
-            with files[-1].open("w") as out:
-                argv = [str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port)]
-                procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env))
-            addresses.append(f"127.0.0.1:{port}")
-        for address in addresses:
-            _wait_listening(address)
-        (logs / "addresses.txt").write_text(",".join(addresses))
-        yield files
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=30)
-
-
-_ALLOC = re.compile(r"\[alloc_buffer\] device: \d+, size: (\d+)")
-
-
 def write_model(kind: str, path: Path) -> Path:
     if kind == "gemma3":  # sliding window (512) on five layers of six, tied output
         return write_gemma3(path, 12, 512, 2048, (512, 4, 2, 64, 4096))
@@ -239,24 +208,27 @@ def test_each_rpc_device_holds_its_planned_slice(
     placed = place(model, memory_mib, "nv")
     assert (placed.plan.split_mode, len(placed.plan.devices)) == ("tensor", devices)
     assert placed.plan.tensor_split == shares
+    check_on_rpc_devices(model, placed, tmp_path)
+
+
+def check_on_rpc_devices(model: ModelSettings, placed: Placed, tmp_path: Path) -> list[Allocated]:
+    """Run the plan's command over one logging rpc-server per planned device: each device's allocations
+    against the plan, within the planner's targets (weights exact but for the MiB rounding)."""
     port = free_port()
     spec = LlamaServerBackend(model).launch_spec(model, port, placed.placement)
     assert spec.argv[0] == str(find_llama_server(None))
-    with logged_rpc_servers(Path(spec.argv[0]).parent, devices, tmp_path) as logs:
-        addresses = (tmp_path / "addresses.txt").read_text()
-        reported = measure_argv([*spec.argv, "--rpc", addresses], port, spec.env)
-    allocated = [[int(size) for size in _ALLOC.findall(log.read_text())] for log in logs]
-    for device, sizes in zip(placed.plan.devices, allocated, strict=True):
-        # in llama.cpp's order: model, the KV cache (two with a sliding window), compute, then a few KiB
-        # buffers of the Meta device's own (counted in the total)
-        large = [size for size in sizes if size >= 64 * 1024]
-        weights, kv, compute = large[0], sum(large[1:-1]), large[-1]
-        assert device.weights_mib == -(-weights // MIB)  # the rules are exact: only the MiB rounding
-        assert device.kv_cache_mib * MIB == pytest.approx(kv, rel=0.02, abs=MIB)
-        assert abs(device.compute_mib * MIB - compute) <= 32 * MIB  # the whole graph's, on each device
+    devices = len(placed.plan.devices)
+    with rpc_servers(Path(spec.argv[0]).parent, devices, logs=tmp_path) as addresses:
+        reported = measure_argv([*spec.argv, "--rpc", ",".join(addresses)], port, spec.env)
+    allocated = allocations(tmp_path, devices)
+    for device, real in zip(placed.plan.devices, allocated, strict=True):
+        assert device.weights_mib == -(-real.weights_b // MIB)  # the rules are exact: only the MiB rounding
+        assert device.kv_cache_mib * MIB == pytest.approx(real.kv_b, rel=0.02, abs=MIB)
+        assert abs(device.compute_mib * MIB - real.compute_b) <= 32 * MIB  # the whole graph's, on each device
         planned = (device.weights_mib + device.kv_cache_mib + device.compute_mib) * MIB
-        assert abs(planned - sum(sizes)) <= max(0.03 * sum(sizes), 32 * MIB)
+        assert abs(planned - real.total_b) <= max(0.03 * real.total_b, 32 * MIB)
     assert reported.host.model == pytest.approx(placed.plan.host.weights_mib, abs=1.0)  # token_embd
+    return allocated
 
 
 @pytest.mark.parametrize(
@@ -285,9 +257,8 @@ def test_what_the_plan_refuses_fails_at_load_as_the_rule_says(
     assert (len(plan.devices), plan.split_mode) == (2, "layer")
     assert plan.warnings == [f"split_mode: {plan.split_reason.split('(', 1)[1][:-1]}"]
     server = find_llama_server(None)
-    with logged_rpc_servers(server.parent, 2, tmp_path):
-        addresses = (tmp_path / "addresses.txt").read_text()
-        argv = [str(server), "-m", str(path), "--rpc", addresses, "-sm", mode, "-ngl", "99", "--fit", "off"]
+    with rpc_servers(server.parent, 2) as addresses:
+        argv = [str(server), "-m", str(path), "--rpc", ",".join(addresses), "-sm", mode, "-ngl", "99", "--fit", "off"]
         argv += ["--port", str(free_port()), "--host", "127.0.0.1"]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode != 0
@@ -316,3 +287,33 @@ def test_layer_counts_in_tensor_split_keep_the_layer_split(tiny: Path) -> None:
     plan = place(model.model_copy(update={"split_mode": "tensor"}), 200, "nv").plan
     assert plan.split_mode == "layer"
     assert plan.warnings == ["split_mode: tensor ignored: tensor_split gives layers per GPU"]
+
+
+# ---- ctx: max sizes the tensor split -------------------------------------------------------------------
+
+
+def test_ctx_max_sizes_the_context_of_the_tensor_split(tiny: Path) -> None:
+    """The bisection lays out the tensor split at each step on the GPUs chosen at ctx_min: every GPU holds
+    half the KV heads and one compute buffer, so two linked 90 MiB GPUs hold 39168 cells where a layer
+    split holds 32768; the next step overflows a GPU by the tensor plan's own numbers."""
+    model = ModelSettings(model=tiny, ctx="max", ctx_min=32768, ctx_max=131072, args=["-ub", "64"])
+    plan = place(model, 90, "nv").plan
+    assert (plan.split_mode, plan.ctx, [d.total_mib for d in plan.devices]) == ("tensor", 39168, [90, 90])
+    assert plan.context is not None
+    assert plan.context.reason.endswith("ctx 39424 would need 91 MiB on GPU 1 with this split, 90 MiB usable there")
+    assert place(model, 90, None).plan.ctx == 32768  # joined through the CPU: layers
+    with pytest.raises(StartError):  # the next step, planned with a fixed context, fits in no mode
+        place(model.model_copy(update={"ctx": 39424, "split_mode": "tensor"}), 90, "nv")
+
+
+def test_ctx_max_of_a_tensor_split_over_unequal_rpc_devices_is_held(
+    tiny: Path, tmp_path: Path, leaves_no_process: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The context chosen over a 60 and a 120 MiB GPU (shares 1 : 2.1) runs over two RPC devices, each
+    holding what its plan says and no more than its GPU's memory."""
+    monkeypatch.setenv(MARK, leaves_no_process)
+    model = ModelSettings(model=tiny, ctx="max", ctx_min=32768, ctx_max=131072, args=["-ub", "64", "-lv", "4"])
+    placed = place(model, [60, 120], "nv")
+    assert (placed.plan.split_mode, placed.plan.ctx, placed.plan.tensor_split) == ("tensor", 33792, [1, 2.1])
+    allocated = check_on_rpc_devices(model, placed, tmp_path)
+    assert [real.total_b <= size * MIB for real, size in zip(allocated, [60, 120], strict=True)] == [True, True]

@@ -74,7 +74,7 @@ def _laid(
         )
     fixed = tuple(d.total_b - (d.weights_b - parts.mirrored_b) - d.kv_b for d in devices)
     shared = sum(d.total_b for d in devices) - sum(fixed)
-    return _Laid(Layout(tuple(devices), whole.host, shape.n_layer + 1, split), split, fixed, shared)
+    return _Laid(Layout(tuple(devices), whole.host, shape.n_layer + 1, split, tensor=True), split, fixed, shared)
 
 
 def shares(even: _Laid, gpus: Sequence[UsableGpu]) -> tuple[float, ...]:
@@ -89,6 +89,22 @@ def shares(even: _Laid, gpus: Sequence[UsableGpu]) -> tuple[float, ...]:
     return tuple(math.floor(room / min(rooms) * 100) / 100 for room in rooms)
 
 
+def gpus_of(chosen: Layout, gpus: Sequence[UsableGpu]) -> list[UsableGpu]:
+    """The GPUs of ``gpus`` that ``chosen``'s devices are, in its order (peers' by endpoint)."""
+    by_key = {(g.endpoint, g.index): g for g in gpus}
+    return [by_key[(d.endpoint, d.gpu)] for d in chosen.devices]
+
+
+def relaid(
+    shape: ModelShape, runtime: Runtime, chosen: Layout, gpus: Sequence[UsableGpu], overhead_b: int
+) -> Layout | None:
+    """A tensor layout ``chosen`` again at another runtime (`ctx: max`'s next step), on the same GPUs, fitting
+    or not; None for a layer split, which is planned afresh at each context (its counts move)."""
+    if not chosen.tensor:
+        return None
+    return tensor_layout(shape, dataclasses.replace(runtime, flash_attn=True), gpus_of(chosen, gpus), overhead_b)
+
+
 def apply_split_mode(
     requested: str,
     backend: str,
@@ -96,18 +112,18 @@ def apply_split_mode(
     runtime: Runtime,
     chosen: Layout,
     links: Mapping[tuple[int, int], Link],
+    gpus: Sequence[UsableGpu],
     overhead_b: int,
 ) -> tuple[Layout, Runtime, SplitChoice]:
     """The layout, runtime and mode the server runs with, given the layer layout ``chosen`` (which decides
-    how many GPUs the model needs)."""
+    how many GPUs the model needs) of ``gpus`` (those it may use)."""
     local = [d.gpu for d in chosen.devices if not d.endpoint]
     remote = any(d.endpoint for d in chosen.devices)
     choice = choose(requested, shape.architecture, backend, local, links, remote)
     if choice.mode is not SplitMode.TENSOR:
         return chosen, runtime, choice
     on = dataclasses.replace(runtime, flash_attn=True)  # llama_init_from_model turns it on for tensor
-    gpus = [UsableGpu(d.gpu, d.uuid, d.name, d.usable_mib, d.usable_mib, d.host, d.endpoint) for d in chosen.devices]
-    found = tensor_layout(shape, on, gpus, overhead_b)
+    found = tensor_layout(shape, on, gpus_of(chosen, gpus), overhead_b)
     if not found.fits:
         short = ", ".join(str(d.gpu) for d in found.devices if not d.fits)
         why = f"layer: a tensor split does not fit on GPU {short} (the compute buffer is whole on each)"
