@@ -206,10 +206,15 @@ def _cells(row: DeviceRow) -> str:
     )
 
 
-def table(outcomes: Sequence[Outcome], scale: int) -> str:
+HEADING = (
+    "MiB per device, plan / llama-server -lv 4 (KV: KV cache + recurrent state); fit: llama-fit-params "
+    "--fit-print on for the same placement (context, total). `!`: outside the target."
+)
+
+
+def table(outcomes: Sequence[Outcome], scale: int, heading: str = HEADING) -> str:
     lines = [
-        "MiB per device, plan / llama-server -lv 4 (KV: KV cache + recurrent state); fit: llama-fit-params "
-        "--fit-print on for the same placement (context, total). `!`: outside the target.",
+        heading,
         "",
         "| arch | ctx | -np | device | weights | KV | compute | total | fit KV | fit total |",
         "|---|---|---|---|---|---|---|---|---|---|",

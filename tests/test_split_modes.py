@@ -317,3 +317,18 @@ def test_ctx_max_of_a_tensor_split_over_unequal_rpc_devices_is_held(
     assert (placed.plan.split_mode, placed.plan.ctx, placed.plan.tensor_split) == ("tensor", 33792, [1, 2.1])
     allocated = check_on_rpc_devices(model, placed, tmp_path)
     assert [real.total_b <= size * MIB for real, size in zip(allocated, [60, 120], strict=True)] == [True, True]
+
+
+def test_attention_sinks_and_ffn_biases_split_as_llama_cpp_splits_them() -> None:
+    """gpt-oss's attn_sinks (one f32 per head) go with the heads (granularity_q / head_k = 4 of 8 heads
+    each); an FFN bias in steps of lcm(ffn_down's block, 128), not element by element: 384 rows as 128
+    and 256 on two devices (192 rounded down, the last taking the rest)."""
+    heads = [Heads(8, 2, 64, 64)]
+    sinks = TensorInfo("blk.0.attn_sinks.weight", (8,), 0, 8 * 4)
+    out = TensorInfo("blk.0.attn_output.weight", (512, 512), F16, 512 * 512 * 2)
+    bias = TensorInfo("blk.0.ffn_up.bias", (384,), 0, 384 * 4)
+    down = TensorInfo("blk.0.ffn_down.weight", (384, 512), F16, 384 * 512 * 2)
+    split = tensor_split([sinks, out, bias, down], heads, [(False, False)], [0.0, 0.0])
+    halves = (sinks.n_bytes + out.n_bytes) // 2
+    assert split.weights_b == (halves + 128 * 4 + 128 * 512 * 2, halves + 256 * 4 + 256 * 512 * 2)
+    assert split.mirrored_b == 0

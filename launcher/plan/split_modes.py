@@ -6,7 +6,8 @@ devices are skipped); ggml/src/ggml-backend-meta.cpp allocates each tensor's sli
 src/llama-model.cpp, llama_meta_device_get_split_state, says per tensor:
 
 - attn_q/k/v (and fused attn_qkv, attn_gate) weights: split along ne[1] (output rows, i.e. whole heads);
-  their biases along ne[0]. attn_output: along ne[0] (its input columns, the same heads).
+  their biases along ne[0]. attn_output: along ne[0] (its input columns, the same heads). attn_sinks
+  (gpt-oss, one value per head): along ne[0] in granularity_q / head_k.
 - the KV cache (cache_k_l*, cache_v_l*): along ne[0] = n_embd_k_gqa / n_embd_v_gqa: each device keeps
   the K and V rows of its own KV heads, for every cell.
 - ffn_up/gate (incl. _exps): along ne[1]; ffn_down: along ne[0]: the FFN's n_ff divided.
@@ -19,7 +20,8 @@ Granularity (get_split_granularity there): for a layer with n_gqa = n_head / n_h
 n_embd_q = n_gqa x head_k, blck = the block size of the tensor the split follows (attn_output.weight for
 Q/K/V and the cache, ffn_down for up/gate), doubled while < 128 and blck x devices < n_embd_q;
 granularity_q = lcm(n_embd_q, blck); K (weights and cache) granularity_q / n_gqa; V (that / head_k) x
-head_v; attn_output (granularity_q / head_k) x head_v; FFN lcm(blck, 128); anything else 1. Device j's
+head_v; attn_output (granularity_q / head_k) x head_v; FFN weights and biases lcm(blck, 128); anything
+else 1. Device j's
 boundary is ne x (cumulative split)_j / total, rounded down to the granularity; the last takes the rest.
 The device order is rotated by the layer's index among layers of its kind (recurrent, sliding-window) mod
 devices (the output by n_layer mod devices), so that rounding leftovers do not all land on one device.
@@ -312,12 +314,15 @@ def _layer_share(
         if part == "gate" and tensor.shape[1] == heads.n_head:
             granularity = g["q"] // heads.head_k
         return _bytes(tensor, axis, slices(tensor.shape[axis], granularity, rotation, split))
+    if short == "attn_sinks.weight":  # gpt-oss: one value per head, split as the heads are
+        g = _granularities(heads, _block(out.ggml_type) if out else 1, n)
+        return _bytes(tensor, 0, slices(tensor.shape[0], g["q"] // heads.head_k, rotation, split))
     if short == "attn_output.weight":
         g = _granularities(heads, _block(tensor.ggml_type), n)
         return _bytes(tensor, 0, slices(tensor.shape[0], g["out"], rotation, split))
     if _FFN_ROWS.match(short) or _FFN_DOWN.match(short) or _FFN_BIAS.match(short):
         follows = tensor if _FFN_DOWN.match(short) else (down or tensor)
         axis = 0 if _FFN_DOWN.match(short) or short.endswith(".bias") else 1
-        granularity = 1 if short.endswith(".bias") else math.lcm(_block(follows.ggml_type), 128)
+        granularity = math.lcm(_block(follows.ggml_type), 128)  # biases too (get_split_granularity's FFN)
         return _bytes(tensor, axis, slices(tensor.shape[axis], granularity, rotation, split))
     return [tensor.n_bytes] * n  # norms, output and down biases, ...: mirrored
