@@ -107,11 +107,16 @@ class Allocated:
     total_b: int
 
 
+def buffer_sizes(log: Path) -> list[int]:
+    """Every buffer one logging rpc-server allocated, in bytes, in order."""
+    return [int(size) for size in _ALLOC.findall(log.read_text())]
+
+
 def allocations(logs: Path, count: int) -> list[Allocated]:
     """What each of the ``count`` rpc-servers logging to ``logs`` allocated (see ``rpc_servers``)."""
     found = []
     for i in range(count):
-        sizes = [int(size) for size in _ALLOC.findall((logs / f"rpc{i}.log").read_text())]
+        sizes = buffer_sizes(logs / f"rpc{i}.log")
         large = [size for size in sizes if size >= 64 * 1024]
         found.append(Allocated(large[0], sum(large[1:-1]), large[-1], sum(sizes)))
     return found

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.realbuffers import Allocated, allocations, free_port, measure_argv, rpc_servers
+from bench.realbuffers import Allocated, allocations, buffer_sizes, free_port, measure_argv, rpc_servers
 from launcher.backends.llama_server import LlamaServerBackend, find_llama_server
 from launcher.cli_output import format_plan
 from launcher.config import GpuSettings, ModelSettings, SimGpu
@@ -26,6 +26,7 @@ from launcher.plan.placement import Placement
 from launcher.plan.planner import Placed, Planner
 from launcher.plan.split_modes import Heads, SplitMode, choose, slices, tensor_split
 from launcher.tinymodel import TinyShape, write_tiny_llama
+from tests import archcorpus
 from tests.archmodels import write_gemma3, write_mamba, write_qwen3moe
 from tests.conftest import MARK
 
@@ -332,3 +333,25 @@ def test_attention_sinks_and_ffn_biases_split_as_llama_cpp_splits_them() -> None
     halves = (sinks.n_bytes + out.n_bytes) // 2
     assert split.weights_b == (halves + 128 * 4 + 128 * 512 * 2, halves + 256 * 4 + 256 * 512 * 2)
     assert split.mirrored_b == 0
+
+
+def test_the_projector_goes_whole_on_the_first_device_of_a_tensor_split(
+    tmp_path: Path, leaves_no_process: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mtmd does not use the Meta device: clip_ctx (tools/mtmd/clip.cpp) takes --device's first entry or
+    else the first GPU-type device registered (common/arg.cpp, ggml_backend_dev_by_type), so the projector's
+    weights sit whole on the split's first device, as the plan puts them, and none on the others."""
+    monkeypatch.setenv(MARK, leaves_no_process)
+    files = archcorpus.write_all(tmp_path, names=("gemma3", "mmproj"), scale=8)
+    args = ["-ub", "64", "--mmproj", str(files["mmproj"]), "-lv", "4"]
+    model = ModelSettings(model=files["gemma3"], ctx=4096, split_mode="tensor", args=args)
+    placed = place(model, 300, "nv")
+    assert placed.plan.split_mode == "tensor"
+    assert [d.projector_mib for d in placed.plan.devices] == [38, 0]
+    port = free_port()
+    spec = LlamaServerBackend(model).launch_spec(model, port, placed.placement)
+    with rpc_servers(Path(spec.argv[0]).parent, 2, logs=tmp_path) as addresses:
+        reported = measure_argv([*spec.argv, "--rpc", ",".join(addresses)], port, spec.env)
+    assert f"CLIP using RPC0[{addresses[0]}] backend" in reported.log
+    first, second = ([-(-size // MIB) for size in buffer_sizes(tmp_path / f"rpc{i}.log")] for i in range(2))
+    assert 38 in first and 38 not in second  # the projector's weights, 37.75 MiB

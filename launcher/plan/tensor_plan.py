@@ -25,7 +25,9 @@ def tensor_layout(shape: ModelShape, runtime: Runtime, gpus: Sequence[UsableGpu]
     """Every layer on every GPU of ``gpus``, each holding its slice of every split tensor, the mirrored ones
     whole, its heads' part of the KV cache, and a compute buffer as large as one device's that held the
     whole model: the Meta device runs the full graph on each device, its activations mirrored or partial
-    sums at full size (measured: 17.01 MiB per device against 17.0 for one). The shares (`-ts`) follow each
+    sums at full size (measured: 17.01 MiB per device against 17.0 for one). The projector (--mmproj)
+    is whole on the first device: mtmd never sees the Meta device (tools/mtmd/clip.cpp, clip_ctx, takes
+    --device's first entry or the first GPU registered). The shares (`-ts`) follow each
     GPU's room once the parts that no share changes are set aside (see ``shares``); equal shares where
     those do not fit and equal ones do."""
     even = _laid(shape, runtime, gpus, overhead_b, (1.0,) * len(gpus))
