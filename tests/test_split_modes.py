@@ -105,6 +105,8 @@ def test_what_llama_cpp_cannot_run_falls_back_to_layer_with_a_warning() -> None:
     assert row.mode is SplitMode.LAYER and row.warning is not None and "split buffer" in row.warning
     ollama = choose("tensor", "llama", "ollama", [0, 1], links, remote=False)
     assert ollama.mode is SplitMode.LAYER and ollama.warning == "split_mode: ollama has no tensor split"
+    segmented = choose("tensor", "qwen3next", "llama-server", [0, 1], links, remote=False)
+    assert segmented.mode is SplitMode.LAYER and "get_split_segments" in str(segmented.warning)
     asked = choose("tensor", "llama", "llama-server", [0, 1], {(0, 1): Link.CPU}, remote=False)
     assert (asked.mode, asked.warning) == (SplitMode.TENSOR, None)  # as configured, links or not
 
@@ -237,6 +239,8 @@ def check_on_rpc_devices(model: ModelSettings, placed: Placed, tmp_path: Path) -
     [
         ("llama", "row", 32768, 90, "does not support split buffers"),
         ("mamba", "tensor", 4096, 10, "LLAMA_SPLIT_MODE_TENSOR not implemented for architecture 'mamba'"),
+        # DeepSeek's MLA: a KV cache of latents, no heads to divide
+        ("deepseek2", "tensor", 4096, 16, "LLAMA_SPLIT_MODE_TENSOR not implemented for architecture 'deepseek2'"),
     ],
 )
 def test_what_the_plan_refuses_fails_at_load_as_the_rule_says(
@@ -252,7 +256,12 @@ def test_what_the_plan_refuses_fails_at_load_as_the_rule_says(
     """Why `row` and a tensor split of Mamba are planned as `layer`: the pinned llama.cpp's RPC (like its
     CUDA) backend has no split buffer type, and its tensor mode has no rule for Mamba's graph."""
     monkeypatch.setenv(MARK, leaves_no_process)
-    path = write_mamba(tmp_path / "m.gguf", 6, 2048, 256) if kind == "mamba" else write_model(kind, tmp_path / "m.gguf")
+    if kind == "deepseek2":
+        path = archcorpus.write_all(tmp_path, names=(kind,))[kind]
+    elif kind == "mamba":
+        path = write_mamba(tmp_path / "m.gguf", 6, 2048, 256)
+    else:
+        path = write_model(kind, tmp_path / "m.gguf")
     model = ModelSettings(model=path, ctx=ctx, split_mode=mode, args=["-ub", "64"])  # type: ignore[arg-type]
     plan = place(model, memory_mib, "nv").plan  # two GPUs needed: the mode would apply
     assert (len(plan.devices), plan.split_mode) == (2, "layer")

@@ -82,8 +82,10 @@ NO_TENSOR_SPLIT = frozenset(
         "qwen3tts",
     }
 )
-# Architectures whose fused tensors llama.cpp cuts into segments of its own (get_split_segments for
-# Qwen3-Next/3.5/Clef/Qwen4exp, DeepSeek-V4's grouped output): sized here by the plain rules, so approximate.
+# Architectures whose fused tensors and recurrent state llama.cpp cuts into segments of its own
+# (src/llama-model.cpp, get_split_segments for Qwen3-Next/3.5/Clef/Qwen4exp, DeepSeek-V4's grouped output):
+# the plain rules miss them (Qwen3-Next over 3 RPC devices: weights 4.6 MiB and state 214 % over), so the
+# plan refuses their tensor split rather than size it wrongly.
 SEGMENTED = frozenset({"qwen3next", "qwen35", "qwen35moe", "clef", "qwen4exp", "deepseek4"})
 
 
@@ -161,6 +163,8 @@ def _cannot(mode: SplitMode, architecture: str, backend: str, devices: int) -> s
         return f"llama.cpp's tensor split takes at most {META_MAX_DEVICES} devices (GGML_BACKEND_META_MAX_DEVICES)"
     if architecture in NO_TENSOR_SPLIT:
         return f"llama.cpp has no tensor split for architecture {architecture!r} (llm_arch_supports_sm_tensor)"
+    if architecture in SEGMENTED:
+        return f"the planner does not size {architecture!r}'s segmented tensor split (get_split_segments)"
     return None
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from launcher.gpu.types import Link
 from launcher.plan.estimate import MIB, ModelShape, Runtime, kv_bytes, state_bytes
 from launcher.plan.layout import DeviceLoad, Layout, UsableGpu, layout
-from launcher.plan.split_modes import SEGMENTED, Heads, SplitChoice, SplitMode, choose, tensor_split
+from launcher.plan.split_modes import Heads, SplitChoice, SplitMode, choose, tensor_split
 
 
 def heads_of(shape: ModelShape) -> list[Heads]:
@@ -130,9 +130,6 @@ def apply_split_mode(
         short = ", ".join(str(d.gpu) for d in found.devices if not d.fits)
         why = f"layer: a tensor split does not fit on GPU {short} (the compute buffer is whole on each)"
         return chosen, runtime, SplitChoice(SplitMode.LAYER, why, why if requested == "tensor" else None)
-    if shape.architecture in SEGMENTED:
-        note = f"{choice.reason}; {shape.architecture}'s fused tensors are sized approximately"
-        choice = dataclasses.replace(choice, reason=note)
     return found, on, choice
 
 
