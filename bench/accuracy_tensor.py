@@ -15,14 +15,23 @@ Targets per device as for layers: KV within 2 %, total within 3 % or 32 MiB.
 
 from __future__ import annotations
 
-import argparse
-import functools
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from bench.accuracy_arch import CONTEXTS, Case, DeviceRow, Outcome, _first_error, _settings, summary, table
+from bench.accuracy_arch import (
+    CONTEXTS,
+    Case,
+    DeviceRow,
+    Outcome,
+    arguments,
+    corpus_in,
+    first_error,
+    settings_for,
+    summary,
+    table,
+)
 from bench.realbuffers import Buffers, allocations, free_port, measure_argv, rpc_servers
 from launcher.backends.llama_server import LlamaServerBackend, find_llama_server
 from launcher.config import GpuSettings, ModelSettings, SimGpu
@@ -83,7 +92,7 @@ def tensor_plan(model: ModelSettings, devices: int, unequal: bool) -> Placed | s
 
 
 def measure_case(case: Case, unequal: bool, corpus: Callable[[int], dict[str, Path]], server: Path) -> Outcome:
-    model = _settings(corpus(case.scale), case).model_copy(update={"split_mode": "tensor"})
+    model = settings_for(corpus(case.scale), case).model_copy(update={"split_mode": "tensor"})
     placed = tensor_plan(model, case.devices, unequal)
     if isinstance(placed, str):
         return Outcome(case, failure=placed)
@@ -93,7 +102,7 @@ def measure_case(case: Case, unequal: bool, corpus: Callable[[int], dict[str, Pa
         try:
             measure_argv([*spec.argv, "--rpc", ",".join(where)], port, spec.env)
         except RuntimeError as error:
-            return Outcome(case, failure=f"llama-server: {_first_error(str(error))}")
+            return Outcome(case, failure=f"llama-server: {first_error(str(error))}")
         real = allocations(Path(logs), case.devices)
     rows = []
     for i, (device, held, share) in enumerate(zip(placed.plan.devices, real, placed.plan.tensor_split, strict=True)):
@@ -106,22 +115,12 @@ def measure_case(case: Case, unequal: bool, corpus: Callable[[int], dict[str, Pa
 
 def main(argv: list[str] | None = None) -> None:
     names = tuple(n for n in archcorpus.NAMES if n != "mmproj")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--arch", action="append", choices=names, help="only these rows (repeatable)")
-    parser.add_argument("--quick", action="store_true", help="the short context and equal shares only")
-    parser.add_argument("--scale", type=int, default=8, help="corpus widths (and most depths) times this")
-    parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, names, "the short context and equal shares only", argv)
     server = find_llama_server(None)
     contexts = CONTEXTS[:1] if args.quick else CONTEXTS
     shares = (False,) if args.quick else (False, True)
     with tempfile.TemporaryDirectory() as tmp:
-
-        @functools.cache
-        def corpus(scale: int) -> dict[str, Path]:
-            (Path(tmp) / str(scale)).mkdir()
-            return archcorpus.write_all(Path(tmp) / str(scale), scale=scale)
-
+        corpus = corpus_in(Path(tmp))
         outcomes = [
             measure_case(Case(a, c, 1, n, args.scale), unequal, corpus, server)
             for a in args.arch or names
