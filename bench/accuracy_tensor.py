@@ -93,7 +93,10 @@ def tensor_plan(model: ModelSettings, devices: int, unequal: bool) -> Placed | s
 
 def measure_case(case: Case, unequal: bool, corpus: Callable[[int], dict[str, Path]], server: Path) -> Outcome:
     model = settings_for(corpus(case.scale), case).model_copy(update={"split_mode": "tensor"})
-    placed = tensor_plan(model, case.devices, unequal)
+    try:
+        placed = tensor_plan(model, case.devices, unequal)
+    except Exception as error:  # the table reports a planner that fails, whatever it raised
+        placed = f"planner: {type(error).__name__}: {str(error).splitlines()[0]}"
     if isinstance(placed, str):
         return Outcome(case, failure=placed)
     port = free_port()

@@ -25,6 +25,7 @@ from launcher.plan.gguf import TensorInfo
 from launcher.plan.placement import Placement
 from launcher.plan.planner import Placed, Planner
 from launcher.plan.split_modes import Heads, SplitMode, choose, slices, tensor_split
+from launcher.plan.tensor_plan import UNSIZED_RECURRENT
 from launcher.tinymodel import TinyShape, write_tiny_llama
 from tests import archcorpus
 from tests.archmodels import write_gemma3, write_mamba, write_qwen3moe
@@ -364,3 +365,15 @@ def test_the_projector_goes_whole_on_the_first_device_of_a_tensor_split(
     assert f"CLIP using RPC0[{addresses[0]}] backend" in reported.log
     first, second = ([-(-size // MIB) for size in buffer_sizes(tmp_path / f"rpc{i}.log")] for i in range(2))
     assert 38 in first and 38 not in second  # the projector's weights, 37.75 MiB
+
+
+@pytest.mark.parametrize("kind", ["rwkv7", "lfm2"])
+def test_recurrent_layers_llama_cpp_splits_are_refused_at_plan_time(kind: str, tmp_path: Path) -> None:
+    """RWKV and LFM2 run in llama.cpp's tensor mode, but their recurrent layers split by rules the planner
+    does not size: the plan stays layered with the reason (it once divided by their zero KV heads)."""
+    path = archcorpus.write_all(tmp_path, names=(kind,))[kind]
+    model = ModelSettings(model=path, ctx=4096, split_mode="tensor", args=["-ub", "64"])
+    plan = place(model, 12, "nv").plan
+    assert (len(plan.devices), plan.split_mode) == (2, "layer")
+    assert plan.warnings == [f"split_mode: {UNSIZED_RECURRENT}"]
+    assert place(model.model_copy(update={"split_mode": "auto"}), 12, "nv").plan.split_mode == "layer"

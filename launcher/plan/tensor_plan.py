@@ -13,6 +13,11 @@ from launcher.plan.estimate import MIB, ModelShape, Runtime, kv_bytes, state_byt
 from launcher.plan.layout import DeviceLoad, Layout, UsableGpu, layout
 from launcher.plan.split_modes import Heads, SplitChoice, SplitMode, choose, tensor_split
 
+# Recurrent layers (RWKV, LFM2's short convolutions, the linear attention of hybrids) are split by
+# get_split_granularity's linear-attention rules (src/llama-model.cpp: ssm_d_state heads, the r/s caches in
+# lcm(block, 128, head) steps, LFM2's conv state mirrored), which the planner does not size: refused.
+UNSIZED_RECURRENT = "the planner does not size a tensor split of recurrent layers (get_split_granularity)"
+
 
 def heads_of(shape: ModelShape) -> list[Heads]:
     """Each layer's attention shape as llama_hparams gives it."""
@@ -122,6 +127,11 @@ def apply_split_mode(
     local = [d.gpu for d in chosen.devices if not d.endpoint]
     remote = any(d.endpoint for d in chosen.devices)
     choice = choose(requested, shape.architecture, backend, local, links, remote)
+    if choice.mode is SplitMode.TENSOR and shape.recurrent_layers:
+        why = f"layer: tensor cannot run here ({UNSIZED_RECURRENT})"
+        choice = SplitChoice(
+            SplitMode.LAYER, why, f"split_mode: {UNSIZED_RECURRENT}" if requested == "tensor" else None
+        )
     if choice.mode is not SplitMode.TENSOR:
         return chosen, runtime, choice
     on = dataclasses.replace(runtime, flash_attn=True)  # llama_init_from_model turns it on for tensor
@@ -146,6 +156,8 @@ def tensor_instead(
     by their room), directly linked ones only for `auto`. None where none fits or the mode
     cannot run. A pipeline keeps copies of its inputs per device and a compute buffer per stage; a tensor
     split divides the KV cache and matrices instead, so it can fit where layers do not."""
+    if shape.recurrent_layers:
+        return None
     roomiest = sorted(allowed, key=lambda g: -g.usable_mib)
     on = dataclasses.replace(runtime, flash_attn=True)
     for size in range(2, len(roomiest) + 1):
