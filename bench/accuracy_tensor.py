@@ -84,6 +84,16 @@ def tensor_plan(model: ModelSettings, devices: int, unequal: bool) -> Placed | s
         low, high = (low, middle) if _placed(model, sizes(middle)) is not None else (middle, high)
     placed = _placed(model, sizes(high))
     assert placed is not None
+    # where layers fit on less than a tensor split needs (its compute buffer whole on every GPU), a little
+    # more room, in steps of 2 %, up to where the model would need fewer GPUs
+    for step in range(1, 30):
+        if placed.plan.split_mode == "tensor" or len(placed.plan.devices) < devices:
+            break
+        larger = _placed(model, sizes(high * (50 + step) // 50))
+        assert larger is not None
+        if len(larger.plan.devices) < devices:
+            break
+        placed = larger
     if placed.plan.split_mode != "tensor":
         return f"plan: {placed.plan.split_reason}"
     if len(placed.plan.devices) != devices:
