@@ -101,7 +101,7 @@ def cases(archs: Sequence[str], quick: bool) -> list[Case]:
     return [Case(a, c, s, n) for a in archs for c in CONTEXTS for s in SLOTS for n in devices]
 
 
-def _settings(models: dict[str, Path], case: Case) -> ModelSettings:
+def settings_for(models: dict[str, Path], case: Case) -> ModelSettings:
     # -fa on: the RPC devices here are CPUs, whose `auto` says nothing about a GPU's (the planner's concern).
     args = ["-fa", "on", "-lv", "4"]
     if case.slots is not None:
@@ -112,7 +112,7 @@ def _settings(models: dict[str, Path], case: Case) -> ModelSettings:
     return ModelSettings(model=models[case.arch], ctx=case.ctx, args=args)
 
 
-def _first_error(log: str) -> str:
+def first_error(log: str) -> str:
     found = _ERROR_LINE.findall(log)
     return (found[0] if found else log.strip().splitlines()[-1])[-160:].replace("|", "/")
 
@@ -131,7 +131,7 @@ def _fit_estimate(fit_params: Path, launch: PlannedLaunch, addresses: list[str])
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     found = {m["device"]: m for m in _FIT_LINE.finditer(done.stdout)}
     if not found:
-        return _first_error(done.stderr + done.stdout)
+        return first_error(done.stderr + done.stdout)
     return {
         address: Buffers(float(m["model"]), float(m["context"]), float(m["compute"]))
         for i, address in enumerate(addresses)
@@ -145,7 +145,7 @@ def _launch(case: Case, corpus: Callable[[int], dict[str, Path]], scale: int) ->
     the weights grow with the square of the width, the masks not at all."""
     for wider in (scale, 2 * scale, 4 * scale):
         try:
-            return planned_launch(_settings(corpus(wider), case), case.devices), wider
+            return planned_launch(settings_for(corpus(wider), case), case.devices), wider
         except AssertionError:  # no room sizes make that plan: try wider
             continue
         except Exception as error:  # the table reports a planner that cannot read a header, whatever it raised
@@ -164,7 +164,7 @@ def measure_case(case: Case, corpus: Callable[[int], dict[str, Path]], server: P
         try:
             reported: Reported = measure_argv([*launch.argv, "--rpc", ",".join(addresses)], launch.port, launch.env)
         except RuntimeError as error:
-            return Outcome(case, failure=f"llama-server: {_first_error(str(error))}")
+            return Outcome(case, failure=f"llama-server: {first_error(str(error))}")
         fit = _fit_estimate(server.parent / "llama-fit-params", launch, addresses)
     rows = []
     for i, (device, address) in enumerate(zip(launch.placed.plan.devices, addresses, strict=True)):
@@ -206,10 +206,15 @@ def _cells(row: DeviceRow) -> str:
     )
 
 
-def table(outcomes: Sequence[Outcome], scale: int) -> str:
+HEADING = (
+    "MiB per device, plan / llama-server -lv 4 (KV: KV cache + recurrent state); fit: llama-fit-params "
+    "--fit-print on for the same placement (context, total). `!`: outside the target."
+)
+
+
+def table(outcomes: Sequence[Outcome], scale: int, heading: str = HEADING) -> str:
     lines = [
-        "MiB per device, plan / llama-server -lv 4 (KV: KV cache + recurrent state); fit: llama-fit-params "
-        "--fit-print on for the same placement (context, total). `!`: outside the target.",
+        heading,
         "",
         "| arch | ctx | -np | device | weights | KV | compute | total | fit KV | fit total |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -281,22 +286,33 @@ def summary(outcomes: Sequence[Outcome]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    names = (*(n for n in archcorpus.NAMES if n != "mmproj"), PROJECTOR_ROW)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def arguments(doc: str | None, names: Sequence[str], quick: str, argv: list[str] | None) -> argparse.Namespace:
+    """The accuracy benches' command line: --arch, --quick (``quick`` says what it leaves), --scale, --out."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     parser.add_argument("--arch", action="append", choices=names, help="only these rows (repeatable)")
-    parser.add_argument("--quick", action="store_true", help="1 and 2 devices only")
+    parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--scale", type=int, default=8, help="corpus widths (and most depths) times this")
     parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def corpus_in(tmp: Path) -> Callable[[int], dict[str, Path]]:
+    """The corpus at a scale, written under ``tmp`` once per scale."""
+
+    @functools.cache
+    def corpus(scale: int) -> dict[str, Path]:
+        (tmp / str(scale)).mkdir()
+        return archcorpus.write_all(tmp / str(scale), scale=scale)
+
+    return corpus
+
+
+def main(argv: list[str] | None = None) -> None:
+    names = (*(n for n in archcorpus.NAMES if n != "mmproj"), PROJECTOR_ROW)
+    args = arguments(__doc__, names, "1 and 2 devices only", argv)
     server = find_llama_server(None)
     with tempfile.TemporaryDirectory() as tmp:
-
-        @functools.cache
-        def corpus(scale: int) -> dict[str, Path]:
-            (Path(tmp) / str(scale)).mkdir()
-            return archcorpus.write_all(Path(tmp) / str(scale), scale=scale)
-
+        corpus = corpus_in(Path(tmp))
         outcomes = [measure_case(c, corpus, server, args.scale) for c in cases(args.arch or names, args.quick)]
     text = table(outcomes, args.scale) + "\n\n" + summary(outcomes) + "\n\n" + launcher_checks(outcomes)
     print(text)

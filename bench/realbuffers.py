@@ -8,6 +8,8 @@ compared with `model buffer size`, `KV buffer size` and `compute buffer size` of
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import socket
 import subprocess
 import time
@@ -63,21 +65,23 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def rpc_servers(bin_dir: Path, count: int, hosts: Sequence[Namespace] = ()) -> Iterator[list[str]]:
+def rpc_servers(
+    bin_dir: Path, count: int, hosts: Sequence[Namespace] = (), logs: Path | None = None
+) -> Iterator[list[str]]:
     """``count`` ggml-rpc-servers on loopback, or one in each of ``hosts`` on its address; their addresses,
-    in order."""
+    in order. With ``logs``, each logs every buffer it allocates (GGML_RPC_DEBUG) to `rpc<i>.log` there:
+    the exact bytes of each device (``allocations``)."""
     procs, addresses = [], []
+    env = {**os.environ, "GGML_RPC_DEBUG": "1"} if logs else None
     try:
         for i in range(count):
             port = free_port()
             prefix, host = (hosts[i].run, hosts[i].inside) if hosts else ([], "127.0.0.1")
-            procs.append(
-                subprocess.Popen(
-                    [*prefix, str(bin_dir / "ggml-rpc-server"), "-H", host, "-p", str(port)],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
+            out = (logs / f"rpc{i}.log").open("w") if logs else subprocess.DEVNULL
+            argv = [*prefix, str(bin_dir / "ggml-rpc-server"), "-H", host, "-p", str(port)]
+            procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env))
+            if logs:
+                out.close()  # type: ignore[union-attr]  # the child holds its own copy
             addresses.append(f"{host}:{port}")
         for address in addresses:
             _wait_listening(address)
@@ -86,7 +90,36 @@ def rpc_servers(bin_dir: Path, count: int, hosts: Sequence[Namespace] = ()) -> I
         for proc in procs:
             proc.terminate()
         for proc in procs:
-            proc.wait()
+            proc.wait(timeout=30)
+
+
+_ALLOC = re.compile(r"\[alloc_buffer\] device: \d+, size: (\d+)")
+
+
+@dataclass(frozen=True)
+class Allocated:
+    """One RPC device's buffers in bytes, from its rpc-server's log, in llama.cpp's order: the model, the
+    KV cache (two with a sliding window), compute, then a few KiB of the Meta device's own (in the total)."""
+
+    weights_b: int
+    kv_b: int
+    compute_b: int
+    total_b: int
+
+
+def buffer_sizes(log: Path) -> list[int]:
+    """Every buffer one logging rpc-server allocated, in bytes, in order."""
+    return [int(size) for size in _ALLOC.findall(log.read_text())]
+
+
+def allocations(logs: Path, count: int) -> list[Allocated]:
+    """What each of the ``count`` rpc-servers logging to ``logs`` allocated (see ``rpc_servers``)."""
+    found = []
+    for i in range(count):
+        sizes = buffer_sizes(logs / f"rpc{i}.log")
+        large = [size for size in sizes if size >= 64 * 1024]
+        found.append(Allocated(large[0], sum(large[1:-1]), large[-1], sum(sizes)))
+    return found
 
 
 def _wait_listening(address: str, timeout_s: float = 10) -> None:

@@ -6,16 +6,13 @@ ggml/src/ggml-backend-meta.cpp, ggml_backend_meta_buffer_type_alloc_buffer_n, si
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from bench.realbuffers import _wait_listening, free_port, measure_argv
+from bench.realbuffers import Allocated, allocations, buffer_sizes, free_port, measure_argv, rpc_servers
 from launcher.backends.llama_server import LlamaServerBackend, find_llama_server
 from launcher.cli_output import format_plan
 from launcher.config_gpus import GpuSettings, SimGpu
@@ -29,7 +26,9 @@ from launcher.plan.gguf import TensorInfo
 from launcher.plan.placement import Placement
 from launcher.plan.planner import Placed, Planner
 from launcher.plan.split_modes import Heads, SplitMode, choose, slices, tensor_split
+from launcher.plan.tensor_plan import UNSIZED_RECURRENT
 from launcher.tinymodel import TinyShape, write_tiny_llama
+from tests import archcorpus
 from tests.archmodels import write_gemma3, write_mamba, write_qwen3moe
 from tests.conftest import MARK
 
@@ -108,17 +107,21 @@ def test_what_llama_cpp_cannot_run_falls_back_to_layer_with_a_warning() -> None:
     assert row.mode is SplitMode.LAYER and row.warning is not None and "split buffer" in row.warning
     ollama = choose("tensor", "llama", "ollama", [0, 1], links, remote=False)
     assert ollama.mode is SplitMode.LAYER and ollama.warning == "split_mode: ollama has no tensor split"
+    segmented = choose("tensor", "qwen3next", "llama-server", [0, 1], links, remote=False)
+    assert segmented.mode is SplitMode.LAYER and "get_split_segments" in str(segmented.warning)
     asked = choose("tensor", "llama", "llama-server", [0, 1], {(0, 1): Link.CPU}, remote=False)
     assert (asked.mode, asked.warning) == (SplitMode.TENSOR, None)  # as configured, links or not
 
 
-def place(model: ModelSettings, memory_mib: int, link_group: str | None, count: int = 2) -> Placed:
-    """The launcher's plan for ``model`` on ``count`` simulated GPUs of ``memory_mib``, in ``link_group``."""
+def place(model: ModelSettings, memory_mib: int | Sequence[int], link_group: str | None, count: int = 2) -> Placed:
+    """The launcher's plan for ``model`` on ``count`` simulated GPUs of ``memory_mib`` (or one GPU per size
+    given), in ``link_group``."""
+    sizes = [memory_mib] * count if isinstance(memory_mib, int) else list(memory_mib)
     settings = GpuSettings(
         backend="sim",
         margin_mib=0,
         overhead_mib=0,
-        sim=[SimGpu(name="sim", memory_mib=memory_mib, link_group=link_group) for _ in range(count)],
+        sim=[SimGpu(name="sim", memory_mib=size, link_group=link_group) for size in sizes],
     )
     gpus = SimBackend(settings.sim)
     samples = [read_sample(gpus, gpu, processes=False) for gpu in gpus.identities()]
@@ -173,34 +176,6 @@ def test_the_command_carries_the_mode_the_split_and_flash_attention(tiny: Path) 
 # ---- against a real llama-server over two RPC devices --------------------------------------------------
 
 
-@contextlib.contextmanager
-def logged_rpc_servers(bin_dir: Path, count: int, logs: Path) -> Iterator[list[Path]]:
-    """``count`` ggml-rpc-servers on loopback that log each buffer they allocate (GGML_RPC_DEBUG): the exact
-    bytes of each device. Yields their log files; their addresses are in `addresses.txt` beside them."""
-    procs, files, addresses = [], [], []
-    env = {**os.environ, "GGML_RPC_DEBUG": "1"}
-    try:
-        for i in range(count):
-            port = free_port()
-            files.append(logs / f"rpc{i}.log")
-            with files[-1].open("w") as out:
-                argv = [str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port)]
-                procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env))
-            addresses.append(f"127.0.0.1:{port}")
-        for address in addresses:
-            _wait_listening(address)
-        (logs / "addresses.txt").write_text(",".join(addresses))
-        yield files
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=30)
-
-
-_ALLOC = re.compile(r"\[alloc_buffer\] device: \d+, size: (\d+)")
-
-
 def write_model(kind: str, path: Path) -> Path:
     if kind == "gemma3":  # sliding window (512) on five layers of six, tied output
         return write_gemma3(path, 12, 512, 2048, (512, 4, 2, 64, 4096))
@@ -210,12 +185,23 @@ def write_model(kind: str, path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("kind", "devices", "memory_mib"), [("llama", 2, 90), ("uneven", 3, 96), ("gemma3", 2, 200), ("qwen3moe", 2, 300)]
+    ("kind", "memory_mib", "shares"),
+    [
+        ("llama", [90, 90], [1, 1]),
+        ("uneven", [96, 96, 96], [1, 1, 1]),
+        ("gemma3", [200, 200], [1, 1]),
+        ("qwen3moe", [300, 300], [1, 1]),
+        # unequal GPUs: -ts from each one's room once the mirrored weights and compute buffer are set aside
+        ("llama", [60, 120], [1, 2.1]),
+        ("uneven", [80, 100, 140], [1, 1.26, 1.8]),
+        ("gemma3", [100, 200], [1, 2.1]),
+        ("qwen3moe", [200, 400], [1, 2.03]),
+    ],
 )
 def test_each_rpc_device_holds_its_planned_slice(
     kind: str,
-    devices: int,
-    memory_mib: int,
+    memory_mib: list[int],
+    shares: list[float],
     tmp_path: Path,
     leaves_no_process: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -223,26 +209,31 @@ def test_each_rpc_device_holds_its_planned_slice(
     monkeypatch.setenv(MARK, leaves_no_process)
     path = write_model(kind, tmp_path / "m.gguf")
     model = ModelSettings(model=path, ctx=32768, args=["-ub", "64", "-lv", "4"])
-    placed = place(model, memory_mib, "nv", devices)
+    devices = len(memory_mib)
+    placed = place(model, memory_mib, "nv")
     assert (placed.plan.split_mode, len(placed.plan.devices)) == ("tensor", devices)
+    assert placed.plan.tensor_split == shares
+    check_on_rpc_devices(model, placed, tmp_path)
+
+
+def check_on_rpc_devices(model: ModelSettings, placed: Placed, tmp_path: Path) -> list[Allocated]:
+    """Run the plan's command over one logging rpc-server per planned device: each device's allocations
+    against the plan, within the planner's targets (weights exact but for the MiB rounding)."""
     port = free_port()
     spec = LlamaServerBackend(model).launch_spec(model, port, placed.placement)
     assert spec.argv[0] == str(find_llama_server(None))
-    with logged_rpc_servers(Path(spec.argv[0]).parent, devices, tmp_path) as logs:
-        addresses = (tmp_path / "addresses.txt").read_text()
-        reported = measure_argv([*spec.argv, "--rpc", addresses], port, spec.env)
-    allocated = [[int(size) for size in _ALLOC.findall(log.read_text())] for log in logs]
-    for device, sizes in zip(placed.plan.devices, allocated, strict=True):
-        # in llama.cpp's order: model, the KV cache (two with a sliding window), compute, then a few KiB
-        # buffers of the Meta device's own (counted in the total)
-        large = [size for size in sizes if size >= 64 * 1024]
-        weights, kv, compute = large[0], sum(large[1:-1]), large[-1]
-        assert device.weights_mib == -(-weights // MIB)  # the rules are exact: only the MiB rounding
-        assert device.kv_cache_mib * MIB == pytest.approx(kv, rel=0.02, abs=MIB)
-        assert abs(device.compute_mib * MIB - compute) <= 32 * MIB  # the whole graph's, on each device
+    devices = len(placed.plan.devices)
+    with rpc_servers(Path(spec.argv[0]).parent, devices, logs=tmp_path) as addresses:
+        reported = measure_argv([*spec.argv, "--rpc", ",".join(addresses)], port, spec.env)
+    allocated = allocations(tmp_path, devices)
+    for device, real in zip(placed.plan.devices, allocated, strict=True):
+        assert device.weights_mib == -(-real.weights_b // MIB)  # the rules are exact: only the MiB rounding
+        assert device.kv_cache_mib * MIB == pytest.approx(real.kv_b, rel=0.02, abs=MIB)
+        assert abs(device.compute_mib * MIB - real.compute_b) <= 32 * MIB  # the whole graph's, on each device
         planned = (device.weights_mib + device.kv_cache_mib + device.compute_mib) * MIB
-        assert abs(planned - sum(sizes)) <= max(0.03 * sum(sizes), 32 * MIB)
+        assert abs(planned - real.total_b) <= max(0.03 * real.total_b, 32 * MIB)
     assert reported.host.model == pytest.approx(placed.plan.host.weights_mib, abs=1.0)  # token_embd
+    return allocated
 
 
 @pytest.mark.parametrize(
@@ -250,6 +241,8 @@ def test_each_rpc_device_holds_its_planned_slice(
     [
         ("llama", "row", 32768, 90, "does not support split buffers"),
         ("mamba", "tensor", 4096, 10, "LLAMA_SPLIT_MODE_TENSOR not implemented for architecture 'mamba'"),
+        # DeepSeek's MLA: a KV cache of latents, no heads to divide
+        ("deepseek2", "tensor", 4096, 16, "LLAMA_SPLIT_MODE_TENSOR not implemented for architecture 'deepseek2'"),
     ],
 )
 def test_what_the_plan_refuses_fails_at_load_as_the_rule_says(
@@ -265,15 +258,19 @@ def test_what_the_plan_refuses_fails_at_load_as_the_rule_says(
     """Why `row` and a tensor split of Mamba are planned as `layer`: the pinned llama.cpp's RPC (like its
     CUDA) backend has no split buffer type, and its tensor mode has no rule for Mamba's graph."""
     monkeypatch.setenv(MARK, leaves_no_process)
-    path = write_mamba(tmp_path / "m.gguf", 6, 2048, 256) if kind == "mamba" else write_model(kind, tmp_path / "m.gguf")
+    if kind == "deepseek2":
+        path = archcorpus.write_all(tmp_path, names=(kind,))[kind]
+    elif kind == "mamba":
+        path = write_mamba(tmp_path / "m.gguf", 6, 2048, 256)
+    else:
+        path = write_model(kind, tmp_path / "m.gguf")
     model = ModelSettings(model=path, ctx=ctx, split_mode=mode, args=["-ub", "64"])  # type: ignore[arg-type]
     plan = place(model, memory_mib, "nv").plan  # two GPUs needed: the mode would apply
     assert (len(plan.devices), plan.split_mode) == (2, "layer")
     assert plan.warnings == [f"split_mode: {plan.split_reason.split('(', 1)[1][:-1]}"]
     server = find_llama_server(None)
-    with logged_rpc_servers(server.parent, 2, tmp_path):
-        addresses = (tmp_path / "addresses.txt").read_text()
-        argv = [str(server), "-m", str(path), "--rpc", addresses, "-sm", mode, "-ngl", "99", "--fit", "off"]
+    with rpc_servers(server.parent, 2) as addresses:
+        argv = [str(server), "-m", str(path), "--rpc", ",".join(addresses), "-sm", mode, "-ngl", "99", "--fit", "off"]
         argv += ["--port", str(free_port()), "--host", "127.0.0.1"]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode != 0
@@ -302,3 +299,82 @@ def test_layer_counts_in_tensor_split_keep_the_layer_split(tiny: Path) -> None:
     plan = place(model.model_copy(update={"split_mode": "tensor"}), 200, "nv").plan
     assert plan.split_mode == "layer"
     assert plan.warnings == ["split_mode: tensor ignored: tensor_split gives layers per GPU"]
+
+
+# ---- ctx: max sizes the tensor split -------------------------------------------------------------------
+
+
+def test_ctx_max_sizes_the_context_of_the_tensor_split(tiny: Path) -> None:
+    """The bisection lays out the tensor split at each step on the GPUs chosen at ctx_min: every GPU holds
+    half the KV heads and one compute buffer, so two linked 90 MiB GPUs hold 39168 cells where a layer
+    split holds 32768; the next step overflows a GPU by the tensor plan's own numbers."""
+    model = ModelSettings(model=tiny, ctx="max", ctx_min=32768, ctx_max=131072, args=["-ub", "64"])
+    plan = place(model, 90, "nv").plan
+    assert (plan.split_mode, plan.ctx, [d.total_mib for d in plan.devices]) == ("tensor", 39168, [90, 90])
+    assert plan.context is not None
+    assert plan.context.reason.endswith("ctx 39424 would need 91 MiB on GPU 1 with this split, 90 MiB usable there")
+    assert place(model, 90, None).plan.ctx == 32768  # joined through the CPU: layers
+    with pytest.raises(StartError):  # the next step, planned with a fixed context, fits in no mode
+        place(model.model_copy(update={"ctx": 39424, "split_mode": "tensor"}), 90, "nv")
+
+
+def test_ctx_max_of_a_tensor_split_over_unequal_rpc_devices_is_held(
+    tiny: Path, tmp_path: Path, leaves_no_process: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The context chosen over a 60 and a 120 MiB GPU (shares 1 : 2.1) runs over two RPC devices, each
+    holding what its plan says and no more than its GPU's memory."""
+    monkeypatch.setenv(MARK, leaves_no_process)
+    model = ModelSettings(model=tiny, ctx="max", ctx_min=32768, ctx_max=131072, args=["-ub", "64", "-lv", "4"])
+    placed = place(model, [60, 120], "nv")
+    assert (placed.plan.split_mode, placed.plan.ctx, placed.plan.tensor_split) == ("tensor", 33792, [1, 2.1])
+    allocated = check_on_rpc_devices(model, placed, tmp_path)
+    assert [real.total_b <= size * MIB for real, size in zip(allocated, [60, 120], strict=True)] == [True, True]
+
+
+def test_attention_sinks_and_ffn_biases_split_as_llama_cpp_splits_them() -> None:
+    """gpt-oss's attn_sinks (one f32 per head) go with the heads (granularity_q / head_k = 4 of 8 heads
+    each); an FFN bias in steps of lcm(ffn_down's block, 128), not element by element: 384 rows as 128
+    and 256 on two devices (192 rounded down, the last taking the rest)."""
+    heads = [Heads(8, 2, 64, 64)]
+    sinks = TensorInfo("blk.0.attn_sinks.weight", (8,), 0, 8 * 4)
+    out = TensorInfo("blk.0.attn_output.weight", (512, 512), F16, 512 * 512 * 2)
+    bias = TensorInfo("blk.0.ffn_up.bias", (384,), 0, 384 * 4)
+    down = TensorInfo("blk.0.ffn_down.weight", (384, 512), F16, 384 * 512 * 2)
+    split = tensor_split([sinks, out, bias, down], heads, [(False, False)], [0.0, 0.0])
+    halves = (sinks.n_bytes + out.n_bytes) // 2
+    assert split.weights_b == (halves + 128 * 4 + 128 * 512 * 2, halves + 256 * 4 + 256 * 512 * 2)
+    assert split.mirrored_b == 0
+
+
+def test_the_projector_goes_whole_on_the_first_device_of_a_tensor_split(
+    tmp_path: Path, leaves_no_process: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mtmd does not use the Meta device: clip_ctx (tools/mtmd/clip.cpp) takes --device's first entry or
+    else the first GPU-type device registered (common/arg.cpp, ggml_backend_dev_by_type), so the projector's
+    weights sit whole on the split's first device, as the plan puts them, and none on the others."""
+    monkeypatch.setenv(MARK, leaves_no_process)
+    files = archcorpus.write_all(tmp_path, names=("gemma3", "mmproj"), scale=8)
+    args = ["-ub", "64", "--mmproj", str(files["mmproj"]), "-lv", "4"]
+    model = ModelSettings(model=files["gemma3"], ctx=4096, split_mode="tensor", args=args)
+    placed = place(model, 300, "nv")
+    assert placed.plan.split_mode == "tensor"
+    assert [d.projector_mib for d in placed.plan.devices] == [38, 0]
+    port = free_port()
+    spec = LlamaServerBackend(model).launch_spec(model, port, placed.placement)
+    with rpc_servers(Path(spec.argv[0]).parent, 2, logs=tmp_path) as addresses:
+        reported = measure_argv([*spec.argv, "--rpc", ",".join(addresses)], port, spec.env)
+    assert f"CLIP using RPC0[{addresses[0]}] backend" in reported.log
+    first, second = ([-(-size // MIB) for size in buffer_sizes(tmp_path / f"rpc{i}.log")] for i in range(2))
+    assert 38 in first and 38 not in second  # the projector's weights, 37.75 MiB
+
+
+@pytest.mark.parametrize("kind", ["rwkv7", "lfm2"])
+def test_recurrent_layers_llama_cpp_splits_are_refused_at_plan_time(kind: str, tmp_path: Path) -> None:
+    """RWKV and LFM2 run in llama.cpp's tensor mode, but their recurrent layers split by rules the planner
+    does not size: the plan stays layered with the reason (it once divided by their zero KV heads)."""
+    path = archcorpus.write_all(tmp_path, names=(kind,))[kind]
+    model = ModelSettings(model=path, ctx=4096, split_mode="tensor", args=["-ub", "64"])
+    plan = place(model, 12, "nv").plan
+    assert (len(plan.devices), plan.split_mode) == (2, "layer")
+    assert plan.warnings == [f"split_mode: {UNSIZED_RECURRENT}"]
+    assert place(model.model_copy(update={"split_mode": "auto"}), 12, "nv").plan.split_mode == "layer"

@@ -50,6 +50,11 @@ def largest(fits: Callable[[int], bool], low: int, high: int) -> int | None:
     return good
 
 
+Relay = Callable[[Layout, Runtime], Layout | None]
+"""A chosen layout laid out again at another runtime on the same devices, fitting or not; None where the
+split is planned afresh at each context instead."""
+
+
 @dataclass(frozen=True)
 class Sized:
     """The context chosen: the runtime with it, how it was chosen, the layout at it (None: even the floor
@@ -75,11 +80,13 @@ def size_context(
     gpus: Sequence[UsableGpu] | None,
     claims_mib: Mapping[int, int],
     overhead_b: int,
+    relay: Relay = lambda chosen, runtime: None,
 ) -> Sized:
     """The largest context in steps of 256 cells per stream between ``ctx_min`` and ``ctx_max`` (per
     stream; defaults 4096 capped by, and the model's trained context) for which ``place`` finds a layout on
-    no more GPUs than it takes at ``ctx_min``. ``gpus``: those it may use, None without any (the model is
-    in host memory: the cap). ``claims_mib`` are the other instances', named in the reason."""
+    no more GPUs than it takes at ``ctx_min`` (or ``relay`` lays out the split chosen there, a tensor
+    split, on its GPUs). ``gpus``: those it may use, None without any (the model is in host memory: the
+    cap). ``claims_mib`` are the other instances', named in the reason."""
     step = CELLS * streams(runtime)
     cap = ctx_max or shape.context_length
     cap_words = f"ctx_max {ctx_max}" if ctx_max else f"the model's trained context {shape.context_length}"
@@ -107,7 +114,8 @@ def size_context(
 
     def fits(k: int) -> bool:
         if k not in found:
-            candidate = place(at(k))
+            again = relay(floor, at(k))
+            candidate = place(at(k)) if again is None else again if again.fits else None
             found[k] = candidate if candidate is not None and len(candidate.devices) <= count else None
         return found[k] is not None
 
@@ -123,7 +131,7 @@ def size_context(
     else:
         fewest = f" (the fewest on which ctx_min {low * step} fits)" if count > 1 else ""
         why = f"ctx {best * step}: the largest that fits {where}{fewest}{beside}; " + _next_needs(
-            shape, at(best + 1), chosen, gpus, overhead_b
+            shape, at(best + 1), chosen, gpus, overhead_b, relay
         )
     return Sized(at(best), choice(why), chosen)
 
@@ -140,12 +148,14 @@ def _beside(chosen: Layout, claims_mib: Mapping[int, int]) -> str:
     return f" beside the other instances' {', '.join(held)}" if held else ""
 
 
-def _next_needs(shape: ModelShape, runtime: Runtime, chosen: Layout, gpus: Sequence[UsableGpu], overhead_b: int) -> str:
+def _next_needs(
+    shape: ModelShape, runtime: Runtime, chosen: Layout, gpus: Sequence[UsableGpu], overhead_b: int, relay: Relay
+) -> str:
     """What the next step would take with the chosen split: the device it overflows, by how much."""
     by_key = {(g.endpoint, g.index): g for g in gpus}
     group = [by_key[(d.endpoint, d.gpu)] for d in chosen.devices]
     counts = [d.layers + int(d.output) for d in chosen.devices]
-    loads = layout(shape, runtime, group, counts, overhead_b).devices
+    loads = (relay(chosen, runtime) or layout(shape, runtime, group, counts, overhead_b)).devices
     worst = max(loads, key=lambda d: d.total_b - d.usable_mib * MIB)
     need_mib = -(-worst.total_b // MIB)
     if need_mib <= worst.usable_mib:  # no split of that many GPUs holds it, though this one nearly does

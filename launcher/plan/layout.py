@@ -84,6 +84,7 @@ class Layout:
     host: HostLoad
     gpu_layers: int  # -ngl: units (repeating layers + output) on the GPUs
     split: tuple[float, ...]  # --tensor-split, one entry per device ((): one device or none)
+    tensor: bool = False  # -sm tensor: every device holds a share of every layer (tensor_plan.py)
 
     @property
     def fits(self) -> bool:

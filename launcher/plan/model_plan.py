@@ -25,7 +25,7 @@ from launcher.plan.layout import (
 from launcher.plan.remote import NO_REMOTE, Remote, across_hosts, network_cost
 from launcher.plan.runtime import not_modelled, runtime_for
 from launcher.plan.split_modes import SplitChoice, SplitMode
-from launcher.plan.tensor_plan import apply_split_mode, tensor_instead
+from launcher.plan.tensor_plan import apply_split_mode, relaid, tensor_instead
 from launcher.schema_gpus import GpuSample
 from launcher.schema_plans import DevicePlan, HostPlan, Plan
 
@@ -101,28 +101,51 @@ def make_plan(
             found = across_hosts(shape, r, allowed, remote, overhead_b)
         return found
 
+    layers_given = isinstance(model.tensor_split, list)
+    offered = [*allowed, *(g for e in remote.endpoints for g in e.gpus)]
+
+    def in_mode(r: Runtime, chosen: Layout | None) -> tuple[Layout | None, Runtime, SplitChoice]:
+        """The layer layout ``chosen`` at ``r`` in the split mode the model runs with."""
+        if chosen is not None and len(chosen.devices) > 1 and not layers_given:
+            return apply_split_mode(model.split_mode, model.backend, shape, r, chosen, links, offered, overhead_b)
+        if chosen is not None and layers_given and model.split_mode in ("row", "tensor"):
+            why = f"split_mode: {model.split_mode} ignored: tensor_split gives layers per GPU"
+            return chosen, r, SplitChoice(SplitMode.LAYER, f"layer: {why}", why)
+        if chosen is not None and model.split_mode in ("row", "tensor"):
+            return chosen, r, SplitChoice(SplitMode.LAYER, f"layer: {model.split_mode} needs the model on several GPUs")
+        if chosen is None and on_gpus and not layers_given and model.split_mode in ("auto", "tensor"):
+            instead = tensor_instead(model.split_mode, model.backend, shape, r, allowed, links, overhead_b)
+            if instead is not None:
+                return instead
+        return chosen, r, SplitChoice(SplitMode.LAYER, "")
+
     sized = None
-    if model.ctx == "max":
-        offered = [*allowed, *(g for e in remote.endpoints for g in e.gpus)] if on_gpus else None
-        sized = size_context(shape, runtime, model.ctx_min, model.ctx_max, place, offered, claims_mib, overhead_b)
+    if model.ctx == "max":  # sized in the mode it runs in: a tensor split holds more context than layers
+
+        def relay(chosen: Layout, r: Runtime) -> Layout | None:
+            return relaid(shape, r, chosen, offered, overhead_b)
+
+        sized = size_context(
+            shape,
+            runtime,
+            model.ctx_min,
+            model.ctx_max,
+            lambda r: in_mode(r, place(r))[0],
+            offered if on_gpus else None,
+            claims_mib,
+            overhead_b,
+            relay,
+        )
         runtime = sized.runtime
     chosen = place(runtime) if sized is None else sized.layout
     refusal = sized.refusal if sized is not None else None
     split = SplitChoice(SplitMode.LAYER, "")
-    layers_given = isinstance(model.tensor_split, list)
-    if chosen is not None and len(chosen.devices) > 1 and not layers_given:
+    if chosen is not None and chosen.tensor:  # `ctx: max` sized it so: the mode is chosen again, the same
         chosen, runtime, split = apply_split_mode(
-            model.split_mode, model.backend, shape, runtime, chosen, links, overhead_b
+            model.split_mode, model.backend, shape, runtime, chosen, links, offered, overhead_b
         )
-    elif chosen is not None and layers_given and model.split_mode in ("row", "tensor"):
-        why = f"split_mode: {model.split_mode} ignored: tensor_split gives layers per GPU"
-        split = SplitChoice(SplitMode.LAYER, f"layer: {why}", why)
-    elif chosen is not None and model.split_mode in ("row", "tensor"):
-        split = SplitChoice(SplitMode.LAYER, f"layer: {model.split_mode} needs the model on several GPUs", None)
-    elif chosen is None and refusal is None and not layers_given and model.split_mode in ("auto", "tensor"):
-        instead = tensor_instead(model.split_mode, model.backend, shape, runtime, allowed, links, overhead_b)
-        if instead is not None:
-            chosen, runtime, split = instead
+    elif refusal is None:
+        chosen, runtime, split = in_mode(runtime, chosen)
     if chosen is None and model.allow_cpu_offload and allowed and refusal is None:
         chosen = most_layers(shape, runtime, allowed, overhead_b)
     fits = chosen is not None

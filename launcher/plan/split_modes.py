@@ -6,7 +6,8 @@ devices are skipped); ggml/src/ggml-backend-meta.cpp allocates each tensor's sli
 src/llama-model.cpp, llama_meta_device_get_split_state, says per tensor:
 
 - attn_q/k/v (and fused attn_qkv, attn_gate) weights: split along ne[1] (output rows, i.e. whole heads);
-  their biases along ne[0]. attn_output: along ne[0] (its input columns, the same heads).
+  their biases along ne[0]. attn_output: along ne[0] (its input columns, the same heads). attn_sinks
+  (gpt-oss, one value per head): along ne[0] in granularity_q / head_k.
 - the KV cache (cache_k_l*, cache_v_l*): along ne[0] = n_embd_k_gqa / n_embd_v_gqa: each device keeps
   the K and V rows of its own KV heads, for every cell.
 - ffn_up/gate (incl. _exps): along ne[1]; ffn_down: along ne[0]: the FFN's n_ff divided.
@@ -19,7 +20,8 @@ Granularity (get_split_granularity there): for a layer with n_gqa = n_head / n_h
 n_embd_q = n_gqa x head_k, blck = the block size of the tensor the split follows (attn_output.weight for
 Q/K/V and the cache, ffn_down for up/gate), doubled while < 128 and blck x devices < n_embd_q;
 granularity_q = lcm(n_embd_q, blck); K (weights and cache) granularity_q / n_gqa; V (that / head_k) x
-head_v; attn_output (granularity_q / head_k) x head_v; FFN lcm(blck, 128); anything else 1. Device j's
+head_v; attn_output (granularity_q / head_k) x head_v; FFN weights and biases lcm(blck, 128); anything
+else 1. Device j's
 boundary is ne x (cumulative split)_j / total, rounded down to the granularity; the last takes the rest.
 The device order is rotated by the layer's index among layers of its kind (recurrent, sliding-window) mod
 devices (the output by n_layer mod devices), so that rounding leftovers do not all land on one device.
@@ -80,8 +82,10 @@ NO_TENSOR_SPLIT = frozenset(
         "qwen3tts",
     }
 )
-# Architectures whose fused tensors llama.cpp cuts into segments of its own (get_split_segments for
-# Qwen3-Next/3.5/Clef/Qwen4exp, DeepSeek-V4's grouped output): sized here by the plain rules, so approximate.
+# Architectures whose fused tensors and recurrent state llama.cpp cuts into segments of its own
+# (src/llama-model.cpp, get_split_segments for Qwen3-Next/3.5/Clef/Qwen4exp, DeepSeek-V4's grouped output):
+# the plain rules miss them (Qwen3-Next over 3 RPC devices: weights 4.6 MiB and state 214 % over), so the
+# plan refuses their tensor split rather than size it wrongly.
 SEGMENTED = frozenset({"qwen3next", "qwen35", "qwen35moe", "clef", "qwen4exp", "deepseek4"})
 
 
@@ -159,6 +163,8 @@ def _cannot(mode: SplitMode, architecture: str, backend: str, devices: int) -> s
         return f"llama.cpp's tensor split takes at most {META_MAX_DEVICES} devices (GGML_BACKEND_META_MAX_DEVICES)"
     if architecture in NO_TENSOR_SPLIT:
         return f"llama.cpp has no tensor split for architecture {architecture!r} (llm_arch_supports_sm_tensor)"
+    if architecture in SEGMENTED:
+        return f"the planner does not size {architecture!r}'s segmented tensor split (get_split_segments)"
     return None
 
 
@@ -229,6 +235,7 @@ class TensorSplit:
 
     weights_b: tuple[int, ...]
     kv_fraction: tuple[tuple[float, ...], ...]  # per layer: each device's share of that layer's KV cache
+    mirrored_b: int  # of each device's weights, those whole on every device: no share changes them
 
 
 def tensor_split(
@@ -243,6 +250,7 @@ def tensor_split(
     n = len(split)
     by_name = {t.name: t for t in tensors}
     weights = [0] * n
+    mirrored = 0
     rotation = [sum(kinds[p] == kinds[il] for p in range(il)) % n for il in range(len(kinds))]
     for tensor in tensors:
         if tensor.name == "token_embd.weight":
@@ -250,6 +258,7 @@ def tensor_split(
             # (TENSOR_DUPLICATED), which no split pattern matches: mirrored
             if "output.weight" not in by_name:
                 weights = [w + tensor.n_bytes for w in weights]
+                mirrored += tensor.n_bytes
             continue
         found = _LAYER.match(tensor.name)
         if found is None:
@@ -257,6 +266,8 @@ def tensor_split(
         else:
             il = int(found.group(1))
             share = _layer_share(tensor, found.group(2), il, by_name, heads[il], rotation[il], split)
+        if n > 1 and all(part == tensor.n_bytes for part in share):
+            mirrored += tensor.n_bytes
         for d in range(n):
             weights[d] += share[d]
     kv: list[tuple[float, ...]] = []
@@ -265,7 +276,7 @@ def tensor_split(
         g = _granularities(h, _block(out.ggml_type) if out else 1, n)
         k = slices(h.n_head_kv * h.head_k, g["k"], rotation[il], split)
         kv.append(tuple(part / max(1, h.n_head_kv * h.head_k) for part in k))
-    return TensorSplit(tuple(weights), tuple(kv))
+    return TensorSplit(tuple(weights), tuple(kv), mirrored if n > 1 else 0)
 
 
 def _bytes(tensor: TensorInfo, axis: int, parts: Sequence[int]) -> list[int]:
@@ -307,12 +318,15 @@ def _layer_share(
         if part == "gate" and tensor.shape[1] == heads.n_head:
             granularity = g["q"] // heads.head_k
         return _bytes(tensor, axis, slices(tensor.shape[axis], granularity, rotation, split))
+    if short == "attn_sinks.weight":  # gpt-oss: one value per head, split as the heads are
+        g = _granularities(heads, _block(out.ggml_type) if out else 1, n)
+        return _bytes(tensor, 0, slices(tensor.shape[0], g["q"] // heads.head_k, rotation, split))
     if short == "attn_output.weight":
         g = _granularities(heads, _block(tensor.ggml_type), n)
         return _bytes(tensor, 0, slices(tensor.shape[0], g["out"], rotation, split))
     if _FFN_ROWS.match(short) or _FFN_DOWN.match(short) or _FFN_BIAS.match(short):
         follows = tensor if _FFN_DOWN.match(short) else (down or tensor)
         axis = 0 if _FFN_DOWN.match(short) or short.endswith(".bias") else 1
-        granularity = 1 if short.endswith(".bias") else math.lcm(_block(follows.ggml_type), 128)
+        granularity = math.lcm(_block(follows.ggml_type), 128)  # biases too (get_split_granularity's FFN)
         return _bytes(tensor, axis, slices(tensor.shape[axis], granularity, rotation, split))
     return [tensor.n_bytes] * n  # norms, output and down biases, ...: mirrored
