@@ -10,27 +10,39 @@ takes them along. A second process could not become their parent: it would orpha
 
 The daemon (daemon.py) first stops accepting connections, which then wait in the listening socket's backlog
 (the daemon keeps a descriptor of it open), and lets the requests in flight through the front door finish
-on the old program. Then `reexec` writes the record and replaces the program; the new one serves the same
-socket, so no connection is refused during the swap. It returns only when the exec failed: the daemon
-then serves on as it was.
+on the old program (`end_api`): then the API's open streams end cleanly, and its ordinary answers finish in
+uvicorn's graceful shutdown. Then `reexec` writes the record and replaces the program; the new one serves
+the same socket, so no connection is refused during the swap. It returns only when the exec failed: the
+daemon then serves on as it was. An upgrade is refused (`refusal`) while something the exec would cut
+part-way is under way: a reload, a restart, a roll.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 
 import psutil
+import uvicorn
 
+from launcher.api.stream_closer import StreamCloser
+from launcher.errors import ConflictError, LauncherError
+from launcher.reloading import read_like_serve
+from launcher.route.front import FrontDoor
 from launcher.schema import State
 from launcher.statedir.owner import StateDirLock, handing_fds
 from launcher.supervise.handover import LISTEN_FD_ENV, HandedServer, HandOver, write
 from launcher.supervise.instance import Instance
+from launcher.systemd import Notifier
+from launcher.wiring import Wired, api_token
 
 log = logging.getLogger("launcher")
 
@@ -40,6 +52,35 @@ _SERVING = frozenset({State.READY, State.UNHEALTHY})
 _IGNORED_MEANWHILE = (signal.SIGUSR2, signal.SIGHUP)
 # A stop asked for during the hand-over interrupts it (`StopAsked`).
 _STOPPING = (signal.SIGTERM, signal.SIGINT)
+# Between the API's last accept and its end, for the connections just accepted to send their request (the
+# API's end closes connections with none; loopback takes microseconds, a loaded host's event loop more).
+_SETTLE_S = 0.1
+
+
+def refusal(
+    *,
+    foreground: bool,
+    serving: bool,
+    stopping: bool,
+    upgrading: bool,
+    reloading: bool,
+    restarting: Sequence[str],
+) -> str | None:
+    """Why the daemon cannot be upgraded now, from these facts, or None. A reload, restart or roll under way
+    would be cut part-way by the exec (the new program does not carry it on): it is waited for."""
+    if foreground:  # `launcher up`: its command line starts models, not a daemon
+        return "it runs in the foreground (`launcher up`): stop it and run it again"
+    if not serving:
+        return "the daemon is still starting"
+    if stopping:
+        return "the daemon is stopping"
+    if upgrading:
+        return "an upgrade is already under way"
+    if reloading:
+        return "a reload of the configuration is under way: ask again once it is done"
+    if restarting:
+        return f"a restart of {', '.join(restarting)} is under way: ask again once it is done"
+    return cannot_reexec()
 
 
 def cannot_reexec() -> str | None:
@@ -49,6 +90,36 @@ def cannot_reexec() -> str | None:
     if not os.access(sys.executable, os.X_OK):
         return f"{sys.executable} is not an executable any more"
     return None
+
+
+async def asked_by_signal(request_upgrade: Callable[[], Awaitable[object]]) -> None:
+    """The upgrade SIGUSR2 asks for: a refusal is logged (nobody else hears it)."""
+    try:
+        await request_upgrade()
+    except ConflictError as exc:
+        log.warning("SIGUSR2 ignored: %s", exc.message)
+
+
+def cannot_serve_again(source: Path | None) -> str | None:
+    """Why the program executed again would not serve (it reads the configuration as `serve` does, and one
+    that does not load would end it, and every server with it), or None. Reads files: run it in a thread."""
+    try:
+        api_token(read_like_serve(source))
+    except LauncherError as exc:
+        return f"the configuration does not load: {exc.message}"
+    return None
+
+
+async def end_api(server: uvicorn.Server, door: FrontDoor, streams: StreamCloser, drain_s: float) -> None:
+    """End the API of an upgrade, which accepts nothing more: once the front door's requests in flight
+    finished (``drain_s`` at most), its open streams end cleanly (they never end by themselves: waiting
+    for them kept every new connection unanswered for the whole ``drain_s``) and uvicorn's graceful
+    shutdown lets the ordinary answers under way finish (bounded by its timeout)."""
+    await asyncio.sleep(_SETTLE_S)  # those just accepted deliver their request first
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(door.quiet(), drain_s)
+    streams.close()
+    server.should_exit = True
 
 
 def record(instances: Iterable[Instance], pid: int) -> HandOver:
@@ -80,6 +151,12 @@ def _handed(instance: Instance) -> HandedServer | None:
         settings_json=instance.settings.model_dump_json(),
         plan=instance.plan,
     )
+
+
+def hand_over(wired: Wired, sock: socket.socket, notifier: Notifier) -> OSError | StopAsked:
+    """Tell the service manager, record the servers and execute the program again (`reexec`)."""
+    notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    return reexec(wired.state_lock, record(wired.manager.instances.values(), os.getpid()), sock)
 
 
 class StopAsked(Exception):

@@ -105,6 +105,7 @@ class Manager:
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
         self._tasks: set[asyncio.Task[object]] = set()
         self._rolls: dict[str, asyncio.Lock] = {}  # configured model -> held while its replicas roll
+        self._restarting: list[str] = []  # a name per restart under way
         self._stopping = asyncio.Event()  # the daemon's own stop began (`drain_all`): rolls end
         self.writes = StateWrites()
         self.measuring = Measuring(MeasurementStore(state_dir.measured_file), sampler.identities)
@@ -347,8 +348,20 @@ class Manager:
             await self.peers.release(name)
         return instance.status()
 
+    def restarting(self) -> list[str]:
+        """The instances and models a restart or a roll is under way for (an upgrade is refused meanwhile)."""
+        rolling = [model for model, lock in self._rolls.items() if lock.locked()]
+        return sorted({*self._restarting, *rolling})
+
     async def restart(self, name: str) -> InstanceStatus | RollReport:
         """Restart instance ``name``; a model run as replicas (its name) rolls them, one at a time."""
+        self._restarting.append(name)
+        try:
+            return await self._restart(name)
+        finally:
+            self._restarting.remove(name)
+
+    async def _restart(self, name: str) -> InstanceStatus | RollReport:
         members = self.group(name)
         if name not in self.instances and members:  # replicas (`per-gpu` on one GPU: a roll of one)
             return await self._roll(name, members, self._restart_as_configured)
