@@ -20,15 +20,17 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 
 import uvicorn
 
-from launcher import config_watch, upgrade
+from launcher import config_watch, upgrade, upgrade_bridge
 from launcher.api.limits import limited_protocol
 from launcher.api.stream_closer import StreamCloser
+from launcher.bridge import stop_accepting
 from launcher.config import ModelSettings, Settings
 from launcher.errors import ConflictError, LauncherError, StartError
 from launcher.reloading import Reloader
@@ -51,16 +53,25 @@ def longest_stop_s(models: Iterable[ModelSettings]) -> float:
     every server stops at once. What a service manager's stop timeout must exceed (the units' TimeoutStopSec,
     Kubernetes' grace period, the containers' stop timeout)."""
     listed = list(models)
-    drain_s = max((m.drain_timeout_s for m in listed), default=0.0)
-    return drain_s + _GRACEFUL_SHUTDOWN_S + max((m.stop_timeout for m in listed), default=0.0)
+    stop_s = max((m.stop_timeout for m in listed), default=0.0)
+    return upgrade_bridge.longest_drain_s(listed) + _GRACEFUL_SHUTDOWN_S + stop_s
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's Server without its signal handling: the daemon installs its own (see `Daemon.run`)."""
+    """uvicorn's Server without its signal handling (the daemon installs its own, see `Daemon.run`), which
+    calls ``on_serving`` once it accepts."""
+
+    def __init__(self, config: uvicorn.Config, on_serving: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_serving = on_serving
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self._on_serving()
 
 
 class Daemon:
@@ -97,6 +108,9 @@ class Daemon:
         self._streams: StreamCloser | None = None  # which ends the open streams of the API serving now
         self._keys = router_keys(settings, self._token)  # the front door's, those of the last reload
         self._ending_for_upgrade: asyncio.Task[None] | None = None
+        self._bridge: subprocess.Popen[bytes] | None = None  # answering while the upgrade's program starts
+        self._handed_bridge = upgrade_bridge.handed()  # the bridge of the upgrade that ran this program
+        self._sock: socket.socket | None = None  # the listening socket, once wired
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
         """End serving: every server drains (the front door's requests in flight finish, new ones wait),
@@ -124,10 +138,15 @@ class Daemon:
         if why is not None:
             raise ConflictError(f"the daemon cannot be upgraded now: {why}")
         assert self._server is not None and self._door is not None and self._streams is not None
+        assert self._manager is not None and self._sock is not None
         self._upgrading = True
-        drain_s = max((m.drain_timeout_s for m in self._settings.models.values()), default=0.0)
-        for listener in self._server.servers:  # accept nothing more: new connections wait in the backlog
-            listener.close()
+        instances = self._manager.instances.values()
+        # It accepts too, before this program stops to.
+        self._bridge = await upgrade_bridge.start(self._settings, self._sock, self._keys, instances, self._streams)
+        drain_s = upgrade_bridge.longest_drain_s(self._settings.models.values())
+        stop_accepting(self._server)  # new connections go to the bridge, or wait in the backlog
+        if self._bridge is not None:
+            log.info("upgrade: the bridge (pid %d) answers until the new program serves", self._bridge.pid)
         ending = upgrade.end_api(self._server, self._door, self._streams, drain_s)
         self._ending_for_upgrade = asyncio.create_task(ending)
         return UpgradeStarted(pid=os.getpid(), program_started_at=self._program_started_at)
@@ -153,7 +172,7 @@ class Daemon:
         """Execute the program again, handing the servers and ``sock`` over (launcher/upgrade.py); returns
         only when that did not happen: True when it failed (the daemon serves on as it was), False when a
         SIGTERM or SIGINT came meanwhile (it stops)."""
-        outcome = upgrade.hand_over(wired, sock, self._notifier)
+        outcome, self._bridge = upgrade.hand_over(wired, sock, self._notifier, self._bridge), None
         self._upgrading = False
         if isinstance(outcome, upgrade.StopAsked):
             log.warning("upgrade: %s came during the hand-over: stopping instead", outcome.signal.name)
@@ -230,7 +249,7 @@ class Daemon:
                 self._reloader = Reloader(self._settings, wired, autostart=self._autostart)
                 self._reloader.subscribe(self._use_keys)  # the API token waits for a restart: not the keys
                 # After the lock: a second daemon is told who owns the directory. An upgrade's is inherited.
-                sock = wired.listening or listen(self._settings)
+                sock = self._sock = wired.listening or listen(self._settings)
                 notifying = self._notify(wired)
                 watching = self._watching = self._watch_config(self._reloader)
                 try:
@@ -240,6 +259,9 @@ class Daemon:
                         if self._stop_asked.is_set() or not self._hand_over(wired, sock):
                             break
                 finally:
+                    if self._bridge is not None:  # an upgrade that ended in a stop
+                        self._bridge.kill()
+                        self._bridge.wait()
                     sock.close()
                     self._reloader = None
                     if watching is not None:
@@ -259,6 +281,15 @@ class Daemon:
         self._starting = asyncio.ensure_future(self.run())
         with contextlib.suppress(asyncio.CancelledError):
             await self._starting
+
+    def _end_bridge(self) -> None:
+        """The API serves: the bridge of the upgrade that ran this program stops (it finishes its requests)."""
+        pid, self._handed_bridge = self._handed_bridge, None
+        if pid is not None:
+            stop_within_s = upgrade_bridge.longest_drain_s(self._settings.models.values()) + _GRACEFUL_SHUTDOWN_S
+            task = asyncio.create_task(upgrade_bridge.end(pid, stop_within_s))
+            self._reloads.add(task)  # ended with the daemon; a bridge left running dies with it
+            task.add_done_callback(self._reloads.discard)
 
     def _use_keys(self, settings: Settings) -> None:
         """Take a reload's router keys: the front door serving now from its next request, a later one (after
@@ -331,7 +362,7 @@ class Daemon:
             lifespan="on",
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
         )
-        server = self._server = _Server(config)
+        server = self._server = _Server(config, self._end_bridge)
         self._starting = None  # from here a stop ends serving, and the wiring's exit stops every server
 
         async def drain_then_exit() -> None:

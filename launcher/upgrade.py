@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -34,6 +35,7 @@ import psutil
 import uvicorn
 
 from launcher.api.stream_closer import StreamCloser
+from launcher.bridge import until_asked
 from launcher.errors import ConflictError, LauncherError
 from launcher.reloading import read_like_serve
 from launcher.route.front import FrontDoor
@@ -42,6 +44,7 @@ from launcher.statedir.owner import StateDirLock, handing_fds
 from launcher.supervise.handover import LISTEN_FD_ENV, HandedServer, HandOver, write
 from launcher.supervise.instance import Instance
 from launcher.systemd import Notifier
+from launcher.upgrade_bridge import BRIDGE_ENV
 from launcher.wiring import Wired, api_token
 
 log = logging.getLogger("launcher")
@@ -52,9 +55,9 @@ _SERVING = frozenset({State.READY, State.UNHEALTHY})
 _IGNORED_MEANWHILE = (signal.SIGUSR2, signal.SIGHUP)
 # A stop asked for during the hand-over interrupts it (`StopAsked`).
 _STOPPING = (signal.SIGTERM, signal.SIGINT)
-# Between the API's last accept and its end, for the connections just accepted to send their request (the
-# API's end closes connections with none; loopback takes microseconds, a loaded host's event loop more).
-_SETTLE_S = 0.1
+# The longest the API's end waits for the connections just accepted to send their request (a fixed 0.1 s was
+# short at a load of 10 on 2 cores). The bridge answers meanwhile.
+_ASKED_WITHIN_S = 5.0
 
 
 def refusal(
@@ -115,7 +118,7 @@ async def end_api(server: uvicorn.Server, door: FrontDoor, streams: StreamCloser
     finished (``drain_s`` at most), its open streams end cleanly (they never end by themselves: waiting
     for them kept every new connection unanswered for the whole ``drain_s``) and uvicorn's graceful
     shutdown lets the ordinary answers under way finish (bounded by its timeout)."""
-    await asyncio.sleep(_SETTLE_S)  # those just accepted deliver their request first
+    await until_asked(server, _ASKED_WITHIN_S)  # those just accepted deliver their request first
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(door.quiet(), drain_s)
     streams.close()
@@ -153,10 +156,18 @@ def _handed(instance: Instance) -> HandedServer | None:
     )
 
 
-def hand_over(wired: Wired, sock: socket.socket, notifier: Notifier) -> OSError | StopAsked:
-    """Tell the service manager, record the servers and execute the program again (`reexec`)."""
+def hand_over(
+    wired: Wired, sock: socket.socket, notifier: Notifier, bridge: subprocess.Popen[bytes] | None
+) -> OSError | StopAsked:
+    """Tell the service manager, record the servers and execute the program again (`reexec`), naming
+    ``bridge`` to the new program; when that did not happen, the bridge is stopped."""
     notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-    return reexec(wired.state_lock, record(wired.manager.instances.values(), os.getpid()), sock)
+    named = {} if bridge is None else {BRIDGE_ENV: handing_fds([bridge.pid])}  # a pid, bound to ours as fds are
+    outcome = reexec(wired.state_lock, record(wired.manager.instances.values(), os.getpid()), sock, named)
+    if bridge is not None:
+        bridge.kill()
+        bridge.wait()
+    return outcome
 
 
 class StopAsked(Exception):
@@ -172,17 +183,18 @@ def _stop_asked(sig: int, _frame: object) -> None:
     raise StopAsked(sig)
 
 
-def reexec(lock: StateDirLock, handover: HandOver, sock: socket.socket) -> OSError | StopAsked:
+def reexec(lock: StateDirLock, handover: HandOver, sock: socket.socket, env: dict[str, str]) -> OSError | StopAsked:
     """Write ``handover``, and execute this program again with the same command line, handing ``sock`` and
     the state directory's ``lock`` over (no other daemon can take the directory while the new one starts).
-    Returns only when that did not happen (an OSError, or a stop asked for meanwhile), with everything as it
-    was (the record removed, ``sock`` and the lock not inheritable, the signal handlers back)."""
+    ``env`` goes into its environment. Returns only when that did not happen (an OSError, or a stop asked for
+    meanwhile), with everything as it was (the record removed, ``sock`` and the lock not inheritable, the
+    signal handlers back)."""
     state_dir = lock.state_dir
     stopping = {sig: signal.signal(sig, _stop_asked) for sig in _STOPPING}
     previous = {}
     try:
         write(state_dir, handover)
-        env = {**os.environ, LISTEN_FD_ENV: handing_fds([sock.fileno()]), **lock.hand_over()}
+        env = {**os.environ, **env, LISTEN_FD_ENV: handing_fds([sock.fileno()]), **lock.hand_over()}
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _IGNORED_MEANWHILE}
         sock.set_inheritable(True)
         log.info("upgrade: executing %s with %d server(s) handed over", " ".join(sys.orig_argv), len(handover.servers))
