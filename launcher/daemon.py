@@ -6,9 +6,10 @@ from before it owns the state directory until its last server is stopped: they e
 wiring's exit stops every server before the process exits. SIGHUP, the usual ask to reload, reloads the
 configuration as `POST /config/reload` does (launcher/reloading.py) and logs what it did, or why it
 changed nothing; in the foreground it means the terminal went away, and ends serving like SIGTERM.
-SIGUSR2, like `POST /daemon/upgrade`, upgrades the daemon in place: the requests in flight through the
-front door finish, then the installed program is executed again in this process and takes over the
-running servers and the listening socket (launcher/upgrade.py).
+SIGUSR2, like `POST /daemon/upgrade`, upgrades the daemon in place: a bridge answers meanwhile
+(launcher/bridge.py), the requests in flight through the front door finish, then the installed program is
+executed again in this process and takes over the running servers and the listening socket
+(launcher/upgrade.py).
 """
 
 from __future__ import annotations
@@ -140,13 +141,10 @@ class Daemon:
         assert self._server is not None and self._door is not None and self._streams is not None
         assert self._manager is not None and self._sock is not None
         self._upgrading = True
-        instances = self._manager.instances.values()
-        # It accepts too, before this program stops to.
-        self._bridge = await upgrade_bridge.start(self._settings, self._sock, self._keys, instances, self._streams)
+        serving = self._settings, self._sock, self._keys, self._manager.instances.values()
+        self._bridge = await upgrade_bridge.start(*serving, self._streams)  # it accepts before this stops to
         drain_s = upgrade_bridge.longest_drain_s(self._settings.models.values())
         stop_accepting(self._server)  # new connections go to the bridge, or wait in the backlog
-        if self._bridge is not None:
-            log.info("upgrade: the bridge (pid %d) answers until the new program serves", self._bridge.pid)
         ending = upgrade.end_api(self._server, self._door, self._streams, drain_s)
         self._ending_for_upgrade = asyncio.create_task(ending)
         return UpgradeStarted(pid=os.getpid(), program_started_at=self._program_started_at)
@@ -284,12 +282,10 @@ class Daemon:
 
     def _end_bridge(self) -> None:
         """The API serves: the bridge of the upgrade that ran this program stops (it finishes its requests)."""
-        pid, self._handed_bridge = self._handed_bridge, None
-        if pid is not None:
-            stop_within_s = upgrade_bridge.longest_drain_s(self._settings.models.values()) + _GRACEFUL_SHUTDOWN_S
-            task = asyncio.create_task(upgrade_bridge.end(pid, stop_within_s))
-            self._reloads.add(task)  # ended with the daemon; a bridge left running dies with it
+        if self._handed_bridge is not None:  # ended with the daemon; a bridge left running dies with it
+            self._reloads.add(task := asyncio.create_task(upgrade_bridge.end(self._handed_bridge, self._settings)))
             task.add_done_callback(self._reloads.discard)
+        self._handed_bridge = None
 
     def _use_keys(self, settings: Settings) -> None:
         """Take a reload's router keys: the front door serving now from its next request, a later one (after

@@ -33,6 +33,7 @@ log = logging.getLogger("launcher")
 BRIDGE_ENV = "LAUNCHER_BRIDGE_PID"
 _STARTS_WITHIN_S = 30.0  # its imports (0.5 s of CPU), on a loaded host; the old program serves meanwhile
 _POLL_S = 0.05
+_STOP_MARGIN_S = 5.0  # past its requests' drain: its connections' end (bridge.py's _ASKED_WITHIN_S)
 
 
 def longest_drain_s(models: Iterable[ModelSettings]) -> float:
@@ -94,7 +95,8 @@ async def start(
         line = await asyncio.wait_for(asyncio.to_thread(bridge.stdout.readline), _STARTS_WITHIN_S)
     except TimeoutError:
         line = b""
-    if line == READY:
+    if line == READY:  # the caller stops accepting at once (no await between)
+        log.info("upgrade: the bridge (pid %d) answers until the new program serves", bridge.pid)
         return bridge
     log.warning("upgrade: the bridge did not start: the API waits for the new program")
     bridge.kill()  # its readline, if still waiting, ends with it
@@ -108,9 +110,10 @@ def handed() -> int | None:
     return pids[0] if pids else None
 
 
-async def end(pid: int, stop_within_s: float) -> None:
-    """Tell the bridge ``pid`` to stop (it finishes its requests in flight) and reap it; killed after
-    ``stop_within_s``. A pid that is not our bridge is left alone."""
+async def end(pid: int, settings: Settings) -> None:
+    """Tell the bridge ``pid`` to stop (it finishes its requests in flight) and reap it; killed after the
+    models' longest drain and a margin. A pid that is not our bridge is left alone."""
+    stop_within_s = longest_drain_s(settings.models.values()) + _STOP_MARGIN_S
     try:
         process = psutil.Process(pid)
         ours = process.ppid() == os.getpid() and "launcher.bridge" in process.cmdline()
