@@ -5,9 +5,11 @@ declare, with the API token and without it; and the daemon's instance is untouch
 Pins in schemathesis' configuration, each for a reason: a followed log or GPU sample stream never ends
 (the fuzzer would wait on it until its timeout, or forever where samples keep coming), so those operations
 are fuzzed with `follow=false` (following is tested in test_daemon.py and, for the samples, test_ui.py);
-`/daemon/upgrade` is fuzzed too: the upgrades it does, beside the other run, must cut no answer of either;
-and the acts (start, stop, restart) are fuzzed with the token on a name that is no instance, since
-stopping the canary with a valid token is the API doing its job.
+`/daemon/upgrade` is not fuzzed: during an upgrade the bridge (launcher/bridge.py) answers the API's
+operations with 503 and Retry-After by design, which the other run would count as server errors (that an
+upgrade cuts no answer under way is tested in test_upgrade_answers.py; this fuzz, run with the upgrade
+before the bridge existed, found none cut); and the acts (start, stop, restart) are fuzzed with the token
+on a name that is no instance, since stopping the canary with a valid token is the API doing its job.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ parameters = { "follow" = false }
 [[operations]]
 include-method = "POST"
 parameters = { "name" = "no-such-instance" }
+
+[[operations]]
+include-path = "/daemon/upgrade"
+enabled = false
 """
 CANARY = "fuzz-canary"
 GPUS = {"backend": "sim", "sim": [{"name": "Sim A", "memory_mib": 24576}, {"name": "Sim B", "memory_mib": 16384}]}
