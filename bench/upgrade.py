@@ -1,8 +1,9 @@
 """Upgrade in place with a real daemon (`launcher serve`) and real llama-servers on a tiny model: the longest
 the API leaves a request unanswered during an upgrade (SIGUSR2), while a client asks `/health` and
 `/v1/models` without pause, each on a new connection; and the models loaded again by it (target 0: the
-same server pids after it). Baseline in the same run: a restart of the daemon (SIGTERM, then `serve`
-again), whose gap runs until every model is ready again.
+same server pids after it). Baselines in the same run: the longest gap over 2 s without an upgrade just
+before each (what the host's load alone costs the client), and a restart of the daemon (SIGTERM, then
+`serve` again), whose gap runs until every model is ready again.
 
 Usage: .venv/bin/python bench/upgrade.py [--rounds 10] [--log FILE]
 """
@@ -30,6 +31,7 @@ from launcher.config_yaml import dump_config_yaml
 from launcher.tinymodel import write_tiny_llama
 
 _TIMEOUT_S = 60.0
+_QUIET_S = 2.0
 _NAMES = ("one", "two")
 
 
@@ -134,13 +136,16 @@ def measure(rounds: int, tmp: Path, log: IO[bytes]) -> dict[str, list[Any]]:
     daemon = start(config, log)
     keys = ("gap", "reloaded", "failures")
     found: dict[str, list[Any]] = {f"{what}_{key}": [] for what in ("upgrade", "restart") for key in keys}
-    found["upgrade_kinds"] = []
+    found["upgrade_kinds"], found["quiet_gap"] = [], []
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http, Hammer(port) as hammer:
             before = pids(http)
             for _ in range(rounds):
                 started_at = program(http)
                 hammer.answered_after(time.perf_counter(), 20)
+                quiet_began = time.perf_counter()
+                time.sleep(_QUIET_S)
+                found["quiet_gap"].append(hammer.longest_gap_s(quiet_began, time.perf_counter()))
                 began = time.perf_counter()
                 os.kill(daemon.pid, signal.SIGUSR2)
                 deadline = time.monotonic() + _TIMEOUT_S
@@ -191,6 +196,10 @@ def main() -> None:
             f"| {what} | {statistics.median(gaps) * 1000:.0f} ms | {max(gaps) * 1000:.0f} ms "
             f"| {statistics.median(reloaded):g} | {sum(found[f'{key}_failures']):g} |"
         )
+    quiet_ms = [gap * 1000 for gap in found["quiet_gap"]]
+    print(
+        f"| baseline: no upgrade, {_QUIET_S:g} s | {statistics.median(quiet_ms):.0f} ms | {max(quiet_ms):.0f} ms | | |"
+    )
     print(f"ratio upgrade / restart (longest gap): {upgrade_ms / restart_ms:.2f}")
     if found["upgrade_kinds"]:
         print(f"failed during the upgrades: {found['upgrade_kinds']}")

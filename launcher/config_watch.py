@@ -12,8 +12,10 @@ missing) and changes nothing, as any reload of a bad file: the next save is read
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.config_yaml import read_config_bytes
@@ -61,3 +63,21 @@ async def watch(path: Path, reloader: Reloader, stop: asyncio.Event) -> None:
                 log.error("%s: the configuration was not reloaded: %s", path, exc)
     except Exception:  # the folder went away, no inotify watch left: the daemon serves on, unwatched
         log.exception("%s is no longer watched: SIGHUP or `launcher reload` still reload it", path)
+
+
+@dataclass(frozen=True)
+class Watching:
+    """The watcher of the configuration file, and how it is told to end."""
+
+    task: asyncio.Task[None]
+    stop_event: asyncio.Event
+
+    async def stop(self) -> None:
+        self.stop_event.set()  # the watcher sees it within a step, and its thread ends with it
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+    def cancel(self) -> None:
+        """End it now, a reload it began included (the daemon stops: nothing more is reloaded)."""
+        self.stop_event.set()
+        self.task.cancel()

@@ -6,9 +6,10 @@ from before it owns the state directory until its last server is stopped: they e
 wiring's exit stops every server before the process exits. SIGHUP, the usual ask to reload, reloads the
 configuration as `POST /config/reload` does (launcher/reloading.py) and logs what it did, or why it
 changed nothing; in the foreground it means the terminal went away, and ends serving like SIGTERM.
-SIGUSR2, like `POST /daemon/upgrade`, upgrades the daemon in place: the requests in flight through the
-front door finish, then the installed program is executed again in this process and takes over the
-running servers and the listening socket (launcher/upgrade.py).
+SIGUSR2, like `POST /daemon/upgrade`, upgrades the daemon in place: a bridge answers meanwhile
+(launcher/bridge.py), the requests in flight through the front door finish, then the installed program is
+executed again in this process and takes over the running servers and the listening socket
+(launcher/upgrade.py).
 """
 
 from __future__ import annotations
@@ -20,35 +21,32 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 
 import uvicorn
-from fastapi import FastAPI
 
-from launcher import config_watch, upgrade
-from launcher.api.app import create_app
+from launcher import config_watch, upgrade, upgrade_bridge
 from launcher.api.limits import limited_protocol
+from launcher.api.stream_closer import StreamCloser
+from launcher.bridge import stop_accepting
 from launcher.config import Settings
 from launcher.config_model import ModelSettings
 from launcher.errors import ConflictError, LauncherError, StartError
-from launcher.reloading import Reloader, read_like_serve
+from launcher.reloading import Reloader
 from launcher.route.front import FrontDoor
 from launcher.schema_instances import Event, State
-from launcher.schema_reload import ReloadReport, UpgradeStarted
+from launcher.schema_reload import UpgradeStarted
 from launcher.supervise.manager import Manager
 from launcher.systemd import JournalFormatter, Notifier, sampler_problem, status_line, under_journal
-from launcher.wiring import Wired, api_token, front_door, listen, router_keys, supervision
+from launcher.wiring import Wired, api_token, front_door, listen, rest_api, router_keys, supervision
 
 log = logging.getLogger("launcher")
 
 # Open `logs -f` streams must not hold the servers' shutdown up for long.
 _GRACEFUL_SHUTDOWN_S = 3
-# Of an upgrade: between the API's last accept and its end, for the connections just accepted to send their
-# request (loopback takes microseconds; a loaded host's event loop, more).
-_SETTLE_S = 0.1
 # daemon.ready_when: loaded sends READY=1 once every autostart instance got here.
 _SETTLED = frozenset({State.READY, State.FAILED, State.STOPPED})
 
@@ -58,34 +56,25 @@ def longest_stop_s(models: Iterable[ModelSettings]) -> float:
     every server stops at once. What a service manager's stop timeout must exceed (the units' TimeoutStopSec,
     Kubernetes' grace period, the containers' stop timeout)."""
     listed = list(models)
-    drain_s = max((m.drain_timeout_s for m in listed), default=0.0)
-    return drain_s + _GRACEFUL_SHUTDOWN_S + max((m.stop_timeout for m in listed), default=0.0)
+    stop_s = max((m.stop_timeout for m in listed), default=0.0)
+    return upgrade_bridge.longest_drain_s(listed) + _GRACEFUL_SHUTDOWN_S + stop_s
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's Server without its signal handling: the daemon installs its own (see `Daemon.run`)."""
+    """uvicorn's Server without its signal handling (the daemon installs its own, see `Daemon.run`), which
+    calls ``on_serving`` once it accepts."""
+
+    def __init__(self, config: uvicorn.Config, on_serving: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_serving = on_serving
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
 
-
-@dataclass(frozen=True)
-class _Watching:
-    """The watcher of the configuration file, and how it is told to end."""
-
-    task: asyncio.Task[None]
-    stop_event: asyncio.Event
-
-    async def stop(self) -> None:
-        self.stop_event.set()  # the watcher sees it within a step, and its thread ends with it
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-
-    def cancel(self) -> None:
-        """End it now, a reload it began included (the daemon stops: nothing more is reloaded)."""
-        self.stop_event.set()
-        self.task.cancel()
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self._on_serving()
 
 
 class Daemon:
@@ -111,14 +100,20 @@ class Daemon:
         self._notifier = Notifier.from_environment()
         self._waiting: asyncio.Task[None] | None = None  # READY=1 once loaded (daemon.ready_when)
         self._reloader: Reloader | None = None  # once wired
+        self._manager: Manager | None = None  # once wired
         self._reloads: set[asyncio.Task[None]] = set()  # reloads asked for by SIGHUP
         self._stop_asked = asyncio.Event()  # the servers drain, then the API ends (see `_serve`)
         self._upgrading = False  # the API ends for an upgrade: the program is executed again (`_hand_over`)
         self._served = False  # the API served once: a second time is after a failed upgrade
         self._program_started_at = time.time()
-        self._watching: _Watching | None = None  # daemon.watch_config's watcher, while the daemon serves
+        self._watching: config_watch.Watching | None = None  # daemon.watch_config's watcher, while the daemon serves
         self._door: FrontDoor | None = None  # the front door of the API serving now
+        self._streams: StreamCloser | None = None  # which ends the open streams of the API serving now
+        self._keys = router_keys(settings, self._token)  # the front door's, those of the last reload
         self._ending_for_upgrade: asyncio.Task[None] | None = None
+        self._bridge: subprocess.Popen[bytes] | None = None  # answering while the upgrade's program starts
+        self._handed_bridge = upgrade_bridge.handed()  # the bridge of the upgrade that ran this program
+        self._sock: socket.socket | None = None  # the listening socket, once wired
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
         """End serving: every server drains (the front door's requests in flight finish, new ones wait),
@@ -141,72 +136,43 @@ class Daemon:
         when that cannot be done now."""
         why = self._cannot_upgrade_now()
         if why is None:  # read in a thread: the file, and the --help of a server binary not asked yet
-            why = await asyncio.to_thread(self._cannot_serve_again) or self._cannot_upgrade_now()
+            why = await asyncio.to_thread(upgrade.cannot_serve_again, self._settings.source)
+            why = why or self._cannot_upgrade_now()
         if why is not None:
             raise ConflictError(f"the daemon cannot be upgraded now: {why}")
-        assert self._server is not None and self._door is not None
+        assert self._server is not None and self._door is not None and self._streams is not None
+        assert self._manager is not None and self._sock is not None
         self._upgrading = True
-        models = self._settings.models.values()
-        drain_s = max((m.drain_timeout_s for m in models), default=0.0)
-        # Accept nothing more (new connections wait in the backlog).
-        for listener in self._server.servers:
-            listener.close()
-        self._ending_for_upgrade = asyncio.create_task(self._end_for_upgrade(self._server, self._door, drain_s))
+        serving = self._settings, self._sock, self._keys, self._manager.instances.values()
+        self._bridge = await upgrade_bridge.start(*serving, self._streams)  # it accepts before this stops to
+        drain_s = upgrade_bridge.longest_drain_s(self._settings.models.values())
+        stop_accepting(self._server)  # new connections go to the bridge, or wait in the backlog
+        ending = upgrade.end_api(self._server, self._door, self._streams, drain_s)
+        self._ending_for_upgrade = asyncio.create_task(ending)
         return UpgradeStarted(pid=os.getpid(), program_started_at=self._program_started_at)
 
-    @staticmethod
-    async def _end_for_upgrade(server: _Server, door: FrontDoor, drain_s: float) -> None:
-        """End the API for an upgrade once the front door's requests in flight finished (``drain_s`` at
-        most). Only those are waited for: an API stream that follows events or a log never ends by itself,
-        and waiting for it kept every new connection unanswered for the whole ``drain_s``."""
-        # Those just accepted deliver their request first (the API's end closes connections with none).
-        await asyncio.sleep(_SETTLE_S)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(door.quiet(), drain_s)
-        server.should_exit = True
-        await asyncio.sleep(_SETTLE_S)  # an API request under way is answered; the exec ends what is left
-        server.force_exit = True
-
     def _cannot_upgrade_now(self) -> str | None:
-        why = upgrade.cannot_reexec()
-        if self._hangup_stops:  # `launcher up` in the foreground: its command line starts models, not a daemon
-            why = "it runs in the foreground (`launcher up`): stop it and run it again"
-        elif self._server is None or not self._served:
-            why = "the daemon is still starting"
-        elif self._stop_asked.is_set():
-            why = "the daemon is stopping"
-        elif self._upgrading:
-            why = "an upgrade is already under way"
-        return why
-
-    def _cannot_serve_again(self) -> str | None:
-        """Why the program executed again would not serve (it reads the configuration as `serve` does, and
-        one that does not load would end it, and every server with it), or None."""
-        try:
-            api_token(read_like_serve(self._settings.source))
-        except LauncherError as exc:
-            return f"the configuration does not load: {exc.message}"
-        return None
+        reloader, manager = self._reloader, self._manager
+        return upgrade.refusal(
+            foreground=self._hangup_stops,
+            serving=self._server is not None and self._served,
+            stopping=self._stop_asked.is_set(),
+            upgrading=self._upgrading,
+            reloading=reloader is not None and reloader.reloading,
+            restarting=[] if manager is None else manager.restarting(),
+        )
 
     def _user_signal(self) -> None:
         log.info("SIGUSR2: upgrading in place")
-        task = asyncio.create_task(self._upgrade_on_signal())
+        task = asyncio.create_task(upgrade.asked_by_signal(self.request_upgrade))
         self._reloads.add(task)  # ended with the daemon, as SIGHUP's reloads are
         task.add_done_callback(self._reloads.discard)
-
-    async def _upgrade_on_signal(self) -> None:
-        try:
-            await self.request_upgrade()
-        except ConflictError as exc:
-            log.warning("SIGUSR2 ignored: %s", exc.message)
 
     def _hand_over(self, wired: Wired, sock: socket.socket) -> bool:
         """Execute the program again, handing the servers and ``sock`` over (launcher/upgrade.py); returns
         only when that did not happen: True when it failed (the daemon serves on as it was), False when a
         SIGTERM or SIGINT came meanwhile (it stops)."""
-        self._notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        handover = upgrade.record(wired.manager.instances.values(), os.getpid())
-        outcome = upgrade.reexec(wired.state_lock, handover, sock)
+        outcome, self._bridge = upgrade.hand_over(wired, sock, self._notifier, self._bridge), None
         self._upgrading = False
         if isinstance(outcome, upgrade.StopAsked):
             log.warning("upgrade: %s came during the hand-over: stopping instead", outcome.signal.name)
@@ -244,7 +210,7 @@ class Daemon:
             self._reloads.add(task)
             task.add_done_callback(self._reloads.discard)
 
-    def _watch_config(self, reloader: Reloader) -> _Watching | None:
+    def _watch_config(self, reloader: Reloader) -> config_watch.Watching | None:
         """daemon.watch_config: reload as the file changes, until the daemon stops."""
         source = self._settings.source
         if not self._settings.daemon.watch_config or source is None:
@@ -252,7 +218,7 @@ class Daemon:
         stop = asyncio.Event()
         task = asyncio.create_task(config_watch.watch(source, reloader, stop), name="watch-config")
         log.info("watching %s: a change reloads it", source)
-        return _Watching(task, stop)
+        return config_watch.Watching(task, stop)
 
     @staticmethod
     async def _reload(reloader: Reloader) -> None:
@@ -279,9 +245,11 @@ class Daemon:
         try:
             async with supervision(self._settings, on_event) as wired:
                 log.info("GPUs: %s", wired.gpu_backend)
+                self._manager = wired.manager
                 self._reloader = Reloader(self._settings, wired, autostart=self._autostart)
+                self._reloader.subscribe(self._use_keys)  # the API token waits for a restart: not the keys
                 # After the lock: a second daemon is told who owns the directory. An upgrade's is inherited.
-                sock = wired.listening or listen(self._settings)
+                sock = self._sock = wired.listening or listen(self._settings)
                 notifying = self._notify(wired)
                 watching = self._watching = self._watch_config(self._reloader)
                 try:
@@ -291,6 +259,9 @@ class Daemon:
                         if self._stop_asked.is_set() or not self._hand_over(wired, sock):
                             break
                 finally:
+                    if self._bridge is not None:  # an upgrade that ended in a stop
+                        self._bridge.kill()
+                        self._bridge.wait()
                     sock.close()
                     self._reloader = None
                     if watching is not None:
@@ -311,15 +282,27 @@ class Daemon:
         with contextlib.suppress(asyncio.CancelledError):
             await self._starting
 
+    def _end_bridge(self) -> None:
+        """The API serves: the bridge of the upgrade that ran this program stops (it finishes its requests)."""
+        if self._handed_bridge is not None:  # ended with the daemon; a bridge left running dies with it
+            self._reloads.add(task := asyncio.create_task(upgrade_bridge.end(self._handed_bridge, self._settings)))
+            task.add_done_callback(self._reloads.discard)
+        self._handed_bridge = None
+
+    def _use_keys(self, settings: Settings) -> None:
+        """Take a reload's router keys: the front door serving now from its next request, a later one (after
+        an exec that failed) from its start."""
+        self._keys = router_keys(settings, self._token)
+        if self._door is not None:
+            self._door.use_keys(self._keys)
+
     def _notify(self, wired: Wired) -> asyncio.Task[None]:
         """Keep systemd's STATUS= line current and its watchdog fed while the loop and the sampler live."""
         manager, sampler = wired.manager, wired.sampler
         sampler.subscribe(lambda _sample: self._notifier.changed())
 
-        def problem() -> str | None:
-            stale_after_s = (
-                sampler.stale_after_s + 1.0
-            )  # a second's grace for a read under way (a reload may change it)
+        def problem() -> str | None:  # a second's grace for a read under way (a reload may change stale_after_s)
+            stale_after_s = sampler.stale_after_s + 1.0
             return sampler_problem([s.time for s in sampler.latest()], time.time(), stale_after_s)
 
         def status() -> str:
@@ -367,9 +350,8 @@ class Daemon:
             upgrade=self.request_upgrade,
             program_started_at=self._program_started_at,
         )
-        door = self._door = FrontDoor(api, wired.router, router_keys(self._settings, self._token))
-        if reloader is not None:  # the API token waits for a restart: the keys of a reload come with it
-            reloader.subscribe(lambda settings: door.use_keys(router_keys(settings, self._token)))
+        streams = self._streams = StreamCloser(api)
+        door = self._door = FrontDoor(streams, wired.router, self._keys)
         app = front_door(door, self._settings)
         config = uvicorn.Config(
             app,
@@ -378,7 +360,7 @@ class Daemon:
             lifespan="on",
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
         )
-        server = self._server = _Server(config)
+        server = self._server = _Server(config, self._end_bridge)
         self._starting = None  # from here a stop ends serving, and the wiring's exit stops every server
 
         async def drain_then_exit() -> None:
@@ -386,8 +368,9 @@ class Daemon:
             try:
                 self._close(wired, reloader)
                 await manager.drain_all()  # the API still answers meanwhile: the statuses say draining
-            finally:
-                server.should_exit = True  # a drain that failed must not keep the daemon from ending
+            finally:  # a drain that failed must not keep the daemon from ending
+                streams.close()  # the open streams end cleanly; ordinary answers finish in uvicorn's shutdown
+                server.should_exit = True
 
         ending = asyncio.create_task(drain_then_exit(), name="drain-then-exit")
         try:
@@ -397,35 +380,6 @@ class Daemon:
         if not self._server.started:  # the app's startup failed: uvicorn logged why and returned
             raise StartError("the daemon's API did not start", hint="see the log lines above")
         return self._upgrading
-
-
-def rest_api(
-    wired: Wired,
-    settings: Settings,
-    *,
-    token: str | None = None,
-    on_started: Callable[[], Awaitable[None]] | None = None,
-    reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
-    upgrade: Callable[[], Awaitable[UpgradeStarted]] | None = None,
-    program_started_at: float | None = None,
-) -> FastAPI:
-    """The REST API over the wired parts."""
-    return create_app(
-        settings,
-        manager=wired.manager,
-        table=wired.table,
-        sampler=wired.sampler,
-        peer_reader=wired.peers,
-        lending=wired.lending,
-        event_bus=wired.events,
-        router=wired.router,
-        server_metrics=wired.server_metrics,
-        token=token,
-        on_started=on_started,
-        reload=reload,
-        upgrade=upgrade,
-        program_started_at=program_started_at,
-    )
 
 
 def serve(settings: Settings, *, autostart: bool = True) -> None:

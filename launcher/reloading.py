@@ -57,6 +57,11 @@ class Reloader:
         if self._closed is not None:
             raise ConflictError(f"the configuration is not reloaded: {self._closed}")
 
+    @property
+    def reloading(self) -> bool:
+        """Whether a reload is under way (reading the file or carrying out its acts)."""
+        return self._lock.locked()
+
     def subscribe(self, listener: Callable[[Settings], None]) -> None:
         """Call ``listener`` with the settings in effect after each reload (a part built outside the wiring:
         the front door takes its keys)."""

@@ -10,27 +10,42 @@ takes them along. A second process could not become their parent: it would orpha
 
 The daemon (daemon.py) first stops accepting connections, which then wait in the listening socket's backlog
 (the daemon keeps a descriptor of it open), and lets the requests in flight through the front door finish
-on the old program. Then `reexec` writes the record and replaces the program; the new one serves the same
-socket, so no connection is refused during the swap. It returns only when the exec failed: the daemon
-then serves on as it was.
+on the old program (`end_api`): then the API's open streams end cleanly, and its ordinary answers finish in
+uvicorn's graceful shutdown. Then `reexec` writes the record and replaces the program; the new one serves
+the same socket, so no connection is refused during the swap. It returns only when the exec failed: the
+daemon then serves on as it was. An upgrade is refused (`refusal`) while something the exec would cut
+part-way is under way: a reload, a restart, a roll.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 
 import psutil
+import uvicorn
 
+from launcher.api.stream_closer import StreamCloser
+from launcher.bridge import until_asked
+from launcher.errors import ConflictError, LauncherError
+from launcher.reloading import read_like_serve
+from launcher.route.front import FrontDoor
 from launcher.schema_instances import State
 from launcher.statedir.owner import StateDirLock, handing_fds
 from launcher.supervise.handover import LISTEN_FD_ENV, HandedServer, HandOver, write
 from launcher.supervise.instance import Instance
+from launcher.systemd import Notifier
+from launcher.upgrade_bridge import BRIDGE_ENV
+from launcher.wiring import Wired, api_token
 
 log = logging.getLogger("launcher")
 
@@ -40,6 +55,35 @@ _SERVING = frozenset({State.READY, State.UNHEALTHY})
 _IGNORED_MEANWHILE = (signal.SIGUSR2, signal.SIGHUP)
 # A stop asked for during the hand-over interrupts it (`StopAsked`).
 _STOPPING = (signal.SIGTERM, signal.SIGINT)
+# The longest the API's end waits for the connections just accepted to send their request (a fixed 0.1 s was
+# short at a load of 10 on 2 cores). The bridge answers meanwhile.
+_ASKED_WITHIN_S = 5.0
+
+
+def refusal(
+    *,
+    foreground: bool,
+    serving: bool,
+    stopping: bool,
+    upgrading: bool,
+    reloading: bool,
+    restarting: Sequence[str],
+) -> str | None:
+    """Why the daemon cannot be upgraded now, from these facts, or None. A reload, restart or roll under way
+    would be cut part-way by the exec (the new program does not carry it on): it is waited for."""
+    if foreground:  # `launcher up`: its command line starts models, not a daemon
+        return "it runs in the foreground (`launcher up`): stop it and run it again"
+    if not serving:
+        return "the daemon is still starting"
+    if stopping:
+        return "the daemon is stopping"
+    if upgrading:
+        return "an upgrade is already under way"
+    if reloading:
+        return "a reload of the configuration is under way: ask again once it is done"
+    if restarting:
+        return f"a restart of {', '.join(restarting)} is under way: ask again once it is done"
+    return cannot_reexec()
 
 
 def cannot_reexec() -> str | None:
@@ -49,6 +93,36 @@ def cannot_reexec() -> str | None:
     if not os.access(sys.executable, os.X_OK):
         return f"{sys.executable} is not an executable any more"
     return None
+
+
+async def asked_by_signal(request_upgrade: Callable[[], Awaitable[object]]) -> None:
+    """The upgrade SIGUSR2 asks for: a refusal is logged (nobody else hears it)."""
+    try:
+        await request_upgrade()
+    except ConflictError as exc:
+        log.warning("SIGUSR2 ignored: %s", exc.message)
+
+
+def cannot_serve_again(source: Path | None) -> str | None:
+    """Why the program executed again would not serve (it reads the configuration as `serve` does, and one
+    that does not load would end it, and every server with it), or None. Reads files: run it in a thread."""
+    try:
+        api_token(read_like_serve(source))
+    except LauncherError as exc:
+        return f"the configuration does not load: {exc.message}"
+    return None
+
+
+async def end_api(server: uvicorn.Server, door: FrontDoor, streams: StreamCloser, drain_s: float) -> None:
+    """End the API of an upgrade, which accepts nothing more: once the front door's requests in flight
+    finished (``drain_s`` at most), its open streams end cleanly (they never end by themselves: waiting
+    for them kept every new connection unanswered for the whole ``drain_s``) and uvicorn's graceful
+    shutdown lets the ordinary answers under way finish (bounded by its timeout)."""
+    await until_asked(server, _ASKED_WITHIN_S)  # those just accepted deliver their request first
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(door.quiet(), drain_s)
+    streams.close()
+    server.should_exit = True
 
 
 def record(instances: Iterable[Instance], pid: int) -> HandOver:
@@ -82,6 +156,20 @@ def _handed(instance: Instance) -> HandedServer | None:
     )
 
 
+def hand_over(
+    wired: Wired, sock: socket.socket, notifier: Notifier, bridge: subprocess.Popen[bytes] | None
+) -> OSError | StopAsked:
+    """Tell the service manager, record the servers and execute the program again (`reexec`), naming
+    ``bridge`` to the new program; when that did not happen, the bridge is stopped."""
+    notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    named = {} if bridge is None else {BRIDGE_ENV: handing_fds([bridge.pid])}  # a pid, bound to ours as fds are
+    outcome = reexec(wired.state_lock, record(wired.manager.instances.values(), os.getpid()), sock, named)
+    if bridge is not None:
+        bridge.kill()
+        bridge.wait()
+    return outcome
+
+
 class StopAsked(Exception):
     """SIGTERM or SIGINT came during the hand-over: the daemon stops instead of executing its program (the
     event loop, which handles them otherwise, does not run again before the exec: it would be lost)."""
@@ -95,17 +183,18 @@ def _stop_asked(sig: int, _frame: object) -> None:
     raise StopAsked(sig)
 
 
-def reexec(lock: StateDirLock, handover: HandOver, sock: socket.socket) -> OSError | StopAsked:
+def reexec(lock: StateDirLock, handover: HandOver, sock: socket.socket, env: dict[str, str]) -> OSError | StopAsked:
     """Write ``handover``, and execute this program again with the same command line, handing ``sock`` and
     the state directory's ``lock`` over (no other daemon can take the directory while the new one starts).
-    Returns only when that did not happen (an OSError, or a stop asked for meanwhile), with everything as it
-    was (the record removed, ``sock`` and the lock not inheritable, the signal handlers back)."""
+    ``env`` goes into its environment. Returns only when that did not happen (an OSError, or a stop asked for
+    meanwhile), with everything as it was (the record removed, ``sock`` and the lock not inheritable, the
+    signal handlers back)."""
     state_dir = lock.state_dir
     stopping = {sig: signal.signal(sig, _stop_asked) for sig in _STOPPING}
     previous = {}
     try:
         write(state_dir, handover)
-        env = {**os.environ, LISTEN_FD_ENV: handing_fds([sock.fileno()]), **lock.hand_over()}
+        env = {**os.environ, **env, LISTEN_FD_ENV: handing_fds([sock.fileno()]), **lock.hand_over()}
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _IGNORED_MEANWHILE}
         sock.set_inheritable(True)
         log.info("upgrade: executing %s with %d server(s) handed over", " ".join(sys.orig_argv), len(handover.servers))

@@ -11,7 +11,7 @@ import pytest
 
 from launcher.api.auth import reads_need_token
 from launcher.config_file import parse_settings
-from launcher.daemon import rest_api
+from launcher.wiring import rest_api
 from tests.conftest import OpenWired, write_secret
 
 TOKEN = "t0ken-for-reads"

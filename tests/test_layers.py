@@ -71,6 +71,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "daemon",
         "local",
         "ad_hoc",
+        "bridge",
+        "upgrade_bridge",
         "upgrade",
         "cli_upgrade",
         "doctor",

@@ -121,7 +121,7 @@ def test_a_stream_survives_a_reload_that_restarts_its_model_to_its_last_token(
 async def test_an_error_after_the_settings_were_taken_comes_back_in_the_error_shape(
     write_config: ConfigWriter, open_wired: OpenWired, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from launcher.daemon import rest_api
+    from launcher.wiring import rest_api
 
     config = write_config({"tiny": {}})
     settings = load_settings(config)

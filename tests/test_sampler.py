@@ -15,10 +15,10 @@ import pytest
 
 from launcher.config_file import parse_settings
 from launcher.config_gpus import SimGpu
-from launcher.daemon import rest_api
 from launcher.gpu.sampler import Sampler
 from launcher.gpu.sim import Hold, SimBackend
 from launcher.schema_gpus import GpuSample
+from launcher.wiring import rest_api
 from tests.conftest import OpenWired
 
 POLL_S = 0.05

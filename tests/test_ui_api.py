@@ -11,9 +11,8 @@ from pathlib import Path
 import httpx
 
 from launcher.config_file import parse_settings
-from launcher.daemon import rest_api
 from launcher.schema_gpus import GpuSample, GpuTopology
-from launcher.wiring import Wired
+from launcher.wiring import Wired, rest_api
 from tests.conftest import OpenWired, write_secret
 
 TOKEN = "t0ken-for-the-page"

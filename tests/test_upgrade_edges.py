@@ -66,7 +66,8 @@ def test_an_open_event_stream_does_not_hold_the_upgrade_up(
         daemon.proc.send_signal(signal.SIGUSR2)
         upgraded(daemon, before)
         waited_s = time.monotonic() - began
-    assert waited_s < 5, f"the API answered again only after {waited_s:.1f}s"
+    # Well under drain_timeout_s (20 s): the bridge's start takes seconds of it on a loaded host.
+    assert waited_s < 15, f"the API answered again only after {waited_s:.1f}s"
     assert daemon.instance("m")["pid"] == pid
 
 

@@ -23,9 +23,9 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from launcher.route.errors import RouteError
-from launcher.route.front import JSON_MAX_DEPTH, JsonTooDeep, loads_json, media_type, on_front_door
-from launcher.schema import ErrorBody
+from launcher.api.refusals import error_answer
+from launcher.route.errors import on_front_door
+from launcher.route.front import JSON_MAX_DEPTH, JsonTooDeep, loads_json, media_type
 
 # A request line and its headers: real clients send a few KiB (browsers' cookies included).
 HEAD_MAX_BYTES = 64 * 2**10
@@ -35,21 +35,6 @@ _RETRY_AFTER_S = 2
 # glibc keeps freed memory for reuse; big bodies freed are handed back to the system once none is held.
 _TRIM_AFTER_BYTES = 16 * 2**20
 _JSON_TYPES = (b"application/json", b"")
-
-
-def error_answer(
-    path: str, status: int, message: str, code: str, *, retry_after_s: int | None = None, hint: str | None = None
-) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """Headers and body of an error in the shape of the part of the daemon ``path`` is for: OpenAI's on
-    the front door (the hint in the message), `ErrorBody` on the API."""
-    if on_front_door(path):
-        said = message if hint is None else f"{message} ({hint})"
-        error = RouteError(status, said, code, retry_after_s=retry_after_s)
-        return error.headers(), error.body()
-    headers = [(b"content-type", b"application/json")]
-    if retry_after_s is not None:
-        headers.append((b"retry-after", str(retry_after_s).encode()))
-    return headers, ErrorBody(detail=message, hint=hint).model_dump_json(exclude_none=True).encode()
 
 
 def limited_protocol(request_timeout_s: float) -> type[HttpToolsProtocol]:

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from launcher.api.limits import error_answer
+from launcher.api.refusals import error_answer
 from launcher.config_daemon import DEFAULT_PORTS, DaemonSettings
 
 _WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})

@@ -48,3 +48,8 @@ class RouteError(Exception):
         if self.status == 401:
             headers.append((b"www-authenticate", b"Bearer"))
         return headers
+
+
+def on_front_door(path: str) -> bool:
+    """Whether ``path`` is the front door's (/v1, /upstream): the rest is the REST API's."""
+    return path.startswith("/v1/") or path.startswith("/upstream/")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import datetime
@@ -16,7 +15,8 @@ from typing import Any, TypeVar
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from launcher.route.errors import RouteError
+from launcher.route.errors import RouteError, on_front_door
+from launcher.route.keys import check_key
 from launcher.route.prefix_ring import prefix_key
 from launcher.route.router import Router
 from launcher.route.served import Served
@@ -35,10 +35,6 @@ class _ClientLeft(Exception):
 
 class JsonTooDeep(ValueError):
     pass
-
-
-def on_front_door(path: str) -> bool:
-    return path.startswith("/v1/") or path.startswith("/upstream/")
 
 
 class FrontDoor:
@@ -138,17 +134,7 @@ class FrontDoor:
         self._router.request_log.record(model, method, path, arrived, served, time.monotonic() - arrived_s)
 
     def _check_key(self, headers: list[tuple[bytes, bytes]]) -> None:
-        if self._keys is None:
-            return
-        given = b""
-        for key, value in headers:
-            if key == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                given = token.strip() if scheme.lower() == b"bearer" else b""
-            elif key == b"x-api-key":  # what Anthropic-style clients send to /v1/messages
-                given = value.strip()
-        if not any(secrets.compare_digest(given, k.encode()) for k in self._keys):
-            raise RouteError(401, "this needs Authorization: Bearer <key> (one of router.api_keys)", "invalid_api_key")
+        check_key(self._keys, headers)
 
     def _models(self, one: str | None) -> bytes:
         """The list of models and aliases with their states; or ``one`` of them (404 when unknown)."""

@@ -87,6 +87,7 @@ class Manager:
         self._vram = VramGate(settings.gpus, sampler, self.publish)
         self._hot: frozenset[int] = frozenset()  # GPUs in a hot episode
         self._tasks: set[asyncio.Task[object]] = set()
+        self._restarting: list[str] = []  # a name per restart under way
         self.writes = StateWrites()
         self.measuring = Measuring(MeasurementStore(state_dir.measured_file), sampler.identities)
         self._configured = replicas.expand(settings, [g.index for g in sampler.identities])
@@ -239,8 +240,19 @@ class Manager:
             await self.peers.release(name)
         return instance.status()
 
+    def restarting(self) -> list[str]:
+        """The instances and models a restart or a roll is under way for (an upgrade is refused meanwhile)."""
+        return sorted({*self._restarting, *self._rolls.under_way()})
+
     async def restart(self, name: str) -> InstanceStatus | RollReport:
         """Restart instance ``name``; a model run as replicas (its name) rolls them, one at a time."""
+        self._restarting.append(name)
+        try:
+            return await self._restart(name)
+        finally:
+            self._restarting.remove(name)
+
+    async def _restart(self, name: str) -> InstanceStatus | RollReport:
         members = self.group(name)
         if name not in self.instances and members:  # replicas (`per-gpu` on one GPU: a roll of one)
             return await self._rolls.roll(name, members, self._restart_as_configured)

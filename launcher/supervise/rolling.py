@@ -150,6 +150,10 @@ class Rolls:
         """The daemon's own stop began: the rolls under way end, and none begins."""
         self._stopping.set()
 
+    def under_way(self) -> list[str]:
+        """The models whose replicas roll now."""
+        return [model for model, lock in self._locks.items() if lock.locked()]
+
     async def roll(self, model: str, names: list[str], act: Callable[[Instance], Awaitable[None]]) -> RollReport:
         """A rolling restart of ``names`` (replicas of ``model``) by ``act`` (`roll_unless`)."""
 
