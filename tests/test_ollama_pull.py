@@ -24,7 +24,7 @@ import pytest
 
 from launcher.backends.ollama_registry import registry_model_bytes
 from launcher.errors import ConfigError, StartError
-from launcher.supervise.ollama_downloads import PullStream
+from launcher.supervise.ollama_downloads import PULL_MAX_LAYERS, PullStream
 from launcher.tinymodel import write_tiny_llama
 from tests.conftest import ConfigWriter, Daemon, assert_downloading, free_port, poll_until, run_cli
 from tests.test_ollama import ollama_model, sim_gpus
@@ -174,6 +174,20 @@ def test_a_progress_line_with_a_negative_or_absurd_size_is_not_shown(said: dict[
     assert shown is not None and (shown.done_bytes, shown.total_bytes) == (34, 68)
     assert stream.line(json.dumps({"status": "pulling 2bada8a74506", "digest": "sha256:2bada8a7", **said})) is None
     assert stream.line(json.dumps(layer | {"completed": 68})) == replace(shown, done_bytes=68)  # the line ignored
+
+
+def test_progress_keeps_at_most_max_layers_and_short_digests() -> None:
+    """A stream of endless distinct digests (or one huge digest) does not grow the progress kept: a model
+    has a handful of layers; digests past the bound, and digests longer than a digest, are not shown."""
+    stream = PullStream("qwen2.5:7b")
+    shown = [stream.line(json.dumps({"digest": f"sha256:{i:064x}", "total": 10, "completed": 5})) for i in range(64)]
+    last = shown[-1]
+    assert len(shown) == PULL_MAX_LAYERS and None not in shown and last is not None
+    assert (last.done_bytes, last.total_bytes) == (5 * PULL_MAX_LAYERS, 10 * PULL_MAX_LAYERS)
+    assert stream.line(json.dumps({"digest": "sha256:" + "f" * 64, "total": 10, "completed": 5})) is None
+    assert stream.line(json.dumps({"digest": "sha256:" + "e" * 2**20, "total": 10, "completed": 5})) is None
+    known = stream.line(json.dumps({"digest": f"sha256:{0:064x}", "total": 10, "completed": 10}))  # still followed
+    assert known is not None and known.done_bytes == 5 * PULL_MAX_LAYERS + 5
 
 
 @contextmanager

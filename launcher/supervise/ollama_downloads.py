@@ -35,6 +35,8 @@ _SERVER_UP_S = 30.0  # for `ollama serve` to answer before the pull
 _STOP_S = 10.0
 _PROBE_S = 0.1
 _LAYER_MAX_BYTES = 2**50
+_DIGEST_MAX_CHARS = 128  # "sha256:" and 64 hex digits
+PULL_MAX_LAYERS = 64  # layers whose progress is kept: a model has a handful (weights, projector, template...)
 
 
 def needs_pull(instance: Instance) -> bool:
@@ -54,7 +56,7 @@ def _is_size(value: object) -> TypeGuard[int]:
 
 class PullStream:
     """Ollama's pull progress lines (`{"status", "digest", "total", "completed"}` per layer, or `{"error"}`)
-    summed over the layers seen so far."""
+    summed over the layers seen so far (at most `PULL_MAX_LAYERS` of them)."""
 
     def __init__(self, model: str) -> None:
         self._model = model
@@ -73,6 +75,8 @@ class PullStream:
         digest, total, completed = said.get("digest"), said.get("total"), said.get("completed", 0)
         if not isinstance(digest, str) or not _is_size(total) or not _is_size(completed):
             return None  # no progress to show: never a negative or absurd one
+        if len(digest) > _DIGEST_MAX_CHARS or (digest not in self._layers and len(self._layers) >= PULL_MAX_LAYERS):
+            return None  # kept bounded whatever the stream says: a layer past them is not shown
         self._layers[digest] = (min(completed, total), total)
         return PullProgress(
             done_bytes=sum(done for done, _ in self._layers.values()),
