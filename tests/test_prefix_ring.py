@@ -73,6 +73,34 @@ def names(n: int) -> list[str]:
     return [f"m@{i}" for i in range(n)]
 
 
+class Unread(dict[str, object]):
+    """A part of a body the key must not read: its `get` raises (as `str` of it does)."""
+
+    def get(self, *_args: object) -> object:
+        raise AssertionError("read past the key")
+
+    def __str__(self) -> str:
+        raise AssertionError("a part not text made into text")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [0] * 10_000 + [Unread()]},  # entries that are no message
+        {"messages": [{"role": "user", "content": [{}] * 10_000 + [Unread()]}]},  # parts without text
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": Unread()}]}]},  # text not a string
+        {"messages": [{"role": Unread(), "content": "Hi"}]},  # role not a string
+        {"prompt": [Unread(), 1]},  # a batch of token-id lists: each not made into text whole
+        {"prompt": [1, 2, Unread()]},  # token ids: an id that is not one
+    ],
+    ids=["messages", "parts", "text", "role", "batch", "tokens"],
+)
+def test_a_hostile_body_is_read_only_as_far_as_its_key(body: dict[str, object]) -> None:
+    """The key costs what it holds, not what the body holds: the front door computes it on its event loop."""
+    key = prefix_key(body)
+    assert key is None or len(key) <= PREFIX_CHARS
+
+
 def test_the_ring_is_deterministic_and_independent_of_the_order_replicas_are_listed() -> None:
     order = ring_order(names(4), "some key")
     assert sorted(order) == names(4)
