@@ -248,6 +248,39 @@ def test_a_registry_that_sends_without_end_is_refused_after_1_mib_read_as_it_cam
     assert peak_bytes < 4 * 1024 * 1024, peak_bytes
 
 
+def test_a_registry_that_trickles_its_headers_is_refused_at_the_timeout_in_all() -> None:
+    """A header byte each 50 ms for up to 10 s: each read within the timeout, the whole not (before: the
+    headers were waited for whole, the timeout counted only over the body)."""
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with suppress(OSError):  # the client gave up
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(200):
+                    self.wfile.write(b"a")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ConfigError) as refused:
+            registry_model_bytes("tiny:1b", url, timeout_s=1.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert refused.value.message == (
+        f"the Ollama registry at {url} took more than 1 s to answer for tiny:1b's manifest (a few hundred bytes)"
+    )
+
+
 def test_a_registry_that_sends_a_byte_at_a_time_is_refused_at_the_timeout_in_all() -> None:
     """A blank each 50 ms for up to 10 s: each read within the timeout, the whole not (before: all waited for)."""
 
