@@ -24,7 +24,7 @@ import pytest
 
 from launcher.backends.ollama_registry import registry_model_bytes
 from launcher.errors import ConfigError, StartError
-from launcher.supervise.ollama_downloads import PULL_MAX_LAYERS, PullStream
+from launcher.supervise.ollama_downloads import PULL_LINE_MAX_BYTES, PULL_MAX_LAYERS, PullStream
 from launcher.tinymodel import write_tiny_llama
 from tests.conftest import ConfigWriter, Daemon, assert_downloading, free_port, poll_until, run_cli
 from tests.test_ollama import ollama_model, sim_gpus
@@ -113,6 +113,18 @@ def test_a_pull_that_fails_midway_leaves_the_instance_failed_with_ollamas_words(
     assert failed["state"] == "failed"
     assert failed["last_error"] == f"Ollama could not pull tiny:1b: {down}"
     assert not (tmp_path / "store" / "manifests").exists()  # nothing in the store to plan a start from
+
+
+def test_a_pull_stream_line_without_end_fails_the_pull_at_its_bound(
+    write_config: ConfigWriter, start_daemon: StartDaemon, ollama_standin: Path, tmp_path: Path, registry: str
+) -> None:
+    """Ollama's lines are a few hundred bytes: one of 64 MiB is not held whole before it is refused."""
+    pulled = pulled_model(ollama_standin, tmp_path, registry, "tiny:1b", STANDIN_PULL_ENDLESS_LINE="1")
+    daemon = start_daemon(write_config({"ol": pulled}, gpus=sim_gpus(1)))
+    assert daemon.http.post("/instances/ol/start").json()["state"] == "downloading"
+    failed = daemon.wait_for("ol", lambda s: s["state"] in ("ready", "failed"))
+    assert failed["state"] == "failed"
+    assert failed["last_error"] == f"Ollama's pull of tiny:1b answered a line over {PULL_LINE_MAX_BYTES // 1024} KiB"
 
 
 def test_a_pull_the_front_door_began_ends_at_a_stop_with_its_ollama_server(
