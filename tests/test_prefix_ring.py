@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from launcher.config_model import ModelSettings
 from launcher.route.choose import Replica, pick
 from launcher.route.prefix_ring import (
     KEY_MIN_CHARS,
@@ -135,6 +136,13 @@ def test_the_bound_is_one_plus_epsilon_times_the_mean_with_this_request() -> Non
     assert load_bound([0, 0], 0.25) == 1  # ceil(1.25 * 1 / 2)
     assert load_bound([3, 1], 0.25) == 4  # ceil(1.25 * 5 / 2) = ceil(3.125)
     assert load_bound([4, 4, 4], 0.5) == 7  # ceil(1.5 * 13 / 3) = ceil(6.5)
+
+
+def test_the_bound_is_a_whole_number_at_the_largest_epsilon_the_configuration_takes() -> None:
+    largest = ModelSettings.model_fields["routing_epsilon"].metadata
+    epsilon = next(c.le for c in largest if hasattr(c, "le"))
+    assert load_bound([2**40, 2**40], epsilon) == math.ceil((1 + epsilon) * (2**41 + 1) / 2)
+    assert pick([Replica("a", True, 0, 1), Replica("b", True, 0, 1)], 0, "key", epsilon) in ("a", "b")
 
 
 def test_a_busy_owner_passes_the_request_to_the_next_replica_on_the_ring() -> None:
