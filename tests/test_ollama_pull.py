@@ -203,14 +203,15 @@ def test_progress_keeps_at_most_max_layers_and_short_digests() -> None:
 
 
 @contextmanager
-def registry_double(send: Callable[[io.BufferedIOBase], object]) -> Iterator[str]:
+def registry_double(send: Callable[[io.BufferedIOBase], object], *, head: bool = True) -> Iterator[str]:
     """A registry on loopback whose every answer is 200 with the body ``send`` writes (ended by closing the
-    connection); its URL."""
+    connection), or, ``head`` False, whatever ``send`` writes, status line and headers included; its URL."""
 
     class Registry(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            self.send_response(200)
-            self.end_headers()
+            if head:
+                self.send_response(200)
+                self.end_headers()
             with suppress(OSError):  # the client stopped reading
                 send(self.wfile)
 
@@ -264,30 +265,15 @@ def test_a_registry_that_trickles_its_headers_is_refused_at_the_timeout_in_all()
     """A header byte each 50 ms for up to 10 s: each read within the timeout, the whole not (before: the
     headers were waited for whole, the timeout counted only over the body)."""
 
-    class Trickle(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            with suppress(OSError):  # the client gave up
-                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-                for _ in range(200):
-                    self.wfile.write(b"a")
-                    self.wfile.flush()
-                    time.sleep(0.05)
+    def trickle_head(out: io.BufferedIOBase) -> None:
+        out.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(200):
+            out.write(b"a")
+            out.flush()
+            time.sleep(0.05)
 
-        def log_message(self, *args: object) -> None:
-            return
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        with pytest.raises(ConfigError) as refused:
-            registry_model_bytes("tiny:1b", url, timeout_s=1.0)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with registry_double(trickle_head, head=False) as url, pytest.raises(ConfigError) as refused:
+        registry_model_bytes("tiny:1b", url, timeout_s=1.0)
     assert refused.value.message == (
         f"the Ollama registry at {url} took more than 1 s to answer for tiny:1b's manifest (a few hundred bytes)"
     )
