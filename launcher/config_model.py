@@ -168,11 +168,13 @@ class ModelSettings(StrictSettings):
         "them (consistent hashing with bounded load); `least-busy`: the replica with the fewest requests in "
         "flight, round-robin among equals. One replica: the same either way.",
     )
-    routing_epsilon: Annotated[float, Field(gt=0)] = Field(
+    # At most 1000 (a bound that never binds at any load a model takes): the bound is made a whole number,
+    # which an infinite (or overflowing) one cannot be.
+    routing_epsilon: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)] = Field(
         default=0.1,
         description="`prefix` routing's balance bound: a replica with more than (1 + this) times the mean "
         "requests in flight, or of the requests given among the model's last 128, passes a request on to the "
-        "next replica on the ring.",
+        "next replica on the ring. At most 1000.",
     )
     queue_max: Annotated[int, Field(ge=0)] = Field(
         default=64, description="Requests that may wait for an instance; beyond it 429."

@@ -55,6 +55,9 @@ def test_examples_load(path: Path) -> None:
         ("gpus: {backend: cuda}", "gpus.backend: should be 'auto', 'nvml'"),
         ("models: {m: {model: a.gguf, drain_timeout_s: .inf}}", "drain_timeout_s: should be a finite number"),
         ("gpus: {poll_interval: .nan}", "gpus.poll_interval: should be a finite number"),
+        # the bound (1 + ε) x the mean is made a whole number: an infinite one raised in each request's choice
+        ("models: {m: {model: a.gguf, routing_epsilon: .inf}}", "models.m.routing_epsilon: should be a finite"),
+        ("models: {m: {model: a.gguf, routing_epsilon: 1e308}}", "routing_epsilon: should be less than or equal"),
         # a pinned model the idle timer stopped surprised its user: the two are refused together
         ("models: {m: {model: a.gguf, pinned: true, idle_ttl_s: 60}}", "models.m: pinned and idle_ttl_s: a pinned"),
         ("- a list", "expected a mapping"),

@@ -24,7 +24,7 @@ import pytest
 
 from launcher.backends.ollama_registry import registry_model_bytes
 from launcher.errors import ConfigError, StartError
-from launcher.supervise.ollama_downloads import PullStream
+from launcher.supervise.ollama_downloads import PULL_LINE_MAX_BYTES, PULL_MAX_LAYERS, PullStream
 from launcher.tinymodel import write_tiny_llama
 from tests.conftest import ConfigWriter, Daemon, assert_downloading, free_port, poll_until, run_cli
 from tests.test_ollama import ollama_model, sim_gpus
@@ -115,6 +115,18 @@ def test_a_pull_that_fails_midway_leaves_the_instance_failed_with_ollamas_words(
     assert not (tmp_path / "store" / "manifests").exists()  # nothing in the store to plan a start from
 
 
+def test_a_pull_stream_line_without_end_fails_the_pull_at_its_bound(
+    write_config: ConfigWriter, start_daemon: StartDaemon, ollama_standin: Path, tmp_path: Path, registry: str
+) -> None:
+    """Ollama's lines are a few hundred bytes: one of 64 MiB is not held whole before it is refused."""
+    pulled = pulled_model(ollama_standin, tmp_path, registry, "tiny:1b", STANDIN_PULL_ENDLESS_LINE="1")
+    daemon = start_daemon(write_config({"ol": pulled}, gpus=sim_gpus(1)))
+    assert daemon.http.post("/instances/ol/start").json()["state"] == "downloading"
+    failed = daemon.wait_for("ol", lambda s: s["state"] in ("ready", "failed"))
+    assert failed["state"] == "failed"
+    assert failed["last_error"] == f"Ollama's pull of tiny:1b answered a line over {PULL_LINE_MAX_BYTES // 1024} KiB"
+
+
 def test_a_pull_the_front_door_began_ends_at_a_stop_with_its_ollama_server(
     write_config: ConfigWriter, start_daemon: StartDaemon, ollama_standin: Path, tmp_path: Path, registry: str
 ) -> None:
@@ -176,15 +188,30 @@ def test_a_progress_line_with_a_negative_or_absurd_size_is_not_shown(said: dict[
     assert stream.line(json.dumps(layer | {"completed": 68})) == replace(shown, done_bytes=68)  # the line ignored
 
 
+def test_progress_keeps_at_most_max_layers_and_short_digests() -> None:
+    """A stream of endless distinct digests (or one huge digest) does not grow the progress kept: a model
+    has a handful of layers; digests past the bound, and digests longer than a digest, are not shown."""
+    stream = PullStream("qwen2.5:7b")
+    shown = [stream.line(json.dumps({"digest": f"sha256:{i:064x}", "total": 10, "completed": 5})) for i in range(64)]
+    last = shown[-1]
+    assert len(shown) == PULL_MAX_LAYERS and None not in shown and last is not None
+    assert (last.done_bytes, last.total_bytes) == (5 * PULL_MAX_LAYERS, 10 * PULL_MAX_LAYERS)
+    assert stream.line(json.dumps({"digest": "sha256:" + "f" * 64, "total": 10, "completed": 5})) is None
+    assert stream.line(json.dumps({"digest": "sha256:" + "e" * 2**20, "total": 10, "completed": 5})) is None
+    known = stream.line(json.dumps({"digest": f"sha256:{0:064x}", "total": 10, "completed": 10}))  # still followed
+    assert known is not None and known.done_bytes == 5 * PULL_MAX_LAYERS + 5
+
+
 @contextmanager
-def registry_double(send: Callable[[io.BufferedIOBase], object]) -> Iterator[str]:
+def registry_double(send: Callable[[io.BufferedIOBase], object], *, head: bool = True) -> Iterator[str]:
     """A registry on loopback whose every answer is 200 with the body ``send`` writes (ended by closing the
-    connection); its URL."""
+    connection), or, ``head`` False, whatever ``send`` writes, status line and headers included; its URL."""
 
     class Registry(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            self.send_response(200)
-            self.end_headers()
+            if head:
+                self.send_response(200)
+                self.end_headers()
             with suppress(OSError):  # the client stopped reading
                 send(self.wfile)
 
@@ -232,6 +259,24 @@ def test_a_registry_that_sends_without_end_is_refused_after_1_mib_read_as_it_cam
         f"the Ollama registry at {url} answered more than 1024 KiB for tiny:1b's manifest (a few hundred bytes)"
     )
     assert peak_bytes < 4 * 1024 * 1024, peak_bytes
+
+
+def test_a_registry_that_trickles_its_headers_is_refused_at_the_timeout_in_all() -> None:
+    """A header byte each 50 ms for up to 10 s: each read within the timeout, the whole not (before: the
+    headers were waited for whole, the timeout counted only over the body)."""
+
+    def trickle_head(out: io.BufferedIOBase) -> None:
+        out.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(200):
+            out.write(b"a")
+            out.flush()
+            time.sleep(0.05)
+
+    with registry_double(trickle_head, head=False) as url, pytest.raises(ConfigError) as refused:
+        registry_model_bytes("tiny:1b", url, timeout_s=1.0)
+    assert refused.value.message == (
+        f"the Ollama registry at {url} took more than 1 s to answer for tiny:1b's manifest (a few hundred bytes)"
+    )
 
 
 def test_a_registry_that_sends_a_byte_at_a_time_is_refused_at_the_timeout_in_all() -> None:

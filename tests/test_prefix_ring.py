@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from launcher.config_model import ModelSettings
 from launcher.route.choose import Replica, pick
 from launcher.route.prefix_ring import (
     KEY_MIN_CHARS,
@@ -73,6 +74,34 @@ def names(n: int) -> list[str]:
     return [f"m@{i}" for i in range(n)]
 
 
+class Unread(dict[str, object]):
+    """A part of a body the key must not read: its `get` raises (as `str` of it does)."""
+
+    def get(self, *_args: object) -> object:
+        raise AssertionError("read past the key")
+
+    def __str__(self) -> str:
+        raise AssertionError("a part not text made into text")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [0] * 10_000 + [Unread()]},  # entries that are no message
+        {"messages": [{"role": "user", "content": [{}] * 10_000 + [Unread()]}]},  # parts without text
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": Unread()}]}]},  # text not a string
+        {"messages": [{"role": Unread(), "content": "Hi"}]},  # role not a string
+        {"prompt": [Unread(), 1]},  # a batch of token-id lists: each not made into text whole
+        {"prompt": [1, 2, Unread()]},  # token ids: an id that is not one
+    ],
+    ids=["messages", "parts", "text", "role", "batch", "tokens"],
+)
+def test_a_hostile_body_is_read_only_as_far_as_its_key(body: dict[str, object]) -> None:
+    """The key costs what it holds, not what the body holds: the front door computes it on its event loop."""
+    key = prefix_key(body)
+    assert key is None or len(key) <= PREFIX_CHARS
+
+
 def test_the_ring_is_deterministic_and_independent_of_the_order_replicas_are_listed() -> None:
     order = ring_order(names(4), "some key")
     assert sorted(order) == names(4)
@@ -107,6 +136,13 @@ def test_the_bound_is_one_plus_epsilon_times_the_mean_with_this_request() -> Non
     assert load_bound([0, 0], 0.25) == 1  # ceil(1.25 * 1 / 2)
     assert load_bound([3, 1], 0.25) == 4  # ceil(1.25 * 5 / 2) = ceil(3.125)
     assert load_bound([4, 4, 4], 0.5) == 7  # ceil(1.5 * 13 / 3) = ceil(6.5)
+
+
+def test_the_bound_is_a_whole_number_at_the_largest_epsilon_the_configuration_takes() -> None:
+    largest = ModelSettings.model_fields["routing_epsilon"].metadata
+    epsilon = next(c.le for c in largest if hasattr(c, "le"))
+    assert load_bound([2**40, 2**40], epsilon) == math.ceil((1 + epsilon) * (2**41 + 1) / 2)
+    assert pick([Replica("a", True, 0, 1), Replica("b", True, 0, 1)], 0, "key", epsilon) in ("a", "b")
 
 
 def test_a_busy_owner_passes_the_request_to_the_next_replica_on_the_ring() -> None:

@@ -15,6 +15,7 @@ from launcher.route.admission import Admission
 from launcher.route.choose import Replica, Resident, Room, Use, collate, expired, make_room, pick
 from launcher.route.errors import RouteError
 from launcher.route.naming import StreamNaming, rename_document
+from launcher.route.prefix_ring import ring_order
 from launcher.route.usage import Tokens, of_body
 from launcher.supervise.table import RequestLoad
 from launcher.wiring import router_keys
@@ -186,6 +187,31 @@ async def test_a_wait_that_times_out_is_429_and_leaves_no_count_behind() -> None
         await admission.wait("m", queue_max=5, timeout_s=0.01)
     assert (late.value.status, late.value.code) == (429, "queue_timeout")
     assert admission.queued("m") == 0 and admission.in_flight("m@0") == 1
+
+
+async def test_a_forgotten_model_leaves_nothing_behind_and_comes_back_afresh() -> None:
+    """A model a reload removes: its waits end with the error, and nothing of it is kept (its queue count,
+    the replicas its recent requests went to), so models removed over a daemon's life cost nothing and one
+    added back under the same name (new servers, empty caches) is routed afresh."""
+    load = RequestLoad()
+    names = ["m@0", "m@1"]
+    admission = Admission(
+        lambda model: [Replica(n, True, admission.in_flight(n), 4) for n in names], load, lambda model: 0.1
+    )
+    owner, other = ring_order(names, "key")
+    for expected in (owner, owner, other):  # the owner's two: a third is above the bound on requests given
+        assert admission.try_take("m", "key") == expected
+        admission.release(expected)
+    waiting = asyncio.create_task(admission.wait("m", queue_max=2, timeout_s=5, prefix="key"))
+    await asyncio.sleep(0)
+    admission.forget("m", RouteError(404, "m was removed from the configuration", "model_not_found"))
+    with pytest.raises(RouteError, match="m was removed"):
+        await waiting
+    assert load == RequestLoad()  # nothing in flight, nothing queued: no entry kept for either
+    assert admission.try_take("m", "key") == owner  # afresh: without the forget, the other again
+    admission.release(owner)
+    admission.forget("m", RouteError(404, "m was removed from the configuration", "model_not_found"))
+    assert admission.try_take("m", "key") == owner
 
 
 def test_route_errors_are_openai_shaped() -> None:

@@ -4,8 +4,9 @@ so it is planned before Ollama pulls a byte of it."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
-import time
 
 import httpx
 
@@ -67,18 +68,29 @@ class _Unbounded(Exception):
 
 def _manifest(url: str, timeout_s: float) -> tuple[int, bytes]:
     """The answer's status and body, read as it comes and given up past ``_MANIFEST_BYTES`` or ``timeout_s``
-    in all: a registry that sends without end, or a byte at a time, costs no more. Asked uncompressed and
-    read raw, so that no small chunk inflates to a large one."""
-    deadline_s = time.monotonic() + timeout_s
+    in all, headers included: a registry that sends without end, or a byte at a time, costs no more. In a
+    loop of its own (a thread: callers may run in one), where a deadline cancels whatever read waits; a
+    blocking client's timeout bounds each read, not the whole. Asked uncompressed and read raw, so that no
+    small chunk inflates to a large one."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ollama-manifest") as pool:
+        return pool.submit(asyncio.run, _read_manifest(url, timeout_s)).result()
+
+
+async def _read_manifest(url: str, timeout_s: float) -> tuple[int, bytes]:
     headers = {"Accept": _MANIFEST_TYPE, "Accept-Encoding": "identity"}
-    with httpx.stream("GET", url, headers=headers, timeout=timeout_s, follow_redirects=True) as answer:
-        if answer.status_code != 200:
-            return answer.status_code, b""
-        body = bytearray()
-        for chunk in answer.iter_raw():
-            body += chunk
-            if len(body) > _MANIFEST_BYTES:
-                raise _Unbounded(f"answered more than {_MANIFEST_BYTES // 1024} KiB")
-            if time.monotonic() > deadline_s:
-                raise _Unbounded(f"took more than {timeout_s:g} s to answer")
-        return answer.status_code, bytes(body)
+    try:
+        async with (
+            asyncio.timeout(timeout_s),
+            httpx.AsyncClient(timeout=timeout_s, follow_redirects=True) as client,
+            client.stream("GET", url, headers=headers) as answer,
+        ):
+            if answer.status_code != 200:
+                return answer.status_code, b""
+            body = bytearray()
+            async for chunk in answer.aiter_raw():
+                body += chunk
+                if len(body) > _MANIFEST_BYTES:
+                    raise _Unbounded(f"answered more than {_MANIFEST_BYTES // 1024} KiB")
+            return answer.status_code, bytes(body)
+    except TimeoutError:  # the deadline in all (a read's own timeout is httpx's, an HTTPError)
+        raise _Unbounded(f"took more than {timeout_s:g} s to answer") from None

@@ -178,10 +178,19 @@ def _said(what: str, repo: str) -> Iterator[None]:
             f"HF_HUB_OFFLINE is set: the hub is not asked for {what}, so it cannot be planned yet",
             hint="unset HF_HUB_OFFLINE to plan it from its headers",
         ) from None
-    except GatedRepoError:
+    except GatedRepoError as exc:
+        page = f"{constants.ENDPOINT}/{repo}"
+        # 401: no token (or one the hub does not know); 403: a token the hub knows, whose account has no
+        # access, where setting HF_TOKEN again would change nothing.
+        refused = exc.response is not None and exc.response.status_code == 403
         raise HubError(
             f"{repo} is a gated repo: {what} needs access",
-            hint=f"ask for access on its page ({constants.ENDPOINT}/{repo}), then set HF_TOKEN or hub.token_file",
+            hint=(
+                f"the token given has no access to it: ask for access on its page ({page}) with the account "
+                "the token belongs to, or give the token of an account that has access"
+                if refused
+                else f"ask for access on its page ({page}), then set HF_TOKEN or hub.token_file"
+            ),
         ) from None
     except RepositoryNotFoundError:
         raise HubError(

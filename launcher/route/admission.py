@@ -114,6 +114,14 @@ class Admission:
                 continue
             turn.set_result(name)
 
+    def forget(self, model: str, error: RouteError) -> None:
+        """``model`` is gone (a reload removed it): its waits end with ``error`` and nothing of it is kept,
+        so a model added back under its name starts afresh (its servers are new, their caches empty)."""
+        self.fail(model, error)
+        self._queued.pop(model, None)
+        self._given.pop(model, None)
+        self._turn.pop(model, None)
+
     def fail(self, model: str, error: RouteError) -> None:
         """End every wait for ``model`` with ``error`` (it stopped, failed or cannot start)."""
         waiting = self._waiting.pop(model, deque())
@@ -121,3 +129,4 @@ class Admission:
         for turn, _ in waiting:
             if not turn.done():
                 turn.set_exception(error)
+        waiting.clear()  # none waits now: their waits' ends count nothing again (a forgotten model's included)

@@ -54,7 +54,9 @@ def prefix_key(doc: Any, chars: int = PREFIX_CHARS, min_chars: int = KEY_MIN_CHA
     """The start of the prompt a request body ``doc`` gives the server: its system prompt (Ollama's and
     Anthropic's `system`), then its chat `messages` in order as role and text, then a completion's
     `prompt`, taken whole until they hold ``min_chars`` characters and cut at ``chars``. None when the body
-    has no prompt (an embedding, a body that is not an object)."""
+    has no prompt (an embedding, a body that is not an object). Reads no more of the body than the key
+    needs (the first ``min_chars`` messages, parts or token ids; strings, cut): its cost is the key's, not
+    the body's, whatever a client sends."""
     if not isinstance(doc, dict):
         return None
     parts: list[str] = []
@@ -62,32 +64,42 @@ def prefix_key(doc: Any, chars: int = PREFIX_CHARS, min_chars: int = KEY_MIN_CHA
 
     def add(text: str) -> bool:
         nonlocal size
-        parts.append(text)
+        parts.append(text[:chars])
         size += len(text) + 1
         return size >= min_chars
 
-    if (system := _text(doc.get("system"))) and add(system):
+    if (system := _text(doc.get("system"), chars)) and add(system):
         return _joined(parts, chars)
     messages = doc.get("messages")
     if isinstance(messages, list):
-        for message in messages:
-            if isinstance(message, dict) and add(f"{message.get('role')}:{_text(message.get('content'))}"):
-                return _joined(parts, chars)
+        # Each message adds at least its separator, so the first min_chars of them are all a key can hold.
+        for message in messages[:min_chars]:
+            if isinstance(message, dict):
+                role = message.get("role")
+                if add(f"{role[:chars] if isinstance(role, str) else ''}:{_text(message.get('content'), chars)}"):
+                    return _joined(parts, chars)
     prompt = doc.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):  # a batch: keyed by its first
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):  # a batch: keyed by its first
         prompt = prompt[0]
-    text = ",".join(map(str, prompt[:chars])) if isinstance(prompt, list) else _text(prompt)  # token ids
+    if isinstance(prompt, list):  # token ids (llama-server's may mix in strings)
+        text = ",".join(
+            str(t) if isinstance(t, int) else t[:chars] for t in prompt[:chars] if isinstance(t, (int, str))
+        )
+    else:
+        text = _text(prompt, chars)
     if text:
         add(text)
     return _joined(parts, chars) if parts else None
 
 
-def _text(content: Any) -> str:
-    """A message's text: a string, or OpenAI's list of parts (their `text`), else nothing."""
+def _text(content: Any, chars: int) -> str:
+    """A message's text, cut at ``chars``: a string, or OpenAI's list of parts (their `text`), else
+    nothing."""
     if isinstance(content, str):
-        return content
+        return content[:chars]
     if isinstance(content, list):
-        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+        texts = (part.get("text") for part in content[:chars] if isinstance(part, dict))
+        return "".join(text[:chars] for text in texts if isinstance(text, str))[:chars]
     return ""
 
 

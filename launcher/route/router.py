@@ -119,7 +119,8 @@ class Router:
             if routed.bringing_up is not None:
                 routed.bringing_up.cancel()
             # Its queued requests hear it now, not at their queue's timeout as a 429.
-            self.admission.fail(name, RouteError(404, f"{name} was removed from the configuration", "model_not_found"))
+            removed = RouteError(404, f"{name} was removed from the configuration", "model_not_found")
+            self.admission.forget(name, removed)
         # In place: the on-demand loader reads the same record.
         self._models.clear()
         self._models.update(models)

@@ -35,6 +35,9 @@ _SERVER_UP_S = 30.0  # for `ollama serve` to answer before the pull
 _STOP_S = 10.0
 _PROBE_S = 0.1
 _LAYER_MAX_BYTES = 2**50
+_DIGEST_MAX_CHARS = 128  # "sha256:" and 64 hex digits
+PULL_LINE_MAX_BYTES = 64 * 1024  # a line of Ollama's pull stream: a few hundred bytes, an error a few more
+PULL_MAX_LAYERS = 64  # layers whose progress is kept: a model has a handful (weights, projector, template...)
 
 
 def needs_pull(instance: Instance) -> bool:
@@ -54,7 +57,7 @@ def _is_size(value: object) -> TypeGuard[int]:
 
 class PullStream:
     """Ollama's pull progress lines (`{"status", "digest", "total", "completed"}` per layer, or `{"error"}`)
-    summed over the layers seen so far."""
+    summed over the layers seen so far (at most `PULL_MAX_LAYERS` of them)."""
 
     def __init__(self, model: str) -> None:
         self._model = model
@@ -73,6 +76,8 @@ class PullStream:
         digest, total, completed = said.get("digest"), said.get("total"), said.get("completed", 0)
         if not isinstance(digest, str) or not _is_size(total) or not _is_size(completed):
             return None  # no progress to show: never a negative or absurd one
+        if len(digest) > _DIGEST_MAX_CHARS or (digest not in self._layers and len(self._layers) >= PULL_MAX_LAYERS):
+            return None  # kept bounded whatever the stream says: a layer past them is not shown
         self._layers[digest] = (min(completed, total), total)
         return PullProgress(
             done_bytes=sum(done for done, _ in self._layers.values()),
@@ -143,16 +148,33 @@ async def _await_server(client: httpx.AsyncClient, server: ServerProcess, model:
 
 async def _pull_lines(client: httpx.AsyncClient, model: str, take: Callable[[str], None]) -> None:
     """Each line of Ollama's pull stream to ``take``; an answer that is not a stream is one error line.
-    The name goes as `model` and as `name`, which Ollama before `model` took."""
+    The name goes as `model` and as `name`, which Ollama before `model` took. No line, nor an error's body,
+    is held past `PULL_LINE_MAX_BYTES`."""
     request = {"model": model, "name": model, "stream": True}
     try:
         async with client.stream("POST", "/api/pull", json=request, timeout=None) as answer:
             if answer.status_code != 200:
-                body = (await answer.aread()).decode(errors="replace")
+                body = (await _bounded_body(answer)).decode(errors="replace")
                 take(body if body.strip().startswith("{") else json.dumps({"error": f"HTTP {answer.status_code}"}))
                 return
-            async for text in answer.aiter_lines():
-                if text.strip():
-                    take(text)
+            rest = b""
+            async for chunk in answer.aiter_bytes():
+                *lines, rest = (rest + chunk).split(b"\n")
+                if len(rest) > PULL_LINE_MAX_BYTES or any(len(line) > PULL_LINE_MAX_BYTES for line in lines):
+                    raise StartError(f"Ollama's pull of {model} answered a line over {PULL_LINE_MAX_BYTES // 1024} KiB")
+                for line in lines:
+                    if line.strip():
+                        take(line.decode(errors="replace"))
+            if rest.strip():
+                take(rest.decode(errors="replace"))
     except httpx.HTTPError as exc:
         raise StartError(f"the pull of {model} from Ollama broke off: {exc or type(exc).__name__}") from None
+
+
+async def _bounded_body(answer: httpx.Response) -> bytes:
+    body = b""
+    async for chunk in answer.aiter_bytes():
+        body += chunk
+        if len(body) > PULL_LINE_MAX_BYTES:
+            break
+    return body[:PULL_LINE_MAX_BYTES]

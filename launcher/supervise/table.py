@@ -65,7 +65,9 @@ class RequestLoad:
         self.in_flight[instance] = self.in_flight.get(instance, 0) + 1
 
     def release(self, instance: str) -> None:
-        self.in_flight[instance] -= 1
+        left = self.in_flight.pop(instance, 0) - 1
+        if left > 0:  # none: no entry kept, for an instance a reload may remove for good
+            self.in_flight[instance] = left
         self._released.set()  # wakes every drain; each looks at its own count again
 
     def on(self, instance: str) -> int:

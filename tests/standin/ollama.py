@@ -11,7 +11,8 @@ see (CUDA_VISIBLE_DEVICES or ROCR_VISIBLE_DEVICES entries x STANDIN_GPU_MIB). To
 Pulls on POST /api/pull a model of its registry, STANDIN_REGISTRY="name=path.gguf,...": streams Ollama's
 progress lines for that file (in STANDIN_PULL_STEPS steps, STANDIN_PULL_STEP_S seconds apart), then
 writes it and its manifest into the store ($OLLAMA_MODELS) as Ollama does; a model not in the registry
-gets Ollama's error line, and STANDIN_PULL_ERROR=MESSAGE fails a pull halfway with that error line.
+gets Ollama's error line, and STANDIN_PULL_ERROR=MESSAGE fails a pull halfway with that error line;
+STANDIN_PULL_ENDLESS_LINE=1 sends, after its first line, one that never ends (64 MiB without a newline).
 Serves its registry's manifests too (GET /v2/library/MODEL/manifests/TAG), as registry.ollama.ai does.
 """
 
@@ -103,6 +104,11 @@ def main() -> None:
                 self.wfile.flush()
 
             line({"status": "pulling manifest"})
+            if env.get("STANDIN_PULL_ENDLESS_LINE"):
+                self.wfile.write(b'{"status": "')
+                for _ in range(1024):
+                    self.wfile.write(b"a" * 65536)
+                return
             if name not in registry_files:
                 line({"error": "pull model manifest: file does not exist"})
                 return
