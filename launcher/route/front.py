@@ -24,6 +24,9 @@ from launcher.route.where import OnPeer, peer_models
 
 T = TypeVar("T")
 _CLIENT_LEFT = 499  # nginx's code for a request whose client went away before its answer
+# A JSON body larger than this parses in a thread (`parse_json_body`); a chat's usual body parses in
+# microseconds, where a thread's hand-off would cost more than the parse.
+_PARSED_ON_LOOP_MAX_B = 64 * 1024
 # Deeper JSON is refused: no client nests a request this deep, and Python's parser ends in RecursionError
 # (a traceback) somewhere below 1,000 levels.
 JSON_MAX_DEPTH = 64
@@ -105,7 +108,7 @@ class FrontDoor:
                     raise RouteError(
                         405, f"{path} takes POST with a JSON body that names a model", "method_not_allowed"
                     )
-                doc = _json_with_model(body)
+                doc = await _json_with_model(body)
                 place = self._router.place(doc["model"])
                 target = path
             model = place.model
@@ -115,7 +118,7 @@ class FrontDoor:
                 )
             else:
                 naming = None if upstream else doc["model"]  # the answer names what the client asked for
-                prefix = _upstream_prefix(method, body) if upstream else prefix_key(doc)
+                prefix = await _upstream_prefix(method, body) if upstream else prefix_key(doc)
                 if not upstream:
                     body = self._router.body_for(model, doc, body)
                 serving = self._router.serve(
@@ -192,9 +195,17 @@ def loads_json(body: bytes) -> Any:
     raise JsonTooDeep()
 
 
-def _json_with_model(body: bytes) -> dict[str, Any]:
+async def parse_json_body(body: bytes) -> Any:
+    """``body`` parsed by `loads_json`; a large one in a thread: tens of MiB of JSON take seconds to parse,
+    which on the event loop would hold every other request and stream of the daemon up meanwhile."""
+    if len(body) <= _PARSED_ON_LOOP_MAX_B:
+        return loads_json(body)
+    return await asyncio.to_thread(loads_json, body)
+
+
+async def _json_with_model(body: bytes) -> dict[str, Any]:
     try:
-        doc = loads_json(body)
+        doc = await parse_json_body(body)
     except JsonTooDeep:
         raise RouteError(400, f"the JSON body nests deeper than {JSON_MAX_DEPTH} levels", "json_too_deep") from None
     except ValueError:
@@ -206,13 +217,13 @@ def _json_with_model(body: bytes) -> dict[str, Any]:
     return doc
 
 
-def _upstream_prefix(method: str, body: bytes) -> str | None:
+async def _upstream_prefix(method: str, body: bytes) -> str | None:
     """The prefix key of a request passed through to a server (Ollama's /api/chat and /api/generate): its
     body read as a chat or a completion when it is JSON, else none."""
     if method != "POST" or not body:
         return None
     try:
-        return prefix_key(loads_json(body))
+        return prefix_key(await parse_json_body(body))
     except ValueError:  # not JSON, or nested too deep: passed on without a key
         return None
 
