@@ -225,6 +225,8 @@ def test_a_reference_the_hub_cannot_answer_is_one_sentence(
     code, out, err = _plan(write_config, _env(marked_env, hub, tmp_path), {"model": reference, **extra}, ONE_GPU_24G)
     assert code in (1, 2) and out == ""
     assert said in err.splitlines()[0] and "Traceback" not in err
+    if "no repo" in said:  # said alike with a token or without: one that cannot read a private repo is no help
+        assert "a token (HF_TOKEN or hub.token_file) of an account that can read it" in err
     if "quant Q2_K" in said:
         assert "quants there: Q8_0, F16, F32" in err  # the ones there are, smallest first
 

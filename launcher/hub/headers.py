@@ -194,7 +194,9 @@ def _said(what: str, repo: str) -> Iterator[None]:
         ) from None
     except RepositoryNotFoundError:
         raise HubError(
-            f"no repo {repo} on the hub (or it is private)", hint="check the name; a private repo needs HF_TOKEN"
+            f"no repo {repo} on the hub (or it is private)",
+            hint="check the name; a private repo needs a token (HF_TOKEN or hub.token_file) of an account that can "
+            "read it",
         ) from None
     except RevisionNotFoundError:
         raise HubError(f"{what}: no such revision in {repo}", hint="check the model's revision") from None
