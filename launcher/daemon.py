@@ -141,8 +141,10 @@ class Daemon:
         if why is not None:
             raise ConflictError(f"the daemon cannot be upgraded now: {why}")
         assert self._server is not None and self._door is not None and self._streams is not None
-        assert self._manager is not None and self._sock is not None
+        assert self._manager is not None and self._sock is not None and self._reloader is not None
         self._upgrading = True
+        # A reload now (SIGHUP, or an API connection the old program still serves) would be cut by the exec.
+        self._reloader.close("an upgrade is under way")
         serving = self._settings, self._sock, self._keys, self._manager.instances.values()
         self._bridge = await upgrade_bridge.start(*serving, self._streams)  # it accepts before this stops to
         drain_s = upgrade_bridge.longest_drain_s(self._settings.models.values())
@@ -179,6 +181,8 @@ class Daemon:
             self._stop_asked.set()
             return False
         log.error("upgrade: %s; serving on with the running program", outcome.strerror or outcome)
+        if self._reloader is not None:
+            self._reloader.reopen()
         return True
 
     def _close(self, wired: Wired, reloader: Reloader | None) -> None:

@@ -46,12 +46,16 @@ class Reloader:
         self._autostart = autostart
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[Settings], None]] = []
-        self._closed: str | None = None  # why reloads are refused (the daemon is stopping)
+        self._closed: str | None = None  # why reloads are refused (the daemon is stopping, or upgrading)
 
     def close(self, reason: str) -> None:
         """Refuse every reload from now on, with ``reason``: those asked for, those waiting for the one
         under way, and one whose file is being read (it applies nothing)."""
         self._closed = reason
+
+    def reopen(self) -> None:
+        """Take reloads again: the upgrade that refused them failed, and the daemon serves on as it was."""
+        self._closed = None
 
     def _refuse_if_closed(self) -> None:
         if self._closed is not None:

@@ -129,3 +129,31 @@ def test_a_reloads_keys_hold_after_an_upgrade_that_failed(
 
     assert poll_until(lambda: models("new-key-5678"), lambda s: s == 200, "the API again", 10) == 200
     assert models("old-key-1234") == 401
+    assert httpx.post(f"{daemon.url}/config/reload", timeout=30).status_code == 200  # refused only meanwhile
+
+
+def test_a_reload_asked_while_an_upgrade_drains_is_refused(
+    write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path
+) -> None:
+    """The exec would cut a reload part-way: asked on a connection the old program still serves (or by
+    SIGHUP) while the upgrade waits for a request in flight, it is refused with the reason."""
+    daemon = serving(write_config, start_daemon, standin, drain_timeout_s=20)
+    before = program_started_at(daemon)
+    assert before is not None
+    port = daemon.instance("m")["port"]
+    with (
+        httpx.Client(base_url=daemon.url, timeout=10) as kept,  # one connection, kept alive
+        daemon.http.stream("POST", "/v1/chat/completions", json=held("m")) as stream,
+    ):
+        lines = stream.iter_lines()
+        first_event(lines)
+        assert kept.post("/daemon/upgrade").status_code == 202  # waits for the stream to finish
+
+        refused = kept.post("/config/reload")
+
+        assert httpx.post(f"http://127.0.0.1:{port}/release", json={}, timeout=10).status_code == 200
+        assert completed(the_rest(lines))
+    assert refused.status_code == 409, refused.text
+    assert "an upgrade is under way" in refused.json()["detail"]
+    upgraded(daemon, before)
+    assert httpx.post(f"{daemon.url}/config/reload", timeout=30).status_code == 200  # the new program takes them
