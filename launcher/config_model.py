@@ -172,9 +172,10 @@ class ModelSettings(StrictSettings):
     # which an infinite (or overflowing) one cannot be.
     routing_epsilon: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)] = Field(
         default=0.1,
-        description="`prefix` routing's balance bound: a replica with more than (1 + this) times the mean "
-        "requests in flight, or of the requests given among the model's last 128, passes a request on to the "
-        "next replica on the ring. At most 1000.",
+        description="`prefix` routing's balance bound: a key's owner with more than (1 + this) times the mean "
+        "requests in flight, or times its share of the requests given among the model's last 128 (those made "
+        "while it served), passes a request on to the next replica on the ring under the mean; the totals stay "
+        "within (1 + this) / (1 - this) of each other. At most 1000.",
     )
     queue_max: Annotated[int, Field(ge=0)] = Field(
         default=64, description="Requests that may wait for an instance; beyond it 429."

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Sequence
+from fractions import Fraction
 
 from launcher.route.choose import Replica, pick
 from launcher.route.errors import RouteError
@@ -29,7 +30,8 @@ class Admission:
         # model -> requests waiting, oldest first, each with its prefix key
         self._waiting: dict[str, deque[tuple[asyncio.Future[str], str | None]]] = {}
         self._turn: dict[str, int] = {}  # model -> round-robin position among equals
-        self._given: dict[str, deque[str]] = {}  # model -> the instances its last RECENT_REQUESTS went to
+        # model -> its last RECENT_REQUESTS: the instance each went to, and the instances serving then
+        self._given: dict[str, deque[tuple[str, tuple[str, ...]]]] = {}
 
     def in_flight(self, instance: str) -> int:
         return self._load.on(instance)
@@ -49,15 +51,15 @@ class Admission:
         turn = self._turn.get(model, 0)
         replicas = self._replicas(model)
         given = self._given.setdefault(model, deque(maxlen=RECENT_REQUESTS))
-        recent = Counter(given)
-        replicas = [dataclasses.replace(r, recent=recent[r.name]) for r in replicas]
+        recent, shares = recent_counts(given)
+        replicas = [dataclasses.replace(r, recent=recent[r.name], recent_share=shares[r.name]) for r in replicas]
         if unbounded:
             replicas = [dataclasses.replace(r, limit=r.in_flight + 1) for r in replicas]
         epsilon = self._prefix_epsilon(model)
         name = pick(replicas, turn) if epsilon is None or prefix is None else pick(replicas, turn, prefix, epsilon)
         if name is not None:
             self._turn[model] = turn + 1
-            given.append(name)
+            given.append((name, tuple(r.name for r in replicas if r.serving)))
             self._load.take(name)
         return name
 
@@ -130,3 +132,14 @@ class Admission:
             if not turn.done():
                 turn.set_exception(error)
         waiting.clear()  # none waits now: their waits' ends count nothing again (a forgotten model's included)
+
+
+def recent_counts(given: Iterable[tuple[str, tuple[str, ...]]]) -> tuple[Counter[str], defaultdict[str, Fraction]]:
+    """Per instance, the requests it was given among ``given`` (each: the instance, those serving then) and
+    its share of them, 1/n of each one made while it served: a replica that joined (or came back) part-way
+    is held to the requests since, not drawn to the mean of the whole window."""
+    shares: defaultdict[str, Fraction] = defaultdict(Fraction)
+    for serving, count in Counter(present for _, present in given).items():
+        for name in serving:
+            shares[name] += Fraction(count, len(serving))
+    return Counter(name for name, _ in given), shares

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 from launcher.route.prefix_ring import pick_by_prefix
 
@@ -22,6 +23,8 @@ class Replica:
     in_flight: int
     limit: int  # requests in flight before the next one waits
     recent: int = 0  # requests it was given among its model's last prefix_ring.RECENT_REQUESTS
+    # its share of those: 1/n of each one made while it served (n replicas serving then); admission.py counts it
+    recent_share: Fraction = Fraction(0)
 
 
 def pick(replicas: Sequence[Replica], turn: int, prefix: str | None = None, epsilon: float = 0.1) -> str | None:

@@ -1,13 +1,18 @@
 """Prompt-cache-aware replica choice (`routing: prefix`): a request's prefix key, the start of its prompt as
 the server will tokenize it, is hashed onto a ring of the model's replicas, so requests that begin alike
 (a system prompt, the earlier turns of a chat, the same document) go to the replica whose prompt cache holds
-them. Consistent hashing with bounded load (Mirrokni, Thorup, Zadimoghaddam 2018): a replica already above
-(1 + ε) x the mean load passes the request on to the next replica on the ring, so uneven prefixes do not pile
-onto one replica; each replica has many points on the ring, so one that comes or goes moves only its share.
-The load is counted twice and bounded on both: the requests in flight (a burst spreads over the replicas)
-and the requests each replica was given among the model's recent ones (the totals stay within the bound
-when a few prefixes carry most requests at a concurrency too low for the first bound ever to bind).
-Pure functions of the facts passed in.
+them. Consistent hashing with bounded load (Mirrokni, Thorup, Zadimoghaddam 2018): a key's owner already
+above (1 + ε) x the mean load passes the request on to the next replica on the ring that is under the mean,
+so uneven prefixes do not pile onto one replica, and the replicas that take spills stay within
+(1 + ε) / (1 - ε) of the owner whatever their number (spilling up to (1 + ε) x the mean let the first
+replicas past the owner fill to that bound too, the last one on the way left with 1 - (n - 1) ε: 256/372/372
+of one hot key over three at ε 0.1). Each replica has many points on the ring, so one that comes or goes
+moves only its share. The load is counted twice and bounded on both: the requests in flight (a burst spreads
+over the replicas) and the requests each replica was given among the model's recent ones (the totals stay
+within the bound when a few prefixes carry most requests at a concurrency too low for the first bound ever
+to bind), the latter against each replica's own share of those requests (1/n of each one made while it
+served, n the replicas serving then), so a replica that joins, or comes back, draws no other's keys while it
+catches up. Pure functions of the facts passed in.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import functools
 import hashlib
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any, Protocol
 
 
@@ -33,6 +39,8 @@ class Replica(Protocol):
     def limit(self) -> int: ...
     @property
     def recent(self) -> int: ...
+    @property
+    def recent_share(self) -> Fraction: ...
 
 
 # The key is the prompt's leading messages, whole, until they hold KEY_MIN_CHARS characters, cut at
@@ -45,7 +53,7 @@ class Replica(Protocol):
 KEY_MIN_CHARS = 256
 PREFIX_CHARS = 512
 # The requests a model's replicas were given that the second bound counts: enough that the totals of a
-# run of requests stay balanced, few enough that a replica back from a restart catches up within them.
+# run of requests stay balanced, few enough that the bound follows a change in which prefixes are asked.
 RECENT_REQUESTS = 128
 POINTS_PER_REPLICA = 64  # more points: each replica's share closer to 1/n, and a leaving one's spread wider
 
@@ -130,23 +138,44 @@ def ring_order(names: Sequence[str], key: str) -> list[str]:
 
 
 def load_bound(loads: Sequence[int], epsilon: float) -> int:
-    """The load a replica may hold before it passes the next request on: ⌈(1 + ε) x the mean load with
-    this request counted⌉ (``loads``: one per serving replica, requests in flight or recently given)."""
+    """The requests in flight a replica may hold before it passes the next request on: ⌈(1 + ε) x the mean
+    load with this request counted⌉ (``loads``: one per serving replica)."""
     return math.ceil((1 + epsilon) * (sum(loads) + 1) / len(loads))
 
 
+def share_bound(share: Fraction, serving: int, epsilon: float) -> int:
+    """The recent requests a replica may have been given before it passes the next request on:
+    ⌈(1 + ε) x its ``share`` of them with this request's 1/``serving`` counted⌉."""
+    return math.ceil((1 + epsilon) * (share + Fraction(1, serving)))
+
+
 def pick_by_prefix(replicas: Sequence[Replica], key: str, epsilon: float) -> str | None:
-    """The first replica on ``key``'s way round the ring that serves, has room and is under both load
-    bounds (requests in flight, requests recently given); the one with the fewest in flight, then recently
-    given, with room when none is under them; None when none can take a request now. The ring holds every
-    replica, serving or not: one taken out or back moves only the keys that it owns."""
-    serving = [r for r in replicas if r.serving]
-    free = {r.name: r for r in serving if r.in_flight < r.limit}
+    """The key's owner, the first serving replica on ``key``'s way round the ring, when it has room and is
+    under both load bounds at ``epsilon`` (requests in flight, requests recently given against its share);
+    else the next one on the way with room, under the mean in flight and given at most its share with this
+    request (a spill lifts the replicas below the mean, never fills a second one to the bound), or when none
+    is, the one least above those, the owner last among equals; None when none can take a request now. The
+    ring holds every replica, serving or not: one taken out or back moves only the keys that it owns."""
+    serving = {r.name: r for r in replicas if r.serving}
+    free = {name: r for name, r in serving.items() if r.in_flight < r.limit}
     if not free:
         return None
-    in_flight_bound = load_bound([r.in_flight for r in serving], epsilon)
-    recent_bound = load_bound([r.recent for r in serving], epsilon)
-    for name in ring_order([r.name for r in replicas], key):
-        if name in free and free[name].in_flight < in_flight_bound and free[name].recent < recent_bound:
-            return name
-    return min(free.values(), key=lambda r: (r.in_flight, r.recent)).name
+    in_flight = [r.in_flight for r in serving.values()]
+    this_share = Fraction(1, len(serving))  # this request's part of each replica's share
+
+    def owner_takes(replica: Replica) -> bool:
+        return replica.in_flight < load_bound(in_flight, epsilon) and replica.recent < share_bound(
+            replica.recent_share, len(serving), epsilon
+        )
+
+    def spill_rank(replica: Replica) -> tuple[bool, Fraction]:
+        """Under the mean of those in flight first (⌈mean⌉: whole numbers), then the least above its share
+        once given this request; min keeps the first on the way among equals."""
+        above_share = replica.recent + 1 - replica.recent_share - this_share
+        return replica.in_flight >= load_bound(in_flight, 0.0), max(above_share, Fraction(0))
+
+    order = [name for name in ring_order([r.name for r in replicas], key) if name in serving]
+    owner = free.get(order[0])
+    if owner is not None and owner_takes(owner):
+        return owner.name
+    return min((free[name] for name in order[1:] + order[:1] if name in free), key=spill_rank).name
