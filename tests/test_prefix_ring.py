@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Collection, Sequence
 from fractions import Fraction
 
 import pytest
@@ -228,18 +229,22 @@ def test_a_spill_goes_to_the_next_replica_under_the_mean_not_to_one_at_the_bound
     assert given({first: 34, second: 31, third: 31}) == second  # none under the mean: the least given, by the ring
 
 
-def sent_one_at_a_time(keys: list[str], serving: list[list[str]], epsilon: float) -> list[tuple[str, str]]:
+def sent_one_at_a_time(
+    keys: list[str], listed: list[list[str]], epsilon: float, down: Sequence[Collection[str]] = ()
+) -> list[tuple[str, str]]:
     """Each key's request through the front door's admission with none in flight when the next comes, the
-    replicas serving for each as ``serving`` says: (the key's owner on the ring, the replica given it)."""
-    now: list[str] = []
-    admission = Admission(lambda _m: [Replica(r, True, 0, 4) for r in now], RequestLoad(), lambda _m: epsilon)
+    model's replicas for each as ``listed`` says, those in ``down`` (per request, when given) taken out:
+    (the key's owner on the ring among those serving, the replica given it)."""
+    now: list[Replica] = []
+    admission = Admission(lambda _m: now, RequestLoad(), lambda _m: epsilon)
     out = []
-    for key, replicas in zip(keys, serving, strict=True):
-        now[:] = replicas
+    for i, (key, replicas) in enumerate(zip(keys, listed, strict=True)):
+        out_now = down[i] if down else ()
+        now[:] = [Replica(r, r not in out_now, 0, 4) for r in replicas]
         chosen = admission.try_take("m", key)
         assert chosen is not None
         admission.release(chosen)
-        out.append((ring_order(replicas, key)[0], chosen))
+        out.append((next(r for r in ring_order(replicas, key) if r not in out_now), chosen))
     return out
 
 
@@ -300,6 +305,18 @@ def test_a_replica_that_joins_takes_its_own_keys_and_draws_no_others() -> None:
     assert drawn == [0, 2, 0, 0, 0, 0, 0, 0, 1, 2]  # old keys it took as spills; before: 22, 1, 0, 6, 5, ...
     assert [sum(o != c for o, c in after[i : i + 40]) for i in range(0, 400, 40)] == [3, 2, 3, 0, 0, 3, 4, 2, 1, 3]
     assert sum(chosen == newcomer for _, chosen in after[-128:]) > 128 / 3 * 0.9  # it has its share by then
+
+
+def test_a_replica_back_from_being_taken_out_draws_no_others_keys() -> None:
+    """Three replicas, the second taken out for 100 of 800 requests (a failed request, a restart): back, it
+    has few of the recent requests, but its share counts only those made while it served. Before, 25 of
+    the first 40 requests after its return were the others' keys drawn to it."""
+    rng = random.Random(5)
+    keys = [f"key {rng.randrange(200)}" for _ in range(800)]
+    down = [{"m@1"} if 400 <= i < 500 else set() for i in range(800)]
+    after = sent_one_at_a_time(keys, [names(3)] * 800, 0.1, down)[500:]
+    drawn = [sum(chosen == "m@1" != owner for owner, chosen in after[i : i + 40]) for i in range(0, 200, 40)]
+    assert drawn == [0, 0, 0, 1, 1]  # before: 25, 1, 0, 7, 9
 
 
 def test_a_replicas_share_of_the_recent_requests_counts_only_those_made_while_it_served() -> None:
