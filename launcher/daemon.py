@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import uvicorn
 
-from launcher import config_watch, upgrade, upgrade_bridge
+from launcher import config_watch, daemon_notify, upgrade, upgrade_bridge
 from launcher.api.limits import limited_protocol
 from launcher.api.stream_closer import StreamCloser
 from launcher.bridge import stop_accepting
@@ -37,18 +37,18 @@ from launcher.config_model import ModelSettings
 from launcher.errors import ConflictError, LauncherError, StartError
 from launcher.reloading import Reloader
 from launcher.route.front import FrontDoor
-from launcher.schema_instances import Event, State
+from launcher.schema_instances import Event
 from launcher.schema_reload import UpgradeStarted
 from launcher.supervise.manager import Manager
-from launcher.systemd import JournalFormatter, Notifier, sampler_problem, status_line, under_journal
+from launcher.systemd import JournalFormatter, Notifier, under_journal
 from launcher.wiring import Wired, api_token, front_door, listen, rest_api, router_keys, supervision
 
 log = logging.getLogger("launcher")
 
 # Open `logs -f` streams must not hold the servers' shutdown up for long.
 _GRACEFUL_SHUTDOWN_S = 3
-# daemon.ready_when: loaded sends READY=1 once every autostart instance got here.
-_SETTLED = frozenset({State.READY, State.FAILED, State.STOPPED})
+# Why a reload or an act on an instance is refused while the upgrade drains: the exec would cut it part-way.
+_UPGRADING = "an upgrade is under way"
 
 
 def longest_stop_s(models: Iterable[ModelSettings]) -> float:
@@ -143,8 +143,9 @@ class Daemon:
         assert self._server is not None and self._door is not None and self._streams is not None
         assert self._manager is not None and self._sock is not None and self._reloader is not None
         self._upgrading = True
-        # A reload now (SIGHUP, or an API connection the old program still serves) would be cut by the exec.
-        self._reloader.close("an upgrade is under way")
+        # Asked now (SIGHUP, or an API connection the old program still serves), a reload would be cut by the exec,
+        # as would an act on an instance (the API refuses those while `_upgrading`).
+        self._reloader.close(_UPGRADING)
         serving = self._settings, self._sock, self._keys, self._manager.instances.values()
         self._bridge = await upgrade_bridge.start(*serving, self._streams)  # it accepts before this stops to
         drain_s = upgrade_bridge.longest_drain_s(self._settings.models.values())
@@ -254,7 +255,7 @@ class Daemon:
                 self._reloader.subscribe(self._use_keys)  # the API token waits for a restart: not the keys
                 # After the lock: a second daemon is told who owns the directory. An upgrade's is inherited.
                 sock = self._sock = wired.listening or listen(self._settings)
-                notifying = self._notify(wired)
+                notifying = daemon_notify.notify(self._notifier, wired)
                 watching = self._watching = self._watch_config(self._reloader)
                 try:
                     while await self._serve(wired, sock):
@@ -300,32 +301,6 @@ class Daemon:
         if self._door is not None:
             self._door.use_keys(self._keys)
 
-    def _notify(self, wired: Wired) -> asyncio.Task[None]:
-        """Keep systemd's STATUS= line current and its watchdog fed while the loop and the sampler live."""
-        manager, sampler = wired.manager, wired.sampler
-        sampler.subscribe(lambda _sample: self._notifier.changed())
-
-        def problem() -> str | None:  # a second's grace for a read under way (a reload may change stale_after_s)
-            stale_after_s = sampler.stale_after_s + 1.0
-            return sampler_problem([s.time for s in sampler.latest()], time.time(), stale_after_s)
-
-        def status() -> str:
-            return status_line(manager.statuses(), manager.gpu_samples())
-
-        return asyncio.create_task(self._notifier.run(status, problem), name="systemd-notify")
-
-    async def _ready_when_loaded(self, wired: Wired) -> None:
-        """READY=1 once every autostart instance is ready, or gave up (failed): one bad model must not keep
-        the daemon from starting, and `systemctl status` shows it in the status line."""
-        events, instances = wired.events.subscribe(), wired.table.view
-        try:
-            names = wired.manager.autostart_names()
-            while not all(instances[name].state in _SETTLED for name in names):
-                await events.get()
-        finally:
-            wired.events.unsubscribe(events)
-        self._notifier.ready()
-
     async def _serve(self, wired: Wired, sock: socket.socket) -> bool:
         """Serve the API on ``sock`` until a stop or an upgrade; True for an upgrade. uvicorn closes the
         socket it serves as it ends: it gets a duplicate, and ``sock`` keeps listening meanwhile."""
@@ -338,7 +313,7 @@ class Daemon:
             self._served = True
             await manager.start_each([*(manager.autostart_names() if self._autostart else []), *wired.start_again])
             if self._settings.daemon.ready_when == "loaded" and self._autostart:
-                self._waiting = asyncio.create_task(self._ready_when_loaded(wired))
+                self._waiting = asyncio.create_task(daemon_notify.ready_when_loaded(self._notifier, wired))
             else:
                 self._notifier.ready()
             self._on_started(manager)
@@ -353,6 +328,7 @@ class Daemon:
             reload=reload,
             upgrade=self.request_upgrade,
             program_started_at=self._program_started_at,
+            acts_refused=lambda: _UPGRADING if self._upgrading else None,
         )
         streams = self._streams = StreamCloser(api)
         door = self._door = FrontDoor(streams, wired.router, self._keys)

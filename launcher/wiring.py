@@ -222,8 +222,9 @@ def rest_api(
     reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
     upgrade: Callable[[], Awaitable[UpgradeStarted]] | None = None,
     program_started_at: float | None = None,
+    acts_refused: Callable[[], str | None] = lambda: None,
 ) -> FastAPI:
-    """The REST API over the wired parts."""
+    """The REST API over the wired parts (see `create_app`)."""
     return create_app(
         settings,
         manager=wired.manager,
@@ -239,4 +240,5 @@ def rest_api(
         reload=reload,
         upgrade=upgrade,
         program_started_at=program_started_at,
+        acts_refused=acts_refused,
     )

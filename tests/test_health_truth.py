@@ -20,6 +20,7 @@ import yaml
 
 from launcher.config_yaml import dump_config_yaml
 from launcher.schema_instances import State
+from launcher.supervise.health import lost_servers
 from launcher.supervise.manager import Manager
 from launcher.supervise.process import ExitStatus, ServerProcess
 from tests.conftest import READY_TIMEOUT_S, ConfigWriter, Daemon, OpenManager, free_port, poll_until, run_cli
@@ -230,7 +231,7 @@ async def test_a_supervision_fault_goes_through_the_policy_or_fails_never_ready(
         assert instance.status().pid is None
         assert instance.last_error == f"supervision ended by an error: RuntimeError: {FAULT}"
     assert f"supervision error: RuntimeError: {FAULT}" in [e.message for e in instance.events]
-    assert manager.lost_servers() == []
+    assert lost_servers(manager.instances) == []
 
 
 async def test_a_stop_whose_supervision_fails_still_stops_and_kills_the_server(

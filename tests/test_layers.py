@@ -69,6 +69,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "reloading",
         "config_watch",
         "daemon",
+        "daemon_notify",
         "local",
         "ad_hoc",
         "bridge",

@@ -8,6 +8,7 @@ import pytest
 
 from launcher.schema_instances import State
 from launcher.supervise import transitions
+from launcher.supervise.health import lost_servers
 from launcher.supervise.transitions import ALLOWED, IllegalTransition, check_transition
 from tests.conftest import READY_TIMEOUT_S, ConfigWriter, OpenManager
 
@@ -99,4 +100,4 @@ async def test_an_illegal_move_in_supervision_fails_the_run_and_never_claims_the
         e.message for e in instance.events
     ]
     assert instance.status().pid is None
-    assert manager.lost_servers() == []
+    assert lost_servers(manager.instances) == []

@@ -248,7 +248,9 @@ def test_a_hand_over_that_cannot_be_written_keeps_the_daemon_serving(
 
     daemon.proc.send_signal(signal.SIGUSR2)
 
-    poll_until(lambda: "upgrade: " in "".join(daemon.log), bool, "the upgrade's failure", READY_TIMEOUT_S)
+    # Not any "upgrade: " line: the bridge's comes first, and it answers `/instances` with 503 until the exec.
+    failed = "serving on with the running program"
+    poll_until(lambda: failed in "".join(daemon.log), bool, "the upgrade's failure", READY_TIMEOUT_S)
     assert program_started_at(daemon) == before  # the same program serves on
     assert daemon.wait_for("tiny", ready)["pid"] == pid
     assert daemon.stop() == 0

@@ -5,8 +5,9 @@ is refused, since the exec would cut it part-way; a reload's keys survive an exe
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -132,6 +133,24 @@ def test_a_reloads_keys_hold_after_an_upgrade_that_failed(
     assert httpx.post(f"{daemon.url}/config/reload", timeout=30).status_code == 200  # refused only meanwhile
 
 
+@contextlib.contextmanager
+def upgrade_draining(daemon: Daemon) -> Iterator[httpx.Client]:
+    """An upgrade asked on a connection kept alive, whose drain a request to model m held through the front
+    door keeps going until the block ends (the request then finishes): yields that connection, which the
+    old program still serves."""
+    port = daemon.instance("m")["port"]
+    with (
+        httpx.Client(base_url=daemon.url, timeout=10) as kept,
+        daemon.http.stream("POST", "/v1/chat/completions", json=held("m")) as stream,
+    ):
+        lines = stream.iter_lines()
+        first_event(lines)
+        assert kept.post("/daemon/upgrade").status_code == 202  # waits for the stream to finish
+        yield kept
+        assert httpx.post(f"http://127.0.0.1:{port}/release", json={}, timeout=10).status_code == 200
+        assert completed(the_rest(lines))
+
+
 def test_a_reload_asked_while_an_upgrade_drains_is_refused(
     write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path
 ) -> None:
@@ -140,19 +159,8 @@ def test_a_reload_asked_while_an_upgrade_drains_is_refused(
     daemon = serving(write_config, start_daemon, standin, drain_timeout_s=20)
     before = program_started_at(daemon)
     assert before is not None
-    port = daemon.instance("m")["port"]
-    with (
-        httpx.Client(base_url=daemon.url, timeout=10) as kept,  # one connection, kept alive
-        daemon.http.stream("POST", "/v1/chat/completions", json=held("m")) as stream,
-    ):
-        lines = stream.iter_lines()
-        first_event(lines)
-        assert kept.post("/daemon/upgrade").status_code == 202  # waits for the stream to finish
-
+    with upgrade_draining(daemon) as kept:
         refused = kept.post("/config/reload")
-
-        assert httpx.post(f"http://127.0.0.1:{port}/release", json={}, timeout=10).status_code == 200
-        assert completed(the_rest(lines))
     assert refused.status_code == 409, refused.text
     assert "an upgrade is under way" in refused.json()["detail"]
     upgraded(daemon, before)

@@ -39,6 +39,7 @@ from launcher.rpc.peers import Peers
 from launcher.schema import ErrorBody
 from launcher.schema_instances import Event, Health
 from launcher.schema_reload import ReloadReport, UpgradeStarted
+from launcher.supervise.health import all_ready, health_warnings, lost_servers
 from launcher.supervise.lending import Lending
 from launcher.supervise.manager import Manager
 from launcher.supervise.server_metrics import ServerMetrics
@@ -61,12 +62,14 @@ def create_app(
     reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
     upgrade: Callable[[], Awaitable[UpgradeStarted]] | None = None,
     program_started_at: float | None = None,
+    acts_refused: Callable[[], str | None] = lambda: None,
 ) -> FastAPI:
     """The REST API: the paths of each group (launcher/api/*_routes.py), the errors as ErrorBody, the token's
     rules. ``router``: the front door's, whose requests `/requests` and `/metrics` report;
     ``server_metrics``: the servers' own series `/metrics` re-exports; ``reload``: the daemon's reload of
     its configuration (given ``dry_run``), for `POST /config/reload`; ``upgrade``: its upgrade in place, for
-    `POST /daemon/upgrade`; ``program_started_at``: shown by `/health`."""
+    `POST /daemon/upgrade`; ``program_started_at``: shown by `/health`; ``acts_refused``: why the daemon
+    takes no act on an instance now (an upgrade under way), or None: the acts answer 409 with it."""
     instances = table.view
 
     @asynccontextmanager
@@ -111,18 +114,19 @@ def create_app(
         """200 when every autostart instance is ready with a live server process and no instance claims a
         server that is gone, 503 otherwise; the state of every instance, and warnings (a lost server, a
         state directory that cannot be written: that one alone keeps 200, the servers run on)."""
-        ok = manager.all_ready(manager.autostart_names()) and not manager.lost_servers()
+        running = manager.instances
+        ok = all_ready(running, manager.autostart_names()) and not lost_servers(running)
         states = {n: i.state for n, i in instances.items()}
         body = Health(
             status="ok" if ok else "degraded",
             instances=states,
-            warnings=manager.health_warnings(),
+            warnings=health_warnings(running, manager.writes.warning),
             program_started_at=program_started_at,
         )
         return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)
 
     # In this order: the OpenAPI document lists the paths as they are added.
-    app.include_router(instance_routes(manager, instances, access))
+    app.include_router(instance_routes(manager, instances, access, acts_refused))
     app.include_router(daemon_routes(access, reload, upgrade))
     app.include_router(report_routes(manager, router, server_metrics, access))
     app.include_router(machine_routes(manager, instances, sampler, lending, peer_reader, access))

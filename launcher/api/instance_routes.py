@@ -1,5 +1,6 @@
 """The API's instances: their statuses (without what the servers said, for a caller without the token) and
-the acts on them: start, stop, restart (a model's replicas roll)."""
+the acts on them: start, stop, restart (a model's replicas roll), refused while the daemon says why not (an
+upgrade under way: its exec would cut an act part-way)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,20 @@ from pydantic import TypeAdapter
 from launcher.api.access import Access
 from launcher.api.answers import JSON, Authorization, InstanceName, errors, json_answer
 from launcher.api.redact import without_log_lines
+from launcher.errors import ConflictError
 from launcher.schema_instances import InstanceStatus
 from launcher.schema_reload import RollReport
 from launcher.supervise.manager import Manager
 from launcher.supervise.table import InstanceView
 
 
-def instance_routes(manager: Manager, instances: Mapping[str, InstanceView], access: Access) -> APIRouter:
+def instance_routes(
+    manager: Manager,
+    instances: Mapping[str, InstanceView],
+    access: Access,
+    acts_refused: Callable[[], str | None],
+) -> APIRouter:
+    """``acts_refused``: why the daemon takes no act on an instance now, or None."""
     routes = APIRouter()
     statuses_json = TypeAdapter(list[InstanceStatus])
 
@@ -41,23 +49,30 @@ def instance_routes(manager: Manager, instances: Mapping[str, InstanceView], acc
 
         return endpoint
 
-    acts_refused = access.refused(404, 409, 422, 503)
+    async def taken() -> None:
+        """A route dependency, after the token's: the daemon takes acts now."""
+        why = acts_refused()
+        if why is not None:
+            raise ConflictError(f"the daemon takes no act on an instance now: {why}", hint="ask again once it is over")
+
+    acting = [Depends(access.authorised), Depends(taken)]
+    refused = access.refused(404, 409, 422, 503)
     for verb, act in (("start", manager.start), ("stop", manager.stop)):
         routes.post(
             f"/instances/{{name}}/{verb}",
             status_code=202,
-            dependencies=[Depends(access.authorised)],
+            dependencies=acting,
             summary=f"{verb.capitalize()} an instance",
-            responses=acts_refused,
+            responses=refused,
         )(action(act))
 
     @routes.post(
         "/instances/{name}/restart",
         status_code=202,
         response_model=InstanceStatus | RollReport,
-        dependencies=[Depends(access.authorised)],
+        dependencies=acting,
         summary="Restart an instance, or roll a model's replicas",
-        responses={**acts_refused, 200: {"model": RollReport, "description": "the replicas rolled"}},
+        responses={**refused, 200: {"model": RollReport, "description": "the replicas rolled"}},
     )
     async def restart(name: InstanceName) -> Response:
         """An instance restarts: 202 and its status as the restart began. A model run as replicas (its name)

@@ -53,8 +53,6 @@ from launcher.supervise.vram import VramGate
 from launcher.supervise.writes import StateWrites
 
 T = TypeVar("T")
-# The states in which an instance's server process must be alive.
-_WITH_PROCESS = frozenset({State.LOADING, State.READY, State.UNHEALTHY, State.DRAINING})
 
 
 class Manager:
@@ -310,23 +308,6 @@ class Manager:
 
     def autostart_names(self) -> list[str]:
         return [name for name, instance in self.instances.items() if instance.settings.autostart]
-
-    def all_ready(self, names: list[str]) -> bool:
-        """Each is ready, and its server process lives (asked of the system, not of our own records)."""
-        return all(self.instances[name].state == State.READY and self.instances[name].alive for name in names)
-
-    def lost_servers(self) -> list[str]:
-        """The instances whose state says their server runs while no process lives (supervision lost it)."""
-        return [name for name, i in self.instances.items() if i.state in _WITH_PROCESS and not i.alive]
-
-    def health_warnings(self) -> list[str]:
-        """What `/health` warns of: a lost server (see `lost_servers`), a state directory that cannot be
-        written (the servers run on)."""
-        lost = [
-            f"{name} is {self.instances[name].state.value} but has no live server process"
-            for name in self.lost_servers()
-        ]
-        return lost + ([self.writes.warning] if self.writes.warning is not None else [])
 
     # ---- reloads -----------------------------------------------------------------------------------------
 
