@@ -240,7 +240,8 @@ def test_a_model_that_fits_no_host_is_split_over_two_peers_and_served_through_th
     assert httpx.post(f"{b.url}/rpc/claims", json=claim).status_code == 401
 
     assert a.http.post("/instances/split/start").status_code == 202
-    a.wait_for("split", lambda i: i["state"] == "ready")
+    # Ready, and its plan checked against what the peers' devices hold (then filed for the next plan).
+    a.wait_for("split", lambda i: i["state"] == "ready" and (i["actual"] or i["actual_missing"]) is not None)
     holder = f"{a.url}#split"
     for name, daemon, device in (("b", b, plan["devices"][0]), ("c", c, plan["devices"][1])):
         [held] = _claims(daemon)

@@ -54,10 +54,12 @@ class PlanChecker:
         local = [d.gpu for d in plan.devices if d.endpoint is None]
         if local and self._parts.gpu_processes is not None:
             found = with_process_mib(found, plan, pid, await self._parts.gpu_processes(local))
-        self.actual = found = found.model_copy(update={"findings": verdict.findings(self._group, found)})
+        found = found.model_copy(update={"findings": verdict.findings(self._group, found)})
         for finding in found.findings:  # short: a warning (the way to an out-of-memory crash); over: unused
             self._record.emit("plan-warning" if finding.over else "plan-info", finding.message)
         await self._keep_measurement(plan, found, backend, settings, spec)
+        # Shown once filed: whoever sees the check may plan from what it measured (the next plan reads it).
+        self.actual = found
 
     async def _keep_measurement(
         self, plan: Plan, check: PlanCheck, backend: ServerBackend, settings: ModelSettings, spec: LaunchSpec | None
