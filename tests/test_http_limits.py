@@ -207,12 +207,25 @@ def test_bodies_beyond_the_budget_get_503_and_their_memory_comes_back(daemon: Da
     poll_until(lambda: proc.memory_info().rss / MIB, lambda mib: mib < before_mib + 8, "RSS after the bodies", 10)
 
 
-def test_a_body_declared_over_64_mib_is_413_before_any_of_it_is_read(daemon: Daemon) -> None:
+TOO_LARGE = {"type": "invalid_request_error", "param": None, "code": "body_too_large"}
+
+
+@pytest.mark.parametrize(
+    ("path", "max_mib", "detail"),
+    [
+        ("/v1/chat/completions", 64, {"error": {**TOO_LARGE, "message": "the body is over 64 MiB"}}),
+        ("/rpc/claims", 1, {"detail": "the body is over 1 MiB"}),  # the API's only body is a claim
+    ],
+)
+def test_a_body_declared_over_its_bound_is_413_before_any_of_it_is_read(
+    daemon: Daemon, path: str, max_mib: int, detail: dict[str, Any]
+) -> None:
     with connect(daemon) as sock:
-        sock.sendall(b"POST /rpc/claims HTTP/1.1\r\n" + HEAD + b"Content-Length: %d\r\n\r\n" % (64 * MIB + 1))
+        head = b"POST %s HTTP/1.1\r\n" % path.encode() + HEAD + b"Content-Type: application/json\r\n"
+        sock.sendall(head + b"Content-Length: %d\r\n\r\n" % (max_mib * MIB + 1))
         status, _, body = read_answer(sock)
     assert status == 413
-    assert json.loads(body) == {"detail": "the body is over 64 MiB"}
+    assert json.loads(body) == detail
 
 
 def nested(depth: int) -> str:

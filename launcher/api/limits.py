@@ -7,7 +7,8 @@ Two layers, each where the thing it bounds is seen:
 - `BodyLimits`: the ASGI layer in front of everything that reads every request body whole before the
   request is dispatched (an act never runs on its headers alone), under a cap per request and a budget
   for the bodies the whole daemon holds at once (beyond it: 503 with Retry-After); and bounds the depth
-  of JSON the API will parse (the front door bounds its own: `loads_json` in launcher/route/front.py).
+  of JSON the API will parse (with the front door's parser, `parse_json_body` in launcher/route/front.py,
+  which bounds the front door's own).
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ from uvicorn.server import ServerState
 
 from launcher.api.refusals import error_answer
 from launcher.route.errors import on_front_door
-from launcher.route.front import JSON_MAX_DEPTH, JsonTooDeep, loads_json, media_type
+from launcher.route.front import JSON_MAX_DEPTH, JsonTooDeep, media_type, parse_json_body
 
 # A request line and its headers: real clients send a few KiB (browsers' cookies included).
 HEAD_MAX_BYTES = 64 * 2**10
 # One body: read whole (the front door needs its `model`), and it waits in the queue; well above any prompt.
 BODY_MAX_BYTES = 64 * 2**20
+# One body for the REST API: its only body is a peer's claim, a few hundred bytes. FastAPI parses a route's
+# body on the event loop before the route's token check, so a stranger's body must stay quick to parse.
+API_BODY_MAX_BYTES = 2**20
 _RETRY_AFTER_S = 2
 # glibc keeps freed memory for reuse; big bodies freed are handed back to the system once none is held.
 _TRIM_AFTER_BYTES = 16 * 2**20
@@ -215,8 +219,9 @@ class BodyLimits:
         if not declared_b and not chunked:
             await self._app(scope, receive, send)
             return
+        max_b = BODY_MAX_BYTES if on_front_door(scope["path"]) else API_BODY_MAX_BYTES
         try:
-            body, taken_b = await self._read(receive, declared_b)
+            body, taken_b = await self._read(receive, declared_b, max_b)
         except _Refused as refused:
             await _answer(send, scope["path"], refused)
             return
@@ -224,7 +229,7 @@ class BodyLimits:
             return
         try:
             if json_type and body and not on_front_door(scope["path"]):
-                _check_depth(body)
+                await _check_depth(body)
         except _Refused as refused:
             self._budget.give_back(taken_b)
             await _answer(send, scope["path"], refused)
@@ -241,10 +246,12 @@ class BodyLimits:
             replay.clear()
             self._budget.give_back(taken_b)
 
-    async def _read(self, receive: Receive, declared_b: int) -> tuple[bytes, int]:
-        """The whole body, and what it holds of the budget (given back here if it is refused)."""
-        if declared_b > BODY_MAX_BYTES:
-            raise _Refused(413, f"the body is over {BODY_MAX_BYTES // 2**20} MiB", "body_too_large")
+    async def _read(self, receive: Receive, declared_b: int, max_b: int) -> tuple[bytes, int]:
+        """The whole body, up to ``max_b``, and what it holds of the budget (given back here if it is
+        refused)."""
+        too_large = _Refused(413, f"the body is over {max_b // 2**20} MiB", "body_too_large")
+        if declared_b > max_b:
+            raise too_large
         # Taken as the bytes come, not as declared: a stranger's few bytes of headers must not hold the budget.
         taken_b = 0
         try:
@@ -256,8 +263,8 @@ class BodyLimits:
                     raise _ClientLeft()
                 chunk = message.get("body", b"")
                 size_b += len(chunk)
-                if size_b > BODY_MAX_BYTES:
-                    raise _Refused(413, f"the body is over {BODY_MAX_BYTES // 2**20} MiB", "body_too_large")
+                if size_b > max_b:
+                    raise too_large
                 self._take(len(chunk))
                 taken_b = size_b
                 chunks.append(chunk)
@@ -301,10 +308,10 @@ def _body_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool, bool]:
     return declared_b, chunked, content_type in _JSON_TYPES or content_type.endswith(b"+json")
 
 
-def _check_depth(body: bytes) -> None:
+async def _check_depth(body: bytes) -> None:
     """Refuse JSON nested past `JSON_MAX_DEPTH`; anything else is left to the API's own parsing."""
     try:
-        loads_json(body)
+        await parse_json_body(body)
     except JsonTooDeep:
         raise _Refused(400, f"the JSON body nests deeper than {JSON_MAX_DEPTH} levels", "json_too_deep") from None
     except ValueError:
