@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 import uvicorn
 
 from launcher import config_watch, daemon_notify, upgrade, upgrade_bridge
+from launcher.api.app import create_app
 from launcher.api.limits import limited_protocol
 from launcher.api.stream_closer import StreamCloser
 from launcher.bridge import stop_accepting
@@ -41,7 +42,7 @@ from launcher.schema_instances import Event
 from launcher.schema_reload import UpgradeStarted
 from launcher.supervise.manager import Manager
 from launcher.systemd import JournalFormatter, Notifier, under_journal
-from launcher.wiring import Wired, api_token, front_door, listen, rest_api, router_keys, supervision
+from launcher.wiring import Wired, api_token, front_door, listen, router_keys, supervision
 
 log = logging.getLogger("launcher")
 
@@ -320,9 +321,9 @@ class Daemon:
 
         reloader = self._reloader
         reload = None if reloader is None else (lambda dry_run: reloader.reload(dry_run=dry_run))
-        api = rest_api(
-            wired,
+        api = create_app(
             self._settings,
+            wired,
             token=self._token,
             on_started=started,
             reload=reload,

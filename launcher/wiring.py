@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 
 import httpx
-from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from launcher.address import is_loopback
-from launcher.api.app import create_app
 from launcher.api.limits import BodyBudget, BodyLimits
 from launcher.api.origin import BrowserGuard, HostNames
 from launcher.config import Settings
@@ -43,7 +41,6 @@ from launcher.route.router import Router
 from launcher.rpc.claims import ClaimBook
 from launcher.rpc.peers import Peers
 from launcher.schema_instances import Event
-from launcher.schema_reload import ReloadReport, UpgradeStarted
 from launcher.statedir.owner import StateDirLock
 from launcher.supervise import handover
 from launcher.supervise.leftovers import ChildRegistry
@@ -211,34 +208,3 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
         if listening is not None:
             listening.close()
         lock.release()
-
-
-def rest_api(
-    wired: Wired,
-    settings: Settings,
-    *,
-    token: str | None = None,
-    on_started: Callable[[], Awaitable[None]] | None = None,
-    reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
-    upgrade: Callable[[], Awaitable[UpgradeStarted]] | None = None,
-    program_started_at: float | None = None,
-    acts_refused: Callable[[], str | None] = lambda: None,
-) -> FastAPI:
-    """The REST API over the wired parts (see `create_app`)."""
-    return create_app(
-        settings,
-        manager=wired.manager,
-        table=wired.table,
-        sampler=wired.sampler,
-        peer_reader=wired.peers,
-        lending=wired.lending,
-        event_bus=wired.events,
-        router=wired.router,
-        server_metrics=wired.server_metrics,
-        token=token,
-        on_started=on_started,
-        reload=reload,
-        upgrade=upgrade,
-        program_started_at=program_started_at,
-        acts_refused=acts_refused,
-    )

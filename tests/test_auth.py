@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
+from launcher.api.app import create_app
 from launcher.api.auth import reads_need_token
 from launcher.config_file import parse_settings
-from launcher.wiring import rest_api
 from tests.conftest import OpenWired, write_secret
 
 TOKEN = "t0ken-for-reads"
@@ -33,7 +33,7 @@ async def client_for(tmp_path: Path, open_wired: OpenWired, auth_reads: str) -> 
         f"models: {{tiny: {{model: {tmp_path / 'absent.gguf'}}}}}"
     )
     settings = parse_settings(text, tmp_path / "launcher.yaml")
-    app = rest_api(await open_wired(settings), settings, token=TOKEN)
+    app = create_app(settings, await open_wired(settings), token=TOKEN)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://launcher")
 
 

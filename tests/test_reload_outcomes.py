@@ -121,7 +121,7 @@ def test_a_stream_survives_a_reload_that_restarts_its_model_to_its_last_token(
 async def test_an_error_after_the_settings_were_taken_comes_back_in_the_error_shape(
     write_config: ConfigWriter, open_wired: OpenWired, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from launcher.wiring import rest_api
+    from launcher.api.app import create_app
 
     config = write_config({"tiny": {}})
     settings = load_settings(config)
@@ -133,7 +133,7 @@ async def test_an_error_after_the_settings_were_taken_comes_back_in_the_error_sh
 
     monkeypatch.setattr(wired.manager, "carry_out", broken)
     write_config({"tiny": {}, "more": {}}, daemon=same_daemon(config))
-    api = rest_api(wired, settings, reload=lambda dry_run: reloader.reload(dry_run=dry_run))
+    api = create_app(settings, wired, reload=lambda dry_run: reloader.reload(dry_run=dry_run))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://127.0.0.1") as http:
         answer = await http.post("/config/reload")
     assert answer.status_code == 500

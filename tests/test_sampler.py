@@ -13,12 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from launcher.api.app import create_app
 from launcher.config_file import parse_settings
 from launcher.config_gpus import SimGpu
 from launcher.gpu.sampler import Sampler
 from launcher.gpu.sim import Hold, SimBackend
 from launcher.schema_gpus import GpuSample
-from launcher.wiring import rest_api
 from tests.conftest import OpenWired
 
 POLL_S = 0.05
@@ -107,7 +107,7 @@ async def test_api_latency_is_unaffected_by_a_hung_backend(tmp_path: Path, open_
     wired = await open_wired(settings)
     sim = wired.sampler.backend
     assert isinstance(sim, SimBackend)
-    app = rest_api(wired, settings)
+    app = create_app(settings, wired)
     hold = Hold()
     sim.inject(0, hold=hold)
     try:

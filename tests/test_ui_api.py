@@ -10,9 +10,10 @@ from pathlib import Path
 
 import httpx
 
+from launcher.api.app import create_app
 from launcher.config_file import parse_settings
 from launcher.schema_gpus import GpuSample, GpuTopology
-from launcher.wiring import Wired, rest_api
+from launcher.wiring import Wired
 from tests.conftest import OpenWired, write_secret
 
 TOKEN = "t0ken-for-the-page"
@@ -34,7 +35,7 @@ async def client_for(tmp_path: Path, open_wired: OpenWired) -> tuple[httpx.Async
     )
     settings = parse_settings(text, tmp_path / "launcher.yaml")
     wired = await open_wired(settings)
-    app = rest_api(wired, settings, token=TOKEN)
+    app = create_app(settings, wired, token=TOKEN)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://launcher"), wired
 
 

@@ -2,8 +2,8 @@
 door's recent requests and metrics. (The front door itself, /v1 and /upstream, is launcher/route/front.py.)
 
 The API acts on instances through the Manager (start, stop, plans) and on peers' claims through what this
-host lends (supervise/lending.py); it reads what the wiring hands it: the instance table, the GPU sampler,
-the peers and the event bus.
+host lends (supervise/lending.py); it reads what the wiring hands it (`ApiParts`): the instance table, the
+GPU sampler, the peers, the event bus, the front door's router and the servers' metrics.
 
 Every answer, errors included, is a type of launcher.schema, and every path declares each status it can
 answer with its body and content type: the OpenAPI document at /openapi.json is the truth (a schemathesis
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,17 +47,31 @@ from launcher.supervise.server_metrics import ServerMetrics
 from launcher.supervise.table import InstanceTable
 
 
+class ApiParts(Protocol):
+    """What the API reads and acts through (launcher/wiring.py's `Wired` is one)."""
+
+    @property
+    def manager(self) -> Manager: ...
+    @property
+    def table(self) -> InstanceTable: ...
+    @property
+    def sampler(self) -> Sampler: ...
+    @property
+    def peers(self) -> Peers | None: ...
+    @property
+    def lending(self) -> Lending: ...
+    @property
+    def events(self) -> Bus[Event]: ...
+    @property
+    def router(self) -> Router: ...  # the front door's, whose requests `/requests` and `/metrics` report
+    @property
+    def server_metrics(self) -> ServerMetrics: ...  # the servers' own series `/metrics` re-exports
+
+
 def create_app(
     settings: Settings,
+    parts: ApiParts,
     *,
-    manager: Manager,
-    table: InstanceTable,
-    sampler: Sampler,
-    peer_reader: Peers | None,
-    lending: Lending,
-    event_bus: Bus[Event],
-    router: Router | None = None,
-    server_metrics: ServerMetrics | None = None,
     token: str | None = None,
     on_started: Callable[[], Awaitable[None]] | None = None,
     reload: Callable[[bool], Awaitable[ReloadReport]] | None = None,
@@ -64,12 +79,12 @@ def create_app(
     program_started_at: float | None = None,
     acts_refused: Callable[[], str | None] = lambda: None,
 ) -> FastAPI:
-    """The REST API: the paths of each group (launcher/api/*_routes.py), the errors as ErrorBody, the token's
-    rules. ``router``: the front door's, whose requests `/requests` and `/metrics` report;
-    ``server_metrics``: the servers' own series `/metrics` re-exports; ``reload``: the daemon's reload of
+    """The REST API over ``parts``: the paths of each group (launcher/api/*_routes.py), the errors as
+    ErrorBody, the token's rules. ``reload``: the daemon's reload of
     its configuration (given ``dry_run``), for `POST /config/reload`; ``upgrade``: its upgrade in place, for
     `POST /daemon/upgrade`; ``program_started_at``: shown by `/health`; ``acts_refused``: why the daemon
     takes no act on an instance now (an upgrade under way), or None: the acts answer 409 with it."""
+    manager, table, router = parts.manager, parts.table, parts.router
     instances = table.view
 
     @asynccontextmanager
@@ -128,8 +143,8 @@ def create_app(
     # In this order: the OpenAPI document lists the paths as they are added.
     app.include_router(instance_routes(manager, instances, access, acts_refused))
     app.include_router(daemon_routes(access, reload, upgrade))
-    app.include_router(report_routes(manager, router, server_metrics, access))
-    app.include_router(machine_routes(manager, instances, sampler, lending, peer_reader, access))
-    app.include_router(stream_routes(manager, instances, event_bus, access))
-    add_ui(app, lambda: manager.settings.gpus, sampler, table, read=access.read, invalid=errors(422))
+    app.include_router(report_routes(manager, router, parts.server_metrics, access))
+    app.include_router(machine_routes(manager, instances, parts.sampler, parts.lending, parts.peers, access))
+    app.include_router(stream_routes(manager, instances, parts.events, access))
+    add_ui(app, lambda: manager.settings.gpus, parts.sampler, table, read=access.read, invalid=errors(422))
     return app
