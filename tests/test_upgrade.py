@@ -48,6 +48,13 @@ def program_started_at(daemon: Daemon) -> float | None:
     return float(value)
 
 
+def program_start(daemon: Daemon) -> float:
+    """When the daemon's running program started (it answers now)."""
+    started_at = program_started_at(daemon)
+    assert started_at is not None
+    return started_at
+
+
 def upgraded(daemon: Daemon, before: float, timeout_s: float = 30) -> float:
     """Wait until the daemon answers with a program other than the one that started at ``before``."""
     after = poll_until(lambda: program_started_at(daemon), lambda v: v not in (None, before), "upgrade", timeout_s)
@@ -75,8 +82,7 @@ def test_upgrade_keeps_every_server_and_its_loaded_model(write_config: ConfigWri
     statuses = {name: daemon.wait_for(name, ready) for name in ("tiny", "asked")}
     loads = {name: loads_in_log(status) for name, status in statuses.items()}
     complete(daemon, "tiny")
-    before = program_started_at(daemon)
-    assert before is not None
+    before = program_start(daemon)
 
     done = daemon.cli("upgrade")
 
@@ -122,8 +128,7 @@ def test_no_connection_is_refused_during_an_upgrade(write_config: ConfigWriter, 
     the old program drains and the new one starts."""
     daemon = start_daemon(write_config({"tiny": {"autostart": True}}))
     pid = daemon.wait_for("tiny", ready)["pid"]
-    before = program_started_at(daemon)
-    assert before is not None
+    before = program_start(daemon)
     stop, gaps_s, failures = threading.Event(), dict[str, list[float]](), list[str]()
     hammer = threading.Thread(target=_hammer, args=(daemon.url, stop, gaps_s, failures))
     hammer.start()
@@ -150,8 +155,7 @@ def test_no_connection_is_refused_during_an_upgrade(write_config: ConfigWriter, 
 def test_kill_9_of_the_new_program_leaves_no_server(write_config: ConfigWriter, start_daemon: StartDaemon) -> None:
     daemon = start_daemon(write_config({"tiny": {"autostart": True}}))
     pid = daemon.wait_for("tiny", ready)["pid"]
-    before = program_started_at(daemon)
-    assert before is not None
+    before = program_start(daemon)
     daemon.proc.send_signal(signal.SIGUSR2)
     upgraded(daemon, before)
     assert daemon.instance("tiny")["pid"] == pid  # taken over, and the new program is its parent
@@ -173,8 +177,7 @@ def test_a_server_the_configuration_now_runs_otherwise_is_started_again(
     config = write_config({"tiny": {"autostart": True}})
     daemon = start_daemon(config)
     pid = daemon.wait_for("tiny", ready)["pid"]
-    before = program_started_at(daemon)
-    assert before is not None
+    before = program_start(daemon)
     write_config({"tiny": {"autostart": True, "ctx": 512}}, daemon=_same_daemon(config))
 
     daemon.proc.send_signal(signal.SIGUSR2)
@@ -195,8 +198,7 @@ def test_a_new_program_that_would_build_another_command_from_the_same_settings_t
     config = write_config({"tiny": {"autostart": True}})
     daemon = start_daemon(config)
     pid = daemon.wait_for("tiny", ready)["pid"]
-    before = program_started_at(daemon)
-    assert before is not None
+    before = program_start(daemon)
     running = psutil.Process(pid).cmdline()
     write_config({"tiny": {"autostart": True}}, daemon={**_same_daemon(config), "kv_cache_dir": str(tmp_path / "kv")})
 
@@ -225,8 +227,7 @@ def test_a_server_that_does_not_answer_is_killed_and_started_again(
 ) -> None:
     daemon = start_daemon(write_config({"tiny": {"autostart": True, "health": {"timeout": 0.5}}}))
     pid = daemon.wait_for("tiny", ready)["pid"]
-    before = program_started_at(daemon)
-    assert before is not None
+    before = program_start(daemon)
     os.kill(pid, signal.SIGSTOP)  # alive, but it answers nothing
     try:
         daemon.proc.send_signal(signal.SIGUSR2)
@@ -243,7 +244,7 @@ def test_a_hand_over_that_cannot_be_written_keeps_the_daemon_serving(
 ) -> None:
     daemon = start_daemon(write_config({"tiny": {"autostart": True}}))
     pid = daemon.wait_for("tiny", ready)["pid"]
-    before = program_started_at(daemon)
+    before = program_start(daemon)
     (tmp_path / "state" / "handover.json").mkdir()  # the record cannot replace a directory
 
     daemon.proc.send_signal(signal.SIGUSR2)
@@ -273,8 +274,7 @@ def test_a_stream_in_flight_finishes_on_the_old_program_then_the_upgrade_goes_on
 ) -> None:
     daemon = serving(write_config, start_daemon, standin)
     pid, port = (daemon.instance("m")[key] for key in ("pid", "port"))
-    before = program_started_at(daemon)
-    assert before is not None
+    before = program_start(daemon)
     with daemon.http.stream("POST", "/v1/chat/completions", json=held("m")) as stream:
         lines = stream.iter_lines()
         first_event(lines)

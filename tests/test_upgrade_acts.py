@@ -12,7 +12,7 @@ import httpx
 
 from tests.conftest import ConfigWriter, Daemon, poll_until
 from tests.test_drain import serving
-from tests.test_upgrade import program_started_at, upgraded
+from tests.test_upgrade import program_start, upgraded
 from tests.test_upgrade_answers import upgrade_draining
 
 StartDaemon = Callable[[Path], Daemon]
@@ -23,8 +23,7 @@ def test_an_act_asked_while_an_upgrade_drains_is_refused_then_taken_by_the_new_p
     write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path
 ) -> None:
     daemon = serving(write_config, start_daemon, standin, drain_timeout_s=20)
-    before = program_started_at(daemon)
-    assert before is not None
+    before = program_start(daemon)
     pid = daemon.instance("m")["pid"]
     with upgrade_draining(daemon) as kept:
         refused = {act: kept.post(f"/instances/m/{act}") for act in _ACTS}

@@ -17,7 +17,7 @@ from launcher import upgrade
 from tests.conftest import READY_TIMEOUT_S, ConfigWriter, Daemon, poll_until
 from tests.test_drain import completed, serving, the_rest
 from tests.test_front_door import first_event, held
-from tests.test_upgrade import program_started_at, upgraded
+from tests.test_upgrade import program_start, program_started_at, upgraded
 
 StartDaemon = Callable[[Path], Daemon]
 
@@ -42,8 +42,7 @@ def test_an_event_stream_and_a_request_under_way_end_cleanly_across_an_upgrade(
 ) -> None:
     daemon = serving(write_config, start_daemon, standin)
     pid = daemon.instance("m")["pid"]
-    before = program_started_at(daemon)
-    assert before is not None
+    before = program_start(daemon)
     port = int(daemon.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as slow:
         # A request the old program accepted (it answered one on this connection), whose body comes late.
@@ -84,8 +83,7 @@ def test_an_upgrade_during_a_restart_is_refused_then_done_once_it_ended(
 ) -> None:
     """The restart drains a request in flight: the exec would cut the restart part-way."""
     daemon = serving(write_config, start_daemon, standin, drain_timeout_s=20)
-    before = program_started_at(daemon)
-    assert before is not None
+    before = program_start(daemon)
     port = daemon.instance("m")["port"]
     with (
         ThreadPoolExecutor(1) as pool,
@@ -157,8 +155,7 @@ def test_a_reload_asked_while_an_upgrade_drains_is_refused(
     """The exec would cut a reload part-way: asked on a connection the old program still serves (or by
     SIGHUP) while the upgrade waits for a request in flight, it is refused with the reason."""
     daemon = serving(write_config, start_daemon, standin, drain_timeout_s=20)
-    before = program_started_at(daemon)
-    assert before is not None
+    before = program_start(daemon)
     with upgrade_draining(daemon) as kept:
         refused = kept.post("/config/reload")
     assert refused.status_code == 409, refused.text

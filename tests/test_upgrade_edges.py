@@ -26,7 +26,7 @@ from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
 from launcher.supervise.parts import DaemonParts
 from tests.conftest import ConfigWriter, Daemon, OpenWired, poll_until
 from tests.test_drain import serving
-from tests.test_upgrade import program_started_at, upgraded
+from tests.test_upgrade import program_start, program_started_at, upgraded
 
 StartDaemon = Callable[[Path], Daemon]
 
@@ -38,7 +38,7 @@ def test_an_upgrade_with_a_configuration_that_does_not_load_keeps_the_daemon_and
     daemon, and every server with it (before: 202, then the daemon exited 2 and its servers were killed)."""
     daemon = serving(write_config, start_daemon, standin)
     pid = daemon.instance("m")["pid"]
-    before = program_started_at(daemon)
+    before = program_start(daemon)
     config = Path(daemon.config)
     config.write_text(config.read_text() + "\nnot_a_key: 1\n")
 
@@ -58,8 +58,7 @@ def test_an_open_event_stream_does_not_hold_the_upgrade_up(
     (before: 21.7 s here, with drain_timeout_s 20)."""
     daemon = serving(write_config, start_daemon, standin, drain_timeout_s=20)
     pid = daemon.instance("m")["pid"]
-    before = program_started_at(daemon)
-    assert before is not None
+    before = program_start(daemon)
     with daemon.http.stream("GET", "/events", params={"follow": "true"}, timeout=60) as stream:
         assert stream.status_code == 200
         began = time.monotonic()
@@ -99,8 +98,7 @@ def test_a_server_killed_during_the_exec_is_reaped_and_started_again(
     child of the daemon, and its model started again."""
     daemon = serving(write_config, start_daemon, standin)
     pid = daemon.instance("m")["pid"]
-    before = program_started_at(daemon)
-    assert before is not None
+    before = program_start(daemon)
     daemon.proc.send_signal(signal.SIGUSR2)
     poll_until(lambda: "upgrade: executing" in "".join(daemon.log), bool, "the exec", 30)
     os.kill(pid, signal.SIGKILL)  # the new program is still importing its modules
