@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 from pathlib import Path
+from typing import cast
 
 import pytest
 from pydantic import ValidationError
@@ -19,7 +20,7 @@ from launcher.config_gpus import GpuSettings
 from launcher.config_model import ModelSettings
 from launcher.gpu.nvml import NvmlBackend
 from launcher.gpu.sampler import read_sample
-from launcher.plan.measured import MeasuredTerms, Measurement, with_measured, with_process_mib
+from launcher.plan.measured import MeasuredDevice, MeasuredTerms, Measurement, with_measured, with_process_mib
 from launcher.plan.planner import Measured, Planner
 from launcher.schema_gpus import GpuSample
 from launcher.schema_plans import Plan
@@ -181,6 +182,38 @@ def test_a_state_file_with_a_huge_string_is_no_measurement_and_says_so_once(
         Measurement.model_validate(kept.model_dump() | {field: "x" * 65})
     store.put("k", kept)  # replaced whole at the next write
     assert store.get("k") == kept
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "problem"),
+    [
+        ("name", "x" * 8 * MIB, "String should have at most 256 characters"),
+        ("gpu", 10**30, "Input should be less than or equal to 256"),
+        ("layers", -1, "Input should be greater than or equal to 0"),
+        ("process_mib", 2**60, "Input should be less than or equal to 1099511627776"),
+        ("devices", 300, "List should have at most 256 items after validation, not 300"),
+    ],
+)
+def test_a_state_file_with_a_hostile_device_is_no_measurement(
+    tmp_path: Path, where: str, value: object, problem: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device's name, index, layers and process reading, and how many devices, are bounded as the model's
+    name is: a file written by something else is ignored with one warning, not held and shown in plans."""
+    device = MeasuredDevice(remote=False, gpu=0, name="GPU", layers=1, output_layer=True, terms=MeasuredTerms())
+    kept = Measurement(model="tiny", date="d", devices=[device], host=MeasuredTerms())
+    written = kept.model_dump()
+    if where == "devices":
+        written["devices"] = [device.model_dump()] * cast(int, value)
+        at = "devices"
+    else:
+        written["devices"] = [device.model_dump() | {where: value}]
+        at = f"devices.0.{where}"
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps({"measured": {"k": written}}))
+    with caplog.at_level(logging.WARNING, logger="launcher"):
+        assert MeasurementStore(path).get("k") is None
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert f"(measured.k.{at}: {problem})" in warning
 
 
 def test_forget_drops_one_models_measurements_and_the_store_is_bounded(tmp_path: Path) -> None:

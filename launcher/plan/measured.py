@@ -26,6 +26,10 @@ TermMib = Annotated[float, Field(ge=0, le=2**40, allow_inf_nan=False)]
 # strings of any size: bounded by what the launcher writes there (a model's name has at most 64 characters).
 ModelName = Annotated[str, Field(min_length=1, max_length=64)]
 Date = Annotated[str, Field(min_length=1, max_length=64)]  # ISO 8601 to the second: 25 characters
+# A device's name as the server's log gives it (a GPU's model, `RPC0[HOST:PORT]`): tens of characters.
+DeviceName = Annotated[str, Field(max_length=256)]
+# More devices than llama.cpp's own bounds (GGML_RPC_MAX_SERVERS, its CUDA devices) by far.
+_MAX_DEVICES = 256
 
 
 class MeasuredTerms(BaseModel):
@@ -44,14 +48,14 @@ class MeasuredDevice(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     remote: bool  # an RPC device
-    gpu: int  # its index (on its host)
-    name: str
-    layers: Annotated[int, Field(ge=0)]
+    gpu: Annotated[int, Field(ge=0, le=_MAX_DEVICES)]  # its index (on its host)
+    name: DeviceName
+    layers: Annotated[int, Field(ge=0, le=2**20)]
     output_layer: bool
     terms: MeasuredTerms
     # NVML's reading of the server process on this GPU, when there was one (the driver's share is this
     # less the buffers)
-    process_mib: Annotated[int, Field(ge=0)] | None = None
+    process_mib: Annotated[int, Field(ge=0, le=2**40)] | None = None
 
 
 class Measurement(BaseModel):
@@ -62,7 +66,7 @@ class Measurement(BaseModel):
     model: ModelName  # the configured name, by which `launcher plan --forget` finds it
     date: Date
     ctx: Annotated[int, Field(ge=0)] = 0  # the context it ran with (`ctx: max` may choose another next time)
-    devices: list[MeasuredDevice]
+    devices: Annotated[list[MeasuredDevice], Field(max_length=_MAX_DEVICES)]
     host: MeasuredTerms
 
 
