@@ -146,11 +146,15 @@ def test_a_sigterm_during_the_hand_over_stops_the_daemon(
     poll_until(lambda: "SIGUSR2: upgrading" in "".join(daemon.log), bool, "the upgrade's start", 10)
     poll_until(lambda: _waits_on_a_fifo(daemon.proc.pid), bool, "the record's write waiting on the FIFO", 10)
     daemon.proc.send_signal(signal.SIGTERM)
-    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # lets a write still waiting go on
+    try:  # lets a write still waiting go on (the code before the fix waited there)
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        reader = None  # the daemon stopped waiting and removed it already
     try:
         assert daemon.proc.wait(timeout=30) == 0
     finally:
-        os.close(reader)
+        if reader is not None:
+            os.close(reader)
     assert "SIGTERM came during the hand-over: stopping instead" in "".join(daemon.log)
     assert not psutil.pid_exists(pid)
 
