@@ -10,12 +10,15 @@ from pydantic import Field, model_validator
 
 from launcher.config_fields import NonNegative, Positive, StrictSettings
 
+SIM_MEMORY_MAX_MIB = 2**30  # plans take GPU memory as floats: an integer past a float's range cannot be
+HISTORY_MAX = 7 * 24 * 3600
+
 
 class SimGpu(StrictSettings):
     """A simulated GPU: for machines without one (tests, CI, the demo)."""
 
     name: str = Field(description="The GPU's name, as a driver reports it.")
-    memory_mib: Annotated[int, Field(gt=0)] = Field(description="Its memory.")
+    memory_mib: Annotated[int, Field(gt=0, le=SIM_MEMORY_MAX_MIB)] = Field(description="Its memory; at most 1 PiB.")
     vendor: Literal["nvidia", "amd"] = Field(default="nvidia", description="Whose GPU it pretends to be.")
     uuid: str | None = Field(default=None, description="Its UUID; default one made from its index.")
     pci_bus_id: str | None = Field(default=None, description="Its PCI bus id; default one made from its index.")
@@ -91,7 +94,10 @@ class GpuSettings(StrictSettings):
     thermal_action: Literal["warn", "stop"] = Field(
         default="warn", description="What a hot GPU does to its instances: only warn, or stop them."
     )
-    history: Annotated[int, Field(ge=1)] = Field(default=600, description="Readings kept per GPU (10 minutes at 1 Hz).")
+    # Bounded: the readings are kept in memory, in a deque whose length must fit a C integer.
+    history: Annotated[int, Field(ge=1, le=HISTORY_MAX)] = Field(
+        default=600, description="Readings kept per GPU (10 minutes at 1 Hz); at most a week's at 1 Hz."
+    )
     process_every: Annotated[int, Field(ge=1)] = Field(
         default=5, description="Per-process memory is read every Nth poll: it costs milliseconds per call."
     )

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from launcher.config_daemon import LOG_KEEP_MAX, LOG_MAX_MIB
 from launcher.config_file import load_settings
+from launcher.config_gpus import HISTORY_MAX, SIM_MEMORY_MAX_MIB
 from launcher.errors import ConfigError
 from launcher.statedir.owner import StateDirLock
 from launcher.supervise.leftovers import ChildRegistry
@@ -323,3 +325,38 @@ def test_twenty_thousand_models_load_and_status_lists_them(
     assert table.returncode == 0, table.stderr
     rows = [line.split()[:2] for line in table.stdout.splitlines()[1:]]
     assert rows == [[name, "stopped"] for name in names]
+
+
+# A size the loader took that `launcher serve` then failed on with a traceback (an infinite log size, a GPU
+# history no deque can hold, a simulated GPU past a float's range) or that stalled the event loop at the first
+# log rotation (a billion kept logs, renamed one by one): key -> its YAML.
+SIZES_PAST_ANY_USE = {
+    "daemon.log_max_mib": "daemon: {log_max_mib: .inf}",
+    "daemon.log_max_mib in bytes": "daemon: {log_max_mib: 1e308}",
+    "daemon.log_keep": "daemon: {log_keep: 1000000000}",
+    "gpus.history": "gpus: {history: 10000000000000000000}",
+    "gpus.sim.0.memory_mib": "gpus: {sim: [{name: a, memory_mib: 1" + "0" * 400 + "}]}",
+}
+
+
+@pytest.mark.parametrize("key", SIZES_PAST_ANY_USE)
+def test_a_size_past_any_use_is_refused_at_load(key: str, tmp_path: Path) -> None:
+    path = tmp_path / "launcher.yaml"
+    path.write_text(SIZES_PAST_ANY_USE[key] + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    [sentence] = str(caught.value).splitlines()
+    assert sentence.startswith(f"{path}: {key.split()[0]}: "), sentence
+
+
+def test_a_daemon_serves_with_the_largest_sizes_taken(
+    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
+) -> None:
+    largest = {
+        "daemon": {"log_max_mib": LOG_MAX_MIB, "log_keep": LOG_KEEP_MAX},
+        "gpus": {"backend": "sim", "history": HISTORY_MAX, "sim": [{"name": "big", "memory_mib": SIM_MEMORY_MAX_MIB}]},
+    }
+    daemon = start_daemon(write_config({"tiny": {}}, **largest))
+    assert daemon.http.get("/health").status_code == 200
+    [gpu] = daemon.http.get("/gpus").json()
+    assert gpu["memory_total_mib"] == SIM_MEMORY_MAX_MIB
