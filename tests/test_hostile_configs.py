@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from launcher.config_daemon import LOG_KEEP_MAX, LOG_MAX_MIB
+from launcher.config_fields import MEMORY_MAX_MIB
 from launcher.config_file import load_settings
-from launcher.config_gpus import HISTORY_MAX, SIM_MEMORY_MAX_MIB
+from launcher.config_gpus import HISTORY_MAX
+from launcher.config_model import CTX_MAX
 from launcher.errors import ConfigError
 from launcher.statedir.owner import StateDirLock
 from launcher.supervise.leftovers import ChildRegistry
@@ -329,13 +331,21 @@ def test_twenty_thousand_models_load_and_status_lists_them(
 
 # A size the loader took that `launcher serve` then failed on with a traceback (an infinite log size, a GPU
 # history no deque can hold, a simulated GPU past a float's range) or that stalled the event loop at the first
-# log rotation (a billion kept logs, renamed one by one): key -> its YAML.
+# log rotation (a billion kept logs, renamed one by one), or that failed every plan of the model with one (a
+# memory or context length past a float's range): key -> its YAML.
+PAST_FLOATS = "1" + "0" * 400
 SIZES_PAST_ANY_USE = {
     "daemon.log_max_mib": "daemon: {log_max_mib: .inf}",
     "daemon.log_max_mib in bytes": "daemon: {log_max_mib: 1e308}",
     "daemon.log_keep": "daemon: {log_keep: 1000000000}",
     "gpus.history": "gpus: {history: 10000000000000000000}",
-    "gpus.sim.0.memory_mib": "gpus: {sim: [{name: a, memory_mib: 1" + "0" * 400 + "}]}",
+    "gpus.sim.0.memory_mib": "gpus: {sim: [{name: a, memory_mib: " + PAST_FLOATS + "}]}",
+    "gpus.overhead_mib": "gpus: {overhead_mib: " + PAST_FLOATS + "}",
+    "gpus.margin_mib": "gpus: {margin_mib: " + PAST_FLOATS + "}",
+    "gpus.reserve_mib.0": "gpus: {reserve_mib: {0: " + PAST_FLOATS + "}}",
+    "models.m.ctx": "models: {m: {model: m.gguf, ctx: " + PAST_FLOATS + "}}",
+    "models.m.ctx_max": "models: {m: {model: m.gguf, ctx: max, ctx_max: " + PAST_FLOATS + "}}",
+    "models.m.ollama.size_mib": "models: {m: {backend: ollama, model: m, ollama: {size_mib: " + PAST_FLOATS + "}}}",
 }
 
 
@@ -352,11 +362,17 @@ def test_a_size_past_any_use_is_refused_at_load(key: str, tmp_path: Path) -> Non
 def test_a_daemon_serves_with_the_largest_sizes_taken(
     write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
 ) -> None:
+    big = {"name": "big", "memory_mib": MEMORY_MAX_MIB}
     largest = {
         "daemon": {"log_max_mib": LOG_MAX_MIB, "log_keep": LOG_KEEP_MAX},
-        "gpus": {"backend": "sim", "history": HISTORY_MAX, "sim": [{"name": "big", "memory_mib": SIM_MEMORY_MAX_MIB}]},
+        "gpus": {"backend": "sim", "history": HISTORY_MAX, "sim": [big], "overhead_mib": MEMORY_MAX_MIB},
     }
-    daemon = start_daemon(write_config({"tiny": {}}, **largest))
+    daemon = start_daemon(
+        write_config({"tiny": {"ctx": CTX_MAX}, "most": {"ctx": "max", "ctx_max": CTX_MAX}}, **largest)
+    )
     assert daemon.http.get("/health").status_code == 200
     [gpu] = daemon.http.get("/gpus").json()
-    assert gpu["memory_total_mib"] == SIM_MEMORY_MAX_MIB
+    assert gpu["memory_total_mib"] == MEMORY_MAX_MIB
+    for name in ("tiny", "most"):  # planned, fitting or not: no traceback, no 500
+        plan = daemon.http.get(f"/plan/{name}")
+        assert plan.status_code == 200 and plan.json()["fits"] is False, plan.text
