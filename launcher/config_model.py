@@ -14,13 +14,13 @@ from launcher.config_fields import NonNegative, Port, Positive, StrictSettings
 from launcher.config_ollama import OllamaSettings
 from launcher.config_supervision import HealthSettings, RestartSettings
 from launcher.hub_ref import HubRef, check_revision, is_hub_ref, parse_hub_ref
-from launcher.server_args import CTX, CTX_CELLS, MMPROJ, arg_value, check_args
+from launcher.server_args import CTX, CTX_CELLS, INT_MAX, MMPROJ, arg_value, check_args
 
 # A hub model is written and shown as its reference (`hf:ORG/REPO:QUANT`).
 HubModel = Annotated[HubRef, PlainSerializer(str, return_type=str)]
 # A context length in cells: llama.cpp takes it as a 32-bit integer (and plans compute with floats: a larger
 # one failed them with an OverflowError).
-CTX_MAX = 2**31 - 1
+CTX_MAX = INT_MAX
 Context = Annotated[int, Field(gt=0, le=CTX_MAX)]
 
 
