@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from launcher.config_fields import NonNegative, Port, Positive, StrictSettings
+from launcher.config_fields import MemoryGib, Port, Positive, StrictSettings
 
 LOG_MAX_MIB = 2**20
 LOG_KEEP_MAX = 100
@@ -65,7 +65,7 @@ class DaemonSettings(StrictSettings):
         "on purpose, to restore them at their next start with the same file and settings; default "
         "`STATE_DIR/kv-cache`.",
     )
-    kv_cache_max_gib: NonNegative = Field(
+    kv_cache_max_gib: MemoryGib = Field(
         default=32.0,
         description="The saved prompt caches of all instances together stay under this size, least recently "
         "used deleted first.",

@@ -16,6 +16,8 @@ Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 # a larger integer failed them with an OverflowError).
 MEMORY_MAX_MIB = 2**30
 MemoryMib = Annotated[int, Field(ge=0, le=MEMORY_MAX_MIB)]
+# The same bound in GiB, for a budget taken in whole bytes (an infinite or overflowing one cannot be).
+MemoryGib = Annotated[float, Field(ge=0, le=MEMORY_MAX_MIB // 1024, allow_inf_nan=False)]
 
 
 class StrictSettings(BaseModel):

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, PlainSerializer, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from launcher.config_fields import NonNegative, Port, Positive, StrictSettings
+from launcher.config_fields import MemoryGib, NonNegative, Port, Positive, StrictSettings
 from launcher.config_ollama import OllamaSettings
 from launcher.config_supervision import HealthSettings, RestartSettings
 from launcher.hub_ref import HubRef, check_revision, is_hub_ref, parse_hub_ref
@@ -187,7 +187,7 @@ class ModelSettings(StrictSettings):
     queue_timeout_s: Positive = Field(
         default=60.0, description="Seconds a request may wait in the queue; beyond it 429."
     )
-    kv_cache_max_gib: NonNegative = Field(
+    kv_cache_max_gib: MemoryGib = Field(
         default=8.0,
         description="llama-server: its slots' prompt caches saved at a planned stop (and restored at its next "
         "start with the same file and settings) stay under this size, least recently used deleted first; "

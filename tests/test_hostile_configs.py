@@ -329,15 +329,17 @@ def test_twenty_thousand_models_load_and_status_lists_them(
     assert rows == [[name, "stopped"] for name in names]
 
 
-# A size the loader took that `launcher serve` then failed on with a traceback (an infinite log size, a GPU
-# history no deque can hold, a simulated GPU past a float's range) or that stalled the event loop at the first
-# log rotation (a billion kept logs, renamed one by one), or that failed every plan of the model with one (a
-# memory or context length past a float's range): key -> its YAML.
+# A size the loader took that `launcher serve` then failed on with a traceback (an infinite log size or prompt
+# cache budget, a GPU history no deque can hold, a simulated GPU past a float's range) or that stalled the
+# event loop at the first log rotation (a billion kept logs, renamed one by one), or that failed every plan of
+# the model with one (a memory or context length past a float's range): key -> its YAML.
 PAST_FLOATS = "1" + "0" * 400
 SIZES_PAST_ANY_USE = {
     "daemon.log_max_mib": "daemon: {log_max_mib: .inf}",
     "daemon.log_max_mib in bytes": "daemon: {log_max_mib: 1e308}",
     "daemon.log_keep": "daemon: {log_keep: 1000000000}",
+    "daemon.kv_cache_max_gib": "daemon: {kv_cache_max_gib: 1e308}",
+    "models.m.kv_cache_max_gib": "models: {m: {model: m.gguf, kv_cache_max_gib: 1e308}}",
     "gpus.history": "gpus: {history: 10000000000000000000}",
     "gpus.sim.0.memory_mib": "gpus: {sim: [{name: a, memory_mib: " + PAST_FLOATS + "}]}",
     "gpus.overhead_mib": "gpus: {overhead_mib: " + PAST_FLOATS + "}",
@@ -364,7 +366,7 @@ def test_a_daemon_serves_with_the_largest_sizes_taken(
 ) -> None:
     big = {"name": "big", "memory_mib": MEMORY_MAX_MIB}
     largest = {
-        "daemon": {"log_max_mib": LOG_MAX_MIB, "log_keep": LOG_KEEP_MAX},
+        "daemon": {"log_max_mib": LOG_MAX_MIB, "log_keep": LOG_KEEP_MAX, "kv_cache_max_gib": MEMORY_MAX_MIB // 1024},
         "gpus": {"backend": "sim", "history": HISTORY_MAX, "sim": [big], "overhead_mib": MEMORY_MAX_MIB},
     }
     daemon = start_daemon(
