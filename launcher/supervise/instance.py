@@ -1,8 +1,9 @@
 """One configured model's lifecycle: spawn, wait for ready, watch, restart by policy, stop.
 
-Every state change happens in this one supervision task per instance (supervise/server_runs.py);
-start/stop/restart requests are serialised by a lock, and concurrent restart requests join the one already
-under way. A download before a start (download_task.py), the prompt caches (prompt_caches.py) and the plan
+A server's runs are one supervision task per instance (supervise/server_runs.py), which moves the state
+from starting to its end; the requests (start, stop, restart, hold, drain), which move it too (draining,
+stopping, stopped, degraded), are serialised by a lock, and concurrent restart requests join the one
+already under way. A download before a start (download_task.py), the prompt caches (prompt_caches.py) and the plan
 check after ready (plan_check.py) are owned by their own parts, built here; what the API shows of an
 instance is built by instance_status.py.
 """
