@@ -1,5 +1,5 @@
 """What the CLI prints: tables of instances, GPUs, peers' models and plans, and JSON (the output of
-instances on their way to ready is cli_progress.py's). Everything here takes launcher.schema's types:
+instances on their way to ready is cli_progress.py's). Everything here takes the wire types (launcher/schema*.py):
 what the daemon answers is what is shown."""
 
 from __future__ import annotations

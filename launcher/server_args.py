@@ -83,8 +83,17 @@ def _is_split(value: str) -> bool:
     return all(_NUMBER.fullmatch(p) for p in parts) and any(float(p) > 0 for p in parts)
 
 
+# llama.cpp reads these numbers with std::stoi: a larger one is out of its range (and failed the plans, which
+# compute with floats, with an OverflowError).
+INT_MAX = 2**31 - 1
+
+
+def _is_whole(value: str) -> bool:
+    return bool(_WHOLE.fullmatch(value)) and len(value) <= len(str(INT_MAX)) and int(value) <= INT_MAX
+
+
 def _is_positive(value: str) -> bool:
-    return bool(_WHOLE.fullmatch(value)) and int(value) > 0
+    return _is_whole(value) and int(value) > 0
 
 
 def _is_overrides(value: str) -> bool:
@@ -101,16 +110,16 @@ def _is_overrides(value: str) -> bool:
 
 # What the value of each flag must be, and how to say it.
 _CHECKS: tuple[tuple[tuple[str, ...], Callable[[str], object], str], ...] = (
-    (CTX, _WHOLE.fullmatch, "a whole number"),
+    (CTX, _is_whole, f"a whole number up to {INT_MAX}"),
     (CACHE_TYPE_K, CACHE_TYPE_BYTES.__contains__, f"a KV cache type ({', '.join(CACHE_TYPE_BYTES)})"),
     (CACHE_TYPE_V, CACHE_TYPE_BYTES.__contains__, f"a KV cache type ({', '.join(CACHE_TYPE_BYTES)})"),
     (FLASH_ATTN, _FLASH_ATTN.__contains__, "on, off or auto"),
-    (UBATCH, _is_positive, "a positive whole number"),
-    (BATCH, _is_positive, "a positive whole number"),
-    (PARALLEL, lambda v: v == "-1" or _is_positive(v), "a positive whole number or -1 (auto)"),
-    (GPU_LAYERS, lambda v: v in ("auto", "all") or _WHOLE.fullmatch(v), "a whole number, auto or all"),
+    (UBATCH, _is_positive, f"a positive whole number up to {INT_MAX}"),
+    (BATCH, _is_positive, f"a positive whole number up to {INT_MAX}"),
+    (PARALLEL, lambda v: v == "-1" or _is_positive(v), f"a positive whole number up to {INT_MAX} or -1 (auto)"),
+    (GPU_LAYERS, lambda v: v in ("auto", "all") or _is_whole(v), f"a whole number up to {INT_MAX}, auto or all"),
     (TENSOR_SPLIT, _is_split, "non-negative numbers separated by commas or slashes, at least one of them positive"),
-    (N_CPU_MOE, _WHOLE.fullmatch, "a whole number"),
+    (N_CPU_MOE, _is_whole, f"a whole number up to {INT_MAX}"),
     (OVERRIDE_TENSOR, _is_overrides, "pattern=buffer type pairs separated by commas (e.g. exps=CPU)"),
 )
 _CHECK_OF = {flag: (valid, expected) for flags, valid, expected in _CHECKS for flag in flags}

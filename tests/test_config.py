@@ -13,6 +13,7 @@ import pytest
 from launcher.config_file import load_settings, parse_settings
 from launcher.config_yaml import read_config_text
 from launcher.errors import ConfigError, NotFoundError
+from launcher.server_args import INT_MAX
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -122,23 +123,28 @@ def load_args(args: list[str], path: Path) -> list[str]:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-c", "lots"], "-c needs a whole number"),
-        (["--ctx-size=-1"], "--ctx-size needs a whole number"),
+        (["-c", "lots"], f"-c needs a whole number up to {INT_MAX}"),
+        (["--ctx-size=-1"], f"--ctx-size needs a whole number up to {INT_MAX}"),
+        (["-c", str(INT_MAX + 1)], f"-c needs a whole number up to {INT_MAX}"),  # past llama.cpp's std::stoi
         (["-ctk", "q4_K"], f"-ctk needs a KV cache type ({KV_TYPES})"),
         (["--cache-type-v", "F16"], f"--cache-type-v needs a KV cache type ({KV_TYPES})"),
         (["-fa", "yes"], "-fa needs on, off or auto"),
-        (["-ub", "abc"], "-ub needs a positive whole number"),
-        (["--ubatch-size", "0"], "--ubatch-size needs a positive whole number"),
-        (["-b", "1.5"], "-b needs a positive whole number"),
-        (["-np", "0"], "-np needs a positive whole number or -1 (auto)"),
-        (["--parallel", "-2"], "--parallel needs a positive whole number or -1 (auto)"),
-        (["-ngl", "most"], "-ngl needs a whole number, auto or all"),
-        (["--gpu-layers=-1"], "--gpu-layers needs a whole number, auto or all"),
+        (["-ub", "abc"], f"-ub needs a positive whole number up to {INT_MAX}"),
+        (["--ubatch-size", "0"], f"--ubatch-size needs a positive whole number up to {INT_MAX}"),
+        (["-b", "1.5"], f"-b needs a positive whole number up to {INT_MAX}"),
+        (["-np", "0"], f"-np needs a positive whole number up to {INT_MAX} or -1 (auto)"),
+        (["--parallel", "-2"], f"--parallel needs a positive whole number up to {INT_MAX} or -1 (auto)"),
+        (["-ngl", "most"], f"-ngl needs a whole number up to {INT_MAX}, auto or all"),
+        (["--gpu-layers=-1"], f"--gpu-layers needs a whole number up to {INT_MAX}, auto or all"),
+        (["-ngl", str(INT_MAX + 1)], f"-ngl needs a whole number up to {INT_MAX}, auto or all"),
         (["-ts", "3,x"], f"-ts needs {SPLIT}"),
         (["-ts", "0/0"], f"-ts needs {SPLIT}"),
         (["-ts", "1,-1"], f"-ts needs {SPLIT}"),
         (["-ub", "512", "-c"], "-c needs a value"),
-        (["-ub", "abc", "-ub", "512"], "-ub needs a positive whole number"),  # llama-server parses every one
+        (
+            ["-ub", "abc", "-ub", "512"],
+            f"-ub needs a positive whole number up to {INT_MAX}",
+        ),  # llama-server parses every one
         (["-fa", "-c", "4096"], "-fa needs on, off or auto"),  # a bare -fa takes the next word as its value
     ],
 )
@@ -147,6 +153,19 @@ def test_args_the_planner_reads_are_checked_at_load(args: list[str], message: st
     with pytest.raises(ConfigError) as caught:
         load_args(args, path)
     assert str(caught.value) == f"{path}: models.tiny.args: {message} (got {_first_value(args, message)})"
+
+
+@pytest.mark.parametrize("flag", ["-c", "-b", "-ngl"])
+def test_a_number_in_args_past_a_floats_range_is_refused(flag: str, tmp_path: Path) -> None:
+    """Taken before: every plan of the model failed with an OverflowError traceback (for -c), or the check
+    itself raised past Python's 4300 digits."""
+    path = tmp_path / "launcher.yaml"
+    for digits in (400, 5000):
+        with pytest.raises(ConfigError) as caught:
+            load_args([flag, "9" * digits], path)
+        [sentence] = str(caught.value).splitlines()
+        assert sentence.startswith(f"{path}: models.tiny.args: {flag} needs a "), sentence
+        assert f"whole number up to {INT_MAX}" in sentence, sentence
 
 
 def _first_value(args: list[str], message: str) -> str:

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from launcher.config_daemon import LOG_KEEP_MAX, LOG_MAX_MIB
+from launcher.config_fields import MEMORY_MAX_MIB
 from launcher.config_file import load_settings
+from launcher.config_gpus import HISTORY_MAX
+from launcher.config_model import CTX_MAX
 from launcher.errors import ConfigError
 from launcher.statedir.owner import StateDirLock
 from launcher.supervise.leftovers import ChildRegistry
@@ -323,3 +327,54 @@ def test_twenty_thousand_models_load_and_status_lists_them(
     assert table.returncode == 0, table.stderr
     rows = [line.split()[:2] for line in table.stdout.splitlines()[1:]]
     assert rows == [[name, "stopped"] for name in names]
+
+
+# A size the loader took that `launcher serve` then failed on with a traceback (an infinite log size or prompt
+# cache budget, a GPU history no deque can hold, a simulated GPU past a float's range) or that stalled the
+# event loop at the first log rotation (a billion kept logs, renamed one by one), or that failed every plan of
+# the model with one (a memory or context length past a float's range): key -> its YAML.
+PAST_FLOATS = "1" + "0" * 400
+SIZES_PAST_ANY_USE = {
+    "daemon.log_max_mib": "daemon: {log_max_mib: .inf}",
+    "daemon.log_max_mib in bytes": "daemon: {log_max_mib: 1e308}",
+    "daemon.log_keep": "daemon: {log_keep: 1000000000}",
+    "daemon.kv_cache_max_gib": "daemon: {kv_cache_max_gib: 1e308}",
+    "models.m.kv_cache_max_gib": "models: {m: {model: m.gguf, kv_cache_max_gib: 1e308}}",
+    "gpus.history": "gpus: {history: 10000000000000000000}",
+    "gpus.sim.0.memory_mib": "gpus: {sim: [{name: a, memory_mib: " + PAST_FLOATS + "}]}",
+    "gpus.overhead_mib": "gpus: {overhead_mib: " + PAST_FLOATS + "}",
+    "gpus.margin_mib": "gpus: {margin_mib: " + PAST_FLOATS + "}",
+    "gpus.reserve_mib.0": "gpus: {reserve_mib: {0: " + PAST_FLOATS + "}}",
+    "models.m.ctx": "models: {m: {model: m.gguf, ctx: " + PAST_FLOATS + "}}",
+    "models.m.ctx_max": "models: {m: {model: m.gguf, ctx: max, ctx_max: " + PAST_FLOATS + "}}",
+    "models.m.ollama.size_mib": "models: {m: {backend: ollama, model: m, ollama: {size_mib: " + PAST_FLOATS + "}}}",
+}
+
+
+@pytest.mark.parametrize("key", SIZES_PAST_ANY_USE)
+def test_a_size_past_any_use_is_refused_at_load(key: str, tmp_path: Path) -> None:
+    path = tmp_path / "launcher.yaml"
+    path.write_text(SIZES_PAST_ANY_USE[key] + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    [sentence] = str(caught.value).splitlines()
+    assert sentence.startswith(f"{path}: {key.split()[0]}: "), sentence
+
+
+def test_a_daemon_serves_with_the_largest_sizes_taken(
+    write_config: ConfigWriter, start_daemon: Callable[[Path], Daemon]
+) -> None:
+    big = {"name": "big", "memory_mib": MEMORY_MAX_MIB}
+    largest = {
+        "daemon": {"log_max_mib": LOG_MAX_MIB, "log_keep": LOG_KEEP_MAX, "kv_cache_max_gib": MEMORY_MAX_MIB // 1024},
+        "gpus": {"backend": "sim", "history": HISTORY_MAX, "sim": [big], "overhead_mib": MEMORY_MAX_MIB},
+    }
+    daemon = start_daemon(
+        write_config({"tiny": {"ctx": CTX_MAX}, "most": {"ctx": "max", "ctx_max": CTX_MAX}}, **largest)
+    )
+    assert daemon.http.get("/health").status_code == 200
+    [gpu] = daemon.http.get("/gpus").json()
+    assert gpu["memory_total_mib"] == MEMORY_MAX_MIB
+    for name in ("tiny", "most"):  # planned, fitting or not: no traceback, no 500
+        plan = daemon.http.get(f"/plan/{name}")
+        assert plan.status_code == 200 and plan.json()["fits"] is False, plan.text

@@ -6,10 +6,14 @@ say by how much; what a run measured plans the next start within 1 MiB, `launche
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import ConfigWriter, Daemon
+from launcher.config_file import load_settings
+from launcher.schema_instances import Event
+from launcher.wiring import Wired, supervision
+from tests.conftest import READY_TIMEOUT_S, ConfigWriter, Daemon
 
 # Seen by llama-server, not by the planner: compute buffers for 8192-token ubatches and an f32 K cache.
 UNSEEN = {"LLAMA_ARG_UBATCH": "8192", "LLAMA_ARG_BATCH": "8192", "LLAMA_ARG_CACHE_TYPE_K": "f32"}
@@ -51,6 +55,26 @@ def test_a_plan_the_server_exceeds_is_a_warning_in_events_status_doctor_and_metr
     assert f'launcher_plan_error_mib{{device="CPU",instance="wrong"}} {host["difference_mib"]}' in metrics
     kv_actual = host["terms"]["kv"]["actual_mib"]
     assert f'launcher_plan_actual_mib{{device="CPU",instance="wrong",term="kv"}} {kv_actual}' in metrics
+
+
+async def test_a_plan_warning_is_told_once_the_check_it_comes_from_is_shown(write_config: ConfigWriter) -> None:
+    """Whoever hears a plan-warning and reads the instance finds the check it comes from (the warnings were
+    told before the check was shown, while what it measured was being filed)."""
+    settings = load_settings(write_config({"wrong": {"ctx": 8192, "env": UNSEEN}}))
+    shown_when_told: list[bool] = []
+    told = asyncio.Event()
+    wired: list[Wired] = []
+
+    def heard(event: Event) -> None:
+        if event.kind == "plan-warning":
+            shown_when_told.append(wired[0].manager.status("wrong").actual is not None)
+            told.set()
+
+    async with supervision(settings, heard) as parts:
+        wired.append(parts)
+        await parts.manager.start("wrong")
+        await asyncio.wait_for(told.wait(), READY_TIMEOUT_S)
+    assert shown_when_told and all(shown_when_told), shown_when_told
 
 
 def test_the_next_start_plans_from_what_was_measured_until_a_setting_changes_or_it_is_forgotten(

@@ -5,7 +5,7 @@ The API acts on instances through the Manager (start, stop, plans) and on peers'
 host lends (supervise/lending.py); it reads what the wiring hands it (`ApiParts`): the instance table, the
 GPU sampler, the peers, the event bus, the front door's router and the servers' metrics.
 
-Every answer, errors included, is a type of launcher.schema, and every path declares each status it can
+Every answer, errors included, is a wire type (launcher/schema*.py), and every path declares each status it can
 answer with its body and content type: the OpenAPI document at /openapi.json is the truth (a schemathesis
 run over it is part of the tests).
 """
@@ -129,13 +129,12 @@ def create_app(
         """200 when every autostart instance is ready with a live server process and no instance claims a
         server that is gone, 503 otherwise; the state of every instance, and warnings (a lost server, a
         state directory that cannot be written: that one alone keeps 200, the servers run on)."""
-        running = manager.instances
-        ok = all_ready(running, manager.autostart_names()) and not lost_servers(running)
+        ok = all_ready(manager.instances, manager.autostart_names()) and not lost_servers(manager.instances)
         states = {n: i.state for n, i in instances.items()}
         body = Health(
             status="ok" if ok else "degraded",
             instances=states,
-            warnings=health_warnings(running, manager.writes.warning),
+            warnings=health_warnings(manager.instances, manager.writes.warning),
             program_started_at=program_started_at,
         )
         return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)

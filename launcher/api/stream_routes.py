@@ -18,7 +18,7 @@ from launcher.statedir import logs
 from launcher.supervise.manager import Manager
 from launcher.supervise.table import InstanceView
 
-# Each server-sent event: its kind, and an Event (launcher.schema) as JSON.
+# Each server-sent event: its kind, and an Event (launcher.schema_instances) as JSON.
 _SSE_EVENT = {
     "type": "object",
     "required": ["event", "data"],

@@ -1,5 +1,5 @@
 """What the launcher knows about a GPU: its identity and how two GPUs are joined. The readings
-themselves are wire types (launcher.schema): the API and the CLI show them as read."""
+themselves are wire types (launcher.schema_gpus): the API and the CLI show them as read."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """One configured model's lifecycle: spawn, wait for ready, watch, restart by policy, stop.
 
-Every state change happens in this one supervision task per instance (supervise/server_runs.py);
-start/stop/restart requests are serialised by a lock, and concurrent restart requests join the one already
-under way. A download before a start (download_task.py), the prompt caches (prompt_caches.py) and the plan
+A server's runs are one supervision task per instance (supervise/server_runs.py), which moves the state
+from starting to its end; the requests (start, stop, restart, hold, drain), which move it too (draining,
+stopping, stopped, degraded), are serialised by a lock, and concurrent restart requests join the one
+already under way. A download before a start (download_task.py), the prompt caches (prompt_caches.py) and the plan
 check after ready (plan_check.py) are owned by their own parts, built here; what the API shows of an
 instance is built by instance_status.py.
 """
@@ -20,7 +21,7 @@ from launcher.config_model import ModelSettings
 from launcher.errors import ConflictError, LauncherError
 from launcher.plan.placement import Placement
 from launcher.schema_instances import Download, Event, InstanceStatus, State
-from launcher.schema_plans import Plan, PlanCheck
+from launcher.schema_plans import Plan
 from launcher.supervise import drain
 from launcher.supervise.download_task import DownloadTask
 from launcher.supervise.instance_status import Shown, instance_status
@@ -28,7 +29,7 @@ from launcher.supervise.parts import DaemonParts
 from launcher.supervise.plan_check import PlanChecker
 from launcher.supervise.policy import RestartPolicy
 from launcher.supervise.ports import ensure_port_free
-from launcher.supervise.process import ExitStatus, ServerProcess
+from launcher.supervise.process import ServerProcess
 from launcher.supervise.prompt_caches import PromptCaches
 from launcher.supervise.record import InstanceRecord
 from launcher.supervise.server_runs import ServerRuns
@@ -121,10 +122,6 @@ class Instance:
         return self._runs.restarts
 
     @property
-    def last_exit(self) -> ExitStatus | None:
-        return self._runs.last_exit
-
-    @property
     def server_words(self) -> deque[str]:
         """What the server said as its last runs ended (see ServerRuns)."""
         return self._runs.server_words
@@ -132,15 +129,6 @@ class Instance:
     @property
     def server_info(self) -> dict[str, int]:
         return self._runs.server_info
-
-    @property
-    def actual(self) -> PlanCheck | None:
-        """The plan of the running server against what it reports allocating: read once it is ready."""
-        return self._checker.actual
-
-    @property
-    def actual_missing(self) -> str | None:
-        return self._checker.actual_missing
 
     @property
     def download(self) -> Download | None:

@@ -1,5 +1,6 @@
 """The plan of a server just ready against what it says it allocated, read once from its load log (never
-delaying its ready), told as findings, and what it measured filed for the next plan of the same model."""
+delaying its ready): what it measured filed for the next plan of the same model, then the check shown and
+its findings told."""
 
 from __future__ import annotations
 
@@ -55,11 +56,12 @@ class PlanChecker:
         if local and self._parts.gpu_processes is not None:
             found = with_process_mib(found, plan, pid, await self._parts.gpu_processes(local))
         found = found.model_copy(update={"findings": verdict.findings(self._group, found)})
+        await self._keep_measurement(plan, found, backend, settings, spec)
+        # Shown once filed: whoever sees the check may plan from what it measured (the next plan reads it);
+        # its findings told once shown: whoever hears one finds the check it comes from.
+        self.actual = found
         for finding in found.findings:  # short: a warning (the way to an out-of-memory crash); over: unused
             self._record.emit("plan-warning" if finding.over else "plan-info", finding.message)
-        await self._keep_measurement(plan, found, backend, settings, spec)
-        # Shown once filed: whoever sees the check may plan from what it measured (the next plan reads it).
-        self.actual = found
 
     async def _keep_measurement(
         self, plan: Plan, check: PlanCheck, backend: ServerBackend, settings: ModelSettings, spec: LaunchSpec | None

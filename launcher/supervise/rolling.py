@@ -22,6 +22,8 @@ from launcher.supervise.table import InstanceTable
 
 # A replica in these states takes the front door's requests (the router serves only ready ones).
 _SERVING = frozenset({State.READY})
+# A stop asked for, under way or done (a roll's own stops are over before it looks: its replica is done).
+_STOPPING = frozenset({State.STOPPED, State.DRAINING, State.STOPPING})
 # A replica in these states will serve again by itself (its supervision runs), or is on its way out.
 _COMING = frozenset({State.STARTING, State.LOADING, State.UNHEALTHY, State.DRAINING, State.BACKOFF, State.STOPPING})
 # A replica that reached one of these after its restart did not come back.
@@ -83,10 +85,6 @@ def left_out(
         if name not in done
         and (name not in states_now or (states_now[name] in _STOPPING and states_began.get(name) not in _STOPPING))
     ]
-
-
-# A stop asked for, under way or done (a roll's own stops are over before it looks: its replica is done).
-_STOPPING = (State.STOPPED, State.DRAINING, State.STOPPING)
 
 
 def next_step(
