@@ -148,7 +148,19 @@ class Daemon:
         # as would an act on an instance (the API refuses those while `_upgrading`).
         self._reloader.close(_UPGRADING)
         serving = self._settings, self._sock, self._keys, self._manager.instances.values()
-        self._bridge = await upgrade_bridge.start(*serving, self._streams)  # it accepts before this stops to
+        try:
+            # It accepts before this stops accepting.
+            self._bridge = await upgrade_bridge.start(*serving, self._streams)
+            if self._stop_asked.is_set():  # a stop came meanwhile (this was asked through the API: not cancelled)
+                raise ConflictError("the daemon cannot be upgraded now: the daemon is stopping")
+        except BaseException:  # cancelled by a stop, or a bug: the daemon is not left upgrading for ever
+            self._upgrading = False
+            if self._bridge is not None:
+                upgrade_bridge.kill(self._bridge)
+                self._bridge = None
+            if not self._stop_asked.is_set():
+                self._reloader.reopen()
+            raise
         drain_s = upgrade_bridge.longest_drain_s(self._settings.models.values())
         stop_accepting(self._server)  # new connections go to the bridge, or wait in the backlog
         ending = upgrade.end_api(self._server, self._door, self._streams, drain_s)
@@ -266,8 +278,7 @@ class Daemon:
                             break
                 finally:
                     if self._bridge is not None:  # an upgrade that ended in a stop
-                        self._bridge.kill()
-                        self._bridge.wait()
+                        upgrade_bridge.kill(self._bridge)
                     sock.close()
                     self._reloader = None
                     if watching is not None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -25,7 +26,8 @@ from launcher.supervise.handover import HandedServer, HandOver
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
 from launcher.supervise.parts import DaemonParts
 from tests.conftest import ConfigWriter, Daemon, OpenWired, poll_until
-from tests.test_drain import serving
+from tests.test_drain import completed, release, serving, the_rest
+from tests.test_front_door import first_event, held
 from tests.test_upgrade import program_start, program_started_at, upgraded
 
 StartDaemon = Callable[[Path], Daemon]
@@ -158,3 +160,39 @@ def test_a_sigterm_during_the_hand_over_stops_the_daemon(
 def _waits_on_a_fifo(pid: int) -> bool:
     """The process's main thread waits in open(2) of a FIFO for a reader (the kernel's wait channel)."""
     return Path(f"/proc/{pid}/wchan").read_text() in ("wait_for_partner", "fifo_open")
+
+
+def _bridge_of(daemon: Daemon) -> psutil.Process | None:
+    """The upgrade's bridge, a child of the daemon, while there is one."""
+    for child in psutil.Process(daemon.proc.pid).children():
+        with contextlib.suppress(psutil.Error):
+            if "launcher.bridge" in child.cmdline():
+                return child
+    return None
+
+
+def test_a_stop_while_the_bridge_starts_ends_the_bridge(
+    write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path
+) -> None:
+    """SIGTERM while the upgrade waits for its bridge to start: the bridge must end with the upgrade, not go
+    on to accept on the daemon's socket (answering 503 "being upgraded", and proxying to servers that drain)
+    through the whole stop (before: nothing ended it until the daemon's exit). The bridge is held stopped
+    before it serves, and a stream in flight keeps the daemon draining."""
+    daemon = serving(write_config, start_daemon, standin, drain_timeout_s=20)
+    with daemon.http.stream("POST", "/v1/chat/completions", json=held("m")) as stream:
+        lines = stream.iter_lines()
+        first_event(lines)
+        daemon.proc.send_signal(signal.SIGUSR2)
+        bridge = poll_until(lambda: _bridge_of(daemon), lambda b: b is not None, "the bridge's start", 30)
+        assert bridge is not None
+        bridge.suspend()
+        assert "answers until the new program" not in "".join(daemon.log), "the bridge served before its stop"
+        daemon.proc.send_signal(signal.SIGTERM)
+        poll_until(lambda: daemon.instance("m")["state"], lambda s: s == "draining", "the stop's drain", 30)
+
+        poll_until(bridge.is_running, lambda running: not running, "the bridge's end", 10)
+
+        assert daemon.proc.poll() is None  # still draining: the bridge ended with the upgrade, not the daemon
+        release(daemon, "m")
+        assert completed(the_rest(lines))
+    assert daemon.proc.wait(timeout=30) == 0
