@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,12 +21,13 @@ import psutil
 
 from launcher.plan.placement import Placement
 from launcher.schema_instances import Event
+from launcher.statedir.layout import StateDir
 from launcher.statedir.owner import StateDirLock
 from launcher.supervise.adoption import adopt_all
-from launcher.supervise.handover import HandedServer, HandOver
+from launcher.supervise.handover import HandedServer, HandOver, take
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
 from launcher.supervise.parts import DaemonParts
-from tests.conftest import ConfigWriter, Daemon, OpenWired, poll_until
+from tests.conftest import ConfigWriter, Daemon, OpenWired, poll_until, read_of_a_fifo
 from tests.test_drain import completed, release, serving, the_rest
 from tests.test_front_door import first_event, held
 from tests.test_upgrade import program_start, program_started_at, upgraded
@@ -196,3 +198,20 @@ def test_a_stop_while_the_bridge_starts_ends_the_bridge(
         release(daemon, "m")
         assert completed(the_rest(lines))
     assert daemon.proc.wait(timeout=30) == 0
+
+
+def test_a_record_that_is_a_fifo_or_huge_is_refused_unread(tmp_path: Path) -> None:
+    """handover.json is read at every daemon start: a FIFO in its place held the start for ever (with SIGTERM,
+    which the event loop handles), and a huge file was read whole."""
+    state = StateDir(tmp_path)
+    assert read_of_a_fifo(state.handover_file, lambda: take(state, os.getpid())) is None
+    assert not state.handover_file.exists()
+    with state.handover_file.open("wb") as huge:
+        huge.truncate(64 * 2**20)  # sparse: no disk taken
+    tracemalloc.start()
+    try:
+        assert take(state, os.getpid()) is None
+        peak_b = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak_b < 32 * 2**20, f"{peak_b / 2**20:.0f} MiB held to read it"

@@ -22,6 +22,7 @@ from collections.abc import Collection
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from launcher.regular_file import read_regular
 from launcher.schema_plans import Plan
 from launcher.statedir.layout import StateDir
 from launcher.statedir.owner import handed_fds
@@ -32,6 +33,8 @@ log = logging.getLogger("launcher")
 LISTEN_FD_ENV = "LAUNCHER_LISTEN_FD"
 # A pid, as the kernel's pid_max bounds it.
 _PID_MAX = 2**22
+# A record of a thousand servers takes a few MiB (each one's settings and plan): a larger file is not one.
+_RECORD_MAX_BYTES = 16 * 2**20
 
 
 class HandedServer(BaseModel):
@@ -80,15 +83,18 @@ def take(state_dir: StateDir, pid: int) -> HandOver | None:
     it cannot be used (logged: the servers it names are then stopped and started again)."""
     path = state_dir.handover_file
     try:
-        text = path.read_bytes()
+        text = read_regular(path, _RECORD_MAX_BYTES)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        log.warning("upgrade: %s cannot be read (%s): the servers start again", path, exc.strerror)
+    except OSError as exc:  # a FIFO or a device put in its place among them: never waited on, never read
+        log.warning("upgrade: %s cannot be read (%s): the servers start again", path, exc.strerror or exc)
         return None
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
+    if len(text) > _RECORD_MAX_BYTES:
+        log.warning("upgrade: %s is over %d MiB: not a hand-over record", path, _RECORD_MAX_BYTES >> 20)
+        return None
     try:
         record = HandOver.model_validate_json(text)
     except ValidationError as exc:
