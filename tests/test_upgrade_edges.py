@@ -215,3 +215,16 @@ def test_a_record_that_is_a_fifo_or_huge_is_refused_unread(tmp_path: Path) -> No
     finally:
         tracemalloc.stop()
     assert peak_b < 32 * 2**20, f"{peak_b / 2**20:.0f} MiB held to read it"
+
+
+def test_a_record_that_names_a_server_twice_is_not_taken(tmp_path: Path) -> None:
+    """Each entry is adopted on its own: a second one for the same server failed (its instance runs
+    already), and that failure killed the server the first had just taken over."""
+    state = StateDir(tmp_path)
+    server = HandedServer(instance="m", pid=2, create_time=0, port=1, argv=["x"], settings_json="{}", plan=None)
+    for twice in (server, server.model_copy(update={"instance": "n"}), server.model_copy(update={"pid": 3})):
+        record = HandOver.model_construct(daemon_pid=os.getpid(), servers=[server, twice], starting=[])
+        state.handover_file.write_text(record.model_dump_json())
+        assert take(state, os.getpid()) is None
+    state.handover_file.write_text(HandOver(daemon_pid=os.getpid(), servers=[server]).model_dump_json())
+    assert take(state, os.getpid()) is not None

@@ -20,7 +20,7 @@ import socket
 from collections.abc import Collection
 
 import psutil
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from launcher.regular_file import read_regular
 from launcher.schema_plans import Plan
@@ -62,6 +62,16 @@ class HandOver(BaseModel):
     servers: list[HandedServer]
     # Instances on their way (starting, loading, in backoff) when it was written: started again.
     starting: list[str] = []
+
+    @model_validator(mode="after")
+    def _each_once(self) -> HandOver:
+        """Each instance and each process once: the second adoption of a server would fail, and kill the
+        server the first had just taken over."""
+        instances = [s.instance for s in self.servers]
+        pids = [s.pid for s in self.servers]
+        if len(set(instances)) != len(instances) or len(set(pids)) != len(pids):
+            raise ValueError("an instance or a process is named twice")
+        return self
 
 
 def write(state_dir: StateDir, record: HandOver) -> None:
