@@ -203,8 +203,11 @@ class Daemon:
         """The daemon begins to stop: the front door gives no instance a new request (new and queued ones
         hear why), no instance starts (a start or a reload's restart under way included), no reload runs
         (the watcher and SIGHUP's are cancelled, the API's refused), so that the stop keeps to
-        `longest_stop_s`: the drain, then the servers' stop."""
+        `longest_stop_s`: the drain, then the servers' stop. An upgrade's bridge stops answering: it would
+        say the servers are healthy, and send them new requests, through their drain."""
         reason = "the daemon is stopping"
+        if self._bridge is not None:  # an upgrade's: its health and its /v1 are the servers' before the stop
+            self._bridge.terminate()  # it accepts no more and finishes its requests (reaped as `run` ends)
         wired.router.close(reason)
         wired.manager.close(reason)
         if reloader is not None:

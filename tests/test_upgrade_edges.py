@@ -30,7 +30,7 @@ from launcher.supervise.parts import DaemonParts
 from tests.conftest import ConfigWriter, Daemon, OpenWired, poll_until, read_of_a_fifo
 from tests.test_drain import completed, release, serving, the_rest
 from tests.test_front_door import first_event, held
-from tests.test_upgrade import program_start, program_started_at, upgraded
+from tests.test_upgrade import gone, program_start, program_started_at, upgraded
 
 StartDaemon = Callable[[Path], Daemon]
 
@@ -228,3 +228,30 @@ def test_a_record_that_names_a_server_twice_is_not_taken(tmp_path: Path) -> None
         assert take(state, os.getpid()) is None
     state.handover_file.write_text(HandOver(daemon_pid=os.getpid(), servers=[server]).model_dump_json())
     assert take(state, os.getpid()) is not None
+
+
+def test_a_stop_during_an_upgrades_drain_ends_the_bridge(
+    write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path
+) -> None:
+    """SIGTERM once the bridge answers, while the upgrade drains: the daemon stops instead, and the bridge must
+    not answer through the stop's drain (before: it answered /health with the health of before, 200, and
+    proxied new requests to the draining servers, until the daemon's end)."""
+    daemon = serving(write_config, start_daemon, standin, drain_timeout_s=20)
+    port = daemon.instance("m")["port"]
+    with daemon.http.stream("POST", "/v1/chat/completions", json=held("m")) as stream:
+        lines = stream.iter_lines()
+        first_event(lines)
+        daemon.proc.send_signal(signal.SIGUSR2)
+        poll_until(lambda: "answers until the new program" in "".join(daemon.log), bool, "the bridge", 30)
+        bridge = _bridge_of(daemon)
+        assert bridge is not None
+
+        daemon.proc.send_signal(signal.SIGTERM)
+
+        poll_until(lambda: gone(bridge.pid), bool, "the bridge's end", 15)
+        assert daemon.proc.poll() is None  # still draining
+        # Let the stand-in finish (asked of the server itself: the daemon's API accepts no more).
+        assert httpx.post(f"http://127.0.0.1:{port}/release", json={}, timeout=10).status_code == 200
+        assert completed(the_rest(lines))
+    assert daemon.proc.wait(timeout=30) == 0
+    assert "SIGTERM came during the hand-over" not in "".join(daemon.log)  # it stopped before the hand-over
