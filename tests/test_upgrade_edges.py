@@ -18,11 +18,12 @@ from typing import cast
 
 import httpx
 import psutil
+import pytest
 
 from launcher.plan.placement import Placement
 from launcher.schema_instances import Event
 from launcher.statedir.layout import StateDir
-from launcher.statedir.owner import StateDirLock
+from launcher.statedir.owner import LOCK_FDS_ENV, StateDirLock
 from launcher.supervise.adoption import adopt_all
 from launcher.supervise.handover import HandedServer, HandOver, take
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
@@ -111,15 +112,18 @@ def test_a_server_killed_during_the_exec_is_reaped_and_started_again(
     assert not psutil.pid_exists(pid)
 
 
+@pytest.mark.parametrize("record", [HandOver(daemon_pid=os.getpid(), servers=[]).model_dump_json(), "{not json"])
 async def test_a_server_the_old_program_had_not_recorded_is_stopped_by_the_new_one(
-    write_config: ConfigWriter, open_wired: OpenWired, tmp_path: Path
+    write_config: ConfigWriter, open_wired: OpenWired, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record: str
 ) -> None:
     """The exec may come while a start is suspended between its fork and the children file: that server,
-    in no record, would run unsupervised beside its model's new start until the daemon ends. Here this
-    process stands in for the daemon executed again, with such a child."""
+    in no record, would run unsupervised beside its model's new start until the daemon ends; so too when
+    the record does not load (before: only a record that loaded had them stopped). Here this process stands
+    in for the daemon executed again, with such a child, and the state directory's lock handed over."""
     config = write_config({"m": {}})
-    (tmp_path / "state").mkdir(exist_ok=True)
-    (tmp_path / "state" / "handover.json").write_text(HandOver(daemon_pid=os.getpid(), servers=[]).model_dump_json())
+    old_program = StateDirLock.claim(tmp_path / "state", "http://old")  # released by the wiring, which takes it
+    monkeypatch.setenv(LOCK_FDS_ENV, old_program.hand_over()[LOCK_FDS_ENV])
+    (tmp_path / "state" / "handover.json").write_text(record)
     stray = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
