@@ -259,3 +259,14 @@ def test_a_stop_during_an_upgrades_drain_ends_the_bridge(
         assert completed(the_rest(lines))
     assert daemon.proc.wait(timeout=30) == 0
     assert "SIGTERM came during the hand-over" not in "".join(daemon.log)  # it stopped before the hand-over
+
+
+def test_a_record_left_by_another_process_is_not_taken(tmp_path: Path) -> None:
+    """Only the process whose exec wrote it takes the record (another daemon's start finds a stale one); it
+    is removed either way, so that it is used once."""
+    state = StateDir(tmp_path)
+    server = HandedServer(instance="m", pid=2, create_time=0, port=1, argv=["x"], settings_json="{}", plan=None)
+    for pid, taken in ((os.getppid(), False), (os.getpid(), True)):
+        state.handover_file.write_text(HandOver(daemon_pid=pid, servers=[server]).model_dump_json())
+        assert (take(state, os.getpid()) is not None) == taken
+        assert not state.handover_file.exists()
