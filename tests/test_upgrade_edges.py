@@ -28,7 +28,7 @@ from launcher.supervise.adoption import adopt_all
 from launcher.supervise.handover import HandedServer, HandOver, take
 from launcher.supervise.leftovers import INSTANCE_ENV, ChildRegistry
 from launcher.supervise.parts import DaemonParts
-from tests.conftest import ConfigWriter, Daemon, OpenWired, poll_until, read_of_a_fifo
+from tests.conftest import ConfigWriter, Daemon, OpenWired, free_port, poll_until, read_of_a_fifo
 from tests.test_drain import completed, release, serving, the_rest
 from tests.test_front_door import first_event, held
 from tests.test_upgrade import gone, program_start, program_started_at, upgraded
@@ -270,3 +270,55 @@ def test_a_record_left_by_another_process_is_not_taken(tmp_path: Path) -> None:
         state.handover_file.write_text(HandOver(daemon_pid=pid, servers=[server]).model_dump_json())
         assert (take(state, os.getpid()) is not None) == taken
         assert not state.handover_file.exists()
+
+
+async def test_a_server_is_not_taken_over_on_a_port_where_another_process_answers(
+    write_config: ConfigWriter, open_wired: OpenWired, standin: Path
+) -> None:
+    """The record says where the front door sends the model's requests: a port where another process answers
+    health checks (before: taken, its model's requests went there) is not the server's, and the server
+    is stopped and its model started again. Here this process stands in for the daemon executed again."""
+    wired = await open_wired(write_config({"m": {"binary": str(standin)}}))
+    ports = free_port(), free_port()
+    ours, other = [
+        await asyncio.create_subprocess_exec(
+            str(standin), "--host", "127.0.0.1", "--port", str(port), env={**os.environ, **env}, start_new_session=True
+        )
+        for port, env in zip(ports, ({INSTANCE_ENV: "m"}, {}), strict=True)
+    ]
+    try:
+        async with httpx.AsyncClient() as http:
+            for port in ports:
+                await _until_healthy(http, port)
+        process = psutil.Process(ours.pid)
+        settings = wired.manager.instances["m"].settings.model_dump_json()
+        handed = HandedServer(
+            instance="m",
+            pid=ours.pid,
+            create_time=process.create_time(),
+            port=ports[1],
+            argv=process.cmdline(),
+            settings_json=settings,
+            plan=None,
+        )
+
+        assert await wired.manager.adopt([handed]) == ["m"]
+
+        await asyncio.wait_for(ours.wait(), 10)  # killed and reaped by the adoption
+        assert wired.manager.instances["m"].port != ports[1]
+        described = [e.message for e in wired.events.recent(50)]
+        assert any(f"does not listen on port {ports[1]}" in message for message in described), described
+    finally:
+        for proc in (ours, other):
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def _until_healthy(http: httpx.AsyncClient, port: int) -> None:
+    async with asyncio.timeout(30):
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(f"http://127.0.0.1:{port}/health", timeout=1)).status_code == 200:
+                    return
+            await asyncio.sleep(0.05)
