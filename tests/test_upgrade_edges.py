@@ -322,3 +322,28 @@ async def _until_healthy(http: httpx.AsyncClient, port: int) -> None:
                 if (await http.get(f"http://127.0.0.1:{port}/health", timeout=1)).status_code == 200:
                     return
             await asyncio.sleep(0.05)
+
+
+async def test_a_server_that_died_during_the_exec_is_reaped_by_the_new_program(
+    write_config: ConfigWriter, open_wired: OpenWired, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server still on its way at the exec (so in no record's servers) that died meanwhile is a zombie
+    child of the new program: reaped, not left for the daemon's whole life (before: its environment could
+    not be read, so nothing looked at it). This process stands in for the daemon executed again."""
+    config = write_config({"m": {}})
+    old_program = StateDirLock.claim(tmp_path / "state", "http://old")  # released by the wiring, which takes it
+    monkeypatch.setenv(LOCK_FDS_ENV, old_program.hand_over()[LOCK_FDS_ENV])
+    record = HandOver(daemon_pid=os.getpid(), servers=[], starting=["m"])
+    (tmp_path / "state" / "handover.json").write_text(record.model_dump_json())
+    died = _ended_child({INSTANCE_ENV: "m"})
+
+    await open_wired(config)
+
+    assert not psutil.pid_exists(died)
+
+
+def _ended_child(env: dict[str, str]) -> int:
+    """A child of this process, with ``env``, that has ended and was not reaped (a zombie): its pid."""
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-c", ""], {**os.environ, **env})
+    poll_until(lambda: psutil.Process(pid).status(), lambda s: s == psutil.STATUS_ZOMBIE, "its end", 10)
+    return pid

@@ -176,10 +176,15 @@ def reap(pid: int) -> None:
 def stop_unrecorded(kept: Collection[int]) -> list[str]:
     """Kill (the group) and reap each child of this process that carries a server's mark but is not in
     ``kept``: one the old program forked as it executed the new one, before it recorded it (its start was
-    suspended between the fork and the children file), which nothing would supervise; described each."""
+    suspended between the fork and the children file), which nothing would supervise; described each.
+    A child that has ended is reaped (a server on its way that died during the exec, whose environment
+    cannot be read any more): nothing else of this program knows it, and it would stay a zombie."""
     stopped = []
     for child in psutil.Process().children():
         try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                reap(child.pid)
+                continue
             instance = child.environ().get(INSTANCE_ENV)
         except psutil.Error:
             continue
