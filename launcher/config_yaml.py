@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import reprlib
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from launcher.errors import ConfigError
+from launcher.regular_file import NotRegularFile, read_regular
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # twenty thousand models take about 2 MiB
 MAX_DEPTH = 64  # a real configuration nests five deep
@@ -77,16 +76,11 @@ def read_config_bytes(path: Path) -> bytes:
     """The file's bytes, at most MAX_CONFIG_BYTES + 1 of them. Opened without blocking and read only when
     it is a regular file: a FIFO swapped in for it after a check by name would hold the reader forever."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_regular(path, MAX_CONFIG_BYTES)
+    except NotRegularFile:
+        raise ConfigError(f"configuration file {path} is not a regular file") from None
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"configuration file {path} is not a regular file")
-        try:
-            return file.read(MAX_CONFIG_BYTES + 1)
-        except OSError as exc:
-            raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
 
 
 def read_config_text(path: Path) -> str:

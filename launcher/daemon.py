@@ -148,7 +148,19 @@ class Daemon:
         # as would an act on an instance (the API refuses those while `_upgrading`).
         self._reloader.close(_UPGRADING)
         serving = self._settings, self._sock, self._keys, self._manager.instances.values()
-        self._bridge = await upgrade_bridge.start(*serving, self._streams)  # it accepts before this stops to
+        try:
+            # It accepts before this stops accepting.
+            self._bridge = await upgrade_bridge.start(*serving, self._streams)
+            if self._stop_asked.is_set():  # a stop came meanwhile (this was asked through the API: not cancelled)
+                raise ConflictError("the daemon cannot be upgraded now: the daemon is stopping")
+        except BaseException:  # cancelled by a stop, or a bug: the daemon is not left upgrading for ever
+            self._upgrading = False
+            if self._bridge is not None:
+                upgrade_bridge.kill(self._bridge)
+                self._bridge = None
+            if not self._stop_asked.is_set():
+                self._reloader.reopen()
+            raise
         drain_s = upgrade_bridge.longest_drain_s(self._settings.models.values())
         stop_accepting(self._server)  # new connections go to the bridge, or wait in the backlog
         ending = upgrade.end_api(self._server, self._door, self._streams, drain_s)
@@ -191,8 +203,11 @@ class Daemon:
         """The daemon begins to stop: the front door gives no instance a new request (new and queued ones
         hear why), no instance starts (a start or a reload's restart under way included), no reload runs
         (the watcher and SIGHUP's are cancelled, the API's refused), so that the stop keeps to
-        `longest_stop_s`: the drain, then the servers' stop."""
+        `longest_stop_s`: the drain, then the servers' stop. An upgrade's bridge stops answering: it would
+        say the servers are healthy, and send them new requests, through their drain."""
         reason = "the daemon is stopping"
+        if self._bridge is not None:  # an upgrade's: its health and its /v1 are the servers' before the stop
+            self._bridge.terminate()  # it accepts no more and finishes its requests (reaped as `run` ends)
         wired.router.close(reason)
         wired.manager.close(reason)
         if reloader is not None:
@@ -266,8 +281,7 @@ class Daemon:
                             break
                 finally:
                     if self._bridge is not None:  # an upgrade that ended in a stop
-                        self._bridge.kill()
-                        self._bridge.wait()
+                        upgrade_bridge.kill(self._bridge)
                     sock.close()
                     self._reloader = None
                     if watching is not None:

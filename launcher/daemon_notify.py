@@ -31,12 +31,12 @@ def notify(notifier: Notifier, wired: Wired) -> asyncio.Task[None]:
 
 
 async def ready_when_loaded(notifier: Notifier, wired: Wired) -> None:
-    """READY=1 once every autostart instance is ready, or gave up (failed): one bad model must not keep
-    the daemon from starting, and `systemctl status` shows it in the status line."""
+    """READY=1 once every autostart instance is ready, or gave up (failed), or was removed by a reload: one
+    bad model must not keep the daemon from starting, and `systemctl status` shows it in the status line."""
     events, instances = wired.events.subscribe(), wired.table.view
     try:
         names = wired.manager.autostart_names()
-        while not all(instances[name].state in _SETTLED for name in names):
+        while not all(instances[name].state in _SETTLED for name in names if name in instances):
             await events.get()
     finally:
         wired.events.unsubscribe(events)

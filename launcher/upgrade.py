@@ -34,6 +34,7 @@ from pathlib import Path
 import psutil
 import uvicorn
 
+from launcher import upgrade_bridge
 from launcher.api.stream_closer import StreamCloser
 from launcher.bridge import until_asked
 from launcher.errors import ConflictError, LauncherError
@@ -165,8 +166,7 @@ def hand_over(
     named = {} if bridge is None else {BRIDGE_ENV: handing_fds([bridge.pid])}  # a pid, bound to ours as fds are
     outcome = reexec(wired.state_lock, record(wired.manager.instances.values(), os.getpid()), sock, named)
     if bridge is not None:
-        bridge.kill()
-        bridge.wait()
+        upgrade_bridge.kill(bridge)
     return outcome
 
 

@@ -96,13 +96,21 @@ async def start(
         line = await asyncio.wait_for(asyncio.to_thread(bridge.stdout.readline), _STARTS_WITHIN_S)
     except TimeoutError:
         line = b""
+    except BaseException:  # cancelled (the daemon stops): nobody would end it, and it would accept meanwhile
+        kill(bridge)
+        raise
     if line == READY:  # the caller stops accepting at once (no await between)
         log.info("upgrade: the bridge (pid %d) answers until the new program serves", bridge.pid)
         return bridge
     log.warning("upgrade: the bridge did not start: the API waits for the new program")
-    bridge.kill()  # its readline, if still waiting, ends with it
-    bridge.wait()
+    kill(bridge)
     return None
+
+
+def kill(bridge: subprocess.Popen[bytes]) -> None:
+    """Kill and reap ``bridge`` now (its readline in `start`, if still waiting, ends with it)."""
+    bridge.kill()
+    bridge.wait()
 
 
 def handed() -> int | None:

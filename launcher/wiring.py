@@ -141,7 +141,9 @@ async def supervision(settings: Settings, on_event: Callable[[Event], None]) -> 
         events = Bus[Event](_EVENTS_KEPT, keep=_EVENTS_KEPT, listener=on_event)
         for leftover in leftovers:
             events.publish(Event.now("error", f"stopped a server an earlier daemon left running: {leftover}"))
-        for stray in handover.stop_unrecorded({s.pid for s in kept}) if handed is not None else []:
+        # After an upgrade's exec, its record usable or not: the servers it did not record are this process's.
+        upgraded = handed is not None or lock.handed_over
+        for stray in handover.stop_unrecorded({s.pid for s in kept}) if upgraded else []:
             events.publish(Event.now("upgrade", f"stopped a server the old program had not recorded yet: {stray}"))
         table = InstanceTable()
         claims = ClaimBook(

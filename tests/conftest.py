@@ -7,6 +7,7 @@ tmp_path> in its environment; after each test, no process with that mark may be 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -204,6 +205,19 @@ def poll_until(fetch: Callable[[], T], predicate: Callable[[T], bool], what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} never matched; last: {value}")
         time.sleep(0.05)
+
+
+def read_of_a_fifo(fifo: Path, read: Callable[[], T], timeout_s: float = 10) -> T:
+    """What ``read()`` returns, which reads the FIFO ``fifo`` (made here in a file's place), within ``timeout_s``:
+    a read that waits for a writer fails the test (a writer then comes, so that its thread ends)."""
+    os.mkfifo(fifo)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(read)
+        try:
+            return reading.result(timeout=timeout_s)
+        finally:
+            if not reading.done():
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
 
 
 def assert_downloading(answer: httpx.Response, model: str) -> None:

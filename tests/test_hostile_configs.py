@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from launcher.config_model import CTX_MAX
 from launcher.errors import ConfigError
 from launcher.statedir.owner import StateDirLock
 from launcher.supervise.leftovers import ChildRegistry
-from tests.conftest import ConfigWriter, Daemon, free_port, run_cli, write_secret
+from tests.conftest import ConfigWriter, Daemon, free_port, read_of_a_fifo, run_cli, write_secret
 
 TOO_DEEP = "nested more than 64 deep, which no configuration needs"
 RULE = (
@@ -292,6 +293,30 @@ def test_a_children_json_that_is_no_list_is_ignored(
     with caplog.at_level(logging.WARNING, logger="launcher"):
         assert children.clean_leftovers(timeout_s=1) == []
     assert [r.getMessage() for r in caplog.records] == [warning.format(path=path)]
+
+
+def test_a_children_json_that_is_a_fifo_or_huge_is_ignored_unread(
+    registry: Callable[[bytes], tuple[ChildRegistry, Path]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Read at every daemon start: a FIFO in its place held the start for ever, a huge file was read whole."""
+    children, path = registry(b"[]")
+    path.unlink()
+    with caplog.at_level(logging.WARNING, logger="launcher"):
+        assert read_of_a_fifo(path, lambda: children.clean_leftovers(timeout_s=1)) == []
+        path.unlink()  # written anew by the clean-up, as a regular file
+        with path.open("wb") as huge:
+            huge.truncate(64 * 2**20)  # sparse: no disk taken
+        tracemalloc.start()
+        try:
+            assert children.clean_leftovers(timeout_s=1) == []
+            peak_b = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak_b < 32 * 2**20, f"{peak_b / 2**20:.0f} MiB held to read it"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path} cannot be read, and is ignored: {path} is not a regular file",
+        f"{path} is over 16 MiB, and is ignored",
+    ]
 
 
 def test_a_daemon_with_a_bad_children_json_starts_models(

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -32,7 +32,8 @@ from launcher.systemd import (
     under_journal,
     watchdog_interval_s,
 )
-from tests.conftest import ConfigWriter, stop_process
+from tests.conftest import ConfigWriter, Daemon, stop_process
+from tests.test_reload import same_daemon
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT_S = 30.0
@@ -230,6 +231,33 @@ def test_daemon_notifies_ready_status_watchdog_stopping_and_logs_for_journald(
     lines = log_path.read_text().splitlines()
     assert "<6>launcher: tiny: ready" in lines  # no time of our own; priority 6 (info)
     assert not server.is_running()
+
+
+def test_ready_comes_once_a_reload_removed_the_model_it_waited_for(
+    write_config: ConfigWriter,
+    start_daemon: Callable[[Path], Daemon],
+    marked_env: dict[str, str],
+    notify_socket: socket.socket,
+    standin: Path,
+) -> None:
+    """daemon.ready_when: loaded waits for the autostart models; one that a reload removes while it loads no
+    longer counts (before: the wait ended in a KeyError, READY=1 never came, and systemd would have killed the
+    daemon at its TimeoutStartSec)."""
+    kept = {"binary": str(standin), "autostart": True}
+    loading = {**kept, "env": {"STANDIN_LOAD_S": "120"}}
+    config = write_config({"kept": kept, "loading": loading}, daemon={"ready_when": "loaded"})
+    marked_env["NOTIFY_SOCKET"] = notify_socket.getsockname()
+    daemon = start_daemon(config)
+    daemon.wait_for("kept", lambda s: s["state"] == "ready")
+    assert daemon.instance("loading")["state"] == "loading"
+    write_config({"kept": kept}, daemon=same_daemon(config))
+
+    assert daemon.cli("reload").returncode == 0
+
+    notify_socket.settimeout(WAIT_S)
+    while not (message := notify_socket.recv(4096).decode()).startswith("READY=1"):
+        pass
+    assert message == "READY=1\nSTATUS=1/1 ready"
 
 
 # ---- the shipped units --------------------------------------------------------------------------------

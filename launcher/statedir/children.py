@@ -15,9 +15,12 @@ import reprlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 
+from launcher.regular_file import read_regular
 from launcher.statedir.owner import StateDirLock
 
 log = logging.getLogger("launcher")
+
+_MAX_BYTES = 16 * 2**20  # a record takes about a hundred bytes: a larger file is not ours
 
 
 @dataclass(frozen=True)
@@ -68,10 +71,15 @@ class ChildrenFile:
     def load(self) -> list[ChildRecord]:
         """The records of the file, each one checked; what cannot be used is logged and skipped."""
         try:
-            entries = json.loads(self.path.read_text())
+            data = read_regular(self.path, _MAX_BYTES)
+            if len(data) > _MAX_BYTES:
+                log.warning("%s is over %d MiB, and is ignored", self.path, _MAX_BYTES >> 20)
+                return []
+            entries = json.loads(data.decode())
         except FileNotFoundError:
             return []
-        except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON, nested too deep
+        # unreadable (a FIFO or a device put in its place among others), not UTF-8, not JSON, nested too deep
+        except (OSError, ValueError, RecursionError) as exc:
             log.warning("%s cannot be read, and is ignored: %s", self.path, getattr(exc, "strerror", None) or exc)
             return []
         if not isinstance(entries, list):

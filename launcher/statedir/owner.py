@@ -83,9 +83,11 @@ def read_owner(state_dir: Path) -> Owner | None:
 class StateDirLock:
     """Proof of ownership of a state directory, held until `release` or the process's end."""
 
-    def __init__(self, state_dir: Path, fds: list[int]) -> None:
+    def __init__(self, state_dir: Path, fds: list[int], *, handed_over: bool = False) -> None:
         self.state_dir = StateDir(state_dir)  # its files: only the holder of the lock may write them
         self._fds = fds  # the directory's (where it could be locked), then daemon.lock's
+        # Kept from the program before an upgrade's exec: this process may have its children.
+        self.handed_over = handed_over
 
     @classmethod
     def claim(cls, state_dir: Path, url: str) -> StateDirLock:
@@ -95,7 +97,7 @@ class StateDirLock:
         if inherited is not None:
             os.ftruncate(inherited[-1], 0)
             os.pwrite(inherited[-1], json.dumps(asdict(_me(url))).encode(), 0)
-            return cls(state_dir, inherited)
+            return cls(state_dir, inherited, handed_over=True)
         fds: list[int] = []
         try:
             try:

@@ -1,7 +1,8 @@
 """Taking over the servers an upgrade handed over (supervise/handover.py), instead of starting them.
 
 Each server is adopted only when it is still the process the old program ran (same pid and start time,
-this daemon's child, that instance's, running the command it was handed over with), when its model's
+this daemon's child, that instance's, running the command it was handed over with, listening on the port
+the record names: another process there would get the model's requests), when its model's
 settings as read now are the ones it was started with (a configuration edited before the upgrade is not
 silently kept), and when it answers its health check. Its command is not compared with the one this
 program would build: a new version that adds a flag would otherwise restart every model; the server keeps
@@ -87,13 +88,26 @@ async def _take(
         return "its model's settings changed since it started"
     argv = server.argv
     # The process runs its arguments; its program may differ (a wrapper script exec'd the real one).
-    running = psutil.Process(server.pid).cmdline()
+    process = psutil.Process(server.pid)
+    running = process.cmdline()
     if running[len(running) - len(argv) + 1 :] != argv[1:]:
         return "the process does not run the command it was handed over with"
+    # The front door will send the model's requests to that port: whoever answers there must be this server
+    # (or a process of its own: a wrapper script that did not exec the real one).
+    if server.port not in _listening_ports([process, *process.children(recursive=True)]):
+        return f"it does not listen on port {server.port}"
     if not await instance.backend.is_ready(parts.http, server.port, instance.settings.health.timeout):
         return "it does not answer its health check"
     await instance.adopt(ServerProcess.adopt(server.pid), server.port, placement, server.plan, argv)
     return None
+
+
+def _listening_ports(processes: Sequence[psutil.Process]) -> set[int]:
+    ports = set()
+    for process in processes:
+        with contextlib.suppress(psutil.Error):  # a process of its that ended meanwhile
+            ports |= {c.laddr.port for c in process.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    return ports
 
 
 def same_settings(recorded_json: str, settings: ModelSettings) -> bool:

@@ -20,8 +20,9 @@ import socket
 from collections.abc import Collection
 
 import psutil
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from launcher.regular_file import read_regular
 from launcher.schema_plans import Plan
 from launcher.statedir.layout import StateDir
 from launcher.statedir.owner import handed_fds
@@ -32,6 +33,8 @@ log = logging.getLogger("launcher")
 LISTEN_FD_ENV = "LAUNCHER_LISTEN_FD"
 # A pid, as the kernel's pid_max bounds it.
 _PID_MAX = 2**22
+# A record of a thousand servers takes a few MiB (each one's settings and plan): a larger file is not one.
+_RECORD_MAX_BYTES = 16 * 2**20
 
 
 class HandedServer(BaseModel):
@@ -60,6 +63,16 @@ class HandOver(BaseModel):
     # Instances on their way (starting, loading, in backoff) when it was written: started again.
     starting: list[str] = []
 
+    @model_validator(mode="after")
+    def _each_once(self) -> HandOver:
+        """Each instance and each process once: the second adoption of a server would fail, and kill the
+        server the first had just taken over."""
+        instances = [s.instance for s in self.servers]
+        pids = [s.pid for s in self.servers]
+        if len(set(instances)) != len(instances) or len(set(pids)) != len(pids):
+            raise ValueError("an instance or a process is named twice")
+        return self
+
 
 def write(state_dir: StateDir, record: HandOver) -> None:
     """Write ``record`` atomically, readable by the daemon's user alone (plans name model files). OSError is
@@ -80,15 +93,18 @@ def take(state_dir: StateDir, pid: int) -> HandOver | None:
     it cannot be used (logged: the servers it names are then stopped and started again)."""
     path = state_dir.handover_file
     try:
-        text = path.read_bytes()
+        text = read_regular(path, _RECORD_MAX_BYTES)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        log.warning("upgrade: %s cannot be read (%s): the servers start again", path, exc.strerror)
+    except OSError as exc:  # a FIFO or a device put in its place among them: never waited on, never read
+        log.warning("upgrade: %s cannot be read (%s): the servers start again", path, exc.strerror or exc)
         return None
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
+    if len(text) > _RECORD_MAX_BYTES:
+        log.warning("upgrade: %s is over %d MiB: not a hand-over record", path, _RECORD_MAX_BYTES >> 20)
+        return None
     try:
         record = HandOver.model_validate_json(text)
     except ValidationError as exc:
@@ -160,10 +176,15 @@ def reap(pid: int) -> None:
 def stop_unrecorded(kept: Collection[int]) -> list[str]:
     """Kill (the group) and reap each child of this process that carries a server's mark but is not in
     ``kept``: one the old program forked as it executed the new one, before it recorded it (its start was
-    suspended between the fork and the children file), which nothing would supervise; described each."""
+    suspended between the fork and the children file), which nothing would supervise; described each.
+    A child that has ended is reaped (a server on its way that died during the exec, whose environment
+    cannot be read any more): nothing else of this program knows it, and it would stay a zombie."""
     stopped = []
     for child in psutil.Process().children():
         try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                reap(child.pid)
+                continue
             instance = child.environ().get(INSTANCE_ENV)
         except psutil.Error:
             continue
