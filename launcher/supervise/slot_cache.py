@@ -6,7 +6,8 @@ leaves no manifest, so it is never restored). KEY names what the cache is valid 
 line less its port (model path, context, cache types, slots, layers, split: everything that shapes the
 KV cache) and the size and modification time of every file it names (the model, the binary). The next
 start with the same KEY restores them before it is marked ready; a start with any other KEY ignores them,
-and the budget deletes them in time, least recently used first.
+and the budgets delete them in time, least recently used first: each model's (its replicas' caches
+together) and the total.
 
 The effects (the server's HTTP API, the files) are slot_store.py's.
 """
@@ -18,6 +19,8 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from launcher.replicas import model_of
 
 SAVE_PATH_FLAG = "--slot-save-path"
 _IGNORED_FLAGS = frozenset({"--port", SAVE_PATH_FLAG})
@@ -102,6 +105,7 @@ class SavedCache:
     """One saved cache: an instance's files of one key."""
 
     instance: str
+    model: str  # the configured model the instance serves, whose budget it counts against
     key: str
     size_bytes: int
     used_s: float  # when it was last saved or restored (its manifest's mtime); 0 for one without a manifest
@@ -109,26 +113,21 @@ class SavedCache:
 
 
 def to_delete(
-    caches: Sequence[SavedCache], per_instance_max_bytes: Callable[[str], int], total_max_bytes: int
+    caches: Sequence[SavedCache], per_model_max_bytes: Callable[[str], int], total_max_bytes: int
 ) -> list[SavedCache]:
-    """The caches to delete so that each instance's stay within its budget and all of them within the
-    total: the least recently used first; a cut save's files (no manifest) always go."""
+    """The caches to delete so that each model's (those of all its replicas) stay within its budget and
+    all of them within the total: the least recently used first; a cut save's files (no manifest) always
+    go."""
     order = sorted(caches, key=lambda c: (c.whole, c.used_s), reverse=True)  # newest whole first
-    kept: list[SavedCache] = []
     used_by: dict[str, int] = {}
     total = 0
     deleted: list[SavedCache] = []
     for cache in order:
-        mine = used_by.get(cache.instance, 0) + cache.size_bytes
-        if (
-            not cache.whole
-            or mine > per_instance_max_bytes(cache.instance)
-            or total + cache.size_bytes > total_max_bytes
-        ):
+        mine = used_by.get(cache.model, 0) + cache.size_bytes
+        if not cache.whole or mine > per_model_max_bytes(cache.model) or total + cache.size_bytes > total_max_bytes:
             deleted.append(cache)
             continue
-        kept.append(cache)
-        used_by[cache.instance] = mine
+        used_by[cache.model] = mine
         total += cache.size_bytes
     return deleted
 
@@ -145,12 +144,12 @@ def group(files: Iterable[tuple[str, Path, int, float]]) -> list[SavedCache]:
         if path.name.endswith(MANIFEST_SUFFIX):
             used[instance, key] = mtime_s
     return [
-        SavedCache(instance, key, size, used.get((instance, key), 0.0), (instance, key) in used)
+        SavedCache(instance, model_of(instance), key, size, used.get((instance, key), 0.0), (instance, key) in used)
         for (instance, key), size in sizes.items()
     ]
 
 
 def budget_of(budgets: Mapping[str, int], default: int) -> Callable[[str], int]:
-    """Each instance's budget; an instance no longer configured gets ``default`` (its caches wait for the
-    total budget to delete them)."""
-    return lambda instance: budgets.get(instance, default)
+    """Each model's budget; a model no longer configured gets ``default`` (its caches wait for the total
+    budget to delete them)."""
+    return lambda model: budgets.get(model, default)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from launcher.replicas import model_of
 from launcher.supervise import slot_cache
 
 _GIB = 1024**3
@@ -46,9 +47,10 @@ class SlotStore:
                 facts.append(slot_cache.FileFacts(path, found.st_size, found.st_mtime_ns))
         return slot_cache.cache_key(argv, facts)
 
-    async def save(self, instance: str, port: int, key: str, budget_s: float, instance_max_bytes: int) -> str:
+    async def save(self, instance: str, port: int, key: str, budget_s: float, model_max_bytes: int) -> str:
         """Save the slots that hold a prompt, ``budget_s`` at most; the manifest goes last, only when all
-        of them were saved. Then the budgets delete what no longer fits. Answers what happened."""
+        of them were saved. Then the budgets delete what no longer fits (``model_max_bytes``: the budget of
+        the instance's model, its replicas' caches together). Answers what happened."""
         directory = self.directory(instance)
         began = time.monotonic()
         manifest = directory / slot_cache.manifest_file(key)
@@ -72,7 +74,7 @@ class SlotStore:
             return f"prompt cache not saved: {type(exc).__name__}: {exc}"
         if saved:
             await asyncio.to_thread(manifest.write_text, slot_cache.manifest_text(saved, tokens))
-        await asyncio.to_thread(self.enforce, {instance: instance_max_bytes})
+        await asyncio.to_thread(self.enforce, {model_of(instance): model_max_bytes})
         return f"prompt cache saved: {len(saved)} slots, {tokens} tokens in {time.monotonic() - began:.2f}s"
 
     async def restore(self, instance: str, port: int, key: str, budget_s: float) -> str | None:
@@ -99,7 +101,8 @@ class SlotStore:
         return f"prompt cache restored: {len(slots)} slots, {tokens} tokens in {time.monotonic() - began:.2f}s"
 
     def enforce(self, budgets: Mapping[str, int]) -> None:
-        """Delete the caches the budgets leave no room for (reads and deletes files: off the event loop)."""
+        """Delete the caches the budgets (``budgets``: per model) leave no room for (reads and deletes files:
+        off the event loop)."""
         files = []
         with contextlib.suppress(OSError):
             for folder in self.root.iterdir():
