@@ -89,16 +89,34 @@ def test_min_resident_time_holds_unless_idle_and_the_asker_ranks_higher() -> Non
     # A higher asker stops it when idle, not when busy (then it waits for it to go idle).
     assert make_room([young], 1, 100.0, fits_without("young")) == Room(["young"])
     busy = Resident("young", 90.0, busy=True, resident_until_s=120.0)
-    assert make_room([busy], 1, 100.0, fits_without("young")) == Room(None, wait=True, kept=("young is busy",))
+    assert make_room([busy], 1, 100.0, fits_without("young")) == Room(
+        None, wait=True, kept=("young is busy",), drain=("young",)
+    )
 
 
 def test_a_busy_model_in_the_way_means_wait_not_refuse() -> None:
     busy, idle = Resident("busy", 1.0, busy=True), Resident("idle", 2.0)
-    assert make_room([busy, idle], 0, 100.0, fits_without("busy")) == Room(None, wait=True, kept=("busy is busy",))
+    assert make_room([busy, idle], 0, 100.0, fits_without("busy")) == Room(
+        None, wait=True, kept=("busy is busy",), drain=("busy",)
+    )
     assert make_room([busy, idle], 0, 100.0, fits_without("idle")) == Room(["idle"])  # the idle one, now
     # Nothing the rules allow would make room: refused, not kept waiting.
     high = Resident("high", 1.0, busy=True, priority=1)
     assert make_room([high], 0, 100.0, fits_without("high")).wait is False
+
+
+def test_a_wait_drains_only_the_busy_models_among_the_fewest_that_make_room() -> None:
+    """What a model that waited too long holds to no new request: of the models it may stop, in the order it
+    would stop them, the busy ones among the fewest that make room; none within a resident time."""
+    old_busy, new_busy = Resident("old", 1.0, busy=True), Resident("new", 2.0, busy=True)
+    idle = Resident("idle", 0.5)
+    assert make_room([new_busy, old_busy], 0, 100.0, lambda stopped: len(stopped) >= 1).drain == ("old",)
+    assert make_room([new_busy, old_busy], 0, 100.0, fits_without("new")).drain == ("old", "new")
+    # The idle one is stopped with them, at the wait's end; it is no part of the drain.
+    assert make_room([idle, new_busy], 0, 100.0, fits_without("idle", "new")).drain == ("new",)
+    resident = Resident("resident", 3.0, busy=True, resident_until_s=120.0)
+    waits = make_room([resident, old_busy], 0, 100.0, fits_without("old", "resident"))
+    assert (waits.wait, waits.retry_at_s, waits.drain) == (True, 120.0, ())  # its time's end decides again
 
 
 def swaps(served: Sequence[str]) -> int:
