@@ -232,6 +232,36 @@ async def test_a_forgotten_model_leaves_nothing_behind_and_comes_back_afresh() -
     assert admission.try_take("m", "key") == owner
 
 
+def _owners_run(admission: Admission, owner: str) -> int:
+    """The requests for "key" its owner takes in a row before one spills (each released at once)."""
+    for run in range(10):
+        taken = admission.try_take("m", "key")
+        assert taken is not None
+        admission.release(taken)
+        if taken != owner:
+            return run
+    raise AssertionError("the owner never spilled")
+
+
+def _prefix_admission(limit: int) -> tuple[Admission, str]:
+    names = ["m@0", "m@1"]
+    admission = Admission(
+        lambda model: [Replica(n, True, admission.in_flight(n), limit) for n in names], RequestLoad(), lambda _: 0.1
+    )
+    return admission, ring_order(names, "key")[0]
+
+
+def test_a_look_at_a_server_does_not_count_against_its_share_of_the_requests() -> None:
+    """`/upstream/` pass-throughs (unbounded: a look at a server, not work for it) leave the prefix bound as
+    it was: ten of them spread over the replicas let the owner take one request more than its bound."""
+    admission, owner = _prefix_admission(4)
+    for _ in range(10):
+        looked = admission.try_take("m", unbounded=True)
+        assert looked is not None
+        admission.release(looked)
+    assert _owners_run(admission, owner) == 2  # as with no look at all (the forgotten model's test)
+
+
 def test_route_errors_are_openai_shaped() -> None:
     error = RouteError(503, "no room", "no_room", retry_after_s=10)
     assert json.loads(error.body()) == {

@@ -80,7 +80,8 @@ class Admission:
         name = pick(replicas, turn) if epsilon is None or prefix is None else pick(replicas, turn, prefix, epsilon)
         if name is not None:
             self._turn[model] = turn + 1
-            given.append((name, tuple(r.name for r in replicas if r.serving)))
+            if not unbounded:  # a look at a server is no work for it: not counted against its share
+                given.append((name, tuple(r.name for r in replicas if r.serving)))
             self._load.take(name)
         return name
 
