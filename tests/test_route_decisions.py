@@ -262,6 +262,25 @@ def test_a_look_at_a_server_does_not_count_against_its_share_of_the_requests() -
     assert _owners_run(admission, owner) == 2  # as with no look at all (the forgotten model's test)
 
 
+async def test_a_wait_that_ended_before_its_turn_is_given_nothing_and_counts_as_no_request() -> None:
+    admission, owner = _prefix_admission(1)
+    other = next(n for n in ("m@0", "m@1") if n != owner)
+    assert admission.try_take("m", "key") == owner
+    assert admission.try_take("m", "key") == other  # the owner is full: spilled
+    waiting = asyncio.create_task(admission.wait("m", queue_max=2, timeout_s=5, prefix="key"))
+    await asyncio.sleep(0)  # it waits now
+    waiting.cancel()  # its client left; its task has yet to take it out of the queue
+    admission.release(owner)
+    admission.dispatch("m")
+    assert admission.in_flight(owner) == 0 and admission.queued("m") == 0
+    admission.release(other)
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    # The owner was given one request and its share is one: it takes two more before it spills (had the
+    # left one counted as given, one more).
+    assert _owners_run(admission, owner) == 2
+
+
 def test_route_errors_are_openai_shaped() -> None:
     error = RouteError(503, "no room", "no_room", retry_after_s=10)
     assert json.loads(error.body()) == {

@@ -131,15 +131,14 @@ class Admission:
         waiting = self._waiting.get(model)
         boundary = self._held.get(model)
         while waiting and (boundary is None or waiting[0][2] < boundary):
-            name = self._take(model, waiting[0][1])
-            if name is None:
-                return
-            turn, _, _ = waiting.popleft()
+            turn = waiting[0][0]
+            if not turn.done():  # else its wait ended meanwhile (cancelled, timed out): given nothing
+                name = self._take(model, waiting[0][1])
+                if name is None:
+                    return
+                turn.set_result(name)
+            waiting.popleft()
             self._counted(model)
-            if turn.done():  # its wait ended meanwhile
-                self.release(name)
-                continue
-            turn.set_result(name)
 
     def forget(self, model: str, error: RouteError) -> None:
         """``model`` is gone (a reload removed it): its waits end with ``error`` and nothing of it is kept,
