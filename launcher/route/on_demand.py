@@ -177,9 +177,10 @@ class OnDemand:
             routed.awaiting_room_s = time.monotonic()
             why = "; ".join(room.kept)
             self._events.publish(Event.now("on-demand", f"{model} waits for room: {why}", instance=model))
+        timed = bool(routed.drains)  # a timer set by an earlier decision of this wait holds them at its time
         routed.drains = room.drain
         self.hold_in_the_way()
-        if room.drain and self._starving_at_s(routed) > time.monotonic():
+        if room.drain and not timed and self._starving_at_s(routed) > time.monotonic():
             self._spawn(self._hold_at(self._starving_at_s(routed)))
         retry_at_s = time.monotonic() if stale else room.retry_at_s
         if retry_at_s is not None:
