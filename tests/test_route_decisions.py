@@ -252,7 +252,7 @@ def _prefix_admission(limit: int) -> tuple[Admission, str]:
 
 
 def test_a_look_at_a_server_does_not_count_against_its_share_of_the_requests() -> None:
-    """`/upstream/` pass-throughs (unbounded: a look at a server, not work for it) leave the prefix bound as
+    """`/upstream/` looks (pass-throughs without a prompt: no work for the server) leave the prefix bound as
     it was: ten of them spread over the replicas let the owner take one request more than its bound."""
     admission, owner = _prefix_admission(4)
     for _ in range(10):
@@ -260,6 +260,11 @@ def test_a_look_at_a_server_does_not_count_against_its_share_of_the_requests() -
         assert looked is not None
         admission.release(looked)
     assert _owners_run(admission, owner) == 2  # as with no look at all (the forgotten model's test)
+    # A pass-through with a prompt (Ollama's /api/chat through /upstream/) is work: it counts.
+    admission, owner = _prefix_admission(4)
+    assert admission.try_take("m", "key", unbounded=True) == owner
+    admission.release(owner)
+    assert _owners_run(admission, owner) == 1
 
 
 async def test_a_wait_that_ended_before_its_turn_is_given_nothing_and_counts_as_no_request() -> None:

@@ -80,7 +80,9 @@ class Admission:
         name = pick(replicas, turn) if epsilon is None or prefix is None else pick(replicas, turn, prefix, epsilon)
         if name is not None:
             self._turn[model] = turn + 1
-            if not unbounded:  # a look at a server is no work for it: not counted against its share
+            # A look at a server (a pass-through without a prompt: a GET of its /metrics or /slots) is no work
+            # for it: not counted against its share. A pass-through chat (Ollama's /api/chat) is.
+            if prefix is not None or not unbounded:
                 given.append((name, tuple(r.name for r in replicas if r.serving)))
             self._load.take(name)
         return name
@@ -88,7 +90,7 @@ class Admission:
     def try_take(self, model: str, prefix: str | None = None, *, unbounded: bool = False) -> str | None:
         """An instance that takes the request now (counted in flight), if none waits before it; ``prefix``:
         the request's prefix key (`prefix_ring.prefix_key`). ``unbounded``: past the instances' limits and
-        the queue (a look at a server, not work for it)."""
+        the queue (a pass-through to the server)."""
         if unbounded:
             return self._take(model, prefix, unbounded=True)
         return None if self.queued(model) or model in self._held else self._take(model, prefix)
