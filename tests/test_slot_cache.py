@@ -17,18 +17,28 @@ FILES = [FileFacts("/m/a.gguf", 100, 7), FileFacts("/bin/llama-server", 5, 1)]
 
 
 def test_the_key_ignores_the_port_and_save_path_and_nothing_else() -> None:
-    key = slot_cache.cache_key(ARGV, FILES)
+    key = slot_cache.cache_key(ARGV, FILES, {})
     moved = [*ARGV[:4], "8499", *ARGV[5:], slot_cache.SAVE_PATH_FLAG, "/elsewhere"]
-    assert slot_cache.cache_key(moved, FILES) == key
-    assert slot_cache.cache_key([*ARGV[:-1], "1024"], FILES) != key  # another context
-    assert slot_cache.cache_key([*ARGV, "--cache-type-k", "q8_0"], FILES) != key
+    assert slot_cache.cache_key(moved, FILES, {}) == key
+    assert slot_cache.cache_key([*ARGV[:-1], "1024"], FILES, {}) != key  # another context
+    assert slot_cache.cache_key([*ARGV, "--cache-type-k", "q8_0"], FILES, {}) != key
     touched = [FileFacts("/m/a.gguf", 100, 8), FILES[1]]  # the model file rewritten
-    assert slot_cache.cache_key(ARGV, touched) != key
+    assert slot_cache.cache_key(ARGV, touched, {}) != key
     assert slot_cache.named_paths(moved) == ["/bin/llama-server", "/m/a.gguf"]
 
 
+def test_the_key_holds_the_settings_the_servers_environment_gives_it() -> None:
+    """llama-server reads each argument from a `LLAMA_ARG_*` variable too: a RoPE base given so shapes the
+    cache as `--rope-freq-base` would. The rest of the environment (GPUs shown, paths) does not count."""
+    key = slot_cache.cache_key(ARGV, FILES, {})
+    assert slot_cache.cache_key(ARGV, FILES, {"CUDA_VISIBLE_DEVICES": "1", "PATH": "/usr/bin"}) == key
+    rope = slot_cache.cache_key(ARGV, FILES, {"LLAMA_ARG_ROPE_FREQ_BASE": "1000000"})
+    assert rope != key
+    assert slot_cache.cache_key(ARGV, FILES, {"LLAMA_ARG_ROPE_FREQ_BASE": "500000"}) not in (key, rope)
+
+
 def test_file_names_belong_to_their_key_and_others_to_none() -> None:
-    key = slot_cache.cache_key(ARGV, FILES)
+    key = slot_cache.cache_key(ARGV, FILES, {})
     assert slot_cache.key_of(slot_cache.slot_file(key, 3)) == key
     assert slot_cache.key_of(slot_cache.manifest_file(key)) == key
     assert slot_cache.key_of("notes.txt") is None

@@ -79,6 +79,22 @@ async def test_a_changed_setting_restores_nothing(write_config: ConfigWriter, op
     assert evaluated > total * 0.95
 
 
+async def test_a_setting_changed_through_the_environment_restores_nothing(
+    write_config: ConfigWriter, open_manager: OpenManager
+) -> None:
+    """llama-server reads its arguments from `LLAMA_ARG_*` variables too: another RoPE base given so is
+    another cache (its keys rotated otherwise), though the command line is the same."""
+    manager = await open_manager(write_config({"tiny": SETTINGS}))
+    await start_ready(manager)
+    await prompt_tokens_evaluated(manager, "tiny")
+    await manager.stop("tiny")
+    instance = manager.instances["tiny"]
+    rope = {"LLAMA_ARG_ROPE_FREQ_BASE": "20000"}
+    instance.reconfigure(instance.settings.model_copy(update={"env": rope}), instance.backend)
+    await start_ready(manager)
+    assert not any(m.startswith("prompt cache restored") for m in kv_events(manager)), kv_events(manager)
+
+
 async def test_a_model_that_keeps_no_cache_gets_no_save_path(
     write_config: ConfigWriter, open_manager: OpenManager
 ) -> None:

@@ -4,7 +4,8 @@ A server the launcher stops on purpose saves each slot's cache (`POST /slots/ID?
 instance's directory, as `KEY-slotID.bin` files and a `KEY.json` manifest written last (a save cut short
 leaves no manifest, so it is never restored). KEY names what the cache is valid for: the server's command
 line less its port (model path, context, cache types, slots, layers, split: everything that shapes the
-KV cache) and the size and modification time of every file it names (the model, the binary). The next
+KV cache), the settings its environment gives it (`LLAMA_ARG_*`: llama-server reads each of its arguments
+from one) and the size and modification time of every file the command line names (the model, the binary). The next
 start with the same KEY restores them before it is marked ready; a start with any other KEY ignores them,
 and the budgets delete them in time, least recently used first: each model's (its replicas' caches
 together) and the total.
@@ -24,6 +25,7 @@ from launcher.replicas import model_of
 
 SAVE_PATH_FLAG = "--slot-save-path"
 _IGNORED_FLAGS = frozenset({"--port", SAVE_PATH_FLAG})
+_SETTING_ENV_PREFIX = "LLAMA_ARG_"  # llama-server's name of the variable of each argument (`--help` says)
 _KEY_HEX = 16
 MANIFEST_SUFFIX = ".json"
 SLOT_FILE_SUFFIX = ".bin"
@@ -38,11 +40,16 @@ class FileFacts:
     mtime_ns: int
 
 
-def cache_key(argv: Sequence[str], files: Iterable[FileFacts]) -> str:
+def cache_key(argv: Sequence[str], files: Iterable[FileFacts], env: Mapping[str, str]) -> str:
     """What a saved cache must match to be restored: the command line less its port and save path (the
-    only parts that differ between two starts of one model with one setting), and the files it names."""
+    only parts that differ between two starts of one model with one setting), the settings in the server's
+    environment ``env`` (a RoPE base or cache type given as `LLAMA_ARG_*` shapes the cache as an argument
+    does), and the files the command line names."""
     facts = sorted((f.path, f.size_bytes, f.mtime_ns) for f in files)
-    text = json.dumps({"argv": _kept_args(argv), "files": facts}, separators=(",", ":"))
+    kept: dict[str, object] = {"argv": _kept_args(argv), "files": facts}
+    if settings := sorted((k, v) for k, v in env.items() if k.startswith(_SETTING_ENV_PREFIX)):
+        kept["env"] = settings  # only when there are some: the keys of caches saved without stay as they were
+    text = json.dumps(kept, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:_KEY_HEX]
 
 

@@ -37,15 +37,16 @@ class SlotStore:
     def directory(self, instance: str) -> Path:
         return self.root / instance
 
-    def prepare(self, instance: str, argv: list[str]) -> str:
-        """Make the instance's directory and answer the key of a start with ``argv`` (reads the disk)."""
+    def prepare(self, instance: str, argv: list[str], env: Mapping[str, str]) -> str:
+        """Make the instance's directory and answer the key of a start with ``argv`` and ``env`` (reads the
+        disk)."""
         self.directory(instance).mkdir(parents=True, exist_ok=True)
         facts = []
         for path in slot_cache.named_paths(argv):
             with contextlib.suppress(OSError):
                 found = os.stat(path)
                 facts.append(slot_cache.FileFacts(path, found.st_size, found.st_mtime_ns))
-        return slot_cache.cache_key(argv, facts)
+        return slot_cache.cache_key(argv, facts, env)
 
     async def save(self, instance: str, port: int, key: str, budget_s: float, model_max_bytes: int) -> str:
         """Save the slots that hold a prompt, ``budget_s`` at most; the manifest goes last, only when all
