@@ -8,15 +8,18 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import pytest
 
-from launcher.route.front import parse_json_body
+from launcher.route.front import FrontDoor, parse_json_body
+from launcher.route.served import Served
+from launcher.route.where import Local
 from tests.conftest import ConfigWriter, Daemon, poll_until
 
 TIMEOUT_S = 1.0  # daemon.request_timeout_s in these tests
@@ -281,3 +284,53 @@ async def test_a_large_json_body_parses_off_the_event_loop() -> None:
         order.append("parsed")
         await task
         assert doc["model"] == "m" and order == expected
+
+
+class _RenamingRouter:
+    """What the front door asks of its router for one local request, noting whether the body was written
+    again (an Ollama model's name put in it) on the event loop's thread."""
+
+    def __init__(self) -> None:
+        self.rewritten_on_loop: list[bool] = []
+        self.request_log = self
+        self.to_peers = self
+
+    def place(self, name: str) -> Local:
+        return Local(name)
+
+    def body_for(self, model: str, doc: dict[str, Any], body: bytes) -> bytes:
+        self.rewritten_on_loop.append(threading.current_thread() is threading.main_thread())
+        return body
+
+    async def serve(self, *_args: Any, **_kwargs: Any) -> Served:
+        return Served(status=200, instance="m")
+
+    def record(self, *_args: Any) -> None:
+        return None
+
+
+async def _post_through(door: FrontDoor, body: bytes) -> list[Any]:
+    """POST ``body`` to the door's /v1/completions from a client that stays till the end; what it was sent."""
+    messages = iter([{"type": "http.request", "body": body}])
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return next(messages, None) or await asyncio.Event().wait()
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    headers = [(k.encode(), v.encode()) for k, v in JSON.items()]
+    await door({"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers}, receive, send)
+    return sent
+
+
+async def test_a_large_body_is_written_again_for_its_server_off_the_event_loop() -> None:
+    """An Ollama model's body is written again with Ollama's name of the model: 30 MiB took 0.2 s to write,
+    which on the event loop held every other request and stream up, as a parse would."""
+    router = _RenamingRouter()
+    door = FrontDoor(cast(Any, None), cast(Any, router), None)
+    for prompt in ("x" * 2 * MIB, "x"):
+        sent = await _post_through(door, json.dumps({"model": "m", "prompt": prompt}).encode())
+        assert sent == []  # the stand-in's serve answered nothing: no error from the door
+    assert router.rewritten_on_loop == [False, True]  # the large one in a thread, the small one at once

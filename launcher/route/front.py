@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -24,8 +25,8 @@ from launcher.route.where import OnPeer, peer_models
 
 T = TypeVar("T")
 _CLIENT_LEFT = 499  # nginx's code for a request whose client went away before its answer
-# A JSON body larger than this parses in a thread (`parse_json_body`); a chat's usual body parses in
-# microseconds, where a thread's hand-off would cost more than the parse.
+# Work on a JSON body larger than this (its parse, its rewrite for Ollama) runs in a thread (`for_body`); a
+# chat's usual body parses in microseconds, where a thread's hand-off would cost more than the parse.
 _PARSED_ON_LOOP_MAX_B = 64 * 1024
 # Deeper JSON is refused: no client nests a request this deep, and Python's parser ends in RecursionError
 # (a traceback) somewhere below 1,000 levels.
@@ -120,7 +121,7 @@ class FrontDoor:
                 naming = None if upstream else doc["model"]  # the answer names what the client asked for
                 prefix = await _upstream_prefix(method, body) if upstream else prefix_key(doc)
                 if not upstream:
-                    body = self._router.body_for(model, doc, body)
+                    body = await for_body(body, functools.partial(self._router.body_for, model, doc, body))
                 serving = self._router.serve(
                     model, method, target + query, scope["headers"], body, tracked, arrived_s,
                     queued=not upstream, naming=naming, prefix=prefix,
@@ -195,12 +196,18 @@ def loads_json(body: bytes) -> Any:
     raise JsonTooDeep()
 
 
-async def parse_json_body(body: bytes) -> Any:
-    """``body`` parsed by `loads_json`; a large one in a thread: tens of MiB of JSON take seconds to parse,
-    which on the event loop would hold every other request and stream of the daemon up meanwhile."""
+async def for_body(body: bytes, work: Callable[[], T]) -> T:
+    """``work`` on a request's ``body`` (its parse, its rewrite), in a thread when the body is large: tens
+    of MiB of JSON take a second or more to parse and tenths of one to write again (an Ollama model's body
+    names its model anew), which on the event loop would hold every other request and stream up meanwhile."""
     if len(body) <= _PARSED_ON_LOOP_MAX_B:
-        return loads_json(body)
-    return await asyncio.to_thread(loads_json, body)
+        return work()
+    return await asyncio.to_thread(work)
+
+
+async def parse_json_body(body: bytes) -> Any:
+    """``body`` parsed by `loads_json`; a large one in a thread (`for_body`)."""
+    return await for_body(body, functools.partial(loads_json, body))
 
 
 async def _json_with_model(body: bytes) -> dict[str, Any]:
