@@ -157,7 +157,7 @@ async def test_a_model_going_idle_while_a_waiting_ones_room_is_planned_still_wak
 
     async with _front_door("ab", "b", b_ends) as door:
         b_request = door.request("b")
-        await asyncio.sleep(0)  # b's request is in flight
+        await asyncio.wait_for(door.upstream.reached(1), 2)  # b's request is in flight
         served = await asyncio.wait_for(door.request("a"), 4)
     assert served.status == 200 and served.instance == "a" and door.manager.started == ["a"]
 
@@ -176,7 +176,7 @@ async def test_a_waiting_model_that_could_start_is_not_held_behind_an_older_one_
                 pass
 
         held = [door.request("b"), door.request("d")]
-        await asyncio.sleep(0)  # b's and d's requests are in flight
+        await asyncio.wait_for(door.upstream.reached(2), 2)  # b's and d's requests are in flight
         waiting_a = door.request("a")
         await asyncio.wait_for(waits("a"), 2)
         waiting_c = door.request("c")
