@@ -79,12 +79,17 @@ class SlotStore:
         return f"prompt cache saved: {len(saved)} slots, {tokens} tokens in {time.monotonic() - began:.2f}s"
 
     async def restore(self, instance: str, port: int, key: str, budget_s: float) -> str | None:
-        """Restore the slots of a cache saved with ``key``, ``budget_s`` at most; None when there is none."""
+        """Restore the slots of a cache saved with ``key``, ``budget_s`` at most; None when there is none.
+        Its manifest is taken away while it restores and put back only once all went well: a cache that
+        fails (a truncated or foreign file kills llama-server as it reads it) is never tried again, where
+        each restart of the server restored it again and died, until the restart policy gave up."""
         manifest = self.directory(instance) / slot_cache.manifest_file(key)
         try:
-            slots = slot_cache.saved_slots(await asyncio.to_thread(manifest.read_text))
+            text = await asyncio.to_thread(manifest.read_text)
+            await asyncio.to_thread(manifest.unlink)
         except OSError:
             return None
+        slots = slot_cache.saved_slots(text)
         if not slots:
             return None
         began = time.monotonic()
@@ -94,11 +99,11 @@ class SlotStore:
                 for slot in slots:
                     count = (await self._post(port, slot, "restore", slot_cache.slot_file(key, slot))).get("n_restored")
                     tokens += count if isinstance(count, int) else 0
-            os.utime(manifest)  # used now: the last to go
+            await asyncio.to_thread(manifest.write_text, text)  # back, and used now: the last to go
         except TimeoutError:
-            return f"prompt cache not restored: the restore took over {budget_s:g}s"
+            return f"prompt cache not restored: the restore took over {budget_s:g}s (it is deleted)"
         except (httpx.HTTPError, ValueError, OSError) as exc:
-            return f"prompt cache not restored: {type(exc).__name__}: {exc}"
+            return f"prompt cache not restored: {type(exc).__name__}: {exc} (it is deleted)"
         return f"prompt cache restored: {len(slots)} slots, {tokens} tokens in {time.monotonic() - began:.2f}s"
 
     def enforce(self, budgets: Mapping[str, int]) -> None:
