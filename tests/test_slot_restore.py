@@ -116,6 +116,7 @@ async def test_a_cache_file_that_kills_its_server_is_tried_once(
     assert evaluated > total * 0.95
     failed = [m for m in kv_events(manager) if m.startswith("prompt cache not restored")]
     assert len(failed) == 1 and failed[0].endswith("(it is deleted)"), kv_events(manager)
+    assert not saved[0].exists()
 
 
 async def test_a_model_that_keeps_no_cache_gets_no_save_path(

@@ -101,10 +101,20 @@ class SlotStore:
                     tokens += count if isinstance(count, int) else 0
             await asyncio.to_thread(manifest.write_text, text)  # back, and used now: the last to go
         except TimeoutError:
-            return f"prompt cache not restored: the restore took over {budget_s:g}s (it is deleted)"
+            why = f"the restore took over {budget_s:g}s"
         except (httpx.HTTPError, ValueError, OSError) as exc:
-            return f"prompt cache not restored: {type(exc).__name__}: {exc} (it is deleted)"
-        return f"prompt cache restored: {len(slots)} slots, {tokens} tokens in {time.monotonic() - began:.2f}s"
+            why = f"{type(exc).__name__}: {exc}"
+        else:
+            return f"prompt cache restored: {len(slots)} slots, {tokens} tokens in {time.monotonic() - began:.2f}s"
+        await asyncio.to_thread(self._delete, instance, key)
+        return f"prompt cache not restored: {why} (it is deleted)"
+
+    def _delete(self, instance: str, key: str) -> None:
+        """Delete the files of the instance's cache ``key``."""
+        with contextlib.suppress(OSError):
+            for path in self.directory(instance).iterdir():
+                if slot_cache.key_of(path.name) == key:
+                    path.unlink(missing_ok=True)
 
     def enforce(self, budgets: Mapping[str, int]) -> None:
         """Delete the caches the budgets (``budgets``: per model) leave no room for (reads and deletes files:
@@ -121,10 +131,7 @@ class SlotStore:
         for cache in slot_cache.to_delete(
             caches, slot_cache.budget_of(budgets, self.total_max_bytes), self.total_max_bytes
         ):
-            for instance, path, _size, _mtime in files:
-                if instance == cache.instance and slot_cache.key_of(path.name) == cache.key:
-                    with contextlib.suppress(OSError):
-                        path.unlink()
+            self._delete(cache.instance, cache.key)
 
     async def _slots_with_prompt(self, port: int) -> list[int]:
         response = await self.http.get(f"http://127.0.0.1:{port}/slots")
