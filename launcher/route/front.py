@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from launcher.route.errors import RouteError, on_front_door
 from launcher.route.keys import check_key
+from launcher.route.off_loop import for_body
 from launcher.route.prefix_ring import prefix_key
 from launcher.route.router import Router
 from launcher.route.served import Served
@@ -25,9 +26,6 @@ from launcher.route.where import OnPeer, peer_models
 
 T = TypeVar("T")
 _CLIENT_LEFT = 499  # nginx's code for a request whose client went away before its answer
-# Work on a JSON body larger than this (its parse, its rewrite for Ollama) runs in a thread (`for_body`); a
-# chat's usual body parses in microseconds, where a thread's hand-off would cost more than the parse.
-_PARSED_ON_LOOP_MAX_B = 64 * 1024
 # Deeper JSON is refused: no client nests a request this deep, and Python's parser ends in RecursionError
 # (a traceback) somewhere below 1,000 levels.
 JSON_MAX_DEPTH = 64
@@ -135,7 +133,7 @@ class FrontDoor:
             served = Served(status=exc.status, instance=exc.instance)
         except _ClientLeft:
             served = Served(status=_CLIENT_LEFT, instance=None)
-        self._router.request_log.record(model, method, path, arrived, served, time.monotonic() - arrived_s)
+        await self._router.request_log.record(model, method, path, arrived, served, time.monotonic() - arrived_s)
 
     def _check_key(self, headers: list[tuple[bytes, bytes]]) -> None:
         check_key(self._keys, headers)
@@ -194,15 +192,6 @@ def loads_json(body: bytes) -> Any:
             return doc
         level = inner
     raise JsonTooDeep()
-
-
-async def for_body(body: bytes, work: Callable[[], T]) -> T:
-    """``work`` on a request's ``body`` (its parse, its rewrite), in a thread when the body is large: tens
-    of MiB of JSON take a second or more to parse and tenths of one to write again (an Ollama model's body
-    names its model anew), which on the event loop would hold every other request and stream up meanwhile."""
-    if len(body) <= _PARSED_ON_LOOP_MAX_B:
-        return work()
-    return await asyncio.to_thread(work)
 
 
 async def parse_json_body(body: bytes) -> Any:
