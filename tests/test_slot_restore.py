@@ -117,6 +117,10 @@ async def test_a_cache_file_that_kills_its_server_is_tried_once(
     failed = [m for m in kv_events(manager) if m.startswith("prompt cache not restored")]
     assert len(failed) == 1 and failed[0].endswith("(it is deleted)"), kv_events(manager)
     assert not saved[0].exists()
+    # Never shown ready while dead: the server the restore killed went from loading to its exit.
+    told = [(e.kind, e.message) for e in instance.events]
+    after = told[told.index(("kv-cache", failed[0])) + 1]
+    assert after[0] == "exit" and "SIGABRT" in after[1], told
 
 
 async def test_a_model_that_keeps_no_cache_gets_no_save_path(
