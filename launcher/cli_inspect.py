@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from launcher import replicas
 from launcher.cli_context import Context
 from launcher.cli_output import (
     as_json,
@@ -113,7 +114,7 @@ def cmd_logs(ctx: Context) -> int:
     from launcher.statedir import logs  # asyncio: only the commands that read log files need it
 
     settings = ctx.settings()
-    settings.model(ctx.args.name.partition("@")[0])
+    settings.model(replicas.model_of(ctx.args.name))
     path = StateDir(settings.daemon.state_dir).server_log(ctx.args.name)
     for line in logs.tail(path, ctx.args.lines):
         print(line)

@@ -10,6 +10,14 @@ from launcher.config import Settings
 from launcher.config_model import ModelSettings
 from launcher.errors import ConfigError, NotFoundError
 
+# A replica's instance is its model's name, this, and its index: `@` is in no model's name (config.py).
+REPLICA_SEPARATOR = "@"
+
+
+def model_of(instance: str) -> str:
+    """The configured model an instance's name belongs to (a replica's model, or the instance itself)."""
+    return instance.partition(REPLICA_SEPARATOR)[0]
+
 
 def expand(settings: Settings, gpu_indices: Sequence[int]) -> dict[str, tuple[str, ModelSettings]]:
     """Instance name -> (the configured model's name, the instance's settings), in configuration order."""
@@ -32,7 +40,7 @@ def _replicas(group: str, model: ModelSettings, seen: Sequence[int]) -> list[tup
         )
     return [
         (
-            f"{group}@{i}",
+            f"{group}{REPLICA_SEPARATOR}{i}",
             model.model_copy(
                 update={
                     "gpus": [gpus[i]],

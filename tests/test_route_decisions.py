@@ -89,16 +89,34 @@ def test_min_resident_time_holds_unless_idle_and_the_asker_ranks_higher() -> Non
     # A higher asker stops it when idle, not when busy (then it waits for it to go idle).
     assert make_room([young], 1, 100.0, fits_without("young")) == Room(["young"])
     busy = Resident("young", 90.0, busy=True, resident_until_s=120.0)
-    assert make_room([busy], 1, 100.0, fits_without("young")) == Room(None, wait=True, kept=("young is busy",))
+    assert make_room([busy], 1, 100.0, fits_without("young")) == Room(
+        None, wait=True, kept=("young is busy",), drain=("young",)
+    )
 
 
 def test_a_busy_model_in_the_way_means_wait_not_refuse() -> None:
     busy, idle = Resident("busy", 1.0, busy=True), Resident("idle", 2.0)
-    assert make_room([busy, idle], 0, 100.0, fits_without("busy")) == Room(None, wait=True, kept=("busy is busy",))
+    assert make_room([busy, idle], 0, 100.0, fits_without("busy")) == Room(
+        None, wait=True, kept=("busy is busy",), drain=("busy",)
+    )
     assert make_room([busy, idle], 0, 100.0, fits_without("idle")) == Room(["idle"])  # the idle one, now
     # Nothing the rules allow would make room: refused, not kept waiting.
     high = Resident("high", 1.0, busy=True, priority=1)
     assert make_room([high], 0, 100.0, fits_without("high")).wait is False
+
+
+def test_a_wait_drains_only_the_busy_models_among_the_fewest_that_make_room() -> None:
+    """What a model that waited too long holds to no new request: of the models it may stop, in the order it
+    would stop them, the busy ones among the fewest that make room; none within a resident time."""
+    old_busy, new_busy = Resident("old", 1.0, busy=True), Resident("new", 2.0, busy=True)
+    idle = Resident("idle", 0.5)
+    assert make_room([new_busy, old_busy], 0, 100.0, lambda stopped: len(stopped) >= 1).drain == ("old",)
+    assert make_room([new_busy, old_busy], 0, 100.0, fits_without("new")).drain == ("old", "new")
+    # The idle one is stopped with them, at the wait's end; it is no part of the drain.
+    assert make_room([idle, new_busy], 0, 100.0, fits_without("idle", "new")).drain == ("new",)
+    resident = Resident("resident", 3.0, busy=True, resident_until_s=120.0)
+    waits = make_room([resident, old_busy], 0, 100.0, fits_without("old", "resident"))
+    assert (waits.wait, waits.retry_at_s, waits.drain) == (True, 120.0, ())  # its time's end decides again
 
 
 def swaps(served: Sequence[str]) -> int:
@@ -212,6 +230,60 @@ async def test_a_forgotten_model_leaves_nothing_behind_and_comes_back_afresh() -
     admission.release(owner)
     admission.forget("m", RouteError(404, "m was removed from the configuration", "model_not_found"))
     assert admission.try_take("m", "key") == owner
+
+
+def _owners_run(admission: Admission, owner: str) -> int:
+    """The requests for "key" its owner takes in a row before one spills (each released at once)."""
+    for run in range(10):
+        taken = admission.try_take("m", "key")
+        assert taken is not None
+        admission.release(taken)
+        if taken != owner:
+            return run
+    raise AssertionError("the owner never spilled")
+
+
+def _prefix_admission(limit: int) -> tuple[Admission, str]:
+    names = ["m@0", "m@1"]
+    admission = Admission(
+        lambda model: [Replica(n, True, admission.in_flight(n), limit) for n in names], RequestLoad(), lambda _: 0.1
+    )
+    return admission, ring_order(names, "key")[0]
+
+
+def test_a_look_at_a_server_does_not_count_against_its_share_of_the_requests() -> None:
+    """`/upstream/` looks (pass-throughs without a prompt: no work for the server) leave the prefix bound as
+    it was: ten of them spread over the replicas let the owner take one request more than its bound."""
+    admission, owner = _prefix_admission(4)
+    for _ in range(10):
+        looked = admission.try_take("m", unbounded=True)
+        assert looked is not None
+        admission.release(looked)
+    assert _owners_run(admission, owner) == 2  # as with no look at all (the forgotten model's test)
+    # A pass-through with a prompt (Ollama's /api/chat through /upstream/) is work: it counts.
+    admission, owner = _prefix_admission(4)
+    assert admission.try_take("m", "key", unbounded=True) == owner
+    admission.release(owner)
+    assert _owners_run(admission, owner) == 1
+
+
+async def test_a_wait_that_ended_before_its_turn_is_given_nothing_and_counts_as_no_request() -> None:
+    admission, owner = _prefix_admission(1)
+    other = next(n for n in ("m@0", "m@1") if n != owner)
+    assert admission.try_take("m", "key") == owner
+    assert admission.try_take("m", "key") == other  # the owner is full: spilled
+    waiting = asyncio.create_task(admission.wait("m", queue_max=2, timeout_s=5, prefix="key"))
+    await asyncio.sleep(0)  # it waits now
+    waiting.cancel()  # its client left; its task has yet to take it out of the queue
+    admission.release(owner)
+    admission.dispatch("m")
+    assert admission.in_flight(owner) == 0 and admission.queued("m") == 0
+    admission.release(other)
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    # The owner was given one request and its share is one: it takes two more before it spills (had the
+    # left one counted as given, one more).
+    assert _owners_run(admission, owner) == 2
 
 
 def test_route_errors_are_openai_shaped() -> None:

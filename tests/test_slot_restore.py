@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from launcher.schema_instances import State
+from launcher.supervise import slot_cache
 from launcher.supervise.manager import Manager
 from tests.conftest import ConfigWriter, OpenManager
 
@@ -77,6 +78,49 @@ async def test_a_changed_setting_restores_nothing(write_config: ConfigWriter, op
     assert not any(m.startswith("prompt cache restored") for m in kv_events(manager))
     _, evaluated = await prompt_tokens_evaluated(manager, "tiny")
     assert evaluated > total * 0.95
+
+
+async def test_a_setting_changed_through_the_environment_restores_nothing(
+    write_config: ConfigWriter, open_manager: OpenManager
+) -> None:
+    """llama-server reads its arguments from `LLAMA_ARG_*` variables too: another RoPE base given so is
+    another cache (its keys rotated otherwise), though the command line is the same."""
+    manager = await open_manager(write_config({"tiny": SETTINGS}))
+    await start_ready(manager)
+    await prompt_tokens_evaluated(manager, "tiny")
+    await manager.stop("tiny")
+    instance = manager.instances["tiny"]
+    rope = {"LLAMA_ARG_ROPE_FREQ_BASE": "20000"}
+    instance.reconfigure(instance.settings.model_copy(update={"env": rope}), instance.backend)
+    await start_ready(manager)
+    assert not any(m.startswith("prompt cache restored") for m in kv_events(manager)), kv_events(manager)
+
+
+async def test_a_cache_file_that_kills_its_server_is_tried_once(
+    write_config: ConfigWriter, open_manager: OpenManager
+) -> None:
+    """A slot file cut to a third: llama-server aborts reading it (a file cut shorter gets a 400). The
+    restart that follows restores nothing and serves (before, each restart restored it again and died)."""
+    manager = await open_manager(write_config({"tiny": SETTINGS}))
+    await start_ready(manager)
+    total, _ = await prompt_tokens_evaluated(manager, "tiny")
+    await manager.stop("tiny")
+    argv = (manager.instances["tiny"].spec or pytest.fail("no command")).argv
+    saved = list(Path(argv[argv.index(slot_cache.SAVE_PATH_FLAG) + 1]).glob(f"*{slot_cache.SLOT_FILE_SUFFIX}"))
+    assert len(saved) == 1
+    saved[0].write_bytes(saved[0].read_bytes()[: saved[0].stat().st_size // 3])
+    await manager.start("tiny")
+    instance = manager.instances["tiny"]
+    await instance.wait_until(lambda i: i.state == State.READY and i.restarts >= 1, READY_TIMEOUT_S)
+    _, evaluated = await prompt_tokens_evaluated(manager, "tiny")
+    assert evaluated > total * 0.95
+    failed = [m for m in kv_events(manager) if m.startswith("prompt cache not restored")]
+    assert len(failed) == 1 and failed[0].endswith("(it is deleted)"), kv_events(manager)
+    assert not saved[0].exists()
+    # Never shown ready while dead: the server the restore killed went from loading to its exit.
+    told = [(e.kind, e.message) for e in instance.events]
+    after = told[told.index(("kv-cache", failed[0])) + 1]
+    assert after[0] == "exit" and "SIGABRT" in after[1], told
 
 
 async def test_a_model_that_keeps_no_cache_gets_no_save_path(

@@ -82,6 +82,8 @@ def test_busy_slots_read_from_llama_servers_answer() -> None:
     assert busy_slots(answer) == {0: (40, 3, 12), 2: (0, 2, 13)}
     assert busy_slots({"error": "slots endpoint is disabled"}) is None
     assert busy_slots([{"is_processing": True}]) is None
+    odd = [{"id": 0, "is_processing": True, "n_prompt_tokens_processed": "4", "next_token": [{"n_decoded": None}, {}]}]
+    assert busy_slots(odd) == {0: (0, 0, None)}  # counts that are not whole numbers read as 0
     assert describe({0: (40, 3, 12)}) == "slot 0 (task 12): 40 prompt tokens, 3 decoded"
     assert describe({}) == "no slot busy"
 

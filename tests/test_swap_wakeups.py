@@ -58,7 +58,7 @@ class _Manager:
         return None
 
     def planner_with_stopped(self, instance: str) -> Callable[[Sequence[str]], _Plan]:
-        in_the_way = {"a": "b", "c": "d"}[instance]  # a fits once b is stopped, c once d is
+        in_the_way = {"a": "b", "b": "a", "c": "d"}[instance]  # a fits once b is stopped (and b once a is)...
         return lambda stopped: _Plan(in_the_way in stopped)
 
     async def in_planning_thread(self, decide: Callable[[], Any]) -> Any:
@@ -82,9 +82,19 @@ class _Upstream:
 
     def __init__(self, *held: int) -> None:
         self.held = {port: asyncio.Event() for port in held}
+        self.forwarded: list[int] = []  # the port of each request passed on, in order
+        self._forwarding = asyncio.Event()
+
+    async def reached(self, count: int) -> None:
+        """Return once ``count`` requests were passed on."""
+        while len(self.forwarded) < count:
+            self._forwarding.clear()
+            await self._forwarding.wait()
 
     async def forward(self, method: str, url: str, headers: Any, body: bytes, send: Send, *_: Any, **__: Any) -> Answer:
         port = int(url.split(":")[2].split("/")[0])
+        self.forwarded.append(port)
+        self._forwarding.set()
         if port in self.held:
             await self.held[port].wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -112,9 +122,12 @@ class _FrontDoor:
 
 
 @asynccontextmanager
-async def _front_door(models: str, running: str, meanwhile: Callable[[], Any]) -> AsyncIterator[_FrontDoor]:
-    """On-demand ``models`` (instance n's port n + 1), ``running`` ones ready, their requests held."""
-    config = {m: {"model": f"/{m}.gguf", "on_demand": True, "queue_timeout_s": 5} for m in models}
+async def _front_door(
+    models: str, running: str, meanwhile: Callable[[], Any], **settings: Any
+) -> AsyncIterator[_FrontDoor]:
+    """On-demand ``models`` (instance n's port n + 1, with ``settings``), ``running`` ones ready, their
+    requests held."""
+    config = {m: {"model": f"/{m}.gguf", "on_demand": True, "queue_timeout_s": 5, **settings} for m in models}
     table = InstanceTable()
     ports = {m: n + 1 for n, m in enumerate(models)}
     instances = {
@@ -144,7 +157,7 @@ async def test_a_model_going_idle_while_a_waiting_ones_room_is_planned_still_wak
 
     async with _front_door("ab", "b", b_ends) as door:
         b_request = door.request("b")
-        await asyncio.sleep(0)  # b's request is in flight
+        await asyncio.wait_for(door.upstream.reached(1), 2)  # b's request is in flight
         served = await asyncio.wait_for(door.request("a"), 4)
     assert served.status == 200 and served.instance == "a" and door.manager.started == ["a"]
 
@@ -163,7 +176,7 @@ async def test_a_waiting_model_that_could_start_is_not_held_behind_an_older_one_
                 pass
 
         held = [door.request("b"), door.request("d")]
-        await asyncio.sleep(0)  # b's and d's requests are in flight
+        await asyncio.wait_for(door.upstream.reached(2), 2)  # b's and d's requests are in flight
         waiting_a = door.request("a")
         await asyncio.wait_for(waits("a"), 2)
         waiting_c = door.request("c")
@@ -174,3 +187,34 @@ async def test_a_waiting_model_that_could_start_is_not_held_behind_an_older_one_
         door.upstream.held[2].set()
         assert (await asyncio.wait_for(waiting_a, 4)).instance == "a"
         await asyncio.gather(*held)
+
+
+async def test_a_model_in_steady_use_is_held_to_no_new_request_once_a_waiting_one_waited_too_long() -> None:
+    """b takes request after request while a waits for room: until half a's queue_timeout_s b serves them as
+    they come (collated, no swap); from then on b takes no new one, goes idle, and a starts. The request for
+    b that came after is served after a's, by b started again (without the hold a's requests would wait
+    until they timed out, b never idle)."""
+
+    async def nothing() -> None:
+        return None
+
+    async with _front_door("ab", "b", nothing, queue_timeout_s=0.4, max_concurrency=4) as door:
+        told = door.events.subscribe()
+
+        async def told_of(text: str) -> None:
+            while text not in (await told.get()).message:
+                pass
+
+        b_before = [door.request("b")]
+        await asyncio.wait_for(door.upstream.reached(1), 2)
+        for_a = door.request("a")
+        await asyncio.wait_for(told_of("a waits for room: b is busy"), 2)
+        b_before.append(door.request("b"))  # before a's wait is too long: b serves it now
+        await asyncio.wait_for(door.upstream.reached(2), 2)
+        await asyncio.wait_for(told_of("b takes no new request until it is idle: a waited"), 2)
+        b_after = door.request("b")
+        door.upstream.held[2].set()  # b's requests end; b, held, goes idle
+        assert (await asyncio.wait_for(for_a, 4)).instance == "a"
+        assert (await asyncio.wait_for(b_after, 4)).instance == "b"
+        assert [(await request).status for request in b_before] == [200, 200]
+    assert door.upstream.forwarded == [2, 2, 1, 2] and door.manager.started == ["a", "b"]

@@ -64,12 +64,15 @@ class Resident:
 class Room:
     """What to do for a model that needs room: ``stop`` these first ([]: it fits as things are); or,
     ``stop`` None, wait (``wait``: it fits once busy models are idle, or at ``retry_at_s`` when a resident
-    time ends) or be refused, ``kept`` saying which models the rules keep and why."""
+    time ends) or be refused, ``kept`` saying which models the rules keep and why. ``drain``: the busy
+    models a wait needs idle, which a model that waited too long holds to no new request (else one in
+    steady use kept it out until its requests timed out)."""
 
     stop: list[str] | None
     wait: bool = False
     retry_at_s: float | None = None
     kept: tuple[str, ...] = ()
+    drain: tuple[str, ...] = ()
 
 
 def make_room(
@@ -101,8 +104,18 @@ def make_room(
     later = [r.name for r in ranked]
     if len(later) > len(now) and fits(later):
         retry_at_s = min((r.resident_until_s for r in ranked if resident(r)), default=None)
-        return Room(None, wait=True, retry_at_s=retry_at_s, kept=kept)
+        drain = _to_drain([r for r in ranked if not resident(r)], fits)
+        return Room(None, wait=True, retry_at_s=retry_at_s, kept=kept, drain=drain)
     return Room(None, kept=kept)
+
+
+def _to_drain(stoppable: Sequence[Resident], fits: Callable[[Sequence[str]], bool]) -> tuple[str, ...]:
+    """The busy ones among the fewest of ``stoppable`` (in the order they would be stopped) that make room;
+    none when room needs one within its resident time as well (its time's end decides again)."""
+    for count in range(1, len(stoppable) + 1):
+        if fits([r.name for r in stoppable[:count]]):
+            return tuple(r.name for r in stoppable[:count] if r.busy)
+    return ()
 
 
 def collate(waiting: Sequence[str], running: Collection[str]) -> list[str]:

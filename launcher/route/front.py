@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -17,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from launcher.route.errors import RouteError, on_front_door
 from launcher.route.keys import check_key
+from launcher.route.off_loop import for_body
 from launcher.route.prefix_ring import prefix_key
 from launcher.route.router import Router
 from launcher.route.served import Served
@@ -24,9 +26,6 @@ from launcher.route.where import OnPeer, peer_models
 
 T = TypeVar("T")
 _CLIENT_LEFT = 499  # nginx's code for a request whose client went away before its answer
-# A JSON body larger than this parses in a thread (`parse_json_body`); a chat's usual body parses in
-# microseconds, where a thread's hand-off would cost more than the parse.
-_PARSED_ON_LOOP_MAX_B = 64 * 1024
 # Deeper JSON is refused: no client nests a request this deep, and Python's parser ends in RecursionError
 # (a traceback) somewhere below 1,000 levels.
 JSON_MAX_DEPTH = 64
@@ -120,7 +119,7 @@ class FrontDoor:
                 naming = None if upstream else doc["model"]  # the answer names what the client asked for
                 prefix = await _upstream_prefix(method, body) if upstream else prefix_key(doc)
                 if not upstream:
-                    body = self._router.body_for(model, doc, body)
+                    body = await for_body(body, functools.partial(self._router.body_for, model, doc, body))
                 serving = self._router.serve(
                     model, method, target + query, scope["headers"], body, tracked, arrived_s,
                     queued=not upstream, naming=naming, prefix=prefix,
@@ -134,7 +133,7 @@ class FrontDoor:
             served = Served(status=exc.status, instance=exc.instance)
         except _ClientLeft:
             served = Served(status=_CLIENT_LEFT, instance=None)
-        self._router.request_log.record(model, method, path, arrived, served, time.monotonic() - arrived_s)
+        await self._router.request_log.record(model, method, path, arrived, served, time.monotonic() - arrived_s)
 
     def _check_key(self, headers: list[tuple[bytes, bytes]]) -> None:
         check_key(self._keys, headers)
@@ -196,11 +195,8 @@ def loads_json(body: bytes) -> Any:
 
 
 async def parse_json_body(body: bytes) -> Any:
-    """``body`` parsed by `loads_json`; a large one in a thread: tens of MiB of JSON take seconds to parse,
-    which on the event loop would hold every other request and stream of the daemon up meanwhile."""
-    if len(body) <= _PARSED_ON_LOOP_MAX_B:
-        return loads_json(body)
-    return await asyncio.to_thread(loads_json, body)
+    """``body`` parsed by `loads_json`; a large one in a thread (`for_body`)."""
+    return await for_body(body, functools.partial(loads_json, body))
 
 
 async def _json_with_model(body: bytes) -> dict[str, Any]:

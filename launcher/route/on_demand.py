@@ -27,6 +27,12 @@ from launcher.supervise.manager import Manager
 from launcher.supervise.table import InstanceView
 
 log = logging.getLogger(__name__)
+# A model waiting for room this part of its queue_timeout_s holds the busy models in its way to no new
+# request, so that they go idle and it starts (llama-swap's bound on its collation's starvation, #612):
+# until then a running model serves its requests as they come, without a swap; after it, one in steady use
+# would keep the waiting model out until every request of it ended in a 429. The rest of the timeout (and
+# the load's) is left for the drain and the start.
+_STARVING_PART = 0.5
 
 
 class OnDemand:
@@ -57,6 +63,7 @@ class OnDemand:
         self._room_changes = 0  # calls of next_swap: a model went idle or an instance changed state
         self._placing = asyncio.Lock()  # one on-demand decision at a time: each sees the last one's start
         self._closing: set[str] = set()  # models being stopped (idle, evicted): given no new request
+        self._holding: dict[str, str] = {}  # model held to no new request -> the waiting model it is held for
         self._wake_timer = asyncio.Event()
 
     def reconfigure(self, settings: Settings) -> None:
@@ -88,7 +95,7 @@ class OnDemand:
                 if not await self._make_room(model, routed):
                     waits = True
                     return  # its requests wait for room (see next_swap)
-                routed.awaiting_room_s = None
+                self._stop_waiting(routed)
                 routed.resident_until_s = time.monotonic() + routed.settings.min_resident_s
                 self._events.publish(Event.now("on-demand", f"starting {model} for a request", instance=model))
                 for instance in routed.instances:
@@ -113,6 +120,7 @@ class OnDemand:
                 self.next_swap(passed | {model})
         if failure is not None and (failure.code == "downloading" or not active(routed, self._instances)):
             self._admission.fail(model, failure)
+            self._stop_waiting(routed)
 
     async def _make_room(self, model: str, routed: RoutedModel) -> bool:
         """Stop what `choose.make_room` picks so that ``model`` fits beside what runs: True when it may
@@ -155,7 +163,7 @@ class OnDemand:
             )
         for victim in room.stop:
             if self._admission.busy(victim, self._models[victim].instances):  # a request came while the planner ran
-                room = choose.Room(None, wait=True, kept=(f"{victim} is busy",))
+                room = choose.Room(None, wait=True, kept=(f"{victim} is busy",), drain=(victim,))
                 self._await_room(model, routed, room, stale=self._room_changes != changes)
                 return False
             await self._stop_model(victim, f"stopping idle {victim} to make room for {model}", "evict")
@@ -169,6 +177,11 @@ class OnDemand:
             routed.awaiting_room_s = time.monotonic()
             why = "; ".join(room.kept)
             self._events.publish(Event.now("on-demand", f"{model} waits for room: {why}", instance=model))
+        timed = bool(routed.drains)  # a timer set by an earlier decision of this wait holds them at its time
+        routed.drains = room.drain
+        self.hold_in_the_way()
+        if room.drain and not timed and self._starving_at_s(routed) > time.monotonic():
+            self._spawn(self._hold_at(self._starving_at_s(routed)))
         retry_at_s = time.monotonic() if stale else room.retry_at_s
         if retry_at_s is not None:
             self._spawn(self._swap_at(retry_at_s))
@@ -176,6 +189,37 @@ class OnDemand:
     async def _swap_at(self, at_s: float) -> None:
         await asyncio.sleep(max(0.0, at_s - time.monotonic()))
         self.next_swap()
+
+    async def _hold_at(self, at_s: float) -> None:
+        await asyncio.sleep(max(0.0, at_s - time.monotonic()))
+        self.hold_in_the_way()
+
+    @staticmethod
+    def _starving_at_s(routed: RoutedModel) -> float:
+        assert routed.awaiting_room_s is not None
+        return routed.awaiting_room_s + routed.settings.queue_timeout_s * _STARVING_PART
+
+    def _stop_waiting(self, routed: RoutedModel) -> None:
+        """``routed`` waits for room no more (it starts, failed, or its requests left): what it held is not."""
+        routed.awaiting_room_s, routed.drains = None, ()
+        self.hold_in_the_way()
+
+    def hold_in_the_way(self) -> None:
+        """Hold to no new request (`Admission.hold`) the busy models in the way of each model that has waited
+        for room past its part of queue_timeout_s; give the others their requests again."""
+        now = time.monotonic()
+        holding: dict[str, str] = {}
+        for name, routed in self._models.items():
+            if routed.awaiting_room_s is not None and self._starving_at_s(routed) <= now:
+                for other in routed.drains:
+                    holding.setdefault(other, name)
+        for other, waiting in holding.items():
+            if other not in self._holding:
+                waited_s = now - (self._models[waiting].awaiting_room_s or now)
+                why = f"{other} takes no new request until it is idle: {waiting} waited {waited_s:.1f}s for room"
+                self._events.publish(Event.now("on-demand", why, instance=other))
+        self._holding = holding
+        self._admission.hold(holding)
 
     def next_swap(self, passed: frozenset[str] = frozenset()) -> None:
         """Start the next model whose requests wait for room, in `choose.collate`'s order: the one whose
@@ -187,7 +231,7 @@ class OnDemand:
             if routed.awaiting_room_s is None or name in passed:
                 continue
             if not self._admission.queued(name):  # its requests gave up (timed out, left)
-                routed.awaiting_room_s = None
+                self._stop_waiting(routed)
                 continue
             waiting.append((routed.awaiting_room_s, name))
         running = {name for name, routed in self._models.items() if active(routed, self._instances)}

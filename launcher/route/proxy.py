@@ -8,6 +8,7 @@ compressed or binary answer arrives as the server sent it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
@@ -18,6 +19,7 @@ import aiohttp
 from starlette.types import Send
 
 from launcher.route.naming import StreamNaming, rename_document
+from launcher.route.off_loop import for_body
 from launcher.route.usage import TAIL_BYTES
 
 # Headers about one connection, not the message (RFC 9110 7.6.1), plus what aiohttp sets itself and the
@@ -243,7 +245,7 @@ async def _renamed(
         if len(read) > _PLAIN_KEPT_BYTES:
             return _chain(bytes(read), chunks), headers
     whole = bytes(read)
-    renamed = rename_document(whole, naming)
+    renamed = await for_body(whole, functools.partial(rename_document, whole, naming))
     if renamed is not whole:
         length = str(len(renamed)).encode()
         headers = [(k, length if k == b"content-length" else v) for k, v in headers]

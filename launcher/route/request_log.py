@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
 
 from launcher.route.metrics import RequestMetrics
+from launcher.route.off_loop import for_body
 from launcher.route.served import Served
 from launcher.route.usage import Tokens, of_body
 from launcher.schema_front_door import RequestRecord
@@ -22,9 +24,11 @@ class RequestLog:
         self.records: deque[RequestRecord] = deque(maxlen=_RECORDS_KEPT)
         self.metrics = RequestMetrics(load)
 
-    def record(self, model: str, method: str, path: str, arrived: str, served: Served, duration_s: float) -> None:
+    async def record(self, model: str, method: str, path: str, arrived: str, served: Served, duration_s: float) -> None:
         answer = served.answer
-        tokens = of_body(answer.kept, answer.streamed) if answer is not None else Tokens()
+        tokens = Tokens()
+        if answer is not None:  # a plain answer's usage is read from all of it (4 MiB at most)
+            tokens = await for_body(answer.kept, functools.partial(of_body, answer.kept, answer.streamed))
         per_s = tokens.per_s
         if per_s is None and tokens.generated and answer is not None and answer.ttfb_s is not None:
             generating_s = duration_s - answer.ttfb_s

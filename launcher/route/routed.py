@@ -27,6 +27,7 @@ class RoutedModel:
     bringing_up: asyncio.Task[None] | None = None
     resident_until_s: float = 0.0  # monotonic: started on demand, not evicted before this (min_resident_s)
     awaiting_room_s: float | None = None  # monotonic: since when its requests wait for others to go idle
+    drains: tuple[str, ...] = ()  # the busy models its wait needs idle (choose.Room.drain)
 
 
 def active(routed: RoutedModel, instances: Mapping[str, InstanceView]) -> bool:

@@ -127,6 +127,7 @@ class Router:
         self.names = {alias: name for name, m in self.configured.items() for alias in (name, *m.aliases)}
         self._group = {i: name for name, routed in self._models.items() for i in routed.instances}
         self._taken_out.keep_only(self._group)
+        self._on_demand.hold_in_the_way()  # a removed model that waited for room holds nothing now
         for instance in [i for i in self._slots if i not in self._group]:
             del self._slots[instance]
 
@@ -281,7 +282,8 @@ class Router:
         taken = self.admission.try_take(model, prefix, unbounded=not queued)
         if taken is not None:
             return taken
-        loading = not any(self._serving(i) for i in routed.instances)
+        # Held for a model waiting for room (on_demand.py), its requests wait for that model's swap and its own.
+        loading = not any(self._serving(i) for i in routed.instances) or self.admission.held(model)
         loading_files = downloading(model, routed, self._instances)
         if loading_files is not None:
             raise loading_files
@@ -297,7 +299,12 @@ class Router:
             self._on_demand.bring_up(model, routed)
         # Waiting for a load may take as long as the load may; a queue behind busy replicas, queue_timeout_s.
         timeout_s = routed.settings.queue_timeout_s + (routed.settings.health.load_timeout if loading else 0.0)
-        return await self.admission.wait(model, routed.settings.queue_max, timeout_s, prefix)
+        try:
+            return await self.admission.wait(model, routed.settings.queue_max, timeout_s, prefix)
+        except BaseException:
+            if routed.awaiting_room_s is not None and not self.admission.queued(model):
+                self._on_demand.next_swap()  # its last request gave up: what its wait held takes requests again
+            raise
 
     # ---- what happens to the instances ------------------------------------------------------------------
 

@@ -79,12 +79,14 @@ def busy_slots(document: object) -> Slots | None:
         # `next_token` is one object, or one per sequence in newer servers.
         tokens = slot.get("next_token")
         tokens = tokens if isinstance(tokens, list) else [tokens]
-        decoded = sum(t.get("n_decoded", 0) for t in tokens if isinstance(t, dict))
+        # Each count that is not a whole number reads as 0 (a None summed raised, and the watch of every
+        # request on the server stopped with its timer's task).
+        decoded = sum(n for t in tokens if isinstance(t, dict) and isinstance(n := t.get("n_decoded", 0), int))
         processed = slot.get("n_prompt_tokens_processed", 0)
         task = slot.get("id_task")
         busy[slot["id"]] = (
             processed if isinstance(processed, int) else 0,
-            decoded if isinstance(decoded, int) else 0,
+            decoded,
             task if isinstance(task, int) else None,
         )
     return busy

@@ -48,7 +48,7 @@ class PromptCaches:
         be made (the start goes on without)."""
         assert self._store is not None  # `command` added its directory
         try:
-            return self._store.prepare(self._name, spec.argv)
+            return self._store.prepare(self._name, spec.argv, spec.env)
         except OSError as exc:
             self._record.emit("kv-cache", f"prompt caches not kept: {exc}")
             return None

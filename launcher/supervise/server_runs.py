@@ -228,6 +228,9 @@ class ServerRuns:
         ready = await self._await_ready(proc)
         if ready:  # before it is marked ready: its first request finds the prompts a planned stop saved
             await self._caches.restore(self._instance.port, self._instance.settings)
+            # A cache file can kill the server as it reads it: then it never was ready (marked so, the front
+            # door gave the requests that waited for it to a dead server, each a 502).
+            ready = proc.alive
         return await self._run_until_end(proc, spec, ready=ready)
 
     async def _run_adopted(self, proc: ServerProcess, spec: LaunchSpec) -> float | None:
@@ -251,7 +254,7 @@ class ServerRuns:
             unhealthy = await self._watch(proc)
             ready_for_s = time.monotonic() - self._ready_since
             self._ready_since = None
-        elif proc.running:
+        elif proc.alive:  # not one that died meanwhile (still to be reaped): its exit says why
             self._record.record_error(f"not ready within load_timeout ({instance.settings.health.load_timeout:g}s)")
         status, error = await self._end(proc, "", served=ready_for_s is not None)
         if self._record.state == State.DRAINING:  # it ended by itself while a planned stop waited for its requests:

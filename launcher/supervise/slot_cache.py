@@ -4,9 +4,11 @@ A server the launcher stops on purpose saves each slot's cache (`POST /slots/ID?
 instance's directory, as `KEY-slotID.bin` files and a `KEY.json` manifest written last (a save cut short
 leaves no manifest, so it is never restored). KEY names what the cache is valid for: the server's command
 line less its port (model path, context, cache types, slots, layers, split: everything that shapes the
-KV cache) and the size and modification time of every file it names (the model, the binary). The next
+KV cache), the settings its environment gives it (`LLAMA_ARG_*`: llama-server reads each of its arguments
+from one) and the size and modification time of every file the command line names (the model, the binary). The next
 start with the same KEY restores them before it is marked ready; a start with any other KEY ignores them,
-and the budget deletes them in time, least recently used first.
+and the budgets delete them in time, least recently used first: each model's (its replicas' caches
+together) and the total.
 
 The effects (the server's HTTP API, the files) are slot_store.py's.
 """
@@ -19,8 +21,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.replicas import model_of
+
 SAVE_PATH_FLAG = "--slot-save-path"
 _IGNORED_FLAGS = frozenset({"--port", SAVE_PATH_FLAG})
+_SETTING_ENV_PREFIX = "LLAMA_ARG_"  # llama-server's name of the variable of each argument (`--help` says)
 _KEY_HEX = 16
 MANIFEST_SUFFIX = ".json"
 SLOT_FILE_SUFFIX = ".bin"
@@ -35,11 +40,16 @@ class FileFacts:
     mtime_ns: int
 
 
-def cache_key(argv: Sequence[str], files: Iterable[FileFacts]) -> str:
+def cache_key(argv: Sequence[str], files: Iterable[FileFacts], env: Mapping[str, str]) -> str:
     """What a saved cache must match to be restored: the command line less its port and save path (the
-    only parts that differ between two starts of one model with one setting), and the files it names."""
+    only parts that differ between two starts of one model with one setting), the settings in the server's
+    environment ``env`` (a RoPE base or cache type given as `LLAMA_ARG_*` shapes the cache as an argument
+    does), and the files the command line names."""
     facts = sorted((f.path, f.size_bytes, f.mtime_ns) for f in files)
-    text = json.dumps({"argv": _kept_args(argv), "files": facts}, separators=(",", ":"))
+    kept: dict[str, object] = {"argv": _kept_args(argv), "files": facts}
+    if settings := sorted((k, v) for k, v in env.items() if k.startswith(_SETTING_ENV_PREFIX)):
+        kept["env"] = settings  # only when there are some: the keys of caches saved without stay as they were
+    text = json.dumps(kept, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:_KEY_HEX]
 
 
@@ -102,6 +112,7 @@ class SavedCache:
     """One saved cache: an instance's files of one key."""
 
     instance: str
+    model: str  # the configured model the instance serves, whose budget it counts against
     key: str
     size_bytes: int
     used_s: float  # when it was last saved or restored (its manifest's mtime); 0 for one without a manifest
@@ -109,26 +120,21 @@ class SavedCache:
 
 
 def to_delete(
-    caches: Sequence[SavedCache], per_instance_max_bytes: Callable[[str], int], total_max_bytes: int
+    caches: Sequence[SavedCache], per_model_max_bytes: Callable[[str], int], total_max_bytes: int
 ) -> list[SavedCache]:
-    """The caches to delete so that each instance's stay within its budget and all of them within the
-    total: the least recently used first; a cut save's files (no manifest) always go."""
+    """The caches to delete so that each model's (those of all its replicas) stay within its budget and
+    all of them within the total: the least recently used first; a cut save's files (no manifest) always
+    go."""
     order = sorted(caches, key=lambda c: (c.whole, c.used_s), reverse=True)  # newest whole first
-    kept: list[SavedCache] = []
     used_by: dict[str, int] = {}
     total = 0
     deleted: list[SavedCache] = []
     for cache in order:
-        mine = used_by.get(cache.instance, 0) + cache.size_bytes
-        if (
-            not cache.whole
-            or mine > per_instance_max_bytes(cache.instance)
-            or total + cache.size_bytes > total_max_bytes
-        ):
+        mine = used_by.get(cache.model, 0) + cache.size_bytes
+        if not cache.whole or mine > per_model_max_bytes(cache.model) or total + cache.size_bytes > total_max_bytes:
             deleted.append(cache)
             continue
-        kept.append(cache)
-        used_by[cache.instance] = mine
+        used_by[cache.model] = mine
         total += cache.size_bytes
     return deleted
 
@@ -145,12 +151,12 @@ def group(files: Iterable[tuple[str, Path, int, float]]) -> list[SavedCache]:
         if path.name.endswith(MANIFEST_SUFFIX):
             used[instance, key] = mtime_s
     return [
-        SavedCache(instance, key, size, used.get((instance, key), 0.0), (instance, key) in used)
+        SavedCache(instance, model_of(instance), key, size, used.get((instance, key), 0.0), (instance, key) in used)
         for (instance, key), size in sizes.items()
     ]
 
 
 def budget_of(budgets: Mapping[str, int], default: int) -> Callable[[str], int]:
-    """Each instance's budget; an instance no longer configured gets ``default`` (its caches wait for the
-    total budget to delete them)."""
-    return lambda instance: budgets.get(instance, default)
+    """Each model's budget; a model no longer configured gets ``default`` (its caches wait for the total
+    budget to delete them)."""
+    return lambda model: budgets.get(model, default)

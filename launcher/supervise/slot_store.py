@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from launcher.replicas import model_of
 from launcher.supervise import slot_cache
 
 _GIB = 1024**3
@@ -36,19 +37,21 @@ class SlotStore:
     def directory(self, instance: str) -> Path:
         return self.root / instance
 
-    def prepare(self, instance: str, argv: list[str]) -> str:
-        """Make the instance's directory and answer the key of a start with ``argv`` (reads the disk)."""
+    def prepare(self, instance: str, argv: list[str], env: Mapping[str, str]) -> str:
+        """Make the instance's directory and answer the key of a start with ``argv`` and ``env`` (reads the
+        disk)."""
         self.directory(instance).mkdir(parents=True, exist_ok=True)
         facts = []
         for path in slot_cache.named_paths(argv):
             with contextlib.suppress(OSError):
                 found = os.stat(path)
                 facts.append(slot_cache.FileFacts(path, found.st_size, found.st_mtime_ns))
-        return slot_cache.cache_key(argv, facts)
+        return slot_cache.cache_key(argv, facts, env)
 
-    async def save(self, instance: str, port: int, key: str, budget_s: float, instance_max_bytes: int) -> str:
+    async def save(self, instance: str, port: int, key: str, budget_s: float, model_max_bytes: int) -> str:
         """Save the slots that hold a prompt, ``budget_s`` at most; the manifest goes last, only when all
-        of them were saved. Then the budgets delete what no longer fits. Answers what happened."""
+        of them were saved. Then the budgets delete what no longer fits (``model_max_bytes``: the budget of
+        the instance's model, its replicas' caches together). Answers what happened."""
         directory = self.directory(instance)
         began = time.monotonic()
         manifest = directory / slot_cache.manifest_file(key)
@@ -72,16 +75,21 @@ class SlotStore:
             return f"prompt cache not saved: {type(exc).__name__}: {exc}"
         if saved:
             await asyncio.to_thread(manifest.write_text, slot_cache.manifest_text(saved, tokens))
-        await asyncio.to_thread(self.enforce, {instance: instance_max_bytes})
+        await asyncio.to_thread(self.enforce, {model_of(instance): model_max_bytes})
         return f"prompt cache saved: {len(saved)} slots, {tokens} tokens in {time.monotonic() - began:.2f}s"
 
     async def restore(self, instance: str, port: int, key: str, budget_s: float) -> str | None:
-        """Restore the slots of a cache saved with ``key``, ``budget_s`` at most; None when there is none."""
+        """Restore the slots of a cache saved with ``key``, ``budget_s`` at most; None when there is none.
+        Its manifest is taken away while it restores and put back only once all went well: a cache that
+        fails (a truncated or foreign file kills llama-server as it reads it) is never tried again, where
+        each restart of the server restored it again and died, until the restart policy gave up."""
         manifest = self.directory(instance) / slot_cache.manifest_file(key)
         try:
-            slots = slot_cache.saved_slots(await asyncio.to_thread(manifest.read_text))
+            text = await asyncio.to_thread(manifest.read_text)
+            await asyncio.to_thread(manifest.unlink)
         except OSError:
             return None
+        slots = slot_cache.saved_slots(text)
         if not slots:
             return None
         began = time.monotonic()
@@ -91,15 +99,26 @@ class SlotStore:
                 for slot in slots:
                     count = (await self._post(port, slot, "restore", slot_cache.slot_file(key, slot))).get("n_restored")
                     tokens += count if isinstance(count, int) else 0
-            os.utime(manifest)  # used now: the last to go
+            await asyncio.to_thread(manifest.write_text, text)  # back, and used now: the last to go
         except TimeoutError:
-            return f"prompt cache not restored: the restore took over {budget_s:g}s"
+            why = f"the restore took over {budget_s:g}s"
         except (httpx.HTTPError, ValueError, OSError) as exc:
-            return f"prompt cache not restored: {type(exc).__name__}: {exc}"
-        return f"prompt cache restored: {len(slots)} slots, {tokens} tokens in {time.monotonic() - began:.2f}s"
+            why = f"{type(exc).__name__}: {exc}"
+        else:
+            return f"prompt cache restored: {len(slots)} slots, {tokens} tokens in {time.monotonic() - began:.2f}s"
+        await asyncio.to_thread(self._delete, instance, key)
+        return f"prompt cache not restored: {why} (it is deleted)"
+
+    def _delete(self, instance: str, key: str) -> None:
+        """Delete the files of the instance's cache ``key``."""
+        with contextlib.suppress(OSError):
+            for path in self.directory(instance).iterdir():
+                if slot_cache.key_of(path.name) == key:
+                    path.unlink(missing_ok=True)
 
     def enforce(self, budgets: Mapping[str, int]) -> None:
-        """Delete the caches the budgets leave no room for (reads and deletes files: off the event loop)."""
+        """Delete the caches the budgets (``budgets``: per model) leave no room for (reads and deletes files:
+        off the event loop)."""
         files = []
         with contextlib.suppress(OSError):
             for folder in self.root.iterdir():
@@ -112,10 +131,7 @@ class SlotStore:
         for cache in slot_cache.to_delete(
             caches, slot_cache.budget_of(budgets, self.total_max_bytes), self.total_max_bytes
         ):
-            for instance, path, _size, _mtime in files:
-                if instance == cache.instance and slot_cache.key_of(path.name) == cache.key:
-                    with contextlib.suppress(OSError):
-                        path.unlink()
+            self._delete(cache.instance, cache.key)
 
     async def _slots_with_prompt(self, port: int) -> list[int]:
         response = await self.http.get(f"http://127.0.0.1:{port}/slots")
