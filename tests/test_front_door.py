@@ -303,6 +303,12 @@ def test_errors_in_openai_shape(write_config: ConfigWriter, start_daemon: StartD
     dropped = post("/v1/drop", json={"model": "one"})
     assert dropped.status_code == 502 and "instance one of one failed" in error_of(dropped)["message"]
 
+    # The slots' prompt caches and Ollama's store are the launcher's: /upstream passes reads of them only.
+    for method, path in (("POST", "/upstream/one/slots/0?action=save"), ("POST", "/upstream/one/%73lots/0")):
+        refused = daemon.http.request(method, path, json={"filename": "x.bin"})
+        assert (refused.status_code, error_of(refused)["code"]) == (403, "launcher_owned"), path
+    assert daemon.http.get("/upstream/wait/slots").status_code == 200
+
 
 def test_keys_on_a_public_bind(
     write_config: ConfigWriter, start_daemon: StartDaemon, standin: Path, tmp_path: Path

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from launcher.config import Settings
+from launcher.route import upstream_paths
 from launcher.route.admission import Admission
 from launcher.route.choose import Replica, Resident, Room, Use, collate, expired, make_room, pick
 from launcher.route.errors import RouteError
@@ -356,3 +357,29 @@ def test_naming_passes_the_rest_of_an_overlong_line_unchanged() -> None:
     assert naming.feed(head) == head
     tail = b'","model":"/m.gguf"}\n'
     assert naming.feed(tail + b'data: {"model":"/m.gguf"}\n') == tail + b'data: {"model":"chat"}\n'
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/slots/0"),
+        ("post", "slots"),
+        ("POST", "//Slots/3"),
+        ("POST", "/api/pull"),
+        ("DELETE", "/api/delete"),
+        ("POST", "/api/blobs/sha256:00"),
+        ("PUT", "/api/create"),
+    ],
+)
+def test_upstream_refuses_what_changes_the_servers_caches_or_store(method: str, path: str) -> None:
+    why = upstream_paths.refusal(method, path)
+    assert why is not None and "the launcher's own" in why
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/slots"), ("HEAD", "/api/blobs/sha256:00"), ("POST", "/completion"), ("POST", "/api/chat"),
+     ("POST", "/slotsx"), ("POST", "/api/pulls")],
+)  # fmt: skip
+def test_upstream_passes_reads_and_work(method: str, path: str) -> None:
+    assert upstream_paths.refusal(method, path) is None

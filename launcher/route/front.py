@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from launcher.route import upstream_paths
 from launcher.route.errors import RouteError, on_front_door
 from launcher.route.keys import check_key
 from launcher.route.off_loop import for_body
@@ -100,6 +101,9 @@ class FrontDoor:
             raw = (scope.get("raw_path") or path.encode()).decode("latin-1")
             query = "?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else ""
             if upstream:
+                why = upstream_paths.refusal(method, path.removeprefix("/upstream/").partition("/")[2])
+                if why is not None:
+                    raise RouteError(403, why, "launcher_owned")
                 place = self._router.place(path.removeprefix("/upstream/").partition("/")[0])
                 target = "/" + raw.removeprefix("/upstream/").partition("/")[2]
             else:
