@@ -12,6 +12,7 @@ import pytest
 from launcher.api.app import create_app
 from launcher.api.auth import reads_need_token
 from launcher.config_file import parse_settings
+from launcher.schema_reload import UpgradeStarted
 from tests.conftest import OpenWired, write_secret
 
 TOKEN = "t0ken-for-reads"
@@ -68,3 +69,21 @@ async def test_open_reads_on_loopback_but_acts_need_the_token(tmp_path: Path, op
         acted = await client.post("/instances/tiny/start", headers={"Authorization": f"Bearer {TOKEN}"})
         assert acted.status_code == 422
         assert acted.json()["detail"] == f"model file {tmp_path / 'absent.gguf'} for 'tiny' does not exist"
+
+
+async def test_an_unexpected_error_is_answered_500_in_the_apis_shape(tmp_path: Path, open_wired: OpenWired) -> None:
+    """A defect under a route (here the upgrade's start) is answered in ErrorBody, not in plain text."""
+    settings = parse_settings(f"daemon: {{state_dir: {tmp_path / 'state'}}}\nmodels: {{}}", tmp_path / "l.yaml")
+
+    async def upgrade() -> UpgradeStarted:
+        raise RuntimeError("a defect")
+
+    app = create_app(settings, await open_wired(settings), upgrade=upgrade)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://launcher") as client:
+        answer = await client.post("/daemon/upgrade")
+    assert answer.status_code == 500
+    assert answer.json() == {
+        "detail": "the daemon failed on this request: RuntimeError",
+        "hint": "see the daemon's log",
+    }

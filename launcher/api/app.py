@@ -116,6 +116,13 @@ def create_app(
         )
         return JSONResponse(ErrorBody(detail=problems).model_dump(), status_code=422)
 
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        # A defect of ours: the client gets an answer in the API's shape, not Starlette's plain text; the
+        # traceback goes to the daemon's log (Starlette raises the exception again once this is sent).
+        detail = f"the daemon failed on this request: {type(exc).__name__}"
+        return JSONResponse(ErrorBody(detail=detail, hint="see the daemon's log").model_dump(), status_code=500)
+
     @app.exception_handler(Unauthorised)
     async def unauthorised(_request: Request, _exc: Unauthorised) -> JSONResponse:
         return JSONResponse(UNAUTHORISED.model_dump(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
