@@ -202,7 +202,9 @@ class Router:
         prefix: str | None = None,
     ) -> Served:
         """Pass the request to an instance of ``model`` (waiting for one, starting it on demand) and its
-        answer back; one retry on another replica when the first could not be reached. ``queued=False``:
+        answer back; one retry on another replica when the first could not be reached or broke off before the
+        client got anything (a replica that dies fails none of its requests that had no answer yet; the
+        request may then be computed twice, and a request that kills servers kills two at most). ``queued=False``:
         a pass-through to the server (/upstream) that its limit and queue do not hold back, once it serves.
         ``naming``: the name the answer's `model` fields get (the one the client asked for). ``prefix``: the
         request's prefix key, for `routing: prefix`."""
