@@ -54,6 +54,9 @@ class PeerForwarder:
         return Served(status=answer.status, instance=instance, answer=answer)
 
 
+_HELD_MAX_BYTES = 64 * 1024  # an error's body held to name the peer in it: an error's message is far shorter
+
+
 class _NamingErrors:
     """A `send` that passes answers on as they come, except a JSON error, which it holds whole to put the
     peer's name in front of its message: a client must see which host failed, not only the peer's words."""
@@ -74,7 +77,14 @@ class _NamingErrors:
             await self._send(message)
             return
         self._held.append(message.get("body", b""))
-        if message.get("more_body", False):
+        more = message.get("more_body", False)
+        if sum(map(len, self._held)) > _HELD_MAX_BYTES:  # no error message is this long: passed on as it is
+            start, held, self._start, self._held = self._start, self._held, None, []
+            self.sent = True
+            await self._send(start)
+            await self._send({"type": "http.response.body", "body": b"".join(held), "more_body": more})
+            return
+        if more:
             return
         body = self._named(b"".join(self._held))
         headers = [(k, v) for k, v in self._start["headers"] if k != b"content-length"]
