@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.config import Settings
 from launcher.config_yaml import read_config_bytes
 from launcher.errors import ConfigError, LauncherError
 from launcher.reloading import Reloader
@@ -81,3 +82,14 @@ class Watching:
         """End it now, a reload it began included (the daemon stops: nothing more is reloaded)."""
         self.stop_event.set()
         self.task.cancel()
+
+
+def start_watching(settings: Settings, reloader: Reloader) -> Watching | None:
+    """daemon.watch_config: reload as the file changes, until the daemon stops (`Watching.stop`)."""
+    source = settings.source
+    if not settings.daemon.watch_config or source is None:
+        return None
+    stop = asyncio.Event()
+    task = asyncio.create_task(watch(source, reloader, stop), name="watch-config")
+    log.info("watching %s: a change reloads it", source)
+    return Watching(task, stop)

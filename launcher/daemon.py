@@ -96,6 +96,7 @@ class Daemon:
         self._on_event = on_event
         self._on_started = on_started
         self._hangup_stops = hangup_stops
+        self._hangup_while_starting = False  # a SIGHUP came before the daemon could reload
         self._server: _Server | None = None
         self._starting: asyncio.Task[None] | None = None  # the wiring's start, until the API serves
         self._notifier = Notifier.from_environment()
@@ -223,23 +224,14 @@ class Daemon:
             self.request_stop(signal.SIGHUP)
         elif self._stop_asked.is_set():
             log.warning("SIGHUP ignored: the daemon is stopping")
-        elif self._reloader is None:
-            log.warning("SIGHUP ignored: the daemon is still starting (send it again once it serves)")
+        elif self._reloader is None:  # read again once it is wired: the file may have changed since it was read
+            log.info("SIGHUP: the configuration is read again once the daemon has started")
+            self._hangup_while_starting = True
         else:
             log.info("SIGHUP: reloading the configuration")
             task = asyncio.create_task(self._reload(self._reloader))
             self._reloads.add(task)
             task.add_done_callback(self._reloads.discard)
-
-    def _watch_config(self, reloader: Reloader) -> config_watch.Watching | None:
-        """daemon.watch_config: reload as the file changes, until the daemon stops."""
-        source = self._settings.source
-        if not self._settings.daemon.watch_config or source is None:
-            return None
-        stop = asyncio.Event()
-        task = asyncio.create_task(config_watch.watch(source, reloader, stop), name="watch-config")
-        log.info("watching %s: a change reloads it", source)
-        return config_watch.Watching(task, stop)
 
     @staticmethod
     async def _reload(reloader: Reloader) -> None:
@@ -257,6 +249,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._hangup)
         loop.add_signal_handler(signal.SIGUSR2, self._user_signal)
+        upgrade.release_held_signals()  # after an upgrade: what came during the exec is handled now
         notifier = self._notifier
 
         def on_event(event: Event) -> None:
@@ -269,10 +262,12 @@ class Daemon:
                 self._manager = wired.manager
                 self._reloader = Reloader(self._settings, wired, autostart=self._autostart)
                 self._reloader.subscribe(self._use_keys)  # the API token waits for a restart: not the keys
+                if self._hangup_while_starting:
+                    self._hangup()
                 # After the lock: a second daemon is told who owns the directory. An upgrade's is inherited.
                 sock = self._sock = wired.listening or listen(self._settings)
                 notifying = daemon_notify.notify(self._notifier, wired)
-                watching = self._watching = self._watch_config(self._reloader)
+                watching = self._watching = config_watch.start_watching(self._settings, self._reloader)
                 try:
                     while await self._serve(wired, sock):
                         for _ in range(3):  # a stop the loop has not handled yet would be lost in the exec

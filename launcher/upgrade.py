@@ -56,6 +56,10 @@ _SERVING = frozenset({State.READY, State.UNHEALTHY})
 _IGNORED_MEANWHILE = (signal.SIGUSR2, signal.SIGHUP)
 # A stop asked for during the hand-over interrupts it (`StopAsked`).
 _STOPPING = (signal.SIGTERM, signal.SIGINT)
+# Blocked from just before the exec until the new program's handlers are in place (`release_held_signals`):
+# the mask and the signals pending under it outlive the exec, where a handler does not (until then a SIGTERM
+# would end the new program without a drain, a SIGINT raise in its imports, a SIGHUP be lost).
+HELD_ACROSS_EXEC = (*_STOPPING, *_IGNORED_MEANWHILE)
 # The longest the API's end waits for the connections just accepted to send their request (a fixed 0.1 s was
 # short at a load of 10 on 2 cores). The bridge answers meanwhile.
 _ASKED_WITHIN_S = 5.0
@@ -170,6 +174,12 @@ def hand_over(
     return outcome
 
 
+def release_held_signals() -> None:
+    """Unblock the signals an upgrade held across its exec (`HELD_ACROSS_EXEC`), once their handlers are in
+    place: one that came meanwhile is handled now. Before anything is started: a child inherits the mask."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_ACROSS_EXEC)
+
+
 class StopAsked(Exception):
     """SIGTERM or SIGINT came during the hand-over: the daemon stops instead of executing its program (the
     event loop, which handles them otherwise, does not run again before the exec: it would be lost)."""
@@ -202,11 +212,13 @@ def reexec(lock: StateDirLock, handover: HandOver, sock: socket.socket, env: dic
             log_handler.flush()
         sys.stdout.flush()
         sys.stderr.flush()
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_ACROSS_EXEC)
         os.execve(sys.executable, sys.orig_argv, env)
     except (OSError, StopAsked) as exc:
         for sig, handler in {**stopping, **previous}.items():
             if handler is not None:
                 signal.signal(sig, handler)
+        release_held_signals()  # one that came meanwhile goes to the handler just put back
         sock.set_inheritable(False)
         lock.keep_back()
         for path in (state_dir.handover_file, state_dir.handover_file.with_suffix(".tmp")):
