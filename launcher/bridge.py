@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import math
+import signal
 import socket
 import sys
 import time
@@ -53,6 +54,9 @@ class BridgeSpec(BaseModel):
     health: str  # the JSON of `GET /health` as the hand-over began, and its status
     health_status: int
     drain_s: float
+    # Past this, the new program has not taken over (it hangs as it starts): the bridge stops answering for it
+    # (a /health of 200 from before the upgrade would hide that), and the API is unanswered until it serves.
+    lifetime_s: float
 
 
 async def _answer(send: Send, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
@@ -128,10 +132,19 @@ class _Server(uvicorn.Server):
     """Says on stdout once it accepts (the old program waits for that before it stops accepting); SIGTERM
     stops its accepting at once, and its serving once its connections ended."""
 
+    def __init__(self, config: uvicorn.Config, lifetime_s: float) -> None:
+        super().__init__(config)
+        self._lifetime_s = lifetime_s
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         sys.stdout.buffer.write(READY)
         sys.stdout.flush()
+        asyncio.get_running_loop().call_later(self._lifetime_s, self._not_taken_over)
+
+    def _not_taken_over(self) -> None:
+        print(f"bridge: the new program did not take over within {self._lifetime_s:g} s: ending", file=sys.stderr)
+        self._stop_then_exit(signal.SIGTERM, None)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler runs between any two bytecodes: the loop's own turn does the rest.
@@ -179,7 +192,7 @@ async def _serve(spec: BridgeSpec) -> None:
         config = uvicorn.Config(
             app, log_level="warning", lifespan="off", timeout_graceful_shutdown=math.ceil(spec.drain_s)
         )
-        await _Server(config).serve(sockets=[sock])  # SIGTERM: accept no more, finish, return
+        await _Server(config, spec.lifetime_s).serve(sockets=[sock])  # SIGTERM: accept no more, finish, return
     finally:
         await upstream.close()
 

@@ -34,6 +34,9 @@ log = logging.getLogger("launcher")
 BRIDGE_ENV = "LAUNCHER_BRIDGE_PID"
 _STARTS_WITHIN_S = 30.0  # its imports (0.5 s of CPU), on a loaded host; the old program serves meanwhile
 _POLL_S = 0.05
+# The new program's start, once the drain is over: its imports, the adoption of each server (a /health each),
+# on a loaded host. Past it the bridge ends (bridge.py's `lifetime_s`).
+_TAKEN_OVER_WITHIN_S = 120.0
 _STOP_MARGIN_S = 5.0  # past its requests' drain: its connections' end (bridge.py's _ASKED_WITHIN_S)
 
 
@@ -66,6 +69,7 @@ def spec(
         health=health.text,
         health_status=health.status_code,
         drain_s=longest_drain_s(settings.models.values()),
+        lifetime_s=longest_drain_s(settings.models.values()) + _TAKEN_OVER_WITHIN_S,
     )
 
 

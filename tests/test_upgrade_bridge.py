@@ -6,12 +6,18 @@ daemon does, and a kill -9 of the daemon takes it along with the servers."""
 from __future__ import annotations
 
 import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import psutil
 
+from launcher.api.origin import HostNames
+from launcher.bridge import BridgeSpec
+from launcher.config_daemon import DaemonSettings
 from tests.conftest import ConfigWriter, Daemon, poll_until
 from tests.test_front_door import first_event, held
 from tests.test_upgrade import gone
@@ -61,3 +67,24 @@ def test_the_bridge_answers_as_the_daemon_would_and_dies_with_it(
         daemon.proc.kill()
 
         poll_until(lambda: gone(bridge.pid) and gone(server), bool, "the bridge's and the server's end", 10)
+
+
+def test_a_bridge_whose_new_program_never_takes_over_ends_by_itself(marked_env: dict[str, str]) -> None:
+    """A new program that hangs as it starts never tells the bridge to end: past its lifetime it stops
+    answering for it (its /health of 200, from before the upgrade, would hide the hang)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        settings = DaemonSettings()
+        bridge_spec = BridgeSpec(
+            listen_fd=sock.fileno(), hosts=HostNames.of(settings), cors_origins=[], keys=None, routes={},
+            health='{"status": "ok"}', health_status=200, drain_s=0.0, lifetime_s=1.0,
+        )  # fmt: skip
+        bridge = subprocess.Popen(
+            [sys.executable, "-m", "launcher.bridge"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(sock.fileno(),),
+            env=marked_env,
+        )  # fmt: skip
+        _, err = bridge.communicate(bridge_spec.model_dump_json().encode(), timeout=30)
+    assert bridge.returncode == -signal.SIGTERM  # ended as the new program ends it (uvicorn raises it again)
+    assert b"bridge: the new program did not take over within 1 s: ending" in err
