@@ -39,6 +39,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "server_args",
         "events",
         "hub_ref",
+        "regular_file",
     ),  # standard library leaves
     1: (
         "config_fields",
