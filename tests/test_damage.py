@@ -15,9 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
 
 from launcher.config_file import load_settings
 from launcher.gpu.sampler import Sampler
+from launcher.process_start import same_start
 from launcher.schema_gpus import GpuSample
 from launcher.schema_instances import State
 from launcher.supervise.instance import Instance
@@ -246,15 +248,16 @@ def test_leftovers_of_an_earlier_daemon_are_stopped_and_strangers_left_alone(
     config = write_config({"tiny": {}})
     state_dir = config.parent / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
-    # A server that escaped an earlier daemon (no parent-death signal), and a stranger whose pid is recorded
-    # with another start time (its pid was reused).
+    # A server that escaped an earlier daemon (no parent-death signal), recorded before NTP moved the clock by
+    # a second (psutil's start time moves with it), and a stranger whose pid is recorded with another start
+    # time (its pid was reused).
     escaped = subprocess.Popen(
         [str(standin), "--port", "0"], env=marked_env | {"LAUNCHER_INSTANCE": "tiny"}, start_new_session=True
     )
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=marked_env)
     try:
         records = [
-            {"instance": "tiny", "pid": escaped.pid, "create_time": psutil.Process(escaped.pid).create_time(),
+            {"instance": "tiny", "pid": escaped.pid, "create_time": psutil.Process(escaped.pid).create_time() - 1,
              "exe": str(standin)},
             {"instance": "old", "pid": stranger.pid, "create_time": 1.0, "exe": sys.executable},
         ]  # fmt: skip
@@ -273,3 +276,13 @@ def test_leftovers_of_an_earlier_daemon_are_stopped_and_strangers_left_alone(
         if escaped.poll() is None:
             escaped.kill()
             escaped.wait()
+
+
+@pytest.mark.parametrize(
+    ("moved_s", "same"),
+    [(0.0, True), (1.0, True), (-3.0, True), (600.0, True), (0.01, False), (0.5, False), (-1.99, False),
+     (601.0, False)],
+)  # fmt: skip
+def test_a_start_time_is_the_same_whole_seconds_of_clock_adjustment_apart(moved_s: float, same: bool) -> None:
+    recorded_s = 1796161544.24  # a create_time as psutil gives it: boot time (whole seconds) + ticks
+    assert same_start(recorded_s, recorded_s + moved_s) is same

@@ -40,6 +40,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "events",
         "hub_ref",
         "regular_file",
+        "process_start",
     ),  # standard library leaves
     1: (
         "config_fields",

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launcher.errors import ConfigError, LauncherError
+from launcher.process_start import same_start
 from launcher.statedir.layout import StateDir
 
 LOCK_FDS_ENV = "LAUNCHER_LOCK_FDS"  # an upgrade's exec: the locked descriptors it hands over
@@ -74,7 +75,7 @@ def read_owner(state_dir: Path) -> Owner | None:
     import psutil  # only when no daemon answered: not on the path of every command
 
     try:
-        alive = abs(psutil.Process(owner.pid).create_time() - owner.create_time) < 0.01
+        alive = same_start(owner.create_time, psutil.Process(owner.pid).create_time())
     except psutil.Error:
         return None
     return owner if alive else None

@@ -22,6 +22,7 @@ from collections.abc import Collection
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from launcher.process_start import same_start
 from launcher.regular_file import read_regular
 from launcher.schema_plans import Plan
 from launcher.statedir.layout import StateDir
@@ -155,7 +156,7 @@ def still_ours(server: HandedServer) -> str | None:
         process = psutil.Process(server.pid)
         if process.status() == psutil.STATUS_ZOMBIE:
             return "it has ended"
-        if abs(process.create_time() - server.create_time) >= 0.01:
+        if not same_start(server.create_time, process.create_time()):
             return "its pid now belongs to another process"
         if process.ppid() != os.getpid():
             return "it is not this daemon's child"

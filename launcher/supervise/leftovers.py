@@ -17,6 +17,7 @@ from collections.abc import Collection
 
 import psutil
 
+from launcher.process_start import same_start
 from launcher.statedir.children import ChildRecord, ChildrenFile
 from launcher.statedir.owner import StateDirLock
 
@@ -77,9 +78,9 @@ def _ours(record: ChildRecord) -> psutil.Process | None:
     """The recorded process if it is still the same process: same pid, start time and instance."""
     try:
         process = psutil.Process(record.pid)
-        same_start = abs(process.create_time() - record.create_time) < 0.01
+        started = same_start(record.create_time, process.create_time())
         named = process.environ().get(INSTANCE_ENV) == record.instance
-        if same_start and named and process.status() != psutil.STATUS_ZOMBIE:
+        if started and named and process.status() != psutil.STATUS_ZOMBIE:
             return process
     except psutil.Error:
         pass
