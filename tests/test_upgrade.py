@@ -23,7 +23,7 @@ from launcher.config_model import ModelSettings
 from launcher.supervise import adoption, handover
 from tests.conftest import READY_TIMEOUT_S, ConfigWriter, Daemon, poll_until
 from tests.test_drain import completed, serving, the_rest
-from tests.test_front_door import first_event, held
+from tests.test_front_door import event_messages, first_event, held
 
 StartDaemon = Callable[[Path], Daemon]
 
@@ -87,7 +87,7 @@ def test_upgrade_keeps_every_server_and_its_loaded_model(write_config: ConfigWri
     done = daemon.cli("upgrade")
 
     assert done.returncode == 0, done.stderr
-    assert "servers kept: asked, tiny" in done.stdout
+    assert "servers kept: asked, tiny" in done.stdout, [e for e in event_messages(daemon) if "not taken over" in e]
     assert daemon.proc.poll() is None and upgraded(daemon, before) > before
     for name, status in statuses.items():
         now = daemon.instance(name)
