@@ -12,6 +12,9 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 # Finite: `.inf` would make a wait (a drain, a stop, a queue) last as long as a client cares to hold it.
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# The period of something the daemon does again and again (a GPU reading, a health probe, a peer's read):
+# under 10 ms its loop would spin, holding a core and the event loop for nothing.
+Period = Annotated[float, Field(ge=0.01, allow_inf_nan=False)]
 # Memory: at most 1 PiB, past any GPU's or host's by far, and within a float's range (plans compute with floats:
 # a larger integer failed them with an OverflowError).
 MEMORY_MAX_MIB = 2**30

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from launcher.config_fields import MEMORY_MAX_MIB, MemoryMib, NonNegative, Positive, StrictSettings
+from launcher.config_fields import MEMORY_MAX_MIB, MemoryMib, NonNegative, Period, Positive, StrictSettings
 
 HISTORY_MAX = 7 * 24 * 3600
 
@@ -72,7 +72,7 @@ class GpuSettings(StrictSettings):
         default="auto",
         description="How GPUs are read: `auto` tries nvml, then amdsmi, then sysfs, then none, and says why.",
     )
-    poll_interval: Positive = Field(default=1.0, description="Seconds between two readings of each GPU.")
+    poll_interval: Period = Field(default=1.0, description="Seconds between two readings of each GPU.")
     margin_mib: MemoryMib = Field(default=1024, description="Memory the planner leaves free on every GPU it uses.")
     # Not in llama.cpp's own buffer sizes, but taken from the card all the same.
     overhead_mib: MemoryMib = Field(

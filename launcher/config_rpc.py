@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationInfo, field_validator
 
 from launcher.address import reach
-from launcher.config_fields import Positive, StrictSettings
+from launcher.config_fields import Period, Positive, StrictSettings
 
 
 class RpcSettings(StrictSettings):
@@ -25,7 +25,7 @@ class RpcSettings(StrictSettings):
         description="The IPv4 address every rpc-server binds: loopback or private (10/8, 172.16/12, "
         "192.168/16, 100.64/10) unless `allow_public`.",
     )
-    peer_interval_s: Positive = Field(
+    peer_interval_s: Period = Field(
         default=5.0,
         description="How often each peer's `GET /rpc` is read, and the claims this host holds there renewed.",
     )

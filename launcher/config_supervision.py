@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from launcher.config_fields import NonNegative, Positive, StrictSettings
+from launcher.config_fields import NonNegative, Period, Positive, StrictSettings
 
 
 class RestartSettings(StrictSettings):
@@ -39,7 +39,7 @@ class RestartSettings(StrictSettings):
 class HealthSettings(StrictSettings):
     """How a server's health is probed."""
 
-    interval: Positive = Field(default=5.0, description="Seconds between two health probes of a ready server.")
+    interval: Period = Field(default=5.0, description="Seconds between two health probes of a ready server.")
     timeout: Positive = Field(default=5.0, description="Seconds a probe may take before it counts as failed.")
     failures: Annotated[int, Field(ge=1)] = Field(
         default=3, description="Failed probes in a row before a ready instance is declared unhealthy and replaced."

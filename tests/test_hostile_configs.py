@@ -373,6 +373,10 @@ SIZES_PAST_ANY_USE = {
     "models.m.ctx": "models: {m: {model: m.gguf, ctx: " + PAST_FLOATS + "}}",
     "models.m.ctx_max": "models: {m: {model: m.gguf, ctx: max, ctx_max: " + PAST_FLOATS + "}}",
     "models.m.ollama.size_mib": "models: {m: {backend: ollama, model: m, ollama: {size_mib: " + PAST_FLOATS + "}}}",
+    # A period the daemon's loops would spin at, holding a core and the event loop.
+    "gpus.poll_interval": "gpus: {poll_interval: 1e-300}",
+    "models.m.health.interval": "models: {m: {model: m.gguf, health: {interval: 0.001}}}",
+    "rpc.peer_interval_s": "rpc: {peer_interval_s: 1e-9}",
 }
 
 
