@@ -60,6 +60,7 @@ def spec(
             continue
         for name in dict.fromkeys([instance.name, instance.group, *instance.settings.aliases]):
             routes.setdefault(name, []).append(instance.port)
+    drain_s = longest_drain_s(settings.models.values())
     return BridgeSpec(
         listen_fd=listen_fd,
         hosts=HostNames.of(settings.daemon),
@@ -68,8 +69,8 @@ def spec(
         routes=routes,
         health=health.text,
         health_status=health.status_code,
-        drain_s=longest_drain_s(settings.models.values()),
-        lifetime_s=longest_drain_s(settings.models.values()) + _TAKEN_OVER_WITHIN_S,
+        drain_s=drain_s,
+        lifetime_s=drain_s + _TAKEN_OVER_WITHIN_S,
     )
 
 
