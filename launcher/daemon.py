@@ -115,6 +115,7 @@ class Daemon:
         self._ending_for_upgrade: asyncio.Task[None] | None = None
         self._bridge: subprocess.Popen[bytes] | None = None  # answering while the upgrade's program starts
         self._handed_bridge = upgrade_bridge.handed()  # the bridge of the upgrade that ran this program
+        self._bridge_ending: asyncio.Task[None] | None = None  # its end: an upgrade waits for it
         self._sock: socket.socket | None = None  # the listening socket, once wired
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
@@ -175,6 +176,7 @@ class Daemon:
             serving=self._server is not None and self._served,
             stopping=self._stop_asked.is_set(),
             upgrading=self._upgrading,
+            bridge_ending=self._bridge_ending is not None and not self._bridge_ending.done(),
             reloading=reloader is not None and reloader.reloading,
             restarting=[] if manager is None else manager.restarting(),
         )
@@ -300,7 +302,8 @@ class Daemon:
     def _end_bridge(self) -> None:
         """The API serves: the bridge of the upgrade that ran this program stops (it finishes its requests)."""
         if self._handed_bridge is not None:  # ended with the daemon; a bridge left running dies with it
-            self._reloads.add(task := asyncio.create_task(upgrade_bridge.end(self._handed_bridge, self._settings)))
+            task = self._bridge_ending = asyncio.create_task(upgrade_bridge.end(self._handed_bridge, self._settings))
+            self._reloads.add(task)
             task.add_done_callback(self._reloads.discard)
         self._handed_bridge = None
 

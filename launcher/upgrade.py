@@ -71,6 +71,7 @@ def refusal(
     serving: bool,
     stopping: bool,
     upgrading: bool,
+    bridge_ending: bool,
     reloading: bool,
     restarting: Sequence[str],
 ) -> str | None:
@@ -84,6 +85,8 @@ def refusal(
         return "the daemon is stopping"
     if upgrading:
         return "an upgrade is already under way"
+    if bridge_ending:  # the exec would leave it running, a child no program knows (a zombie once it ends)
+        return "the last upgrade's bridge is still finishing its requests: ask again in a moment"
     if reloading:
         return "a reload of the configuration is under way: ask again once it is done"
     if restarting:

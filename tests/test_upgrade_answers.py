@@ -69,7 +69,10 @@ def test_an_event_stream_and_a_request_under_way_end_cleanly_across_an_upgrade(
 
 def test_an_upgrade_waits_for_no_reload_restart_or_roll_it_would_cut() -> None:
     facts = {"foreground": False, "serving": True, "stopping": False, "upgrading": False, "reloading": False}
+    facts["bridge_ending"] = False
     assert upgrade.refusal(**facts, restarting=[]) == upgrade.cannot_reexec()
+    bridge = upgrade.refusal(**{**facts, "bridge_ending": True}, restarting=[])  # the exec would orphan it
+    assert bridge is not None and "the last upgrade's bridge is still finishing" in bridge
     reloading = upgrade.refusal(**{**facts, "reloading": True}, restarting=[])
     assert reloading is not None and "reload" in reloading
     restarting = upgrade.refusal(**facts, restarting=["a", "b"])
