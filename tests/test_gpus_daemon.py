@@ -83,6 +83,9 @@ def test_gpus_watch_redraws_until_interrupted(write_config: ConfigWriter, marked
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         text=True,
+        # As a terminal's Ctrl-C finds it: a runner started in the background of a shell without job control
+        # ignores SIGINT, and a child inherits that (CI hung here for 30 s so, the watch never interrupted).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     redraws = 0
