@@ -263,14 +263,17 @@ def test_a_model_that_fits_no_host_is_split_over_two_peers_and_served_through_th
         assert abs(real.kv - device["kv_cache_mib"]) <= max(0.02 * real.kv, 1), (device, real)
         assert abs(real.total - device["total_mib"]) <= max(0.05 * real.total, 64), (device, real)
 
-    check = a.instance("split")["actual"]
+    split_status = a.instance("split")
+    check = split_status["actual"]
     # Stopped: the claims are released at once (not left to lapse).
     assert a.http.post("/instances/split/stop").status_code == 202
     assert _claims(b) == _claims(c) == []
 
     # What the run measured plans the next start over the same two devices: every term within 1 MiB of it.
     measured = a.http.get("/plan/split").json()
-    assert measured["measured"] is not None and measured["tensor_split"] == plan["tensor_split"]
+    # (A check that could not be made files no measurement: the message says why, were it so.)
+    assert measured["measured"] is not None, (split_status["actual_missing"], check)
+    assert measured["tensor_split"] == plan["tensor_split"]
     pairs = [*zip(measured["devices"], check["devices"], strict=False), (measured["host"], check["devices"][-1])]
     for planned, seen in pairs:
         terms = {"weights": planned["weights_mib"] + planned["projector_mib"], "kv": planned["kv_cache_mib"]}
