@@ -101,10 +101,11 @@ class FrontDoor:
             raw = (scope.get("raw_path") or path.encode()).decode("latin-1")
             query = "?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else ""
             if upstream:
-                why = upstream_paths.refusal(method, path.removeprefix("/upstream/").partition("/")[2])
+                name, _, server_path = path.removeprefix("/upstream/").partition("/")
+                why = upstream_paths.refusal(method, server_path)
                 if why is not None:
                     raise RouteError(403, why, "launcher_owned")
-                place = self._router.place(path.removeprefix("/upstream/").partition("/")[0])
+                place = self._router.place(name)
                 target = "/" + raw.removeprefix("/upstream/").partition("/")[2]
             else:
                 if method != "POST":
